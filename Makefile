@@ -1,0 +1,55 @@
+# meshkv: two commands do everything on a fresh machine.
+#   make demo   a small live mesh with a real vLLM engine
+#   make test   lint, type-check and the whole test suite (real agents, real vLLM)
+# The venv lives outside the repo and is rebuilt only when the requirements change.
+
+PYTHON   ?= python3
+CACHE    ?= $(HOME)/.cache/meshkv
+VENV     ?= $(CACHE)/venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.meshkv-$(shell cat pyproject.toml requirements-dev.txt | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+export UCX_WARN_UNUSED_ENV_VARS := n
+export MESHKV_CACHE := $(CACHE)
+
+.PHONY: venv demo test lint typecheck unit bench clean-cache
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	@mkdir -p $(CACHE)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@# pip pulls CUDA builds of these; they break transformers imports on CPU (FACTS.md)
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@rm -f $(VENV)/.meshkv-*
+	@touch $@
+
+demo: venv
+	$(PY) -m meshkv.demo
+
+lint: venv
+	$(VENV)/bin/ruff check meshkv transport kernels tests simulations benchmarks
+	$(VENV)/bin/ruff format --check meshkv transport kernels tests simulations benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q tests -m "not vllm"
+
+test: lint typecheck
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
+	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
+	$(PY) -m meshkv bench vllm --json $(CACHE)/bench-vllm.json
+
+clean-cache:
+	rm -rf $(VENV)

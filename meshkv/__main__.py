@@ -1,0 +1,5 @@
+import sys
+
+from meshkv.cli.main import main
+
+sys.exit(main())
