@@ -217,8 +217,6 @@ class RecordHeader:
         if namespace is not None and namespace != self.namespace:
             raise NamespaceMismatch("record belongs to another namespace")
         if len(payload) != self.payload_len:
-            raise ChecksumMismatch(
-                f"payload length {len(payload)} != header's {self.payload_len}"
-            )
+            raise ChecksumMismatch(f"payload length {len(payload)} != header's {self.payload_len}")
         if payload_checksum(payload) != self.checksum:
             raise ChecksumMismatch("payload checksum mismatch")

@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
     )
     kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, text in BENCHMARKS.items():
-        p = kinds.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = kinds.add_parser(
+            name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         p.add_argument("--json", metavar="FILE", help="write results to FILE as JSON")
         try:
             module = importlib.import_module(f"meshkv.bench.{name}")
