@@ -1,0 +1,1 @@
+"""Scenario scripts that drive meshkv's sans-IO cores with virtual time."""
