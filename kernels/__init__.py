@@ -1,0 +1,31 @@
+"""Moving whole engine KV blocks between an engine's paged cache and chunk buffers.
+
+``gather`` copies blocks of every layer into a contiguous, layer-major chunk payload (for
+saving); ``scatter`` copies a payload back into blocks (for loading). The layout of the
+engine's tensors is given explicitly as a ``KVLayout``; payload bytes are never
+interpreted. Bind an engine's tensors once with ``KVCaches`` and reuse it on hot paths.
+"""
+
+from .layouts import KVLayout, LayoutKind, chunk_nbytes
+from .ops import (
+    Backend,
+    BlockIds,
+    KVCaches,
+    as_byte_tensor,
+    gather,
+    scatter,
+    triton_available,
+)
+
+__all__ = [
+    "Backend",
+    "BlockIds",
+    "KVCaches",
+    "KVLayout",
+    "LayoutKind",
+    "as_byte_tensor",
+    "chunk_nbytes",
+    "gather",
+    "scatter",
+    "triton_available",
+]

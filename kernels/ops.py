@@ -1,0 +1,396 @@
+"""Public gather/scatter: check every argument, then dispatch to torch or Triton.
+
+``KVCaches`` binds an engine's per-layer KV tensors to a ``KVLayout`` and checks shapes,
+strides, dtypes and devices once (at registration); its ``gather``/``scatter`` then check
+only the per-call arguments (block ids, buffers) and move bytes. The module-level
+functions are one-shot conveniences that build a ``KVCaches`` per call.
+
+Dispatch: CPU tensors use the torch reference (``reference.py``); CUDA tensors use the
+Triton kernel when Triton is importable, else the torch reference. ``backend="triton"``
+on CPU tensors runs the Triton interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from . import reference
+from .layouts import KVLayout
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "triton"]
+BlockIds = Sequence[int] | torch.Tensor
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (it is optional)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def as_byte_tensor(buffer: memoryview | bytearray | bytes) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``buffer`` without copying (e.g. a shared-memory slot).
+
+    Read-only buffers are allowed as scatter sources; torch warns about them because it
+    cannot mark a tensor read-only, so that one warning is silenced here. Never gather
+    into a tensor made from a read-only buffer.
+    """
+    if isinstance(buffer, memoryview) and buffer.readonly or isinstance(buffer, bytes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(buffer, dtype=torch.uint8)
+    return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def _non_overlapping(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """True when no two indices of a strided view share an element (sufficient test)."""
+    dims = sorted((st, sz) for sz, st in zip(sizes, strides, strict=True) if sz > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
+class KVCaches:
+    """An engine's per-layer KV tensors, checked against a layout, ready to move blocks.
+
+    Build it once when the engine registers its caches; every later call reuses the
+    checked views. Calls on CUDA run on the current stream (a gather into a CPU buffer
+    is synchronous, through a device staging buffer).
+    """
+
+    __slots__ = (
+        "layout",
+        "num_blocks",
+        "device",
+        "backend",
+        "_layers",
+        "_groups",
+        "_layer_table",
+    )
+
+    def __init__(
+        self, kv_caches: Sequence[torch.Tensor], layout: KVLayout, *, backend: Backend = "auto"
+    ) -> None:
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        given: object = kv_caches
+        if isinstance(given, torch.Tensor) or not isinstance(given, Sequence):
+            raise TypeError("kv_caches must be a sequence of per-layer tensors")
+        if len(kv_caches) != layout.num_layers:
+            raise ValueError(
+                f"layout has {layout.num_layers} layers but {len(kv_caches)} KV tensors were given"
+            )
+        self.layout = layout
+        first = kv_caches[0]
+        if not isinstance(first, torch.Tensor):
+            raise TypeError(f"kv_caches[0] is a {type(first).__name__}, not a tensor")
+        bdim = layout.block_dim
+        self.num_blocks = int(first.shape[bdim]) if first.dim() > bdim else 0
+        self.device = first.device
+        expected = layout.layer_shape(self.num_blocks)
+        self._layers = [self._layer_view(i, t, expected) for i, t in enumerate(kv_caches)]
+        self._groups = self._stack(self._layers)
+        self.backend = self._resolve(backend)
+        self._layer_table: torch.Tensor | None = None
+        logger.debug(
+            "KVCaches %s: %d blocks on %s, %d layer group(s), backend %s",
+            layout.describe(),
+            self.num_blocks,
+            self.device,
+            len(self._groups),
+            self.backend,
+        )
+
+    # ----------------------------------------------------------------- checks at bind
+    def _layer_view(self, i: int, t: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+        """Check layer ``i`` and return it as a ``(planes, num_blocks, piece)`` word view."""
+        lay = self.layout
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"kv_caches[{i}] is a {type(t).__name__}, not a tensor")
+        if t.dtype != lay.dtype:
+            raise TypeError(f"kv_caches[{i}] has dtype {t.dtype}, the layout says {lay.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"kv_caches[{i}] is on {t.device}, kv_caches[0] on {self.device}")
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"kv_caches[{i}] has shape {tuple(t.shape)}; the {lay.kind.value} layout "
+                f"with {self.num_blocks} blocks needs {expected}"
+            )
+        if self.num_blocks == 0:
+            raise ValueError("the KV tensors hold no blocks")
+        inner = lay.block_dim + 1
+        shape, stride = [int(d) for d in t.shape[inner:]], t.stride()[inner:]
+        want = _contiguous_strides(shape)
+        if any(sz > 1 and st != w for sz, st, w in zip(shape, stride, want, strict=True)):
+            raise ValueError(
+                f"kv_caches[{i}] strides {t.stride()}: each block's {tuple(shape)} must be "
+                f"contiguous (want inner strides {tuple(want)})"
+            )
+        block_stride = t.stride()[lay.block_dim]
+        plane_stride = t.stride()[0] if lay.planes == 2 else block_stride * self.num_blocks
+        sizes = (lay.planes, self.num_blocks, lay.piece_elems)
+        strides = (plane_stride, block_stride, 1)
+        if not _non_overlapping(sizes, strides):
+            raise ValueError(f"kv_caches[{i}] strides {t.stride()} make blocks overlap")
+        word = t.view(lay.word_dtype)
+        return word.as_strided(sizes, strides, word.storage_offset())
+
+    @staticmethod
+    def _stack(layers: Sequence[torch.Tensor]) -> list[reference.LayerGroup]:
+        """Group consecutive layers stored at one uniform stride into single views."""
+        groups: list[reference.LayerGroup] = []
+        start = 0
+        while start < len(layers):
+            first = layers[start]
+            shape = [int(d) for d in first.shape]
+            end, delta = start + 1, 0
+            storage = first.untyped_storage().data_ptr()
+            while end < len(layers):
+                nxt = layers[end]
+                step = int(nxt.storage_offset()) - int(layers[end - 1].storage_offset())
+                if (
+                    nxt.untyped_storage().data_ptr() != storage
+                    or nxt.stride() != first.stride()
+                    or step <= 0
+                    or (delta and step != delta)
+                ):
+                    break
+                sizes = (end - start + 1, *shape)
+                if not _non_overlapping(sizes, (step, *first.stride())):
+                    break
+                delta = step
+                end += 1
+            count = end - start
+            if count == 1:
+                view = first.unsqueeze(0)
+            else:
+                sizes = (count, *shape)
+                view = first.as_strided(sizes, (delta, *first.stride()), first.storage_offset())
+            groups.append((start, view))
+            start = end
+        return groups
+
+    def _resolve(self, backend: Backend) -> Literal["torch", "triton"]:
+        if backend == "torch":
+            return "torch"
+        if backend == "triton":
+            if not triton_available():
+                raise RuntimeError("backend='triton' was asked for but triton is not installed")
+            return "triton"
+        if backend != "auto":
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        return "triton" if self.device.type == "cuda" and triton_available() else "torch"
+
+    # --------------------------------------------------------------- per-call checks
+    @property
+    def layer_groups(self) -> int:
+        """How many separately stored layer groups a chunk copy touches (1 is best)."""
+        return len(self._groups)
+
+    def chunk_nbytes(self, num_blocks: int) -> int:
+        """Payload bytes of a chunk of ``num_blocks`` blocks."""
+        return self.layout.chunk_nbytes(num_blocks)
+
+    def _ids(self, block_ids: BlockIds, what: str) -> list[int]:
+        if isinstance(block_ids, torch.Tensor):
+            if block_ids.dim() != 1 or block_ids.dtype.is_floating_point or block_ids.is_complex():
+                raise TypeError(
+                    f"{what}: block ids must be a 1-D integer tensor, got {block_ids.dtype} "
+                    f"of shape {tuple(block_ids.shape)}"
+                )
+            ids = [int(b) for b in block_ids.tolist()]
+        else:
+            try:
+                ids = [int(b) if not isinstance(b, bool | float) else _bad_id(b) for b in block_ids]
+            except TypeError as exc:
+                raise TypeError(f"{what}: block ids must be integers ({exc})") from None
+        if not ids:
+            raise ValueError(f"{what}: no block ids")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.num_blocks:
+            bad = lo if lo < 0 else hi
+            raise IndexError(
+                f"{what}: block id {bad} is out of range; the cache has {self.num_blocks} blocks"
+            )
+        return ids
+
+    def _payload(self, buf: torch.Tensor, num_blocks: int, what: str) -> torch.Tensor:
+        """Check a chunk buffer and return its ``(L, nb, planes, piece)`` word view."""
+        lay = self.layout
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(buf).__name__}")
+        if buf.dtype not in (torch.uint8, lay.dtype):
+            raise TypeError(f"{what} has dtype {buf.dtype}; use torch.uint8 or {lay.dtype}")
+        if buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError(
+                f"{what} must be a contiguous 1-D buffer, got shape {tuple(buf.shape)} "
+                f"strides {buf.stride()}"
+            )
+        need = lay.chunk_nbytes(num_blocks)
+        have = buf.numel() * buf.element_size()
+        if have != need:
+            raise ValueError(
+                f"{what} holds {have} bytes; {num_blocks} block(s) of {lay.describe()} "
+                f"take {need} bytes"
+            )
+        if buf.device != self.device and buf.device.type != "cpu":
+            raise ValueError(f"{what} is on {buf.device}; the KV cache is on {self.device}")
+        try:
+            word = buf.view(lay.word_dtype)
+        except RuntimeError as exc:
+            raise ValueError(f"{what} is not aligned to {lay.itemsize} bytes ({exc})") from None
+        return word.view(lay.num_layers, num_blocks, lay.planes, lay.piece_elems)
+
+    # -------------------------------------------------------------------- moving
+    def gather(self, block_ids: BlockIds, out: torch.Tensor) -> None:
+        """Copy blocks ``block_ids`` of every layer into the chunk buffer ``out``."""
+        self.gather_chunks([block_ids], [out])
+
+    def scatter(self, src: torch.Tensor, block_ids: BlockIds) -> None:
+        """Copy the chunk buffer ``src`` into blocks ``block_ids`` of every layer."""
+        self.scatter_chunks([src], [block_ids])
+
+    def gather_chunks(self, block_table: Sequence[BlockIds], outs: Sequence[torch.Tensor]) -> None:
+        """Gather many chunks (e.g. a request's worth) in one call: chunk ``c`` is blocks
+        ``block_table[c]`` into ``outs[c]``."""
+        ids, views = self._batch(block_table, outs, "out", unique=False)
+        if self.backend == "triton":
+            self._triton(ids, views, to_buffer=True)
+            return
+        for chunk_ids, view in zip(ids, views, strict=True):
+            if view.device == self.device:
+                reference.gather(self._groups, chunk_ids, view)
+            else:
+                staging = torch.empty(view.shape, dtype=view.dtype, device=self.device)
+                reference.gather(self._groups, chunk_ids, staging)
+                view.copy_(staging)
+
+    def scatter_chunks(self, srcs: Sequence[torch.Tensor], block_table: Sequence[BlockIds]) -> None:
+        """Scatter many chunks in one call: ``srcs[c]`` into blocks ``block_table[c]``.
+
+        A block id may appear only once in the whole batch (two writers, one block)."""
+        ids, views = self._batch(block_table, srcs, "src", unique=True)
+        if self.backend == "triton":
+            self._triton(ids, views, to_buffer=False)
+            return
+        for chunk_ids, view in zip(ids, views, strict=True):
+            src = view if view.device == self.device else view.to(self.device)
+            reference.scatter(src, self._groups, chunk_ids)
+
+    def _batch(
+        self,
+        block_table: Sequence[BlockIds],
+        bufs: Sequence[torch.Tensor],
+        what: str,
+        *,
+        unique: bool,
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        given: object = bufs
+        if isinstance(given, torch.Tensor):
+            raise TypeError(f"{what}s must be a sequence of buffers, one per chunk")
+        if len(block_table) != len(bufs):
+            raise ValueError(f"{len(block_table)} block-id lists but {len(bufs)} {what} buffers")
+        ids = [self._ids(b, f"chunk {c}") for c, b in enumerate(block_table)]
+        views = [
+            self._payload(buf, len(i), f"{what}[{c}]")
+            for c, (buf, i) in enumerate(zip(bufs, ids, strict=True))
+        ]
+        if unique:
+            total = sum(len(i) for i in ids)
+            if len({b for i in ids for b in i}) != total:
+                raise ValueError("scatter: a block id appears more than once in the batch")
+        return ids, views
+
+    def _triton(self, ids: list[list[int]], views: list[torch.Tensor], *, to_buffer: bool) -> None:
+        from . import triton_kernels
+
+        lay = self.layout
+        word = lay.itemsize
+        if self._layer_table is None:
+            base = self._layers[0].data_ptr()
+            rows = [[(v.data_ptr() - base) // word, *v.stride()[:2]] for v in self._layers]
+            self._layer_table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        local = all(v.device == self.device for v in views)
+        if local:
+            bufs = views
+        else:  # a host buffer for a device cache: go through one device staging buffer
+            staging = torch.empty(
+                sum(v.numel() for v in views), dtype=lay.word_dtype, device=self.device
+            )
+            bufs, at = [], 0
+            for v in views:
+                part = staging[at : at + v.numel()].view(v.shape)
+                if not to_buffer:
+                    part.copy_(v)
+                bufs.append(part)
+                at += v.numel()
+        base_ptr = bufs[0].data_ptr()
+        piece = lay.piece_elems
+        blocks: list[int] = []
+        offsets: list[int] = []
+        strides: list[int] = []
+        for chunk_ids, buf in zip(ids, bufs, strict=True):
+            start = (buf.data_ptr() - base_ptr) // word
+            layer_stride = len(chunk_ids) * lay.planes * piece
+            for j, b in enumerate(chunk_ids):
+                blocks.append(b)
+                offsets.append(start + j * lay.planes * piece)
+                strides.append(layer_stride)
+        jobs = torch.tensor([blocks, offsets, strides], dtype=torch.int64, device=self.device)
+        triton_kernels.copy_blocks(
+            self._layers[0],
+            self._layer_table,
+            bufs[0],
+            jobs,
+            num_layers=lay.num_layers,
+            planes=lay.planes,
+            piece=piece,
+            to_buffer=to_buffer,
+        )
+        if to_buffer and not local:
+            for v, part in zip(views, bufs, strict=True):
+                v.copy_(part)
+
+
+def _bad_id(b: object) -> int:
+    raise TypeError(f"{b!r} is not an integer block id")
+
+
+def gather(
+    kv_caches: Sequence[torch.Tensor],
+    block_ids: BlockIds,
+    out: torch.Tensor,
+    layout: KVLayout,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """One-shot gather: blocks ``block_ids`` of every layer into ``out`` (layer-major)."""
+    KVCaches(kv_caches, layout, backend=backend).gather(block_ids, out)
+
+
+def scatter(
+    buffer: torch.Tensor,
+    kv_caches: Sequence[torch.Tensor],
+    block_ids: BlockIds,
+    layout: KVLayout,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """One-shot scatter: the chunk ``buffer`` into blocks ``block_ids`` of every layer."""
+    KVCaches(kv_caches, layout, backend=backend).scatter(buffer, block_ids)
