@@ -61,13 +61,13 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame (length prefix + msgpack body) for ``message``."""
-    body = _packer.pack(message)
+    body: bytes = _packer.pack(message)
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return LENGTH_PREFIX.pack(len(body)) + body
 
 
-def decode_body(body: bytes | memoryview) -> dict[str, Any]:
+def decode_body(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse one frame body; raises ``ProtocolError`` unless it is a msgpack map."""
     try:
         message = msgpack.unpackb(body, raw=False)
@@ -159,9 +159,7 @@ def parse_keys(message: dict[str, Any], field: str = "keys") -> list[ChunkKey]:
     if not isinstance(keys, list):
         raise ProtocolError(f"{field!r} must be a list of {KEY_BYTES}-byte keys")
     if len(keys) > MAX_KEYS_PER_REQUEST:
-        raise ProtocolError(
-            f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}"
-        )
+        raise ProtocolError(f"{len(keys)} keys in one request; the limit is {MAX_KEYS_PER_REQUEST}")
     for i, key in enumerate(keys):
         if type(key) is not bytes or len(key) != KEY_BYTES:
             got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
@@ -196,7 +194,7 @@ def parse_optional_ints(message: dict[str, Any], field: str, count: int) -> list
 def parse_float(message: dict[str, Any], field: str, default: float, maximum: float) -> float:
     """A bounded non-negative number (e.g. a wait in seconds)."""
     value = message.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ProtocolError(f"{field!r} must be a non-negative number, got {value!r}")
     return min(float(value), maximum)
 

@@ -1,11 +1,237 @@
-"""Placeholder: replaced by the module's owner."""
+"""``meshkv agent``: run this node's agent (CPU + SSD tiers, local socket, HTTP admin).
+
+Flags override the TOML file given by ``--config``, which overrides the defaults. The
+environment is read here only (``XDG_RUNTIME_DIR`` for the default socket directory).
+Mesh flags (``--listen``, ``--join``, ...) are added by the mesh's own ``add_arguments``
+hook when that module exists (see ``MESH_ARGS``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import socket
+import sys
 from typing import Any
+
+from meshkv.config import (
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    LOG_LEVELS,
+    AgentConfig,
+    load_toml,
+    parse_host_port,
+)
+from meshkv.errors import ConfigError, MeshKVError
+from meshkv.store import StoreConfig
+
+GB = 1 << 30
+EVICTION_POLICIES = ("lru", "s3fifo")
+MESH_ARGS = "meshkv.mesh.cli"
+"""Module with ``add_arguments(parser)`` and ``mesh_config(args, toml_table)``; optional."""
+
+logger = logging.getLogger("meshkv.agent")
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/meshkv/agent.sock``, else ``/tmp/meshkv-<uid>/agent.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "meshkv") if runtime else f"/tmp/meshkv-{os.getuid()}"
+    return os.path.join(base, "agent.sock")
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("agent", help="(not built yet)")
-    p.set_defaults(func=lambda args: 2)
+    p: argparse.ArgumentParser = sub.add_parser(
+        "agent",
+        help="run this node's meshkv agent",
+        description="Run the node's meshkv agent: CPU tier (shared-memory arena), SSD tier, "
+        "the local socket engines connect to, and the HTTP admin API. Flags override "
+        "--config; SIGTERM/SIGINT shut it down cleanly.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag defaults to None = 'not given', so that TOML values are kept."""
+    d = StoreConfig.__dataclass_fields__
+    p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file (default: none)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--cpu-gb",
+        type=float,
+        metavar="N",
+        help=f"CPU tier (arena) size in GiB (default: {_default(d, 'cpu_bytes') / GB:g})",
+    )
+    size.add_argument("--cpu-bytes", type=int, metavar="N", help="CPU tier size in bytes")
+    p.add_argument(
+        "--ssd-dir",
+        metavar="DIR",
+        help="directory of the SSD tier; must exist (default: no SSD tier)",
+    )
+    p.add_argument(
+        "--ssd-gb",
+        type=float,
+        metavar="N",
+        help=f"SSD tier cap in GiB (default: {_default(d, 'ssd_bytes') / GB:g})",
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"local-channel Unix socket (default: {default_socket_path()})",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help=f"admin HTTP address; port 0 picks a free port "
+        f"(default: {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT})",
+    )
+    p.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help="write JSON {socket, http, pid, arena_name, ...} here once serving (default: none)",
+    )
+    p.add_argument(
+        "--eviction",
+        metavar="POLICY",
+        help=f"CPU-tier eviction policy: {' or '.join(EVICTION_POLICIES)} "
+        f"(default: {_default(d, 'eviction')})",
+    )
+    p.add_argument(
+        "--write-through",
+        action="store_true",
+        default=None,
+        help="write every committed chunk to SSD at once, not only on eviction (default: off)",
+    )
+    p.add_argument(
+        "--verify-reads",
+        action="store_true",
+        default=None,
+        help="re-check arena bytes against the checksum before every read (default: off)",
+    )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        metavar="S",
+        help="lifetime of a read pin (default: 30)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        metavar="S",
+        help="shutdown budget for in-flight requests and the SSD flush (default: 5)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="bearer token for POST /v1/clear (default: none = endpoint disabled)",
+    )
+    p.add_argument(
+        "--node-id", metavar="ID", help=f"node name (default: host name, {socket.gethostname()})"
+    )
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
+    )
+    try:
+        mesh_cli = importlib.import_module(MESH_ARGS)
+    except ImportError:
+        return
+    mesh_cli.add_arguments(p)
+
+
+def _default(fields: dict[str, Any], name: str) -> Any:
+    f = fields[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def build_config(args: argparse.Namespace) -> AgentConfig:
+    """Defaults ← TOML ← flags, validated; raises ``ConfigError`` with the reason."""
+    toml: dict[str, Any] = {"agent": {}, "store": {}, "mesh": None}
+    if args.config:
+        toml = load_toml(args.config)
+    agent: dict[str, Any] = dict(toml["agent"])
+    store: dict[str, Any] = dict(toml["store"])
+
+    if args.cpu_gb is not None:
+        store["cpu_bytes"] = _size_flag("--cpu-gb", args.cpu_gb * GB)
+    if args.cpu_bytes is not None:
+        store["cpu_bytes"] = _size_flag("--cpu-bytes", args.cpu_bytes)
+    if args.ssd_dir is not None:
+        store["ssd_dir"] = args.ssd_dir
+    if args.ssd_gb is not None:
+        store["ssd_bytes"] = _size_flag("--ssd-gb", args.ssd_gb * GB)
+    if args.eviction is not None:
+        if args.eviction not in EVICTION_POLICIES:
+            raise ConfigError(
+                f"--eviction must be one of {', '.join(EVICTION_POLICIES)}, got {args.eviction!r}"
+            )
+        store["eviction"] = args.eviction
+    if args.write_through:
+        store["write_through"] = True
+    if args.verify_reads:
+        store["verify_reads"] = True
+    ssd_dir = store.get("ssd_dir")
+    if ssd_dir is not None and not os.path.isdir(ssd_dir):
+        raise ConfigError(f"SSD directory {ssd_dir} does not exist (create it first)")
+
+    if args.socket is not None:
+        agent["socket_path"] = args.socket
+    agent.setdefault("socket_path", default_socket_path())
+    if args.http is not None:
+        agent["http_host"], agent["http_port"] = parse_host_port(args.http)
+    for flag in ("lease_seconds", "drain_seconds", "admin_token_file", "ready_file", "log_level"):
+        value = getattr(args, flag)
+        if value is not None:
+            agent[flag] = value
+    if args.node_id is not None:
+        agent["node_id"] = args.node_id
+    agent.setdefault("node_id", socket.gethostname())
+
+    mesh = None
+    try:
+        mesh_cli = importlib.import_module(MESH_ARGS)
+    except ImportError as exc:
+        if toml["mesh"] is not None:
+            raise ConfigError(
+                "the config file has a [mesh] table but this build has no mesh"
+            ) from exc
+    else:
+        mesh = mesh_cli.mesh_config(args, toml["mesh"])
+    try:
+        store_config = StoreConfig(**store)
+    except TypeError as exc:
+        raise ConfigError(f"bad store settings: {exc}") from exc
+    return AgentConfig(store=store_config, mesh=mesh, **agent)
+
+
+def _size_flag(flag: str, value: float) -> int:
+    if value <= 0:
+        raise ConfigError(f"{flag} must be positive, got {value:g}")
+    return int(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshkv.agent import run_agent  # keep `meshkv --help` fast
+
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"meshkv agent: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level_number,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        run_agent(config)
+    except MeshKVError as exc:
+        print(f"meshkv agent: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,250 @@
+"""``Agent``: builds the node's parts, owns their tasks, and shuts them down in stages.
+
+One asyncio event loop (uvloop when installed), no loops in threads. Start order: store
+(arena + SSD scan) → metrics → mesh (optional) → local socket → HTTP admin → ready file.
+Stop (SIGTERM/SIGINT or ``request_stop``) runs in reverse, in stages bounded by
+``drain_seconds``: stop accepting, drain in-flight requests, close connections (their pins
+and reservations are released), stop the mesh, close the store (flush SSD write-back,
+unlink the arena), remove the socket and the ready file.
+
+The mesh plugs in through ``MeshService``: when ``AgentConfig.mesh`` is set the agent
+imports ``MESH_FACTORY`` and calls it with ``(config, store, metrics)``; the local server
+then asks ``service.remote`` about lookup misses, and the HTTP app gets the mesh's routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from meshkv import __version__
+from meshkv.config import AgentConfig
+from meshkv.errors import ConfigError
+from meshkv.metrics import AgentMetrics
+from meshkv.server.http import AdminContext, AdminServer, build_app
+from meshkv.server.local import LocalServer, LocalServerConfig, RemoteLookup
+from meshkv.store import Store
+
+logger = logging.getLogger(__name__)
+
+MESH_FACTORY = "meshkv.mesh.node:create_mesh_service"
+"""``module:callable`` building the ``MeshService`` when ``AgentConfig.mesh`` is set."""
+
+
+class MeshService(Protocol):
+    """What the agent needs from the mesh (see docs/internals.md, agent ↔ mesh seam)."""
+
+    @property
+    def remote(self) -> RemoteLookup: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self, deadline: float) -> None: ...
+
+    def http_routes(self) -> list[web.RouteDef]: ...
+
+    def status_section(self) -> dict[str, Any]: ...
+
+
+MeshFactory = Callable[[AgentConfig, Store, AgentMetrics], MeshService]
+
+
+class Agent:
+    """One node's agent. ``await agent.run()`` serves until ``request_stop``/a signal."""
+
+    def __init__(self, config: AgentConfig, *, mesh_factory: MeshFactory | None = None) -> None:
+        self.config = config
+        self.store = Store(config.store)
+        self.metrics = AgentMetrics(self.store.snapshot, config.node_id)
+        self.mesh: MeshService | None = None
+        self._mesh_factory = mesh_factory
+        self.local: LocalServer | None = None
+        self.http: AdminServer | None = None
+        self.http_address: tuple[str, int] | None = None
+        self._stop = asyncio.Event()
+        self._started = False
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        admin_token = cfg.admin_token()  # fail before anything is created
+        prepare_socket_path(cfg.socket_path)
+        await self.store.start()
+        self._started = True
+        try:
+            if cfg.mesh is not None:
+                factory = self._mesh_factory or _load_factory(MESH_FACTORY)
+                self.mesh = factory(cfg, self.store, self.metrics)
+                await self.mesh.start()
+            self.local = LocalServer(
+                LocalServerConfig(cfg.socket_path, cfg.node_id, cfg.lease_seconds),
+                self.store,
+                metrics=self.metrics,
+                remote=self.mesh.remote if self.mesh is not None else None,
+            )
+            await self.local.start()
+            ctx = AdminContext(self.store, self.metrics, cfg.node_id, admin_token)
+            ctx.status_sections.append(self._status_section)
+            routes: list[web.RouteDef] = []
+            if self.mesh is not None:
+                ctx.status_sections.append(self.mesh.status_section)
+                routes = self.mesh.http_routes()
+            self.http = AdminServer(build_app(ctx, routes), cfg.http_host, cfg.http_port)
+            self.http_address = await self.http.start()
+        except BaseException:
+            await self.close()
+            raise
+        host, port = self.http_address
+        logger.info(
+            "meshkv agent %s serving: socket %s, http %s:%d, arena %s (%d bytes), pid %d",
+            cfg.node_id,
+            cfg.socket_path,
+            host,
+            port,
+            self.store.arena_name,
+            self.store.arena_size,
+            os.getpid(),
+        )
+        if cfg.ready_file:
+            write_json_atomic(cfg.ready_file, self.ready_info())
+
+    def ready_info(self) -> dict[str, Any]:
+        """What the ready file says (tests and scripts read it)."""
+        assert self.http_address is not None
+        host, port = self.http_address
+        return {
+            "node_id": self.config.node_id,
+            "pid": os.getpid(),
+            "socket": self.config.socket_path,
+            "http": f"{host}:{port}",
+            "arena_name": self.store.arena_name,
+            "arena_size": self.store.arena_size,
+            "version": __version__,
+        }
+
+    def _status_section(self) -> dict[str, Any]:
+        local = self.local
+        return {
+            "local": {
+                "socket": self.config.socket_path,
+                "connections": len(local.connections) if local else 0,
+                "arena_name": self.store.arena_name,
+                "arena_size": self.store.arena_size,
+            }
+        }
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to shut down (signal-safe: only sets an event)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until stopped (SIGTERM/SIGINT), then shut down in stages."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+            logger.info("stopping agent %s", self.config.node_id)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    async def close(self) -> None:
+        """Staged shutdown bounded by ``drain_seconds`` (safe to call twice)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_seconds
+        started = time.monotonic()
+        if self.local is not None:
+            self.local.stop_accepting()
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        if self.local is not None:
+            await self.local.close(deadline)
+            self.local = None
+        if self.mesh is not None:
+            await self.mesh.close(deadline)
+            self.mesh = None
+        if self._started:
+            self._started = False
+            await self.store.close(deadline)
+        if self.config.ready_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.ready_file)
+        logger.info("agent stopped in %.3f s", time.monotonic() - started)
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the socket's directory (0700) and remove a stale socket of a dead agent.
+
+    A socket that still accepts connections belongs to a live agent: refuse rather than
+    steal it (two agents on one host must use two sockets).
+    """
+    directory = Path(path).parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+    elif not directory.is_dir():
+        raise ConfigError(f"socket directory {directory} is not a directory")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except OSError:
+        logger.warning("removing stale socket %s of an agent that is gone", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another agent is already serving on {path}; pass a different --socket")
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _load_factory(spec: str) -> MeshFactory:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"a [mesh] section was given but this build has no mesh: {exc}") from exc
+    factory: MeshFactory = getattr(module, attr)
+    return factory
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Run an agent to completion on a fresh event loop (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(Agent(config).run())

@@ -1,0 +1,445 @@
+"""``AgentClient``: the blocking client engines use to reach their node's agent.
+
+The vLLM scheduler and workers call from plain threads, so the client is synchronous and
+thread-safe (one lock per client, one request in flight per connection). Control goes
+over the Unix socket; data goes through the agent's shared-memory arena, which the client
+maps read-write after ``hello``: ``reserve`` hands out writable memoryviews into slots,
+``read`` hands out views of pinned chunks. Every call is bounded by ``timeout``.
+
+No fate-sharing: a client with no agent raises ``AgentUnavailable`` at once (connecting to
+a missing socket fails immediately), a hung agent raises ``DeadlineExceeded`` after
+``timeout``. After an agent restart the next call reconnects, says hello again and maps
+the new arena (its name changes on every start); reservations and leases held on the old
+agent are gone with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from meshkv import __version__
+from meshkv.chunk import KEY_BYTES, ChunkKey, Namespace, NamespaceId, payload_checksum
+from meshkv.errors import (
+    AgentUnavailable,
+    ChecksumMismatch,
+    DeadlineExceeded,
+    MeshKVError,
+    ProtocolError,
+    error_from_code,
+)
+from meshkv.protocol import (
+    LENGTH_PREFIX,
+    MAX_FRAME_BYTES,
+    PREFIX_BYTES,
+    PROTOCOL_MAX_VERSION,
+    PROTOCOL_MIN_VERSION,
+    Op,
+    decode_body,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = Namespace(model="default")
+"""Namespace used when the caller names none (tests, ``put``/``get`` scripts)."""
+
+SHM_DIR = "/dev/shm"
+"""Where POSIX shared-memory objects appear on Linux (``shm_open`` names)."""
+
+# Ops that may be retried once on a fresh connection when the old one turned out dead:
+# they change nothing, or what they changed died with the old agent anyway.
+_RETRYABLE = frozenset({Op.HELLO, Op.PING, Op.LOOKUP, Op.READ, Op.STATS})
+
+
+@dataclass(frozen=True, slots=True)
+class HelloInfo:
+    """What the agent said at ``hello``."""
+
+    version: int
+    """Negotiated local-protocol version."""
+    node_id: str
+    arena_name: str
+    arena_size: int
+    namespace: NamespaceId
+    """Digest the agent computed for this client's namespace."""
+    agent_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    """Where the chunks of a request are."""
+
+    prefix: int
+    """Chunks in the longest prefix stored somewhere (local tier or peer)."""
+    tiers: list[str | None]
+    """Per key: ``"cpu"``, ``"ssd"``, ``"peer"`` or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reserved arena slot: write the payload into ``view``, then ``commit``."""
+
+    key: ChunkKey
+    offset: int
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A pinned chunk: read ``view`` and ``release`` it before the lease expires."""
+
+    lease_id: int
+    key: ChunkKey
+    offset: int
+    view: memoryview
+    num_tokens: int
+    checksum: int | None
+
+
+class AgentClient:
+    """Blocking, thread-safe client of the local agent (see the module docstring)."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        namespace: Namespace | None = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.socket_path = socket_path
+        self.namespace = namespace or DEFAULT_NAMESPACE
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._info: HelloInfo | None = None
+        self._arena: mmap.mmap | None = None
+        self._arena_view: memoryview | None = None
+        self._next_id = 1
+        self._len_buf = bytearray(PREFIX_BYTES)
+        self._closed = False
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection (the agent releases this client's pins) and the arena map."""
+        with self._lock:
+            self._closed = True
+            self._disconnect()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # --- convenience --------------------------------------------------------------
+
+    def put(self, key: bytes, data: bytes | bytearray | memoryview, num_tokens: int = 0) -> bool:
+        """Store one chunk; False if the agent already has it."""
+        payload = memoryview(data).cast("B")
+        (res,) = self.reserve([key], [payload.nbytes])
+        if res is None:
+            return False
+        try:
+            res.view[:] = payload
+            self.commit([key], [num_tokens], checksums=[payload_checksum(payload)])
+        except BaseException:
+            self._abort_quietly([key])
+            raise
+        return True
+
+    def get(self, key: bytes) -> bytes | None:
+        """A copy of one chunk's payload (checksum-verified), or None if not stored."""
+        (lease,) = self.read([key])
+        if lease is None:
+            return None
+        try:
+            data = bytes(lease.view)
+        finally:
+            self.release([lease])
+        if lease.checksum is not None and payload_checksum(data) != lease.checksum:
+            raise ChecksumMismatch(f"chunk {key.hex()} does not match its checksum")
+        return data
+
+    # --- the protocol -------------------------------------------------------------
+
+    def hello(self) -> HelloInfo:
+        """Connect if needed and return what the agent said at hello."""
+        with self._lock:
+            deadline = time.monotonic() + self.timeout
+            self._ensure_connected(deadline)
+            assert self._info is not None
+            return self._info
+
+    def ping(self) -> None:
+        self._call(Op.PING, {})
+
+    def lookup(self, keys: Sequence[bytes]) -> LookupReply:
+        """Longest stored prefix and the tier of each key; also starts SSD/peer pulls."""
+        reply = self._call(Op.LOOKUP, {"keys": _keys(keys)})
+        return LookupReply(prefix=reply["prefix"], tiers=reply["tiers"])
+
+    def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> list[Reservation | None]:
+        """Reserve one slot per key (None: the agent already stores that key)."""
+        if len(keys) != len(sizes):
+            raise ValueError("reserve: one size per key")
+        with self._lock:
+            reply = self._call_locked(Op.RESERVE, {"keys": _keys(keys), "sizes": list(sizes)})
+            arena = self._arena_view
+            assert arena is not None
+            out: list[Reservation | None] = []
+            for key, slot in zip(keys, reply["slots"], strict=True):
+                if slot is None:
+                    out.append(None)
+                    continue
+                offset, length = slot
+                view = arena[offset : offset + length]
+                out.append(Reservation(ChunkKey(bytes(key)), offset, view))
+            return out
+
+    def commit(
+        self,
+        keys: Sequence[bytes],
+        num_tokens: Sequence[int],
+        *,
+        checksums: Sequence[int | None] | None = None,
+    ) -> None:
+        """Make reserved chunks visible. ``checksums`` (xxh3-64) spare the agent the work."""
+        message: dict[str, Any] = {"keys": _keys(keys), "tokens": list(num_tokens)}
+        if checksums is not None:
+            message["checksums"] = list(checksums)
+        self._call(Op.COMMIT, message)
+
+    def abort(self, keys: Sequence[bytes]) -> None:
+        """Give reserved slots back without committing."""
+        self._call(Op.ABORT, {"keys": _keys(keys)})
+
+    def read(self, keys: Sequence[bytes], *, wait: float = 0.0) -> list[Lease | None]:
+        """Pin chunks for reading; waits up to ``wait`` s for pulls a lookup started."""
+        with self._lock:
+            budget = self.timeout + wait
+            reply = self._call_locked(Op.READ, {"keys": _keys(keys), "wait": wait}, budget)
+            arena = self._arena_view
+            assert arena is not None
+            out: list[Lease | None] = []
+            for key, item in zip(keys, reply["leases"], strict=True):
+                if item is None:
+                    out.append(None)
+                    continue
+                lease_id, offset, length, num_tokens, checksum = item
+                view = arena[offset : offset + length].toreadonly()
+                out.append(
+                    Lease(lease_id, ChunkKey(bytes(key)), offset, view, num_tokens, checksum)
+                )
+            return out
+
+    def release(self, leases: Sequence[Lease | int]) -> None:
+        """Unpin chunks (a lease released twice is an error: ``NotPinned``)."""
+        ids = [x if isinstance(x, int) else x.lease_id for x in leases]
+        self._call(Op.RELEASE, {"leases": ids})
+
+    def stats(self) -> dict[str, Any]:
+        """The agent's store snapshot (same numbers as ``/v1/status``)."""
+        reply = self._call(Op.STATS, {})
+        stats: dict[str, Any] = reply["stats"]
+        return stats
+
+    # --- plumbing -----------------------------------------------------------------
+
+    def _abort_quietly(self, keys: Sequence[bytes]) -> None:
+        try:
+            self.abort(keys)
+        except MeshKVError as exc:
+            logger.debug("abort after a failed put did not reach the agent: %s", exc)
+
+    def _call(self, op: Op, fields: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            return self._call_locked(op, fields)
+
+    def _call_locked(
+        self, op: Op, fields: dict[str, Any], budget: float | None = None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + (budget if budget is not None else self.timeout)
+        fresh = self._ensure_connected(deadline)
+        try:
+            return self._exchange(op, fields, deadline)
+        except AgentUnavailable:
+            # The agent went away since our last call. Retrying is safe only for ops
+            # whose effect (if any) died with the old agent, and only once.
+            if fresh or op not in _RETRYABLE:
+                raise
+            self._ensure_connected(deadline)
+            return self._exchange(op, fields, deadline)
+
+    def _exchange(self, op: Op, fields: dict[str, Any], deadline: float) -> dict[str, Any]:
+        sock = self._sock
+        assert sock is not None
+        request_id = self._next_id
+        self._next_id += 1
+        fields["op"] = op.value
+        fields["id"] = request_id
+        frame = encode(fields)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(frame)
+            while True:
+                reply = self._recv_message(sock, deadline)
+                if reply.get("id") == request_id:
+                    break
+                if reply.get("id") is None and "error" in reply:
+                    break  # connection-level error (the agent closes after it)
+                # A late reply to a call that timed out earlier: skip it.
+        except TimeoutError as exc:
+            self._disconnect()
+            raise DeadlineExceeded(
+                f"agent at {self.socket_path} did not answer {op.value} within the deadline"
+            ) from exc
+        except OSError as exc:
+            self._disconnect()
+            raise AgentUnavailable(f"agent at {self.socket_path} went away: {exc}") from exc
+        error = reply.get("error")
+        if error is not None:
+            if reply.get("id") is None:
+                self._disconnect()
+            raise error_from_code(str(error.get("code")), str(error.get("message")))
+        return reply
+
+    def _recv_message(self, sock: socket.socket, deadline: float) -> dict[str, Any]:
+        self._recv_exact(sock, self._len_buf, deadline)
+        (size,) = LENGTH_PREFIX.unpack(self._len_buf)
+        if size > MAX_FRAME_BYTES:
+            raise ProtocolError(f"agent sent a {size}-byte frame (limit {MAX_FRAME_BYTES})")
+        body = bytearray(size)
+        self._recv_exact(sock, body, deadline)
+        return decode_body(memoryview(body))
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, buf: bytearray, deadline: float) -> None:
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            sock.settimeout(_remaining(deadline))
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionResetError("agent closed the connection")
+            got += n
+
+    def _ensure_connected(self, deadline: float) -> bool:
+        """Connect + hello + map the arena unless connected; True if it connected now."""
+        if self._closed:
+            raise AgentUnavailable("client is closed")
+        if self._sock is not None:
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(self.socket_path)
+        except TimeoutError as exc:
+            sock.close()
+            raise AgentUnavailable(f"agent at {self.socket_path} did not accept in time") from exc
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"no agent at {self.socket_path}: {exc.strerror}") from exc
+        self._sock = sock
+        try:
+            reply = self._exchange(Op.HELLO, self._hello_fields(), deadline)
+            self._info = HelloInfo(
+                version=reply["version"],
+                node_id=reply["node_id"],
+                arena_name=reply["arena_name"],
+                arena_size=reply["arena_size"],
+                namespace=NamespaceId(reply["namespace"]),
+                agent_version=reply["agent_version"],
+            )
+            self._map_arena(self._info)
+        except DeadlineExceeded as exc:
+            self._disconnect()
+            raise AgentUnavailable(f"agent at {self.socket_path} did not say hello") from exc
+        except BaseException:
+            self._disconnect()
+            raise
+        return True
+
+    def _hello_fields(self) -> dict[str, Any]:
+        ns = self.namespace
+        return {
+            "min_version": PROTOCOL_MIN_VERSION,
+            "max_version": PROTOCOL_MAX_VERSION,
+            "namespace": {
+                "model": ns.model,
+                "revision": ns.revision,
+                "dtype": ns.dtype,
+                "num_layers": ns.num_layers,
+                "kv_heads": ns.kv_heads,
+                "head_size": ns.head_size,
+                "block_size": ns.block_size,
+                "layout": ns.layout,
+                "tp_rank": ns.tp_rank,
+                "tp_size": ns.tp_size,
+                "cache_salt": ns.cache_salt,
+                "extra": dict(ns.extra),
+            },
+            "client": f"meshkv-client/{__version__} pid={os.getpid()}",
+        }
+
+    def _map_arena(self, info: HelloInfo) -> None:
+        path = os.path.join(SHM_DIR, info.arena_name.lstrip("/"))
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot map the agent's arena {path}: {exc.strerror}") from exc
+        try:
+            self._arena = mmap.mmap(fd, info.arena_size)
+        finally:
+            os.close(fd)
+        self._arena_view = memoryview(self._arena)
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._info = None
+        if self._arena_view is not None:
+            self._arena_view.release()
+            self._arena_view = None
+        if self._arena is not None:
+            # Callers may still hold views of old slots; the mapping goes when they do.
+            with contextlib.suppress(BufferError):
+                self._arena.close()
+            self._arena = None
+
+
+def _keys(keys: Sequence[bytes]) -> list[bytes]:
+    out = [bytes(k) for k in keys]
+    for i, key in enumerate(out):
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"key {i} is {len(key)} bytes; keys are {KEY_BYTES} bytes")
+    return out
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left

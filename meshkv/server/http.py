@@ -1,0 +1,153 @@
+"""The agent's HTTP admin API (aiohttp; loopback unless told otherwise).
+
+``/healthz``, ``/metrics`` (Prometheus text), ``/v1/status`` (JSON), ``/v1/chunks/{key}``
+(where one key is), ``POST /v1/clear`` (bearer token). Other parts add their own routes
+(the mesh adds ``/v1/ring`` …) by passing ``extra_routes`` to ``build_app``; ``status``
+merges the dicts that ``status_sections`` callables return, so the mesh can add a
+``"mesh"`` section to ``/v1/status`` without touching this module.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshkv import __version__
+from meshkv.chunk import KEY_BYTES, ChunkKey
+from meshkv.metrics import AgentMetrics
+from meshkv.server.local import plain
+from meshkv.store import Store
+
+logger = logging.getLogger(__name__)
+
+StatusSection = Callable[[], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class AdminContext:
+    """What the handlers need; built by the agent."""
+
+    store: Store
+    metrics: AgentMetrics
+    node_id: str
+    admin_token: str | None
+    """Bearer token for mutating endpoints; None disables them."""
+    started_at: float = field(default_factory=time.time)
+    status_sections: list[StatusSection] = field(default_factory=list)
+    """Extra ``/v1/status`` sections (e.g. the local server's connection count, the mesh)."""
+
+
+CONTEXT = web.AppKey("meshkv_admin", AdminContext)
+
+
+def build_app(ctx: AdminContext, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
+    """The admin application; ``extra_routes`` lets other parts (the mesh) add endpoints."""
+    app = web.Application()
+    app[CONTEXT] = ctx
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+            web.get("/v1/status", status),
+            web.get("/v1/chunks/{key}", chunk),
+            web.post("/v1/clear", clear),
+        ]
+    )
+    app.add_routes(list(extra_routes))
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    body = generate_latest(ctx.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def status_document(ctx: AdminContext) -> dict[str, Any]:
+    """The ``/v1/status`` JSON (also what ``meshkv status`` prints)."""
+    doc: dict[str, Any] = {
+        "node_id": ctx.node_id,
+        "version": __version__,
+        "uptime_s": round(time.time() - ctx.started_at, 3),
+        "store": plain(ctx.store.snapshot()),
+    }
+    for section in ctx.status_sections:
+        doc.update(section())
+    return doc
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_document(request.app[CONTEXT]))
+
+
+async def chunk(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    raw = request.match_info["key"]
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        return _error(
+            400, f"malformed key {raw!r}: expected {2 * KEY_BYTES} hex digits ({KEY_BYTES} bytes)"
+        )
+    info = ctx.store.describe(ChunkKey(key))
+    if info is None:
+        return _error(404, f"chunk {raw} is not stored on node {ctx.node_id}")
+    return web.json_response({"key": raw, **plain(info)})
+
+
+async def clear(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if ctx.admin_token is None:
+        return _error(
+            403,
+            "POST /v1/clear is disabled: start the agent with --admin-token-file FILE "
+            "and send 'Authorization: Bearer <token>'",
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return _error(401, "missing bearer token: send 'Authorization: Bearer <token>'", auth=True)
+    if not hmac.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
+        return _error(403, "wrong admin token")
+    removed = ctx.store.clear()
+    logger.warning("admin cleared the store: %d chunks removed", removed)
+    return web.json_response({"cleared": removed})
+
+
+def _error(status: int, message: str, *, auth: bool = False) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="meshkv"'} if auth else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class AdminServer:
+    """Runs the admin app on ``host:port`` (port 0: any free port; see ``address``)."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._host = host
+        self._port = port
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> tuple[str, int]:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.address = (str(host), int(port))
+        return self.address
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,542 @@
+"""The agent's Unix-socket server for engines on the node (the local channel).
+
+Thin by design: decode a frame, call the ``Store``, encode the reply. Each connection is
+an ``asyncio.Protocol`` (measured: faster than streams for small frames, see
+``docs/local-protocol.md``); synchronous store calls are answered inside
+``data_received`` without creating a task, and only ``read`` (which may wait for disk or
+a peer) and lookups that consult the mesh run as tasks, at most ``MAX_INFLIGHT_PER_CONN``
+per connection (reading pauses beyond that).
+
+Errors go back as ``{id, error: {code, message}}`` and the connection keeps serving,
+except for frames that break the stream (oversized, undecodable, truncated at EOF) and
+a failed version negotiation: those get an error reply and close that connection only.
+When a connection closes, its reservations and pins are released (``release_owner``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import time
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from meshkv import __version__
+from meshkv.chunk import ChunkKey, Namespace, NamespaceId
+from meshkv.errors import (
+    ConfigError,
+    MeshKVError,
+    NotReserved,
+    ProtocolError,
+    VersionMismatch,
+)
+from meshkv.metrics import LocalCounters
+from meshkv.protocol import (
+    MAX_KEYS_PER_REQUEST,
+    OPS,
+    FrameReader,
+    Op,
+    decode_body,
+    encode,
+    error_reply,
+    negotiate,
+    parse_float,
+    parse_ints,
+    parse_keys,
+    parse_optional_ints,
+    prefix_length,
+)
+from meshkv.store import Store, Tier
+
+if TYPE_CHECKING:
+    from meshkv.metrics import AgentMetrics
+
+logger = logging.getLogger(__name__)
+
+MAX_INFLIGHT_PER_CONN = 32
+"""Async requests (reads) one connection may have running before reading pauses."""
+
+MAX_PULLS = 1024
+"""Keys being promoted from SSD or pulled from peers at once; lookups beyond it skip."""
+
+MAX_READ_WAIT_S = 30.0
+"""Longest ``wait`` a read may ask for."""
+
+PULL_OWNER = 0
+"""Store owner id of the server's own prefetch pins (connection ids start at 1)."""
+
+Reply = dict[str, Any]
+Handler = Callable[[dict[str, Any]], "Reply | Awaitable[Reply]"]
+
+
+class RemoteLookup(Protocol):
+    """What the local server asks the mesh about keys this node does not hold.
+
+    The agent passes its ``MeshNode`` (or None without a mesh). ``lookup`` answers from
+    the directory; ``fetch`` pulls chunks into this node's store and returns per key
+    whether it arrived before ``deadline`` (a ``loop.time()`` value).
+    """
+
+    async def lookup(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]: ...
+
+    async def fetch(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float
+    ) -> list[bool]: ...
+
+
+@dataclasses.dataclass(slots=True)
+class LocalServerConfig:
+    """Settings of the local channel."""
+
+    socket_path: str
+    """Unix socket the agent listens on (mode 0600)."""
+    node_id: str
+    """This agent's node id, reported at hello."""
+    lease_seconds: float = 30.0
+    """How long a read pin lasts before the store reclaims it."""
+    pull_timeout_s: float = 5.0
+    """Deadline of background SSD promotions and peer pulls started by a lookup."""
+
+
+class _Pulls:
+    """In-flight promotions/pulls started by lookups, so that reads can wait for them."""
+
+    __slots__ = ("_store", "_remote", "_timeout", "_pending", "_tasks")
+
+    def __init__(self, store: Store, remote: RemoteLookup | None, timeout: float) -> None:
+        self._store = store
+        self._remote = remote
+        self._timeout = timeout
+        self._pending: dict[tuple[NamespaceId, ChunkKey], asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, ns: NamespaceId, keys: list[ChunkKey], tiers: list[Tier | None]) -> None:
+        loop = asyncio.get_running_loop()
+        ssd: list[ChunkKey] = []
+        peer: list[ChunkKey] = []
+        for key, tier in zip(keys, tiers, strict=True):
+            if tier is None or tier == Tier.CPU or (ns, key) in self._pending:
+                continue
+            if len(self._pending) >= MAX_PULLS:
+                break
+            self._pending[(ns, key)] = loop.create_future()
+            (ssd if tier == Tier.SSD else peer).append(key)
+        if ssd:
+            self._spawn(ns, ssd, self._promote(ns, ssd))
+        if peer and self._remote is not None:
+            deadline = loop.time() + self._timeout
+            self._spawn(ns, peer, self._remote.fetch(ns, peer, deadline))
+
+    def _spawn(self, ns: NamespaceId, keys: list[ChunkKey], work: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(self._run(ns, keys, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ns: NamespaceId, keys: list[ChunkKey], work: Awaitable[object]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await work
+        except Exception as exc:  # a failed pull is a miss, never an agent failure
+            logger.warning("pull of %d chunks failed: %s", len(keys), exc)
+        finally:
+            for key in keys:
+                fut = self._pending.pop((ns, key), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _promote(self, ns: NamespaceId, keys: list[ChunkKey]) -> None:
+        pins = await self._store.read(ns, keys, PULL_OWNER, self._timeout)
+        self._store.release([p.lease_id for p in pins if p is not None], PULL_OWNER)
+
+    async def wait(self, ns: NamespaceId, keys: Sequence[ChunkKey], timeout: float) -> None:
+        waits = [f for k in keys if (f := self._pending.get((ns, k))) is not None]
+        if waits and timeout > 0:
+            await asyncio.wait(waits, timeout=timeout)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class LocalServer:
+    """Accepts engine connections on the Unix socket and serves the local protocol."""
+
+    def __init__(
+        self,
+        config: LocalServerConfig,
+        store: Store,
+        *,
+        metrics: AgentMetrics | None = None,
+        remote: RemoteLookup | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.remote = remote
+        self.pulls = _Pulls(store, remote, config.pull_timeout_s)
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._next_conn_id = PULL_OWNER + 1
+
+    async def start(self) -> None:
+        """Bind the socket (0600) and start accepting."""
+        loop = asyncio.get_running_loop()
+        path = self.config.socket_path
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self._server = await loop.create_unix_server(self._new_connection, path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+
+    def _new_connection(self) -> _Connection:
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        return _Connection(self, conn_id)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Wait (until the ``loop.time()`` deadline) for in-flight requests to finish."""
+        loop = asyncio.get_running_loop()
+        tasks = [t for c in self.connections for t in c.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+
+    async def close(self, deadline: float) -> None:
+        """Staged stop: stop accepting, drain until ``deadline``, close connections."""
+        self.stop_accepting()
+        await self.drain(deadline)
+        for conn in list(self.connections):
+            conn.close()
+        await self.pulls.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket_path)
+
+
+class _Connection(asyncio.Protocol):
+    """One engine connection. Per-connection state: namespace, owner id, async tasks."""
+
+    def __init__(self, server: LocalServer, conn_id: int) -> None:
+        self.server = server
+        self.store = server.store
+        self.conn_id = conn_id
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.namespace: NamespaceId | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._paused = False
+        metrics = server.metrics
+        self._observe = metrics.op_observers() if metrics is not None else {}
+        self._counters = metrics.local if metrics is not None else LocalCounters()
+        self._handlers: dict[str, Handler] = {
+            Op.HELLO: self._hello,
+            Op.PING: self._ping,
+            Op.LOOKUP: self._lookup,
+            Op.RESERVE: self._reserve,
+            Op.COMMIT: self._commit,
+            Op.ABORT: self._abort,
+            Op.READ: self._read,
+            Op.RELEASE: self._release,
+            Op.STATS: self._stats,
+        }
+
+    # --- transport events ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self._counters.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for body in self.reader.feed(data):
+                self._handle(body)
+                if self.transport is None or self.transport.is_closing():
+                    return
+        except ProtocolError as exc:  # oversized frame: the stream cannot be resynced
+            self._fail(None, exc)
+
+    def eof_received(self) -> bool:
+        if self.reader.pending:
+            self._fail(
+                None,
+                ProtocolError(
+                    f"truncated frame: connection ended with {self.reader.pending} bytes "
+                    "of an incomplete frame"
+                ),
+            )
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._counters.connections -= 1
+        for task in self.tasks:
+            task.cancel()
+        self.store.release_owner(self.conn_id)
+        self.transport = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- dispatch -----------------------------------------------------------------
+
+    def _handle(self, body: bytes) -> None:
+        try:
+            message = decode_body(body)
+        except ProtocolError as exc:
+            self._fail(None, exc)
+            return
+        request_id = message.get("id")
+        if type(request_id) is not int:
+            self._send(error_reply(None, ProtocolError("request 'id' must be an integer")))
+            return
+        op = message.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        started = time.perf_counter()
+        try:
+            if handler is None:
+                raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(sorted(OPS))}")
+            if self.namespace is None and op not in (Op.HELLO, Op.PING):
+                raise ProtocolError(f"op {op!r} before hello; send hello first")
+            result = handler(message)
+        except VersionMismatch as exc:
+            self._fail(request_id, exc)
+            return
+        except MeshKVError as exc:
+            if isinstance(exc, ProtocolError):
+                self._counters.protocol_errors += 1
+            self._send(error_reply(request_id, exc))
+            self._record(op, started)
+            return
+        except Exception as exc:
+            logger.exception("local op %r failed", op)
+            self._send(error_reply(request_id, MeshKVError(f"internal error in {op}: {exc}")))
+            return
+        if isinstance(result, dict):
+            result["id"] = request_id
+            self._send(result)
+            self._record(op, started)
+        else:
+            self._spawn(request_id, str(op), result, started)
+
+    def _spawn(self, request_id: int, op: str, work: Awaitable[Reply], started: float) -> None:
+        task = asyncio.ensure_future(self._finish(request_id, op, work, started))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self.tasks) >= MAX_INFLIGHT_PER_CONN and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self._paused and len(self.tasks) < MAX_INFLIGHT_PER_CONN and self.transport:
+            self.transport.resume_reading()
+            self._paused = False
+
+    async def _finish(
+        self, request_id: int, op: str, work: Awaitable[Reply], started: float
+    ) -> None:
+        try:
+            reply = await work
+        except MeshKVError as exc:
+            reply = error_reply(request_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("local op %r failed", op)
+            reply = error_reply(request_id, MeshKVError(f"internal error in {op}: {exc}"))
+        reply["id"] = request_id
+        self._send(reply)
+        self._record(op, started)
+
+    def _record(self, op: object, started: float) -> None:
+        observe = self._observe.get(op)  # type: ignore[call-overload]
+        if observe is not None:
+            observe(time.perf_counter() - started)
+
+    def _send(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(reply))
+
+    def _fail(self, request_id: int | None, exc: MeshKVError) -> None:
+        """Reply with ``exc`` and close this connection (the stream is unusable)."""
+        self._counters.protocol_errors += 1
+        logger.info("closing local connection %d: %s", self.conn_id, exc)
+        self._send(error_reply(request_id, exc))
+        self.close()
+
+    # --- ops ----------------------------------------------------------------------
+
+    def _hello(self, message: dict[str, Any]) -> Reply:
+        version = negotiate(message.get("min_version"), message.get("max_version"))
+        fields = message.get("namespace")
+        if not isinstance(fields, dict):
+            raise ProtocolError("hello: 'namespace' must be a map of Namespace fields")
+        try:
+            namespace = Namespace(**fields)
+        except TypeError as exc:
+            raise ConfigError(f"hello: bad namespace fields: {exc}") from exc
+        self.namespace = namespace.digest()
+        store = self.store
+        return {
+            "version": version,
+            "node_id": self.server.config.node_id,
+            "arena_name": store.arena_name,
+            "arena_size": store.arena_size,
+            "namespace": self.namespace,
+            "agent_version": __version__,
+            "max_keys": MAX_KEYS_PER_REQUEST,
+        }
+
+    def _ping(self, message: dict[str, Any]) -> Reply:
+        return {}
+
+    def _lookup(self, message: dict[str, Any]) -> Reply | Awaitable[Reply]:
+        ns = self.namespace
+        assert ns is not None
+        keys = parse_keys(message)
+        tiers = self.store.lookup(ns, keys)
+        remote = self.server.remote
+        if remote is not None and None in tiers:
+            return self._lookup_remote(ns, keys, tiers, remote)
+        return self._lookup_reply(ns, keys, tiers)
+
+    async def _lookup_remote(
+        self,
+        ns: NamespaceId,
+        keys: list[ChunkKey],
+        tiers: list[Tier | None],
+        remote: RemoteLookup,
+    ) -> Reply:
+        missing = [i for i, t in enumerate(tiers) if t is None]
+        found = await remote.lookup(ns, [keys[i] for i in missing])
+        for i, tier in zip(missing, found, strict=True):
+            if tier is not None:
+                tiers[i] = Tier.PEER
+        return self._lookup_reply(ns, keys, tiers)
+
+    def _lookup_reply(
+        self, ns: NamespaceId, keys: list[ChunkKey], tiers: list[Tier | None]
+    ) -> Reply:
+        prefix = prefix_length(tiers)
+        counters = self._counters
+        counters.lookups += 1
+        counters.miss_chunks += len(tiers) - prefix
+        hits = counters.hit_chunks
+        for tier in tiers[:prefix]:
+            hits[tier] += 1  # type: ignore[index]
+        if prefix and any(t != Tier.CPU for t in tiers[:prefix]):
+            self.server.pulls.start(ns, keys[:prefix], tiers[:prefix])
+        return {"prefix": prefix, "tiers": [None if t is None else t.value for t in tiers]}
+
+    def _reserve(self, message: dict[str, Any]) -> Reply:
+        ns = self.namespace
+        assert ns is not None
+        keys = parse_keys(message)
+        sizes = parse_ints(message, "sizes", len(keys), minimum=1)
+        store, owner = self.store, self.conn_id
+        slots: list[list[int] | None] = []
+        done: list[ChunkKey] = []
+        try:
+            for key, size in zip(keys, sizes, strict=True):
+                slot = store.reserve(ns, key, size, owner)
+                if slot is None:
+                    slots.append(None)
+                else:
+                    done.append(key)
+                    slots.append([slot.offset, slot.length])
+        except BaseException:
+            # All or nothing: a batch that cannot be reserved whole keeps no slots.
+            for key in done:
+                with contextlib.suppress(MeshKVError):
+                    store.abort(ns, key, owner)
+            raise
+        return {"slots": slots}
+
+    def _commit(self, message: dict[str, Any]) -> Reply:
+        ns = self.namespace
+        assert ns is not None
+        keys = parse_keys(message)
+        tokens = parse_ints(message, "tokens", len(keys))
+        checksums = parse_optional_ints(message, "checksums", len(keys))
+        store, owner = self.store, self.conn_id
+        for i, key in enumerate(keys):
+            try:
+                store.commit(ns, key, owner, tokens[i], checksums[i])
+            except NotReserved as exc:
+                raise NotReserved(
+                    f"commit of key {i} ({key.hex()}): {exc}; keys before it were committed"
+                ) from exc
+        return {}
+
+    def _abort(self, message: dict[str, Any]) -> Reply:
+        ns = self.namespace
+        assert ns is not None
+        for key in parse_keys(message):
+            self.store.abort(ns, key, self.conn_id)
+        return {}
+
+    def _read(self, message: dict[str, Any]) -> Awaitable[Reply]:
+        keys = parse_keys(message)
+        wait = parse_float(message, "wait", 0.0, MAX_READ_WAIT_S)
+        return self._read_async(keys, wait)
+
+    async def _read_async(self, keys: list[ChunkKey], wait: float) -> Reply:
+        ns = self.namespace
+        assert ns is not None
+        await self.server.pulls.wait(ns, keys, wait)
+        pins = await self.store.read(ns, keys, self.conn_id, self.server.config.lease_seconds)
+        if self.transport is None:  # the caller left while we waited; give the pins back
+            self.store.release([p.lease_id for p in pins if p is not None], self.conn_id)
+            return {}
+        leases = [
+            None
+            if p is None
+            else [p.lease_id, p.slot.offset, p.slot.length, p.num_tokens, p.checksum]
+            for p in pins
+        ]
+        return {"leases": leases}
+
+    def _release(self, message: dict[str, Any]) -> Reply:
+        ids = message.get("leases")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ProtocolError("'leases' must be a list of lease ids")
+        if len(ids) > MAX_KEYS_PER_REQUEST:
+            raise ProtocolError(
+                f"{len(ids)} leases in one request; the limit is {MAX_KEYS_PER_REQUEST}"
+            )
+        self.store.release(ids, self.conn_id)
+        return {}
+
+    def _stats(self, message: dict[str, Any]) -> Reply:
+        return {"stats": plain(self.store.snapshot())}
+
+
+def plain(value: Any) -> Any:
+    """A snapshot as msgpack/JSON-friendly builtins (dataclasses → dicts, enums → values)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(plain(k)): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
