@@ -1,0 +1,111 @@
+"""Typed, validated ``kv_connector_extra_config`` of the meshkv vLLM connector."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from meshkv.errors import ConfigError
+
+TESTED_VLLM_VERSIONS = ("0.32.",)
+"""vLLM release lines the connector was tested against (prefix match)."""
+
+
+def agent_default_socket_path() -> str:
+    """The socket ``meshkv agent`` uses when started without ``--socket``.
+
+    Same rule as ``meshkv.cli.agent_cmd.default_socket_path`` (not imported: that module
+    pulls in the whole agent, which engine processes do not need).
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "meshkv") if runtime else f"/tmp/meshkv-{os.getuid()}"
+    return os.path.join(base, "agent.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """Settings read from ``kv_transfer_config.kv_connector_extra_config``."""
+
+    socket_path: str = ""
+    """Unix socket of the local meshkv agent (default: the agent's own default,
+    ``$XDG_RUNTIME_DIR/meshkv/agent.sock`` or ``/tmp/meshkv-<uid>/agent.sock``)."""
+    chunk_tokens: int = 256
+    """Tokens per chunk; a multiple of vLLM's block size."""
+    lookup_timeout_s: float = 0.2
+    """Deadline of the scheduler's one lookup round-trip per request."""
+    load_timeout_s: float = 2.0
+    """How long a load waits for chunks that come from SSD or peers."""
+    save_timeout_s: float = 0.5
+    """Deadline of each reserve/commit round-trip when saving."""
+    retry_interval_s: float = 1.0
+    """After the agent failed to answer, skip it for this long (zero hits, no saves)."""
+    save_decode_tokens: bool = False
+    """Also save chunks that fill up during decoding (not only prompt chunks)."""
+    namespace_salt: str = ""
+    """Extra isolation: engines with different salts never share chunks."""
+    model_id: str = ""
+    """Name of the model in the namespace (default: vLLM's model path or id)."""
+    allow_untested_vllm: bool = False
+    """Start even on a vLLM version this connector was not tested with."""
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            raise ConfigError("meshkv connector: socket_path must be a non-empty path")
+        if self.chunk_tokens <= 0:
+            raise ConfigError(
+                f"meshkv connector: chunk_tokens must be positive, got {self.chunk_tokens}"
+            )
+        for name in ("lookup_timeout_s", "load_timeout_s", "save_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"meshkv connector: {name} must be > 0 seconds")
+        if self.retry_interval_s < 0:
+            raise ConfigError("meshkv connector: retry_interval_s must be >= 0")
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise unless whole engine blocks tile a chunk."""
+        if self.chunk_tokens % block_size:
+            raise ConfigError(
+                f"meshkv connector: chunk_tokens ({self.chunk_tokens}) must be a multiple of "
+                f"vLLM's block size ({block_size}); set kv_connector_extra_config "
+                f'{{"chunk_tokens": {max(1, self.chunk_tokens // block_size) * block_size}}} '
+                "or change --block-size"
+            )
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
+        """Parse and type-check the extra-config dict; unknown keys are an error."""
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"meshkv connector: unknown kv_connector_extra_config key(s) {unknown}; "
+                f"known keys: {sorted(known)}"
+            )
+        values: dict[str, Any] = {}
+        if not extra.get("socket_path"):
+            extra["socket_path"] = agent_default_socket_path()
+        for name, value in extra.items():
+            default = getattr(cls, name)
+            values[name] = _coerce(name, value, type(default))
+        return cls(**values)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"meshkv connector: {name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"meshkv connector: {name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"meshkv connector: {name} must be a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"meshkv connector: {name} must be a string, got {value!r}")

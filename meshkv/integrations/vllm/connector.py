@@ -1,0 +1,207 @@
+"""``MeshKVConnector``: vLLM's ``KVConnectorBase_V1`` for meshkv, delegating by role.
+
+vLLM builds one instance in the scheduler process (role SCHEDULER) and one per worker
+(role WORKER). The scheduler half lives in ``scheduler.py``, the worker half in
+``worker.py``; this class only checks the configuration, builds the right half and
+forwards vLLM's calls. ``kv_role`` decides what runs: ``kv_both`` loads and saves,
+``kv_producer`` (prefill) only saves, ``kv_consumer`` (decode) only loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from meshkv.errors import ConfigError
+
+from .config import TESTED_VLLM_VERSIONS, ConnectorConfig
+from .layout import engine_layout
+from .metadata import MeshKVConnectorMetadata
+from .scheduler import SchedulerSide
+from .stats import MeshKVConnectorStats, delta, new_counters, retire
+from .worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.attention.backends.abstract import AttentionMetadata
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def check_vllm_version(version: str, allow_untested: bool) -> None:
+    """Refuse vLLM versions the connector was not tested with, unless allowed."""
+    if version.startswith(TESTED_VLLM_VERSIONS):
+        return
+    message = (
+        f"meshkv connector was tested with vLLM {', '.join(v + 'x' for v in TESTED_VLLM_VERSIONS)}"
+        f" but this is vLLM {version}"
+    )
+    if not allow_untested:
+        raise ConfigError(
+            message + '; set kv_connector_extra_config {"allow_untested_vllm": true} to try it'
+        )
+    logger.warning("%s; continuing because allow_untested_vllm is set", message)
+
+
+class MeshKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    """KV connector that stores and loads prompt chunks through the local meshkv agent."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = self._kv_transfer_config
+        self._cfg = ConnectorConfig.from_extra_config(transfer.kv_connector_extra_config)
+        check_vllm_version(str(vllm.__version__), self._cfg.allow_untested_vllm)
+        if transfer.kv_load_failure_policy != "recompute":
+            raise ConfigError(
+                "meshkv connector needs kv_transfer_config "
+                '{"kv_load_failure_policy": "recompute"}: a chunk that fails to load '
+                "(evicted, corrupt, agent gone) must be recomputed, not fail the request"
+            )
+        self._layout = engine_layout(vllm_config, kv_cache_config, self._cfg)
+        self._holder = new_counters()
+        self._counters = self._holder.counters
+        self._reported: dict[str, float] = self._counters.as_dict()
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(
+                self._cfg,
+                self._layout,
+                self._counters,
+                load_enabled=transfer.is_kv_consumer,
+                save_enabled=transfer.is_kv_producer,
+            )
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = WorkerSide(
+                self._cfg, self._layout, self._counters, get_tensor_model_parallel_rank()
+            )
+        logger.info(
+            "meshkv connector (%s, %s) for %s: %s, chunk %d tokens, agent %s",
+            role.name.lower(),
+            transfer.kv_role,
+            self._layout.model,
+            self._layout.packing,
+            self._cfg.chunk_tokens,
+            self._cfg.socket_path,
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a dropped save is a future miss, never a correctness issue.
+        return False
+
+    def _sched(self) -> SchedulerSide:
+        assert self._scheduler is not None, "scheduler-side call on a worker connector"
+        return self._scheduler
+
+    def _work(self) -> WorkerSide:
+        assert self._worker is not None, "worker-side call on a scheduler connector"
+        return self._worker
+
+    def _meta(self) -> MeshKVConnectorMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, MeshKVConnectorMetadata)
+        return meta
+
+    # --- worker side -------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._work().register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._work().start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._work().wait_for_layer_load(layer_name)
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Saves are whole chunks of every layer, done once per step in ``wait_for_save``."""
+
+    def wait_for_save(self) -> None:
+        if self.has_connector_metadata():
+            self._work().wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        recving = self._work().get_finished()
+        return None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._work().get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        now = self._counters.as_dict()
+        changes = delta(now, self._reported)
+        self._reported = now
+        return MeshKVConnectorStats(data=changes) if changes else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return MeshKVConnectorStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        retire(self._holder)
+
+    # --- scheduler side ----------------------------------------------------------------
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self._sched().bind_kv_cache_manager(kv_cache_manager)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        started = time.perf_counter()
+        try:
+            return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+        finally:
+            self._counters.call_seconds += time.perf_counter() - started
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._sched().build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request, block_ids)

@@ -1,0 +1,114 @@
+"""What an engine's KV bytes look like: the chunk namespace and the block geometry.
+
+Both connector roles derive the same ``EngineLayout`` from vLLM's config, so the keys the
+scheduler computes match the bytes the worker stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from meshkv.chunk import Namespace
+from meshkv.errors import ConfigError
+
+from .config import ConnectorConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLayout:
+    """Geometry of one engine's KV cache (per TP rank)."""
+
+    model: str
+    dtype: str
+    layer_names: tuple[str, ...]
+    """Attention layers in model order: the layer-major order of a chunk payload."""
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    packing: str
+    """Backend and block packing, e.g. ``vllm-cpu-vec``."""
+    tp_size: int
+    cache_salt: str
+
+    def namespace(self, tp_rank: int) -> Namespace:
+        return Namespace(
+            model=self.model,
+            dtype=self.dtype,
+            num_layers=len(self.layer_names),
+            kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            block_size=self.block_size,
+            layout=self.packing,
+            tp_rank=tp_rank,
+            tp_size=self.tp_size,
+            cache_salt=self.cache_salt,
+        )
+
+
+def engine_layout(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig
+) -> EngineLayout:
+    """Derive the layout from vLLM's configs; raise ``ConfigError`` for unsupported ones."""
+    if kv_cache_config is None:
+        raise ConfigError("meshkv connector: vLLM passed no kv_cache_config (needs vLLM >= 0.32)")
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(
+            f"meshkv connector: models with {len(groups)} KV cache groups (hybrid or "
+            "sliding-window attention) are not supported yet; only one full-attention group"
+        )
+    spec: Any = groups[0].kv_cache_spec
+    for attr in ("num_kv_heads", "head_size", "block_size", "dtype"):
+        if not hasattr(spec, attr):
+            raise ConfigError(
+                f"meshkv connector: unsupported KV cache spec {type(spec).__name__} "
+                "(only standard attention KV is supported)"
+            )
+    model_config = vllm_config.model_config
+    dtype = str(spec.dtype).removeprefix("torch.")
+    cfg.check_block_size(int(spec.block_size))
+    salt = cfg.namespace_salt
+    return EngineLayout(
+        model=cfg.model_id or str(model_config.model),
+        dtype=dtype,
+        layer_names=tuple(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_size=int(spec.head_size),
+        block_size=int(spec.block_size),
+        packing=_packing(vllm_config, spec),
+        tp_size=int(vllm_config.parallel_config.tensor_parallel_size),
+        cache_salt=salt,
+    )
+
+
+def _packing(vllm_config: VllmConfig, spec: Any) -> str:
+    """Name of the block packing. On CPU it depends on the instruction set (FACTS.md)."""
+    from vllm.platforms import current_platform
+
+    device = str(current_platform.device_type)
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if device == "cpu":
+        from vllm.v1.attention.backends import cpu_attn
+
+        isa = cpu_attn._get_attn_isa(
+            vllm_config.model_config.dtype
+            if isinstance(vllm_config.model_config.dtype, torch.dtype)
+            else spec.dtype,
+            int(spec.block_size),
+            int(spec.head_size),
+            cache_dtype,
+        )
+        return f"vllm-cpu-{isa}-{cache_dtype}"
+    backend = (
+        getattr(vllm_config.attention_config, "backend", None)
+        if hasattr(vllm_config, "attention_config")
+        else None
+    )
+    return f"vllm-{device}-{backend or 'default'}-{cache_dtype}"

@@ -1,0 +1,118 @@
+"""Connector counters: a per-process registry plus vLLM's ``KVConnectorStats`` carrier.
+
+Each connector instance (scheduler or worker side) owns a ``ConnectorCounters``. The
+worker side ships the increments of every step to vLLM's stats logger through
+``get_kv_connector_stats`` (logged as "KV Transfer metrics: ..."); all instances of a
+process are also visible through ``registry_snapshot()``, which tests and the benchmark
+read in single-process engines.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+
+@dataclass(slots=True)
+class ConnectorCounters:
+    """Monotonic counters of one connector instance."""
+
+    lookups: int = 0
+    """Lookup round-trips (one per new request)."""
+    lookup_errors: int = 0
+    """Lookups that failed or timed out (reported as zero hits)."""
+    hit_tokens: int = 0
+    """Tokens promised to vLLM as loadable (after vLLM's own prefix-cache hits)."""
+    async_loads: int = 0
+    """Requests whose chunks were loaded off the step (SSD or peer)."""
+    loaded_chunks: int = 0
+    loaded_bytes: int = 0
+    load_errors: int = 0
+    """Chunks that could not be loaded; their blocks were handed back for recompute."""
+    saved_chunks: int = 0
+    saved_bytes: int = 0
+    save_skipped: int = 0
+    """Chunks not saved because the agent refused (no space) or was unreachable."""
+    save_duplicates: int = 0
+    """Chunks the agent already held (nothing copied)."""
+    agent_unavailable: int = 0
+    """Calls skipped or failed because the agent could not be reached."""
+    call_seconds: float = 0.0
+    """Wall time spent inside connector calls that talk to the agent or copy KV."""
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_lock = threading.Lock()
+_live: weakref.WeakSet[_Registered] = weakref.WeakSet()
+_retired: dict[str, float] = {}
+
+
+@dataclass(eq=False)
+class _Registered:
+    counters: ConnectorCounters = field(default_factory=ConnectorCounters)
+
+
+def new_counters() -> _Registered:
+    """Create counters that ``registry_snapshot`` will include."""
+    holder = _Registered()
+    with _lock:
+        _live.add(holder)
+    return holder
+
+
+def retire(holder: _Registered) -> None:
+    """Fold a closing connector's counters into the process totals."""
+    with _lock:
+        if holder in _live:
+            _live.discard(holder)
+            for name, value in holder.counters.as_dict().items():
+                _retired[name] = _retired.get(name, 0) + value
+
+
+def registry_snapshot() -> dict[str, float]:
+    """Sum of the counters of every connector this process has created."""
+    with _lock:
+        total = dict.fromkeys((f.name for f in fields(ConnectorCounters)), 0.0)
+        for name, value in _retired.items():
+            total[name] += value
+        for holder in list(_live):
+            for name, value in holder.counters.as_dict().items():
+                total[name] += value
+    return total
+
+
+class MeshKVConnectorStats(KVConnectorStats):  # type: ignore[misc]
+    """Counter increments of one interval, summed across workers and steps."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {
+            name: round(value, 4) if isinstance(value, float) else value
+            for name, value in sorted(self.data.items())
+        }
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def delta(now: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
+    """Non-zero increments between two ``as_dict`` snapshots."""
+    out: dict[str, Any] = {}
+    for name, value in now.items():
+        diff = value - before.get(name, 0)
+        if diff:
+            out[name] = diff
+    return out
