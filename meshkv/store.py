@@ -1,0 +1,770 @@
+"""The ``Store``: the CPU tier and the SSD tier behind the one API every server calls.
+
+The store moves chunks between tiers: an eviction from the arena becomes an SSD write
+(write-back, the default) or, with ``write_through``, every commit is also written to SSD
+once its checksum is known; an SSD hit is promoted into the arena (reserve a slot, read
+straight into it, verify, commit) and pinned. It also owns the background work around
+commits: the xxh3-64 checksum of each committed chunk is computed in a small thread pool
+(xxhash releases the GIL: hashing 1 GiB in a thread delayed the loop by at most 0.14 ms
+here), and the chunk is held in its slot until that finishes.
+
+All methods run on the agent's event loop; see docs/internals.md ("Store API") for the
+contract and docs/tiers.md for the design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.errors import ConfigError, NoSpace, StoreError
+from meshkv.tiers.arena import SHM_DIR, reclaim_stale
+from meshkv.tiers.cpu import INTERNAL_OWNER, CpuTier, CpuTierConfig, Entry, State
+from meshkv.tiers.ssd import FaultHook, SsdTier, SsdTierConfig
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[list[ChunkKey], list[ChunkKey]], None]
+SWEEP_INTERVAL_S = 0.5
+"""How often expired leases and reservations are reclaimed when nothing else does it."""
+
+
+class Tier(enum.StrEnum):
+    CPU = "cpu"
+    SSD = "ssd"
+    PEER = "peer"
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A byte range of the arena."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A read lease on a committed chunk."""
+
+    lease_id: int
+    key: ChunkKey
+    slot: Slot
+    num_tokens: int
+    checksum: int | None
+    """None while the background checksum has not finished."""
+    expires_at: float
+    """``loop.time()`` deadline; an expired lease is reclaimed and counted."""
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    """Configuration of the node's tiers (the ``[store]`` table of the agent's TOML)."""
+
+    cpu_bytes: int = 4 << 30
+    """CPU tier (shared-memory arena) size in bytes; rounded down to whole segments."""
+    segment_bytes: int = 64 << 20
+    """Arena segment size, a power of two; also the largest chunk accepted."""
+    min_slot_bytes: int = 64 << 10
+    """Smallest slot size class, a power of two >= 16 KiB."""
+    eviction: str = "s3fifo"
+    """CPU-tier eviction policy: ``s3fifo`` (scan-resistant) or ``lru``."""
+    reserve_timeout_s: float = 60.0
+    """A reservation not committed within this time is reclaimed."""
+    max_lease_s: float = 600.0
+    """Upper bound of a read lease."""
+    max_leases: int = 1 << 16
+    """Open read leases at most."""
+    prefault: bool = True
+    """Touch every arena page at start so the first copies run at memcpy speed."""
+    shm_dir: str = SHM_DIR
+    """tmpfs directory of the arena file."""
+    ssd_dir: str | None = None
+    """Directory of the SSD tier; None disables the tier."""
+    ssd_bytes: int = 64 << 30
+    """Cap on the SSD tier's file bytes (headers included)."""
+    ssd_workers: int = 2
+    """Disk I/O threads."""
+    ssd_write_queue: int = 8
+    """SSD writes admitted at once; a demotion beyond this is dropped (counted)."""
+    ssd_fsync: bool = True
+    """fsync every chunk file before publishing it by rename."""
+    write_through: bool = False
+    """Also write every committed chunk to SSD (default: write-back on eviction)."""
+    writeback_headroom: float = 0.1
+    """With an SSD tier, the fraction of the arena kept free by writing the coldest chunks
+    to SSD ahead of demand (so stores rarely wait for, or lose, an eviction)."""
+    persist_on_shutdown: bool = True
+    """On close, write chunks that are only in memory to SSD so a restart keeps them."""
+    verify_reads: bool = False
+    """Re-hash arena bytes before handing out a read lease."""
+    hash_workers: int = 1
+    """Threads computing checksums of committed chunks."""
+
+    def __post_init__(self) -> None:
+        if self.ssd_dir is not None and not self.ssd_dir:
+            raise ConfigError("store.ssd_dir must be a directory path or unset")
+        if not 0.0 <= self.writeback_headroom < 1.0:
+            raise ConfigError(
+                f"store.writeback_headroom must be in [0, 1), got {self.writeback_headroom}"
+            )
+        if self.hash_workers <= 0:
+            raise ConfigError(f"store.hash_workers must be positive, got {self.hash_workers}")
+        self.cpu_config()  # validates the CPU fields with their own messages
+        self.ssd_config()
+
+    def cpu_config(self) -> CpuTierConfig:
+        return CpuTierConfig(
+            capacity_bytes=self.cpu_bytes,
+            segment_bytes=self.segment_bytes,
+            min_slot_bytes=self.min_slot_bytes,
+            eviction=self.eviction,
+            reserve_timeout_s=self.reserve_timeout_s,
+            max_lease_s=self.max_lease_s,
+            max_leases=self.max_leases,
+            prefault=self.prefault,
+            shm_dir=self.shm_dir,
+        )
+
+    def ssd_config(self) -> SsdTierConfig | None:
+        if self.ssd_dir is None:
+            return None
+        return SsdTierConfig(
+            directory=self.ssd_dir,
+            capacity_bytes=self.ssd_bytes,
+            workers=self.ssd_workers,
+            write_queue_depth=self.ssd_write_queue,
+            fsync=self.ssd_fsync,
+        )
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters (monotonic) and gauges of one tier."""
+
+    chunks: int = 0
+    usage_bytes: int = 0
+    capacity_bytes: int = 0
+    hit_chunks: int = 0
+    """Chunks served by ``read`` from this tier."""
+    stored_bytes: int = 0
+    """Payload bytes committed (cpu) or written incl. headers (ssd)."""
+    loaded_bytes: int = 0
+    """Bytes served by reads (cpu: pinned payloads; ssd: file bytes read)."""
+    evictions: dict[str, int] = field(default_factory=dict)
+    """Chunks that left the tier, by reason (capacity, demoted, checksum, clear)."""
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """A snapshot of the store's counters and gauges (plain numbers)."""
+
+    arena_name: str = ""
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    lookups: int = 0
+    lookup_keys: int = 0
+    read_keys: int = 0
+    miss_chunks: int = 0
+    namespace_mismatches: int = 0
+    leases_open: int = 0
+    pinned_chunks: int = 0
+    reservations_open: int = 0
+    leases_expired: int = 0
+    reservations_expired: int = 0
+    checksum_failures: int = 0
+    checksums_pending: int = 0
+    demotions: int = 0
+    demotions_dropped: int = 0
+    promotions: int = 0
+    promotion_failures: int = 0
+    ssd_degraded: bool = False
+    ssd_write_errors: int = 0
+    ssd_read_errors: int = 0
+    ssd_writes_refused: int = 0
+    ssd_partial_removed: int = 0
+    ssd_corrupt_removed: int = 0
+
+
+@dataclass(slots=True)
+class _Counters:
+    lookups: int = 0
+    lookup_keys: int = 0
+    read_keys: int = 0
+    hits_cpu: int = 0
+    hits_ssd: int = 0
+    misses: int = 0
+    promotions: int = 0
+    promotion_failures: int = 0
+    checksum_failures: int = 0
+    checksums_pending: int = 0
+
+
+class Store:
+    """The node's chunk store: CPU tier (the shared arena) plus an optional SSD tier."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        namespace_check: bool = True,
+        *,
+        ssd_fault_hook: FaultHook | None = None,
+    ) -> None:
+        self.config = config
+        self.namespace_check = namespace_check
+        self.arena_name = ""
+        self.arena_size = 0
+        self._ssd_fault_hook = ssd_fault_hook
+        self._cpu: CpuTier | None = None
+        self._ssd: SsdTier | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[Listener] = []
+        self._promoting: dict[ChunkKey, asyncio.Future[None]] = {}
+        self._counters = _Counters()
+        self._closing = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def cpu(self) -> CpuTier:
+        if self._cpu is None:
+            raise StoreError("the store is not started (call await store.start())")
+        return self._cpu
+
+    @property
+    def ssd(self) -> SsdTier | None:
+        return self._ssd
+
+    async def start(self) -> None:
+        """Reclaim arenas of dead agents, create the arena, scan the SSD directory."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        reclaim_stale(self.config.shm_dir)
+        cpu = CpuTier(
+            self.config.cpu_config(),
+            clock=loop.time,
+            demote=self._demote,
+            demote_copy=self._demote_copy,
+            on_detach=self._on_cpu_detach,
+        )
+        self._cpu = cpu
+        self.arena_name = cpu.arena.name
+        self.arena_size = cpu.arena.size
+        self._hash_pool = ThreadPoolExecutor(self.config.hash_workers, "meshkv-hash")
+        ssd_config = self.config.ssd_config()
+        if ssd_config is not None:
+            self._ssd = SsdTier(
+                ssd_config,
+                fault_hook=self._ssd_fault_hook,
+                on_drop=self._on_ssd_drop,
+                clock=loop.time,
+            )
+            try:
+                await self._ssd.start()
+            except BaseException:
+                self._ssd.close()
+                cpu.close()
+                raise
+        self._sweeper = loop.create_task(self._sweep_loop())
+
+    async def close(self, deadline: float) -> None:
+        """Stop background work, persist in-memory chunks (if configured) and unlink the arena.
+
+        ``deadline`` is a ``loop.time()`` value; SSD writes still running then are abandoned
+        (their temp files are removed by the next start-up scan).
+        """
+        if self._closing or self._cpu is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._closing = True
+        cpu, ssd = self._cpu, self._ssd
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if ssd is not None and self.config.persist_on_shutdown:
+            flushed = 0
+            for e in cpu.entries():
+                if loop.time() >= deadline:
+                    log.warning("shutdown deadline reached; %d chunks not persisted", len(cpu))
+                    break
+                if e.on_ssd or e.doomed or e.state is not State.COMMITTED:
+                    continue
+                while not ssd.admit(e.key, e.size):
+                    if ssd.degraded or e.key in ssd or loop.time() >= deadline:
+                        break
+                    await asyncio.sleep(0.005)  # wait for a write-queue slot
+                else:
+                    gen = cpu.hold(e)
+                    self._spawn(self._write(e, gen, demotion=False))
+                    flushed += 1
+            log.info("persisting %d in-memory chunks to SSD", flushed)
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+        if ssd is not None:
+            ssd.close()
+        cpu.close()
+        log.info("store closed (arena %s unlinked)", self.arena_name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("store background task failed", exc_info=task.exception())
+
+    async def _sweep_loop(self) -> None:
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.cpu.sweep(self._loop.time())
+            self._maintain()
+
+    def _maintain(self) -> None:
+        ssd = self._ssd
+        if ssd is None or self._closing:
+            return
+        cpu = self.cpu
+        headroom = int(self.config.writeback_headroom * cpu.capacity_bytes)
+        if cpu.alloc.free_bytes + cpu.demoting_bytes < headroom:
+            cpu.write_back(headroom, ssd.config.write_queue_depth - ssd.writes_in_flight)
+
+    def sweep(self) -> None:
+        """Reclaim expired leases and reservations now."""
+        assert self._loop is not None
+        self.cpu.sweep(self._loop.time())
+
+    # ------------------------------------------------------------------ listeners
+
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(added, dropped)`` after commits and after a key leaves every tier."""
+        self._listeners.append(fn)
+
+    def _emit(self, added: list[ChunkKey], dropped: list[ChunkKey]) -> None:
+        for fn in self._listeners:
+            try:
+                fn(added, dropped)
+            except Exception:
+                log.exception("store listener failed")
+
+    def _on_cpu_detach(self, e: Entry) -> None:
+        ssd = self._ssd
+        if ssd is None or not (e.key in ssd or ssd.is_writing(e.key)):
+            self._emit([], [e.key])
+
+    def _on_ssd_drop(self, key: ChunkKey) -> None:
+        e = self.cpu.get(key)
+        if e is not None:
+            e.on_ssd = False
+        elif self._cpu is not None and not self._cpu.contains(key):
+            self._emit([], [key])
+
+    # ------------------------------------------------------------------ API
+
+    def lookup(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]:
+        """Where each key is stored locally (None: not here)."""
+        c = self._counters
+        c.lookups += 1
+        c.lookup_keys += len(keys)
+        cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
+        out: list[Tier | None] = []
+        for key in keys:
+            _check_key(key)
+            if cpu.find(ns, key, check_ns=check) is not None:
+                out.append(Tier.CPU)
+            elif ssd is not None and ssd.find(ns, key, check_ns=check) is not None:
+                out.append(Tier.SSD)
+            else:
+                out.append(None)
+        return out
+
+    def reserve(self, ns: NamespaceId, key: ChunkKey, size: int, owner: int) -> Slot | None:
+        """A slot to write ``key`` into; None if it is already stored or being stored."""
+        _check_key(key)
+        if self._closing:
+            raise StoreError("the store is shutting down")
+        if self._ssd is not None and key in self._ssd:
+            return None
+        e = self.cpu.reserve(ns, key, size, owner)
+        return None if e is None else Slot(e.offset, e.size)
+
+    def commit(
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        owner: int,
+        num_tokens: int,
+        checksum: int | None = None,
+    ) -> None:
+        """Make a reserved chunk visible; its checksum is computed in the background."""
+        cpu = self.cpu
+        e = cpu.commit(ns, key, owner, num_tokens, checksum)
+        if checksum is None or (self.config.write_through and self._ssd is not None):
+            gen = cpu.hold(e)
+            if checksum is None:
+                self._counters.checksums_pending += 1
+            self._spawn(self._after_commit(e, gen))
+        self._emit([key], [])
+        self._maintain()
+
+    async def _after_commit(self, e: Entry, gen: int) -> None:
+        cpu = self.cpu
+        try:
+            if e.checksum is None:
+                assert self._loop is not None and self._hash_pool is not None
+                value = await self._loop.run_in_executor(
+                    self._hash_pool, payload_checksum, cpu.view(e)
+                )
+                self._counters.checksums_pending -= 1
+                cpu.set_checksum(e, gen, value)
+            ssd = self._ssd
+            if (
+                self.config.write_through
+                and ssd is not None
+                and e.gen == gen
+                and e.state is State.COMMITTED
+                and not e.on_ssd
+                and not e.doomed
+                and ssd.admit(e.key, e.size)
+            ):
+                await self._write(e, cpu.hold(e), demotion=False)
+        finally:
+            cpu.unhold(e, gen)
+
+    def abort(self, ns: NamespaceId, key: ChunkKey, owner: int) -> None:
+        """Give up a reservation (raises ``NotReserved`` if there is none)."""
+        self.cpu.abort(ns, key, owner)
+
+    async def read(
+        self,
+        ns: NamespaceId,
+        keys: Sequence[ChunkKey],
+        owner: int,
+        lease_s: float,
+        verify: bool | None = None,
+    ) -> list[Pin | None]:
+        """Pin each key in the arena (promoting it from SSD if needed); None: not served."""
+        if verify is None:
+            verify = self.config.verify_reads
+        cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
+        c = self._counters
+        c.read_keys += len(keys)
+        out: list[Pin | None] = []
+        promote: list[int] = []
+        for i, key in enumerate(keys):
+            _check_key(key)
+            e = cpu.find(ns, key, check_ns=check)
+            if e is not None:
+                out.append(self._pin(e, owner, lease_s))
+                c.hits_cpu += 1
+            else:
+                out.append(None)
+                if ssd is not None and ssd.find(ns, key, check_ns=check) is not None:
+                    promote.append(i)
+                else:
+                    c.misses += 1
+        if verify:
+            await self._verify_pins(out, owner)
+        if promote:
+            got = await asyncio.gather(
+                *(self._promote(ns, keys[i], owner, lease_s) for i in promote)
+            )
+            for i, pin in zip(promote, got, strict=True):
+                out[i] = pin
+                if pin is None:
+                    c.misses += 1
+                else:
+                    c.hits_ssd += 1
+        return out
+
+    def _pin(self, e: Entry, owner: int, lease_s: float) -> Pin:
+        lease = self.cpu.pin(e, owner, lease_s)
+        return Pin(
+            lease.lease_id,
+            e.key,
+            Slot(e.offset, e.size),
+            e.num_tokens,
+            e.checksum,
+            lease.expires_at,
+        )
+
+    async def _verify_pins(self, pins: list[Pin | None], owner: int) -> None:
+        cpu = self.cpu
+        loop = asyncio.get_running_loop()
+        for i, pin in enumerate(pins):
+            if pin is None or pin.checksum is None:
+                continue  # a pending checksum is being computed from these very bytes
+            value = await loop.run_in_executor(
+                self._hash_pool, payload_checksum, self.payload(pin.slot)
+            )
+            if value == pin.checksum:
+                continue
+            log.error("arena bytes of chunk %s changed after commit; dropped", pin.key.hex())
+            self._counters.checksum_failures += 1
+            cpu.release([pin.lease_id], owner)
+            e = cpu.get(pin.key)
+            if e is not None and e.offset == pin.slot.offset:
+                cpu.drop(e, "checksum")
+            pins[i] = None
+            self._counters.hits_cpu -= 1
+            self._counters.misses += 1
+
+    async def _promote(
+        self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float
+    ) -> Pin | None:
+        cpu = self.cpu
+        running = self._promoting.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            e = cpu.find(ns, key, check_ns=self.namespace_check)
+            return None if e is None else self._pin(e, owner, lease_s)
+        assert self._loop is not None
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._promoting[key] = done
+        try:
+            return await self._promote_one(ns, key, owner, lease_s)
+        finally:
+            del self._promoting[key]
+            done.set_result(None)
+
+    async def _promote_one(
+        self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float
+    ) -> Pin | None:
+        cpu, ssd = self.cpu, self._ssd
+        assert ssd is not None
+        se = ssd.find(ns, key, check_ns=self.namespace_check)
+        if se is None:
+            return None
+        existing = cpu.find(ns, key, check_ns=self.namespace_check)
+        if existing is not None:
+            return self._pin(existing, owner, lease_s)
+        if cpu.contains(key):
+            return None  # being written by someone right now
+        try:
+            e = cpu.reserve(se.ns, key, se.payload_len, INTERNAL_OWNER)
+        except NoSpace as exc:
+            log.info("cannot promote %s from SSD: %s", key.hex(), exc)
+            self._counters.promotion_failures += 1
+            return None
+        assert e is not None
+        gen = e.gen
+        committed = False
+        try:
+            got = await ssd.read_into(ns if self.namespace_check else None, key, cpu.view(e))
+            if e.gen != gen:
+                return None  # the reservation expired while we read
+            if got is None:
+                self._counters.promotion_failures += 1
+                return None
+            cpu.commit(se.ns, key, INTERNAL_OWNER, got.num_tokens, got.checksum)
+            committed = True
+            e.on_ssd = True
+            self._counters.promotions += 1
+            return self._pin(e, owner, lease_s)
+        finally:
+            if not committed and e.gen == gen and e.state is State.RESERVED:
+                cpu.abort(se.ns, key, INTERNAL_OWNER)
+
+    def release(self, lease_ids: Sequence[int], owner: int) -> None:
+        """Close read leases; ``NotPinned`` for ids that are not open (double release)."""
+        self.cpu.release(list(lease_ids), owner)
+
+    def release_owner(self, owner: int) -> None:
+        """Close every lease and abort every reservation of ``owner`` (it disconnected)."""
+        self.cpu.release_owner(owner)
+
+    def payload(self, slot: Slot) -> memoryview:
+        """Writable view of a slot's bytes in the arena."""
+        return self.cpu.arena.view(slot.offset, slot.length)
+
+    def checksum_of(self, key: ChunkKey) -> int:
+        """xxh3-64 of a stored chunk's payload (computed now if still pending)."""
+        _check_key(key)
+        e = self.cpu.get(key)
+        if e is not None:
+            return self.cpu.checksum(e)
+        se = self._ssd.get(key) if self._ssd is not None else None
+        if se is not None:
+            return se.checksum
+        raise StoreError(f"chunk {key.hex()} is not stored")
+
+    def describe(self, key: ChunkKey) -> dict[str, Any] | None:
+        """Where ``key`` is, in any namespace (for ``/v1/chunks/{key}``); None if nowhere."""
+        _check_key(key)
+        tiers: list[str] = []
+        info: dict[str, Any] = {}
+        e = self.cpu.get(key)
+        if e is not None:
+            tiers.append(Tier.CPU.value)
+            info.update(
+                namespace=e.ns.hex(),
+                size=e.size,
+                num_tokens=e.num_tokens,
+                checksum=e.checksum,
+                pins=e.pins,
+            )
+        se = self._ssd.get(key) if self._ssd is not None else None
+        if se is not None:
+            tiers.append(Tier.SSD.value)
+            info.setdefault("namespace", se.ns.hex())
+            info.setdefault("size", se.payload_len)
+            info.setdefault("num_tokens", se.num_tokens)
+            info.setdefault("checksum", se.checksum)
+        if not tiers:
+            return None
+        info["tiers"] = tiers
+        return info
+
+    def clear(self) -> int:
+        """Drop every chunk in every tier (pinned ones leave when released); returns how many."""
+        keys = {e.key for e in self.cpu.entries()}
+        self.cpu.clear()
+        if self._ssd is not None:
+            keys.update(self._ssd_keys())
+            self._ssd.clear()
+        return len(keys)
+
+    def _ssd_keys(self) -> list[ChunkKey]:
+        assert self._ssd is not None
+        return self._ssd.keys()
+
+    # ------------------------------------------------------------------ SSD writes
+
+    def _demote_copy(self, e: Entry) -> bool:
+        # Called by the CPU tier when it must reuse ``e``'s slot at once: copy the bytes out
+        # (bounded: at most write_queue_depth copies exist) and write them in the background.
+        ssd = self._ssd
+        if ssd is None or self._closing or not ssd.admit(e.key, e.size):
+            return False
+        buf = bytearray(self.cpu.view(e))
+        self._spawn(self._write_copy(e.ns, e.key, e.num_tokens, e.checksum, buf))
+        return True
+
+    async def _write_copy(
+        self, ns: NamespaceId, key: ChunkKey, num_tokens: int, checksum: int | None, buf: bytearray
+    ) -> None:
+        ssd = self._ssd
+        assert ssd is not None and self._loop is not None
+        ok = False
+        try:
+            if checksum is None:
+                checksum = await self._loop.run_in_executor(self._hash_pool, payload_checksum, buf)
+            ok = await ssd.write(ns, key, num_tokens, checksum, memoryview(buf))
+        finally:
+            if not ok and not self.cpu.contains(key) and key not in ssd:
+                self._emit([], [key])
+
+    def _demote(self, e: Entry) -> bool:
+        # Called by the CPU tier's write-back with ``e`` already held for us.
+        ssd = self._ssd
+        if ssd is None or self._closing or not ssd.admit(e.key, e.size):
+            return False
+        self._spawn(self._write(e, e.gen, demotion=True))
+        return True
+
+    async def _write(self, e: Entry, gen: int, *, demotion: bool) -> None:
+        """Write an admitted chunk to SSD; the caller holds ``e`` for us (gen ``gen``)."""
+        cpu, ssd = self.cpu, self._ssd
+        assert ssd is not None and self._loop is not None
+        ok = False
+        view = cpu.view(e)
+        try:
+            checksum = e.checksum
+            if checksum is None:
+                checksum = await self._loop.run_in_executor(self._hash_pool, payload_checksum, view)
+                cpu.set_checksum(e, gen, checksum)
+            ok = await ssd.write(e.ns, e.key, e.num_tokens, checksum, view)
+            if ok and (e.gen != gen or e.state is not State.COMMITTED):
+                ssd.remove(e.key, "clear")  # cleared while it was being written
+                ok = False
+        finally:
+            view.release()
+            if demotion:
+                cpu.finish_demotion(e, gen, ok)
+            else:
+                if ok and e.gen == gen:
+                    e.on_ssd = True
+                cpu.unhold(e, gen)
+
+    # ------------------------------------------------------------------ stats
+
+    def snapshot(self) -> StoreStats:
+        cpu, ssd, c = self.cpu, self._ssd, self._counters
+        cc = cpu.counters
+        tiers = {
+            Tier.CPU.value: TierStats(
+                chunks=len(cpu),
+                usage_bytes=cpu.used_bytes,
+                capacity_bytes=cpu.capacity_bytes,
+                hit_chunks=c.hits_cpu,
+                stored_bytes=cc.stored_bytes,
+                loaded_bytes=cc.loaded_bytes,
+                evictions=dict(cc.evictions),
+            )
+        }
+        stats = StoreStats(
+            arena_name=self.arena_name,
+            tiers=tiers,
+            lookups=c.lookups,
+            lookup_keys=c.lookup_keys,
+            read_keys=c.read_keys,
+            miss_chunks=c.misses,
+            namespace_mismatches=cc.namespace_mismatches,
+            leases_open=cpu.open_leases,
+            pinned_chunks=cpu.pinned_entries,
+            reservations_open=cpu.reserved,
+            leases_expired=cc.leases_expired,
+            reservations_expired=cc.reservations_expired,
+            checksum_failures=c.checksum_failures,
+            checksums_pending=c.checksums_pending,
+            demotions=cc.evictions.get("demoted", 0),
+            demotions_dropped=cc.demotions_dropped,
+            promotions=c.promotions,
+            promotion_failures=c.promotion_failures,
+        )
+        if ssd is not None:
+            sc = ssd.counters
+            tiers[Tier.SSD.value] = TierStats(
+                chunks=len(ssd),
+                usage_bytes=ssd.used_bytes,
+                capacity_bytes=ssd.capacity_bytes,
+                hit_chunks=c.hits_ssd,
+                stored_bytes=sc.stored_bytes,
+                loaded_bytes=sc.loaded_bytes,
+                evictions=dict(sc.evictions),
+            )
+            stats.namespace_mismatches += sc.namespace_mismatches
+            stats.checksum_failures += sc.checksum_failures
+            stats.ssd_degraded = ssd.degraded
+            stats.ssd_write_errors = sc.write_errors
+            stats.ssd_read_errors = sc.read_errors
+            stats.ssd_writes_refused = sc.writes_refused
+            stats.ssd_partial_removed = sc.partial_removed
+            stats.ssd_corrupt_removed = sc.corrupt_removed
+        return stats
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise ValueError(f"chunk key must be a {KEY_BYTES}-byte bytes object, got {got}")

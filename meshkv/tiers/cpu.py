@@ -1,0 +1,555 @@
+"""The CPU tier: the arena's index, reservations, read leases (pins) and eviction.
+
+Every call is synchronous and O(1) per key (eviction is O(1) amortized); the store calls
+it from the agent's event loop. The tier never does I/O: a chunk that must leave for the
+SSD is handed to the store's ``demote`` callbacks.
+
+Life of a slot::
+
+    free ──reserve──▶ RESERVED ──commit──▶ COMMITTED ──evict / clear / drop──▶ DETACHED ──▶ free
+                         │  (owner writes)      │ pins (leases) and holds       (no longer in the
+                         └──abort / expiry──────┼─────────────────────────▶ free  index; freed when
+                                                                                  the last pin or
+                                                                                  hold goes)
+
+Invariant 4: a slot with a pin (a reader's lease) or a hold (background checksum, SSD
+write) is never evicted or reused; the victim search skips it.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.errors import ConfigError, NoSpace, NotPinned, NotReserved
+from meshkv.tiers.arena import SHM_DIR, Arena
+from meshkv.tiers.eviction import make_policy
+from meshkv.tiers.slots import SlotAllocator
+
+log = logging.getLogger(__name__)
+
+INTERNAL_OWNER = -1
+"""Owner id of the store's own reservations and leases (promotions, peer sends)."""
+
+
+@dataclass(slots=True)
+class CpuTierConfig:
+    """Configuration of the shared-memory CPU tier."""
+
+    capacity_bytes: int = 4 << 30
+    """Arena size in bytes; rounded down to whole segments."""
+    segment_bytes: int = 64 << 20
+    """Arena segment size (a power of two); also the largest chunk the tier accepts."""
+    min_slot_bytes: int = 64 << 10
+    """Smallest size class (a power of two >= 16 KiB); smaller chunks are padded."""
+    eviction: str = "s3fifo"
+    """Eviction policy: ``s3fifo`` (scan-resistant) or ``lru``."""
+    reserve_timeout_s: float = 60.0
+    """A reservation not committed within this time is reclaimed (its writer died)."""
+    max_lease_s: float = 600.0
+    """Upper bound on a read lease; longer requests are clamped."""
+    max_leases: int = 1 << 16
+    """Open read leases at most; more reads raise ``NoSpace`` until some are released."""
+    prefault: bool = True
+    """Write every arena page once at start so first copies run at memcpy speed."""
+    shm_dir: str = SHM_DIR
+    """Directory of the arena file (a tmpfs)."""
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes < self.segment_bytes:
+            raise ConfigError(
+                f"cpu.capacity_bytes ({self.capacity_bytes}) must hold at least one "
+                f"segment of cpu.segment_bytes ({self.segment_bytes})"
+            )
+        for name in ("segment_bytes", "min_slot_bytes"):
+            value = getattr(self, name)
+            if value < 16 << 10 or value & (value - 1):
+                raise ConfigError(f"cpu.{name} must be a power of two >= 16384, got {value}")
+        if self.min_slot_bytes > self.segment_bytes:
+            raise ConfigError("cpu.min_slot_bytes must not exceed cpu.segment_bytes")
+        if self.eviction not in ("lru", "s3fifo"):
+            raise ConfigError(f"cpu.eviction must be 'lru' or 's3fifo', got {self.eviction!r}")
+        if self.reserve_timeout_s <= 0 or self.max_lease_s <= 0:
+            raise ConfigError("cpu.reserve_timeout_s and cpu.max_lease_s must be positive")
+        if self.max_leases <= 0:
+            raise ConfigError("cpu.max_leases must be positive")
+
+
+class State(enum.IntEnum):
+    FREE = 0
+    RESERVED = 1
+    COMMITTED = 2
+    DETACHED = 3
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """Per-slot record, created once per slot id and reused (no allocation per chunk)."""
+
+    slot: int
+    offset: int = 0
+    size: int = 0
+    key: ChunkKey = ChunkKey(b"")
+    ns: NamespaceId = NamespaceId(b"")
+    num_tokens: int = 0
+    checksum: int | None = None
+    state: State = State.FREE
+    owner: int = 0
+    deadline: float = 0.0
+    pins: int = 0
+    """Open read leases."""
+    holds: int = 0
+    """Internal holds: background checksum, SSD write."""
+    on_ssd: bool = False
+    """The SSD tier holds an identical copy (eviction may drop this one for free)."""
+    doomed: bool = False
+    """Chosen for eviction; leaves when its SSD write finishes."""
+    gen: int = 0
+    """Bumped on every reuse of the slot, so stale callbacks can tell."""
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: int
+    entry: Entry
+    owner: int
+    expires_at: float
+
+
+@dataclass(slots=True)
+class CpuCounters:
+    """Monotonic counters of the CPU tier."""
+
+    hits: int = 0
+    misses: int = 0
+    namespace_mismatches: int = 0
+    stored_bytes: int = 0
+    loaded_bytes: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)
+    """By reason: ``capacity`` (dropped), ``demoted`` (moved to SSD), ``checksum``, ``clear``."""
+    leases_expired: int = 0
+    reservations_expired: int = 0
+    demotions_started: int = 0
+    demotions_dropped: int = 0
+    checksum_failures: int = 0
+
+
+class CpuTier:
+    """Index + allocator + eviction over one arena."""
+
+    def __init__(
+        self,
+        config: CpuTierConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        demote: Callable[[Entry], bool] | None = None,
+        demote_copy: Callable[[Entry], bool] | None = None,
+        on_detach: Callable[[Entry], None] | None = None,
+        arena: Arena | None = None,
+    ) -> None:
+        """SSD hand-off callbacks (both return False when the SSD cannot take a write now):
+
+        * ``demote(entry)`` starts a write straight from the held slot (background
+          write-back, :meth:`write_back`); the entry leaves when it finishes.
+        * ``demote_copy(entry)`` copies the bytes out and writes them later, so that the
+          slot can be reused at once (eviction on demand in :meth:`reserve`). A refusal
+          drops the chunk (counted as ``demotions_dropped``).
+
+        ``on_detach(entry)`` is told about every chunk leaving the tier."""
+        self.config = config
+        self.clock = clock
+        self.demote = demote
+        self.demote_copy = demote_copy
+        self.on_detach = on_detach
+        self.alloc = SlotAllocator(
+            config.capacity_bytes, config.segment_bytes, config.min_slot_bytes
+        )
+        size = self.alloc.capacity_bytes
+        self.arena = arena or Arena.create(size, prefault=config.prefault, shm_dir=config.shm_dir)
+        n = self.alloc.num_ids
+        self.policy = make_policy(config.eviction, n)
+        self._entries: list[Entry | None] = [None] * n
+        self._index: dict[ChunkKey, Entry] = {}
+        self._leases: dict[int, Lease] = {}
+        self._next_lease = 1
+        self._lease_heap: list[tuple[float, int]] = []
+        self._reserve_heap: list[tuple[float, int, int]] = []
+        self._owner_leases: dict[int, set[int]] = {}
+        self._owner_reserved: dict[int, set[ChunkKey]] = {}
+        self.counters = CpuCounters()
+        self.used_bytes = 0
+        self.reserved = 0
+        self.pinned_entries = 0
+        self.demoting_bytes = 0
+        """Slot bytes held by background write-back that will be freed when it finishes."""
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.alloc.capacity_bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def open_leases(self) -> int:
+        return len(self._leases)
+
+    def get(self, key: ChunkKey) -> Entry | None:
+        """The committed entry of ``key`` (any namespace), else None."""
+        e = self._index.get(key)
+        return e if e is not None and e.state is State.COMMITTED else None
+
+    def find(self, ns: NamespaceId, key: ChunkKey, *, check_ns: bool = True) -> Entry | None:
+        """The committed entry of ``key`` in ``ns``; a foreign namespace counts as a miss."""
+        e = self._index.get(key)
+        if e is None or e.state is not State.COMMITTED:
+            return None
+        if check_ns and e.ns != ns:
+            self.counters.namespace_mismatches += 1
+            return None
+        return e
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is reserved or committed here."""
+        return key in self._index
+
+    def view(self, e: Entry) -> memoryview:
+        return self.arena.view(e.offset, e.size)
+
+    def entries(self) -> Iterator[Entry]:
+        """Committed entries (a snapshot list, safe against changes while iterating)."""
+        return iter([e for e in self._index.values() if e.state is State.COMMITTED])
+
+    # ------------------------------------------------------------------ writes
+
+    def reserve(self, ns: NamespaceId, key: ChunkKey, size: int, owner: int) -> Entry | None:
+        """Reserve a slot for ``key``; None if the key is already reserved or stored."""
+        _check_key(key)
+        _check_ns(ns)
+        if key in self._index:
+            return None
+        c = self.alloc.class_of(size)
+        self.sweep(self.clock())
+        slot = self.alloc.alloc(c)
+        if slot < 0:
+            slot = self._make_room(c, size)
+        e = self._entries[slot]
+        if e is None:
+            e = self._entries[slot] = Entry(slot)
+        e.gen += 1
+        e.offset = self.alloc.offset(slot)
+        e.size = size
+        e.key = key
+        e.ns = ns
+        e.num_tokens = 0
+        e.checksum = None
+        e.state = State.RESERVED
+        e.owner = owner
+        e.deadline = self.clock() + self.config.reserve_timeout_s
+        e.pins = e.holds = 0
+        e.on_ssd = e.doomed = False
+        self._index[key] = e
+        self._owner_reserved.setdefault(owner, set()).add(key)
+        heapq.heappush(self._reserve_heap, (e.deadline, slot, e.gen))
+        self.reserved += 1
+        self.used_bytes += self.alloc.slot_bytes(slot)
+        return e
+
+    def _make_room(self, c: int, size: int) -> int:
+        # Each round either frees a slot or moves a pinned victim aside, so len(policy) + 1
+        # rounds visit every candidate.
+        rounds = len(self.policy) + 1
+        while rounds > 0:
+            rounds -= 1
+            v = self.policy.victim()
+            if v < 0:
+                break
+            e = self._entries[v]
+            assert e is not None
+            if e.pins or e.holds:
+                self.policy.skip(v)
+                continue
+            self._evict(e)
+            slot = self.alloc.alloc(c)
+            if slot >= 0:
+                return slot
+        inflight = sum(1 for e in self._index.values() if e.doomed)
+        raise NoSpace(
+            f"CPU tier full: no free slot for a {size}-byte chunk and nothing evictable "
+            f"({self.pinned_entries} chunks pinned by readers, {self.reserved} reserved, "
+            f"{inflight} being written to SSD); release leases or retry later"
+        )
+
+    def _evict(self, e: Entry) -> None:
+        """Evict ``e`` now (its slot is needed at once)."""
+        self.policy.remove(e.slot, True)
+        if not e.on_ssd and self.demote_copy is not None:
+            if self.demote_copy(e):
+                self.counters.demotions_started += 1
+                self._detach(e, "demoted")
+                return
+            self.counters.demotions_dropped += 1
+        self._detach(e, "demoted" if e.on_ssd else "capacity")
+
+    def write_back(self, headroom_bytes: int, max_writes: int) -> None:
+        """Evict ahead of demand until ``headroom_bytes`` are free or being freed.
+
+        Clean victims (already on SSD) leave at once; dirty ones are handed to ``demote``,
+        which writes them from their slot (held, still readable) and then calls
+        :meth:`finish_demotion`. At most ``max_writes`` writes are started.
+        """
+        if self.demote is None:
+            return
+        rounds = len(self.policy)
+        while (
+            self.alloc.free_bytes + self.demoting_bytes < headroom_bytes
+            and rounds > 0
+            and max_writes > 0
+        ):
+            rounds -= 1
+            v = self.policy.victim()
+            if v < 0:
+                return
+            e = self._entries[v]
+            assert e is not None
+            if e.pins or e.holds:
+                self.policy.skip(v)
+                continue
+            if e.on_ssd:
+                self.policy.remove(v, True)
+                self._detach(e, "demoted")
+                continue
+            e.holds += 1
+            e.doomed = True
+            self.policy.remove(v, True)
+            if not self.demote(e):
+                e.holds -= 1
+                e.doomed = False
+                self.policy.insert(v, _fingerprint(e.key))
+                return
+            self.counters.demotions_started += 1
+            self.demoting_bytes += self.alloc.slot_bytes(v)
+            max_writes -= 1
+
+    def finish_demotion(self, e: Entry, gen: int, ok: bool) -> None:
+        """The SSD write started by ``demote`` ended; ``ok`` if the chunk is on SSD now."""
+        if e.gen != gen:
+            return
+        e.doomed = False
+        self.demoting_bytes -= self.alloc.slot_bytes(e.slot)
+        if ok:
+            e.on_ssd = True
+        if e.state is State.COMMITTED:
+            if ok:
+                self._detach(e, "demoted")
+            else:
+                # The write failed: keep the chunk in memory (no data lost); it is again an
+                # ordinary eviction candidate.
+                self.policy.insert(e.slot, _fingerprint(e.key))
+        self.unhold(e, gen)
+
+    def commit(
+        self, ns: NamespaceId, key: ChunkKey, owner: int, num_tokens: int, checksum: int | None
+    ) -> Entry:
+        """Make a reserved chunk visible."""
+        _check_key(key)
+        e = self._index.get(key)
+        if e is None or e.state is not State.RESERVED or e.owner != owner or e.ns != ns:
+            raise NotReserved(f"commit of chunk {key.hex()} that this connection did not reserve")
+        if not 0 <= num_tokens < 1 << 32:
+            raise ValueError(f"num_tokens out of range: {num_tokens}")
+        self._drop_reservation(e)
+        e.state = State.COMMITTED
+        e.num_tokens = num_tokens
+        e.checksum = checksum
+        self.policy.insert(e.slot, _fingerprint(key))
+        self.counters.stored_bytes += e.size
+        return e
+
+    def abort(self, ns: NamespaceId, key: ChunkKey, owner: int) -> None:
+        _check_key(key)
+        e = self._index.get(key)
+        if e is None or e.state is not State.RESERVED or e.owner != owner or e.ns != ns:
+            raise NotReserved(f"abort of chunk {key.hex()} that this connection did not reserve")
+        self._drop_reservation(e)
+        del self._index[key]
+        self._free(e)
+
+    def _drop_reservation(self, e: Entry) -> None:
+        self.reserved -= 1
+        keys = self._owner_reserved.get(e.owner)
+        if keys is not None:
+            keys.discard(e.key)
+            if not keys:
+                del self._owner_reserved[e.owner]
+
+    # ------------------------------------------------------------------ reads
+
+    def pin(self, e: Entry, owner: int, lease_s: float) -> Lease:
+        """Open a read lease on a committed entry (counts a hit)."""
+        if len(self._leases) >= self.config.max_leases:
+            self.sweep(self.clock())
+            if len(self._leases) >= self.config.max_leases:
+                raise NoSpace(
+                    f"too many open read leases ({self.config.max_leases}); release some first"
+                )
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        lease_id = self._next_lease
+        self._next_lease += 1
+        expires = self.clock() + min(lease_s, self.config.max_lease_s)
+        lease = Lease(lease_id, e, owner, expires)
+        self._leases[lease_id] = lease
+        self._owner_leases.setdefault(owner, set()).add(lease_id)
+        heapq.heappush(self._lease_heap, (expires, lease_id))
+        if e.pins == 0:
+            self.pinned_entries += 1
+        e.pins += 1
+        self.policy.touch(e.slot)
+        self.counters.hits += 1
+        self.counters.loaded_bytes += e.size
+        return lease
+
+    def release(self, lease_ids: list[int] | tuple[int, ...], owner: int) -> None:
+        """Close leases; raises ``NotPinned`` (after closing the valid ones) for unknown ids."""
+        unknown: list[int] = []
+        for lease_id in lease_ids:
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.owner != owner:
+                unknown.append(lease_id)
+                continue
+            self._close_lease(lease_id, lease)
+        if unknown:
+            raise NotPinned(
+                f"release of lease(s) {unknown} that are not open for this connection "
+                "(already released or expired)"
+            )
+
+    def _close_lease(self, lease_id: int, lease: Lease) -> None:
+        del self._leases[lease_id]
+        ids = self._owner_leases.get(lease.owner)
+        if ids is not None:
+            ids.discard(lease_id)
+            if not ids:
+                del self._owner_leases[lease.owner]
+        e = lease.entry
+        e.pins -= 1
+        if e.pins == 0:
+            self.pinned_entries -= 1
+            if e.state is State.DETACHED and e.holds == 0:
+                self._free(e)
+
+    def hold(self, e: Entry) -> int:
+        """Keep ``e``'s slot from being evicted or reused; returns the generation to unhold."""
+        e.holds += 1
+        return e.gen
+
+    def unhold(self, e: Entry, gen: int) -> None:
+        if e.gen != gen or e.holds <= 0:
+            return
+        e.holds -= 1
+        if e.holds == 0 and e.pins == 0 and e.state is State.DETACHED:
+            self._free(e)
+
+    def set_checksum(self, e: Entry, gen: int, checksum: int) -> None:
+        if e.gen == gen and e.state is State.COMMITTED and e.checksum is None:
+            e.checksum = checksum
+
+    def checksum(self, e: Entry) -> int:
+        """The entry's checksum, computed now if the background hash has not finished."""
+        if e.checksum is None:
+            e.checksum = payload_checksum(self.view(e))
+        return e.checksum
+
+    # ------------------------------------------------------------------ removal
+
+    def drop(self, e: Entry, reason: str) -> None:
+        """Remove a committed entry from the index (readers keep their pins until release)."""
+        if e.state is State.COMMITTED:
+            self.policy.remove(e.slot, False)
+            self._detach(e, reason)
+
+    def _detach(self, e: Entry, reason: str) -> None:
+        del self._index[e.key]
+        e.state = State.DETACHED
+        ev = self.counters.evictions
+        ev[reason] = ev.get(reason, 0) + 1
+        if self.on_detach is not None:
+            self.on_detach(e)
+        if e.pins == 0 and e.holds == 0:
+            self._free(e)
+
+    def _free(self, e: Entry) -> None:
+        self.used_bytes -= self.alloc.slot_bytes(e.slot)
+        self.alloc.free(e.slot)
+        e.state = State.FREE
+        e.gen += 1
+
+    def clear(self) -> int:
+        """Drop every committed chunk (pinned ones leave when released); returns how many."""
+        dropped = 0
+        for e in list(self._index.values()):
+            if e.state is State.COMMITTED:
+                self.drop(e, "clear")
+                dropped += 1
+        return dropped
+
+    def release_owner(self, owner: int) -> None:
+        """A connection went away: close its leases and abort its reservations."""
+        for lease_id in list(self._owner_leases.get(owner, ())):
+            self._close_lease(lease_id, self._leases[lease_id])
+        for key in list(self._owner_reserved.get(owner, ())):
+            e = self._index[key]
+            self.abort(e.ns, key, owner)
+
+    def sweep(self, now: float) -> None:
+        """Reclaim expired leases and reservations (counted)."""
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            _, lease_id = heapq.heappop(heap)
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                self.counters.leases_expired += 1
+                log.info("read lease %d on %s expired", lease_id, lease.entry.key.hex())
+                self._close_lease(lease_id, lease)
+        rheap = self._reserve_heap
+        while rheap and rheap[0][0] <= now:
+            _, slot, gen = heapq.heappop(rheap)
+            e = self._entries[slot]
+            if e is not None and e.gen == gen and e.state is State.RESERVED:
+                self.counters.reservations_expired += 1
+                log.warning("reservation of %s by owner %d expired", e.key.hex(), e.owner)
+                self.abort(e.ns, e.key, e.owner)
+
+    def verify(self, e: Entry) -> bool:
+        """Re-hash the arena bytes of ``e`` against its checksum (False on damage)."""
+        if e.checksum is None:
+            e.checksum = payload_checksum(self.view(e))
+            return True
+        return payload_checksum(self.view(e)) == e.checksum
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise ValueError(f"chunk key must be a {KEY_BYTES}-byte bytes object, got {got}")
+
+
+def _check_ns(ns: object) -> None:
+    if not isinstance(ns, bytes) or len(ns) != KEY_BYTES:
+        got = f"{len(ns)} bytes" if isinstance(ns, bytes) else type(ns).__name__
+        raise ValueError(f"namespace id must be a {KEY_BYTES}-byte bytes object, got {got}")
+
+
+def _fingerprint(key: bytes) -> int:
+    return int.from_bytes(key[:8], "little")

@@ -1,0 +1,494 @@
+"""The SSD tier: one directory of chunk files with byte-accurate capacity accounting.
+
+Each chunk is one file ``<dir>/<kk>/<key hex>.mkv`` (``kk`` = first key byte, 256 fan-out
+directories keep directories small): ``RecordHeader.pack()`` followed by the payload. A
+file is written to ``<key hex>.<random>.tmp`` in the same directory, fsynced (unless
+``fsync=False``) and renamed into place, so a crash leaves either a complete file or a
+temp file, never a partial ``.mkv``. The start-up scan removes temp files and files whose
+header is damaged or whose size disagrees with the header, and rebuilds the index from the
+rest (oldest modification time = least recently used). The payload checksum is verified
+on every read; a file that fails is removed, counted, and never served.
+
+Usage is the sum of file sizes (header + payload) of indexed files plus the bytes of
+admitted writes, and never exceeds ``capacity_bytes``: a write is admitted only after
+least-recently-used files have been evicted to fit, and evicted files are unlinked before
+the new file is written.
+
+Disk I/O runs in a bounded thread pool (``workers``); at most ``write_queue_depth``
+writes are admitted at once (a demotion beyond that is refused and the caller drops it,
+counted). An ``OSError`` on write (ENOSPC, EIO) marks the tier degraded: logged once,
+writes refused until a backoff expires, then one probe write is let through; success
+clears the flag. The CPU tier keeps the chunk when its write fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from meshkv.chunk import (
+    KEY_BYTES,
+    RECORD_HEADER_BYTES,
+    ChunkKey,
+    NamespaceId,
+    RecordHeader,
+)
+from meshkv.errors import ChecksumMismatch, ConfigError, NamespaceMismatch
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".mkv"
+TMP_SUFFIX = ".tmp"
+
+FaultHook = Callable[[str, str], None]
+"""``hook(op, path)`` runs in the I/O thread before each ``write``/``read``; tests raise
+``OSError`` from it to inject faults."""
+
+
+@dataclass(slots=True)
+class SsdTierConfig:
+    """Configuration of the on-disk tier."""
+
+    directory: str
+    """Directory of chunk files (created if missing); one agent per directory."""
+    capacity_bytes: int
+    """Cap on the bytes of chunk files (headers included)."""
+    workers: int = 2
+    """Threads doing disk I/O."""
+    write_queue_depth: int = 8
+    """Writes admitted at once; a demotion beyond this is dropped (counted)."""
+    fsync: bool = True
+    """fsync each file before the rename that publishes it (crash-safe contents)."""
+    retry_initial_s: float = 1.0
+    """First back-off after a failed write before a probe write is tried."""
+    retry_max_s: float = 60.0
+    """Largest back-off between probe writes while degraded."""
+
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ConfigError("ssd.directory must be set")
+        if self.capacity_bytes <= 0:
+            raise ConfigError(f"ssd.capacity_bytes must be positive, got {self.capacity_bytes}")
+        if self.workers <= 0 or self.write_queue_depth <= 0:
+            raise ConfigError("ssd.workers and ssd.write_queue_depth must be positive")
+        if not 0 < self.retry_initial_s <= self.retry_max_s:
+            raise ConfigError("ssd retry back-off must satisfy 0 < retry_initial_s <= retry_max_s")
+
+
+@dataclass(slots=True)
+class SsdEntry:
+    ns: NamespaceId
+    num_tokens: int
+    payload_len: int
+    checksum: int
+
+    @property
+    def file_bytes(self) -> int:
+        return RECORD_HEADER_BYTES + self.payload_len
+
+
+@dataclass(slots=True)
+class SsdCounters:
+    """Monotonic counters of the SSD tier."""
+
+    hits: int = 0
+    misses: int = 0
+    namespace_mismatches: int = 0
+    stored_bytes: int = 0
+    loaded_bytes: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)
+    """By reason: ``capacity``, ``checksum``, ``clear``."""
+    checksum_failures: int = 0
+    partial_removed: int = 0
+    """Temp files (interrupted writes) removed by the start-up scan."""
+    corrupt_removed: int = 0
+    """Files with a damaged header or wrong size removed by the start-up scan."""
+    write_errors: int = 0
+    read_errors: int = 0
+    writes_refused: int = 0
+    """Writes not admitted: queue full, degraded, or no room."""
+
+
+class SsdTier:
+    """Index of chunk files plus the thread pool that reads and writes them."""
+
+    def __init__(
+        self,
+        config: SsdTierConfig,
+        *,
+        fault_hook: FaultHook | None = None,
+        on_drop: Callable[[ChunkKey], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``on_drop(key)`` is told when a chunk leaves this tier."""
+        self.config = config
+        self.fault_hook = fault_hook
+        self.on_drop = on_drop
+        self.clock = clock
+        self.counters = SsdCounters()
+        self.used_bytes = 0
+        self.degraded = False
+        self._index: OrderedDict[ChunkKey, SsdEntry] = OrderedDict()  # oldest first
+        self._writing: set[ChunkKey] = set()
+        self._pending_unlink: list[str] = []
+        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="meshkv-ssd")
+        self._read_slots = asyncio.Semaphore(4 * config.workers)
+        self._retry_at = 0.0
+        self._backoff = config.retry_initial_s
+        self._probing = False
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        """Create the directory and rebuild the index from the files in it."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._pool, self._scan)
+        for key, entry in found:
+            self._index[key] = entry
+            self.used_bytes += entry.file_bytes
+        over = []
+        while self.used_bytes > self.config.capacity_bytes and self._index:
+            over.append(self._evict_oldest())
+        if over:
+            log.info("ssd cap shrank: evicted %d files to fit", len(over))
+            await loop.run_in_executor(self._pool, _unlink_all, over)
+        log.info(
+            "ssd tier %s: %d chunks, %d bytes (%d partial and %d corrupt files removed)",
+            self.config.directory,
+            len(self._index),
+            self.used_bytes,
+            self.counters.partial_removed,
+            self.counters.corrupt_removed,
+        )
+
+    def _scan(self) -> list[tuple[ChunkKey, SsdEntry]]:
+        root = self.config.directory
+        os.makedirs(root, exist_ok=True)
+        found: list[tuple[int, ChunkKey, SsdEntry]] = []
+        for sub in sorted(os.listdir(root)):
+            subdir = os.path.join(root, sub)
+            if len(sub) != 2 or not os.path.isdir(subdir):
+                continue
+            for name in os.listdir(subdir):
+                path = os.path.join(subdir, name)
+                if name.endswith(TMP_SUFFIX):
+                    _unlink(path)
+                    self.counters.partial_removed += 1
+                    continue
+                if not name.endswith(SUFFIX):
+                    continue
+                checked = _check_file(path, name[: -len(SUFFIX)])
+                if checked is None:
+                    log.warning("removing damaged chunk file %s", path)
+                    _unlink(path)
+                    self.counters.corrupt_removed += 1
+                    continue
+                found.append(checked)
+        found.sort(key=lambda t: t[0])
+        return [(k, e) for _, k, e in found]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ index
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.config.capacity_bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self._index
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._writing)
+
+    def is_writing(self, key: ChunkKey) -> bool:
+        return key in self._writing
+
+    def keys(self) -> list[ChunkKey]:
+        return list(self._index)
+
+    def get(self, key: ChunkKey) -> SsdEntry | None:
+        return self._index.get(key)
+
+    def find(self, ns: NamespaceId, key: ChunkKey, *, check_ns: bool = True) -> SsdEntry | None:
+        e = self._index.get(key)
+        if e is None:
+            return None
+        if check_ns and e.ns != ns:
+            self.counters.namespace_mismatches += 1
+            return None
+        return e
+
+    def path(self, key: ChunkKey) -> str:
+        h = key.hex()
+        return os.path.join(self.config.directory, h[:2], h + SUFFIX)
+
+    def remove(self, key: ChunkKey, reason: str) -> None:
+        """Forget ``key`` and delete its file (in the pool)."""
+        entry = self._index.pop(key, None)
+        if entry is None:
+            return
+        self.used_bytes -= entry.file_bytes
+        self._count_eviction(reason)
+        self._account_removed(key)
+        self._pool.submit(_unlink, self.path(key))
+
+    def clear(self) -> int:
+        keys = list(self._index)
+        for key in keys:
+            self.remove(key, "clear")
+        return len(keys)
+
+    def _account_removed(self, key: ChunkKey) -> None:
+        # called after the entry left the index
+        if self.on_drop is not None:
+            self.on_drop(key)
+
+    def _count_eviction(self, reason: str) -> None:
+        ev = self.counters.evictions
+        ev[reason] = ev.get(reason, 0) + 1
+
+    def _evict_oldest(self) -> str:
+        key, entry = self._index.popitem(last=False)
+        self.used_bytes -= entry.file_bytes
+        self._count_eviction("capacity")
+        self._account_removed(key)
+        return self.path(key)
+
+    # ------------------------------------------------------------------ writes
+
+    def admit(self, key: ChunkKey, payload_len: int) -> bool:
+        """Reserve room for a write of ``key`` now; False if it must be dropped.
+
+        On True the caller must call :meth:`write` (which releases the admission).
+        """
+        need = RECORD_HEADER_BYTES + payload_len
+        if key in self._index or key in self._writing:
+            return False
+        if len(self._writing) >= self.config.write_queue_depth or need > self.capacity_bytes:
+            self.counters.writes_refused += 1
+            return False
+        if self.degraded:
+            if self._probing or self.clock() < self._retry_at:
+                self.counters.writes_refused += 1
+                return False
+            self._probing = True
+        while self.used_bytes + need > self.capacity_bytes and self._index:
+            self._pending_unlink.append(self._evict_oldest())
+        if self.used_bytes + need > self.capacity_bytes:
+            # everything left is in-flight writes
+            self.counters.writes_refused += 1
+            if self.degraded:
+                self._probing = False
+            return False
+        self.used_bytes += need
+        self._writing.add(key)
+        return True
+
+    async def write(
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        num_tokens: int,
+        checksum: int,
+        payload: memoryview,
+    ) -> bool:
+        """Write an admitted chunk; True once it is on disk and indexed.
+
+        ``payload`` must stay valid until this returns (the caller holds the slot).
+        """
+        header = RecordHeader(ns, key, num_tokens, len(payload), checksum)
+        entry = SsdEntry(ns, num_tokens, len(payload), checksum)
+        victims, self._pending_unlink = self._pending_unlink, []
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._pool,
+                self._write_file,
+                self.path(key),
+                header.pack(),
+                payload,
+                victims,
+            )
+        except OSError as exc:
+            self.used_bytes -= entry.file_bytes
+            self.counters.write_errors += 1
+            self._degrade(exc)
+            return False
+        finally:
+            self._writing.discard(key)
+        if self.degraded:
+            self.degraded = False
+            self._probing = False
+            self._backoff = self.config.retry_initial_s
+            log.warning("ssd tier %s recovered: writes resumed", self.config.directory)
+        self._index[key] = entry
+        self.counters.stored_bytes += entry.file_bytes
+        return True
+
+    def _degrade(self, exc: OSError) -> None:
+        self._probing = False
+        self._retry_at = self.clock() + self._backoff
+        if not self.degraded:
+            self.degraded = True
+            log.error(
+                "ssd tier %s degraded after a write error (%s); writes paused, retry in %.1f s",
+                self.config.directory,
+                exc,
+                self._backoff,
+            )
+        self._backoff = min(self._backoff * 2, self.config.retry_max_s)
+
+    def _write_file(
+        self, path: str, header: bytes, payload: memoryview, victims: list[str]
+    ) -> None:
+        _unlink_all(victims)
+        tmp = f"{path[: -len(SUFFIX)]}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        if self.fault_hook is not None:
+            self.fault_hook("write", tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                _pwrite_all(fd, header, payload)
+                if self.config.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    # ------------------------------------------------------------------ reads
+
+    async def read_into(
+        self, ns: NamespaceId | None, key: ChunkKey, dest: memoryview
+    ) -> SsdEntry | None:
+        """Read and verify ``key``'s payload into ``dest`` (exactly its length).
+
+        Returns the entry, or None if the file is gone, unreadable or damaged (a damaged
+        file is removed and counted).
+        """
+        entry = self._index.get(key)
+        if entry is None:
+            self.counters.misses += 1
+            return None
+        if len(dest) != entry.payload_len:
+            raise ValueError(
+                f"destination of {len(dest)} bytes for a {entry.payload_len}-byte chunk"
+            )
+        loop = asyncio.get_running_loop()
+        async with self._read_slots:
+            try:
+                await loop.run_in_executor(
+                    self._pool, self._read_file, self.path(key), ns, key, dest
+                )
+            except (ChecksumMismatch, NamespaceMismatch) as exc:
+                log.warning("ssd chunk %s failed verification (%s); removed", key.hex(), exc)
+                self.counters.checksum_failures += 1
+                self.counters.misses += 1
+                if self._index.get(key) is entry:
+                    self.remove(key, "checksum")
+                return None
+            except FileNotFoundError:
+                self.counters.misses += 1
+                if self._index.pop(key, None) is entry:
+                    self.used_bytes -= entry.file_bytes
+                    self._account_removed(key)
+                return None
+            except OSError as exc:
+                log.warning("ssd read of %s failed: %s", key.hex(), exc)
+                self.counters.read_errors += 1
+                self.counters.misses += 1
+                return None
+        if key in self._index:
+            self._index.move_to_end(key)
+        self.counters.hits += 1
+        self.counters.loaded_bytes += entry.file_bytes
+        return entry
+
+    def _read_file(
+        self, path: str, ns: NamespaceId | None, key: ChunkKey, dest: memoryview
+    ) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook("read", path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header = RecordHeader.unpack(os.pread(fd, RECORD_HEADER_BYTES, 0))
+            if header.key != key or header.payload_len != len(dest):
+                raise ChecksumMismatch("record header does not match the index")
+            got = 0
+            while got < len(dest):
+                n = os.preadv(fd, [dest[got:]], RECORD_HEADER_BYTES + got)
+                if n == 0:
+                    raise ChecksumMismatch(f"chunk file truncated: {got} of {len(dest)} bytes")
+                got += n
+            if os.fstat(fd).st_size != RECORD_HEADER_BYTES + len(dest):
+                raise ChecksumMismatch("chunk file has trailing bytes")
+        finally:
+            os.close(fd)
+        header.verify(dest, ns)
+
+
+def _pwrite_all(fd: int, header: bytes, payload: memoryview) -> None:
+    total = len(header) + len(payload)
+    done = os.pwritev(fd, [header, payload], 0)
+    while done < total:
+        if done < len(header):
+            done += os.pwritev(fd, [header[done:], payload], done)
+        else:
+            done += os.pwrite(fd, payload[done - len(header) :], done)
+
+
+def _check_file(path: str, stem: str) -> tuple[int, ChunkKey, SsdEntry] | None:
+    """(mtime, key, entry) of a complete chunk file, or None if it is damaged."""
+    try:
+        key = ChunkKey(bytes.fromhex(stem))
+    except ValueError:
+        return None
+    if len(key) != KEY_BYTES:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        raw = os.pread(fd, RECORD_HEADER_BYTES, 0)
+    finally:
+        os.close(fd)
+    try:
+        header = RecordHeader.unpack(raw)
+    except ChecksumMismatch:
+        return None
+    if header.key != key or st.st_size != RECORD_HEADER_BYTES + header.payload_len:
+        return None
+    entry = SsdEntry(header.namespace, header.num_tokens, header.payload_len, header.checksum)
+    return st.st_mtime_ns, key, entry
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        _unlink(p)
