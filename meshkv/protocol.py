@@ -67,12 +67,17 @@ def encode(message: dict[str, Any]) -> bytes:
     return LENGTH_PREFIX.pack(len(body)) + body
 
 
-def decode_body(body: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Parse one frame body; raises ``ProtocolError`` unless it is a msgpack map."""
+def unpack_body(body: bytes | bytearray | memoryview) -> Any:
+    """Parse one frame body; raises ``ProtocolError`` if it is not one msgpack object."""
     try:
-        message = msgpack.unpackb(body, raw=False)
+        return msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"undecodable frame ({len(body)} bytes): {exc}") from exc
+
+
+def decode_body(body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse one frame body; raises ``ProtocolError`` unless it is a msgpack map."""
+    message = unpack_body(body)
     if not isinstance(message, dict):
         raise ProtocolError(f"frame must be a msgpack map, got {type(message).__name__}")
     return message

@@ -41,7 +41,6 @@ from meshkv.protocol import (
     OPS,
     FrameReader,
     Op,
-    decode_body,
     encode,
     error_reply,
     negotiate,
@@ -50,6 +49,7 @@ from meshkv.protocol import (
     parse_keys,
     parse_optional_ints,
     prefix_length,
+    unpack_body,
 )
 from meshkv.store import Store, Tier
 
@@ -297,9 +297,16 @@ class _Connection(asyncio.Protocol):
 
     def _handle(self, body: bytes) -> None:
         try:
-            message = decode_body(body)
-        except ProtocolError as exc:
+            message = unpack_body(body)
+        except ProtocolError as exc:  # undecodable: framing can no longer be trusted
             self._fail(None, exc)
+            return
+        if not isinstance(message, dict):  # well-framed but not a request: keep serving
+            self._counters.protocol_errors += 1
+            kind = type(message).__name__
+            self._send(
+                error_reply(None, ProtocolError(f"request must be a msgpack map, got {kind}"))
+            )
             return
         request_id = message.get("id")
         if type(request_id) is not int:

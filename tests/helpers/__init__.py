@@ -1,0 +1,1 @@
+"""Helpers shared by the integration, mesh and vLLM tests (real processes, no fakes)."""

@@ -1,0 +1,157 @@
+"""AgentClient against a real agent process: data paths, batching, failures, restarts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from meshkv.chunk import Namespace, chunk_keys, payload_checksum
+from meshkv.client import AgentClient
+from meshkv.errors import AgentUnavailable, DeadlineExceeded, NotReserved
+from tests.helpers.agents import AgentProcess
+
+WRITER = r"""
+import sys, numpy as np
+from meshkv.client import AgentClient
+with AgentClient(sys.argv[1]) as c:
+    for i in range(int(sys.argv[2])):
+        key = (b"%016d" % i)
+        data = np.random.default_rng(i).integers(0, 256, 4096 + i, dtype=np.uint8).tobytes()
+        assert c.put(key, data, num_tokens=i)
+print("done")
+"""
+
+
+def payload(i: int) -> bytes:
+    return np.random.default_rng(i).integers(0, 256, 4096 + i, dtype=np.uint8).tobytes()
+
+
+def test_put_get_across_two_client_processes(agent: AgentProcess) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, agent.socket_path, "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    reader = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom meshkv.client import AgentClient\n"
+            "c = AgentClient(sys.argv[1])\n"
+            "print(sum(c.get(b'%016d' % i) is not None for i in range(40)))",
+            agent.socket_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.strip() == "40"
+    with agent.client() as c:
+        for i in range(40):
+            assert c.get(b"%016d" % i) == payload(i)
+        assert c.get(b"%016d" % 99) is None
+        assert c.put(b"%016d" % 3, b"other bytes") is False  # already stored
+
+
+def test_zero_copy_batch_reserve_commit_read_release(agent: AgentProcess) -> None:
+    ns = Namespace(model="zero-copy", num_layers=2)
+    keys = chunk_keys(ns.digest(), list(range(8 * 16)), 16)
+    sizes = [8192 + 512 * i for i in range(len(keys))]
+    with agent.client(namespace=ns) as c:
+        assert c.lookup(keys).prefix == 0
+        reservations = c.reserve(keys, sizes)
+        assert all(r is not None for r in reservations)
+        for i, r in enumerate(reservations):
+            assert r is not None and r.view.nbytes == sizes[i] and not r.view.readonly
+            np.frombuffer(r.view, dtype=np.uint8)[:] = i + 1
+        c.commit(keys, [16] * len(keys))
+        reply = c.lookup(keys)
+        assert reply.prefix == len(keys) and reply.tiers == ["cpu"] * len(keys)
+        leases = c.read(keys)
+        for i, lease in enumerate(leases):
+            assert lease is not None and lease.view.readonly and lease.num_tokens == 16
+            arr = np.frombuffer(lease.view, dtype=np.uint8)
+            assert arr.size == sizes[i] and (arr == i + 1).all()
+        c.release([lease for lease in leases if lease is not None])
+        # same keys again: every one exists, nothing is reserved
+        assert c.reserve(keys, sizes) == [None] * len(keys)
+        # abort gives a slot back: the key stays absent
+        extra = chunk_keys(ns.digest(), list(range(9 * 16)), 16)[-1]
+        (res,) = c.reserve([extra], [4096])
+        assert res is not None
+        c.abort([extra])
+        assert c.lookup([extra]).tiers == [None]
+        with pytest.raises(NotReserved):
+            c.commit([extra], [16])
+
+
+def test_namespaces_do_not_share_chunks(agent: AgentProcess) -> None:
+    key = b"k" * 16
+    with (
+        agent.client(namespace=Namespace(model="a")) as a,
+        agent.client(namespace=Namespace(model="b")) as b,
+    ):
+        # Real keys commit to their namespace, so one raw key under two namespaces is a
+        # forgery or a bug: it must never be served across them.
+        assert a.put(key, b"from a")
+        assert b.get(key) is None
+        assert b.lookup([key]).prefix == 0
+        b.put(key, b"from b")
+        assert a.get(key) == b"from a"
+        assert b.get(key) in (None, b"from b")
+        assert a.hello().namespace != b.hello().namespace
+
+
+def test_checksum_of_put_is_served(agent: AgentProcess) -> None:
+    with agent.client() as c:
+        c.put(b"c" * 16, b"payload" * 100)
+        (lease,) = c.read([b"c" * 16])
+        assert lease is not None
+        assert lease.checksum in (None, payload_checksum(b"payload" * 100))
+        c.release([lease])
+
+
+def test_no_agent_raises_unavailable_quickly(tmp_path: object) -> None:
+    client = AgentClient("/tmp/meshkv-no-such-dir/agent.sock", timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(AgentUnavailable, match="no agent at"):
+        client.lookup([b"x" * 16])
+    assert time.monotonic() - started < 1.0
+
+
+def test_frozen_agent_hits_the_deadline(agent: AgentProcess) -> None:
+    with agent.client(timeout=0.5) as c:
+        c.ping()
+        agent.sigstop()
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                c.lookup([b"x" * 16])
+            assert time.monotonic() - started < 1.5
+        finally:
+            agent.sigcont()
+        assert c.lookup([b"x" * 16]).prefix == 0  # reconnects once it answers again
+
+
+def test_client_reconnects_after_agent_restart(agent: AgentProcess) -> None:
+    with agent.client(timeout=1.0) as c:
+        assert c.put(b"r" * 16, b"before restart")
+        first_arena = c.hello().arena_name
+        agent.stop()
+        started = time.monotonic()
+        with pytest.raises(AgentUnavailable):
+            c.lookup([b"r" * 16])
+        assert time.monotonic() - started < 1.0
+        agent.start()
+        # no SSD tier: the chunk died with the old agent; the new arena is mapped
+        assert c.lookup([b"r" * 16]).prefix == 0
+        assert c.hello().arena_name != first_arena
+        assert c.put(b"r" * 16, b"after restart")
+        assert c.get(b"r" * 16) == b"after restart"
