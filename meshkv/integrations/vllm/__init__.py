@@ -7,6 +7,6 @@ Use it with ``kv_transfer_config = {"kv_connector": "MeshKVConnector",
 """
 
 from meshkv.integrations.vllm.connector import MeshKVConnector
-from meshkv.integrations.vllm.stats import registry_snapshot
+from meshkv.integrations.vllm.stats import namespaces, registry_snapshot
 
-__all__ = ["MeshKVConnector", "registry_snapshot"]
+__all__ = ["MeshKVConnector", "namespaces", "registry_snapshot"]

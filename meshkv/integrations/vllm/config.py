@@ -88,8 +88,7 @@ class ConnectorConfig:
         if not extra.get("socket_path"):
             extra["socket_path"] = agent_default_socket_path()
         for name, value in extra.items():
-            default = getattr(cls, name)
-            values[name] = _coerce(name, value, type(default))
+            values[name] = _coerce(name, value, type(known[name].default))
         return cls(**values)
 
 

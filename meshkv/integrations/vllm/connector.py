@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import vllm
@@ -27,7 +28,7 @@ from .config import TESTED_VLLM_VERSIONS, ConnectorConfig
 from .layout import engine_layout
 from .metadata import MeshKVConnectorMetadata
 from .scheduler import SchedulerSide
-from .stats import MeshKVConnectorStats, delta, new_counters, retire
+from .stats import MeshKVConnectorStats, delta, new_counters, note_namespace, retire
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class MeshKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._holder = new_counters()
         self._counters = self._holder.counters
         self._reported: dict[str, float] = self._counters.as_dict()
+        note_namespace(role.name.lower(), asdict(self._layout.namespace(0)))
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

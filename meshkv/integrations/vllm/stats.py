@@ -75,6 +75,21 @@ def retire(holder: _Registered) -> None:
                 _retired[name] = _retired.get(name, 0) + value
 
 
+_namespaces: dict[str, dict[str, Any]] = {}
+
+
+def note_namespace(role: str, fields: dict[str, Any]) -> None:
+    """Remember the rank-0 namespace a connector of ``role`` uses (for tests and tools)."""
+    with _lock:
+        _namespaces[role] = fields
+
+
+def namespaces() -> dict[str, dict[str, Any]]:
+    """Namespace fields by connector role, as noted by the connectors of this process."""
+    with _lock:
+        return dict(_namespaces)
+
+
 def registry_snapshot() -> dict[str, float]:
     """Sum of the counters of every connector this process has created."""
     with _lock:

@@ -1,0 +1,93 @@
+"""Run one real vLLM engine for a test: read a JSON job, write a JSON result.
+
+    python tests/vllm/engine_job.py JOB.json RESULT.json
+
+Each prompt is generated on its own (greedy), in order, so later prompts see what earlier
+ones saved. ``pause_before`` lets a test act between prompts: before prompt ``i`` the job
+writes ``<sync_dir>/ready-<i>`` and waits for ``<sync_dir>/go-<i>``. One engine per
+process: engines are never started twice in one interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PAUSE_DEADLINE_S = 120.0
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + PAUSE_DEADLINE_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"test never wrote {path}")
+        time.sleep(0.02)
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = {
+        "model": job["model"],
+        "enforce_eager": True,
+        "kv_cache_memory_bytes": 64 << 20,
+        "enable_prefix_caching": job.get("prefix_caching", False),
+        "max_model_len": 4096,
+        "seed": 0,
+    }
+    if not job.get("multiprocess", False):
+        kwargs["distributed_executor_backend"] = "uni"
+    if job.get("connector") is not None:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "MeshKVConnector",
+            "kv_connector_module_path": "meshkv.integrations.vllm",
+            "kv_role": job.get("kv_role", "kv_both"),
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": job["connector"],
+        }
+    started = time.monotonic()
+    llm = LLM(**kwargs)
+    startup_s = time.monotonic() - started
+    params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0)
+    sync_dir = Path(job["sync_dir"]) if job.get("sync_dir") else None
+    pauses = set(job.get("pause_before", []))
+    outputs = []
+    for i, prompt in enumerate(job["prompts"]):
+        if sync_dir is not None and i in pauses:
+            (sync_dir / f"ready-{i}").write_text("")
+            _wait_for(sync_dir / f"go-{i}")
+        t0 = time.monotonic()
+        (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        outputs.append(
+            {
+                "tokens": list(out.outputs[0].token_ids),
+                "cached_tokens": out.num_cached_tokens or 0,
+                "seconds": time.monotonic() - t0,
+            }
+        )
+        if job.get("gap_s"):
+            time.sleep(job["gap_s"])
+    result: dict[str, Any] = {"startup_s": startup_s, "outputs": outputs}
+    if job.get("connector") is not None and not job.get("multiprocess", False):
+        from meshkv.integrations.vllm import namespaces, registry_snapshot
+
+        result["counters"] = registry_snapshot()
+        result["namespaces"] = namespaces()
+    return result
+
+
+def main() -> int:
+    job_path, result_path = sys.argv[1], sys.argv[2]
+    job = json.loads(Path(job_path).read_text())
+    os.environ.update(job.get("env", {}))
+    result = run(job)
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
