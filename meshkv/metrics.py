@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from meshkv.protocol import Op
@@ -123,6 +128,201 @@ def as_mapping(snapshot: Any) -> Mapping[str, Any]:
     raise TypeError(f"store snapshot must be a dataclass or a mapping, got {type(snapshot)}")
 
 
+# StoreStats scalar → (metric name, help, counter?)
+_STORE_SCALARS: dict[str, tuple[str, str, bool]] = {
+    "lookups": ("meshkv_store_lookups", "Store lookups (local channel and peers)", True),
+    "lookup_keys": ("meshkv_store_lookup_keys", "Keys asked for by store lookups", True),
+    "read_keys": ("meshkv_read_keys", "Keys asked for by reads", True),
+    "miss_chunks": ("meshkv_read_miss_chunks", "Read keys that no tier could serve", True),
+    "namespace_mismatches": (
+        "meshkv_namespace_mismatches",
+        "Keys found under another namespace (never served)",
+        True,
+    ),
+    "leases_open": ("meshkv_leases", "Open read leases (pins)", False),
+    "pinned_chunks": ("meshkv_pinned_chunks", "Chunks with at least one open lease", False),
+    "reservations_open": ("meshkv_reservations", "Open slot reservations", False),
+    "leases_expired": ("meshkv_expired_leases", "Read leases reclaimed at expiry", True),
+    "reservations_expired": (
+        "meshkv_expired_reservations",
+        "Reservations reclaimed at expiry",
+        True,
+    ),
+    "checksum_failures": (
+        "meshkv_checksum_failures",
+        "Payloads that failed their xxh3-64 check (dropped, never served)",
+        True,
+    ),
+    "checksums_pending": ("meshkv_checksums_pending", "Commits whose checksum is pending", False),
+    "demotions": ("meshkv_demotions", "Chunks written to SSD on CPU eviction", True),
+    "demotions_dropped": (
+        "meshkv_demotions_dropped",
+        "Evicted chunks not written to SSD (queue full or tier degraded)",
+        True,
+    ),
+    "promotions": ("meshkv_promotions", "Chunks read back from SSD into the arena", True),
+    "promotion_failures": ("meshkv_promotion_failures", "SSD promotions that failed", True),
+    "ssd_degraded": ("meshkv_ssd_degraded", "1 while the SSD tier refuses writes", False),
+    "ssd_write_errors": ("meshkv_ssd_write_errors", "SSD write errors", True),
+    "ssd_read_errors": ("meshkv_ssd_read_errors", "SSD read errors", True),
+    "ssd_writes_refused": ("meshkv_ssd_writes_refused", "SSD writes refused (cap/degraded)", True),
+    "ssd_partial_removed": (
+        "meshkv_ssd_partial_files_removed",
+        "Partial chunk files removed by the start-up scan",
+        True,
+    ),
+    "ssd_corrupt_removed": (
+        "meshkv_ssd_corrupt_files_removed",
+        "Corrupt chunk files removed",
+        True,
+    ),
+}
+
+# TierStats field → (metric name, help, counter?)
+_TIER_FIELDS: dict[str, tuple[str, str, bool]] = {
+    "chunks": ("meshkv_tier_chunks", "Chunks stored in the tier", False),
+    "usage_bytes": ("meshkv_tier_usage_bytes", "Bytes used in the tier", False),
+    "capacity_bytes": ("meshkv_tier_capacity_bytes", "Capacity of the tier in bytes", False),
+    "hit_chunks": ("meshkv_hit_chunks", "Chunks served by reads, by tier", True),
+    "stored_bytes": ("meshkv_stored_bytes", "Bytes stored into the tier", True),
+    "loaded_bytes": ("meshkv_loaded_bytes", "Bytes served from the tier", True),
+}
+
+
+def _family(name: str, text: str, counter: bool, labels: list[str]) -> Metric:
+    if counter:
+        return CounterMetricFamily(name, text, labels=labels)
+    return GaugeMetricFamily(name, text, labels=labels)
+
+
 def store_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
-    """Map a store snapshot to ``meshkv_*`` families (see docs/agent.md for the list)."""
-    yield from ()
+    """Map a store snapshot to ``meshkv_*`` families (docs/agent.md lists them)."""
+    for field_name, (name, text, counter) in _STORE_SCALARS.items():
+        value = stats.get(field_name)
+        if value is None:
+            continue
+        family = _family(name, text, counter, [])
+        family.add_metric([], float(value))  # type: ignore[attr-defined]
+        yield family
+    tiers: Mapping[str, Any] = stats.get("tiers") or {}
+    per_tier = {name: as_mapping(t) for name, t in tiers.items()}
+    for field_name, (name, text, counter) in _TIER_FIELDS.items():
+        family = _family(name, text, counter, ["tier"])
+        for tier, values in per_tier.items():
+            if field_name in values:
+                family.add_metric([tier], float(values[field_name]))  # type: ignore[attr-defined]
+        yield family
+    evictions = CounterMetricFamily(
+        "meshkv_evictions", "Chunks that left a tier, by tier and reason", labels=["tier", "reason"]
+    )
+    for tier, values in per_tier.items():
+        for reason, n in (values.get("evictions") or {}).items():
+            evictions.add_metric([tier, reason], float(n))
+    yield evictions
+
+
+# ======================================================================================
+# Mesh metrics (owned by the mesh shell, meshkv/mesh/node.py; registered by its factory).
+# The collector reads ``source.metrics_snapshot()`` at scrape time: a plain mapping with
+# the keys used below, so this module does not import the mesh.
+# ======================================================================================
+
+MESH_PULL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of ``meshkv_peer_pull_seconds`` (same as the fetcher's)."""
+
+
+class MeshCollector(Collector):
+    """``meshkv_mesh_*`` / ``meshkv_peer_*`` families from the mesh node's snapshot."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        s: Mapping[str, Any] = self._source.metrics_snapshot()
+        members = GaugeMetricFamily(
+            "meshkv_mesh_members", "Members this node knows, by state", labels=["state"]
+        )
+        for state, n in s["members"].items():
+            members.add_metric([state], n)
+        yield members
+        events = CounterMetricFamily(
+            "meshkv_mesh_membership_events",
+            "Membership changes seen (joined, suspect, alive=refuted, dead, left)",
+            labels=["kind"],
+        )
+        for kind, n in s["events"].items():
+            events.add_metric([kind], n)
+        yield events
+        yield CounterMetricFamily(
+            "meshkv_mesh_suspicions", "Members this node saw become suspect", value=s["suspicions"]
+        )
+        yield CounterMetricFamily(
+            "meshkv_mesh_refutations",
+            "Suspicions of this node that it refuted (incarnation bumped)",
+            value=s["refutations"],
+        )
+        yield CounterMetricFamily(
+            "meshkv_mesh_probe_failures", "Failure-detector probes that got no ack",
+            value=s["probe_failures"],
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "meshkv_mesh_directory_keys", "Keys this node is home of", value=s["directory_keys"]
+        )
+        yield GaugeMetricFamily(
+            "meshkv_mesh_directory_entries",
+            "Holder entries kept for keys this node is home of",
+            value=s["directory_entries"],
+        )
+        yield GaugeMetricFamily(
+            "meshkv_mesh_ring_members", "Members on this node's ring", value=s["ring_members"]
+        )
+        yield CounterMetricFamily(
+            "meshkv_peer_pulls", "Chunks pulled from peers and committed", value=s["pulls_ok"]
+        )
+        yield CounterMetricFamily(
+            "meshkv_peer_pull_bytes", "Payload bytes pulled from peers", value=s["pull_bytes"]
+        )
+        failures = CounterMetricFamily(
+            "meshkv_peer_pull_failures",
+            "Failed pull attempts by cause (timeout, transport, checksum, stale, ...)",
+            labels=["cause"],
+        )
+        for cause, n in s["pull_failures"].items():
+            failures.add_metric([cause], n)
+        yield failures
+        hist = HistogramMetricFamily(
+            "meshkv_peer_pull_seconds", "Latency of successful pulls, lookup to commit"
+        )
+        buckets = list(s["pull_latency_buckets"])
+        cumulative, acc = [], 0
+        for bound, n in zip([*MESH_PULL_BUCKETS, float("inf")], buckets, strict=True):
+            acc += n
+            cumulative.append(("+Inf" if bound == float("inf") else str(bound), acc))
+        hist.add_metric([], cumulative, sum_value=s["pull_latency_sum"])
+        yield hist
+        yield CounterMetricFamily(
+            "meshkv_peer_handshake_failures",
+            "Peer handshakes that failed (wrong mesh secret, bad hello, timeout)",
+            value=s["handshake_failures"],
+        )
+        yield CounterMetricFamily(
+            "meshkv_peer_checksum_failures",
+            "Chunks from peers dropped because their checksum failed",
+            value=s["checksum_failures"],
+        )
+        yield CounterMetricFamily(
+            "meshkv_peer_protocol_errors",
+            "Peer connections dropped for malformed or oversized frames",
+            value=s["protocol_errors"],
+        )
+        yield CounterMetricFamily(
+            "meshkv_peer_served_bytes", "Chunk payload bytes sent to peers",
+            value=s["served_bytes"],
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_peer_replica_pushes", "Chunk copies pushed to ring successors and stored",
+            value=s["replica_pushes"],
+        )  # fmt: skip

@@ -83,7 +83,7 @@ def render(doc: dict[str, Any]) -> str:
     if scalars:
         lines.append("")
         width = max(len(k) for k in scalars)
-        lines.extend(f"{k.ljust(width)}  {_num(v)}" for k, v in sorted(scalars.items()))
+        lines.extend(f"{k.ljust(width)}  {_num(v, k)}" for k, v in sorted(scalars.items()))
     for section, value in doc.items():
         if section in ("node_id", "version", "uptime_s", "local", "store"):
             continue
@@ -100,17 +100,17 @@ def _table(tiers: dict[str, Any]) -> str:
     rows = [["tier", *columns]]
     for name, stats in tiers.items():
         stats = stats if isinstance(stats, dict) else {}
-        rows.append([name, *(_num(stats.get(c, "")) for c in columns)])
+        rows.append([name, *(_num(stats.get(c, ""), c) for c in columns)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-def _num(value: Any) -> str:
+def _num(value: Any, name: str = "") -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    if isinstance(value, int) and value >= 1 << 20:
+    if "bytes" in name and isinstance(value, int) and value >= 1 << 20:
         return (
             f"{value / (1 << 30):.2f} GiB" if value >= 1 << 30 else f"{value / (1 << 20):.1f} MiB"
         )

@@ -1,0 +1,121 @@
+"""The admin HTTP API and ``meshkv status`` against a real agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.agents import AgentProcess
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read()
+            status = response.status
+            ctype = response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        body, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+    return status, (json.loads(body) if "json" in ctype else body.decode())
+
+
+@pytest.fixture
+def token_agent(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> AgentProcess:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    return agent_factory(args=["--admin-token-file", str(token_file)]).start()
+
+
+def test_healthz_status_and_metrics(agent: AgentProcess) -> None:
+    with agent.client() as c:
+        c.put(b"h" * 16, b"x" * 5000, num_tokens=7)
+        c.lookup([b"h" * 16, b"m" * 16])
+        c.get(b"h" * 16)
+    assert http(agent.url + "/healthz") == (200, "ok\n")
+    status, doc = http(agent.url + "/v1/status")
+    assert status == 200
+    assert doc["node_id"] == "agent" and doc["uptime_s"] >= 0 and doc["version"]
+    cpu = doc["store"]["tiers"]["cpu"]
+    assert cpu["chunks"] == 1 and cpu["capacity_bytes"] == 64 << 20 and cpu["usage_bytes"] > 0
+    assert doc["store"]["ssd_degraded"] is False and "leases_open" in doc["store"]
+    assert doc["local"]["arena_name"] == agent.arena_name
+    status, text = http(agent.url + "/metrics")
+    assert status == 200
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert metrics["meshkv_lookups_total"] == 1
+    assert metrics['meshkv_lookup_hit_chunks_total{tier="cpu"}'] == 1
+    assert metrics["meshkv_lookup_miss_chunks_total"] == 1
+    assert metrics['meshkv_tier_chunks{tier="cpu"}'] == 1
+    assert metrics['meshkv_tier_capacity_bytes{tier="cpu"}'] == 64 << 20
+    assert metrics['meshkv_stored_bytes_total{tier="cpu"}'] == 5000
+    assert metrics['meshkv_local_op_seconds_count{op="lookup"}'] == 1
+    assert metrics['meshkv_local_op_seconds_count{op="reserve"}'] == 1
+    assert "meshkv_checksum_failures_total" in metrics
+
+
+def test_chunk_endpoint(agent: AgentProcess) -> None:
+    key = bytes(range(16))
+    with agent.client() as c:
+        c.put(key, b"y" * 3000, num_tokens=16)
+    status, doc = http(f"{agent.url}/v1/chunks/{key.hex()}")
+    assert status == 200
+    assert doc["tiers"] == ["cpu"] and doc["size"] == 3000 and doc["num_tokens"] == 16
+    status, doc = http(f"{agent.url}/v1/chunks/{'ab' * 16}")
+    assert status == 404 and "not stored" in doc["error"]
+    for bad in ("xyz", "ab" * 15, "ab" * 17, "zz" * 16):
+        status, doc = http(f"{agent.url}/v1/chunks/{bad}")
+        assert status == 400 and "malformed key" in doc["error"] and "32 hex digits" in doc["error"]
+
+
+def test_clear_needs_configured_token(agent: AgentProcess) -> None:
+    status, doc = http(agent.url + "/v1/clear", "POST", token="anything")
+    assert status == 403 and "--admin-token-file" in doc["error"]
+
+
+def test_clear_with_and_without_token(token_agent: AgentProcess) -> None:
+    with token_agent.client() as c:
+        for i in range(3):
+            c.put(b"%016d" % i, b"z" * 100)
+        status, doc = http(token_agent.url + "/v1/clear", "POST")
+        assert status == 401 and "Bearer" in doc["error"]
+        status, doc = http(token_agent.url + "/v1/clear", "POST", token="wrong-token")
+        assert status == 403 and "wrong" in doc["error"]
+        assert c.lookup([b"%016d" % i for i in range(3)]).prefix == 3
+        status, doc = http(token_agent.url + "/v1/clear", "POST", token=TOKEN)
+        assert status == 200 and doc == {"cleared": 3}
+        assert c.lookup([b"%016d" % i for i in range(3)]).prefix == 0
+
+
+def test_status_cli(agent: AgentProcess) -> None:
+    run = [sys.executable, "-m", "meshkv", "status", "--http", agent.http]
+    out = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["node_id"] == "agent" and "cpu" in doc["store"]["tiers"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "agent" in out.stdout and "cpu" in out.stdout and "capacity_bytes" in out.stdout
+
+
+def test_status_cli_unreachable() -> None:
+    run = [sys.executable, "-m", "meshkv", "status", "--http", "127.0.0.1:1", "--timeout", "1"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "no agent answering at http://127.0.0.1:1" in out.stderr
