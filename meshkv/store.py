@@ -420,36 +420,36 @@ class Store:
         cpu = self.cpu
         e = cpu.commit(ns, key, owner, num_tokens, checksum)
         if checksum is None or (self.config.write_through and self._ssd is not None):
-            gen = cpu.hold(e)
             if checksum is None:
                 self._counters.checksums_pending += 1
-            self._spawn(self._after_commit(e, gen))
+            self._spawn(self._after_commit(e, e.gen))
         self._emit([key], [])
         self._maintain()
 
     async def _after_commit(self, e: Entry, gen: int) -> None:
+        # The background hash does not hold the slot: a chunk evicted meanwhile is simply
+        # not updated (every step checks the generation), so fresh chunks stay evictable.
         cpu = self.cpu
-        try:
-            if e.checksum is None:
-                assert self._loop is not None and self._hash_pool is not None
-                value = await self._loop.run_in_executor(
-                    self._hash_pool, payload_checksum, cpu.view(e)
-                )
+        if e.checksum is None:
+            assert self._loop is not None and self._hash_pool is not None
+            view = cpu.view(e)
+            try:
+                value = await self._loop.run_in_executor(self._hash_pool, payload_checksum, view)
+            finally:
+                view.release()
                 self._counters.checksums_pending -= 1
-                cpu.set_checksum(e, gen, value)
-            ssd = self._ssd
-            if (
-                self.config.write_through
-                and ssd is not None
-                and e.gen == gen
-                and e.state is State.COMMITTED
-                and not e.on_ssd
-                and not e.doomed
-                and ssd.admit(e.key, e.size)
-            ):
-                await self._write(e, cpu.hold(e), demotion=False)
-        finally:
-            cpu.unhold(e, gen)
+            cpu.set_checksum(e, gen, value)
+        ssd = self._ssd
+        if (
+            self.config.write_through
+            and ssd is not None
+            and e.gen == gen
+            and e.state is State.COMMITTED
+            and not e.on_ssd
+            and not e.doomed
+            and ssd.admit(e.key, e.size)
+        ):
+            await self._write(e, cpu.hold(e), demotion=False)
 
     def abort(self, ns: NamespaceId, key: ChunkKey, owner: int) -> None:
         """Give up a reservation (raises ``NotReserved`` if there is none)."""
@@ -646,7 +646,7 @@ class Store:
 
     def _ssd_keys(self) -> list[ChunkKey]:
         assert self._ssd is not None
-        return self._ssd.keys()
+        return self._ssd.chunk_keys()
 
     # ------------------------------------------------------------------ SSD writes
 

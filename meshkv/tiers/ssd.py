@@ -217,7 +217,7 @@ class SsdTier:
     def is_writing(self, key: ChunkKey) -> bool:
         return key in self._writing
 
-    def keys(self) -> list[ChunkKey]:
+    def chunk_keys(self) -> list[ChunkKey]:
         return list(self._index)
 
     def get(self, key: ChunkKey) -> SsdEntry | None:

@@ -1,0 +1,89 @@
+"""Shared-memory arena: unique names, cross-process mapping, clean unlink, crash reclaim."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from meshkv.errors import ConfigError
+from meshkv.tiers.arena import SHM_DIR, Arena, owner_alive, reclaim_stale
+
+SIZE = 1 << 20
+
+
+def test_two_arenas_in_one_process_do_not_collide() -> None:
+    with Arena.create(SIZE) as a, Arena.create(SIZE) as b:
+        assert a.name != b.name
+        assert str(os.getpid()) in a.name
+        a.buffer[:4] = b"aaaa"
+        b.buffer[:4] = b"bbbb"
+        assert bytes(a.buffer[:4]) == b"aaaa"
+        assert bytes(b.buffer[:4]) == b"bbbb"
+        assert owner_alive(a.name)
+    assert not os.path.exists(os.path.join(SHM_DIR, a.name))
+    assert not os.path.exists(os.path.join(SHM_DIR, b.name))
+
+
+def test_other_process_maps_by_name_read_write() -> None:
+    with Arena.create(SIZE) as arena:
+        arena.buffer[100:105] = b"hello"
+        code = textwrap.dedent(
+            f"""
+            from meshkv.tiers.arena import Arena
+            a = Arena.attach({arena.name!r})
+            assert bytes(a.view(100, 5)) == b"hello"
+            a.view(200, 5)[:] = b"world"
+            a.close()
+            """
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        assert bytes(arena.view(200, 5)) == b"world"
+        # a client closing its mapping must not unlink the owner's arena
+        assert os.path.exists(os.path.join(SHM_DIR, arena.name))
+
+
+def test_stale_arena_of_dead_pid_is_reclaimed() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from meshkv.tiers.arena import Arena
+        a = Arena.create(1 << 20)
+        print(a.name, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        name = proc.stdout.readline().strip()
+        path = os.path.join(SHM_DIR, name)
+        assert os.path.exists(path)
+        assert name not in reclaim_stale()  # owner alive: kept
+        assert os.path.exists(path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert os.path.exists(path)  # SIGKILL leaves it behind...
+    assert name in reclaim_stale()  # ...and the next start removes it
+    assert not os.path.exists(path)
+
+
+def test_bad_sizes_and_names_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="multiple"):
+        Arena.create(1000)
+    with pytest.raises(ConfigError, match="not a meshkv arena"):
+        Arena.attach("../etc/passwd")
+
+
+def test_prefault_leaves_zeroed_writable_pages() -> None:
+    with Arena.create(SIZE, prefault=True) as arena:
+        assert bytes(arena.view(SIZE - 8, 8)) == bytes(8)
+        with pytest.raises(ValueError, match="outside arena"):
+            arena.view(SIZE - 4, 8)

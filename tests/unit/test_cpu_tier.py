@@ -1,0 +1,239 @@
+"""CPU tier: reservations, commits, leases, expiry, eviction (never of a pinned slot)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from meshkv.chunk import ChunkKey, NamespaceId
+from meshkv.errors import NoSpace, NotPinned, NotReserved
+from meshkv.tiers.cpu import CpuTier, CpuTierConfig, State
+
+KiB = 1 << 10
+NS = NamespaceId(b"n" * 16)
+OTHER_NS = NamespaceId(b"o" * 16)
+SLOT = 64 * KiB
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(16, "little"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_tier(clock: Clock, slots: int = 4, eviction: str = "lru") -> CpuTier:
+    cfg = CpuTierConfig(
+        capacity_bytes=slots * SLOT,
+        segment_bytes=SLOT,
+        min_slot_bytes=SLOT,
+        eviction=eviction,
+        reserve_timeout_s=10.0,
+    )
+    return CpuTier(cfg, clock=clock)
+
+
+@pytest.fixture
+def tier(clock: Clock) -> Iterator[CpuTier]:
+    t = make_tier(clock)
+    yield t
+    t.close()
+
+
+def store(t: CpuTier, i: int, owner: int = 1) -> None:
+    e = t.reserve(NS, key(i), SLOT, owner)
+    assert e is not None
+    t.view(e)[:8] = i.to_bytes(8, "little")
+    t.commit(NS, key(i), owner, 16, None)
+
+
+def test_wrong_key_lengths_rejected(tier: CpuTier) -> None:
+    with pytest.raises(ValueError, match="16-byte"):
+        tier.reserve(NS, ChunkKey(b"short"), SLOT, 1)
+    with pytest.raises(ValueError, match="16-byte"):
+        tier.reserve(NamespaceId(b"x"), key(1), SLOT, 1)
+    with pytest.raises(ValueError, match="16-byte"):
+        tier.commit(NS, ChunkKey(b"y" * 17), 1, 1, None)
+
+
+def test_commit_or_abort_without_reservation(tier: CpuTier) -> None:
+    with pytest.raises(NotReserved, match="did not reserve"):
+        tier.commit(NS, key(1), 1, 16, None)
+    assert tier.reserve(NS, key(1), SLOT, owner=1) is not None
+    with pytest.raises(NotReserved):
+        tier.commit(NS, key(1), 2, 16, None)  # another connection's reservation
+    with pytest.raises(NotReserved):
+        tier.commit(OTHER_NS, key(1), 1, 16, None)
+    tier.abort(NS, key(1), 1)
+    with pytest.raises(NotReserved):
+        tier.abort(NS, key(1), 1)
+
+
+def test_reserve_of_stored_key_returns_none(tier: CpuTier) -> None:
+    store(tier, 1)
+    assert tier.reserve(NS, key(1), SLOT, 2) is None
+
+
+def test_namespace_mismatch_is_a_counted_miss(tier: CpuTier) -> None:
+    store(tier, 1)
+    assert tier.find(OTHER_NS, key(1)) is None
+    assert tier.counters.namespace_mismatches == 1
+    assert tier.find(NS, key(1)) is not None
+
+
+def test_double_release_raises_not_pinned(tier: CpuTier) -> None:
+    store(tier, 1)
+    e = tier.find(NS, key(1))
+    assert e is not None
+    lease = tier.pin(e, 7, 5.0)
+    with pytest.raises(NotPinned):
+        tier.release([lease.lease_id], owner=8)  # not this owner's lease
+    tier.release([lease.lease_id], 7)
+    with pytest.raises(NotPinned, match="already released"):
+        tier.release([lease.lease_id], 7)
+    assert e.pins == 0
+
+
+def test_all_pinned_gives_no_space_then_works_after_release(tier: CpuTier) -> None:
+    leases = []
+    for i in range(4):
+        store(tier, i)
+        e = tier.find(NS, key(i))
+        assert e is not None
+        leases.append(tier.pin(e, 1, 30.0).lease_id)
+    with pytest.raises(NoSpace, match="4 chunks pinned"):
+        tier.reserve(NS, key(99), SLOT, 1)
+    tier.release(leases[2:3], 1)
+    assert tier.reserve(NS, key(99), SLOT, 1) is not None
+    assert tier.get(key(2)) is None  # the released one was evicted
+    for i in (0, 1, 3):
+        assert tier.get(key(i)) is not None
+
+
+def test_every_slot_reserved_gives_no_space(tier: CpuTier) -> None:
+    for i in range(4):
+        assert tier.reserve(NS, key(i), SLOT, 1) is not None
+    with pytest.raises(NoSpace, match="4 reserved"):
+        tier.reserve(NS, key(9), SLOT, 1)
+
+
+def test_expired_lease_is_reclaimed_and_counted(tier: CpuTier, clock: Clock) -> None:
+    store(tier, 1)
+    e = tier.find(NS, key(1))
+    assert e is not None
+    lease = tier.pin(e, 1, 2.0)
+    clock.now += 1.0
+    tier.sweep(clock.now)
+    assert e.pins == 1
+    clock.now += 1.5
+    tier.sweep(clock.now)
+    assert e.pins == 0 and tier.counters.leases_expired == 1
+    with pytest.raises(NotPinned):
+        tier.release([lease.lease_id], 1)
+
+
+def test_expired_reservation_is_reclaimed(tier: CpuTier, clock: Clock) -> None:
+    assert tier.reserve(NS, key(1), SLOT, 1) is not None
+    clock.now += 11.0
+    tier.sweep(clock.now)
+    assert tier.counters.reservations_expired == 1
+    assert not tier.contains(key(1)) and tier.used_bytes == 0
+    with pytest.raises(NotReserved):
+        tier.commit(NS, key(1), 1, 16, None)
+
+
+def test_release_owner_frees_leases_and_reservations(tier: CpuTier) -> None:
+    store(tier, 1)
+    e = tier.find(NS, key(1))
+    assert e is not None
+    tier.pin(e, 5, 30.0)
+    tier.reserve(NS, key(2), SLOT, 5)
+    tier.release_owner(5)
+    assert e.pins == 0 and not tier.contains(key(2)) and tier.open_leases == 0
+
+
+def test_clear_keeps_pinned_bytes_until_release(tier: CpuTier) -> None:
+    store(tier, 1)
+    e = tier.find(NS, key(1))
+    assert e is not None
+    lease = tier.pin(e, 1, 30.0)
+    assert tier.clear() == 1
+    assert tier.get(key(1)) is None and e.state is State.DETACHED
+    assert tier.used_bytes == SLOT  # still held by the reader
+    tier.release([lease.lease_id], 1)
+    assert tier.used_bytes == 0
+
+
+@pytest.mark.parametrize("eviction", ["lru", "s3fifo"])
+def test_random_ops_never_evict_a_pinned_slot(clock: Clock, eviction: str) -> None:
+    rng = random.Random(1234)
+    tier = make_tier(clock, slots=8, eviction=eviction)
+    try:
+        pinned: dict[int, tuple[ChunkKey, int, bytes]] = {}  # lease -> key, offset, bytes
+        for step in range(4000):
+            op = rng.random()
+            k = key(rng.randrange(40))
+            if op < 0.5:
+                try:
+                    e = tier.reserve(NS, k, rng.choice([SLOT // 2, SLOT]), 1)
+                except NoSpace:
+                    assert tier.pinned_entries + tier.reserved >= 8
+                    continue
+                if e is None:
+                    continue
+                tier.view(e)[:16] = k
+                tier.view(e)[16:24] = step.to_bytes(8, "little")
+                if rng.random() < 0.1:
+                    tier.abort(NS, k, 1)
+                else:
+                    tier.commit(NS, k, 1, 1, None)
+            elif op < 0.8:
+                e = tier.find(NS, k)
+                if e is not None and len(pinned) < 6:
+                    lease = tier.pin(e, 1, 1000.0)
+                    pinned[lease.lease_id] = (k, e.offset, bytes(tier.view(e)[:24]))
+            elif pinned:
+                lease_id = rng.choice(list(pinned))
+                del pinned[lease_id]
+                tier.release([lease_id], 1)
+            # invariant 4: every pinned chunk's bytes are still there, untouched
+            for k2, offset, data in pinned.values():
+                assert bytes(tier.arena.view(offset, 24)) == data
+                e2 = tier.get(k2)
+                assert e2 is not None and e2.offset == offset
+    finally:
+        tier.close()
+
+
+def test_scan_resistance_in_the_tier(clock: Clock) -> None:
+    def survivors(eviction: str) -> int:
+        t = make_tier(clock, slots=20, eviction=eviction)
+        try:
+            hot = range(10)
+            for _ in range(3):
+                for i in hot:
+                    if t.get(key(i)) is None:
+                        store(t, i)
+                    e = t.find(NS, key(i))
+                    assert e is not None
+                    t.release([t.pin(e, 1, 5.0).lease_id], 1)
+            for i in range(1000, 1060):  # one-hit scan, 3x the capacity
+                store(t, i)
+            return sum(t.get(key(i)) is not None for i in hot)
+        finally:
+            t.close()
+
+    assert survivors("s3fifo") == 10
+    assert survivors("lru") == 0

@@ -1,0 +1,239 @@
+"""SSD tier: atomic files, verification on read, start-up scan, cap, degrade on ENOSPC."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.tiers.ssd import SsdTier, SsdTierConfig
+
+NS = NamespaceId(b"n" * 16)
+SIZE = 64 << 10
+FILE = RECORD_HEADER_BYTES + SIZE
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test body in a fresh event loop (no pytest-asyncio needed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(16, "big"))
+
+
+def payload(i: int, size: int = SIZE) -> bytes:
+    return (i.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+def make(path: Path, cap: int = 100 * FILE, **kw: object) -> SsdTier:
+    return SsdTier(SsdTierConfig(str(path), cap, fsync=False), **kw)  # type: ignore[arg-type]
+
+
+async def put(t: SsdTier, i: int, size: int = SIZE) -> bool:
+    data = payload(i, size)
+    if not t.admit(key(i), size):
+        return False
+    return await t.write(NS, key(i), 16, payload_checksum(data), memoryview(data))
+
+
+async def get(t: SsdTier, i: int, size: int = SIZE) -> bytes | None:
+    buf = bytearray(size)
+    return bytes(buf) if await t.read_into(NS, key(i), memoryview(buf)) is not None else None
+
+
+def degraded(t: SsdTier) -> bool:
+    return t.degraded
+
+
+async def started(path: Path, cap: int = 100 * FILE, **kw: object) -> SsdTier:
+    t = make(path, cap, **kw)
+    await t.start()
+    return t
+
+
+@run_async
+async def test_write_read_roundtrip_and_restart(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    for i in range(5):
+        assert await put(t, i)
+    assert await get(t, 3) == payload(3)
+    assert t.used_bytes == 5 * FILE
+    t.close()
+    t2 = await started(tmp_path)
+    assert len(t2) == 5 and t2.used_bytes == 5 * FILE
+    for i in range(5):
+        assert await get(t2, i) == payload(i)
+    t2.close()
+
+
+@run_async
+async def test_flipped_byte_detected_removed_counted(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    await put(t, 1)
+    path = t.path(key(1))
+    with open(path, "r+b") as f:
+        f.seek(RECORD_HEADER_BYTES + 1000)
+        b = f.read(1)
+        f.seek(RECORD_HEADER_BYTES + 1000)
+        f.write(bytes([b[0] ^ 0x01]))
+    assert await get(t, 1) is None
+    assert t.counters.checksum_failures == 1
+    assert key(1) not in t and t.used_bytes == 0
+    await asyncio.sleep(0.05)  # the unlink runs in the pool
+    assert not os.path.exists(path)
+    assert await get(t, 1) is None  # never served again
+    t.close()
+
+
+@run_async
+async def test_truncated_file_is_a_counted_miss(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    await put(t, 1)
+    await put(t, 2)
+    os.truncate(t.path(key(1)), FILE - 100)
+    assert await get(t, 1) is None
+    assert t.counters.checksum_failures == 1 and key(1) not in t
+    # the same damage found at start-up is removed by the scan
+    os.truncate(t.path(key(2)), FILE - 100)
+    t.close()
+    t2 = await started(tmp_path)
+    assert len(t2) == 0 and t2.counters.corrupt_removed == 1 and t2.used_bytes == 0
+    t2.close()
+
+
+@run_async
+async def test_partial_temp_files_removed_at_start(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    await put(t, 1)
+    t.close()
+    tmp = Path(t.path(key(2))).with_suffix(".abcd1234.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"half a chunk")
+    t2 = await started(tmp_path)
+    assert not tmp.exists() and t2.counters.partial_removed == 1
+    assert len(t2) == 1 and await get(t2, 1) == payload(1)
+    t2.close()
+
+
+@run_async
+async def test_cap_never_exceeded_and_shrinks_on_restart(tmp_path: Path) -> None:
+    t = await started(tmp_path, cap=4 * FILE + 10)
+    for i in range(10):
+        assert await put(t, i)
+        assert t.used_bytes <= 4 * FILE + 10
+        on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*.mkv"))
+        assert on_disk <= 4 * FILE + 10
+    assert sorted(int.from_bytes(k, "big") for k in t.chunk_keys()) == [6, 7, 8, 9]
+    assert t.counters.evictions["capacity"] == 6
+    t.close()
+    t2 = await started(tmp_path, cap=2 * FILE)
+    assert t2.used_bytes == 2 * FILE and len(t2) == 2
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.mkv")) == 2 * FILE
+    t2.close()
+
+
+@run_async
+async def test_injected_enospc_degrades_then_recovers(tmp_path: Path) -> None:
+    fail = {"on": True}
+
+    def hook(op: str, path: str) -> None:
+        if op == "write" and fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    now = [0.0]
+    t = make(tmp_path, fault_hook=hook, clock=lambda: now[0])
+    await t.start()
+    assert not await put(t, 1)
+    assert t.degraded and t.counters.write_errors == 1 and t.used_bytes == 0
+    assert not t.admit(key(2), SIZE)  # backing off
+    assert t.counters.writes_refused == 1
+    fail["on"] = False
+    now[0] += 1.5
+    assert await put(t, 2)  # the probe write succeeds
+    assert t.counters.write_errors == 1
+    assert not degraded(t), "a successful probe write clears the degraded flag"
+    assert await get(t, 2) == payload(2)
+    assert list(tmp_path.rglob("*.tmp")) == []
+    t.close()
+
+
+@run_async
+async def test_real_enospc_on_tiny_tmpfs(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        t = await started(mnt, cap=100 << 20)  # the cap is larger than the disk
+        results = [await put(t, i, 256 << 10) for i in range(6)]
+        assert results[0] and not all(results)
+        assert t.degraded and t.counters.write_errors >= 1
+        assert t.used_bytes == sum(f.stat().st_size for f in mnt.rglob("*.mkv"))
+        assert list(mnt.rglob("*.tmp")) == []
+        assert await get(t, 0, 256 << 10) == payload(0, 256 << 10)
+        t.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@run_async
+async def test_crash_mid_write_leaves_only_complete_chunks(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from meshkv.chunk import payload_checksum
+        from meshkv.tiers.ssd import SsdTier, SsdTierConfig
+        async def main():
+            t = SsdTier(SsdTierConfig({str(tmp_path)!r}, 1 << 40, fsync=False))
+            await t.start()
+            i = 0
+            while True:
+                data = bytes([i % 251]) * (1 << 20)
+                k = i.to_bytes(16, "big")
+                assert t.admit(k, len(data))
+                await t.write(b"n" * 16, k, 16, payload_checksum(data), memoryview(data))
+                print(i, flush=True)
+                i += 1
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    written = 0
+    while written < 20 and time.monotonic() < deadline:
+        written = int(proc.stdout.readline()) + 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    assert written >= 20
+    t = await started(tmp_path, cap=1 << 40)
+    assert len(t) >= written  # every acknowledged chunk survived
+    for k in t.chunk_keys():
+        i = int.from_bytes(k, "big")
+        buf = bytearray(1 << 20)
+        assert await t.read_into(NS, k, memoryview(buf)) is not None
+        assert buf == bytes([i % 251]) * (1 << 20)
+    assert list(tmp_path.rglob("*.tmp")) == []
+    t.close()

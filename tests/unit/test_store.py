@@ -1,0 +1,223 @@
+"""Store: CPU + SSD together (demotion, promotion, persistence, degrade, verification)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkv.chunk import ChunkKey, NamespaceId, payload_checksum
+from meshkv.errors import ConfigError, NotPinned
+from meshkv.store import Store, StoreConfig, Tier
+from meshkv.tiers.arena import SHM_DIR
+
+KiB = 1 << 10
+SLOT = 64 * KiB
+NS = NamespaceId(b"n" * 16)
+OTHER = NamespaceId(b"o" * 16)
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(16, "big"))
+
+
+def data(i: int) -> bytes:
+    return (i.to_bytes(4, "little") * (SLOT // 4))[:SLOT]
+
+
+def config(ssd: Path | None, slots: int = 8, **kw: Any) -> StoreConfig:
+    return StoreConfig(
+        cpu_bytes=slots * SLOT,
+        segment_bytes=SLOT,
+        min_slot_bytes=SLOT,
+        ssd_dir=None if ssd is None else str(ssd),
+        ssd_bytes=1 << 30,
+        ssd_fsync=False,
+        **kw,
+    )
+
+
+def put(s: Store, i: int, owner: int = 1) -> None:
+    slot = s.reserve(NS, key(i), SLOT, owner)
+    assert slot is not None
+    view = s.payload(slot)
+    view[:] = data(i)
+    view.release()
+    s.commit(NS, key(i), owner, 16)
+
+
+async def settle(s: Store) -> None:
+    """Wait until background checksums and SSD writes are done."""
+    for _ in range(500):
+        if not s._tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("background work did not finish")
+
+
+async def read_bytes(s: Store, i: int) -> bytes | None:
+    (pin,) = await s.read(NS, [key(i)], 1, 5.0)
+    if pin is None:
+        return None
+    view = s.payload(pin.slot)
+    out = bytes(view)
+    view.release()
+    s.release([pin.lease_id], 1)
+    return out
+
+
+def test_config_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="eviction"):
+        StoreConfig(eviction="random")
+    with pytest.raises(ConfigError, match="segment_bytes"):
+        StoreConfig(segment_bytes=3 << 20)
+    with pytest.raises(ConfigError, match="capacity_bytes"):
+        StoreConfig(ssd_dir="/tmp/x", ssd_bytes=0)
+
+
+@run_async
+async def test_commit_read_checksum_and_namespace(tmp_path: Path) -> None:
+    s = Store(config(None))
+    await s.start()
+    seen: list[tuple[list[ChunkKey], list[ChunkKey]]] = []
+    s.add_listener(lambda a, d: seen.append((a, d)))
+    put(s, 1)
+    assert s.lookup(NS, [key(1), key(2)]) == [Tier.CPU, None]
+    assert s.checksum_of(key(1)) == payload_checksum(data(1))
+    assert await read_bytes(s, 1) == data(1)
+    await settle(s)
+    (pin,) = await s.read(NS, [key(1)], 1, 5.0)
+    assert pin is not None and pin.checksum == payload_checksum(data(1))
+    s.release([pin.lease_id], 1)
+    with pytest.raises(NotPinned):
+        s.release([pin.lease_id], 1)
+    assert s.lookup(OTHER, [key(1)]) == [None]  # never across namespaces
+    assert await s.read(OTHER, [key(1)], 1, 5.0) == [None]
+    with pytest.raises(ValueError, match="16-byte"):
+        s.lookup(NS, [ChunkKey(b"abc")])
+    stats = s.snapshot()
+    assert stats.namespace_mismatches == 2 and stats.tiers["cpu"].chunks == 1
+    assert s.clear() == 1
+    assert seen == [([key(1)], []), ([], [key(1)])]
+    arena = os.path.join(SHM_DIR, s.arena_name)
+    assert os.path.exists(arena)
+    await s.close(asyncio.get_running_loop().time() + 5)
+    assert not os.path.exists(arena)
+
+
+@run_async
+async def test_demote_to_ssd_and_promote_back(tmp_path: Path) -> None:
+    s = Store(config(tmp_path, slots=8))
+    await s.start()
+    for i in range(20):
+        put(s, i)
+        await asyncio.sleep(0.005)
+    await settle(s)
+    tiers = s.lookup(NS, [key(i) for i in range(20)])
+    assert None not in tiers and Tier.SSD in tiers
+    st = s.snapshot()
+    assert st.tiers["cpu"].usage_bytes <= st.tiers["cpu"].capacity_bytes
+    assert st.tiers["ssd"].chunks >= 12 and st.demotions >= 12
+    for i in range(20):  # every byte comes back identical, from whichever tier
+        assert await read_bytes(s, i) == data(i), i
+    assert s.snapshot().promotions >= 12
+    await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_close_persists_and_restart_serves(tmp_path: Path) -> None:
+    s = Store(config(tmp_path))
+    await s.start()
+    for i in range(5):
+        put(s, i)
+    await s.close(asyncio.get_running_loop().time() + 5)
+    s2 = Store(config(tmp_path))
+    await s2.start()
+    assert s2.lookup(NS, [key(i) for i in range(5)]) == [Tier.SSD] * 5
+    for i in range(5):
+        assert await read_bytes(s2, i) == data(i)
+    assert s2.lookup(NS, [key(0)]) == [Tier.CPU]  # promoted
+    await s2.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_enospc_degrades_without_losing_cpu_data(tmp_path: Path) -> None:
+    def hook(op: str, path: str) -> None:
+        if op == "write":
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    s = Store(config(tmp_path, slots=8, write_through=True), ssd_fault_hook=hook)
+    await s.start()
+    for i in range(6):
+        put(s, i)
+    await settle(s)
+    st = s.snapshot()
+    assert st.ssd_degraded and st.ssd_write_errors >= 1
+    for i in range(6):  # nothing was lost from memory
+        assert await read_bytes(s, i) == data(i)
+    await s.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_verify_reads_catches_damaged_arena_bytes(tmp_path: Path) -> None:
+    s = Store(config(None, verify_reads=True))
+    await s.start()
+    put(s, 1)
+    await settle(s)
+    e = s.cpu.get(key(1))
+    assert e is not None
+    s.cpu.view(e)[10] ^= 0xFF  # a stray writer scribbles over a committed chunk
+    assert await s.read(NS, [key(1)], 1, 5.0) == [None]
+    st = s.snapshot()
+    assert st.checksum_failures == 1 and s.lookup(NS, [key(1)]) == [None]
+    await s.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_corrupt_ssd_chunk_is_a_miss_through_the_store(tmp_path: Path) -> None:
+    s = Store(config(tmp_path))
+    await s.start()
+    put(s, 1)
+    await s.close(asyncio.get_running_loop().time() + 5)
+    path = next(tmp_path.rglob("*.mkv"))
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x40
+    path.write_bytes(raw)
+    s2 = Store(config(tmp_path))
+    await s2.start()
+    assert s2.lookup(NS, [key(1)]) == [Tier.SSD]
+    assert await s2.read(NS, [key(1)], 1, 5.0) == [None]
+    st = s2.snapshot()
+    assert st.checksum_failures == 1 and st.miss_chunks == 1
+    assert s2.lookup(NS, [key(1)]) == [None]
+    assert s2.snapshot().tiers["cpu"].usage_bytes == 0  # the promotion slot was given back
+    await s2.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_expired_lease_counted_in_snapshot(tmp_path: Path) -> None:
+    s = Store(config(None))
+    await s.start()
+    put(s, 1)
+    (pin,) = await s.read(NS, [key(1)], 1, 0.05)
+    assert pin is not None
+    await asyncio.sleep(0.1)
+    s.sweep()
+    assert s.snapshot().leases_expired == 1 and s.snapshot().leases_open == 0
+    with pytest.raises(NotPinned):
+        s.release([pin.lease_id], 1)
+    await s.close(asyncio.get_running_loop().time() + 2)
