@@ -208,7 +208,9 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         store_config = StoreConfig(**store)
     except TypeError as exc:
         raise ConfigError(f"bad store settings: {exc}") from exc
-    return AgentConfig(store=store_config, mesh=mesh, **agent)
+    config = AgentConfig(store=store_config, mesh=mesh, **agent)
+    config.admin_token()  # an unreadable or weak token file fails here, not at start
+    return config
 
 
 def _size_flag(flag: str, value: float) -> int:

@@ -1,0 +1,94 @@
+"""``meshkv agent`` flag and TOML validation: every bad input fails fast with a clear reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshkv.cli.main import main
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshkv", "agent", "--http", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--http", "localhost"], "--http must be HOST:PORT"),
+        (["--http", "127.0.0.1:99999"], "port 99999 is outside 0..65535"),
+        (["--http", "127.0.0.1:http"], "port 'http' is not a number"),
+        (["--cpu-gb", "-1"], "--cpu-gb must be positive"),
+        (["--cpu-bytes", "0"], "--cpu-bytes must be positive"),
+        (["--eviction", "random"], "--eviction must be one of lru, s3fifo"),
+        (["--ssd-dir", "/nonexistent/meshkv-ssd"], "SSD directory /nonexistent/meshkv-ssd"),
+        (["--lease-seconds", "0"], "lease seconds must be > 0"),
+        (["--log-level", "loud"], "log level must be one of"),
+        (["--admin-token-file", "/nonexistent/token"], "cannot read admin token file"),
+        (["--socket", "/tmp/" + "x" * 120], "Unix sockets allow at most 107"),
+    ],
+)
+def test_bad_flags_are_rejected(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process: validation happens before anything is created, so this is the same path
+    # as the real command (which test_real_command_exit_code runs once as a process).
+    assert main(["agent", "--http", "127.0.0.1:0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshkv agent: error: ") and message in err, err
+
+
+def test_real_command_exit_code() -> None:
+    out = agent_cli("--eviction", "random")
+    assert out.returncode == 2
+    assert "--eviction must be one of lru, s3fifo, got 'random'" in out.stderr
+
+
+def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        code = main(["agent", "--http", "127.0.0.1:0", *args])
+        err = capsys.readouterr().err
+        return subprocess.CompletedProcess(args, code, "", err)
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('node_id = "n1"\nsockt = "/tmp/x.sock"\n')
+    out = agent_cli("--config", str(cfg))
+    assert out.returncode == 2
+    assert f"{cfg}: unknown key 'sockt' at the top level" in out.stderr
+    cfg.write_text("[store]\ncpu_gigs = 4\n")
+    out = agent_cli("--config", str(cfg))
+    assert "unknown key 'cpu_gigs' in [store]" in out.stderr and "cpu_bytes" in out.stderr
+    cfg.write_text('[store]\ncpu_bytes = "lots"\n')
+    out = agent_cli("--config", str(cfg))
+    assert "[store] cpu_bytes must be int, got str 'lots'" in out.stderr
+    cfg.write_text("node_id = \n")
+    out = agent_cli("--config", str(cfg))
+    assert "is not valid TOML" in out.stderr
+    out = agent_cli("--config", str(tmp_path / "missing.toml"))
+    assert "does not exist" in out.stderr
+
+
+def test_help_documents_every_flag_with_default() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag in (
+        "--config", "--cpu-gb", "--cpu-bytes", "--ssd-dir", "--ssd-gb", "--socket", "--http",
+        "--ready-file", "--eviction", "--write-through", "--verify-reads", "--lease-seconds",
+        "--drain-seconds", "--admin-token-file", "--node-id", "--log-level",
+    ):  # fmt: skip
+        assert flag in text, flag
+    assert text.count("(default:") >= 16

@@ -1,0 +1,166 @@
+"""Agent process lifecycle: clean stop, crash + restart on the same SSD, space, two agents."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshkv.errors import NoSpace
+from tests.helpers.agents import AgentProcess
+
+MiB = 1 << 20
+
+WRITER = r"""
+import sys, numpy as np
+from meshkv.client import AgentClient
+from meshkv.errors import MeshKVError
+size = int(sys.argv[3])
+with AgentClient(sys.argv[1], timeout=5.0) as c:
+    for i in range(int(sys.argv[2])):
+        data = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+        try:
+            c.put(b"%016d" % i, data, num_tokens=i)
+        except MeshKVError as exc:
+            print("stopped at", i, exc, flush=True)
+            break
+        print(i, flush=True)
+"""
+
+
+def payload(i: int, size: int) -> bytes:
+    return np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def test_sigterm_is_clean_and_ssd_keeps_chunks(
+    agent_factory: Callable[..., AgentProcess], ssd_dir: Path
+) -> None:
+    agent = agent_factory(ssd_dir=ssd_dir).start()
+    size = 256 * 1024
+    keys = [b"%016d" % i for i in range(8)]
+    with agent.client() as c:
+        for i, key in enumerate(keys):
+            assert c.put(key, payload(i, size), num_tokens=i)
+        assert c.lookup(keys).tiers == ["cpu"] * 8
+    arena = agent.arena_name
+    assert os.path.exists(f"/dev/shm/{arena}")
+    assert agent.stop() == 0
+    assert not os.path.exists(agent.socket_path), "socket left behind"
+    assert not os.path.exists(f"/dev/shm/{arena}"), "arena left behind"
+    assert not agent.ready_file.exists()
+    assert "agent stopped" in agent.log()
+    # write-back mode: the shutdown flushed the in-memory chunks to SSD
+    agent.start()
+    with agent.client() as c:
+        reply = c.lookup(keys)
+        assert reply.prefix == 8 and set(reply.tiers) == {"ssd"}
+        for i, key in enumerate(keys):
+            assert c.get(key) == payload(i, size)
+        assert c.lookup(keys).tiers == ["cpu"] * 8  # promoted by the reads
+
+
+def test_sigkill_during_write_through_writes(
+    agent_factory: Callable[..., AgentProcess], ssd_dir: Path
+) -> None:
+    agent = agent_factory(ssd_dir=ssd_dir, args=["--write-through"]).start()
+    size, count = 512 * 1024, 2000
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, agent.socket_path, str(count), str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        for line in writer.stdout:  # let a few dozen chunks reach the disk, then crash
+            if line.strip().isdigit() and int(line) >= 40:
+                break
+        old_arena = agent.arena_name
+        agent.kill()
+        out, err = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert writer.returncode == 0, err
+    assert os.path.exists(f"/dev/shm/{old_arena}")  # a crash leaves the arena behind
+    agent.start()
+    assert not os.path.exists(f"/dev/shm/{old_arena}"), "stale arena not reclaimed"
+    keys = [b"%016d" % i for i in range(count)]
+    served = 0
+    with agent.client() as c:
+        tiers = c.lookup(keys[:1000]).tiers + c.lookup(keys[1000:]).tiers
+        assert set(tiers) <= {"ssd", None}
+        for i, tier in enumerate(tiers):
+            if tier is None:
+                continue
+            data = c.get(keys[i])
+            assert data == payload(i, size), f"chunk {i} is not byte-identical"
+            served += 1
+    assert served >= 1, "no chunk reached the disk before the crash"
+    leftovers = [p.name for p in ssd_dir.rglob("*") if p.is_file() and "tmp" in p.name]
+    assert leftovers == [], f"partial files survived the restart scan: {leftovers}"
+
+
+def test_every_slot_pinned_gives_no_space_then_recovers(agent: AgentProcess) -> None:
+    size = 4 * MiB
+    with agent.client() as c:
+        stored = 0
+        for i in range(64):  # fill the 64 MiB arena
+            try:
+                c.put(b"%016d" % i, bytes([i]) * size)
+            except NoSpace:
+                break
+            stored += 1
+        assert stored >= 8
+        keys = [b"%016d" % i for i in range(stored)]
+        present = [k for k, t in zip(keys, c.lookup(keys).tiers, strict=True) if t == "cpu"]
+        leases = [x for x in c.read(present) if x is not None]
+        pinned = {lease.key for lease in leases}
+        with pytest.raises(NoSpace):
+            for i in range(stored, stored + 64):  # every slot is pinned: nothing to evict
+                c.put(b"%016d" % i, b"n" * size)
+        for lease in leases:  # pinned chunks were neither evicted nor overwritten
+            i = int(lease.key)
+            assert bytes(lease.view[:16]) == bytes([i]) * 16
+        c.release(leases)
+        assert c.put(b"after-release---", b"r" * size)
+        assert c.get(b"after-release---") == b"r" * size
+        assert len(pinned) == len(leases)
+
+
+def test_two_agents_on_one_host(agent_factory: Callable[..., AgentProcess]) -> None:
+    a = agent_factory(name="a").start()
+    b = agent_factory(name="b").start()
+    assert a.arena_name != b.arena_name and a.socket_path != b.socket_path
+    assert a.http != b.http
+    with a.client() as ca, b.client() as cb:
+        assert ca.put(b"x" * 16, b"on a")
+        assert cb.get(b"x" * 16) is None
+        assert cb.put(b"x" * 16, b"on b")
+        assert ca.get(b"x" * 16) == b"on a"
+    # a third agent on a's socket is refused and leaves a untouched
+    clash = subprocess.run(
+        [sys.executable, "-m", "meshkv", "agent", "--socket", a.socket_path, "--http",
+         "127.0.0.1:0", "--cpu-bytes", str(64 * MiB)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert clash.returncode != 0
+    assert "another agent is already serving" in clash.stderr
+    with a.client() as ca:
+        assert ca.get(b"x" * 16) == b"on a"
+
+
+def test_restart_keeps_serving_quickly(agent: AgentProcess) -> None:
+    started = time.monotonic()
+    agent.stop()
+    agent.start()
+    assert time.monotonic() - started < 15
+    with agent.client() as c:
+        c.ping()
