@@ -5,9 +5,10 @@ strides, dtypes and devices once (at registration); its ``gather``/``scatter`` t
 only the per-call arguments (block ids, buffers) and move bytes. The module-level
 functions are one-shot conveniences that build a ``KVCaches`` per call.
 
-Dispatch: CPU tensors use the torch reference (``reference.py``); CUDA tensors use the
-Triton kernel when Triton is importable, else the torch reference. ``backend="triton"``
-on CPU tensors runs the Triton interpreter (slow; for tests).
+Dispatch (``backend="auto"``): CPU tensors take the per-run copies of ``reference.py``
+executed as single-threaded memcpy (``host.py``, backend ``"numpy"``); CUDA tensors take
+the Triton kernel when Triton is importable, else the torch reference (``"torch"``, any
+device). ``backend="triton"`` on CPU tensors runs the Triton interpreter (slow; tests).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Literal
 
 import torch
 
-from . import reference
+from . import host, reference
 from .layouts import KVLayout
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "numpy", "torch", "triton"]
 BlockIds = Sequence[int] | torch.Tensor
 
 
@@ -81,6 +82,7 @@ class KVCaches:
         "backend",
         "_layers",
         "_groups",
+        "_host_groups",
         "_layer_table",
     )
 
@@ -107,6 +109,11 @@ class KVCaches:
         self._layers = [self._layer_view(i, t, expected) for i, t in enumerate(kv_caches)]
         self._groups = self._stack(self._layers)
         self.backend = self._resolve(backend)
+        self._host_groups: list[host.HostGroup] = (
+            [(first, view.numpy()) for first, view in self._groups]
+            if self.backend == "numpy"
+            else []
+        )
         self._layer_table: torch.Tensor | None = None
         logger.debug(
             "KVCaches %s: %d blocks on %s, %d layer group(s), backend %s",
@@ -186,16 +193,25 @@ class KVCaches:
             start = end
         return groups
 
-    def _resolve(self, backend: Backend) -> Literal["torch", "triton"]:
+    def _resolve(self, backend: Backend) -> Literal["numpy", "torch", "triton"]:
+        cpu = self.device.type == "cpu"
+        if backend == "auto":
+            if cpu:
+                return "numpy"
+            return "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        if backend == "numpy":
+            if not cpu:
+                raise ValueError(
+                    f"backend='numpy' needs CPU tensors; the cache is on {self.device}"
+                )
+            return "numpy"
         if backend == "torch":
             return "torch"
         if backend == "triton":
             if not triton_available():
                 raise RuntimeError("backend='triton' was asked for but triton is not installed")
             return "triton"
-        if backend != "auto":
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-        return "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        raise ValueError(f"backend must be 'auto', 'numpy', 'torch' or 'triton', got {backend!r}")
 
     # --------------------------------------------------------------- per-call checks
     @property
@@ -230,8 +246,10 @@ class KVCaches:
             )
         return ids
 
-    def _payload(self, buf: torch.Tensor, num_blocks: int, what: str) -> torch.Tensor:
-        """Check a chunk buffer and return its ``(L, nb, planes, piece)`` word view."""
+    def _payload(self, buf: torch.Tensor, num_blocks: int | None, what: str) -> torch.Tensor:
+        """Check a chunk buffer and return its ``(L, nb, planes, piece)`` word view.
+
+        ``num_blocks=None`` accepts any whole number of blocks (partial scatters)."""
         lay = self.layout
         if not isinstance(buf, torch.Tensor):
             raise TypeError(f"{what} must be a tensor, got {type(buf).__name__}")
@@ -242,8 +260,15 @@ class KVCaches:
                 f"{what} must be a contiguous 1-D buffer, got shape {tuple(buf.shape)} "
                 f"strides {buf.stride()}"
             )
-        need = lay.chunk_nbytes(num_blocks)
         have = buf.numel() * buf.element_size()
+        if num_blocks is None:
+            num_blocks = have // lay.block_nbytes
+            if have % lay.block_nbytes or not num_blocks:
+                raise ValueError(
+                    f"{what} holds {have} bytes, not a whole number of {lay.block_nbytes}-byte "
+                    f"blocks of {lay.describe()}"
+                )
+        need = lay.chunk_nbytes(num_blocks)
         if have != need:
             raise ValueError(
                 f"{what} holds {have} bytes; {num_blocks} block(s) of {lay.describe()} "
@@ -257,41 +282,81 @@ class KVCaches:
             raise ValueError(f"{what} is not aligned to {lay.itemsize} bytes ({exc})") from None
         return word.view(lay.num_layers, num_blocks, lay.planes, lay.piece_elems)
 
+    @staticmethod
+    def _positions(positions: Sequence[int], count: int, chunk_blocks: int, what: str) -> list[int]:
+        pos = [int(p) for p in positions]
+        if len(pos) != count:
+            raise ValueError(f"{what}: {len(pos)} positions for {count} block ids")
+        if len(set(pos)) != len(pos) or min(pos) < 0 or max(pos) >= chunk_blocks:
+            raise ValueError(
+                f"{what}: positions {pos} must be distinct and within the buffer's "
+                f"{chunk_blocks} blocks"
+            )
+        return pos
+
     # -------------------------------------------------------------------- moving
     def gather(self, block_ids: BlockIds, out: torch.Tensor) -> None:
         """Copy blocks ``block_ids`` of every layer into the chunk buffer ``out``."""
         self.gather_chunks([block_ids], [out])
 
-    def scatter(self, src: torch.Tensor, block_ids: BlockIds) -> None:
-        """Copy the chunk buffer ``src`` into blocks ``block_ids`` of every layer."""
-        self.scatter_chunks([src], [block_ids])
+    def scatter(
+        self, src: torch.Tensor, block_ids: BlockIds, *, positions: Sequence[int] | None = None
+    ) -> None:
+        """Copy the chunk buffer ``src`` into blocks ``block_ids`` of every layer.
+
+        ``positions`` (optional) loads part of a chunk: chunk block ``positions[k]`` of
+        ``src`` goes to ``block_ids[k]``; ``src`` then holds the whole chunk."""
+        self.scatter_chunks(
+            [src], [block_ids], positions=None if positions is None else [positions]
+        )
 
     def gather_chunks(self, block_table: Sequence[BlockIds], outs: Sequence[torch.Tensor]) -> None:
         """Gather many chunks (e.g. a request's worth) in one call: chunk ``c`` is blocks
         ``block_table[c]`` into ``outs[c]``."""
-        ids, views = self._batch(block_table, outs, "out", unique=False)
+        ids, views = self._batch(block_table, outs, "out")
         if self.backend == "triton":
-            self._triton(ids, views, to_buffer=True)
+            self._triton(ids, None, views, to_buffer=True)
             return
         for chunk_ids, view in zip(ids, views, strict=True):
-            if view.device == self.device:
-                reference.gather(self._groups, chunk_ids, view)
-            else:
+            if view.device != self.device:
                 staging = torch.empty(view.shape, dtype=view.dtype, device=self.device)
                 reference.gather(self._groups, chunk_ids, staging)
                 view.copy_(staging)
+            elif self.backend == "numpy":
+                host.gather(self._host_groups, chunk_ids, view.numpy())
+            else:
+                reference.gather(self._groups, chunk_ids, view)
 
-    def scatter_chunks(self, srcs: Sequence[torch.Tensor], block_table: Sequence[BlockIds]) -> None:
+    def scatter_chunks(
+        self,
+        srcs: Sequence[torch.Tensor],
+        block_table: Sequence[BlockIds],
+        *,
+        positions: Sequence[Sequence[int] | None] | None = None,
+    ) -> None:
         """Scatter many chunks in one call: ``srcs[c]`` into blocks ``block_table[c]``.
 
-        A block id may appear only once in the whole batch (two writers, one block)."""
-        ids, views = self._batch(block_table, srcs, "src", unique=True)
+        ``positions[c]`` (optional, per chunk) as in ``scatter``. A block id may appear
+        only once in the whole batch (two writers, one block)."""
+        ids, views = self._batch(block_table, srcs, "src", positions=positions)
+        total = sum(len(i) for i in ids)
+        if len({b for i in ids for b in i}) != total:
+            raise ValueError("scatter: a block id appears more than once in the batch")
+        pos: list[list[int] | None] = [None] * len(ids)
+        if positions is not None:
+            for c, p in enumerate(positions):
+                if p is not None:
+                    pos[c] = self._positions(p, len(ids[c]), views[c].shape[1], f"chunk {c}")
         if self.backend == "triton":
-            self._triton(ids, views, to_buffer=False)
+            self._triton(ids, pos, views, to_buffer=False)
             return
-        for chunk_ids, view in zip(ids, views, strict=True):
-            src = view if view.device == self.device else view.to(self.device)
-            reference.scatter(src, self._groups, chunk_ids)
+        for chunk_ids, chunk_pos, view in zip(ids, pos, views, strict=True):
+            if view.device != self.device:
+                reference.scatter(view.to(self.device), self._groups, chunk_ids, chunk_pos)
+            elif self.backend == "numpy":
+                host.scatter(view.numpy(), self._host_groups, chunk_ids, chunk_pos)
+            else:
+                reference.scatter(view, self._groups, chunk_ids, chunk_pos)
 
     def _batch(
         self,
@@ -299,25 +364,30 @@ class KVCaches:
         bufs: Sequence[torch.Tensor],
         what: str,
         *,
-        unique: bool,
+        positions: Sequence[Sequence[int] | None] | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor]]:
         given: object = bufs
         if isinstance(given, torch.Tensor):
             raise TypeError(f"{what}s must be a sequence of buffers, one per chunk")
         if len(block_table) != len(bufs):
             raise ValueError(f"{len(block_table)} block-id lists but {len(bufs)} {what} buffers")
+        if positions is not None and len(positions) != len(bufs):
+            raise ValueError(f"{len(positions)} position lists for {len(bufs)} chunks")
         ids = [self._ids(b, f"chunk {c}") for c, b in enumerate(block_table)]
-        views = [
-            self._payload(buf, len(i), f"{what}[{c}]")
-            for c, (buf, i) in enumerate(zip(bufs, ids, strict=True))
-        ]
-        if unique:
-            total = sum(len(i) for i in ids)
-            if len({b for i in ids for b in i}) != total:
-                raise ValueError("scatter: a block id appears more than once in the batch")
+        views = []
+        for c, (buf, i) in enumerate(zip(bufs, ids, strict=True)):
+            whole = positions is None or positions[c] is None
+            views.append(self._payload(buf, len(i) if whole else None, f"{what}[{c}]"))
         return ids, views
 
-    def _triton(self, ids: list[list[int]], views: list[torch.Tensor], *, to_buffer: bool) -> None:
+    def _triton(
+        self,
+        ids: list[list[int]],
+        positions: list[list[int] | None] | None,
+        views: list[torch.Tensor],
+        *,
+        to_buffer: bool,
+    ) -> None:
         from . import triton_kernels
 
         lay = self.layout
@@ -341,16 +411,17 @@ class KVCaches:
                 bufs.append(part)
                 at += v.numel()
         base_ptr = bufs[0].data_ptr()
-        piece = lay.piece_elems
+        block_elems = lay.planes * lay.piece_elems
         blocks: list[int] = []
         offsets: list[int] = []
         strides: list[int] = []
-        for chunk_ids, buf in zip(ids, bufs, strict=True):
+        for c, (chunk_ids, buf) in enumerate(zip(ids, bufs, strict=True)):
             start = (buf.data_ptr() - base_ptr) // word
-            layer_stride = len(chunk_ids) * lay.planes * piece
+            layer_stride = buf.shape[1] * block_elems
+            chunk_pos = positions[c] if positions is not None else None
             for j, b in enumerate(chunk_ids):
                 blocks.append(b)
-                offsets.append(start + j * lay.planes * piece)
+                offsets.append(start + (j if chunk_pos is None else chunk_pos[j]) * block_elems)
                 strides.append(layer_stride)
         jobs = torch.tensor([blocks, offsets, strides], dtype=torch.int64, device=self.device)
         triton_kernels.copy_blocks(
@@ -360,7 +431,7 @@ class KVCaches:
             jobs,
             num_layers=lay.num_layers,
             planes=lay.planes,
-            piece=piece,
+            piece=lay.piece_elems,
             to_buffer=to_buffer,
         )
         if to_buffer and not local:

@@ -29,19 +29,28 @@ LayerGroup = tuple[int, torch.Tensor]
 GATHER_INDEX_SELECT_MIN_RUNS = 3
 
 
-def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Split ids into runs of consecutive ids: ``(first_id, position_in_chunk, length)``."""
+def block_runs(
+    block_ids: Sequence[int], positions: Sequence[int] | None = None
+) -> list[tuple[int, int, int]]:
+    """Split ids into runs: ``(first_id, first_position_in_chunk, length)``.
+
+    ``positions[k]`` is where block ``block_ids[k]`` sits in the chunk (default ``k``); a
+    run continues while both the id and the position go up by one.
+    """
+    pos_of = range(len(block_ids)) if positions is None else positions
     runs: list[tuple[int, int, int]] = []
-    start = pos = 0
-    prev = -2
-    for i, b in enumerate(block_ids):
-        if b != prev + 1:
-            if i:
-                runs.append((start, pos, i - pos))
-            start, pos = b, i
-        prev = b
-    if block_ids:
-        runs.append((start, pos, len(block_ids) - pos))
+    start = first = count = 0
+    prev_b = prev_p = -2
+    for b, p in zip(block_ids, pos_of, strict=True):
+        if count and b == prev_b + 1 and p == prev_p + 1:
+            count += 1
+        else:
+            if count:
+                runs.append((start, first, count))
+            start, first, count = b, p, 1
+        prev_b, prev_p = b, p
+    if count:
+        runs.append((start, first, count))
     return runs
 
 
@@ -60,9 +69,17 @@ def gather(groups: Sequence[LayerGroup], block_ids: Sequence[int], out: torch.Te
             dst[:, pos : pos + n].copy_(view[:, :, block : block + n].transpose(1, 2))
 
 
-def scatter(src: torch.Tensor, groups: Sequence[LayerGroup], block_ids: Sequence[int]) -> None:
-    """Copy ``src`` ``(L, nb, P, piece)`` into blocks ``block_ids`` of every layer."""
-    runs = block_runs(block_ids)
+def scatter(
+    src: torch.Tensor,
+    groups: Sequence[LayerGroup],
+    block_ids: Sequence[int],
+    positions: Sequence[int] | None = None,
+) -> None:
+    """Copy ``src`` ``(L, nb, P, piece)`` into blocks ``block_ids`` of every layer.
+
+    With ``positions``, chunk block ``positions[k]`` goes to ``block_ids[k]`` (a partial
+    load: the engine already holds the other blocks of the chunk)."""
+    runs = block_runs(block_ids, positions)
     for first, view in groups:
         part = src[first : first + view.shape[0]]
         for block, pos, n in runs:

@@ -1,0 +1,197 @@
+"""``meshkv bench kernels``: gather/scatter throughput against a plain copy of the same bytes.
+
+For each device and layout it times, interleaved round by round so that machine noise hits
+every arm alike: a batched gather of ``--chunks`` chunks into an arena, the batched
+scatter back, the same chunks one call each (the connector's per-chunk path), and the
+baseline, a plain ``copy_`` of a contiguous tensor of the same size into the same arena.
+Each round uses other blocks (the cache holds ``--spread`` times the working set) so the
+source is not cache-resident. Medians are reported; ratio = kernel / baseline.
+
+On CUDA the arena is host memory (device-to-host, as when a GPU engine saves into the
+agent's shared-memory arena) and the baseline is a device-to-host copy of the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from meshkv.bench.report import Report, Result
+
+if TYPE_CHECKING:
+    from meshkv.kernels import KVLayout
+
+DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")
+KINDS = ("vllm_cpu", "flash_attn", "mla")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=8, help="attention layers")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads per rank")
+    parser.add_argument("--head-size", type=int, default=64, help="elements per head")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per engine block")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
+    parser.add_argument("--chunks", type=int, default=16, help="chunks moved per round")
+    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="KV element type")
+    parser.add_argument(
+        "--layouts", default="vllm_cpu", help=f"comma-separated layouts out of {','.join(KINDS)}"
+    )
+    parser.add_argument(
+        "--ids",
+        choices=("consecutive", "scattered"),
+        default="consecutive",
+        help="block ids of a chunk: one run, or spread over the cache",
+    )
+    parser.add_argument("--spread", type=int, default=4, help="cache size / working set")
+    parser.add_argument("--repeats", type=int, default=30, help="rounds (medians reported)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cpu, +cuda"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from meshkv.kernels import KVLayout, LayoutKind
+
+    devices = ["cpu"] if args.device in ("auto", "cpu") else []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available")
+            return 2
+        devices.append("cuda")
+    try:
+        kinds = [LayoutKind(k.strip()) for k in args.layouts.split(",") if k.strip()]
+    except ValueError as exc:
+        print(f"--layouts: {exc}")
+        return 2
+    dtype = getattr(torch, args.dtype)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    report = Report(
+        "kernels",
+        meta={
+            "layers": args.layers,
+            "kv_heads": args.kv_heads,
+            "head_size": args.head_size,
+            "block_size": args.block_size,
+            "chunk_tokens": args.chunk_tokens,
+            "chunks": args.chunks,
+            "dtype": args.dtype,
+            "ids": args.ids,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
+    for device in devices:
+        for kind in kinds:
+            heads = 1 if kind is LayoutKind.MLA else args.kv_heads
+            head = 2 * args.head_size if kind is LayoutKind.MLA else args.head_size
+            layout = KVLayout(kind, args.layers, args.block_size, head, dtype, heads)
+            try:
+                per_chunk = layout.blocks_per_chunk(args.chunk_tokens)
+            except ValueError as exc:
+                print(exc)
+                return 2
+            _bench_one(report, layout, per_chunk, device, args)
+    print(report.table())
+    report.write(args.json)
+    return 0
+
+
+def _bench_one(
+    report: Report, layout: KVLayout, per_chunk: int, device: str, args: argparse.Namespace
+) -> None:
+    import torch as t
+
+    from meshkv.kernels import KVCaches
+
+    working = args.chunks * per_chunk
+    num_blocks = working * max(1, args.spread)
+    # one allocation for all layers, as vLLM's CPU backend does
+    big = t.empty((layout.num_layers, *layout.layer_shape(num_blocks)), dtype=layout.dtype)
+    big = big.to(device)
+    big.view(t.uint8).random_()
+    kv = KVCaches([big[i] for i in range(layout.num_layers)], layout)
+    chunk_bytes = layout.chunk_nbytes(per_chunk)
+    total = chunk_bytes * args.chunks
+    arena = t.ones(total, dtype=t.uint8)  # host memory, pre-faulted
+    outs = [arena[c * chunk_bytes : (c + 1) * chunk_bytes] for c in range(args.chunks)]
+    src = t.empty(total * max(1, args.spread), dtype=t.uint8, device=device).random_()
+    sync = t.cuda.synchronize if device == "cuda" else _nothing
+
+    def table(round_: int) -> list[list[int]]:
+        shift = (round_ % max(1, args.spread)) * working
+        if args.ids == "consecutive":
+            return [
+                [shift + c * per_chunk + j for j in range(per_chunk)] for c in range(args.chunks)
+            ]
+        # scattered: block j of chunk c is far from its neighbours, in reverse order
+        return [
+            [shift + (j * args.chunks + c) for j in reversed(range(per_chunk))]
+            for c in range(args.chunks)
+        ]
+
+    def baseline(r: int) -> None:
+        arena.copy_(src[(r % max(1, args.spread)) * total :][:total])
+
+    def gather(r: int) -> None:
+        kv.gather_chunks(table(r), outs)
+
+    def scatter(r: int) -> None:
+        kv.scatter_chunks(outs, table(r))
+
+    def gather_each(r: int) -> None:
+        for ids, out in zip(table(r), outs, strict=True):
+            kv.gather(ids, out)
+
+    def scatter_each(r: int) -> None:
+        for ids, out in zip(table(r), outs, strict=True):
+            kv.scatter(out, ids)
+
+    arms: dict[str, Callable[[int], None]] = {
+        "baseline": baseline,
+        "gather": gather,
+        "scatter": scatter,
+        "gather_1": gather_each,
+        "scatter_1": scatter_each,
+    }
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(args.repeats + 1):
+        for name, fn in arms.items():
+            sync()
+            start = time.perf_counter()
+            fn(r)
+            sync()
+            if r:  # round 0 warms up (first touch, Triton compile)
+                times[name].append(time.perf_counter() - start)
+    base = total / statistics.median(times["baseline"]) / 1e9
+    label = f"{device} {layout.kind.value}"
+    for name, title in (
+        ("gather", "gather"),
+        ("scatter", "scatter"),
+        ("gather_1", "gather per-chunk"),
+        ("scatter_1", "scatter per-chunk"),
+    ):
+        gbps = total / statistics.median(times[name]) / 1e9
+        report.add(
+            Result(
+                name=f"{title} {label}",
+                value=gbps,
+                unit="GB/s",
+                size_bytes=total,
+                baseline="torch copy_" + (" D2H" if device == "cuda" else ""),
+                baseline_value=base,
+            )
+        )
+
+
+def _nothing() -> None:
+    return None
