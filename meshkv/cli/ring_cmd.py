@@ -1,11 +1,178 @@
-"""Placeholder: replaced by the module's owner."""
+"""``meshkv ring status|owners``: the mesh as one agent sees it, over its HTTP admin port.
+
+``ring status`` prints the members (id, address, state, incarnation, ring share, chunks
+and bytes per tier, hit rate, last heard), the ring's balance and digest, and which node
+answered. ``--json`` prints exactly::
+
+    {"self": ID, "members": [{"id", "address", "state", "incarnation", "ring_share",
+      "chunks", "bytes"}], "ring": {"digest", "max_over_mean"}}
+
+Every agent that sees the same members reports the same ``ring.digest``.
+``ring owners KEY`` (32 hex digits) or ``--tokens FILE`` prints each key's home and holders.
+The tokens file is JSON: ``{"namespace": {Namespace fields}, "chunk_tokens": 256,
+"tokens": [ids]}``; the keys of its full chunks are computed here, as an engine would.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
+
+from meshkv.chunk import ChunkKey, Namespace, chunk_keys
+
+MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
+RING_FIELDS = ("digest", "max_over_mean")
+HTTP_TIMEOUT_S = 5.0
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("ring", help="(not built yet)")
-    p.set_defaults(func=lambda args: 2)
+    p: argparse.ArgumentParser = sub.add_parser("ring", help="inspect the mesh's ring")
+    verbs = p.add_subparsers(dest="ring_command", metavar="VERB", required=True)
+
+    st = verbs.add_parser("status", help="members, their state and the ring's balance")
+    st.add_argument("--http", required=True, metavar="HOST:PORT", help="an agent's admin port")
+    st.add_argument("--json", action="store_true", help="print the JSON contract")
+    st.set_defaults(func=_status)
+
+    ow = verbs.add_parser("owners", help="home and holders of chunk keys")
+    ow.add_argument("--http", required=True, metavar="HOST:PORT", help="an agent's admin port")
+    ow.add_argument("key", nargs="?", help="chunk key, 32 hex digits")
+    ow.add_argument("--tokens", metavar="FILE", help='JSON {"namespace", "chunk_tokens", "tokens"}')
+    ow.add_argument("--json", action="store_true", help="print JSON")
+    ow.set_defaults(func=_owners)
+
+
+def _get(http: str, path: str, body: Any = None) -> Any:
+    url = f"http://{http}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        raise SystemExit(f"meshkv ring: {url} answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SystemExit(f"meshkv ring: cannot reach the agent at {http}: {exc}") from None
+
+
+def contract(view: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` contract cut out of the agent's richer ``/v1/ring`` answer."""
+    return {
+        "self": view["self"],
+        "members": [{f: m.get(f) for f in MEMBER_FIELDS} for m in view["members"]],
+        "ring": {f: view["ring"].get(f) for f in RING_FIELDS},
+    }
+
+
+def _status(args: argparse.Namespace) -> int:
+    view = _get(args.http, "/v1/ring")
+    if args.json:
+        print(json.dumps(contract(view), indent=2))
+        return 0
+    print(render_status(view))
+    return 0
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render_status(view: dict[str, Any]) -> str:
+    head = (
+        "",
+        "node",
+        "address",
+        "state",
+        "inc",
+        "share",
+        "chunks cpu/ssd",
+        "bytes cpu/ssd",
+        "hit rate",
+        "last heard",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for m in view["members"]:
+        tiers = m.get("tiers") or {}
+        cpu, ssd = tiers.get("cpu") or {}, tiers.get("ssd") or {}
+        hit = m.get("hit_rate")
+        heard = m.get("last_heard_s")
+        rows.append(
+            (
+                "*" if m["id"] == view["self"] else "",
+                m["id"],
+                m["address"],
+                m["state"],
+                str(m["incarnation"]),
+                f"{100 * m['ring_share']:.1f}%",
+                f"{cpu.get('chunks', '-')}/{ssd.get('chunks', '-')}" if tiers else "-",
+                f"{_fmt_bytes(cpu.get('bytes'))}/{_fmt_bytes(ssd.get('bytes'))}" if tiers else "-",
+                "-" if hit is None else f"{100 * hit:.1f}%",
+                "-" if heard is None else f"{heard:.1f}s ago",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    ring = view["ring"]
+    lines.append("")
+    lines.append(
+        f"ring: {ring.get('members', len(view['members']))} members on the ring, "
+        f"{ring.get('vnodes', '?')} vnodes each, max/mean ownership "
+        f"{ring['max_over_mean']:.3f}, digest {ring['digest']}"
+    )
+    lines.append(f"view of {view['self']} (*)")
+    return "\n".join(lines)
+
+
+def keys_from_tokens_file(path: Path) -> list[ChunkKey]:
+    """Chunk keys of the prompt described by a ``--tokens`` file."""
+    spec = json.loads(path.read_text())
+    if not isinstance(spec, dict) or not {"namespace", "tokens"} <= spec.keys():
+        raise ValueError('expected {"namespace": {...}, "chunk_tokens": N, "tokens": [...]}')
+    tokens = spec["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise ValueError("tokens must be a list of integers")
+    namespace = Namespace(**spec["namespace"])
+    return chunk_keys(namespace.digest(), tokens, int(spec.get("chunk_tokens", 256)))
+
+
+def _owners(args: argparse.Namespace) -> int:
+    if bool(args.key) == bool(args.tokens):
+        print("meshkv ring owners: give exactly one of KEY or --tokens FILE", file=sys.stderr)
+        return 2
+    if args.key:
+        try:
+            if len(bytes.fromhex(args.key)) != 16:
+                raise ValueError
+        except ValueError:
+            print(f"meshkv ring owners: {args.key!r} is not 32 hex digits", file=sys.stderr)
+            return 2
+        rows = [_get(args.http, f"/v1/owners/{args.key}")]
+    else:
+        try:
+            keys = keys_from_tokens_file(Path(args.tokens))
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"meshkv ring owners: {args.tokens}: {exc}", file=sys.stderr)
+            return 2
+        rows = _get(args.http, "/v1/owners", {"keys": [k.hex() for k in keys]})["keys"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        holders = ", ".join(row["holders"]) or "(none)"
+        print(f"{row['key']}  home {row['home']}  holders {holders}")
+    return 0

@@ -1,0 +1,172 @@
+"""Peer connection management for the mesh shell.
+
+Two kinds of traffic, kept apart so that neither waits for the other:
+
+* **control** (membership, directory announcements): small one-way messages. Each peer
+  address has one connection and one bounded queue drained by one sender task; sending
+  never blocks the caller. A full queue drops its oldest message (SWIM tolerates loss and
+  the directory's re-announce repairs it). A peer that cannot be reached costs one failed
+  connect per attempt, after which its queued messages are dropped, never retried forever.
+* **data** (chunk pulls and pushes, lookups): request/response through a
+  ``ConnectionPool`` with a few connections per peer, since on a byte stream a request
+  queued behind a 16 MiB payload waits for it.
+
+Every connection is authenticated by the transport's handshake before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from meshkv.errors import AuthenticationFailed, MeshKVError
+from meshkv.transport.base import Connection, ConnectionPool, Handler, Transport
+from meshkv.transport.framing import MsgKind
+
+logger = logging.getLogger(__name__)
+
+IDLE_CLOSE_S = 60.0
+"""A control link with nothing to send for this long closes its connection."""
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters of the control links."""
+
+    sent: int = 0
+    dropped_queue_full: int = 0
+    dropped_unreachable: int = 0
+    connect_failures: int = 0
+    auth_failures: int = 0
+    """Outgoing handshakes the peer rejected (wrong secret) or that failed."""
+
+
+class _ControlLink:
+    __slots__ = ("address", "queue", "wakeup", "task", "conn")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.queue: collections.deque[tuple[MsgKind, dict[str, Any]]] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.conn: Connection | None = None
+
+
+class PeerLinks:
+    """Control queues and data connections to every peer this node talks to."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        handler: Handler,
+        *,
+        connect_timeout_s: float,
+        send_timeout_s: float,
+        queue_limit: int,
+        connections_per_peer: int,
+    ) -> None:
+        self._transport = transport
+        self._handler = handler
+        self._connect_timeout = connect_timeout_s
+        self._send_timeout = send_timeout_s
+        self._queue_limit = queue_limit
+        self._links: dict[str, _ControlLink] = {}
+        self._pool = ConnectionPool(transport, connections_per_peer, handler)
+        self._closed = False
+        self.stats = LinkStats()
+
+    def send(self, address: str, kind: MsgKind, header: dict[str, Any]) -> None:
+        """Queue a one-way control message to ``address`` (never blocks)."""
+        if self._closed:
+            return
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _ControlLink(address)
+        if len(link.queue) >= self._queue_limit:
+            link.queue.popleft()
+            self.stats.dropped_queue_full += 1
+        link.queue.append((kind, header))
+        link.wakeup.set()
+        if link.task is None or link.task.done():
+            link.task = asyncio.create_task(self._run(link), name=f"meshkv-link-{address}")
+
+    async def data(self, address: str, deadline: float) -> Connection:
+        """A data connection to ``address`` (opened and authenticated if needed)."""
+        try:
+            return await self._pool.get(address, deadline)
+        except AuthenticationFailed:
+            self.stats.auth_failures += 1
+            raise
+
+    def forget(self, address: str) -> None:
+        """Drop the control link of a peer that left or died (its queue is discarded)."""
+        link = self._links.pop(address, None)
+        if link is not None and link.task is not None:
+            link.task.cancel()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        for link in self._links.values():
+            if link.conn is not None:
+                with contextlib.suppress(MeshKVError, OSError):
+                    await link.conn.close()
+        self._links.clear()
+        await self._pool.close()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until every control queue is empty (used at leave)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end and any(link.queue for link in self._links.values()):
+            await asyncio.sleep(0.01)
+
+    async def _run(self, link: _ControlLink) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not link.queue:
+                    link.wakeup.clear()
+                    try:
+                        await asyncio.wait_for(link.wakeup.wait(), IDLE_CLOSE_S)
+                    except TimeoutError:
+                        break
+                    continue
+                conn = link.conn
+                if conn is None or conn.closed:
+                    try:
+                        conn = link.conn = await self._transport.connect(
+                            link.address,
+                            loop.time() + self._connect_timeout,
+                            handler=self._handler,
+                        )
+                    except (MeshKVError, OSError) as exc:
+                        if isinstance(exc, AuthenticationFailed):
+                            self.stats.auth_failures += 1
+                        self.stats.connect_failures += 1
+                        self.stats.dropped_unreachable += len(link.queue)
+                        link.queue.clear()
+                        logger.debug("control link to %s: %s", link.address, exc)
+                        continue
+                kind, header = link.queue.popleft()
+                try:
+                    await conn.send(kind, header, deadline=loop.time() + self._send_timeout)
+                    self.stats.sent += 1
+                except (MeshKVError, OSError) as exc:
+                    logger.debug("control send to %s failed: %s", link.address, exc)
+                    with contextlib.suppress(MeshKVError, OSError):
+                        await conn.close()
+                    link.conn = None
+        finally:
+            if link.conn is not None:
+                conn, link.conn = link.conn, None
+                with contextlib.suppress(MeshKVError, OSError):
+                    await asyncio.shield(conn.close())

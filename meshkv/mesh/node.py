@@ -1,0 +1,514 @@
+"""The mesh shell: drives the sans-IO cores with a real transport and the loop's clock.
+
+``MeshNode`` is the agent's ``MeshService`` (and the local server's ``RemoteLookup``). It
+owns:
+
+* the transport listener (the peer port) and the peer links (``links.py``),
+* the membership core (SWIM + Lifeguard) and the directory core, fed with received
+  messages and ticked by one timer task at their ``next_deadline()``; membership events
+  rebuild the ring, which the directory adopts (hand-off, purge of departed holders,
+  re-announce of keys whose home moved),
+* the fetcher (``fetch.py``) that answers the local channel's lookup misses, and the
+  replicator (``replication.py``) that copies committed chunks to ring successors,
+* the peer server (``server/peer.py``) that serves what peers ask.
+
+Nothing from a peer is acted on before the transport's HMAC handshake has authenticated
+it. Every task has an owner (``self._tasks``); shutdown is staged: gossip LEFT and keep
+ticking for ``leave_propagate_s``, cancel the tasks, stop the listener, close the links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from meshkv.chunk import ChunkKey, NamespaceId
+from meshkv.errors import ConfigError, ProtocolError
+from meshkv.mesh import messages as mm
+from meshkv.mesh.directory import Directory
+from meshkv.mesh.fetch import Fetcher
+from meshkv.mesh.links import PeerLinks
+from meshkv.mesh.membership import EventKind, Member, MemberEvent, Membership
+from meshkv.mesh.options import MeshNodeConfig
+from meshkv.mesh.replication import Replicator
+from meshkv.mesh.ring import Ring
+from meshkv.server.peer import PeerServer
+from meshkv.transport.base import (
+    Connection,
+    Listener,
+    Transport,
+    TransportConfig,
+    format_address,
+    parse_address,
+)
+from meshkv.transport.framing import MsgKind
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from meshkv.config import AgentConfig
+    from meshkv.metrics import AgentMetrics
+    from meshkv.store import Store, Tier
+
+logger = logging.getLogger(__name__)
+
+_WIRE_KIND: dict[type, MsgKind] = {
+    mm.Ping: MsgKind.PING,
+    mm.Ack: MsgKind.ACK,
+    mm.PingReq: MsgKind.PING_REQ,
+    mm.Nack: MsgKind.ACK,
+    mm.Gossip: MsgKind.GOSSIP,
+    mm.PushPull: MsgKind.PUSH_PULL,
+    mm.Announce: MsgKind.DIR_ANNOUNCE,
+    mm.Handoff: MsgKind.DIR_ANNOUNCE,
+}
+"""Transport frame kind of each core message sent one-way."""
+
+HOLDER_CACHE_LIMIT = 65536
+"""Most lookup results remembered between a lookup and the pull it leads to."""
+PUSH_SWEEP_S = 60.0
+"""A pushed payload whose frame never completed gives its reserved slot back after this."""
+
+
+def make_transport(name: str, config: TransportConfig) -> Transport:
+    """The peer transport called ``name`` (``tcp`` or ``ucx``)."""
+    if name == "tcp":
+        from meshkv.transport.tcp import TcpTransport
+
+        return TcpTransport(config)
+    if name == "ucx":
+        try:
+            from meshkv.transport.ucx import UcxTransport
+        except ImportError as exc:
+            raise ConfigError(
+                f"--transport ucx needs ucxx (pip install meshkv[ucx]): {exc}"
+            ) from exc
+        return UcxTransport(config)
+    raise ConfigError(f"unknown transport {name!r}")
+
+
+class MeshNode:
+    """One agent's membership in the mesh (the agent's ``MeshService``)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: MeshNodeConfig,
+        store: Store,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.store = store
+        self._rng = random.Random(seed if seed is not None else os.urandom(8))
+        self.transport = make_transport(
+            config.transport, TransportConfig(secret=config.secret, node_id=node_id)
+        )
+        self.address = config.advertise or config.listen
+        self.ring = Ring([node_id], config.ring)
+        self.fetcher = Fetcher(self)
+        self.replicator = Replicator(self)
+        self.peer_server = PeerServer(self)
+        self.last_heard: dict[str, float] = {}
+        """loop.time() of the last membership message from each member."""
+        self.events: Counter[str] = Counter()
+        """Membership events seen, by kind."""
+        self.checksum_failures = 0
+        self._membership: Membership | None = None
+        self._directory: Directory | None = None
+        self._listener: Listener | None = None
+        self._links: PeerLinks | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None
+        self._holders: dict[ChunkKey, tuple[str, ...]] = {}
+        self._arrived: set[ChunkKey] = set()
+        self._seq = 0
+        self._closing = False
+
+    # --- MeshService --------------------------------------------------------------------
+
+    @property
+    def remote(self) -> MeshNode:
+        return self
+
+    @property
+    def membership(self) -> Membership:
+        if self._membership is None:
+            raise RuntimeError("mesh node not started")
+        return self._membership
+
+    @property
+    def directory(self) -> Directory:
+        if self._directory is None:
+            raise RuntimeError("mesh node not started")
+        return self._directory
+
+    @property
+    def incarnation(self) -> int:
+        return 0 if self._membership is None else self._membership.incarnation
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        host, port = parse_address(self.config.listen)
+        self._listener = await self.transport.listen(
+            host, port, self.peer_server.handle, alloc=self.peer_server.alloc
+        )
+        if self.config.advertise is None:
+            _, real_port = parse_address(self._listener.address)
+            self.address = format_address(host, real_port)
+        self._links = PeerLinks(
+            self.transport,
+            self.peer_server.handle,
+            connect_timeout_s=self.config.connect_timeout_s,
+            send_timeout_s=self.config.send_timeout_s,
+            queue_limit=self.config.control_queue_limit,
+            connections_per_peer=self.config.connections_per_peer,
+        )
+        now = loop.time()
+        self._membership = Membership(
+            self.node_id, self.address, self.config.membership, self._rng, now
+        )
+        self._directory = Directory(self.node_id, self.config.directory, self._rng, now)
+        self._send_all(self._directory.set_ring(self.ring, {self.node_id: self.address}, now))
+        held = [e.key for e in self.store.cpu.entries()]
+        if self.store.ssd is not None:
+            held.extend(self.store.ssd.chunk_keys())
+        self._directory.add_local(held, now)
+        self.store.add_listener(self._on_store_change)
+        self._send_all(self._membership.join(list(self.config.join), now))
+        self._spawn(self._drive(), "drive")
+        logger.info(
+            "mesh node %s on %s (%s), joining %s, replicas %d, preset %s",
+            self.node_id,
+            self.address,
+            self.config.transport,
+            ",".join(self.config.join) or "nobody (first node)",
+            self.config.replicas,
+            self.config.preset,
+        )
+
+    async def close(self, deadline: float) -> None:
+        """Leave gracefully (LEFT is gossiped), then stop everything by ``deadline``."""
+        if self._closing:
+            return
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        membership, links = self._membership, self._links
+        if membership is not None and links is not None and membership.num_alive > 1:
+            self._send_all(membership.leave(loop.time()))
+            end = min(deadline, loop.time() + self.config.membership.leave_propagate_s)
+            while loop.time() < end:
+                self._send_all(membership.tick(loop.time()))
+                await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+            await links.flush(max(0.0, min(0.5, deadline - loop.time())))
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(0.1, deadline - loop.time()))
+        await self.fetcher.close()
+        await self.replicator.close()
+        self.peer_server.abort_all()
+        if self._listener is not None:
+            await self._listener.close()
+        if links is not None:
+            await links.close()
+        await self.transport.close()
+        logger.info("mesh node %s left", self.node_id)
+
+    def http_routes(self) -> list[web.RouteDef]:
+        from meshkv.mesh.admin import routes
+
+        return routes(self)
+
+    def status_section(self) -> dict[str, Any]:
+        return {
+            "mesh": {
+                "node_id": self.node_id,
+                "address": self.address,
+                "transport": self.config.transport,
+                "incarnation": self.incarnation,
+                "alive_members": self.membership.num_alive if self._membership else 1,
+                "ring_digest": self.ring.digest,
+                "directory_keys": self._directory.num_entries if self._directory else 0,
+                "replicas": self.config.replicas,
+            }
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Plain numbers for ``meshkv.metrics.MeshCollector``."""
+        states: Counter[str] = Counter({"alive": 1})
+        for m in self.known_members():
+            states[m.state.name.lower()] += 1
+        fs = self.fetcher.stats
+        ms = self._membership.stats if self._membership else None
+        return {
+            "members": dict(states),
+            "events": dict(self.events),
+            "suspicions": self.events["suspect"],
+            "refutations": ms.refutes if ms else 0,
+            "probe_failures": ms.probe_failures if ms else 0,
+            "directory_keys": self._directory.num_entries if self._directory else 0,
+            "directory_entries": self._directory.num_entries if self._directory else 0,
+            "ring_members": len(self.ring),
+            "pulls_ok": fs.pulls_ok,
+            "pull_bytes": fs.pull_bytes,
+            "pull_failures": dict(fs.failures),
+            "pull_latency_buckets": list(fs.latency_buckets),
+            "pull_latency_sum": fs.latency_sum,
+            "handshake_failures": self.transport.stats.auth_failures,
+            "checksum_failures": self.checksum_failures + fs.failures["checksum"],
+            "protocol_errors": self.transport.stats.protocol_errors,
+            "served_bytes": self.peer_server.stats.bytes_served,
+            "replica_pushes": self.replicator.stats.pushed,
+        }
+
+    def own_stats(self) -> dict[str, Any]:
+        """This node's chunk counts per tier and hit rate (answer to ``NODE_STATS``)."""
+        snap = self.store.snapshot()
+        tiers = {
+            name: {"chunks": t.chunks, "bytes": t.usage_bytes} for name, t in snap.tiers.items()
+        }
+        hits = sum(t.hit_chunks for t in snap.tiers.values())
+        total = hits + snap.miss_chunks
+        return {
+            "tiers": tiers,
+            "chunks": sum(t["chunks"] for t in tiers.values()),
+            "bytes": sum(t["bytes"] for t in tiers.values()),
+            "hit_rate": None if total == 0 else hits / total,
+        }
+
+    async def member_stats(self, node: str, deadline: float) -> dict[str, Any]:
+        if node == self.node_id:
+            return self.own_stats()
+        address = self.address_of(node)
+        if address is None:
+            raise LookupError(node)
+        conn = await self.connection(address, deadline)
+        reply = await conn.request(MsgKind.NODE_STATS, {}, deadline=deadline)
+        return dict(reply.header)
+
+    def known_members(self) -> list[Member]:
+        return [] if self._membership is None else self._membership.members()
+
+    # --- RemoteLookup (the local server's lookup misses) ---------------------------------
+
+    async def lookup(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]:
+        from meshkv.store import Tier
+
+        found = await self.fetcher.locate(ns, keys, self.now() + self.config.lookup_timeout_s)
+        if len(self._holders) + len(found) > HOLDER_CACHE_LIMIT:
+            self._holders.clear()
+        self._holders.update(found)
+        return [Tier.PEER if k in found else None for k in keys]
+
+    async def fetch(self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float) -> list[bool]:
+        unknown = [k for k in keys if k not in self._holders]
+        if unknown:
+            self._holders.update(await self.fetcher.locate(ns, unknown, deadline))
+        for key in keys:
+            holders = self._holders.pop(key, ())
+            if holders:
+                self.fetcher.start(ns, key, holders)
+        await self.fetcher.wait(keys, deadline)
+        return [t is not None for t in self.store.lookup(ns, keys)]
+
+    # --- used by fetch, replication and the peer server ---------------------------------
+
+    def homes(self, keys: Sequence[ChunkKey]) -> list[str]:
+        return self.ring.owners_many(keys)
+
+    def home_of(self, key: ChunkKey) -> str:
+        return self.ring.owner(key)
+
+    def is_alive(self, node: str) -> bool:
+        if node == self.node_id:
+            return True
+        member = None if self._membership is None else self._membership.member(node)
+        return member is not None and member.state in (mm.State.ALIVE, mm.State.SUSPECT)
+
+    def address_of(self, node: str) -> str | None:
+        return None if self._membership is None else self._membership.address_of(node)
+
+    def peer_load(self, node: str) -> int:
+        """Pulls this node has running from ``node`` (fewer is better)."""
+        return self.fetcher.load[node]
+
+    async def connection(self, address: str, deadline: float) -> Connection:
+        if self._links is None:
+            raise RuntimeError("mesh node not started")
+        return await self._links.data(address, deadline)
+
+    async def lookup_at(
+        self, home: str, keys: Sequence[ChunkKey], deadline: float
+    ) -> tuple[tuple[str, ...], ...]:
+        """Holders of ``keys`` as their home knows them (asked over the network unless
+        this node is the home)."""
+        if home == self.node_id:
+            return tuple(self.directory.answer_lookup(keys, self.now()))
+        address = self.address_of(home)
+        if address is None:
+            return tuple(() for _ in keys)
+        self._seq += 1
+        request = mm.Lookup(self._seq, self.node_id, tuple(bytes(k) for k in keys))
+        conn = await self.connection(address, deadline)
+        reply = await conn.request(MsgKind.DIR_LOOKUP, {"m": request.to_wire()}, deadline=deadline)
+        answer = mm.decode(reply.header.get("m"))
+        if not isinstance(answer, mm.LookupReply) or len(answer.holders) != len(keys):
+            raise ProtocolError(f"home {home} answered a lookup with a bad reply")
+        return answer.holders
+
+    def holders_here(self, keys: Sequence[bytes]) -> tuple[tuple[str, ...], ...]:
+        """Home side of a peer's lookup."""
+        return tuple(self.directory.answer_lookup(keys, self.now()))
+
+    def not_held(self, key: ChunkKey) -> None:
+        """A peer asked for ``key`` and this node does not hold it: tell its home, so the
+        stale entry is dropped there instead of being handed out again."""
+        msg = mm.Announce(self.node_id, (), (bytes(key),))
+        home = self.home_of(key)
+        if home == self.node_id:
+            self.directory.handle(self.address, msg, self.now())
+        else:
+            address = self.address_of(home)
+            if address is not None:
+                self._send(address, msg)
+
+    def mark_arrived(self, key: ChunkKey) -> None:
+        """``key`` is about to be committed from a pull or push (not by a local engine),
+        so the replicator must not copy it on again."""
+        if len(self._arrived) > HOLDER_CACHE_LIMIT:
+            self._arrived.clear()
+        self._arrived.add(key)
+
+    def count_checksum_failure(self) -> None:
+        self.checksum_failures += 1
+
+    def on_membership(self, sender: str, src: str, msg: mm.Message) -> None:
+        if self._membership is None or self._closing:
+            return
+        now = self.now()
+        self.last_heard[sender] = now
+        self._send_all(self._membership.handle(src, msg, now))
+        self._poke()
+
+    def on_directory(self, src: str, msg: mm.Announce | mm.Handoff) -> None:
+        if self._directory is None or self._closing:
+            return
+        self._send_all(self._directory.handle(src, msg, self.now()))
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"meshkv-mesh-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("mesh task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _send_all(self, outgoing: Iterable[mm.Outgoing]) -> None:
+        for out in outgoing:
+            self._send(out.to, out.msg)
+
+    def _send(self, address: str, msg: mm.Message) -> None:
+        if self._links is None:
+            return
+        if address == self.address:
+            logger.debug("core addressed %s to this node; dropped", type(msg).__name__)
+            return
+        kind = _WIRE_KIND.get(type(msg))
+        if kind is None:
+            logger.error("core produced a %s, which is not sent one-way", type(msg).__name__)
+            return
+        self._links.send(address, kind, {"m": msg.to_wire(), "src": self.address})
+
+    async def _drive(self) -> None:
+        """Tick the cores at their deadlines (or when a message may have changed them)."""
+        loop = asyncio.get_running_loop()
+        membership, directory, wake = self.membership, self.directory, self._wake
+        assert wake is not None
+        next_sweep = loop.time() + PUSH_SWEEP_S
+        while True:
+            now = loop.time()
+            if membership.next_deadline() <= now:
+                self._send_all(membership.tick(now))
+            self._apply_events(membership.drain_events(), now)
+            if directory.next_deadline() <= now:
+                self._send_all(directory.tick(now))
+            if now >= next_sweep:
+                next_sweep = now + PUSH_SWEEP_S
+                self.peer_server.sweep(now - PUSH_SWEEP_S)
+            due = min(membership.next_deadline(), directory.next_deadline(), next_sweep)
+            wait = min(due - loop.time(), 1.0) if math.isfinite(due) else 1.0
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.0005, wait))
+
+    def _apply_events(self, events: list[MemberEvent], now: float) -> None:
+        if not events:
+            return
+        membership = self.membership
+        for event in events:
+            self.events[event.kind.value] += 1
+            logger.info(
+                "member %s (%s) %s, incarnation %d",
+                event.node,
+                event.addr,
+                event.kind.value,
+                event.incarnation,
+            )
+            if event.kind in (EventKind.DEAD, EventKind.LEFT) and self._links is not None:
+                self._links.forget(event.addr)
+                self.fetcher.load.pop(event.node, None)
+        members = membership.alive()
+        if tuple(members) != self.ring.members:
+            self.ring = Ring(members, self.config.ring)
+            addresses = {m: a for m in members if (a := membership.address_of(m)) is not None}
+            self._send_all(self.directory.set_ring(self.ring, addresses, now))
+            logger.info(
+                "ring rebuilt: %d members, digest %s", len(self.ring), self.ring.digest[:16]
+            )
+
+    def _on_store_change(self, added: list[ChunkKey], dropped: list[ChunkKey]) -> None:
+        if self._directory is None or self._closing:
+            return
+        now = self.now()
+        if added:
+            self._directory.add_local(added, now)
+        if dropped:
+            self._directory.drop_local(dropped, now)
+        self._poke()
+        fresh = [k for k in added if k not in self._arrived]
+        self._arrived.difference_update(added)
+        if fresh and self.config.replicas > 1:
+            self.replicator.enqueue(fresh)
+
+
+def create_mesh_service(config: AgentConfig, store: Store, metrics: AgentMetrics) -> MeshNode:
+    """``meshkv.agent.MESH_FACTORY``: the mesh node ``config.mesh`` describes."""
+    mesh = config.mesh
+    if not isinstance(mesh, MeshNodeConfig):
+        raise ConfigError(f"AgentConfig.mesh must be a MeshNodeConfig, got {type(mesh).__name__}")
+    node = MeshNode(config.node_id, mesh, store)
+    from meshkv.metrics import MeshCollector
+
+    metrics.register(MeshCollector(node))
+    return node
