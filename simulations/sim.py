@@ -173,6 +173,12 @@ class Sim:
     def heal(self, at: float) -> None:
         self.at(at, lambda: self._groups.clear())
 
+    def act(self, node_id: str, fn: Callable[[Membership, float], list[Outgoing] | None]) -> None:
+        """Call ``fn(core, now)`` on a node now, send what it returns, reschedule its timers
+        (as the agent's shell does after any direct call into the core)."""
+        node = self.nodes[node_id]
+        self._after(node, fn(node.core, self.now) or [])
+
     def _set_state(self, node_id: str, state: NodeState) -> None:
         self.nodes[node_id].state = state
 

@@ -26,7 +26,6 @@ interval (which heals partitions). Dead and left members are remembered for
 from __future__ import annotations
 
 import enum
-import heapq
 import logging
 import math
 import random
@@ -136,49 +135,60 @@ class _Suspicion:
 
 class _BroadcastQueue:
     """Bounded, transmit-limited queue of updates: one entry per member (a newer update
-    replaces an older one); the least-transmitted (then newest) go first."""
+    replaces an older one); the least-transmitted, then newest, go first.
 
-    __slots__ = ("_items", "_limit", "_seq", "dropped")
+    Entries live in one bucket per transmit count (insertion-ordered dicts), so taking
+    ``k`` updates costs O(k) rather than a sort of the whole queue.
+    """
+
+    __slots__ = ("_buckets", "_where", "_limit", "dropped")
 
     def __init__(self, limit: int) -> None:
-        self._items: dict[str, list[object]] = {}  # node -> [transmits, -seq, update]
+        self._buckets: list[dict[str, Update]] = [{}]
+        self._where: dict[str, int] = {}  # node -> bucket (transmits so far)
         self._limit = limit
-        self._seq = 0
         self.dropped = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._where)
 
     def add(self, u: Update) -> None:
-        self._seq += 1
-        self._items.pop(u.node, None)
-        self._items[u.node] = [0, -self._seq, u]
-        if len(self._items) > self._limit:
-            excess = len(self._items) - self._limit
-            worst = heapq.nlargest(excess, self._items.values(), key=_queue_order)
-            for e in worst:
-                del self._items[e[2].node]  # type: ignore[attr-defined]
-            self.dropped += excess
+        t = self._where.pop(u.node, None)
+        if t is not None:
+            del self._buckets[t][u.node]
+        self._buckets[0][u.node] = u
+        self._where[u.node] = 0
+        while len(self._where) > self._limit:
+            # drop the most-transmitted, oldest entry
+            b = next(b for b in reversed(self._buckets) if b)
+            node = next(iter(b))
+            del b[node]
+            del self._where[node]
+            self.dropped += 1
 
     def take(self, max_count: int, transmit_limit: int) -> Updates:
-        if not self._items:
+        if not self._where:
             return ()
-        if len(self._items) <= max_count:
-            chosen = list(self._items.values())
-        else:
-            chosen = heapq.nsmallest(max_count, self._items.values(), key=_queue_order)
-        out = []
-        for e in chosen:
-            e[0] = int(e[0]) + 1  # type: ignore[call-overload]
-            u: Update = e[2]  # type: ignore[assignment]
-            if e[0] >= transmit_limit:  # type: ignore[operator]
-                del self._items[u.node]
-            out.append(u)
-        return tuple(out)
-
-
-def _queue_order(e: list[object]) -> tuple[int, int]:
-    return (e[0], e[1])  # type: ignore[return-value]
+        chosen: list[tuple[int, Update]] = []
+        for t, b in enumerate(self._buckets):
+            if b:
+                for u in reversed(b.values()):
+                    chosen.append((t, u))
+                    if len(chosen) >= max_count:
+                        break
+                if len(chosen) >= max_count:
+                    break
+        buckets = self._buckets
+        for t, u in chosen:
+            del buckets[t][u.node]
+            if t + 1 >= transmit_limit:
+                del self._where[u.node]
+                continue
+            if t + 1 == len(buckets):
+                buckets.append({})
+            buckets[t + 1][u.node] = u
+            self._where[u.node] = t + 1
+        return tuple(u for _, u in chosen)
 
 
 class Membership:
@@ -208,6 +218,7 @@ class Membership:
         self._rng = rng
         self._members: dict[str, Member] = {}
         self._live_cache: list[str] | None = None
+        self._states_cache: Updates | None = None
         self._recent_dead: dict[str, float] = {}
         self._suspicions: dict[str, _Suspicion] = {}
         self._queue = _BroadcastQueue(config.broadcast_queue_limit)
@@ -252,7 +263,7 @@ class Membership:
     def bump_incarnation(self, now: float) -> None:
         """Gossip ALIVE with a higher incarnation (e.g. after an address change)."""
         self.incarnation += 1
-        self._queue.add(self._self_update())
+        self._broadcast(self._self_update())
 
     def drain_events(self) -> list[MemberEvent]:
         """Membership changes since the last call, oldest first."""
@@ -458,6 +469,7 @@ class Membership:
         return self._queue.take(self.config.max_piggyback, limit)
 
     def _broadcast(self, u: Update) -> None:
+        self._states_cache = None  # every state change is broadcast
         before = self._queue.dropped
         self._queue.add(u)
         self.stats.broadcasts_dropped += self._queue.dropped - before
@@ -478,9 +490,11 @@ class Membership:
         return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
     def _push_pull_msg(self, *, reply: bool, join: bool = False) -> PushPull:
-        states = [self._self_update()]
-        states.extend(m.update() for m in self._members.values())
-        return PushPull(self.node_id, tuple(states), reply, join)
+        if self._states_cache is None:
+            states = [self._self_update()]
+            states.extend(m.update() for m in self._members.values())
+            self._states_cache = tuple(states)
+        return PushPull(self.node_id, self._states_cache, reply, join)
 
     def _reconnect(self, out: list[Outgoing]) -> None:
         if self._seeds and not self._live():
@@ -613,6 +627,8 @@ class Membership:
             for n, m in self._members.items()
             if m.state in (State.DEAD, State.LEFT) and m.since <= horizon
         ]
+        if gone:
+            self._states_cache = None
         for n in gone:
             del self._members[n]
             self._recent_dead.pop(n, None)
