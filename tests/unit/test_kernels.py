@@ -227,8 +227,9 @@ def test_numpy_and_torch_backends_agree_on_layer_groups() -> None:
     lay = make_layout(LayoutKind.VLLM_CPU, torch.float32, 32, layers=4)
     caches = make_caches(lay, "cpu", shared=False)[:2] + make_caches(lay, "cpu")[:2]
     outs = []
-    for backend in ("numpy", "torch"):
-        kv = KVCaches(caches, lay, backend=backend)  # type: ignore[arg-type]
+    backends: tuple[Backend, ...] = ("numpy", "torch")
+    for backend in backends:
+        kv = KVCaches(caches, lay, backend=backend)
         assert kv.layer_groups == 3  # two lone layers, then two sharing an allocation
         out = torch.empty(lay.chunk_nbytes(5), dtype=torch.uint8)
         kv.gather([8, 9, 1, 2, 3], out)
@@ -244,13 +245,16 @@ def test_shared_memory_slot_round_trip() -> None:
     size = lay.chunk_nbytes(2)
     shm = shared_memory.SharedMemory(name=f"meshkv-test-{uuid.uuid4().hex}", create=True, size=size)
     try:
+        assert shm.buf is not None
         slot = as_byte_tensor(shm.buf[:size])
         gather(caches, [7, 8], slot, lay)
+        assert bytes(shm.buf[:size]) == naive_payload(lay, caches, [7, 8]).numpy().tobytes()
+        leased = as_byte_tensor(shm.buf[:size].toreadonly())  # a read lease's view
         fresh = [torch.zeros_like(c) for c in caches]
-        scatter(as_byte_tensor(bytes(shm.buf[:size])), fresh, [1, 2], lay)  # read-only source
+        scatter(leased, fresh, [1, 2], lay)
         for src, dst in zip(caches, fresh, strict=True):
             assert_same(dst[1:3], src[7:9])
-        del slot
+        del slot, leased  # tensors export the buffer; close() refuses while they live
     finally:
         shm.close()
         shm.unlink()
@@ -275,7 +279,7 @@ def test_rejects_mismatched_caches() -> None:
     with pytest.raises(ValueError, match=r"kv_caches\[2\] has shape"):
         KVCaches([caches[0], caches[1], caches[2][:, :1]], lay)
     with pytest.raises(TypeError, match="sequence of per-layer tensors"):
-        KVCaches(torch.stack(caches), lay)
+        KVCaches(torch.stack(caches), lay)  # type: ignore[arg-type]
     # heads and tokens swapped in memory: same shape, blocks not contiguous
     swapped = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in caches]
     with pytest.raises(ValueError, match="must be contiguous"):
