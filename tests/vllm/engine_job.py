@@ -28,6 +28,14 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.02)
 
 
+def _namespaces(job: dict[str, Any]) -> dict[str, Any]:
+    if job.get("connector") is None or job.get("multiprocess", False):
+        return {}
+    from meshkv.integrations.vllm import namespaces
+
+    return namespaces()
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
@@ -58,7 +66,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     outputs = []
     for i, prompt in enumerate(job["prompts"]):
         if sync_dir is not None and i in pauses:
-            (sync_dir / f"ready-{i}").write_text("")
+            (sync_dir / f"ready-{i}").write_text(json.dumps(_namespaces(job)))
             _wait_for(sync_dir / f"go-{i}")
         t0 = time.monotonic()
         (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)

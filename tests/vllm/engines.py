@@ -1,0 +1,95 @@
+"""Shared pieces of the real-vLLM tests: prompts, engine-run handles, waiting."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENGINE_TIMEOUT_S = 240.0
+
+_rng = random.Random(20261122)
+
+
+def _tokens(n: int) -> list[int]:
+    return [_rng.randrange(3, 1000) for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Token-id prompts; chunk_tokens=256, vLLM CPU block size 128."""
+
+    a: list[int]
+    """700 tokens: 2 full chunks (512 tokens) can be hit."""
+    b: list[int]
+    """Shares A's first 300 tokens (one full chunk), then differs; 600 tokens."""
+    c: list[int]
+    """Unrelated to A, 700 tokens."""
+    d: list[int]
+    """Unrelated, 400 tokens."""
+
+
+PROMPTS = Prompts(
+    a=(a := _tokens(700)),
+    b=a[:300] + _tokens(300),
+    c=_tokens(700),
+    d=_tokens(400),
+)
+
+
+@dataclass
+class EngineRun:
+    """A running engine job; ``result()`` waits for it."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+
+    def wait_ready(self, index: int, timeout: float = ENGINE_TIMEOUT_S) -> str:
+        """Wait until the job paused before prompt ``index``; returns what it wrote there."""
+        marker = self.workdir / f"ready-{index}"
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited early ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine never reached prompt {index}:\n{self.log()}")
+            time.sleep(0.05)
+        return marker.read_text()
+
+    def go(self, index: int) -> None:
+        (self.workdir / f"go-{index}").write_text("")
+
+    def result(self, timeout: float = ENGINE_TIMEOUT_S) -> dict[str, Any]:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise TimeoutError(f"engine job timed out:\n{self.log()}") from None
+        if code != 0:
+            raise RuntimeError(f"engine job failed with {code}:\n{self.log()}")
+        data: dict[str, Any] = json.loads((self.workdir / "result.json").read_text())
+        return data
+
+    def log(self) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return text[-6000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
