@@ -229,8 +229,10 @@ class Directory:
                 due = self._sweep_start + frac * self.config.reannounce_interval_s
                 # batch the sweep: at most one step per flush interval
                 t = min(t, max(due, self._last_sweep + self.config.flush_interval_s))
-            else:
+            elif self._sweep:
                 t = min(t, self._sweep_start + self.config.reannounce_interval_s)
+            else:
+                t = min(t, self._last_sweep + self.config.flush_interval_s)
         return t
 
     def tick(self, now: float) -> list[Outgoing]:
@@ -305,7 +307,8 @@ class Directory:
 
     def _reannounce(self, now: float) -> list[Outgoing]:
         period = self.config.reannounce_interval_s
-        if self._sweep_pos >= len(self._sweep) and now >= self._sweep_start + period:
+        done = self._sweep_pos >= len(self._sweep)
+        if done and (now >= self._sweep_start + period or not self._sweep):
             self._sweep = list(self._held)
             self._sweep_pos = 0
             self._sweep_start = now
