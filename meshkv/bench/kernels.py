@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 from meshkv.bench.report import Report, Result
 
 if TYPE_CHECKING:
-    from meshkv.kernels import KVLayout
+    import torch
+
+    from meshkv.kernels import KVCaches, KVLayout
 
 DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")
 KINDS = ("vllm_cpu", "flash_attn", "mla")
@@ -109,26 +111,27 @@ def run(args: argparse.Namespace) -> int:
 def _bench_one(
     report: Report, layout: KVLayout, per_chunk: int, device: str, args: argparse.Namespace
 ) -> None:
+    import numpy as np
     import torch as t
 
     from meshkv.kernels import KVCaches
 
+    spread = max(1, args.spread)
     working = args.chunks * per_chunk
-    num_blocks = working * max(1, args.spread)
     # one allocation for all layers, as vLLM's CPU backend does
-    big = t.empty((layout.num_layers, *layout.layer_shape(num_blocks)), dtype=layout.dtype)
-    big = big.to(device)
+    shape = (layout.num_layers, *layout.layer_shape(working * spread))
+    big = t.empty(shape, dtype=layout.dtype, device=device)
     big.view(t.uint8).random_()
-    kv = KVCaches([big[i] for i in range(layout.num_layers)], layout)
+    layers = [big[i] for i in range(layout.num_layers)]
     chunk_bytes = layout.chunk_nbytes(per_chunk)
-    total = chunk_bytes * args.chunks
-    arena = t.ones(total, dtype=t.uint8)  # host memory, pre-faulted
+    total: int = chunk_bytes * args.chunks
+    arena = t.ones(total, dtype=t.uint8)  # host memory, pre-faulted (written once)
     outs = [arena[c * chunk_bytes : (c + 1) * chunk_bytes] for c in range(args.chunks)]
-    src = t.empty(total * max(1, args.spread), dtype=t.uint8, device=device).random_()
+    src = t.empty(total * spread, dtype=t.uint8, device=device).random_()
     sync = t.cuda.synchronize if device == "cuda" else _nothing
 
     def table(round_: int) -> list[list[int]]:
-        shift = (round_ % max(1, args.spread)) * working
+        shift = (round_ % spread) * working
         if args.ids == "consecutive":
             return [
                 [shift + c * per_chunk + j for j in range(per_chunk)] for c in range(args.chunks)
@@ -139,8 +142,73 @@ def _bench_one(
             for c in range(args.chunks)
         ]
 
-    def baseline(r: int) -> None:
-        arena.copy_(src[(r % max(1, args.spread)) * total :][:total])
+    def torch_copy(r: int) -> None:
+        arena.copy_(src[(r % spread) * total :][:total])
+
+    def memcpy(r: int) -> None:  # single-threaded, like the numpy backend
+        np.copyto(arena.numpy(), src.numpy()[(r % spread) * total :][:total])
+
+    # Each backend runs in its own phase next to the baseline with the same threading:
+    # torch's OpenMP workers keep spinning after a parallel copy and would slow down
+    # whatever runs next, so mixing the phases would charge torch's cost to numpy.
+    phases: list[dict[str, Callable[[int], None]]] = []
+    rows: list[tuple[str, str]] = []  # (arm, baseline arm)
+    for backend in ("auto", "torch"):
+        kv = KVCaches(layers, layout, backend=backend)
+        if backend != "auto" and kv.backend == KVCaches(layers, layout).backend:
+            continue
+        tag = f"{device} {layout.kind.value} {kv.backend}"
+        phase = _kernel_arms(kv, table, outs, tag, per_chunk_too=backend == "auto")
+        base = "torch copy_"
+        if kv.backend == "numpy":
+            base = "memcpy"
+            phase[base] = memcpy
+        else:
+            phase[base] = torch_copy
+        rows += [(name, base) for name in phase if name != base]
+        phases.append(phase)
+
+    times: dict[str, list[float]] = {}
+    for phase in phases:
+        for name in phase:
+            times[name] = []
+        for r in range(args.repeats + 1):
+            for name, fn in phase.items():  # interleaved: noise hits every arm alike
+                sync()
+                start = time.perf_counter()
+                fn(r)
+                sync()
+                if r:  # round 0 warms up (first touch, Triton compile)
+                    times[name].append(time.perf_counter() - start)
+
+    def gbps(name: str) -> float:
+        return total / float(statistics.median(times[name])) / 1e9
+
+    d2h = " D2H" if device == "cuda" else ""
+    if "memcpy" in times:
+        report.add(
+            Result(
+                f"memcpy {device}",
+                gbps("memcpy"),
+                "GB/s",
+                total,
+                "torch copy_",
+                gbps("torch copy_"),
+            )
+        )
+    for arm, base in rows:
+        report.add(Result(arm, gbps(arm), "GB/s", total, base + d2h, gbps(base)))
+
+
+def _kernel_arms(
+    kv: KVCaches,
+    table: Callable[[int], list[list[int]]],
+    outs: list[torch.Tensor],
+    tag: str,
+    *,
+    per_chunk_too: bool,
+) -> dict[str, Callable[[int], None]]:
+    """Timed functions for one bound cache: batched calls, and one call per chunk."""
 
     def gather(r: int) -> None:
         kv.gather_chunks(table(r), outs)
@@ -148,49 +216,20 @@ def _bench_one(
     def scatter(r: int) -> None:
         kv.scatter_chunks(outs, table(r))
 
-    def gather_each(r: int) -> None:
-        for ids, out in zip(table(r), outs, strict=True):
-            kv.gather(ids, out)
+    arms: dict[str, Callable[[int], None]] = {f"gather {tag}": gather, f"scatter {tag}": scatter}
+    if per_chunk_too:
 
-    def scatter_each(r: int) -> None:
-        for ids, out in zip(table(r), outs, strict=True):
-            kv.scatter(out, ids)
+        def gather_each(r: int) -> None:
+            for ids, out in zip(table(r), outs, strict=True):
+                kv.gather(ids, out)
 
-    arms: dict[str, Callable[[int], None]] = {
-        "baseline": baseline,
-        "gather": gather,
-        "scatter": scatter,
-        "gather_1": gather_each,
-        "scatter_1": scatter_each,
-    }
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for r in range(args.repeats + 1):
-        for name, fn in arms.items():
-            sync()
-            start = time.perf_counter()
-            fn(r)
-            sync()
-            if r:  # round 0 warms up (first touch, Triton compile)
-                times[name].append(time.perf_counter() - start)
-    base = total / statistics.median(times["baseline"]) / 1e9
-    label = f"{device} {layout.kind.value}"
-    for name, title in (
-        ("gather", "gather"),
-        ("scatter", "scatter"),
-        ("gather_1", "gather per-chunk"),
-        ("scatter_1", "scatter per-chunk"),
-    ):
-        gbps = total / statistics.median(times[name]) / 1e9
-        report.add(
-            Result(
-                name=f"{title} {label}",
-                value=gbps,
-                unit="GB/s",
-                size_bytes=total,
-                baseline="torch copy_" + (" D2H" if device == "cuda" else ""),
-                baseline_value=base,
-            )
-        )
+        def scatter_each(r: int) -> None:
+            for ids, out in zip(table(r), outs, strict=True):
+                kv.scatter(out, ids)
+
+        arms[f"gather per-chunk {tag}"] = gather_each
+        arms[f"scatter per-chunk {tag}"] = scatter_each
+    return arms
 
 
 def _nothing() -> None:
