@@ -389,7 +389,9 @@ def test_bench_cli_writes_report(tmp_path: Path) -> None:
     assert args.func(args) == 0
     report = json.loads(path.read_text())
     names = {r["name"] for r in report["results"]}
-    assert {"gather cpu vllm_cpu", "scatter cpu vllm_cpu"} <= names
+    want = {"memcpy cpu", "gather cpu vllm_cpu numpy", "scatter cpu vllm_cpu numpy"}
+    want |= {"gather per-chunk cpu vllm_cpu numpy", "gather cpu vllm_cpu torch"}
+    assert want <= names
     for r in report["results"]:
         assert r["unit"] == "GB/s" and r["value"] > 0 and r["baseline_value"] > 0
         assert r["size_bytes"] == 2 * (2 * 2 * 32 * 64 * 2) * 2
