@@ -1,0 +1,137 @@
+"""Meshes of real ``meshkv agent`` processes on loopback, for the mesh tests and benches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.agents import AgentProcess
+
+CONVERGE_TIMEOUT_S = 20.0
+
+
+def write_secret(directory: Path, name: str = "mesh.secret") -> Path:
+    path = directory / name
+    path.write_text(os.urandom(24).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def mesh_args(
+    secret: Path,
+    *,
+    join: list[str] | None = None,
+    listen: str = "127.0.0.1:0",
+    preset: str = "local",
+    replicas: int = 1,
+    transport: str = "tcp",
+) -> list[str]:
+    args = [
+        "--listen", listen,
+        "--mesh-secret-file", str(secret),
+        "--mesh-preset", preset,
+        "--replicas", str(replicas),
+        "--transport", transport,
+    ]  # fmt: skip
+    if join:
+        args += ["--join", ",".join(join)]
+    return args
+
+
+def peer_address(agent: AgentProcess) -> str:
+    """The agent's peer address (the real port when it listened on port 0)."""
+    return str(agent.get_json("/v1/status")["mesh"]["address"])
+
+
+def start_mesh(
+    factory: Callable[..., AgentProcess],
+    n: int,
+    secret: Path,
+    *,
+    names: list[str] | None = None,
+    cpu_bytes: int = 64 << 20,
+    **kwargs: Any,
+) -> list[AgentProcess]:
+    """Start ``n`` agents, the first alone and the others joining through it."""
+    names = names or [chr(ord("a") + i) for i in range(n)]
+    first = factory(name=names[0], cpu_bytes=cpu_bytes, args=mesh_args(secret, **kwargs)).start()
+    seed = peer_address(first)
+    agents = [first]
+    for name in names[1:]:
+        args = mesh_args(secret, join=[seed], **kwargs)
+        agents.append(factory(name=name, cpu_bytes=cpu_bytes, args=args).start())
+    return agents
+
+
+def ring(agent: AgentProcess) -> dict[str, Any]:
+    return dict(agent.get_json("/v1/ring"))
+
+
+def states(agent: AgentProcess) -> dict[str, str]:
+    return {m["id"]: m["state"] for m in ring(agent)["members"]}
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = CONVERGE_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, urllib.error.URLError, KeyError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def converged(agents: list[AgentProcess], alive: set[str]) -> bool:
+    """Every agent sees exactly ``alive`` as its live members, with one ring digest."""
+    digests = set()
+    for agent in agents:
+        view = ring(agent)
+        live = {m["id"] for m in view["members"] if m["state"] == "alive"}
+        if live != alive:
+            return False
+        digests.add(view["ring"]["digest"])
+    return len(digests) == 1
+
+
+def wait_converged(agents: list[AgentProcess], timeout: float = CONVERGE_TIMEOUT_S) -> None:
+    alive = {a.name for a in agents}
+    wait_for(f"{sorted(alive)} to converge", lambda: converged(agents, alive), timeout)
+
+
+def ring_status_json(agent: AgentProcess) -> dict[str, Any]:
+    """``meshkv ring status --json`` run as a real CLI process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", "ring", "status", "--json", "--http", agent.http],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def metric(agent: AgentProcess, name: str, labels: str = "") -> float:
+    """Sum of a Prometheus sample from ``/metrics`` (0.0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(agent.url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_part = head.partition("{")
+        if metric_name == name and (not labels or labels in label_part):
+            total += float(value)
+    return total

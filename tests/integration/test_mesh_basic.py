@@ -1,0 +1,171 @@
+"""Several real agents become one cache: membership, one ring, lookups through the home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meshkv.client import AgentClient
+from tests.helpers.agents import AgentProcess
+from tests.helpers.mesh import (
+    metric,
+    ring,
+    ring_status_json,
+    start_mesh,
+    wait_converged,
+    wait_for,
+    write_secret,
+)
+
+CONTRACT_MEMBER_KEYS = {"id", "address", "state", "incarnation", "ring_share", "chunks", "bytes"}
+
+
+def test_chunk_put_on_a_is_served_on_c(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    agents = start_mesh(agent_factory, 3, write_secret(tmp_path))
+    wait_converged(agents)
+    a, b, c = agents
+    payloads = {os.urandom(16): os.urandom(1 << 20) for _ in range(6)}
+    with a.client() as ca:
+        for key, data in payloads.items():
+            assert ca.put(key, data, num_tokens=256)
+    keys = list(payloads)
+    with c.client() as cc:
+        # homes learn the holder from batched announcements (flush every 50 ms)
+        wait_for("announcements to reach the homes", lambda: cc.lookup(keys).prefix == len(keys))
+        reply = cc.lookup(keys)
+        assert reply.tiers == ["peer"] * len(keys)
+        leases = cc.read(keys, wait=5.0)
+        try:
+            assert all(lease is not None for lease in leases)
+            for lease in leases:
+                assert lease is not None
+                assert bytes(lease.view) == payloads[lease.key]
+        finally:
+            cc.release([x for x in leases if x is not None])
+        # now local on C: a second lookup reports the CPU tier
+        assert cc.lookup(keys).tiers == ["cpu"] * len(keys)
+    assert metric(c, "meshkv_peer_pulls_total") == len(keys)
+    assert metric(c, "meshkv_peer_pull_bytes_total") == sum(len(v) for v in payloads.values())
+    # a key nobody holds is a clean miss, quickly
+    with b.client() as cb:
+        assert cb.lookup([os.urandom(16)]).prefix == 0
+
+    views = [ring_status_json(x) for x in agents]
+    digests = {v["ring"]["digest"] for v in views}
+    assert len(digests) == 1
+    for view, agent in zip(views, agents, strict=True):
+        assert view["self"] == agent.name
+        assert set(view) == {"self", "members", "ring"}
+        assert set(view["ring"]) == {"digest", "max_over_mean"}
+        assert [m["id"] for m in view["members"]] == ["a", "b", "c"]
+        for m in view["members"]:
+            assert set(m) == CONTRACT_MEMBER_KEYS
+            assert m["state"] == "alive"
+        assert abs(sum(m["ring_share"] for m in view["members"]) - 1.0) < 1e-3
+        assert view["ring"]["max_over_mean"] < 1.3
+    chunks = {m["id"]: m["chunks"] for m in views[1]["members"]}
+    assert chunks == {"a": 6, "b": 0, "c": 6}
+
+
+def test_ring_owners_and_table(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    agents = start_mesh(agent_factory, 2, write_secret(tmp_path))
+    wait_converged(agents)
+    a, b = agents
+    key = os.urandom(16)
+    with a.client() as ca:
+        assert ca.put(key, b"x" * 4096)
+    wait_for(
+        "the home to know the holder",
+        lambda: b.get_json(f"/v1/owners/{key.hex()}")["holders"] == ["a"],
+    )
+    row = b.get_json(f"/v1/owners/{key.hex()}")
+    assert row["home"] in ("a", "b")
+    assert row["home"] == a.get_json(f"/v1/owners/{key.hex()}")["home"]
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", "ring", "owners", key.hex(), "--http", b.http],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"home {row['home']}" in out.stdout and "holders a" in out.stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "meshkv", "ring", "status", "--http", a.http],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "127.0.0.1" in table.stdout and "max/mean" in table.stdout
+    assert len(ring(a)["members"]) == 2
+    bad = subprocess.run(
+        [sys.executable, "-m", "meshkv", "ring", "owners", "zz", "--http", b.http],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "32 hex digits" in bad.stderr
+
+
+def test_graceful_leave_is_left_not_dead(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    agents = start_mesh(agent_factory, 3, write_secret(tmp_path))
+    wait_converged(agents)
+    a, b, c = agents
+    assert c.stop() == 0
+    wait_for(
+        "c to be seen as left",
+        lambda: {m["id"]: m["state"] for m in ring(a)["members"]}.get("c") == "left",
+        5.0,
+    )
+    wait_converged([a, b])
+    assert metric(a, "meshkv_mesh_membership_events_total", 'kind="dead"') == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "127.0.0.1:0"], "--mesh-secret-file"),
+        (["--listen", "nohost", "--mesh-secret-file", "{secret}"], "bad peer address"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{empty}"], "is empty"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{tmp}/missing"], "does not exist"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{secret}", "--replicas", "0"], ">= 1"),
+        (["--join", "127.0.0.1:1"], "need --listen"),
+    ],
+)
+def test_bad_mesh_flags_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    secret = write_secret(tmp_path)
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    argv = [x.format(secret=secret, empty=empty, tmp=tmp_path) for x in args]
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", "agent", "--socket", str(tmp_path / "s.sock"),
+         "--http", "127.0.0.1:0", "--cpu-bytes", str(16 << 20), *argv],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr
+
+
+def test_client_namespace_isolation_through_the_mesh(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """A chunk stored under one namespace is never served to another, even via a peer."""
+    from meshkv.chunk import Namespace
+
+    agents = start_mesh(agent_factory, 2, write_secret(tmp_path))
+    wait_converged(agents)
+    a, b = agents
+    key = os.urandom(16)
+    with AgentClient(a.socket_path, namespace=Namespace(model="m1")) as ca:
+        assert ca.put(key, b"y" * 8192)
+    wait_for(
+        "the holder to be announced",
+        lambda: b.get_json(f"/v1/owners/{key.hex()}")["holders"] == ["a"],
+    )
+    with AgentClient(b.socket_path, namespace=Namespace(model="m2")) as other:
+        other.lookup([key])
+        (lease,) = other.read([key], wait=2.0)
+        assert lease is None
