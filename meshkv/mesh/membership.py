@@ -426,7 +426,12 @@ class Membership:
         self._nacks = 0
         self._probe_indirect_at = now + self.config.probe_timeout_s * scale
         self.stats.probes += 1
-        ping = Ping(self._probe_seq, self.node_id, nxt, self._take_updates())
+        ups = self._take_updates()
+        m = self._members[nxt]
+        if m.state is State.SUSPECT:
+            # Lifeguard buddy system: tell a suspect directly, so it can refute at once
+            ups = (Update(nxt, m.addr, m.incarnation, State.SUSPECT, self.node_id), *ups)
+        ping = Ping(self._probe_seq, self.node_id, nxt, ups)
         out.append(Outgoing(self._members[nxt].addr, ping))
 
     def _finish_probe(self, target: str, now: float) -> None:
