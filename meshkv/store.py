@@ -436,7 +436,8 @@ class Store:
             try:
                 value = await self._loop.run_in_executor(self._hash_pool, payload_checksum, view)
             finally:
-                view.release()
+                with contextlib.suppress(BufferError):  # cancelled while the thread hashes
+                    view.release()
                 self._counters.checksums_pending -= 1
             cpu.set_checksum(e, gen, value)
         ssd = self._ssd
@@ -466,6 +467,8 @@ class Store:
         """Pin each key in the arena (promoting it from SSD if needed); None: not served."""
         if verify is None:
             verify = self.config.verify_reads
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
         cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
         c = self._counters
         c.read_keys += len(keys)
@@ -698,7 +701,8 @@ class Store:
                 ssd.remove(e.key, "clear")  # cleared while it was being written
                 ok = False
         finally:
-            view.release()
+            with contextlib.suppress(BufferError):  # an abandoned write still uses it
+                view.release()
             if demotion:
                 cpu.finish_demotion(e, gen, ok)
             else:

@@ -33,6 +33,9 @@ from meshkv.tiers.slots import SlotAllocator
 
 log = logging.getLogger(__name__)
 
+HEAP_SLACK = 1024
+"""Stale deadline-heap entries tolerated before a rebuild (amortized O(1) per operation)."""
+
 INTERNAL_OWNER = -1
 """Owner id of the store's own reservations and leases (promotions, peer sends)."""
 
@@ -366,6 +369,14 @@ class CpuTier:
         if not 0 <= num_tokens < 1 << 32:
             raise ValueError(f"num_tokens out of range: {num_tokens}")
         self._drop_reservation(e)
+        rheap = self._reserve_heap
+        if len(rheap) > 4 * self.reserved + HEAP_SLACK:
+            rheap[:] = [
+                (x.deadline, x.slot, x.gen)
+                for x in self._index.values()
+                if x.state is State.RESERVED
+            ]
+            heapq.heapify(rheap)
         e.state = State.COMMITTED
         e.num_tokens = num_tokens
         e.checksum = checksum
@@ -434,6 +445,12 @@ class CpuTier:
 
     def _close_lease(self, lease_id: int, lease: Lease) -> None:
         del self._leases[lease_id]
+        heap = self._lease_heap
+        if len(heap) > 4 * len(self._leases) + HEAP_SLACK:
+            # Released leases stay in the heap until their deadline; rebuild it when they
+            # dominate, so its size stays proportional to the open leases.
+            heap[:] = [(x.expires_at, i) for i, x in self._leases.items()]
+            heapq.heapify(heap)
         ids = self._owner_leases.get(lease.owner)
         if ids is not None:
             ids.discard(lease_id)

@@ -138,6 +138,7 @@ class SsdTier:
         self.degraded = False
         self._index: OrderedDict[ChunkKey, SsdEntry] = OrderedDict()  # oldest first
         self._writing: set[ChunkKey] = set()
+        self._cancelled: set[ChunkKey] = set()  # cleared while being written
         self._pending_unlink: list[str] = []
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="meshkv-ssd")
         self._read_slots = asyncio.Semaphore(4 * config.workers)
@@ -247,6 +248,7 @@ class SsdTier:
         self._pool.submit(_unlink, self.path(key))
 
     def clear(self) -> int:
+        self._cancelled.update(self._writing)
         keys = list(self._index)
         for key in keys:
             self.remove(key, "clear")
@@ -324,12 +326,18 @@ class SsdTier:
                 victims,
             )
         except OSError as exc:
+            self._cancelled.discard(key)
             self.used_bytes -= entry.file_bytes
             self.counters.write_errors += 1
             self._degrade(exc)
             return False
         finally:
             self._writing.discard(key)
+        if key in self._cancelled:
+            self._cancelled.discard(key)
+            self.used_bytes -= entry.file_bytes
+            self._pool.submit(_unlink, self.path(key))
+            return False
         if self.degraded:
             self.degraded = False
             self._probing = False

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import functools
 import os
+import subprocess
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,68 @@ async def test_expired_lease_counted_in_snapshot(tmp_path: Path) -> None:
     with pytest.raises(NotPinned):
         s.release([pin.lease_id], 1)
     await s.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_mixed_chunk_sizes_share_the_arena(tmp_path: Path) -> None:
+    """Small chunks fill the arena, then big ones take whole segments back (and reverse)."""
+    seg = 256 * KiB
+    cfg = StoreConfig(cpu_bytes=4 * seg, segment_bytes=seg, min_slot_bytes=16 * KiB)
+    s = Store(cfg)
+    await s.start()
+    sizes = [16 * KiB] * 64 + [seg] * 6 + [128 * KiB] * 10 + [16 * KiB] * 20
+    stored: dict[ChunkKey, bytes] = {}
+    for i, size in enumerate(sizes):
+        k = key(i)
+        slot = s.reserve(NS, k, size, 1)
+        assert slot is not None
+        blob = os.urandom(size)
+        view = s.payload(slot)
+        view[:] = blob
+        view.release()
+        s.commit(NS, k, 1, 16)
+        stored[k] = blob
+        st = s.snapshot().tiers["cpu"]
+        assert st.usage_bytes <= st.capacity_bytes
+    present = 0
+    for k, blob in stored.items():
+        (pin,) = await s.read(NS, [k], 1, 5.0)
+        if pin is None:
+            continue
+        present += 1
+        view = s.payload(pin.slot)
+        assert bytes(view) == blob  # no slot ever overlapped another
+        view.release()
+        s.release([pin.lease_id], 1)
+    assert present >= 20
+    await s.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_real_enospc_in_write_back_keeps_serving(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        s = Store(config(mnt, slots=4))  # the 1 GiB cap is far above the 256 KiB disk
+        await s.start()
+        for i in range(12):
+            put(s, i)
+            await asyncio.sleep(0.01)
+        await settle(s)
+        st = s.snapshot()
+        assert st.ssd_degraded and st.ssd_write_errors >= 1
+        assert st.tiers["ssd"].usage_bytes == sum(f.stat().st_size for f in mnt.rglob("*.mkv"))
+        assert list(mnt.rglob("*.tmp")) == []
+        # the newest chunks are still served from memory, the oldest from disk
+        assert await read_bytes(s, 11) == data(11)
+        assert await read_bytes(s, 0) == data(0)
+        put(s, 100)  # and new stores still work
+        assert await read_bytes(s, 100) == data(100)
+        await s.close(asyncio.get_running_loop().time() + 2)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
