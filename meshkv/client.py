@@ -15,9 +15,7 @@ agent are gone with it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
 import os
 import socket
 import threading
@@ -47,14 +45,12 @@ from meshkv.protocol import (
     decode_body,
     encode,
 )
+from meshkv.tiers.arena import Arena
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = Namespace(model="default")
 """Namespace used when the caller names none (tests, ``put``/``get`` scripts)."""
-
-SHM_DIR = "/dev/shm"
-"""Where POSIX shared-memory objects appear on Linux (``shm_open`` names)."""
 
 # Ops that may be retried once on a fresh connection when the old one turned out dead:
 # they change nothing, or what they changed died with the old agent anyway.
@@ -124,7 +120,7 @@ class AgentClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._info: HelloInfo | None = None
-        self._arena: mmap.mmap | None = None
+        self._arena: Arena | None = None
         self._arena_view: memoryview | None = None
         self._next_id = 1
         self._len_buf = bytearray(PREFIX_BYTES)
@@ -404,29 +400,27 @@ class AgentClient:
         }
 
     def _map_arena(self, info: HelloInfo) -> None:
-        path = os.path.join(SHM_DIR, info.arena_name.lstrip("/"))
+        # Arena.attach maps with MAP_POPULATE: page tables are filled once here rather
+        # than by a minor fault on the first touch of every page in the hot path.
         try:
-            fd = os.open(path, os.O_RDWR)
+            self._arena = Arena.attach(info.arena_name)
         except OSError as exc:
-            raise AgentUnavailable(f"cannot map the agent's arena {path}: {exc.strerror}") from exc
-        try:
-            self._arena = mmap.mmap(fd, info.arena_size)
-        finally:
-            os.close(fd)
-        self._arena_view = memoryview(self._arena)
+            raise AgentUnavailable(
+                f"cannot map the agent's arena {info.arena_name}: {exc.strerror}"
+            ) from exc
+        if self._arena.size < info.arena_size:
+            raise AgentUnavailable(f"arena {info.arena_name} is smaller than the agent says")
+        self._arena_view = self._arena.buffer
 
     def _disconnect(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         self._info = None
-        if self._arena_view is not None:
-            self._arena_view.release()
-            self._arena_view = None
+        self._arena_view = None
         if self._arena is not None:
-            # Callers may still hold views of old slots; the mapping goes when they do.
-            with contextlib.suppress(BufferError):
-                self._arena.close()
+            # Callers may still hold views of old slots; then the mapping goes with them.
+            self._arena.close()
             self._arena = None
 
 
