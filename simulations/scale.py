@@ -23,6 +23,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the churn scenario and return the log digest, event counts and wall time."""
     t0 = time.perf_counter()
+    c0 = time.process_time()
     sim = Sim(seed=seed, config=MembershipConfig.LAN(), loss=loss)
     names = start_cluster(sim, n, spacing=0.02)
     d = duration_s
@@ -33,6 +34,7 @@ def run(
     sim.pause(names[n - 4], 0.7 * d, 30.0)
     sim.run(d)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     kinds = Counter(r.kind.value for r in sim.log)
     expected = sorted(set(names) - {names[n - 1], names[n - 3]})
     return {
@@ -45,6 +47,7 @@ def run(
         "messages_sent": sim.net.sent,
         "converged_at_end": sim.converged(expected),
         "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
     }
 
 

@@ -34,6 +34,7 @@ def run_sim_wall(seed: int = 1, n: int = 256, duration_s: float = 600.0) -> floa
 
 
 def run_sim_result(seed: int = 1, n: int = 256, duration_s: float = 600.0) -> dict[str, Any]:
-    """Like ``run_sim_wall`` but returns the scenario's whole result (digest, counts)."""
+    """Like ``run_sim_wall`` but returns the scenario's whole result (digest, counts,
+    ``wall_s`` and ``cpu_s``)."""
     out: dict[str, Any] = _scale_module().run(seed=seed, n=n, duration_s=duration_s)
     return out
