@@ -138,12 +138,20 @@ class Agent:
 
     def _status_section(self) -> dict[str, Any]:
         local = self.local
+        counters = self.metrics.local
+        hits = sum(counters.hit_chunks.values())
+        asked = hits + counters.miss_chunks
         return {
             "local": {
                 "socket": self.config.socket_path,
                 "connections": len(local.connections) if local else 0,
                 "arena_name": self.store.arena_name,
                 "arena_size": self.store.arena_size,
+                "lookups": counters.lookups,
+                "lookup_hit_chunks": dict(counters.hit_chunks),
+                "lookup_miss_chunks": counters.miss_chunks,
+                "lookup_hit_rate": round(hits / asked, 4) if asked else None,
+                "protocol_errors": counters.protocol_errors,
             }
         }
 

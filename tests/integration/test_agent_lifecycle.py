@@ -65,6 +65,32 @@ def test_sigterm_is_clean_and_ssd_keeps_chunks(
         assert c.lookup(keys).tiers == ["cpu"] * 8  # promoted by the reads
 
 
+def test_lookup_starts_ssd_promotion_and_read_waits(
+    agent_factory: Callable[..., AgentProcess], ssd_dir: Path
+) -> None:
+    agent = agent_factory(ssd_dir=ssd_dir).start()
+    keys = [b"%016d" % i for i in range(4)]
+    with agent.client() as c:
+        for i, key in enumerate(keys):
+            c.put(key, payload(i, 128 * 1024))
+    agent.restart()  # the CPU tier starts empty; the chunks are on SSD only
+    with agent.client() as c:
+        assert c.lookup(keys[:2]).tiers == ["ssd"] * 2
+        deadline = time.monotonic() + 5
+        while c.lookup(keys[:2]).tiers != ["cpu"] * 2:  # the lookup started promotions
+            assert time.monotonic() < deadline, "lookup did not promote SSD chunks"
+            time.sleep(0.01)
+        assert c.lookup(keys).tiers == ["cpu", "cpu", "ssd", "ssd"]
+        leases = c.read(keys, wait=2.0)  # waits for the promotions this lookup started
+        assert [x is not None for x in leases] == [True] * 4
+        for i, lease in enumerate(leases):
+            assert lease is not None and bytes(lease.view) == payload(i, 128 * 1024)
+        c.release([x for x in leases if x is not None])
+    status = agent.get_json("/v1/status")
+    assert status["store"]["promotions"] == 4
+    assert status["local"]["lookup_hit_chunks"]["ssd"] >= 4
+
+
 def test_sigkill_during_write_through_writes(
     agent_factory: Callable[..., AgentProcess], ssd_dir: Path
 ) -> None:
