@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -83,6 +84,9 @@ class KVCaches:
         "_layers",
         "_groups",
         "_host_groups",
+        "_block_nbytes",
+        "_piece",
+        "_word_dtype",
         "_layer_table",
     )
 
@@ -99,6 +103,10 @@ class KVCaches:
                 f"layout has {layout.num_layers} layers but {len(kv_caches)} KV tensors were given"
             )
         self.layout = layout
+        # derived sizes, read on every call
+        self._block_nbytes = layout.block_nbytes
+        self._piece = layout.piece_elems
+        self._word_dtype = layout.word_dtype
         first = kv_caches[0]
         if not isinstance(first, torch.Tensor):
             raise TypeError(f"kv_caches[0] is a {type(first).__name__}, not a tensor")
@@ -232,10 +240,9 @@ class KVCaches:
                 )
             ids = [int(b) for b in block_ids.tolist()]
         else:
-            try:
-                ids = [int(b) if not isinstance(b, bool | float) else _bad_id(b) for b in block_ids]
-            except TypeError as exc:
-                raise TypeError(f"{what}: block ids must be integers ({exc})") from None
+            ids = list(block_ids)
+            if not all(type(b) is int for b in ids):  # fast path: plain ints
+                ids = [_block_id(b, what) for b in ids]
         if not ids:
             raise ValueError(f"{what}: no block ids")
         lo, hi = min(ids), max(ids)
@@ -253,34 +260,34 @@ class KVCaches:
         lay = self.layout
         if not isinstance(buf, torch.Tensor):
             raise TypeError(f"{what} must be a tensor, got {type(buf).__name__}")
-        if buf.dtype not in (torch.uint8, lay.dtype):
+        if buf.dtype is not torch.uint8 and buf.dtype is not lay.dtype:
             raise TypeError(f"{what} has dtype {buf.dtype}; use torch.uint8 or {lay.dtype}")
         if buf.dim() != 1 or not buf.is_contiguous():
             raise ValueError(
                 f"{what} must be a contiguous 1-D buffer, got shape {tuple(buf.shape)} "
                 f"strides {buf.stride()}"
             )
-        have = buf.numel() * buf.element_size()
+        have = buf.nbytes
+        block_nbytes = self._block_nbytes
         if num_blocks is None:
-            num_blocks = have // lay.block_nbytes
-            if have % lay.block_nbytes or not num_blocks:
+            num_blocks = have // block_nbytes
+            if have % block_nbytes or not num_blocks:
                 raise ValueError(
-                    f"{what} holds {have} bytes, not a whole number of {lay.block_nbytes}-byte "
+                    f"{what} holds {have} bytes, not a whole number of {block_nbytes}-byte "
                     f"blocks of {lay.describe()}"
                 )
-        need = lay.chunk_nbytes(num_blocks)
-        if have != need:
+        if have != num_blocks * block_nbytes:
             raise ValueError(
                 f"{what} holds {have} bytes; {num_blocks} block(s) of {lay.describe()} "
-                f"take {need} bytes"
+                f"take {num_blocks * block_nbytes} bytes"
             )
         if buf.device != self.device and buf.device.type != "cpu":
             raise ValueError(f"{what} is on {buf.device}; the KV cache is on {self.device}")
         try:
-            word = buf.view(lay.word_dtype)
+            word = buf.view(self._word_dtype)
         except RuntimeError as exc:
             raise ValueError(f"{what} is not aligned to {lay.itemsize} bytes ({exc})") from None
-        return word.view(lay.num_layers, num_blocks, lay.planes, lay.piece_elems)
+        return word.view(lay.num_layers, num_blocks, lay.planes, self._piece)
 
     @staticmethod
     def _positions(positions: Sequence[int], count: int, chunk_blocks: int, what: str) -> list[int]:
@@ -439,8 +446,14 @@ class KVCaches:
                 v.copy_(part)
 
 
-def _bad_id(b: object) -> int:
-    raise TypeError(f"{b!r} is not an integer block id")
+def _block_id(b: object, what: str) -> int:
+    """An integer-like block id (numpy ints too); never a bool or a float."""
+    if isinstance(b, bool):
+        raise TypeError(f"{what}: {b!r} is not an integer block id")
+    try:
+        return operator.index(b)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what}: {b!r} is not an integer block id") from None
 
 
 def gather(
