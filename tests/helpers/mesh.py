@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,13 @@ def start_mesh(
     names = names or [chr(ord("a") + i) for i in range(n)]
     first = factory(name=names[0], cpu_bytes=cpu_bytes, args=mesh_args(secret, **kwargs)).start()
     seed = peer_address(first)
-    agents = [first]
-    for name in names[1:]:
-        args = mesh_args(secret, join=[seed], **kwargs)
-        agents.append(factory(name=name, cpu_bytes=cpu_bytes, args=args).start())
-    return agents
+    rest = [
+        factory(name=name, cpu_bytes=cpu_bytes, args=mesh_args(secret, join=[seed], **kwargs))
+        for name in names[1:]
+    ]
+    with ThreadPoolExecutor(max(1, len(rest))) as pool:  # start-up is mostly imports
+        list(pool.map(lambda agent: agent.start(), rest))
+    return [first, *rest]
 
 
 def ring(agent: AgentProcess) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_chunk_put_on_a_is_served_on_c(
         assert reply.tiers == ["peer"] * len(keys)
         leases = cc.read(keys, wait=5.0)
         try:
-            assert all(lease is not None for lease in leases)
+            assert all(lease is not None for lease in leases), c.log()[-4000:]
             for lease in leases:
                 assert lease is not None
                 assert bytes(lease.view) == payloads[lease.key]
@@ -130,23 +130,38 @@ def test_graceful_leave_is_left_not_dead(
         (["--listen", "127.0.0.1:0"], "--mesh-secret-file"),
         (["--listen", "nohost", "--mesh-secret-file", "{secret}"], "bad peer address"),
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{empty}"], "is empty"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{short}"], "at least 16"),
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{tmp}/missing"], "does not exist"),
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{secret}", "--replicas", "0"], ">= 1"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{secret}", "--join", "x:y"], "port"),
         (["--join", "127.0.0.1:1"], "need --listen"),
     ],
 )
 def test_bad_mesh_flags_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from meshkv.cli.agent_cmd import build_config
+    from meshkv.cli.main import build_parser
+    from meshkv.errors import ConfigError
+
     secret = write_secret(tmp_path)
-    empty = tmp_path / "empty"
-    empty.write_text("  \n")
-    argv = [x.format(secret=secret, empty=empty, tmp=tmp_path) for x in args]
+    (tmp_path / "empty").write_text("  \n")
+    (tmp_path / "short").write_text("tooshort\n")
+    argv = [
+        x.format(secret=secret, empty=tmp_path / "empty", short=tmp_path / "short", tmp=tmp_path)
+        for x in args
+    ]
+    parsed = build_parser().parse_args(["agent", "--socket", str(tmp_path / "s.sock"), *argv])
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        build_config(parsed)
+
+
+def test_bad_mesh_flag_exits_with_the_reason(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "meshkv", "agent", "--socket", str(tmp_path / "s.sock"),
-         "--http", "127.0.0.1:0", "--cpu-bytes", str(16 << 20), *argv],
+         "--http", "127.0.0.1:0", "--cpu-bytes", str(16 << 20), "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode != 0
-    assert message in out.stderr, out.stderr
+    assert "--mesh-secret-file" in out.stderr, out.stderr
 
 
 def test_client_namespace_isolation_through_the_mesh(
