@@ -277,6 +277,8 @@ class Session(Connection):
             self._error = self._error or TransportError(f"connection failed: {exc}")
         finally:
             self._finish()
+            if not self._graceful:
+                await self._wire.close()  # already aborted; this releases the socket
 
     async def _on_response(self, frame: FrameHead, header: dict[str, Any]) -> None:
         pend = self._pending.get(frame.request_id)
@@ -493,9 +495,11 @@ class SessionListener(Listener):
         try:
             async with asyncio.timeout(self._config.handshake_timeout):
                 result = await server_handshake(wire, self._config)
-        except (MeshKVError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # whatever went wrong, this peer is not let in
             self._stats.auth_failures += 1
-            logger.warning("rejected peer %s: %s", wire.remote, exc or "handshake timed out")
+            if not isinstance(exc, MeshKVError | TimeoutError | OSError):
+                logger.exception("handshake with %s failed unexpectedly", wire.remote)
+            logger.warning("rejected peer %s: %s", wire.remote, str(exc) or type(exc).__name__)
             await wire.close()
             return
         except BaseException:

@@ -177,19 +177,20 @@ class TcpTransport(Transport):
         if ctx is None and self.options.io == "socket":
             return SocketWire(sock, remote, *limits)
         loop = asyncio.get_running_loop()
+        receiver = ProtocolWire.protocol()
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 if server_side:
-                    transport, protocol = await loop.connect_accepted_socket(
-                        ProtocolWire.protocol, sock, ssl=ctx
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: receiver, sock, ssl=ctx
                     )
                 else:
                     hostname = self.options.server_hostname or host if ctx else None
-                    transport, protocol = await loop.create_connection(
-                        ProtocolWire.protocol, sock=sock, ssl=ctx, server_hostname=hostname
+                    transport, _ = await loop.create_connection(
+                        lambda: receiver, sock=sock, ssl=ctx, server_hostname=hostname
                     )
         except ssl.SSLError as exc:
             with contextlib.suppress(OSError):
                 sock.close()
             raise TransportError(f"TLS handshake with {remote} failed: {exc}") from exc
-        return ProtocolWire(transport, protocol, remote, *limits)
+        return ProtocolWire(transport, receiver, remote, *limits)
