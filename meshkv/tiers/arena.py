@@ -99,7 +99,8 @@ class Arena:
                 raise NoSpace(
                     f"cannot allocate a {size}-byte arena in {shm_dir}: {exc.strerror}"
                 ) from exc
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
+            mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
