@@ -55,6 +55,8 @@ class _RequestState:
     saved_chunks: int = 0
     """Chunks already handed to the worker for saving (or skipped for good)."""
     pending_load: LoadSpec | None = None
+    load_issued: bool = False
+    """A load was planned once; vLLM asks again only after it failed (then: recompute)."""
     extra_keys: list[tuple[ChunkKey, ...]] = field(default_factory=list)
     """Keys of chunks filled during decoding (``save_decode_tokens``)."""
 
@@ -158,6 +160,10 @@ class SchedulerSide:
             return 0, False
         state = self._state(request)
         state.local_computed = num_computed_tokens
+        if state.load_issued:
+            # vLLM re-queries a request whose load failed (or that was preempted); a
+            # second promise of the same chunks could fail the same way, forever.
+            return 0, False
         prompt_len = len(request.prompt_token_ids or [])
         chunk = self._cfg.chunk_tokens
         # Leave at least one prompt token to compute: vLLM needs its logits.
@@ -191,6 +197,7 @@ class SchedulerSide:
                 break
             loads.append(ChunkLoad(keys=state.keys[c], blocks=writes))
         is_async = not state.all_local
+        state.load_issued = True
         state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async)
         self._counters.hit_tokens += num_external_tokens
         if is_async:

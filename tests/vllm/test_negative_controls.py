@@ -1,0 +1,95 @@
+"""Negative controls: damaged bytes are caught, and loaded bytes really feed attention."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meshkv.chunk import RECORD_HEADER_BYTES, Namespace, chunk_keys
+from tests.helpers.agents import AgentProcess
+from tests.vllm.engines import EngineRun, Prompts, wait_until
+
+pytestmark = pytest.mark.vllm
+
+
+def test_corrupted_ssd_chunks_are_detected_and_recomputed(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    agent = agents(args=["--write-through"]).start()
+    run = engine(
+        [prompts.a, prompts.a],
+        connector={"socket_path": agent.socket_path, "retry_interval_s": 0.2},
+        pause_before=[1],
+    )
+    run.wait_ready(1)
+    with agent.client() as client:
+        wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 2, what="write-through")
+    agent.stop()
+    assert agent.ssd_dir is not None
+    files = sorted(p for p in Path(agent.ssd_dir).rglob("*") if p.is_file())
+    assert len(files) == 2
+    for path in files:  # flip payload bytes, leave the header intact
+        with path.open("r+b") as f:
+            f.seek(RECORD_HEADER_BYTES + 1000)
+            byte = f.read(1)
+            f.seek(RECORD_HEADER_BYTES + 1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    agent.start()  # fresh CPU tier: the chunks now exist only as damaged SSD files
+    run.go(1)
+    result = run.result()
+    cold, warm = result["outputs"]
+    assert cold["tokens"] == baseline["a"]
+    assert warm["tokens"] == baseline["a"]  # recomputed, not garbage
+    with agent.client() as client:
+        stats = client.stats()
+    assert stats["checksum_failures"] + stats["promotion_failures"] >= 1
+    counters = result["counters"]
+    assert counters["load_errors"] >= 1
+    assert counters["loaded_chunks"] == 0
+
+
+def test_wrong_but_valid_kv_changes_the_output(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    agent = agents().start()
+    run = engine(
+        [prompts.a, prompts.c, prompts.a],
+        connector={"socket_path": agent.socket_path},
+        pause_before=[2],
+    )
+    namespace = Namespace(**json.loads(run.wait_ready(2))["scheduler"])
+    digest = namespace.digest()
+    key_a = chunk_keys(digest, prompts.a, 256)[0]
+    key_c = chunk_keys(digest, prompts.c, 256)[0]
+    with agent.client(namespace=namespace) as client:
+        lease_a, lease_c = client.read([key_a, key_c])
+        assert lease_a is not None and lease_c is not None
+        try:
+            other = bytes(lease_c.view)
+            assert other != bytes(lease_a.view)
+            fd = os.open(f"/dev/shm/{agent.arena_name}", os.O_RDWR)
+            try:
+                with mmap.mmap(fd, 0) as arena:
+                    arena[lease_a.offset : lease_a.offset + len(other)] = other
+            finally:
+                os.close(fd)
+        finally:
+            client.release([lease_a, lease_c])
+    run.go(2)
+    outs = run.result()["outputs"]
+    assert outs[0]["tokens"] == baseline["a"]
+    assert outs[1]["tokens"] == baseline["c"]
+    # A's first chunk now holds C's KV: the engine loads it and its output changes.
+    assert outs[2]["cached_tokens"] == 512
+    assert outs[2]["tokens"] != baseline["a"]
