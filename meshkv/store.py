@@ -297,15 +297,7 @@ class Store:
                 if loop.time() >= deadline:
                     log.warning("shutdown deadline reached; %d chunks not persisted", len(cpu))
                     break
-                if e.on_ssd or e.doomed or e.state is not State.COMMITTED:
-                    continue
-                while not ssd.admit(e.key, e.size):
-                    if ssd.degraded or e.key in ssd or loop.time() >= deadline:
-                        break
-                    await asyncio.sleep(0.005)  # wait for a write-queue slot
-                else:
-                    gen = cpu.hold(e)
-                    self._spawn(self._write(e, gen, demotion=False))
+                if await self._persist(e, deadline):
                     flushed += 1
             log.info("persisting %d in-memory chunks to SSD", flushed)
         pending = [t for t in self._tasks if not t.done()]
@@ -321,6 +313,26 @@ class Store:
             ssd.close()
         cpu.close()
         log.info("store closed (arena %s unlinked)", self.arena_name)
+
+    async def _persist(self, e: Entry, deadline: float) -> bool:
+        """Start an SSD write of ``e`` if it is only in memory (waits for a queue slot)."""
+        ssd = self._ssd
+        assert ssd is not None and self._loop is not None
+        gen = e.gen
+        while True:
+            if e.gen != gen or e.state is not State.COMMITTED or e.on_ssd or e.doomed:
+                return False
+            if ssd.admit(e.key, e.size):
+                self._spawn(self._write(e, self.cpu.hold(e), demotion=False))
+                return True
+            if (
+                ssd.degraded
+                or e.key in ssd
+                or not ssd.writes_in_flight  # refused for good (too big for the cap)
+                or self._loop.time() >= deadline
+            ):
+                return False
+            await asyncio.sleep(0.005)  # wait for a write-queue slot
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         assert self._loop is not None

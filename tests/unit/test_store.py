@@ -141,15 +141,17 @@ async def test_demote_to_ssd_and_promote_back(tmp_path: Path) -> None:
 
 @run_async
 async def test_close_persists_and_restart_serves(tmp_path: Path) -> None:
-    s = Store(config(tmp_path))
+    n = 20  # more than the SSD write queue (8): close waits for queue slots
+    s = Store(config(tmp_path, slots=32))
     await s.start()
-    for i in range(5):
+    for i in range(n):
         put(s, i)
-    await s.close(asyncio.get_running_loop().time() + 5)
-    s2 = Store(config(tmp_path))
+    assert s.lookup(NS, [key(i) for i in range(n)]) == [Tier.CPU] * n
+    await s.close(asyncio.get_running_loop().time() + 10)
+    s2 = Store(config(tmp_path, slots=32))
     await s2.start()
-    assert s2.lookup(NS, [key(i) for i in range(5)]) == [Tier.SSD] * 5
-    for i in range(5):
+    assert s2.lookup(NS, [key(i) for i in range(n)]) == [Tier.SSD] * n
+    for i in range(n):
         assert await read_bytes(s2, i) == data(i)
     assert s2.lookup(NS, [key(0)]) == [Tier.CPU]  # promoted
     await s2.close(asyncio.get_running_loop().time() + 5)
