@@ -69,6 +69,8 @@ class HelloInfo:
     namespace: NamespaceId
     """Digest the agent computed for this client's namespace."""
     agent_version: str
+    max_chunk_bytes: int
+    """Largest chunk the agent's arena accepts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +113,15 @@ class AgentClient:
         *,
         namespace: Namespace | None = None,
         timeout: float = 2.0,
+        chunk_tokens: int | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
+        """``chunk_tokens``/``chunk_bytes`` (optional) are checked by the agent at hello:
+        a chunk larger than its largest slot fails there with a clear ``ConfigError``."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        self.chunk_tokens = chunk_tokens
+        self.chunk_bytes = chunk_bytes
         self.socket_path = socket_path
         self.namespace = namespace or DEFAULT_NAMESPACE
         self.timeout = timeout
@@ -367,6 +375,7 @@ class AgentClient:
                 arena_size=reply["arena_size"],
                 namespace=NamespaceId(reply["namespace"]),
                 agent_version=reply["agent_version"],
+                max_chunk_bytes=reply["max_chunk_bytes"],
             )
             self._map_arena(self._info)
         except DeadlineExceeded as exc:
@@ -397,6 +406,8 @@ class AgentClient:
                 "extra": dict(ns.extra),
             },
             "client": f"meshkv-client/{__version__} pid={os.getpid()}",
+            "chunk_tokens": self.chunk_tokens,
+            "chunk_bytes": self.chunk_bytes,
         }
 
     def _map_arena(self, info: HelloInfo) -> None:

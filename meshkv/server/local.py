@@ -218,6 +218,7 @@ class LocalServer:
         await self.drain(deadline)
         for conn in list(self.connections):
             conn.close()
+        await asyncio.sleep(0)  # let connection_lost run: pins go back before the store closes
         await self.pulls.close()
         if self._server is not None:
             self._server.close()
@@ -286,8 +287,11 @@ class _Connection(asyncio.Protocol):
         self._counters.connections -= 1
         for task in self.tasks:
             task.cancel()
-        self.store.release_owner(self.conn_id)
         self.transport = None
+        try:
+            self.store.release_owner(self.conn_id)
+        except Exception:  # e.g. the store already closed at shutdown: nothing to release
+            logger.debug("release_owner(%d) after close", self.conn_id, exc_info=True)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -398,9 +402,25 @@ class _Connection(asyncio.Protocol):
             namespace = Namespace(**fields)
         except TypeError as exc:
             raise ConfigError(f"hello: bad namespace fields: {exc}") from exc
-        self.namespace = namespace.digest()
         store = self.store
+        max_chunk = store.config.segment_bytes
+        geometry = {}
+        for field in ("chunk_tokens", "chunk_bytes"):
+            value = message.get(field)
+            if value is None:
+                continue
+            if type(value) is not int or value <= 0:
+                raise ConfigError(f"hello: {field} must be a positive integer, got {value!r}")
+            geometry[field] = value
+        if geometry.get("chunk_bytes", 0) > max_chunk:
+            raise ConfigError(
+                f"hello: chunks of {geometry['chunk_bytes']} bytes exceed this agent's largest "
+                f"slot ({max_chunk} bytes); use smaller chunks or raise [store] segment_bytes"
+            )
+        self.namespace = namespace.digest()
         return {
+            "max_chunk_bytes": max_chunk,
+            **geometry,
             "version": version,
             "node_id": self.server.config.node_id,
             "arena_name": store.arena_name,

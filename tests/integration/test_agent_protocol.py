@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from meshkv.client import AgentClient
-from meshkv.errors import NotPinned, NotReserved, ProtocolError
+from meshkv.errors import ConfigError, NotPinned, NotReserved, ProtocolError
 from meshkv.protocol import MAX_FRAME_BYTES, MAX_KEYS_PER_REQUEST, PROTOCOL_MAX_VERSION
 from tests.helpers.agents import AgentProcess
 
@@ -201,3 +201,12 @@ def test_client_side_key_validation(agent: AgentProcess) -> None:
         c.lookup([b"short"])
     with pytest.raises(ProtocolError):
         raise ProtocolError("codes map to classes")  # sanity: the class is importable
+
+
+def test_chunk_geometry_at_hello(agent: AgentProcess) -> None:
+    with AgentClient(agent.socket_path, chunk_tokens=256, chunk_bytes=2 << 20) as c:
+        assert c.hello().max_chunk_bytes >= 2 << 20
+    big = AgentClient(agent.socket_path, chunk_bytes=1 << 40)
+    with pytest.raises(ConfigError, match="exceed this agent's largest slot"):
+        big.hello()
+    big.close()
