@@ -88,6 +88,7 @@ class KVCaches:
         "_piece",
         "_word_dtype",
         "_layer_table",
+        "_cache_word",
     )
 
     def __init__(
@@ -122,7 +123,8 @@ class KVCaches:
             if self.backend == "numpy"
             else []
         )
-        self._layer_table: torch.Tensor | None = None
+        self._layer_table: list[list[int]] | None = None  # bytes: offset, plane, block stride
+        self._cache_word = 1
         logger.debug(
             "KVCaches %s: %d blocks on %s, %d layer group(s), backend %s",
             layout.describe(),
@@ -398,11 +400,16 @@ class KVCaches:
         from . import triton_kernels
 
         lay = self.layout
-        word = lay.itemsize
+        isz = lay.itemsize
         if self._layer_table is None:
             base = self._layers[0].data_ptr()
-            rows = [[(v.data_ptr() - base) // word, *v.stride()[:2]] for v in self._layers]
-            self._layer_table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self._layer_table = [
+                [v.data_ptr() - base, v.stride()[0] * isz, v.stride()[1] * isz]
+                for v in self._layers
+            ]
+            self._cache_word = _word_size(
+                base, self._piece * isz, *(x for row in self._layer_table for x in row)
+            )
         local = all(v.device == self.device for v in views)
         if local:
             bufs = views
@@ -417,33 +424,48 @@ class KVCaches:
                     part.copy_(v)
                 bufs.append(part)
                 at += v.numel()
+        word = min(self._cache_word, _word_size(*(b.data_ptr() for b in bufs)))
+        table = torch.tensor(
+            [[x // word for x in row] for row in self._layer_table],
+            dtype=torch.int64,
+            device=self.device,
+        )
         base_ptr = bufs[0].data_ptr()
-        block_elems = lay.planes * lay.piece_elems
+        block_words = lay.planes * self._piece * isz // word
         blocks: list[int] = []
         offsets: list[int] = []
         strides: list[int] = []
         for c, (chunk_ids, buf) in enumerate(zip(ids, bufs, strict=True)):
             start = (buf.data_ptr() - base_ptr) // word
-            layer_stride = buf.shape[1] * block_elems
+            layer_stride = buf.shape[1] * block_words
             chunk_pos = positions[c] if positions is not None else None
             for j, b in enumerate(chunk_ids):
                 blocks.append(b)
-                offsets.append(start + (j if chunk_pos is None else chunk_pos[j]) * block_elems)
+                offsets.append(start + (j if chunk_pos is None else chunk_pos[j]) * block_words)
                 strides.append(layer_stride)
         jobs = torch.tensor([blocks, offsets, strides], dtype=torch.int64, device=self.device)
         triton_kernels.copy_blocks(
             self._layers[0],
-            self._layer_table,
+            table,
             bufs[0],
             jobs,
             num_layers=lay.num_layers,
             planes=lay.planes,
-            piece=lay.piece_elems,
+            piece=self._piece * isz // word,
             to_buffer=to_buffer,
+            word=word,
         )
         if to_buffer and not local:
             for v, part in zip(views, bufs, strict=True):
                 v.copy_(part)
+
+
+def _word_size(*values: int) -> int:
+    """The widest of 8, 4, 2, 1 bytes dividing every address and byte count given."""
+    for word in (8, 4, 2):
+        if all(v % word == 0 for v in values):
+            return word
+    return 1
 
 
 def _block_id(b: object, what: str) -> int:

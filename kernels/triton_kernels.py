@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements per program. 1024 keeps the grid small for whole 64-256 KiB planes while
-#: leaving room for the masked tail of odd piece sizes.
+#: Words per program (8 KiB with 8-byte words): a small grid for whole 64-256 KiB planes,
+#: a masked tail for odd piece sizes.
 TILE = 1024
 
 
@@ -33,8 +33,22 @@ def _copy_blocks(
     piece: Any,
     PLANES: tl.constexpr,
     TO_BUFFER: tl.constexpr,
+    WORD: tl.constexpr,
     TILE: tl.constexpr,
 ) -> None:
+    # Move WORD-byte integers: every offset below is in words (see copy_blocks).
+    if WORD == 8:
+        cache = cache_ptr.to(tl.pointer_type(tl.int64))
+        buf = buf_ptr.to(tl.pointer_type(tl.int64))
+    elif WORD == 4:
+        cache = cache_ptr.to(tl.pointer_type(tl.int32))
+        buf = buf_ptr.to(tl.pointer_type(tl.int32))
+    elif WORD == 2:
+        cache = cache_ptr.to(tl.pointer_type(tl.int16))
+        buf = buf_ptr.to(tl.pointer_type(tl.int16))
+    else:
+        cache = cache_ptr.to(tl.pointer_type(tl.uint8))
+        buf = buf_ptr.to(tl.pointer_type(tl.uint8))
     job = tl.program_id(0)
     layer_plane = tl.program_id(1)
     tile = tl.program_id(2).to(tl.int64)
@@ -52,8 +66,8 @@ def _copy_blocks(
 
     cols = tile * TILE + tl.arange(0, TILE)
     mask = cols < piece
-    cache_at = cache_ptr + layer_off + plane * plane_stride + block * block_stride + cols
-    buf_at = buf_ptr + buf_off + layer.to(tl.int64) * buf_layer_stride + plane * piece + cols
+    cache_at = cache + layer_off + plane * plane_stride + block * block_stride + cols
+    buf_at = buf + buf_off + layer.to(tl.int64) * buf_layer_stride + plane * piece + cols
     if TO_BUFFER:
         tl.store(buf_at, tl.load(cache_at, mask=mask), mask=mask)
     else:
@@ -84,13 +98,18 @@ def copy_blocks(
     planes: int,
     piece: int,
     to_buffer: bool,
+    word: int,
 ) -> None:
     """Launch the block copy; arguments come checked from ``ops.KVCaches``.
 
-    ``cache_base``/``buf_base`` are word-typed tensors whose data pointers anchor the
-    offsets in ``layer_table`` ``(L, 3)`` and ``jobs`` ``(3, J)`` (int64, same device).
-    Runs on the current CUDA stream; CPU tensors run in the interpreter.
+    ``cache_base``/``buf_base`` are tensors whose data pointers anchor the offsets in
+    ``layer_table`` ``(L, 3)`` and ``jobs`` ``(3, J)`` (int64, same device). Offsets and
+    ``piece`` count ``word``-byte units (8 when every address and size allows it: wide
+    accesses without alignment hints, whatever the KV dtype). Runs on the current CUDA
+    stream; CPU tensors run in the interpreter.
     """
+    if word not in (1, 2, 4, 8):
+        raise ValueError(f"word must be 1, 2, 4 or 8 bytes, got {word}")
     num_jobs = jobs.shape[1]
     if num_jobs == 0:
         return
@@ -105,5 +124,6 @@ def copy_blocks(
         piece,
         PLANES=planes,
         TO_BUFFER=to_buffer,
+        WORD=word,
         TILE=TILE,
     )

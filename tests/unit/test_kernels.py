@@ -359,6 +359,26 @@ def test_triton_matches_reference(
         assert_same(t, r)
 
 
+@triton_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_narrow_words_for_unaligned_buffers(device: str) -> None:
+    """Buffers only 2-byte aligned make the kernel move 2-byte words instead of 8."""
+    lay = make_layout(LayoutKind.MLA, torch.float16, 16)
+    caches = make_caches(lay, device, shared=False)
+    n = lay.chunk_nbytes(2)
+    arena = torch.zeros(2 * n + 2, dtype=torch.uint8, device=device)
+    outs = [arena[2 : 2 + n], arena[2 + n : 2 + 2 * n]]
+    table = [[1, 2], [5, 3]]
+    KVCaches(caches, lay, backend="triton").gather_chunks(table, outs)
+    for ids, out in zip(table, outs, strict=True):
+        assert_same(out, naive_payload(lay, caches, ids))
+    assert int(arena[:2].count_nonzero()) == 0  # nothing written before the first buffer
+    fresh = [torch.zeros_like(c) for c in caches]
+    KVCaches(fresh, lay, backend="triton").scatter_chunks(outs, table)
+    for ids in table:
+        assert_same(naive_payload(lay, fresh, ids), naive_payload(lay, caches, ids))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_cache_with_host_buffers() -> None:
     """Device-to-host gather and host-to-device scatter through the staging buffer."""
