@@ -6,6 +6,7 @@ import asyncio
 import errno
 import functools
 import os
+import random
 import subprocess
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from meshkv.chunk import ChunkKey, NamespaceId, payload_checksum
-from meshkv.errors import ConfigError, NotPinned
-from meshkv.store import Store, StoreConfig, Tier
+from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.errors import ConfigError, NoSpace, NotPinned
+from meshkv.store import Slot, Store, StoreConfig, Tier
 from meshkv.tiers.arena import SHM_DIR
 
 KiB = 1 << 10
@@ -289,3 +290,153 @@ async def test_real_enospc_in_write_back_keeps_serving(tmp_path: Path) -> None:
         await s.close(asyncio.get_running_loop().time() + 2)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@run_async
+async def test_random_workload_serves_only_exact_bytes(tmp_path: Path, seed: int) -> None:
+    """Invariants 1, 4, 5 under a seeded mix of stores, reads, pins, evictions, clears."""
+    rng = random.Random(seed)
+    cap = 10 * (SLOT + RECORD_HEADER_BYTES)
+    cfg = StoreConfig(
+        cpu_bytes=8 * SLOT,
+        segment_bytes=SLOT,
+        min_slot_bytes=SLOT,
+        eviction=rng.choice(["lru", "s3fifo"]),
+        ssd_dir=str(tmp_path),
+        ssd_bytes=cap,
+        ssd_fsync=False,
+        ssd_write_queue=2,
+    )
+    s = Store(cfg)
+    await s.start()
+    truth: dict[ChunkKey, bytes] = {}
+    held: list[tuple[int, ChunkKey, bytes, Slot]] = []
+    for step in range(400):
+        op = rng.random()
+        if op < 0.4:
+            k = key(rng.randrange(60))
+            try:
+                slot = s.reserve(NS, k, SLOT, 1)
+            except NoSpace:
+                assert len(held) >= 6
+                slot = None
+            if slot is not None:
+                blob = rng.randbytes(SLOT)
+                view = s.payload(slot)
+                view[:] = blob
+                view.release()
+                s.commit(NS, k, 1, 16)
+                truth[k] = blob
+        elif op < 0.8:
+            ks = [key(rng.randrange(60)) for _ in range(rng.randint(1, 3))]
+            pins = await s.read(NS, ks, 1, 60.0)
+            for k, pin in zip(ks, pins, strict=True):
+                if pin is None:
+                    continue
+                view = s.payload(pin.slot)
+                assert bytes(view) == truth[k], (step, k.hex())
+                view.release()
+                if len(held) < 6 and rng.random() < 0.5:
+                    held.append((pin.lease_id, k, truth[k], pin.slot))
+                else:
+                    s.release([pin.lease_id], 1)
+        elif op < 0.97 and held:
+            lease_id, k, blob, slot = held.pop(rng.randrange(len(held)))
+            view = s.payload(slot)
+            assert bytes(view) == blob  # a pinned slot was never reused (invariant 4)
+            view.release()
+            s.release([lease_id], 1)
+        elif op >= 0.99:
+            s.clear()
+            truth.clear()
+        ssd = s.snapshot().tiers["ssd"]
+        assert ssd.usage_bytes <= cap  # invariant 5
+        if rng.random() < 0.3:
+            await asyncio.sleep(0.002)
+    for lease_id, _, blob, slot in held:
+        view = s.payload(slot)
+        assert bytes(view) == blob
+        view.release()
+        s.release([lease_id], 1)
+    await settle(s)
+    st = s.snapshot()
+    assert st.promotions > 0 and st.demotions > 0  # both tiers were exercised
+    on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert on_disk <= cap
+    await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_listener_sees_drops_only_when_a_key_leaves_every_tier(tmp_path: Path) -> None:
+    cap = 3 * (SLOT + RECORD_HEADER_BYTES)
+    s = Store(_cfg(tmp_path, cap))
+    await s.start()
+    added: list[ChunkKey] = []
+    dropped: list[ChunkKey] = []
+
+    def listener(a: list[ChunkKey], d: list[ChunkKey]) -> None:
+        added.extend(a)
+        dropped.extend(d)
+
+    s.add_listener(listener)
+    for i in range(6):  # 2 fit in memory, 3 on disk: key 0 leaves both tiers
+        put(s, i)
+        await settle(s)
+    assert added == [key(i) for i in range(6)]
+    assert dropped == [key(0)]  # keys 1..3 moved to SSD: not dropped
+    tiers = s.lookup(NS, [key(i) for i in range(6)])
+    assert tiers == [None, Tier.SSD, Tier.SSD, Tier.SSD, Tier.CPU, Tier.CPU]
+    await s.close(asyncio.get_running_loop().time() + 5)
+
+
+def _cfg(ssd: Path, ssd_bytes: int) -> StoreConfig:
+    return StoreConfig(
+        cpu_bytes=2 * SLOT,
+        segment_bytes=SLOT,
+        min_slot_bytes=SLOT,
+        ssd_dir=str(ssd),
+        ssd_bytes=ssd_bytes,
+        ssd_fsync=False,
+        writeback_headroom=0.0,
+        persist_on_shutdown=False,
+    )
+
+
+@run_async
+async def test_concurrent_reads_share_one_promotion(tmp_path: Path) -> None:
+    s = Store(config(tmp_path))
+    await s.start()
+    put(s, 1)
+    await s.close(asyncio.get_running_loop().time() + 5)
+    s2 = Store(config(tmp_path))
+    await s2.start()
+    a, b = await asyncio.gather(
+        s2.read(NS, [key(1)], 1, 5.0), s2.read(NS, [key(1), key(1)], 2, 5.0)
+    )
+    pins = [*a, *b]
+    assert all(p is not None for p in pins)
+    assert len({p.slot for p in pins if p is not None}) == 1
+    assert s2.snapshot().promotions == 1
+    s2.release([a[0].lease_id], 1)  # type: ignore[union-attr]
+    s2.release_owner(2)
+    st = s2.snapshot()
+    assert st.leases_open == 0 and st.pinned_chunks == 0
+    await s2.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_release_owner_aborts_reservations_and_expired_reservation_swept(
+    tmp_path: Path,
+) -> None:
+    s = Store(config(None, reserve_timeout_s=0.05))
+    await s.start()
+    assert s.reserve(NS, key(1), SLOT, 9) is not None
+    s.release_owner(9)
+    assert s.reserve(NS, key(1), SLOT, 10) is not None  # free again
+    await asyncio.sleep(0.1)
+    s.sweep()
+    st = s.snapshot()
+    assert st.reservations_expired == 1 and st.reservations_open == 0
+    assert st.tiers["cpu"].usage_bytes == 0
+    await s.close(asyncio.get_running_loop().time() + 2)
