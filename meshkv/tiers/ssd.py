@@ -173,6 +173,8 @@ class SsdTier:
     def _scan(self) -> list[tuple[ChunkKey, SsdEntry]]:
         root = self.config.directory
         os.makedirs(root, exist_ok=True)
+        for b in range(256):  # all fan-out directories up front: no mkdir on the write path
+            os.makedirs(os.path.join(root, f"{b:02x}"), exist_ok=True)
         found: list[tuple[int, ChunkKey, SsdEntry]] = []
         for sub in sorted(os.listdir(root)):
             subdir = os.path.join(root, sub)
