@@ -331,12 +331,11 @@ class CpuTier:
                 continue
             e.holds += 1
             e.doomed = True
-            self.policy.remove(v, True)
-            if not self.demote(e):
+            if not self.demote(e):  # the SSD cannot take it now: leave the order untouched
                 e.holds -= 1
                 e.doomed = False
-                self.policy.insert(v, _fingerprint(e.key))
                 return
+            self.policy.remove(v, True)
             self.counters.demotions_started += 1
             self.demoting_bytes += self.alloc.slot_bytes(v)
             max_writes -= 1
