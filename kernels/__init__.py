@@ -4,6 +4,7 @@
 saving); ``scatter`` copies a payload back into blocks (for loading). The layout of the
 engine's tensors is given explicitly as a ``KVLayout``; payload bytes are never
 interpreted. Bind an engine's tensors once with ``KVCaches`` and reuse it on hot paths.
+Optional int8 quantization of payloads lives in ``quant``.
 """
 
 from .layouts import KVLayout, LayoutKind, chunk_nbytes
@@ -16,6 +17,7 @@ from .ops import (
     scatter,
     triton_available,
 )
+from .quant import dequantize_int8, quantize_int8, quantized_nbytes
 
 __all__ = [
     "Backend",
@@ -25,7 +27,10 @@ __all__ = [
     "LayoutKind",
     "as_byte_tensor",
     "chunk_nbytes",
+    "dequantize_int8",
     "gather",
+    "quantize_int8",
+    "quantized_nbytes",
     "scatter",
     "triton_available",
 ]

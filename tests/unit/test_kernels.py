@@ -23,7 +23,11 @@ from meshkv.kernels import (
     LayoutKind,
     as_byte_tensor,
     chunk_nbytes,
+    dequantize_int8,
     gather,
+    quant,
+    quantize_int8,
+    quantized_nbytes,
     scatter,
     triton_available,
 )
@@ -393,6 +397,57 @@ def test_cuda_cache_with_host_buffers() -> None:
     KVCaches(fresh, lay).scatter_chunks(host, [[1, 2], [7, 4]])
     torch.cuda.synchronize()
     assert_same(naive_payload(lay, fresh, [7, 4]), naive_payload(lay, caches, [7, 4]))
+
+
+# --------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_quantization_round_trip_within_bound(kind: LayoutKind, dtype: torch.dtype) -> None:
+    lay = make_layout(kind, dtype, 32)
+    caches = make_caches(lay, "cpu")
+    caches[1][..., :3] *= 40  # outliers: the scale of their groups grows, the bound too
+    caches[2].zero_()  # all-zero groups come back exactly
+    ids = [2, 7, 8]
+    payload = torch.empty(lay.chunk_nbytes(3), dtype=torch.uint8)
+    gather(caches, ids, payload, lay)
+    packed = torch.empty(quantized_nbytes(lay, 3), dtype=torch.uint8)
+    quantize_int8(lay, 3, payload, packed)
+    if dtype is not torch.float32:
+        assert packed.nbytes < 0.51 * payload.nbytes
+    back = torch.empty_like(payload)
+    dequantize_int8(lay, 3, packed, back)
+
+    groups = lay.num_layers * 3 * lay.planes
+    x = payload.view(dtype).view(groups, -1).float()
+    y = back.view(dtype).view(groups, -1).float()
+    cast_eps = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-23}[dtype]
+    bound = quant.error_bound(lay, 3, packed)[:, None] * (1 + 1e-6) + y.abs() * cast_eps
+    assert bool(((x - y).abs() <= bound).all())
+    assert bool((bound[:, :1] > 0).any())  # the bound is not vacuous
+    zero_groups = slice(2 * 3 * lay.planes, None)  # layer 2
+    assert int(y[zero_groups].count_nonzero()) == 0
+
+    fresh = [torch.zeros_like(c) for c in caches]
+    scatter(back, fresh, ids, lay)  # a dequantized payload is an ordinary payload
+    torch.testing.assert_close(
+        naive_payload(lay, fresh, ids).view(dtype), back.view(dtype), rtol=0, atol=0
+    )
+
+
+def test_int8_quantization_rejects_bad_input() -> None:
+    lay = make_layout(LayoutKind.VLLM_CPU, torch.float16, 16)
+    payload = torch.zeros(lay.chunk_nbytes(1), dtype=torch.uint8)
+    packed = torch.empty(quantized_nbytes(lay, 1), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be uint8 or torch.float16 and hold"):
+        quantize_int8(lay, 2, payload, packed)
+    payload.view(torch.float16)[5] = float("inf")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_int8(lay, 1, payload, packed)
+    fp8 = make_layout(LayoutKind.VLLM_CPU, torch.float8_e4m3fn, 16)
+    with pytest.raises(TypeError, match="cannot quantize a torch.float8_e4m3fn cache"):
+        quantize_int8(fp8, 1, torch.zeros(fp8.chunk_nbytes(1), dtype=torch.uint8), packed)
 
 
 # ------------------------------------------------------------------------ benchmark
