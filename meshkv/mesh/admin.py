@@ -1,6 +1,6 @@
 """The mesh's HTTP admin routes: ``/v1/ring`` and ``/v1/owners``.
 
-``GET /v1/ring`` is this node's view of the mesh (``meshkv ring status`` prints it):
+``GET /v1/ring[?stats=0]`` is this node's view of the mesh (``meshkv ring status`` prints it):
 every remembered member with its state, incarnation and ring share, plus each live
 member's chunk counts, bytes per tier and hit rate (asked of the member itself with
 ``NODE_STATS``, under a short deadline; a member that does not answer shows none), and the
@@ -29,7 +29,8 @@ MAX_OWNER_KEYS = 4096
 
 def routes(node: MeshNode) -> list[web.RouteDef]:
     async def ring(request: web.Request) -> web.Response:
-        return web.json_response(await ring_view(node))
+        with_stats = request.query.get("stats", "1") not in ("0", "false", "no")
+        return web.json_response(await ring_view(node, with_stats=with_stats))
 
     async def owners_one(request: web.Request) -> web.Response:
         key = _parse_key(request.match_info["key"])
@@ -64,7 +65,9 @@ def _parse_key(text: Any) -> ChunkKey:
     return ChunkKey(raw)
 
 
-async def ring_view(node: MeshNode) -> dict[str, Any]:
+async def ring_view(node: MeshNode, *, with_stats: bool = True) -> dict[str, Any]:
+    """This node's view; ``with_stats=False`` skips asking members for their numbers
+    (cheap enough to poll while a member is frozen)."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     ring = node.ring
@@ -90,7 +93,7 @@ async def ring_view(node: MeshNode) -> dict[str, Any]:
             }
         )
     deadline = now + STATS_TIMEOUT_S
-    alive = [r for r in rows if r["state"] in ("alive", "suspect")]
+    alive = [r for r in rows if r["state"] == "alive"] if with_stats else []
     numbers = await asyncio.gather(
         *(node.member_stats(r["id"], deadline) for r in alive), return_exceptions=True
     )

@@ -73,8 +73,9 @@ def start_mesh(
     return [first, *rest]
 
 
-def ring(agent: AgentProcess) -> dict[str, Any]:
-    return dict(agent.get_json("/v1/ring"))
+def ring(agent: AgentProcess, stats: bool = False) -> dict[str, Any]:
+    """``/v1/ring`` (without members' chunk numbers unless ``stats``: quick to poll)."""
+    return dict(agent.get_json("/v1/ring" if stats else "/v1/ring?stats=0"))
 
 
 def states(agent: AgentProcess) -> dict[str, str]:
