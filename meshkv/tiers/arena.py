@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -66,15 +67,18 @@ def owner_alive(name: str) -> bool:
 class Arena:
     """A named shared-memory region mapped read-write into this process."""
 
-    __slots__ = ("name", "size", "_mm", "_view", "_owner", "_path")
+    __slots__ = ("name", "size", "_mm", "_view", "_owner", "_path", "_lock_fd")
 
-    def __init__(self, name: str, size: int, mm: mmap.mmap, owner: bool, path: str) -> None:
+    def __init__(
+        self, name: str, size: int, mm: mmap.mmap, owner: bool, path: str, lock_fd: int = -1
+    ) -> None:
         self.name = name
         self.size = size
         self._mm = mm
         self._view: memoryview | None = memoryview(mm)
         self._owner = owner
         self._path = path
+        self._lock_fd = lock_fd
 
     @classmethod
     def create(cls, size: int, *, prefault: bool = True, shm_dir: str = SHM_DIR) -> Arena:
@@ -91,6 +95,9 @@ class Arena:
         path = os.path.join(shm_dir, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # The owner holds an exclusive flock for its whole life; the kernel drops it when
+            # the process dies, however it dies, which is what reclaim_stale() tests.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
@@ -102,12 +109,11 @@ class Arena:
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
             mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            os.close(fd)
             raise
-        os.close(fd)
-        arena = cls(name, size, mm, True, path)
+        arena = cls(name, size, mm, True, path, lock_fd=fd)
         if prefault:
             arena.prefault()
         log.info("created arena %s (%d bytes)", name, size)
@@ -157,6 +163,9 @@ class Arena:
             log.warning("arena %s still has exported views; leaving the mapping open", self.name)
         if self._owner:
             self.unlink()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -170,19 +179,37 @@ class Arena:
 
 
 def reclaim_stale(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink arenas whose owning agent is dead; returns the names removed."""
+    """Unlink arenas whose owning agent is dead; returns the names removed.
+
+    An arena is stale only when both checks agree: the pid in its name is gone (or now
+    names a process with another start time), and nobody holds the owner's flock on it.
+    The lock protects live agents in other pid namespaces that share ``/dev/shm``; the pid
+    check protects an arena in the instant between its creation and its lock.
+    """
     removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except FileNotFoundError:
         return removed
     for name in names:
-        if not name.startswith(ARENA_PREFIX) or _NAME_RE.match(name) is None:
+        if _NAME_RE.match(name) is None or owner_alive(name):
             continue
-        if owner_alive(name):
+        path = os.path.join(shm_dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(shm_dir, name))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            os.unlink(path)
             removed.append(name)
             log.warning("reclaimed stale arena %s of a dead agent", name)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
     return removed

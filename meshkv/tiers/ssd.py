@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".mkv"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".meshkv.lock"
 
 FaultHook = Callable[[str, str], None]
 """``hook(op, path)`` runs in the I/O thread before each ``write``/``read``; tests raise
@@ -145,6 +147,7 @@ class SsdTier:
         self._retry_at = 0.0
         self._backoff = config.retry_initial_s
         self._probing = False
+        self._lock_fd = -1
 
     # ------------------------------------------------------------------ start / stop
 
@@ -173,6 +176,7 @@ class SsdTier:
     def _scan(self) -> list[tuple[ChunkKey, SsdEntry]]:
         root = self.config.directory
         os.makedirs(root, exist_ok=True)
+        self._lock_dir(root)
         for b in range(256):  # all fan-out directories up front: no mkdir on the write path
             os.makedirs(os.path.join(root, f"{b:02x}"), exist_ok=True)
         found: list[tuple[int, ChunkKey, SsdEntry]] = []
@@ -198,8 +202,25 @@ class SsdTier:
         found.sort(key=lambda t: t[0])
         return [(k, e) for _, k, e in found]
 
+    def _lock_dir(self, root: str) -> None:
+        # Two agents sharing a directory would each evict the other's files and break the
+        # cap; an flock held for the tier's life (dropped by the kernel on death) forbids it.
+        fd = os.open(os.path.join(root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"SSD directory {root} is in use by another meshkv agent; give each agent "
+                "its own directory"
+            ) from None
+        self._lock_fd = fd
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # ------------------------------------------------------------------ index
 

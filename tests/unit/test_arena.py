@@ -87,3 +87,16 @@ def test_prefault_leaves_zeroed_writable_pages() -> None:
         assert bytes(arena.view(SIZE - 8, 8)) == bytes(8)
         with pytest.raises(ValueError, match="outside arena"):
             arena.view(SIZE - 4, 8)
+
+
+def test_locked_arena_is_kept_even_if_its_pid_looks_dead() -> None:
+    """A live owner in another pid namespace: its name's pid means nothing here."""
+    with Arena.create(SIZE) as arena:
+        fake = "meshkv-999999999-1-" + "ab" * 8
+        os.link(os.path.join(SHM_DIR, arena.name), os.path.join(SHM_DIR, fake))
+        try:
+            assert not owner_alive(fake)
+            assert fake not in reclaim_stale()  # the owner's flock is held
+            assert os.path.exists(os.path.join(SHM_DIR, fake))
+        finally:
+            os.unlink(os.path.join(SHM_DIR, fake))

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.errors import ConfigError
 from meshkv.tiers.ssd import SsdTier, SsdTierConfig
 
 NS = NamespaceId(b"n" * 16)
@@ -237,3 +238,15 @@ async def test_crash_mid_write_leaves_only_complete_chunks(tmp_path: Path) -> No
         assert buf == bytes([i % 251]) * (1 << 20)
     assert list(tmp_path.rglob("*.tmp")) == []
     t.close()
+
+
+@run_async
+async def test_two_tiers_cannot_share_a_directory(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    other = make(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another meshkv agent"):
+        await other.start()
+    other.close()
+    t.close()
+    again = await started(tmp_path)  # released on close
+    again.close()
