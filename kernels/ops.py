@@ -89,6 +89,7 @@ class KVCaches:
         "_word_dtype",
         "_layer_table",
         "_cache_word",
+        "_word_tables",
     )
 
     def __init__(
@@ -119,12 +120,13 @@ class KVCaches:
         self._groups = self._stack(self._layers)
         self.backend = self._resolve(backend)
         self._host_groups: list[host.HostGroup] = (
-            [(first, view.numpy()) for first, view in self._groups]
+            [(start, view.numpy()) for start, view in self._groups]
             if self.backend == "numpy"
             else []
         )
         self._layer_table: list[list[int]] | None = None  # bytes: offset, plane, block stride
         self._cache_word = 1
+        self._word_tables: dict[int, torch.Tensor] = {}  # word size -> layer table in words
         logger.debug(
             "KVCaches %s: %d blocks on %s, %d layer group(s), backend %s",
             layout.describe(),
@@ -425,11 +427,11 @@ class KVCaches:
                 bufs.append(part)
                 at += v.numel()
         word = min(self._cache_word, _word_size(*(b.data_ptr() for b in bufs)))
-        table = torch.tensor(
-            [[x // word for x in row] for row in self._layer_table],
-            dtype=torch.int64,
-            device=self.device,
-        )
+        table = self._word_tables.get(word)
+        if table is None:  # at most four, built once each
+            rows = [[x // word for x in row] for row in self._layer_table]
+            table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self._word_tables[word] = table
         base_ptr = bufs[0].data_ptr()
         block_words = lay.planes * self._piece * isz // word
         blocks: list[int] = []

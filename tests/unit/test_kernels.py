@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -240,6 +241,22 @@ def test_numpy_and_torch_backends_agree_on_layer_groups() -> None:
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert_same(outs[0], naive_payload(lay, caches, [8, 9, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_caches_from_another_thread(backend: Backend) -> None:
+    """vLLM allocates under inference_mode; the connector may copy from a plain thread."""
+    lay = make_layout(LayoutKind.VLLM_CPU, torch.float16, 16)
+    with torch.inference_mode():
+        caches = make_caches(lay, "cpu")
+    assert caches[0].is_inference()
+    kv = KVCaches(caches, lay, backend=backend)
+    out = torch.empty(lay.chunk_nbytes(2), dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(kv.gather, [1, 2], out).result(timeout=60)
+        pool.submit(kv.scatter, out, [8, 9]).result(timeout=60)
+    for layer in caches:
+        assert_same(layer[8:10], layer[1:3])
 
 
 def test_shared_memory_slot_round_trip() -> None:
