@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mib * MiB,
         batches=args.batches,
         cpu_tier_bytes=int(args.cpu_gb * (1 << 30)),
+        loadavg_start=os.getloadavg()[0],
     )
     workdir = Path(tempfile.mkdtemp(prefix="mkv-bench-", dir="/tmp"))
     ssd_dir = Path(args.ssd_dir) if args.ssd_dir else workdir / "ssd"
@@ -320,6 +321,11 @@ def run(args: argparse.Namespace) -> int:
         if args.ssd_dir:
             for path in ssd_dir.rglob("*.mkv"):
                 path.unlink(missing_ok=True)
+    report.meta["loadavg_end"] = os.getloadavg()[0]
     print(report.table())
+    print(
+        f"load average (1 min): {report.meta['loadavg_start']:.1f} at start, "
+        f"{report.meta['loadavg_end']:.1f} at end; ratios are only meaningful on a quiet host"
+    )
     report.write(args.json)
     return 0
