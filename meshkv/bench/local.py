@@ -140,12 +140,23 @@ def _chunks(size: int, count: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
 
 
+WAIT_LIMIT_S = 120.0
+"""No wait in the benchmark (free slots, SSD catching up) may exceed this."""
+
+
+def _check(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"gave up after {WAIT_LIMIT_S:.0f} s waiting for {what}")
+
+
 def _store_batch(client: AgentClient, keys: list[bytes], src: list[np.ndarray]) -> None:
+    deadline = time.monotonic() + WAIT_LIMIT_S
     while True:
         try:
             reservations = client.reserve(keys, [a.nbytes for a in src])
             break
         except NoSpace:  # slots still held for background hashing; let it catch up
+            _check(deadline, "free arena slots")
             time.sleep(0.001)
     for res, arr in zip(reservations, src, strict=True):
         if res is not None:
@@ -162,10 +173,11 @@ def _load_batch(client: AgentClient, keys: list[bytes], dst: list[np.ndarray]) -
     client.release([x for x in leases if x is not None])
 
 
-def _wait_idle(client: AgentClient, timeout: float = 60.0) -> None:
+def _wait_idle(client: AgentClient) -> None:
     """Wait until the agent has no background checksums pending (a quiet baseline)."""
-    deadline = time.monotonic() + timeout
-    while client.stats().get("checksums_pending", 0) and time.monotonic() < deadline:
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while client.stats().get("checksums_pending", 0):
+        _check(deadline, "background checksums")
         time.sleep(0.01)
 
 
@@ -263,14 +275,17 @@ def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: 
         with running(agent), AgentClient(agent.socket, timeout=30.0) as client:
             start = _ssd_stats(client)
             on_ssd = base = start["chunks"]
+            deadline = time.monotonic() + WAIT_LIMIT_S
             t0 = time.perf_counter()
             for i, key in enumerate(keys):
                 # Never more in flight than the tier's write queue: nothing is refused.
                 while i - (on_ssd - base) >= SSD_WRITE_QUEUE - 1:
+                    _check(deadline, "SSD writes")
                     time.sleep(0.002)
                     on_ssd = _ssd_stats(client)["chunks"]
                 _store_batch(client, [key], [src])
             while on_ssd - base < count:
+                _check(deadline, "SSD writes")
                 time.sleep(0.002)
                 on_ssd = _ssd_stats(client)["chunks"]
             seconds = time.perf_counter() - t0
