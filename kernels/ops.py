@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import operator
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -36,18 +37,29 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_readonly_lock = threading.Lock()
+_readonly_seen = False
+
+
 def as_byte_tensor(buffer: memoryview | bytearray | bytes) -> torch.Tensor:
     """A 1-D uint8 tensor over ``buffer`` without copying (e.g. a shared-memory slot).
 
-    Read-only buffers are allowed as scatter sources; torch warns about them because it
-    cannot mark a tensor read-only, so that one warning is silenced here. Never gather
-    into a tensor made from a read-only buffer.
+    Read-only buffers are allowed as scatter sources (never gather into one). torch warns
+    once per process about a tensor over read-only memory; that first warning is silenced
+    here under a lock, so no later call touches the (process-wide, not thread-safe)
+    warning filters.
     """
-    if isinstance(buffer, memoryview) and buffer.readonly or isinstance(buffer, bytes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(buffer, dtype=torch.uint8)
-    return torch.frombuffer(buffer, dtype=torch.uint8)
+    global _readonly_seen
+    view = memoryview(buffer)
+    if view.readonly and not _readonly_seen:
+        with _readonly_lock:
+            if not _readonly_seen:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    tensor = torch.frombuffer(view, dtype=torch.uint8)
+                _readonly_seen = True
+                return tensor
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _contiguous_strides(shape: Sequence[int]) -> list[int]:
