@@ -101,6 +101,9 @@ class LocalServerConfig:
     """How long a read pin lasts before the store reclaims it."""
     pull_timeout_s: float = 5.0
     """Deadline of background SSD promotions and peer pulls started by a lookup."""
+    remote_lookup_timeout_s: float = 0.25
+    """How long a lookup may wait for the mesh; past it, unanswered keys count as misses
+    (the engine never waits on the network past its deadline)."""
 
 
 class _Pulls:
@@ -451,10 +454,16 @@ class _Connection(asyncio.Protocol):
         remote: RemoteLookup,
     ) -> Reply:
         missing = [i for i, t in enumerate(tiers) if t is None]
-        found = await remote.lookup(ns, [keys[i] for i in missing])
-        for i, tier in zip(missing, found, strict=True):
-            if tier is not None:
-                tiers[i] = Tier.PEER
+        try:
+            async with asyncio.timeout(self.server.config.remote_lookup_timeout_s):
+                found = await remote.lookup(ns, [keys[i] for i in missing])
+        except (TimeoutError, MeshKVError) as exc:
+            logger.info("mesh lookup of %d keys failed (%r); answering from local tiers",
+                        len(missing), exc)  # fmt: skip
+        else:
+            for i, tier in zip(missing, found, strict=True):
+                if tier is not None:
+                    tiers[i] = Tier.PEER
         return self._lookup_reply(ns, keys, tiers)
 
     def _lookup_reply(
