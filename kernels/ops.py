@@ -307,7 +307,7 @@ class KVCaches:
 
     @staticmethod
     def _positions(positions: Sequence[int], count: int, chunk_blocks: int, what: str) -> list[int]:
-        pos = [int(p) for p in positions]
+        pos = [_block_id(p, what) for p in positions]
         if len(pos) != count:
             raise ValueError(f"{what}: {len(pos)} positions for {count} block ids")
         if len(set(pos)) != len(pos) or min(pos) < 0 or max(pos) >= chunk_blocks:

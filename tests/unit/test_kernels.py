@@ -224,6 +224,8 @@ def test_partial_scatter_by_positions(backend: Backend) -> None:
         kv.scatter(whole, [1, 2], positions=[3, 4])
     with pytest.raises(ValueError, match="2 positions for 3 block ids"):
         kv.scatter(whole, [1, 2, 3], positions=[0, 1])
+    with pytest.raises(TypeError, match="0.0 is not an integer block id"):
+        kv.scatter(whole, [1], positions=[0.0])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="not a whole number of"):
         kv.scatter(whole[:-2], [1], positions=[0])
 
