@@ -8,6 +8,7 @@ agents, read where they listen from their ready file, stop them (SIGTERM), kill 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -148,10 +149,11 @@ class AgentProcess:
         """Kill if still running and remove the private directory and a leftover arena."""
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
-        arena = self.info.get("arena_name")
-        if arena:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"/dev/shm/{arena}")
+        if self.proc is not None:
+            # Arena names start with meshkv-<pid>-: catch one made before the ready file too.
+            for path in glob.glob(f"/dev/shm/meshkv-{self.proc.pid}-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
