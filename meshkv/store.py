@@ -415,7 +415,8 @@ class Store:
         _check_key(key)
         if self._closing:
             raise StoreError("the store is shutting down")
-        if self._ssd is not None and key in self._ssd:
+        ssd = self._ssd
+        if ssd is not None and (key in ssd or ssd.is_writing(key)):
             return None
         e = self.cpu.reserve(ns, key, size, owner)
         return None if e is None else Slot(e.offset, e.size)

@@ -8,6 +8,8 @@ import functools
 import os
 import random
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -292,11 +294,23 @@ async def test_real_enospc_in_write_back_keeps_serving(tmp_path: Path) -> None:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(("seed", "slow_disk"), [(1, False), (2, False), (5, True), (9, True)])
 @run_async
-async def test_random_workload_serves_only_exact_bytes(tmp_path: Path, seed: int) -> None:
-    """Invariants 1, 4, 5 under a seeded mix of stores, reads, pins, evictions, clears."""
+async def test_random_workload_serves_only_exact_bytes(
+    tmp_path: Path, seed: int, slow_disk: bool
+) -> None:
+    """Invariants 1, 4, 5 under a seeded mix of stores, reads, pins, evictions, clears.
+
+    A slow disk (0-20 ms per I/O) keeps writes in flight while the same keys are stored,
+    read and cleared again.
+    """
     rng = random.Random(seed)
+    disk_rng = random.Random(seed)
+
+    def slow(op: str, path: str) -> None:
+        if slow_disk:
+            time.sleep(disk_rng.random() * 0.02)
+
     cap = 10 * (SLOT + RECORD_HEADER_BYTES)
     cfg = StoreConfig(
         cpu_bytes=8 * SLOT,
@@ -308,7 +322,7 @@ async def test_random_workload_serves_only_exact_bytes(tmp_path: Path, seed: int
         ssd_fsync=False,
         ssd_write_queue=2,
     )
-    s = Store(cfg)
+    s = Store(cfg, ssd_fault_hook=slow)
     await s.start()
     truth: dict[ChunkKey, bytes] = {}
     held: list[tuple[int, ChunkKey, bytes, Slot]] = []
@@ -440,3 +454,25 @@ async def test_release_owner_aborts_reservations_and_expired_reservation_swept(
     assert st.reservations_expired == 1 and st.reservations_open == 0
     assert st.tiers["cpu"].usage_bytes == 0
     await s.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_key_being_written_to_ssd_is_not_reserved_again(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def hook(op: str, path: str) -> None:
+        if op == "write":
+            assert gate.wait(5.0)
+
+    s = Store(_cfg(tmp_path, 1 << 30), ssd_fault_hook=hook)
+    await s.start()
+    for i in range(3):  # 2 slots: storing key 2 evicts key 0 into a (blocked) SSD write
+        put(s, i)
+    await asyncio.sleep(0.05)
+    assert s.lookup(NS, [key(0)]) == [None]  # in flight: in neither index yet
+    assert s.reserve(NS, key(0), SLOT, 1) is None  # but already being stored
+    gate.set()
+    await settle(s)
+    assert s.lookup(NS, [key(0)]) == [Tier.SSD]
+    assert await read_bytes(s, 0) == data(0)
+    await s.close(asyncio.get_running_loop().time() + 5)
