@@ -113,17 +113,11 @@ def copy_blocks(
     num_jobs = jobs.shape[1]
     if num_jobs == 0:
         return
-    kernel = _compiled if cache_base.is_cuda else _interpreted_kernel()
     grid = (num_jobs, num_layers * planes, triton.cdiv(piece, TILE))
-    kernel[grid](
-        cache_base,
-        buf_base,
-        layer_table,
-        jobs,
-        num_jobs,
-        piece,
-        PLANES=planes,
-        TO_BUFFER=to_buffer,
-        WORD=word,
-        TILE=TILE,
-    )
+    args = (cache_base, buf_base, layer_table, jobs, num_jobs, piece)
+    consts = {"PLANES": planes, "TO_BUFFER": to_buffer, "WORD": word, "TILE": TILE}
+    if cache_base.is_cuda:
+        with torch.cuda.device(cache_base.device):  # launch on the cache's GPU
+            _compiled[grid](*args, **consts)
+    else:
+        _interpreted_kernel()[grid](*args, **consts)
