@@ -24,12 +24,12 @@ class MembershipConfig:
     Should be about the 99th percentile of the network round trip."""
     indirect_checks: int = 3
     """Peers asked to probe a member that missed its direct ack (PING_REQ fan-out)."""
-    suspicion_mult: float = 1.25
+    suspicion_mult: float = 1.5
     """Lifeguard minimum suspicion timeout = ``suspicion_mult * max(1, log10(N)) *
     probe_interval_s``. memberlist uses 4 (7.2 s at N=64), which alone exceeds the 8 s p99
-    crash-detection target; with 1.25 (2.3 s at N=64) ``simulations/detection.py`` measures
-    p99 7.6 s over 80 crashes at 1 % loss, and refutation still has ample time (no false
-    DEAD in ``simulations/healthy.py``)."""
+    crash-detection target; with 1.5 (2.7 s at N=64) ``simulations/detection.py`` measures
+    p99 7.2-7.7 s over 80-240 crashes at 1 % loss, and refutation still has ample time (no
+    false DEAD in ``simulations/faults.py``)."""
     suspicion_confirmations: int = 2
     """Lifeguard k: independent confirmations that shrink a suspicion from the maximum to
     the minimum timeout (memberlist derives it as ``suspicion_mult - 2``). Clamped to

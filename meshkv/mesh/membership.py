@@ -586,6 +586,10 @@ class Membership:
         )
         max_s = self.config.suspicion_max_timeout_mult * min_s
         self._suspicions[u.node] = _Suspicion(now, min_s, max_s, k, {u.origin})
+        if u.origin != self.node_id and u.node != self._probe_target:
+            # probe a fresh suspect next: our result confirms (or, via the buddy suspect
+            # in the ping, gets refuted) within one probe interval instead of a round
+            self._probe_order.insert(self._probe_index, u.node)
         self._emit(EventKind.SUSPECT, u.node, m.addr, u.incarnation, now)
         self._broadcast(u)
 

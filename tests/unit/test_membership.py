@@ -169,7 +169,9 @@ def test_suspicion_timeout_shrinks_with_independent_confirmations() -> None:
         t = 0.1
         while t < 2 * max_s:
             t = max(t + 0.001, min(a.next_deadline(), t + 0.25))
-            a.tick(t)
+            for o in a.tick(t):
+                if isinstance(o.msg, Ping):  # every probe of a succeeds: no self-confirmation
+                    a.handle(o.to, Ack(o.msg.seq, o.msg.target), t)
             for e in a.drain_events():
                 if e.kind is EventKind.DEAD:
                     return t
@@ -180,6 +182,23 @@ def test_suspicion_timeout_shrinks_with_independent_confirmations() -> None:
     assert dead_time(["n2", "n3"]) == pytest.approx(min_s, abs=0.3)
     # the same confirmer twice is not independent
     assert dead_time(["n2", "n2"]) == pytest.approx(dead_time(["n2"]), abs=0.01)
+
+
+def test_a_fresh_suspect_is_probed_next_and_told_it_is_suspected() -> None:
+    a = core("a")
+    with_members(a, [f"n{i}" for i in range(10)])
+    t = 0.0
+    while t < 5.0:  # settle into the probe rhythm
+        t = a.next_deadline()
+        a.tick(t)
+    a.handle("n1:1", Gossip("n1", (Update("n7", "n7:1", 0, State.SUSPECT, "n1"),)), t)
+    pings = []
+    while not pings:
+        t = a.next_deadline()
+        pings = [o for o in a.tick(t) if isinstance(o.msg, Ping)]
+    (ping,) = pings
+    assert ping.to == "n7:1" and isinstance(ping.msg, Ping)
+    assert ping.msg.updates[0] == Update("n7", "n7:1", 0, State.SUSPECT, "a")
 
 
 def test_failed_probes_raise_local_health_and_stretch_the_probe_interval() -> None:
