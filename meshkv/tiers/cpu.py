@@ -12,8 +12,9 @@ Life of a slot::
                                                                                   the last pin or
                                                                                   hold goes)
 
-Invariant 4: a slot with a pin (a reader's lease) or a hold (background checksum, SSD
-write) is never evicted or reused; the victim search skips it.
+Invariant 4: a slot with a pin (a reader's lease) or a hold (an SSD write from the slot)
+is never evicted or reused; the victim search skips it. The background checksum does not
+hold a slot: it checks the slot's generation before storing its result.
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ class CpuTier:
         # Each round either frees a slot or moves a pinned victim aside, so len(policy) + 1
         # rounds visit every candidate.
         rounds = len(self.policy) + 1
+        evicted = 0
         while rounds > 0:
             rounds -= 1
             v = self.policy.victim()
@@ -280,14 +282,16 @@ class CpuTier:
                 self.policy.skip(v)
                 continue
             self._evict(e)
+            evicted += 1
             slot = self.alloc.alloc(c)
             if slot >= 0:
                 return slot
         inflight = sum(1 for e in self._index.values() if e.doomed)
         raise NoSpace(
-            f"CPU tier full: no free slot for a {size}-byte chunk and nothing evictable "
-            f"({self.pinned_entries} chunks pinned by readers, {self.reserved} reserved, "
-            f"{inflight} being written to SSD); release leases or retry later"
+            f"CPU tier full: no free slot for a {size}-byte chunk after evicting {evicted} "
+            f"chunks; the rest cannot go now ({self.pinned_entries} chunks pinned by readers, "
+            f"{self.reserved} reserved, {inflight} being written to SSD); release leases or "
+            "retry later"
         )
 
     def _evict(self, e: Entry) -> None:
