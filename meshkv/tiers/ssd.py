@@ -141,7 +141,7 @@ class SsdTier:
         self._index: OrderedDict[ChunkKey, SsdEntry] = OrderedDict()  # oldest first
         self._writing: set[ChunkKey] = set()
         self._cancelled: set[ChunkKey] = set()  # cleared while being written
-        self._pending_unlink: list[str] = []
+        self._victims: dict[ChunkKey, list[str]] = {}  # files to unlink before the write
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="meshkv-ssd")
         self._read_slots = asyncio.Semaphore(4 * config.workers)
         self._retry_at = 0.0
@@ -311,16 +311,21 @@ class SsdTier:
                 self.counters.writes_refused += 1
                 return False
             self._probing = True
+        victims: list[str] = []
         while self.used_bytes + need > self.capacity_bytes and self._index:
-            self._pending_unlink.append(self._evict_oldest())
+            victims.append(self._evict_oldest())
         if self.used_bytes + need > self.capacity_bytes:
             # everything left is in-flight writes
             self.counters.writes_refused += 1
             if self.degraded:
                 self._probing = False
+            if victims:
+                self._pool.submit(_unlink_all, victims)
             return False
         self.used_bytes += need
         self._writing.add(key)
+        if victims:
+            self._victims[key] = victims
         return True
 
     async def write(
@@ -337,7 +342,7 @@ class SsdTier:
         """
         header = RecordHeader(ns, key, num_tokens, len(payload), checksum)
         entry = SsdEntry(ns, num_tokens, len(payload), checksum)
-        victims, self._pending_unlink = self._pending_unlink, []
+        victims = self._victims.pop(key, [])
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(
