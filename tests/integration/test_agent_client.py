@@ -155,3 +155,16 @@ def test_client_reconnects_after_agent_restart(agent: AgentProcess) -> None:
         assert c.hello().arena_name != first_arena
         assert c.put(b"r" * 16, b"after restart")
         assert c.get(b"r" * 16) == b"after restart"
+
+
+def test_arena_is_mapped_only_for_data_ops(agent: AgentProcess) -> None:
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return agent.arena_name in f.read()
+
+    with agent.client() as c:
+        c.lookup([b"q" * 16])  # a scheduler-like client only looks up: no mapping cost
+        assert c.connected and not mapped()
+        c.put(b"q" * 16, b"data")
+        assert mapped()
+    assert not mapped()  # closing the client unmaps it
