@@ -476,3 +476,22 @@ async def test_key_being_written_to_ssd_is_not_reserved_again(tmp_path: Path) ->
     assert s.lookup(NS, [key(0)]) == [Tier.SSD]
     assert await read_bytes(s, 0) == data(0)
     await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_write_through_puts_every_commit_on_ssd(tmp_path: Path) -> None:
+    s = Store(config(tmp_path, slots=4, write_through=True, persist_on_shutdown=False))
+    await s.start()
+    for i in range(3):
+        put(s, i)
+    await settle(s)
+    st = s.snapshot()
+    assert st.tiers["ssd"].chunks == 3 and st.tiers["cpu"].chunks == 3
+    assert s.lookup(NS, [key(0)]) == [Tier.CPU]  # still served from memory
+    for i in range(3, 10):  # evictions of chunks already on SSD cost no write
+        put(s, i)
+        await settle(s)
+    st = s.snapshot()
+    assert st.demotions_dropped == 0 and st.tiers["ssd"].chunks == 10
+    assert await read_bytes(s, 0) == data(0)
+    await s.close(asyncio.get_running_loop().time() + 5)
