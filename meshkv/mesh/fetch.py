@@ -190,10 +190,12 @@ class Fetcher:
         try:
             async with asyncio.timeout_at(deadline):
                 async with self._semaphore:
-                    for holder in self._order(holders):
+                    ordered = self._order(holders)
+                    for i, holder in enumerate(ordered):
                         if self._store.lookup(ns, [key])[0] is not None:
                             return True  # arrived meanwhile (a push, another engine)
-                        cause = await self._pull_from(ns, key, holder, deadline)
+                        last = i == len(ordered) - 1
+                        cause = await self._pull_from(ns, key, holder, deadline, last=last)
                         if cause is None:
                             self.stats.pulls_ok += 1
                             self.stats.observe(loop.time() - started)
@@ -212,9 +214,11 @@ class Fetcher:
         return sorted(holders, key=self._node.peer_load)
 
     async def _pull_from(
-        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float
+        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
     ) -> str | None:
-        """One attempt; returns None on success, else the cause of failure."""
+        """One attempt; returns None on success, else the cause of failure. While other
+        holders remain, a slow holder gets ``holder_timeout_s``; the last one gets what is
+        left of the pull's deadline."""
         node = self._node
         address = node.address_of(holder)
         if address is None or not node.is_alive(holder):
@@ -229,9 +233,11 @@ class Fetcher:
             reserved.append(True)
             return store.payload(slot)
 
-        attempt_deadline = min(
-            deadline, asyncio.get_running_loop().time() + node.config.holder_timeout_s
+        loop = asyncio.get_running_loop()
+        attempt_deadline = (
+            deadline if last else min(deadline, loop.time() + node.config.holder_timeout_s)
         )
+        self.load[holder] += 1
         try:
             conn = await node.connection(address, attempt_deadline)
             reply = await conn.request(

@@ -1,0 +1,281 @@
+"""``meshkv bench mesh``: peer pulls, lookups through the home, and the simulator's wall time.
+
+Every number is compared with a baseline measured in the same run (this machine is noisy):
+
+* ``pull_tcp`` — GB/s of peer pulls between two real agents over TCP: an engine on agent B
+  looks up ``--chunks`` 16 MiB chunks that agent A holds, the mesh pulls them into B's
+  arena, and the engine reads them (lookup to last lease). Baseline: blocking
+  ``sendall``/``recv_into`` of the same bytes on loopback (``transport_baselines``).
+* ``pull_ucx`` — the same over ``--transport ucx``; baseline: bare ucxx tag messages.
+* ``pull_vs_redis`` — ``pull_tcp`` against Redis (Debian ``redis-server``, started here on
+  loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs.
+* ``lookup_home_p50`` / ``lookup_home_p99`` — µs to find the holders of a 64-chunk prompt
+  through their homes (one request per home, in parallel) from a third mesh member
+  running in this process, over loopback TCP. Target: p99 <= 1 ms.
+* ``sim_256x600s_wall`` — seconds of wall time of the 256-node, 600 s membership
+  simulation (``meshkv.bench.sim_wall``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from meshkv.bench.local import BenchAgent
+from meshkv.bench.report import Report, Result
+from meshkv.chunk import ChunkKey
+from meshkv.client import DEFAULT_NAMESPACE, AgentClient
+
+CHUNK_BYTES = 16 << 20
+SECRET = os.urandom(24).hex()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunks", type=int, default=8, help="16 MiB chunks per pull round")
+    parser.add_argument("--rounds", type=int, default=4, help="pull rounds per transport")
+    parser.add_argument("--lookups", type=int, default=2000, help="64-chunk lookups to time")
+    parser.add_argument("--skip-ucx", action="store_true", help="no UCX measurement")
+    parser.add_argument("--skip-redis", action="store_true", help="no Redis comparison")
+    parser.add_argument("--skip-sim", action="store_true", help="no simulation wall time")
+
+
+def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int) -> BenchAgent:
+    workdir.mkdir(parents=True, exist_ok=True)
+    secret = workdir / "secret"
+    if not secret.exists():
+        secret.write_text(SECRET)
+    extra = [
+        "--cpu-bytes", str(gib << 30), "--listen", "127.0.0.1:0",
+        "--mesh-secret-file", str(secret), "--transport", transport, "--mesh-preset", "local",
+    ]  # fmt: skip
+    if join:
+        extra += ["--join", join]
+    return BenchAgent(workdir, name, extra)
+
+
+def _http(agent: BenchAgent, path: str) -> Any:
+    info = json.loads(agent.ready.read_text())
+    with urllib.request.urlopen(f"http://{info['http']}{path}", timeout=10) as resp:
+        return json.load(resp)
+
+
+def _wait(what: str, predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"bench mesh: timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def _pair(
+    workdir: Path, transport: str, gib: int, tag: str = ""
+) -> Iterator[tuple[BenchAgent, BenchAgent]]:
+    workdir = workdir / (tag or transport)
+    a = _agent(workdir, "a", transport, None, gib)
+    a.start()
+    try:
+        seed = _http(a, "/v1/status")["mesh"]["address"]
+        b = _agent(workdir, "b", transport, seed, gib)
+        b.start()
+        try:
+            _wait("two members", lambda: _http(b, "/v1/status")["mesh"]["alive_members"] == 2)
+            _wait("two members", lambda: _http(a, "/v1/status")["mesh"]["alive_members"] == 2)
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+def measure_pulls(workdir: Path, transport: str, chunks: int, rounds: int) -> float:
+    """GB/s of lookup + pull + read of ``chunks`` chunks, averaged over ``rounds``."""
+    gib = max(1, (chunks * rounds * CHUNK_BYTES >> 30) + 1)
+    data = os.urandom(CHUNK_BYTES)
+    seconds = 0.0
+    with (
+        _pair(workdir, transport, gib) as (a, b),
+        AgentClient(a.socket, timeout=30) as ca,
+        AgentClient(b.socket, timeout=30) as cb,
+    ):
+        for round_no in range(rounds + 1):  # round 0 warms connections up; not counted
+            keys = [os.urandom(16) for _ in range(chunks)]
+            for key in keys:
+                ca.put(key, data)
+            _wait(
+                "announcements",
+                lambda ks=keys: all(
+                    _http(b, f"/v1/owners/{k.hex()}")["holders"] == ["bench-a"] for k in ks
+                ),
+            )
+            start = time.perf_counter()
+            reply = cb.lookup(keys)
+            leases = cb.read(keys, wait=60.0)
+            elapsed = time.perf_counter() - start
+            got = [x for x in leases if x is not None]
+            try:
+                if reply.prefix != chunks or len(got) != chunks:
+                    raise RuntimeError(f"pulled {len(got)} of {chunks} chunks over {transport}")
+                if bytes(got[0].view[:4096]) != data[:4096]:
+                    raise RuntimeError("pulled bytes differ")
+            finally:
+                cb.release(got)
+            if round_no > 0:
+                seconds += elapsed
+    return chunks * rounds * CHUNK_BYTES / seconds / 1e9
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_redis(chunks: int, rounds: int) -> float:
+    """GB/s of redis-py GET of ``chunks`` 16 MiB blobs from a loopback redis-server."""
+    import redis
+
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="meshkv-bench-redis-")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", tmp, "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        _wait("redis", lambda: client.ping())
+        data = os.urandom(CHUNK_BYTES)
+        names = [f"blob-{i}" for i in range(chunks)]
+        for name in names:
+            client.set(name, data)
+        for name in names:  # warm-up
+            client.get(name)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for name in names:
+                if len(client.get(name) or b"") != CHUNK_BYTES:
+                    raise RuntimeError("redis returned a short blob")
+        elapsed = time.perf_counter() - start
+        client.close()
+        return chunks * rounds * CHUNK_BYTES / elapsed / 1e9
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- lookups through the home --------------------------------------------------------------
+
+
+def measure_lookups(workdir: Path, lookups: int) -> tuple[float, float]:
+    """p50 / p99 µs of locating a 64-chunk prompt's holders through their homes."""
+    with _pair(workdir, "tcp", 1, "lookup") as (a, _b), AgentClient(a.socket) as ca:
+        keys = [os.urandom(16) for _ in range(64)]
+        for key in keys:
+            ca.put(key, b"k" * 4096)
+        seed = _http(a, "/v1/status")["mesh"]["address"]
+        coro = _probe_lookups(workdir, seed, keys, lookups)
+        try:
+            import uvloop  # the agent's loop; time the probe on the same kind
+        except ImportError:
+            return asyncio.run(coro)
+        result: tuple[float, float] = uvloop.run(coro)
+        return result
+
+
+async def _probe_lookups(
+    workdir: Path, seed: str, keys: list[bytes], lookups: int
+) -> tuple[float, float]:
+    from meshkv.mesh.node import MeshNode
+    from meshkv.mesh.options import MeshNodeConfig
+    from meshkv.store import Store, StoreConfig
+
+    store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+    await store.start()
+    config = MeshNodeConfig.from_preset(
+        "local", listen="127.0.0.1:0", join=(seed,), secret=SECRET.encode()
+    )
+    node = MeshNode("bench-probe", config, store)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    ns = DEFAULT_NAMESPACE.digest()
+    ckeys = [ChunkKey(k) for k in keys]
+    try:
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            found = await node.fetcher.locate(ns, ckeys, loop.time() + 1)
+            if len(node.ring) == 3 and len(found) == len(keys):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise TimeoutError("the probe never saw every holder")
+        samples: list[float] = []
+        for _ in range(lookups):
+            start = time.perf_counter()
+            found = await node.fetcher.locate(ns, ckeys, loop.time() + 1)
+            samples.append(time.perf_counter() - start)
+            if len(found) != len(keys):
+                raise RuntimeError(f"a lookup found {len(found)} of {len(keys)} chunks")
+        samples.sort()
+        return 1e6 * samples[len(samples) // 2], 1e6 * samples[int(len(samples) * 0.99)]
+    finally:
+        await node.close(loop.time() + 2)
+        await store.close(loop.time() + 2)
+
+
+# --- driver --------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshkv.bench import transport_baselines as tb
+
+    report = Report("mesh")
+    report.meta.update(chunk_bytes=CHUNK_BYTES, chunks=args.chunks, rounds=args.rounds)
+    n = args.chunks * args.rounds
+    with tempfile.TemporaryDirectory(prefix="meshkv-bench-mesh-") as tmp:
+        workdir = Path(tmp)
+        raw_before = tb.raw_tcp_baseline(CHUNK_BYTES, n)
+        pull_tcp = measure_pulls(workdir, "tcp", args.chunks, args.rounds)
+        raw_tcp = (raw_before + tb.raw_tcp_baseline(CHUNK_BYTES, n)) / 2
+        report.add(Result("pull_tcp", pull_tcp, "GB/s", CHUNK_BYTES, "raw_tcp_blocking", raw_tcp))
+        print(report.table(), flush=True)
+        if not args.skip_ucx:
+            raw_ucx = tb.raw_ucx_baseline(CHUNK_BYTES, n)
+            pull_ucx = measure_pulls(workdir, "ucx", args.chunks, args.rounds)
+            report.add(Result("pull_ucx", pull_ucx, "GB/s", CHUNK_BYTES, "raw_ucxx", raw_ucx))
+        if not args.skip_redis:
+            redis_gbps = measure_redis(args.chunks, args.rounds)
+            report.add(
+                Result("pull_vs_redis", pull_tcp, "GB/s", CHUNK_BYTES, "redis_get", redis_gbps)
+            )
+        p50, p99 = measure_lookups(workdir, args.lookups)
+        report.add(Result("lookup_home_p50", p50, "us", None, "target_p99", 1000.0))
+        report.add(Result("lookup_home_p99", p99, "us", None, "target_p99", 1000.0))
+        if not args.skip_sim:
+            from meshkv.bench.sim_wall import run_sim_wall
+
+            report.add(Result("sim_256x600s_wall", run_sim_wall(), "s"))
+    print(report.table())
+    report.write(args.json)
+    return 0
