@@ -196,6 +196,13 @@ class AgentClient:
             assert self._info is not None
             return self._info
 
+    def map_arena(self) -> None:
+        """Connect and map the arena now (e.g. at worker start-up) rather than on the
+        first ``reserve``/``read``."""
+        with self._lock:
+            self._ensure_connected(time.monotonic() + self.timeout)
+            self._arena_buffer()
+
     def ping(self) -> None:
         self._call(Op.PING, {})
 

@@ -295,7 +295,7 @@ def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: 
                           "raw_pwrite", raw.write_gbps))  # fmt: skip
         # Restart: an empty CPU tier; the SSD scan finds the chunks. Drop their cached pages.
         with running(agent), AgentClient(agent.socket, timeout=30.0) as client:
-            client.hello()  # connect and map the arena before the clock starts
+            client.map_arena()  # connect and map the arena before the clock starts
             for path in ssd_dir.rglob("*.mkv"):
                 drop_file_cache(str(path))
             per = max(1, args.batch_mib * MiB // size)

@@ -165,6 +165,7 @@ def test_arena_is_mapped_only_for_data_ops(agent: AgentProcess) -> None:
     with agent.client() as c:
         c.lookup([b"q" * 16])  # a scheduler-like client only looks up: no mapping cost
         assert c.connected and not mapped()
-        c.put(b"q" * 16, b"data")
+        c.map_arena()
         assert mapped()
+        c.put(b"q" * 16, b"data")
     assert not mapped()  # closing the client unmaps it
