@@ -1,6 +1,6 @@
 """Partition and heal: two halves lose each other, then the network heals.
 
-During the partition each half declares the other dead. After ``heal`` the reconnect
+During the partition each half declares (almost all of) the other dead. After ``heal`` the reconnect
 loop (push-pull with a random dead member) lets each side learn it was declared dead; it
 refutes with a higher incarnation and the views converge. Reports the time from heal to
 every member seeing every member alive.
@@ -30,16 +30,17 @@ def run(
     sim.partition([a, b], t_split)
     sim.heal(t_split + split_s)
     sim.run(t_split + split_s)
-    split_views = all(sim.nodes[x].core.alive() == sorted(a) for x in a) and all(
-        sim.nodes[x].core.alive() == sorted(b) for x in b
-    )
+    # Lifeguard slows a node whose probes keep failing (local health), so in a large split
+    # the last cross-side members may still be only suspected when the split ends
+    cross = [(x, y) for side, other in ((a, b), (b, a)) for x in side for y in other]
+    unseen = sum(1 for x, y in cross if y not in sim.nodes[x].core.alive())
     dead_events = sum(1 for r in sim.log if r.kind is EventKind.DEAD and r.time >= t_split)
     healed = run_until_converged(sim, limit=sim.now + limit_s, step=0.5)
     return {
         "n": n,
         "loss": loss,
         "split_s": split_s,
-        "views_split_during_partition": split_views,
+        "cross_pairs_dead_at_heal": round(unseen / len(cross), 4),
         "dead_events_during_partition": dead_events,
         "converged": healed is not None,
         "converge_after_heal_s": None if healed is None else round(healed - t_split - split_s, 3),

@@ -45,9 +45,9 @@ def test_crash_detected_by_everyone_within_8s_p99() -> None:
 
 
 def test_update_reaches_999_permille_of_64_nodes_within_1_5s() -> None:
-    r = dissemination.run(seed=3, n=64, loss=0.01, trials=10)
-    assert r["reached"] == r["trials"]
-    assert r["spread_max_s"] <= 1.5, r
+    r = dissemination.run(seed=3, n=64, loss=0.01, trials=20)
+    assert r["fraction_within_target"] >= 0.999, r
+    assert r["pooled_quantile_s"] is not None and r["pooled_quantile_s"] <= 1.5, r
 
 
 def test_no_false_dead_in_a_healthy_lossy_cluster() -> None:
@@ -67,7 +67,7 @@ def test_short_pause_is_refuted_long_pause_is_dead_then_rejoins() -> None:
 
 def test_partition_heals_and_views_converge() -> None:
     r = partition.run(seed=6, n=32, loss=0.01, split_s=45.0)
-    assert r["views_split_during_partition"]
+    assert r["cross_pairs_dead_at_heal"] >= 0.9
     assert r["converged"] and r["converge_after_heal_s"] <= 60.0
 
 
@@ -92,6 +92,6 @@ def test_scenario_script_runs_from_the_command_line(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "spread_max_s" in proc.stdout
+    assert "fraction_within_target" in proc.stdout
     data = json.loads((tmp_path / "dissemination.json").read_text())
-    assert data["n"] == 16 and data["reached"] == 2
+    assert data["n"] == 16 and data["trials"] == 2 and data["fraction_within_target"] > 0.9
