@@ -30,7 +30,7 @@ import logging
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshkv.mesh.config import MembershipConfig
 from meshkv.mesh.messages import (
@@ -272,12 +272,13 @@ class Membership:
         return out
 
     def member(self, node: str) -> Member | None:
-        """This node's record of ``node`` (None if unknown or forgotten)."""
-        return self._members.get(node)
+        """A copy of this node's record of ``node`` (None if unknown or forgotten)."""
+        m = self._members.get(node)
+        return None if m is None else replace(m)
 
     def members(self) -> list[Member]:
-        """Every remembered member except this node (including dead/left ones)."""
-        return list(self._members.values())
+        """Copies of every remembered member except this node (including dead/left ones)."""
+        return [replace(m) for m in self._members.values()]
 
     def alive(self) -> list[str]:
         """Ids of members considered alive (ALIVE or SUSPECT), this node included, sorted."""
