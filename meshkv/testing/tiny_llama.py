@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from meshkv.errors import ConfigError
 
@@ -124,9 +125,17 @@ def build_tiny_llama(
 
 
 def _write_model(config: TinyLlamaConfig, out: Path) -> None:
+    import tokenizers
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import transformers
+
+    # Both libraries are untyped; treat them as such in one place.
+    tk: Any = tokenizers
+    tf: Any = transformers
+    Tokenizer, decoders, models = tk.Tokenizer, tk.decoders, tk.models
+    pre_tokenizers, trainers = tk.pre_tokenizers, tk.trainers
+    LlamaConfig, LlamaForCausalLM = tf.LlamaConfig, tf.LlamaForCausalLM
+    PreTrainedTokenizerFast = tf.PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,7 +165,6 @@ def _write_model(config: TinyLlamaConfig, out: Path) -> None:
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         tie_word_embeddings=False,
-        torch_dtype=config.dtype,
     )
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(hf_config)

@@ -32,6 +32,15 @@ from tests.vllm.engines import (  # noqa: E402
 
 JOB_SCRIPT = Path(__file__).with_name("engine_job.py")
 
+
+def _cpu_list() -> str:
+    """This process's CPUs as vLLM's bind syntax (``0-1`` or ``0,2,3``)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
 ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -39,7 +48,7 @@ ENGINE_ENV = {
     "DO_NOT_TRACK": "1",
     # The same binding for every engine (FACTS.md: 'auto' gives connector engines more
     # cores, which also changes float reduction order).
-    "VLLM_CPU_OMP_THREADS_BIND": "all",
+    "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(),
     "PYTHONPATH": str(REPO),
 }
 

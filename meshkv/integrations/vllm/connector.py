@@ -60,7 +60,7 @@ def check_vllm_version(version: str, allow_untested: bool) -> None:
     logger.warning("%s; continuing because allow_untested_vllm is set", message)
 
 
-class MeshKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class MeshKVConnector(KVConnectorBase_V1):
     """KV connector that stores and loads prompt chunks through the local meshkv agent."""
 
     _cache_hit_source = CacheHitSource.HOST
@@ -69,7 +69,7 @@ class MeshKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self,
         vllm_config: VllmConfig,
         role: KVConnectorRole,
-        kv_cache_config: KVCacheConfig | None = None,
+        kv_cache_config: KVCacheConfig,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config

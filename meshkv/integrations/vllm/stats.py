@@ -102,7 +102,7 @@ def registry_snapshot() -> dict[str, float]:
     return total
 
 
-class MeshKVConnectorStats(KVConnectorStats):  # type: ignore[misc]
+class MeshKVConnectorStats(KVConnectorStats):
     """Counter increments of one interval, summed across workers and steps."""
 
     def reset(self) -> None:
