@@ -149,7 +149,8 @@ def _check(deadline: float, what: str) -> None:
         raise RuntimeError(f"gave up after {WAIT_LIMIT_S:.0f} s waiting for {what}")
 
 
-def _store_batch(client: AgentClient, keys: list[bytes], src: list[np.ndarray]) -> None:
+def _store_batch(client: AgentClient, keys: list[bytes], src: list[np.ndarray]) -> float:
+    """Store one batch; returns the seconds spent copying (the rest is the two RPCs)."""
     deadline = time.monotonic() + WAIT_LIMIT_S
     while True:
         try:
@@ -158,19 +159,27 @@ def _store_batch(client: AgentClient, keys: list[bytes], src: list[np.ndarray]) 
         except NoSpace:  # slots still held for background hashing; let it catch up
             _check(deadline, "free arena slots")
             time.sleep(0.001)
+    t0 = time.perf_counter()
     for res, arr in zip(reservations, src, strict=True):
         if res is not None:
             np.copyto(np.frombuffer(res.view, dtype=np.uint8), arr)
+    copied = time.perf_counter() - t0
+    del res, reservations  # views into the arena
     client.commit(keys, [0] * len(keys))
+    return copied
 
 
-def _load_batch(client: AgentClient, keys: list[bytes], dst: list[np.ndarray]) -> None:
+def _load_batch(client: AgentClient, keys: list[bytes], dst: list[np.ndarray]) -> float:
+    """Load one batch; returns the seconds spent copying (the rest is the two RPCs)."""
     leases = client.read(keys)
+    t0 = time.perf_counter()
     for lease, arr in zip(leases, dst, strict=True):
         if lease is None:
             raise RuntimeError("a chunk stored by the benchmark was not served")
         np.copyto(arr, np.frombuffer(lease.view, dtype=np.uint8))
+    copied = time.perf_counter() - t0
     client.release([x for x in leases if x is not None])
+    return copied
 
 
 def _wait_idle(client: AgentClient) -> None:
@@ -219,6 +228,7 @@ def measure_cpu(client: AgentClient, args: argparse.Namespace, report: Report) -
 
         base_store: list[float] = []
         store: list[float] = []
+        store_copy: list[float] = []
         last: list[bytes] = []
         for b in range(args.batches + 2):
             t0 = time.perf_counter()
@@ -226,25 +236,33 @@ def measure_cpu(client: AgentClient, args: argparse.Namespace, report: Report) -
             base_store.append(_gbps(nbytes, time.perf_counter() - t0))
             last = _keys(f"s{size_mib}-", b * per_batch, per_batch)
             t0 = time.perf_counter()
-            _store_batch(client, last, src)
+            copied = _store_batch(client, last, src)
             store.append(_gbps(nbytes, time.perf_counter() - t0))
+            store_copy.append(_gbps(nbytes, copied))
         _wait_idle(client)
 
         base_load: list[float] = []
         load: list[float] = []
+        load_copy: list[float] = []
         for _ in range(args.batches + 2):
             t0 = time.perf_counter()
             _memcpy(src, dst)
             base_load.append(_gbps(nbytes, time.perf_counter() - t0))
             t0 = time.perf_counter()
-            _load_batch(client, last, dst)
+            copied = _load_batch(client, last, dst)
             load.append(_gbps(nbytes, time.perf_counter() - t0))
+            load_copy.append(_gbps(nbytes, copied))
         if not all(np.array_equal(s, d) for s, d in zip(src, dst, strict=True)):
             raise RuntimeError("loaded bytes differ from stored bytes")
 
         med = statistics.median
         report.add(Result("store", med(store[2:]), "GB/s", size, "memcpy", med(base_store[2:])))
         report.add(Result("load", med(load[2:]), "GB/s", size, "memcpy", med(base_load[2:])))
+        # Where the time goes: the copy alone (GB/s) vs the whole batch with its two RPCs.
+        report.meta[f"copy_only_gbps_{size_mib}mib"] = {
+            "store": round(med(store_copy[2:]), 3),
+            "load": round(med(load_copy[2:]), 3),
+        }
 
 
 def _ssd_stats(client: AgentClient) -> dict[str, Any]:
