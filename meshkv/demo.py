@@ -4,7 +4,9 @@ Starts a real ``meshkv agent`` process on a private socket with a small CPU tier
 SSD directory, stores the chunks of a fake prompt through ``AgentClient`` (zero-copy:
 reserve, copy into the arena, commit), looks up a second prompt that shares a prefix,
 loads the shared chunks back and checks them byte for byte, prints the agent's status,
-and shuts the agent down with SIGTERM. Later this grows into the mesh + vLLM demo.
+and shuts the agent down with SIGTERM. Then three agents form a mesh (gossip, one ring),
+a prompt stored on one is pulled by another through the key's home, and the ring's status
+is printed. Later this grows into the mesh + vLLM demo.
 """
 
 from __future__ import annotations
@@ -110,7 +112,116 @@ def main() -> int:
         code = proc.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"\nagent stopped (exit code {code})")
-    return 0
+    return mesh_demo()
+
+
+# --- the mesh: three agents become one cache ---------------------------------------------
+
+
+def start_mesh_agent(
+    workdir: Path, name: str, secret: Path, join: str | None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start one agent of the demo mesh; returns the process and its ready-file info."""
+    ready = workdir / f"{name}.json"
+    cmd = [
+        sys.executable, "-m", "meshkv", "agent", "--node-id", name,
+        "--socket", str(workdir / f"{name}.sock"), "--http", "127.0.0.1:0",
+        "--ready-file", str(ready), "--cpu-gb", "0.25", "--log-level", "warning",
+        "--listen", "127.0.0.1:0", "--mesh-secret-file", str(secret), "--mesh-preset", "local",
+    ]  # fmt: skip
+    if join:
+        cmd += ["--join", join]
+    print("$", " ".join(cmd[2:]))
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"agent {name} exited with {proc.returncode}")
+        try:
+            info: dict[str, Any] = json.loads(ready.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.05)
+            continue
+        return proc, info
+    proc.kill()
+    raise SystemExit(f"agent {name} did not become ready within 30 s")
+
+
+def _get_json(http: str, path: str) -> Any:
+    with urllib.request.urlopen(f"http://{http}{path}", timeout=5) as r:
+        return json.load(r)
+
+
+def mesh_demo() -> int:
+    """Three agents find each other, agree on one ring, and serve each other's chunks."""
+    import os
+
+    from meshkv.cli.ring_cmd import render_status
+
+    print("\n=== the mesh: three agents, one cache ===")
+    workdir = Path(tempfile.mkdtemp(prefix="meshkv-mesh-demo-", dir="/tmp"))
+    secret = workdir / "mesh.secret"
+    secret.write_text(os.urandom(24).hex())
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        proc, a = start_mesh_agent(workdir, "node-a", secret, None)
+        procs.append(proc)
+        seed = _get_json(a["http"], "/v1/status")["mesh"]["address"]
+        infos = [a]
+        for name in ("node-b", "node-c"):
+            proc, info = start_mesh_agent(workdir, name, secret, seed)
+            procs.append(proc)
+            infos.append(info)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            views = [_get_json(i["http"], "/v1/ring?stats=0") for i in infos]
+            if (
+                all(sum(m["state"] == "alive" for m in v["members"]) == 3 for v in views)
+                and len({v["ring"]["digest"] for v in views}) == 1
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("the agents did not converge within 20 s")
+        print(f"converged: 3 members, ring digest {views[0]['ring']['digest']}")
+
+        ns = Namespace(model="demo-model", num_layers=8, kv_heads=4, head_size=64)
+        rng = np.random.default_rng(1)
+        prompt = rng.integers(0, 32000, 6 * CHUNK_TOKENS)
+        keys = chunk_keys(ns.digest(), prompt, CHUNK_TOKENS)
+        payloads = [rng.integers(0, 256, CHUNK_BYTES, dtype=np.uint8).tobytes() for _ in keys]
+        with AgentClient(a["socket"], namespace=ns) as ca:
+            for key, data in zip(keys, payloads, strict=True):
+                ca.put(key, data, num_tokens=CHUNK_TOKENS)
+        print(f"node-a stored {len(keys)} chunks of a prompt")
+        c = infos[2]
+        with AgentClient(c["socket"], namespace=ns) as cc:
+            deadline = time.monotonic() + 10
+            reply = cc.lookup(keys)
+            while reply.prefix < len(keys) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the holder's announcements are batched (50 ms)
+                reply = cc.lookup(keys)
+            print(f"node-c lookup: prefix={reply.prefix} tiers={reply.tiers}")
+            t0 = time.perf_counter()
+            leases = cc.read(keys, wait=10.0)
+            ok = all(
+                x is not None and bytes(x.view) == d for x, d in zip(leases, payloads, strict=True)
+            )
+            print(f"node-c pulled and verified {sum(x is not None for x in leases)} chunks from "
+                  f"node-a in {(time.perf_counter() - t0) * 1e3:.0f} ms: "
+                  f"{'identical' if ok else 'MISMATCH'}")  # fmt: skip
+            cc.release([x for x in leases if x is not None])
+            del leases
+        print()
+        print(render_status(_get_json(c["http"], "/v1/ring")))
+        return 0 if ok else 1
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("\nmesh agents stopped (graceful leave)")
 
 
 if __name__ == "__main__":
