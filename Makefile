@@ -37,8 +37,16 @@ lint: venv
 	$(VENV)/bin/ruff check meshkv transport kernels tests simulations benchmarks
 	$(VENV)/bin/ruff format --check meshkv transport kernels tests simulations benchmarks
 
+# mypy cannot follow setuptools' package-dir mapping (transport/ -> meshkv.transport), so it
+# checks a tree of symlinks, outside the repo, laid out as the installed package is.
+TYPETREE := $(CACHE)/typecheck
 typecheck: venv
-	$(VENV)/bin/mypy
+	@rm -rf $(TYPETREE) && mkdir -p $(TYPETREE)/meshkv
+	@for f in meshkv/*; do ln -s $(CURDIR)/$$f $(TYPETREE)/meshkv/; done
+	@ln -s $(CURDIR)/transport $(TYPETREE)/meshkv/transport
+	@ln -s $(CURDIR)/kernels $(TYPETREE)/meshkv/kernels
+	cd $(TYPETREE) && $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CACHE)/mypy-cache -p meshkv
 
 unit: venv
 	$(PY) -m pytest -q tests -m "not vllm"
