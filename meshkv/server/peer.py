@@ -135,7 +135,8 @@ class PeerServer:
         (pin,) = await store.read(ns, [key], SERVE_OWNER, SERVE_LEASE_S)
         if pin is None:
             self.stats.chunk_misses += 1
-            self._node.not_held(key)
+            if store.describe(key) is None:  # not here in any namespace: correct the home
+                self._node.not_held(key)
             return Message(MsgKind.CHUNK_DATA, {"found": False})
         checksum = pin.checksum if pin.checksum is not None else store.checksum_of(key)
         record = RecordHeader(ns, key, pin.num_tokens, pin.slot.length, checksum)
