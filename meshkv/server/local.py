@@ -33,6 +33,7 @@ from meshkv.errors import (
     MeshKVError,
     NotReserved,
     ProtocolError,
+    StoreError,
     VersionMismatch,
 )
 from meshkv.metrics import LocalCounters
@@ -337,6 +338,9 @@ class _Connection(asyncio.Protocol):
             self._send(error_reply(request_id, exc))
             self._record(op, started)
             return
+        except ValueError as exc:  # the store refused an argument (e.g. a chunk too large)
+            self._send(error_reply(request_id, StoreError(f"{op}: {exc}")))
+            return
         except Exception as exc:
             logger.exception("local op %r failed", op)
             self._send(error_reply(request_id, MeshKVError(f"internal error in {op}: {exc}")))
@@ -369,6 +373,8 @@ class _Connection(asyncio.Protocol):
             reply = await work
         except MeshKVError as exc:
             reply = error_reply(request_id, exc)
+        except ValueError as exc:
+            reply = error_reply(request_id, StoreError(f"{op}: {exc}"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from meshkv.client import AgentClient
-from meshkv.errors import ConfigError, NotPinned, NotReserved, ProtocolError
+from meshkv.errors import ConfigError, NotPinned, NotReserved, ProtocolError, StoreError
 from meshkv.protocol import MAX_FRAME_BYTES, MAX_KEYS_PER_REQUEST, PROTOCOL_MAX_VERSION
 from tests.helpers.agents import AgentProcess
 
@@ -210,3 +210,10 @@ def test_chunk_geometry_at_hello(agent: AgentProcess) -> None:
     with pytest.raises(ConfigError, match="exceed this agent's largest slot"):
         big.hello()
     big.close()
+
+
+def test_chunk_larger_than_any_slot(agent: AgentProcess) -> None:
+    with AgentClient(agent.socket_path) as c:
+        with pytest.raises(StoreError, match="exceeds the largest slot"):
+            c.reserve([b"b" * 16], [1 << 30])
+        assert c.put(b"b" * 16, b"fits")
