@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -169,3 +170,27 @@ def test_arena_is_mapped_only_for_data_ops(agent: AgentProcess) -> None:
         assert mapped()
         c.put(b"q" * 16, b"data")
     assert not mapped()  # closing the client unmaps it
+
+
+def test_one_client_shared_by_threads(agent: AgentProcess) -> None:
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(50):
+                key = b"t%d-%012d" % (t, i)
+                data = bytes([t]) * (1000 + i)
+                c.put(key, data)
+                assert c.get(key) == data
+                assert c.lookup([key]).prefix == 1
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    with agent.client() as c:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert errors == []
+        assert c.stats()["tiers"]["cpu"]["chunks"] == 200
