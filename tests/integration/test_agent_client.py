@@ -178,7 +178,7 @@ def test_one_client_shared_by_threads(agent: AgentProcess) -> None:
     def worker(t: int) -> None:
         try:
             for i in range(50):
-                key = b"t%d-%012d" % (t, i)
+                key = b"t%d-%013d" % (t, i)
                 data = bytes([t]) * (1000 + i)
                 c.put(key, data)
                 assert c.get(key) == data
