@@ -376,10 +376,12 @@ class MeshNode:
     def not_held(self, key: ChunkKey) -> None:
         """A peer asked for ``key`` and this node does not hold it: tell its home, so the
         stale entry is dropped there instead of being handed out again."""
+        now = self.now()
+        self.directory.drop_local([key], now)  # never re-announce it either
         msg = mm.Announce(self.node_id, (), (bytes(key),))
         home = self.home_of(key)
         if home == self.node_id:
-            self.directory.handle(self.address, msg, self.now())
+            self.directory.handle(self.address, msg, now)
         else:
             address = self.address_of(home)
             if address is not None:

@@ -353,3 +353,68 @@ def test_malformed_and_oversized_frames_keep_the_agent_serving(
         assert lease is not None and bytes(lease.view) == b"z" * 100_000
         cb.release([lease])
     assert states(b)["a"] == "alive"
+
+
+def test_stale_directory_entry_is_corrected_at_the_home(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """A member announces a chunk it does not have (a lost drop); a pull from it is told
+    'not found', the holder corrects the home, and the key becomes a clean miss."""
+    from meshkv.chunk import ChunkKey
+    from meshkv.client import DEFAULT_NAMESPACE
+    from meshkv.mesh.node import MeshNode
+    from meshkv.mesh.options import MeshNodeConfig
+    from meshkv.store import Store, StoreConfig
+
+    secret = write_secret(tmp_path)
+    (b,) = start_mesh(agent_factory, 1, secret, names=["a"])
+
+    async def scenario() -> tuple[list[str], list[str], float, int]:
+        store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+        await store.start()
+        config = MeshNodeConfig.from_preset(
+            "local",
+            listen="127.0.0.1:0",
+            join=(peer_address(b),),
+            secret=secret.read_text().strip().encode(),
+        )
+        node = MeshNode("ghost", config, store)
+        await node.start()
+        loop = asyncio.get_running_loop()
+        try:
+            while len(node.ring) < 2:
+                await asyncio.sleep(0.05)
+            key = next(
+                ChunkKey(k)
+                for k in iter(lambda: os.urandom(16), b"")
+                if node.home_of(ChunkKey(k)) == "a"
+            )
+            node.directory.add_local([key], loop.time())  # claims a chunk it does not store
+            owners = f"/v1/owners/{key.hex()}"
+            while (await asyncio.to_thread(b.get_json, owners))["holders"] != ["ghost"]:
+                await asyncio.sleep(0.05)
+            before = list((await asyncio.to_thread(b.get_json, owners))["holders"])
+
+            def pull() -> int:
+                with b.client(namespace=DEFAULT_NAMESPACE) as client:
+                    assert client.lookup([key]).tiers == ["peer"]
+                    (lease,) = client.read([key], wait=3.0)
+                    assert lease is None
+                    return client.lookup([key]).prefix
+
+            prefix_after = await asyncio.to_thread(pull)
+            await asyncio.sleep(0.3)
+            after = list((await asyncio.to_thread(b.get_json, owners))["holders"])
+            stale = await asyncio.to_thread(
+                metric, b, "meshkv_peer_pull_failures_total", 'cause="stale"'
+            )
+            return before, after, stale, prefix_after
+        finally:
+            await node.close(loop.time() + 2)
+            await store.close(loop.time() + 2)
+
+    before, after, stale, prefix_after = asyncio.run(scenario())
+    assert before == ["ghost"]
+    assert after == []  # corrected at the home by the holder itself
+    assert stale == 1
+    assert prefix_after == 0  # a clean miss, not retried forever
