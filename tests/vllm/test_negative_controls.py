@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshkv.chunk import RECORD_HEADER_BYTES, Namespace, chunk_keys
+from meshkv.tiers.ssd import SUFFIX
 from tests.helpers.agents import AgentProcess
 from tests.vllm.engines import EngineRun, Prompts, wait_until
 
@@ -34,7 +35,7 @@ def test_corrupted_ssd_chunks_are_detected_and_recomputed(
         wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 2, what="write-through")
     agent.stop()
     assert agent.ssd_dir is not None
-    files = sorted(p for p in Path(agent.ssd_dir).rglob("*") if p.is_file())
+    files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
     assert len(files) == 2
     for path in files:  # flip payload bytes, leave the header intact
         with path.open("r+b") as f:

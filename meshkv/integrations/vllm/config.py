@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from meshkv.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.",)
 """vLLM release lines the connector was tested against (prefix match)."""
@@ -108,3 +111,18 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     if isinstance(value, str):
         return value
     raise ConfigError(f"meshkv connector: {name} must be a string, got {value!r}")
+
+
+def check_vllm_version(version: str, allow_untested: bool) -> None:
+    """Refuse vLLM versions the connector was not tested with, unless allowed."""
+    if version.startswith(TESTED_VLLM_VERSIONS):
+        return
+    message = (
+        f"meshkv connector was tested with vLLM {', '.join(v + 'x' for v in TESTED_VLLM_VERSIONS)}"
+        f" but this is vLLM {version}"
+    )
+    if not allow_untested:
+        raise ConfigError(
+            message + '; set kv_connector_extra_config {"allow_untested_vllm": true} to try it'
+        )
+    logger.warning("%s; continuing because allow_untested_vllm is set", message)

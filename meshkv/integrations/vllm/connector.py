@@ -24,7 +24,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshkv.errors import ConfigError
 
-from .config import TESTED_VLLM_VERSIONS, ConnectorConfig
+from .config import ConnectorConfig, check_vllm_version
 from .layout import engine_layout
 from .metadata import MeshKVConnectorMetadata
 from .scheduler import SchedulerSide
@@ -43,21 +43,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
-
-
-def check_vllm_version(version: str, allow_untested: bool) -> None:
-    """Refuse vLLM versions the connector was not tested with, unless allowed."""
-    if version.startswith(TESTED_VLLM_VERSIONS):
-        return
-    message = (
-        f"meshkv connector was tested with vLLM {', '.join(v + 'x' for v in TESTED_VLLM_VERSIONS)}"
-        f" but this is vLLM {version}"
-    )
-    if not allow_untested:
-        raise ConfigError(
-            message + '; set kv_connector_extra_config {"allow_untested_vllm": true} to try it'
-        )
-    logger.warning("%s; continuing because allow_untested_vllm is set", message)
 
 
 class MeshKVConnector(KVConnectorBase_V1):

@@ -156,10 +156,10 @@ class SchedulerSide:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
+        state = self._state(request)  # a producer needs the keys to save, not a lookup
+        state.local_computed = num_computed_tokens
         if not self._load_enabled:
             return 0, False
-        state = self._state(request)
-        state.local_computed = num_computed_tokens
         if state.load_issued:
             # vLLM re-queries a request whose load failed (or that was preempted); a
             # second promise of the same chunks could fail the same way, forever.

@@ -1,0 +1,50 @@
+"""Connector configuration and version gate: bad settings fail with clear messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshkv.errors import ConfigError
+from meshkv.integrations.vllm.config import ConnectorConfig, check_vllm_version
+
+pytestmark = pytest.mark.vllm
+
+
+def test_defaults_and_typed_values() -> None:
+    cfg = ConnectorConfig.from_extra_config(
+        {"socket_path": "/s.sock", "chunk_tokens": 512, "lookup_timeout_s": 1}
+    )
+    assert cfg.socket_path == "/s.sock"
+    assert cfg.chunk_tokens == 512
+    assert cfg.lookup_timeout_s == 1.0 and isinstance(cfg.lookup_timeout_s, float)
+    assert ConnectorConfig.from_extra_config(None).socket_path.endswith("agent.sock")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"chunk_tokens": "256"}, "chunk_tokens must be an integer"),
+        ({"chunk_tokens": 0}, "chunk_tokens must be positive"),
+        ({"save_decode_tokens": "yes"}, "save_decode_tokens must be true or false"),
+        ({"load_timeout_s": -1}, "load_timeout_s must be > 0"),
+        ({"socket": "/x"}, "unknown kv_connector_extra_config key(s) ['socket']"),
+    ],
+)
+def test_bad_values_are_rejected_clearly(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ConnectorConfig.from_extra_config(extra)
+    assert message in str(info.value)
+
+
+def test_chunk_must_tile_blocks() -> None:
+    cfg = ConnectorConfig.from_extra_config({"chunk_tokens": 200})
+    with pytest.raises(ConfigError, match="multiple of vLLM's block size"):
+        cfg.check_block_size(128)
+    ConnectorConfig.from_extra_config({"chunk_tokens": 384}).check_block_size(128)
+
+
+def test_version_gate() -> None:
+    check_vllm_version("0.32.0", allow_untested=False)
+    with pytest.raises(ConfigError, match="allow_untested_vllm"):
+        check_vllm_version("0.40.1", allow_untested=False)
+    check_vllm_version("0.40.1", allow_untested=True)  # warns, does not raise
