@@ -272,9 +272,9 @@ class MeshCollector(Collector):
             "meshkv_mesh_directory_keys", "Keys this node is home of", value=s["directory_keys"]
         )
         yield GaugeMetricFamily(
-            "meshkv_mesh_directory_entries",
-            "Holder entries kept for keys this node is home of",
-            value=s["directory_entries"],
+            "meshkv_mesh_held_keys",
+            "Keys this node holds and announces to their homes",
+            value=s["held_keys"],
         )
         yield GaugeMetricFamily(
             "meshkv_mesh_ring_members", "Members on this node's ring", value=s["ring_members"]

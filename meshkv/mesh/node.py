@@ -122,6 +122,8 @@ class MeshNode:
         self.events: Counter[str] = Counter()
         """Membership events seen, by kind."""
         self.checksum_failures = 0
+        self.drive_errors = 0
+        """Driver steps that raised (logged; the driver keeps going)."""
         self._membership: Membership | None = None
         self._directory: Directory | None = None
         self._listener: Listener | None = None
@@ -260,7 +262,7 @@ class MeshNode:
             "refutations": ms.refutes if ms else 0,
             "probe_failures": ms.probe_failures if ms else 0,
             "directory_keys": self._directory.num_entries if self._directory else 0,
-            "directory_entries": self._directory.num_entries if self._directory else 0,
+            "held_keys": self._directory.held() if self._directory else 0,
             "ring_members": len(self.ring),
             "pulls_ok": fs.pulls_ok,
             "pull_bytes": fs.pull_bytes,
@@ -450,14 +452,19 @@ class MeshNode:
         next_sweep = loop.time() + PUSH_SWEEP_S
         while True:
             now = loop.time()
-            if membership.next_deadline() <= now:
-                self._send_all(membership.tick(now))
-            self._apply_events(membership.drain_events(), now)
-            if directory.next_deadline() <= now:
-                self._send_all(directory.tick(now))
-            if now >= next_sweep:
-                next_sweep = now + PUSH_SWEEP_S
-                self.peer_server.sweep(now - PUSH_SWEEP_S)
+            try:
+                if membership.next_deadline() <= now:
+                    self._send_all(membership.tick(now))
+                self._apply_events(membership.drain_events(), now)
+                if directory.next_deadline() <= now:
+                    self._send_all(directory.tick(now))
+                if now >= next_sweep:
+                    next_sweep = now + PUSH_SWEEP_S
+                    self.peer_server.sweep(now - PUSH_SWEEP_S)
+            except Exception:  # a bug in one step must not stop the node's heartbeat
+                self.drive_errors += 1
+                logger.exception("mesh driver step failed; continuing")
+                await asyncio.sleep(self.config.tick_interval_s)
             due = min(membership.next_deadline(), directory.next_deadline(), next_sweep)
             wait = min(due - loop.time(), 1.0) if math.isfinite(due) else 1.0
             wake.clear()
