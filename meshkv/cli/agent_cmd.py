@@ -179,6 +179,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         store["verify_reads"] = True
     ssd_dir = store.get("ssd_dir")
     if ssd_dir is not None and not os.path.isdir(ssd_dir):
+        if os.path.exists(ssd_dir):
+            raise ConfigError(f"SSD directory {ssd_dir} is not a directory")
         raise ConfigError(f"SSD directory {ssd_dir} does not exist (create it first)")
 
     if args.socket is not None:
@@ -208,6 +210,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         store_config = StoreConfig(**store)
     except TypeError as exc:
         raise ConfigError(f"bad store settings: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"store settings (--cpu-gb, --ssd-gb, [store]): {exc}") from exc
     config = AgentConfig(store=store_config, mesh=mesh, **agent)
     config.admin_token()  # an unreadable or weak token file fails here, not at start
     return config

@@ -31,6 +31,8 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--eviction", "random"], "--eviction must be one of lru, s3fifo"),
         (["--ssd-dir", "/nonexistent/meshkv-ssd"], "SSD directory /nonexistent/meshkv-ssd"),
         (["--lease-seconds", "0"], "lease seconds must be > 0"),
+        (["--ssd-dir", "/etc/hostname"], "SSD directory /etc/hostname is not a directory"),
+        (["--cpu-gb", "0.01"], "must hold at least one segment"),
         (["--log-level", "loud"], "log level must be one of"),
         (["--admin-token-file", "/nonexistent/token"], "cannot read admin token file"),
         (["--socket", "/tmp/" + "x" * 120], "Unix sockets allow at most 107"),
