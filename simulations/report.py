@@ -8,6 +8,7 @@ it is not a dependency).
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import time
@@ -44,10 +45,9 @@ def main(
         if not isinstance(value, list | dict):
             print(f"{key:>28}: {value}")
     if plot is not None and importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # optional and untyped: imported by name so that type checkers need no stubs
+        importlib.import_module("matplotlib").use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
 
         fig = plt.figure(figsize=(7, 4))
         plot(fig, result)
