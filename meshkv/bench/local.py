@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ssd-mib", type=int, default=256, help="bytes written per chunk size in the SSD test"
     )
     parser.add_argument("--skip-ssd", action="store_true", help="measure the CPU tier only")
+    parser.add_argument(
+        "--only",
+        choices=("lookup", "cpu", "ssd"),
+        default=None,
+        help="run one part only (default: all)",
+    )
 
 
 class BenchAgent:
@@ -343,11 +349,14 @@ def run(args: argparse.Namespace) -> int:
     ssd_dir = Path(args.ssd_dir) if args.ssd_dir else workdir / "ssd"
     ssd_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cpu_agent = BenchAgent(workdir, "cpu", ["--cpu-gb", str(args.cpu_gb)])
-        with running(cpu_agent), AgentClient(cpu_agent.socket, timeout=30.0) as client:
-            measure_lookup(client, args, report)
-            measure_cpu(client, args, report)
-        if not args.skip_ssd:
+        if args.only != "ssd":
+            cpu_agent = BenchAgent(workdir, "cpu", ["--cpu-gb", str(args.cpu_gb)])
+            with running(cpu_agent), AgentClient(cpu_agent.socket, timeout=30.0) as client:
+                if args.only in (None, "lookup"):
+                    measure_lookup(client, args, report)
+                if args.only in (None, "cpu"):
+                    measure_cpu(client, args, report)
+        if not args.skip_ssd and args.only in (None, "ssd"):
             report.meta["ssd_dir"] = str(ssd_dir)
             measure_ssd(workdir, ssd_dir, args, report)
     finally:
