@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -204,9 +204,9 @@ def parse_float(message: dict[str, Any], field: str, default: float, maximum: fl
     return min(float(value), maximum)
 
 
-def prefix_length(tiers: Sequence[object | None]) -> int:
+def prefix_length(tiers: list[Any]) -> int:
     """Chunks in the longest prefix whose every chunk is stored somewhere."""
-    for i, tier in enumerate(tiers):
-        if tier is None:
-            return i
-    return len(tiers)
+    try:
+        return tiers.index(None)
+    except ValueError:
+        return len(tiers)
