@@ -29,7 +29,6 @@ def test_meshkv_arm_serves_a_fresh_engine_from_the_agent(tiny_model: str, tmp_pa
     # A generous lookup deadline: this test checks the plumbing, and the suite runs beside
     # other engines on two cores.
     args = parser.parse_args(["--meshkv-extra", json.dumps({"lookup_timeout_s": 2.0})])
-    args.vllm_cache_root = str(tmp_path / "vllm-cache")
     plan = bench.Plan.build(TINY, seed=3, vocab=1000)
     env = bench._engine_env(args)
     out = bench._run_arm("meshkv", args, TINY, plan, tiny_model, env, tmp_path)
