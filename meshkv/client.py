@@ -15,6 +15,7 @@ agent are gone with it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -327,6 +328,9 @@ class AgentClient:
         except OSError as exc:
             self._disconnect()
             raise AgentUnavailable(f"agent at {self.socket_path} went away: {exc}") from exc
+        except ProtocolError:
+            self._disconnect()  # the stream is out of step; start afresh next call
+            raise
         error = reply.get("error")
         if error is not None:
             if reply.get("id") is None:
@@ -355,7 +359,7 @@ class AgentClient:
             got += n
 
     def _ensure_connected(self, deadline: float) -> bool:
-        """Connect + hello + map the arena unless connected; True if it connected now."""
+        """Connect + hello unless connected; True if it connected now."""
         if self._closed:
             raise AgentUnavailable("client is closed")
         if self._sock is not None:
@@ -395,20 +399,7 @@ class AgentClient:
         return {
             "min_version": PROTOCOL_MIN_VERSION,
             "max_version": PROTOCOL_MAX_VERSION,
-            "namespace": {
-                "model": ns.model,
-                "revision": ns.revision,
-                "dtype": ns.dtype,
-                "num_layers": ns.num_layers,
-                "kv_heads": ns.kv_heads,
-                "head_size": ns.head_size,
-                "block_size": ns.block_size,
-                "layout": ns.layout,
-                "tp_rank": ns.tp_rank,
-                "tp_size": ns.tp_size,
-                "cache_salt": ns.cache_salt,
-                "extra": dict(ns.extra),
-            },
+            "namespace": dataclasses.asdict(ns),
             "client": f"meshkv-client/{__version__} pid={os.getpid()}",
             "chunk_tokens": self.chunk_tokens,
             "chunk_bytes": self.chunk_bytes,
