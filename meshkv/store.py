@@ -272,7 +272,10 @@ class Store:
                 await self._ssd.start()
             except BaseException:
                 self._ssd.close()
+                self._ssd = None
+                self._hash_pool.shutdown(wait=True)
                 cpu.close()
+                self._cpu = None
                 raise
         self._sweeper = loop.create_task(self._sweep_loop())
 
@@ -349,8 +352,11 @@ class Store:
         assert self._loop is not None
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.cpu.sweep(self._loop.time())
-            self._maintain()
+            try:
+                self.cpu.sweep(self._loop.time())
+                self._maintain()
+            except Exception:  # a bug here must not stop lease expiry for good
+                log.exception("store sweep failed")
 
     def _maintain(self) -> None:
         ssd = self._ssd

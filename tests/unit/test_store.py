@@ -495,3 +495,17 @@ async def test_write_through_puts_every_commit_on_ssd(tmp_path: Path) -> None:
     assert st.demotions_dropped == 0 and st.tiers["ssd"].chunks == 10
     assert await read_bytes(s, 0) == data(0)
     await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_failed_start_leaves_no_arena(tmp_path: Path) -> None:
+    first = Store(config(tmp_path))
+    await first.start()
+    second = Store(config(tmp_path))  # same SSD directory: refused
+    mine = f"meshkv-{os.getpid()}-"
+    before = {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
+    with pytest.raises(ConfigError, match="in use by another meshkv agent"):
+        await second.start()
+    after = {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
+    assert after == before == {first.arena_name}  # the second arena was unlinked again
+    await first.close(asyncio.get_running_loop().time() + 2)
