@@ -174,8 +174,10 @@ class SocketWire(StreamWire):
 
     async def close(self) -> None:
         self.abort()
-        await asyncio.sleep(0)  # let woken I/O callbacks unregister before the fd goes
-        self._sock.close()
+        try:
+            await asyncio.sleep(0)  # let woken I/O callbacks unregister before the fd goes
+        finally:
+            self._sock.close()
 
 
 class _Receiver(asyncio.BufferedProtocol):

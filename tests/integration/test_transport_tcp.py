@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
@@ -35,7 +36,7 @@ from meshkv.transport import (
     TransportConfig,
 )
 from meshkv.transport.framing import MAGIC, WIRE_VERSION, Flags, encode_head
-from meshkv.transport.handshake import client_handshake
+from meshkv.transport.handshake import client_handshake, server_handshake
 from meshkv.transport.stream import SocketWire
 
 SECRET = b"transport-test-secret-0123456789"
@@ -608,5 +609,62 @@ def test_tls_round_trip(loop: str, tmp_path: Path) -> None:
             await plain.connect(listener.address, deadline(1.0))
         await conn.close()
         await listener.close()
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_deadline_mid_payload_aborts_so_the_buffer_is_free(loop: str) -> None:
+    """After ``request`` gives up, nothing writes into the caller's buffer any more.
+
+    The server is a hand-driven peer: it authenticates, answers with a header and the
+    first 1000 bytes of a 1 MiB payload, stalls past the client's deadline, then sends
+    the rest.
+    """
+
+    async def main() -> None:
+        loop_ = asyncio.get_running_loop()
+        data = pattern(1 << 20, 4)
+        gave_up = asyncio.Event()
+        srv = socket.create_server(("127.0.0.1", 0))
+        srv.setblocking(False)
+
+        async def stalling_peer() -> None:
+            sock, addr = await loop_.sock_accept(srv)
+            wire = SocketWire(sock, "client", 1 << 16, 1 << 30)
+            try:
+                await server_handshake(wire, config("srv"))
+                frame, _ = await wire.recv_head()
+                head = encode_head(
+                    MsgKind.CHUNK_DATA, Flags.RESPONSE, frame.request_id, 0, len(data)
+                )
+                await loop_.sock_sendall(sock, head + data[:1000])
+                await gave_up.wait()
+                with contextlib.suppress(OSError):
+                    await loop_.sock_sendall(sock, data[1000:])
+            finally:
+                await wire.close()
+
+        peer = asyncio.ensure_future(stalling_peer())
+        client = TcpTransport(config("cli"))
+        conn = await client.connect(f"127.0.0.1:{srv.getsockname()[1]}", deadline())
+        buf = bytearray(len(data))
+        sizes: list[int] = []
+
+        def into(kind: MsgKind, header: Any, size: int) -> memoryview:
+            sizes.append(size)
+            return memoryview(buf)
+
+        start = loop_.time()
+        with pytest.raises(DeadlineExceeded):
+            await conn.request(MsgKind.CHUNK_GET, {}, deadline=start + 0.3, recv_into=into)
+        assert sizes == [len(data)] and conn.closed and loop_.time() - start < 1.0
+        assert bytes(buf[:1000]) == data[:1000] and buf[1000:] == bytes(len(data) - 1000)
+        gave_up.set()
+        await asyncio.wait_for(peer, 5)
+        await asyncio.sleep(0.1)
+        assert bytes(buf[:1000]) == data[:1000] and buf[1000:] == bytes(len(data) - 1000)
+        await conn.close()
+        srv.close()
 
     run(main, loop)
