@@ -210,8 +210,11 @@ class LocalServer:
             self._server.close()
 
     async def drain(self, deadline: float) -> None:
-        """Wait (until the ``loop.time()`` deadline) for in-flight requests to finish."""
+        """Take no new requests; wait (until the ``loop.time()`` deadline) for in-flight
+        ones to finish and send their replies."""
         loop = asyncio.get_running_loop()
+        for conn in self.connections:
+            conn.stop_reading()
         tasks = [t for c in self.connections for t in c.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
@@ -300,6 +303,12 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def stop_reading(self) -> None:
+        """Shutdown: no new requests from this connection (in-flight ones still reply)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self._paused = False  # never resumed by _task_done
 
     # --- dispatch -----------------------------------------------------------------
 
