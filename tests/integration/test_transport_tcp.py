@@ -35,7 +35,14 @@ from meshkv.transport import (
     TcpTransport,
     TransportConfig,
 )
-from meshkv.transport.framing import MAGIC, WIRE_VERSION, Flags, encode_head
+from meshkv.transport.framing import (
+    MAGIC,
+    WIRE_VERSION,
+    Flags,
+    encode_head,
+    pack_header,
+    unpack_header,
+)
 from meshkv.transport.handshake import client_handshake, server_handshake
 from meshkv.transport.stream import SocketWire
 
@@ -668,3 +675,54 @@ def test_deadline_mid_payload_aborts_so_the_buffer_is_free(loop: str) -> None:
         srv.close()
 
     run(main, loop)
+
+
+def test_bad_receive_buffer_fails_that_request_only() -> None:
+    async def main() -> None:
+        server = TcpTransport(config("srv"))
+        client = TcpTransport(config("cli"))
+        listener = await server.listen("127.0.0.1", 0, data_handler)
+        conn = await client.connect(listener.address, deadline())
+        with pytest.raises(ValueError, match="returned 10 bytes for a 100000-byte payload"):
+            await conn.request(
+                MsgKind.CHUNK_GET,
+                {"size": 100000, "seed": 1},
+                deadline=deadline(),
+                recv_into=lambda k, h, n: memoryview(bytearray(10)),
+            )
+        with pytest.raises(TypeError, match="writable memoryview"):
+            await conn.request(
+                MsgKind.CHUNK_GET,
+                {"size": 100, "seed": 1},
+                deadline=deadline(),
+                recv_into=lambda k, h, n: memoryview(bytes(100)),
+            )
+        reply = await conn.request(MsgKind.CHUNK_GET, {"size": 50, "seed": 2}, deadline=deadline())
+        assert bytes(reply.payload or b"") == pattern(50, 2) and not conn.closed
+        await conn.close()
+        await listener.close()
+
+    run(main)
+
+
+def test_protocol_version_without_overlap_is_refused() -> None:
+    async def main() -> None:
+        server = TcpTransport(config("srv"))
+        listener = await server.listen("127.0.0.1", 0, data_handler)
+        loop = asyncio.get_running_loop()
+        host, port = listener.address.rsplit(":", 1)
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, int(port)))
+        wire = SocketWire(sock, listener.address, 1 << 16, 1 << 30)
+        hello = pack_header({"node": "future", "min": 7, "max": 9, "nonce": bytes(32)})
+        await wire.send_frame(encode_head(MsgKind.HELLO, Flags.NONE, 0, len(hello), 0), hello, None)
+        frame, raw = await wire.recv_head()
+        assert frame.kind is MsgKind.ERROR
+        assert unpack_header(raw)["code"] == "version"
+        assert "no common protocol version" in unpack_header(raw)["message"]
+        await wire.close()
+        await wait_for(lambda: server.stats.auth_failures == 1)
+        await listener.close()
+
+    run(main)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -196,3 +199,47 @@ def test_deadline_and_close() -> None:
         await conn.close()
 
     run(main)
+
+
+def test_peer_killed_mid_payload_raises_connection_closed() -> None:
+    """A real UCX server process is SIGKILLed while a 256 MiB response is in flight."""
+    from meshkv.bench.transport_baselines import BENCH_SECRET
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshkv.bench.transport_baselines",
+            "serve-transport",
+            "ucx",
+            str(256 << 20),
+            "asyncio",
+            "socket",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        async def main() -> None:
+            client = UcxTransport(config("cli", secret=BENCH_SECRET))
+            conn = await client.connect(f"127.0.0.1:{port}", deadline(20))
+            buf = bytearray(256 << 20)
+
+            def into(kind: MsgKind, header: Any, size: int) -> memoryview:
+                proc.kill()
+                return memoryview(buf)
+
+            start = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                await conn.request(MsgKind.CHUNK_GET, {}, deadline=deadline(20), recv_into=into)
+            assert time.monotonic() - start < 5 and conn.closed
+            await conn.close()
+
+        run(main)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
