@@ -229,6 +229,7 @@ class Membership:
         # current probe: target, seq, times, ack/nack state
         self._probe_target: str | None = None
         self._probe_seq = -1
+        self._probe_inc = 0
         self._probe_acked = False
         self._probe_indirect_at = _INF
         self._probe_end = now
@@ -422,6 +423,7 @@ class Membership:
             return
         self._seq += 1
         self._probe_seq = self._seq
+        self._probe_inc = self._members[nxt].incarnation
         self._probe_acked = False
         self._expected_nacks = 0
         self._nacks = 0
@@ -447,9 +449,10 @@ class Membership:
         m = self._members.get(target)
         if m is not None and m.state in (State.ALIVE, State.SUSPECT):
             log.debug("%s: probe of %s failed; suspecting", self.node_id, target)
-            self._on_suspect(
-                Update(target, m.addr, m.incarnation, State.SUSPECT, self.node_id), now
-            )
+            # suspect at the incarnation the probe started with (as memberlist does): a
+            # refutation that arrived meanwhile outranks this probe's evidence
+            u = Update(target, m.addr, self._probe_inc, State.SUSPECT, self.node_id)
+            self._on_suspect(u, now)
 
     def _next_probe_target(self) -> str | None:
         for _ in range(2):

@@ -274,3 +274,23 @@ def test_crashed_member_is_declared_dead_and_restart_rejoins_higher() -> None:
     sim.run(sim.now + 10.0)
     assert sim.converged()
     assert sim.nodes[victim].core.incarnation > dead_inc
+
+
+def test_refutation_during_a_probe_outranks_the_failed_probe() -> None:
+    a = core("a")
+    with_members(a, [f"n{i}" for i in range(5)])
+    t = 0.0
+    pings: list[Ping] = []
+    while not pings:
+        t = a.next_deadline()
+        pings = [o.msg for o in a.tick(t) if isinstance(o.msg, Ping)]
+    target = pings[0].target
+    # the target refutes some other suspicion (incarnation 1) while our ping is lost
+    a.handle("x:1", Gossip("x", (alive(target, 1),)), t + 0.1)
+    end = t + LAN.probe_interval_s
+    while t < end:
+        t = a.next_deadline()
+        a.tick(t)
+    assert a.member(target).state is State.ALIVE  # type: ignore[union-attr]
+    assert not [e for e in a.drain_events() if e.kind is EventKind.SUSPECT]
+    assert a.stats.probe_failures == 1
