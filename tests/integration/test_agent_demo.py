@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_runs_and_cleans_up() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "meshkv.demo"], capture_output=True, text=True, timeout=120
