@@ -126,6 +126,8 @@ class _Pulls:
         for key, tier in zip(keys, tiers, strict=True):
             if tier is None or tier == Tier.CPU or (ns, key) in self._pending:
                 continue
+            if tier == Tier.PEER and self._remote is None:
+                continue
             if len(self._pending) >= MAX_PULLS:
                 break
             self._pending[(ns, key)] = loop.create_future()
