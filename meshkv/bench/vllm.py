@@ -216,6 +216,12 @@ def run(args: argparse.Namespace) -> int:
     print(detail_table(outcomes))
     print()
     print(report.table())
+    for arm, short in report.meta["short_hits"].items():
+        if short:
+            print(
+                f"WARNING: arm {arm}: {len(short)} warm request(s) got fewer hit tokens than "
+                f"stored (lookup timeout or missing chunk): {', '.join(short)}"
+            )
     errors = {a: o.error for a, o in outcomes.items() if o.error}
     for arm, err in errors.items():
         print(f"\narm {arm} FAILED:\n{err}")
@@ -286,7 +292,7 @@ class Plan:
         )
         fresh = [
             replace(p, rid=p.rid + "-fresh", workload="fresh", phase="warm",
-                    reusable_tokens=s.doc_tokens)
+                    reusable_tokens=len(p.tokens))
             for p in longdoc if p.phase == "cold"
         ]  # fmt: skip
         return cls(
@@ -594,4 +600,27 @@ def build_report(outcomes: dict[str, ArmOutcome], s: Sizes, plan: Plan) -> Repor
         "fresh": len(plan.fresh),
         "warmup": len(plan.warmup),
     }
+    report.meta["short_hits"] = {arm: short_hits(o, plan, arm) for arm, o in ok.items()}
     return report
+
+
+def short_hits(o: ArmOutcome, plan: Plan, arm: str) -> list[str]:
+    """Warm requests that got fewer cached tokens than the arm could have served.
+
+    A connector serves whole 256-token chunks, the prefix cache whole 128-token blocks,
+    and neither the last prompt token. A short hit means a lookup failed (e.g. timed out)
+    or a chunk was missing; the TTFT of such a request is not a warm TTFT.
+    """
+    if arm == "none":
+        return []
+    unit = BLOCK_SIZE if arm == "prefix" else CHUNK_TOKENS
+    prompts = {p.rid: p for p in plan.main + plan.fresh}
+    short = []
+    for t in _timings(o):
+        p = prompts.get(t["rid"])
+        if p is None or p.phase != "warm":
+            continue
+        expected = min(p.reusable_tokens, len(p.tokens) - 1) // unit * unit
+        if t["cached_tokens"] < expected:
+            short.append(f"{t['rid']}:{t['cached_tokens']}/{expected}")
+    return short

@@ -135,6 +135,12 @@ def test_report_names_ratios_and_failed_arms(tmp_path: Path) -> None:
     assert by_name["ttft_warm"].baseline_value is None and by_name["ttft_warm"].ratio is None
     assert "ttft_warm_lmcache" not in by_name
     assert report.meta["arms"]["lmcache"]["error"].startswith("engine job lmcache failed")
+    assert report.meta["short_hits"]["meshkv"] == []
+    # A warm request that found nothing (e.g. a lookup timed out) is flagged.
+    assert outcomes["meshkv"].fresh is not None
+    outcomes["meshkv"].fresh["timings"][0]["cached_tokens"] = 0
+    short = bench.short_hits(outcomes["meshkv"], plan, "meshkv")
+    assert short == ["doc0-q0-fresh:0/1024"]
     table = bench.detail_table(outcomes)
     assert "FAILED" in table and "fresh" in table
     report.write(tmp_path / "r.json")
