@@ -48,8 +48,9 @@ class TcpOptions:
     """TLS context for outgoing connections (None: plain TCP)."""
     server_hostname: str | None = None
     """Name to check the server certificate against (default: the host connected to)."""
-    socket_buffer_bytes: int | None = 4 << 20
-    """SO_SNDBUF / SO_RCVBUF per socket (None: kernel default)."""
+    socket_buffer_bytes: int | None = None
+    """SO_SNDBUF / SO_RCVBUF per socket. None keeps the kernel's autotuning, which grows
+    the receive buffer past what an explicit size may (``net.core.rmem_max``)."""
 
     def __post_init__(self) -> None:
         if self.io not in ("socket", "protocol"):
