@@ -5,7 +5,8 @@ Every number is compared with a baseline measured in the same run (this machine 
 * ``pull_tcp`` — GB/s of peer pulls between two real agents over TCP: an engine on agent B
   looks up ``--chunks`` 16 MiB chunks that agent A holds, the mesh pulls them into B's
   arena, and the engine reads them (lookup to last lease). Baseline: blocking
-  ``sendall``/``recv_into`` of the same bytes on loopback (``transport_baselines``).
+  ``sendall``/``recv_into`` of the same bytes on loopback (``transport_baselines``), timed
+  right before every pull round so both sides see the same load.
 * ``pull_ucx`` — the same over ``--transport ucx``; baseline: bare ucxx tag messages.
 * ``pull_vs_redis`` — ``pull_tcp`` against Redis (Debian ``redis-server``, started here on
   loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs.
@@ -29,7 +30,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ SECRET = os.urandom(24).hex()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=8, help="16 MiB chunks per pull round")
-    parser.add_argument("--rounds", type=int, default=4, help="pull rounds per transport")
+    parser.add_argument("--rounds", type=int, default=6, help="pull rounds per transport")
     parser.add_argument("--lookups", type=int, default=2000, help="64-chunk lookups to time")
     parser.add_argument("--skip-ucx", action="store_true", help="no UCX measurement")
     parser.add_argument("--skip-redis", action="store_true", help="no Redis comparison")
@@ -102,11 +103,19 @@ def _pair(
         a.stop()
 
 
-def measure_pulls(workdir: Path, transport: str, chunks: int, rounds: int) -> float:
-    """GB/s of lookup + pull + read of ``chunks`` chunks, averaged over ``rounds``."""
-    gib = max(1, (chunks * rounds * CHUNK_BYTES >> 30) + 1)
+def measure_pulls(
+    workdir: Path, transport: str, chunks: int, rounds: int, baseline: Callable[[int, int], float]
+) -> tuple[float, float]:
+    """(pull GB/s, baseline GB/s) over ``rounds`` rounds of ``chunks`` chunks each.
+
+    Every round times the baseline moving the same bytes right before the pull (lookup,
+    pull into B's arena, read), so both see the same machine load; each side's GB/s is
+    its total bytes over its total time.
+    """
+    gib = max(1, (chunks * (rounds + 1) * CHUNK_BYTES >> 30) + 1)
     data = os.urandom(CHUNK_BYTES)
-    seconds = 0.0
+    round_bytes = chunks * CHUNK_BYTES
+    pull_s = base_s = 0.0
     with (
         _pair(workdir, transport, gib) as (a, b),
         AgentClient(a.socket, timeout=30) as ca,
@@ -122,6 +131,7 @@ def measure_pulls(workdir: Path, transport: str, chunks: int, rounds: int) -> fl
                     _http(b, f"/v1/owners/{k.hex()}")["holders"] == ["bench-a"] for k in ks
                 ),
             )
+            base_gbps = baseline(CHUNK_BYTES, chunks) if round_no else 0.0
             start = time.perf_counter()
             reply = cb.lookup(keys)
             leases = cb.read(keys, wait=60.0)
@@ -135,9 +145,11 @@ def measure_pulls(workdir: Path, transport: str, chunks: int, rounds: int) -> fl
             finally:
                 cb.release(got)
                 del got, leases  # views into the client's arena mapping
-            if round_no > 0:
-                seconds += elapsed
-    return chunks * rounds * CHUNK_BYTES / seconds / 1e9
+            if round_no:
+                pull_s += elapsed
+                base_s += round_bytes / (base_gbps * 1e9)
+    total = rounds * round_bytes
+    return total / pull_s / 1e9, total / base_s / 1e9
 
 
 # --- Redis -------------------------------------------------------------------------------
@@ -253,17 +265,17 @@ def run(args: argparse.Namespace) -> int:
 
     report = Report("mesh")
     report.meta.update(chunk_bytes=CHUNK_BYTES, chunks=args.chunks, rounds=args.rounds)
-    n = args.chunks * args.rounds
     with tempfile.TemporaryDirectory(prefix="meshkv-bench-mesh-") as tmp:
         workdir = Path(tmp)
-        raw_before = tb.raw_tcp_baseline(CHUNK_BYTES, n)
-        pull_tcp = measure_pulls(workdir, "tcp", args.chunks, args.rounds)
-        raw_tcp = (raw_before + tb.raw_tcp_baseline(CHUNK_BYTES, n)) / 2
+        pull_tcp, raw_tcp = measure_pulls(
+            workdir, "tcp", args.chunks, args.rounds, tb.raw_tcp_baseline
+        )
         report.add(Result("pull_tcp", pull_tcp, "GB/s", CHUNK_BYTES, "raw_tcp_blocking", raw_tcp))
         print(report.table(), flush=True)
         if not args.skip_ucx:
-            raw_ucx = tb.raw_ucx_baseline(CHUNK_BYTES, n)
-            pull_ucx = measure_pulls(workdir, "ucx", args.chunks, args.rounds)
+            pull_ucx, raw_ucx = measure_pulls(
+                workdir, "ucx", args.chunks, args.rounds, tb.raw_ucx_baseline
+            )
             report.add(Result("pull_ucx", pull_ucx, "GB/s", CHUNK_BYTES, "raw_ucxx", raw_ucx))
         if not args.skip_redis:
             redis_gbps = measure_redis(args.chunks, args.rounds)
