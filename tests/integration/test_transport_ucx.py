@@ -243,3 +243,12 @@ def test_peer_killed_mid_payload_raises_connection_closed() -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_missing_ucxx_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshkv.errors import ConfigError
+    from meshkv.transport import ucx as ucx_module
+
+    monkeypatch.setitem(sys.modules, "ucxx", None)  # makes `import ucxx` fail
+    with pytest.raises(ConfigError, match=r"pip install 'meshkv\[ucx\]'"):
+        ucx_module.UcxTransport(config("x"))
