@@ -193,6 +193,16 @@ class StoreStats:
 
 
 @dataclass(slots=True)
+class _Staged:
+    """An evicted chunk's bytes, copied out of the arena while its SSD write runs."""
+
+    ns: NamespaceId
+    num_tokens: int
+    checksum: int | None
+    buf: bytearray
+
+
+@dataclass(slots=True)
 class _Counters:
     lookups: int = 0
     lookup_keys: int = 0
@@ -228,6 +238,7 @@ class Store:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Listener] = []
         self._promoting: dict[ChunkKey, asyncio.Future[None]] = {}
+        self._staged: dict[ChunkKey, _Staged] = {}  # evicted, SSD write in flight
         self._counters = _Counters()
         self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -410,7 +421,10 @@ class Store:
             _check_key(key)
             if cpu.find(ns, key, check_ns=check) is not None:
                 out.append(Tier.CPU)
-            elif ssd is not None and ssd.find(ns, key, check_ns=check) is not None:
+            elif ssd is not None and (
+                ssd.find(ns, key, check_ns=check) is not None
+                or self._find_staged(ns, key) is not None
+            ):
                 out.append(Tier.SSD)
             else:
                 out.append(None)
@@ -501,7 +515,10 @@ class Store:
                 c.hits_cpu += 1
             else:
                 out.append(None)
-                if ssd is not None and ssd.find(ns, key, check_ns=check) is not None:
+                if ssd is not None and (
+                    ssd.find(ns, key, check_ns=check) is not None
+                    or self._find_staged(ns, key) is not None
+                ):
                     promote.append(i)
                 else:
                     c.misses += 1
@@ -576,7 +593,8 @@ class Store:
         assert ssd is not None
         se = ssd.find(ns, key, check_ns=self.namespace_check)
         if se is None:
-            return None
+            staged = self._find_staged(ns, key)
+            return None if staged is None else self._promote_staged(key, staged, owner, lease_s)
         existing = cpu.find(ns, key, check_ns=self.namespace_check)
         if existing is not None:
             return self._pin(existing, owner, lease_s)
@@ -606,6 +624,30 @@ class Store:
         finally:
             if not committed and e.gen == gen and e.state is State.RESERVED:
                 cpu.abort(se.ns, key, INTERNAL_OWNER)
+
+    def _promote_staged(
+        self, key: ChunkKey, staged: _Staged, owner: int, lease_s: float
+    ) -> Pin | None:
+        cpu = self.cpu
+        if cpu.contains(key):
+            e = cpu.find(staged.ns, key, check_ns=False)
+            return None if e is None else self._pin(e, owner, lease_s)
+        try:
+            e = cpu.reserve(staged.ns, key, len(staged.buf), INTERNAL_OWNER)
+        except NoSpace as exc:
+            log.info("cannot promote %s from its staged copy: %s", key.hex(), exc)
+            self._counters.promotion_failures += 1
+            return None
+        assert e is not None
+        view = cpu.view(e)
+        view[:] = staged.buf
+        view.release()
+        cpu.commit(staged.ns, key, INTERNAL_OWNER, staged.num_tokens, staged.checksum)
+        if staged.checksum is None:
+            self._counters.checksums_pending += 1
+            self._spawn(self._after_commit(e, e.gen))
+        self._counters.promotions += 1
+        return self._pin(e, owner, lease_s)
 
     def release(self, lease_ids: Sequence[int], owner: int) -> None:
         """Close read leases; ``NotPinned`` for ids that are not open (double release)."""
@@ -660,6 +702,8 @@ class Store:
     def clear(self) -> int:
         """Drop every chunk in every tier (pinned ones leave when released); returns how many."""
         keys = {e.key for e in self.cpu.entries()}
+        keys.update(self._staged)
+        self._staged.clear()  # their writes are cancelled by the SSD tier's clear
         self.cpu.clear()
         if self._ssd is not None:
             keys.update(self._ssd_keys())
@@ -675,26 +719,45 @@ class Store:
     def _demote_copy(self, e: Entry) -> bool:
         # Called by the CPU tier when it must reuse ``e``'s slot at once: copy the bytes out
         # (bounded: at most write_queue_depth copies exist) and write them in the background.
+        # Until the write lands, the copy is served (lookup says SSD, read promotes from it).
         ssd = self._ssd
-        if ssd is None or self._closing or not ssd.admit(e.key, e.size):
+        if ssd is None or self._closing:
             return False
-        buf = bytearray(self.cpu.view(e))
-        self._spawn(self._write_copy(e.ns, e.key, e.num_tokens, e.checksum, buf))
+        if e.key in ssd or ssd.is_writing(e.key):
+            return True  # already on SSD, or on its way there (a staged copy)
+        if not ssd.admit(e.key, e.size):
+            return False
+        staged = _Staged(e.ns, e.num_tokens, e.checksum, bytearray(self.cpu.view(e)))
+        self._staged[e.key] = staged
+        self._spawn(self._write_copy(e.key, staged))
         return True
 
-    async def _write_copy(
-        self, ns: NamespaceId, key: ChunkKey, num_tokens: int, checksum: int | None, buf: bytearray
-    ) -> None:
+    async def _write_copy(self, key: ChunkKey, staged: _Staged) -> None:
         ssd = self._ssd
         assert ssd is not None and self._loop is not None
         ok = False
         try:
-            if checksum is None:
-                checksum = await self._loop.run_in_executor(self._hash_pool, payload_checksum, buf)
-            ok = await ssd.write(ns, key, num_tokens, checksum, memoryview(buf))
+            if staged.checksum is None:
+                staged.checksum = await self._loop.run_in_executor(
+                    self._hash_pool, payload_checksum, staged.buf
+                )
+            ok = await ssd.write(
+                staged.ns, key, staged.num_tokens, staged.checksum, memoryview(staged.buf)
+            )
         finally:
-            if not ok and not self.cpu.contains(key) and key not in ssd:
+            if self._staged.get(key) is staged:
+                del self._staged[key]
+            e = self.cpu.get(key)
+            if ok and e is not None:
+                e.on_ssd = True  # promoted from the copy meanwhile: now clean
+            elif not ok and not self.cpu.contains(key) and key not in ssd:
                 self._emit([], [key])
+
+    def _find_staged(self, ns: NamespaceId, key: ChunkKey) -> _Staged | None:
+        st = self._staged.get(key)
+        if st is None or (self.namespace_check and st.ns != ns):
+            return None
+        return st
 
     def _demote(self, e: Entry) -> bool:
         # Called by the CPU tier's write-back with ``e`` already held for us.

@@ -20,6 +20,7 @@ from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_che
 from meshkv.errors import ConfigError, NoSpace, NotPinned
 from meshkv.store import Slot, Store, StoreConfig, Tier
 from meshkv.tiers.arena import SHM_DIR
+from meshkv.tiers.cpu import Entry
 
 KiB = 1 << 10
 SLOT = 64 * KiB
@@ -404,6 +405,10 @@ async def test_listener_sees_drops_only_when_a_key_leaves_every_tier(tmp_path: P
     await s.close(asyncio.get_running_loop().time() + 5)
 
 
+def clean(e: Entry) -> bool:
+    return e.on_ssd
+
+
 def _cfg(ssd: Path, ssd_bytes: int) -> StoreConfig:
     return StoreConfig(
         cpu_bytes=2 * SLOT,
@@ -469,12 +474,17 @@ async def test_key_being_written_to_ssd_is_not_reserved_again(tmp_path: Path) ->
     for i in range(3):  # 2 slots: storing key 2 evicts key 0 into a (blocked) SSD write
         put(s, i)
     await asyncio.sleep(0.05)
-    assert s.lookup(NS, [key(0)]) == [None]  # in flight: in neither index yet
-    assert s.reserve(NS, key(0), SLOT, 1) is None  # but already being stored
+    assert s.reserve(NS, key(0), SLOT, 1) is None  # already being stored
+    assert s.lookup(NS, [key(0)]) == [Tier.SSD]  # served from the staged copy meanwhile
+    assert await read_bytes(s, 0) == data(0)  # promoted from the copy, not from disk
+    assert s.lookup(NS, [key(0)]) == [Tier.CPU]
+    e = s.cpu.get(key(0))
+    assert e is not None and not e.on_ssd
     gate.set()
     await settle(s)
-    assert s.lookup(NS, [key(0)]) == [Tier.SSD]
-    assert await read_bytes(s, 0) == data(0)
+    info = s.describe(key(0))
+    assert info is not None and info["tiers"] == ["cpu", "ssd"]
+    assert s.cpu.get(key(0)) is e and clean(e)  # the write landed: now clean in memory
     await s.close(asyncio.get_running_loop().time() + 5)
 
 
