@@ -34,8 +34,8 @@ demo: venv
 	$(PY) -m meshkv.demo
 
 lint: venv
-	$(VENV)/bin/ruff check meshkv transport kernels tests simulations benchmarks
-	$(VENV)/bin/ruff format --check meshkv transport kernels tests simulations benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # mypy cannot follow setuptools' package-dir mapping (transport/ -> meshkv.transport), so it
 # checks a tree of symlinks, outside the repo, laid out as the installed package is.
