@@ -25,7 +25,7 @@ KEY_LEN = 16
 _SPACE = float(1 << 64)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _points(node: str, vnodes: int, seed: int) -> npt.NDArray[np.uint64]:
     """The ring points of one member (cached: rings are rebuilt on every membership change)."""
     prefix = node.encode() + b"\x00"
@@ -48,6 +48,18 @@ def key_positions(keys: Sequence[bytes]) -> npt.NDArray[np.uint64]:
     return np.frombuffer(blob, dtype=">u8")[::2].astype(np.uint64)
 
 
+_MAX_INCREMENTAL = 8
+"""``Ring.derive`` inserts at most this many new members one by one; beyond, it rebuilds."""
+
+
+def _digest(members: tuple[str, ...], config: RingConfig) -> str:
+    d = xxhash.xxh3_128()
+    d.update(f"meshkv-ring-v1/{config.vnodes}/{config.seed}".encode())
+    for m in members:
+        d.update(b"\x00" + m.encode())
+    return d.hexdigest()
+
+
 class Ring:
     """Immutable ring over a member set; build a new one when membership changes."""
 
@@ -58,11 +70,7 @@ class Ring:
         self.members: tuple[str, ...] = tuple(sorted(set(members)))
         if any(not m for m in self.members):
             raise ValueError("ring: member ids must be non-empty")
-        d = xxhash.xxh3_128()
-        d.update(f"meshkv-ring-v1/{self.config.vnodes}/{self.config.seed}".encode())
-        for m in self.members:
-            d.update(b"\x00" + m.encode())
-        self.digest: str = d.hexdigest()
+        self.digest: str = _digest(self.members, self.config)
         """Hex digest of the algorithm, its parameters and the member ids."""
         v = self.config.vnodes
         if self.members:
@@ -76,6 +84,39 @@ class Ring:
             self._pos = np.empty(0, dtype=np.uint64)
             self._own = np.empty(0, dtype=np.int32)
         self._shares: dict[str, float] | None = None
+
+    def derive(self, members: Iterable[str]) -> Ring:
+        """The ring for ``members``, built from this one: a few joins or leaves cost O(points)
+        (~2 ms for 256 members) instead of a full sort (~60 ms). Always equal to
+        ``Ring(members, self.config)``; falls back to that for large changes."""
+        new = tuple(sorted(set(members)))
+        if new == self.members:
+            return self
+        if any(not m for m in new):
+            raise ValueError("ring: member ids must be non-empty")
+        old = set(self.members)
+        added = [m for m in new if m not in old]
+        if not self.members or not new or len(added) > _MAX_INCREMENTAL:
+            return Ring(new, self.config)
+        index = {m: i for i, m in enumerate(new)}
+        remap = np.array([index.get(m, -1) for m in self.members], dtype=np.int32)
+        own = remap[self._own]
+        keep = own >= 0
+        pos, own = self._pos[keep], own[keep]
+        v, seed = self.config.vnodes, self.config.seed
+        for m in added:
+            pts = np.sort(_points(m, v, seed))
+            at = np.searchsorted(pos, pts, side="left")
+            pos = np.insert(pos, at, pts)
+            own = np.insert(own, at, np.int32(index[m]))
+        if len(pos) > 1 and bool(np.any(pos[1:] == pos[:-1])):
+            return Ring(new, self.config)  # a tied point: the full build orders it by member
+        ring = Ring.__new__(Ring)
+        ring.config = self.config
+        ring.members = new
+        ring.digest = _digest(new, self.config)
+        ring._pos, ring._own, ring._shares = pos, own, None
+        return ring
 
     def __len__(self) -> int:
         return len(self.members)

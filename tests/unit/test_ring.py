@@ -102,3 +102,39 @@ def test_bad_input_is_rejected_clearly() -> None:
         Ring([]).owner(bytes(16))
     with pytest.raises(ConfigError, match="vnodes"):
         RingConfig(vnodes=0)
+
+
+def test_derive_equals_a_fresh_build() -> None:
+    rng = random.Random(5)
+    members = [f"m{i}" for i in range(20)]
+    ring = Ring(members)
+    ks = keys(3000, seed=8)
+    for step in range(12):
+        if step % 3 == 2 and len(members) > 3:
+            members.remove(rng.choice(members))  # a leave
+        else:
+            members.append(f"j{step}")  # a join
+            if step % 4 == 0:
+                members.remove(rng.choice(members[:-1]))  # and a leave in the same change
+        derived = ring.derive(members)
+        fresh = Ring(members)
+        assert derived.digest == fresh.digest and derived.members == fresh.members
+        assert derived.owners_many(ks) == fresh.owners_many(ks)
+        assert derived.shares() == pytest.approx(fresh.shares())
+        ring = derived
+    assert ring.derive(list(reversed(members))) is ring
+    assert Ring([]).derive(["a", "b"]).members == ("a", "b")
+
+
+def test_derive_is_much_cheaper_than_a_full_build() -> None:
+    names = [f"node-{i}" for i in range(256)]
+    base = Ring(names)
+    full = derived = float("inf")
+    for i in range(3):
+        t0 = time.perf_counter()
+        Ring([*names, f"new-{i}"])
+        full = min(full, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        base.derive([*names, f"new-{i}"])
+        derived = min(derived, time.perf_counter() - t0)
+    assert derived < full / 3, (derived, full)
