@@ -20,14 +20,18 @@ import enum
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
-from meshkv.errors import ConfigError, NoSpace, StoreError
-from meshkv.tiers.arena import SHM_DIR, reclaim_stale
-from meshkv.tiers.cpu import INTERNAL_OWNER, CpuTier, CpuTierConfig, Entry, State
-from meshkv.tiers.ssd import FaultHook, SsdTier, SsdTierConfig
+from meshkv.errors import NoSpace, StoreError
+from meshkv.store_config import StoreConfig
+from meshkv.store_stats import StoreStats, TierStats
+from meshkv.tiers.arena import reclaim_stale
+from meshkv.tiers.cpu import INTERNAL_OWNER, CpuTier, Entry, State
+from meshkv.tiers.ssd import FaultHook, SsdTier
+
+__all__ = ["Pin", "Slot", "Store", "StoreConfig", "StoreStats", "Tier", "TierStats"]
 
 log = logging.getLogger(__name__)
 
@@ -62,134 +66,6 @@ class Pin:
     """None while the background checksum has not finished."""
     expires_at: float
     """``loop.time()`` deadline; an expired lease is reclaimed and counted."""
-
-
-@dataclass(slots=True)
-class StoreConfig:
-    """Configuration of the node's tiers (the ``[store]`` table of the agent's TOML)."""
-
-    cpu_bytes: int = 4 << 30
-    """CPU tier (shared-memory arena) size in bytes; rounded down to whole segments."""
-    segment_bytes: int = 64 << 20
-    """Arena segment size, a power of two; also the largest chunk accepted."""
-    min_slot_bytes: int = 64 << 10
-    """Smallest slot size class, a power of two >= 16 KiB."""
-    eviction: str = "s3fifo"
-    """CPU-tier eviction policy: ``s3fifo`` (scan-resistant) or ``lru``."""
-    reserve_timeout_s: float = 60.0
-    """A reservation not committed within this time is reclaimed."""
-    max_lease_s: float = 600.0
-    """Upper bound of a read lease."""
-    max_leases: int = 1 << 16
-    """Open read leases at most."""
-    prefault: bool = True
-    """Touch every arena page at start so the first copies run at memcpy speed."""
-    shm_dir: str = SHM_DIR
-    """tmpfs directory of the arena file."""
-    ssd_dir: str | None = None
-    """Directory of the SSD tier; None disables the tier."""
-    ssd_bytes: int = 64 << 30
-    """Cap on the SSD tier's file bytes (headers included)."""
-    ssd_workers: int = 2
-    """Disk I/O threads."""
-    ssd_write_queue: int = 8
-    """SSD writes admitted at once; a demotion beyond this is dropped (counted)."""
-    ssd_fsync: bool = True
-    """fsync every chunk file before publishing it by rename."""
-    write_through: bool = False
-    """Also write every committed chunk to SSD (default: write-back on eviction)."""
-    writeback_headroom: float = 0.1
-    """With an SSD tier, the fraction of the arena kept free by writing the coldest chunks
-    to SSD ahead of demand (so stores rarely wait for, or lose, an eviction)."""
-    persist_on_shutdown: bool = True
-    """On close, write chunks that are only in memory to SSD so a restart keeps them."""
-    verify_reads: bool = False
-    """Re-hash arena bytes before handing out a read lease."""
-    hash_workers: int = 1
-    """Threads computing checksums of committed chunks."""
-
-    def __post_init__(self) -> None:
-        if self.ssd_dir is not None and not self.ssd_dir:
-            raise ConfigError("store.ssd_dir must be a directory path or unset")
-        if not 0.0 <= self.writeback_headroom < 1.0:
-            raise ConfigError(
-                f"store.writeback_headroom must be in [0, 1), got {self.writeback_headroom}"
-            )
-        if self.hash_workers <= 0:
-            raise ConfigError(f"store.hash_workers must be positive, got {self.hash_workers}")
-        self.cpu_config()  # validates the CPU fields with their own messages
-        self.ssd_config()
-
-    def cpu_config(self) -> CpuTierConfig:
-        return CpuTierConfig(
-            capacity_bytes=self.cpu_bytes,
-            segment_bytes=self.segment_bytes,
-            min_slot_bytes=self.min_slot_bytes,
-            eviction=self.eviction,
-            reserve_timeout_s=self.reserve_timeout_s,
-            max_lease_s=self.max_lease_s,
-            max_leases=self.max_leases,
-            prefault=self.prefault,
-            shm_dir=self.shm_dir,
-        )
-
-    def ssd_config(self) -> SsdTierConfig | None:
-        if self.ssd_dir is None:
-            return None
-        return SsdTierConfig(
-            directory=self.ssd_dir,
-            capacity_bytes=self.ssd_bytes,
-            workers=self.ssd_workers,
-            write_queue_depth=self.ssd_write_queue,
-            fsync=self.ssd_fsync,
-        )
-
-
-@dataclass(slots=True)
-class TierStats:
-    """Counters (monotonic) and gauges of one tier."""
-
-    chunks: int = 0
-    usage_bytes: int = 0
-    capacity_bytes: int = 0
-    hit_chunks: int = 0
-    """Chunks served by ``read`` from this tier."""
-    stored_bytes: int = 0
-    """Payload bytes committed (cpu) or written incl. headers (ssd)."""
-    loaded_bytes: int = 0
-    """Bytes served by reads (cpu: pinned payloads; ssd: file bytes read)."""
-    evictions: dict[str, int] = field(default_factory=dict)
-    """Chunks that left the tier, by reason (capacity, demoted, checksum, clear)."""
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """A snapshot of the store's counters and gauges (plain numbers)."""
-
-    arena_name: str = ""
-    tiers: dict[str, TierStats] = field(default_factory=dict)
-    lookups: int = 0
-    lookup_keys: int = 0
-    read_keys: int = 0
-    miss_chunks: int = 0
-    namespace_mismatches: int = 0
-    leases_open: int = 0
-    pinned_chunks: int = 0
-    reservations_open: int = 0
-    leases_expired: int = 0
-    reservations_expired: int = 0
-    checksum_failures: int = 0
-    checksums_pending: int = 0
-    demotions: int = 0
-    demotions_dropped: int = 0
-    promotions: int = 0
-    promotion_failures: int = 0
-    ssd_degraded: bool = False
-    ssd_write_errors: int = 0
-    ssd_read_errors: int = 0
-    ssd_writes_refused: int = 0
-    ssd_partial_removed: int = 0
-    ssd_corrupt_removed: int = 0
 
 
 @dataclass(slots=True)
