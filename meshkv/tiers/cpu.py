@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class CpuTierConfig:
             raise ConfigError("cpu.reserve_timeout_s and cpu.max_lease_s must be positive")
         if self.max_leases <= 0:
             raise ConfigError("cpu.max_leases must be positive")
+        if not os.path.isdir(self.shm_dir):
+            raise ConfigError(f"cpu.shm_dir {self.shm_dir} is not a directory (a tmpfs)")
 
 
 class State(enum.IntEnum):

@@ -92,6 +92,12 @@ def test_config_errors_are_clear() -> None:
         StoreConfig(segment_bytes=3 << 20)
     with pytest.raises(ConfigError, match="capacity_bytes"):
         StoreConfig(ssd_dir="/tmp/x", ssd_bytes=0)
+    with pytest.raises(ConfigError, match="shm_dir"):
+        StoreConfig(shm_dir="/nonexistent/shm")
+    with pytest.raises(ConfigError, match="writeback_headroom"):
+        StoreConfig(writeback_headroom=1.5)
+    with pytest.raises(ConfigError, match="at least one segment"):
+        StoreConfig(cpu_bytes=1 << 20)
 
 
 @run_async
