@@ -135,14 +135,22 @@ class Fetcher:
 
     # --- pulls ------------------------------------------------------------------------
 
-    def start(self, ns: NamespaceId, key: ChunkKey, holders: Sequence[str]) -> bool:
-        """Start (or join) the pull of ``key``; False if the pull queue is full."""
+    def start(
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        holders: Sequence[str],
+        deadline: float | None = None,
+    ) -> bool:
+        """Start (or join) the pull of ``key``, ending by ``deadline`` at the latest
+        (and within ``pull_timeout_s``); False if the pull queue is full."""
         if key in self._inflight:
             return True
         if len(self._inflight) >= MAX_INFLIGHT_PULLS:
             self.stats.failures["dropped"] += 1
             return False
-        deadline = asyncio.get_running_loop().time() + self._node.config.pull_timeout_s
+        limit = asyncio.get_running_loop().time() + self._node.config.pull_timeout_s
+        deadline = limit if deadline is None else min(deadline, limit)
         task = asyncio.create_task(self._pull(ns, key, list(holders), deadline))
         self._inflight[key] = task
         task.add_done_callback(functools.partial(self._pull_done, key))
@@ -171,7 +179,7 @@ class Fetcher:
         """Locate and pull ``keys`` now, waiting for the pulls up to ``deadline``."""
         found = await self.locate(ns, keys, deadline)
         for key, holders in found.items():
-            self.start(ns, key, holders)
+            self.start(ns, key, holders, deadline)
         await self.wait(list(found), deadline)
         return {k: self._node.store.lookup(ns, [k])[0] is not None for k in keys}
 

@@ -104,12 +104,15 @@ class MeshNode:
         store: Store,
         *,
         seed: int | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport``: use this one instead of building ``config.transport`` (tests and
+        simulations pass a ``MemoryTransport``)."""
         self.node_id = node_id
         self.config = config
         self.store = store
         self._rng = random.Random(seed if seed is not None else os.urandom(8))
-        self.transport = make_transport(
+        self.transport = transport or make_transport(
             config.transport, TransportConfig(secret=config.secret, node_id=node_id)
         )
         self.address = config.advertise or config.listen
@@ -322,7 +325,7 @@ class MeshNode:
         for key in keys:
             holders = self._holders.pop(key, ())
             if holders:
-                self.fetcher.start(ns, key, holders)
+                self.fetcher.start(ns, key, holders, deadline)
         await self.fetcher.wait(keys, deadline)
         return [t is not None for t in self.store.lookup(ns, keys)]
 

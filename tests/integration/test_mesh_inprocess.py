@@ -1,0 +1,155 @@
+"""Mesh nodes with real stores on an in-memory network, in one process: the fetch path's
+singleflight, deadlines and next-holder logic, deterministic and fast."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from meshkv.chunk import ChunkKey, Namespace, NamespaceId, payload_checksum
+from meshkv.mesh.node import MeshNode
+from meshkv.mesh.options import MeshNodeConfig
+from meshkv.store import Store, StoreConfig, Tier
+from meshkv.transport.base import TransportConfig
+from meshkv.transport.memory import MemoryNetwork, MemoryTransport
+
+SECRET = b"in-process-mesh-secret-0123456789"
+NS: NamespaceId = Namespace(model="inprocess").digest()
+
+
+@asynccontextmanager
+async def mesh(names: list[str], **config: object) -> AsyncIterator[dict[str, MeshNode]]:
+    network = MemoryNetwork(seed=1)
+    nodes: dict[str, MeshNode] = {}
+    try:
+        for i, name in enumerate(names):
+            store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+            await store.start()
+            cfg = MeshNodeConfig.from_preset(
+                "local",
+                listen=f"{name}:7000",
+                join=(f"{names[0]}:7000",) if i else (),
+                secret=SECRET,
+                **config,
+            )
+            transport = MemoryTransport(network, TransportConfig(SECRET, name), name)
+            node = MeshNode(name, cfg, store, seed=i, transport=transport)
+            await node.start()
+            nodes[name] = node
+        await until(lambda: all(len(n.ring) == len(names) for n in nodes.values()))
+        yield nodes
+    finally:
+        loop = asyncio.get_running_loop()
+        for node in nodes.values():
+            await node.close(loop.time() + 1)
+            await node.store.close(loop.time() + 1)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def put(node: MeshNode, data: bytes) -> ChunkKey:
+    key = ChunkKey(os.urandom(16))
+    slot = node.store.reserve(NS, key, len(data), 7)
+    assert slot is not None
+    node.store.payload(slot)[:] = data
+    node.store.commit(NS, key, 7, 256, payload_checksum(data))
+    return key
+
+
+async def announced(nodes: dict[str, MeshNode], key: ChunkKey, holders: set[str]) -> None:
+    async def known() -> set[str]:
+        reader = next(iter(nodes.values()))
+        home = reader.home_of(key)
+        loop = asyncio.get_running_loop()
+        (found,) = await reader.lookup_at(home, [key], loop.time() + 1)
+        return set(found)
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while await known() != holders:
+        assert loop.time() < end, "holders never announced"
+        await asyncio.sleep(0.02)
+
+
+async def read_back(node: MeshNode, key: ChunkKey) -> bytes:
+    (pin,) = await node.store.read(NS, [key], 9, 5.0)
+    assert pin is not None
+    try:
+        return bytes(node.store.payload(pin.slot))
+    finally:
+        node.store.release([pin.lease_id], 9)
+
+
+def test_concurrent_fetches_of_one_key_pull_it_once() -> None:
+    async def scenario() -> None:
+        async with mesh(["a", "b", "c"]) as nodes:
+            data = os.urandom(1 << 20)
+            key = put(nodes["a"], data)
+            await announced(nodes, key, {"a"})
+            c = nodes["c"]
+            loop = asyncio.get_running_loop()
+            results = await asyncio.gather(*(c.fetch(NS, [key], loop.time() + 5) for _ in range(5)))
+            assert results == [[True]] * 5
+            assert nodes["a"].peer_server.stats.chunks_served == 1  # singleflight
+            assert c.fetcher.stats.pulls_ok == 1
+            assert await read_back(c, key) == data
+            # c now announces itself as a second holder
+            await announced(nodes, key, {"a", "c"})
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_holder_then_next_holder_within_deadline() -> None:
+    async def scenario() -> None:
+        async with mesh(["a", "b", "c"], holder_timeout_s=0.3) as nodes:
+            data = os.urandom(256 << 10)
+            key = put(nodes["a"], data)
+            slot = nodes["b"].store.reserve(NS, key, len(data), 7)
+            assert slot is not None
+            nodes["b"].store.payload(slot)[:] = data
+            nodes["b"].store.commit(NS, key, 7, 256, payload_checksum(data))
+            await announced(nodes, key, {"a", "b"})
+            c = nodes["c"]
+            assert await c.lookup(NS, [key]) == [Tier.PEER]  # holders known before the cut
+            # a's chunk traffic goes nowhere: its peer port refuses c's new connections
+            network = c.transport.network  # type: ignore[attr-defined]
+            network.partition(["c"], ["a"])
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await c.fetch(NS, [key], loop.time() + 3) == [True]
+            assert loop.time() - started < 3
+            assert await read_back(c, key) == data
+            assert nodes["b"].peer_server.stats.chunks_served == 1
+            network.heal()
+
+    asyncio.run(scenario())
+
+
+def test_no_holder_reachable_is_a_miss_by_the_deadline() -> None:
+    async def scenario() -> None:
+        async with mesh(["a", "c"]) as nodes:
+            key = put(nodes["a"], os.urandom(64 << 10))
+            await announced(nodes, key, {"a"})
+            c = nodes["c"]
+            assert await c.lookup(NS, [key]) == [Tier.PEER]
+            network = c.transport.network  # type: ignore[attr-defined]
+            network.partition(["c"], ["a"])
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await c.fetch(NS, [key], loop.time() + 1.5) == [False]
+            assert loop.time() - started < 2.0
+            failures = c.fetcher.stats.failures
+            # the pull ends at the caller's deadline (a black-holed connection times out)
+            await until(lambda: failures["transport"] + failures["timeout"] >= 1, 1.0)
+            assert c.fetcher.stats.pulls_ok == 0
+            network.heal()
+
+    asyncio.run(scenario())
