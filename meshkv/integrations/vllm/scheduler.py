@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from meshkv.chunk import ChunkKey, NamespaceId, chunk_keys
@@ -102,7 +102,7 @@ class SchedulerSide:
                 self._namespaces.clear()
             ns = self._layout.namespace(rank)
             if salt:
-                ns = type(ns)(**{**_ns_fields(ns), "cache_salt": ns.cache_salt + salt})
+                ns = replace(ns, cache_salt=ns.cache_salt + salt)
             cached = self._namespaces[(salt, rank)] = ns.digest()
         return cached
 
@@ -273,9 +273,3 @@ class SchedulerSide:
     def close(self) -> None:
         self._requests.clear()
         self._link.close()
-
-
-def _ns_fields(ns: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(ns)
