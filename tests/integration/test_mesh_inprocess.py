@@ -153,3 +153,23 @@ def test_no_holder_reachable_is_a_miss_by_the_deadline() -> None:
             network.heal()
 
     asyncio.run(scenario())
+
+
+def test_replicas_land_on_ring_successors_and_are_not_pushed_on() -> None:
+    async def scenario() -> None:
+        async with mesh(["a", "b", "c", "d"], replicas=3) as nodes:
+            data = os.urandom(512 << 10)
+            key = put(nodes["a"], data)
+            successors = [n for n in nodes["a"].ring.owners(key, 4) if n != "a"][:2]
+            await until(
+                lambda: all(nodes[n].store.lookup(NS, [key]) == [Tier.CPU] for n in successors)
+            )
+            for name in successors:
+                assert await read_back(nodes[name], key) == data
+            (other,) = set(nodes) - {"a", *successors}
+            assert nodes[other].store.lookup(NS, [key]) == [None]
+            assert nodes["a"].replicator.stats.pushed == 2
+            assert all(nodes[n].replicator.stats.pushed == 0 for n in successors)
+            await announced(nodes, key, {"a", *successors})
+
+    asyncio.run(scenario())
