@@ -40,7 +40,7 @@ def run(
     for _ in range(trials):
         who = pick.choice(names)
         start = sim.now
-        sim.act(who, lambda c, now: c.bump_incarnation(now))
+        sim.act(who, lambda node, now: node.core.bump_incarnation(now))
         want = sim.nodes[who].core.incarnation
         waiting = {x for x in names if x != who}
         got: list[float] = []

@@ -7,6 +7,8 @@ hashes the ordered membership event log of every node.
 
 The simulator calls exactly the API the agent's shell calls: ``join``, ``tick`` at
 ``next_deadline()``, ``handle`` for each delivered message, ``leave`` and ``drain_events``.
+With ``directory`` set, every node also runs a ``Directory`` core and, like the shell,
+derives its ``Ring`` from the alive members after each JOINED/DEAD/LEFT event.
 With ``wire=True`` every message also takes a msgpack round trip through
 ``to_wire()``/``decode()``.
 """
@@ -23,9 +25,14 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from meshkv.mesh.config import MembershipConfig
+from meshkv.mesh.config import DirectoryConfig, MembershipConfig, RingConfig
+from meshkv.mesh.directory import Directory
 from meshkv.mesh.membership import EventKind, Membership
-from meshkv.mesh.messages import Message, Outgoing, decode
+from meshkv.mesh.messages import Announce, Handoff, Lookup, LookupReply, Message, Outgoing, decode
+from meshkv.mesh.ring import Ring
+
+_DIRECTORY_MESSAGES = (Announce, Handoff, Lookup, LookupReply)
+_RING_CHANGES = (EventKind.JOINED, EventKind.DEAD, EventKind.LEFT)
 
 _DELIVER, _TICK, _CALL = 0, 1, 2
 
@@ -57,6 +64,8 @@ class SimNode:
     core: Membership
     state: NodeState = NodeState.UP
     tick_at: float = math.inf
+    directory: Directory | None = None
+    ring: Ring | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +86,8 @@ class Sim:
     loss: float = 0.0
     latency: tuple[float, float] = (0.0005, 0.002)
     wire: bool = False
+    directory: DirectoryConfig | None = None
+    ring_config: RingConfig = field(default_factory=RingConfig)
     now: float = 0.0
     nodes: dict[str, SimNode] = field(default_factory=dict)
     log: list[LogRecord] = field(default_factory=list)
@@ -112,7 +123,10 @@ class Sim:
                 node: SimNode = a  # type: ignore[assignment]
                 if node.tick_at == t and node.state is NodeState.UP and node.core is b:
                     node.tick_at = math.inf
-                    self._after(node, node.core.tick(t))
+                    out = node.core.tick(t)
+                    if node.directory is not None:
+                        out.extend(node.directory.tick(t))
+                    self._after(node, out)
             else:
                 a()  # type: ignore[operator]
         self.now = until
@@ -136,6 +150,11 @@ class Sim:
         addr = f"{node_id}:7946"
         core = Membership(node_id, addr, self.config, rng, self.now)
         node = SimNode(node_id, addr, core)
+        if self.directory is not None:
+            drng = random.Random(f"dir/{self.seed}/{node_id}/{gen}")
+            node.directory = Directory(node_id, self.directory, drng, self.now)
+            node.ring = Ring([node_id], self.ring_config)
+            node.directory.set_ring(node.ring, {node_id: addr}, self.now)
         self.nodes[node_id] = node
         self._by_addr[addr] = node
         self._after(node, core.join([f"{s}:7946" for s in seeds], self.now))
@@ -173,11 +192,11 @@ class Sim:
     def heal(self, at: float) -> None:
         self.at(at, lambda: self._groups.clear())
 
-    def act(self, node_id: str, fn: Callable[[Membership, float], list[Outgoing] | None]) -> None:
-        """Call ``fn(core, now)`` on a node now, send what it returns, reschedule its timers
-        (as the agent's shell does after any direct call into the core)."""
+    def act(self, node_id: str, fn: Callable[[SimNode, float], list[Outgoing] | None]) -> None:
+        """Call ``fn(node, now)`` now, send what it returns and reschedule the node's timers
+        (as the agent's shell does after any direct call into a core)."""
         node = self.nodes[node_id]
-        self._after(node, fn(node.core, self.now) or [])
+        self._after(node, fn(node, self.now) or [])
 
     def _set_state(self, node_id: str, state: NodeState) -> None:
         self.nodes[node_id].state = state
@@ -193,15 +212,28 @@ class Sim:
     def _after(self, node: SimNode, out: list[Outgoing]) -> None:
         for o in out:
             self._send(node.addr, o.to, o.msg)
+        ring_changed = False
         for e in node.core.drain_events():
             rec = LogRecord(e.time, node.node_id, e.kind, e.node, e.incarnation)
             self.log.append(rec)
+            ring_changed = ring_changed or e.kind in _RING_CHANGES
             for fn in self.listeners:
                 fn(rec)
+        if ring_changed and node.directory is not None and node.ring is not None:
+            core = node.core
+            ring = node.ring.derive(core.alive())
+            if ring is not node.ring:
+                node.ring = ring
+                addrs = {m: core.address_of(m) or "" for m in ring.members}
+                for o in node.directory.set_ring(ring, addrs, self.now):
+                    self._send(node.addr, o.to, o.msg)
         self._schedule(node)
 
     def _schedule(self, node: SimNode) -> None:
-        d = max(node.core.next_deadline(), self.now)
+        d = node.core.next_deadline()
+        if node.directory is not None:
+            d = min(d, node.directory.next_deadline())
+        d = max(d, self.now)
         if d < node.tick_at:
             node.tick_at = d
             self._push(d, _TICK, node, node.core, None)
@@ -226,7 +258,13 @@ class Sim:
             self.net.undeliverable += 1
             return
         self.net.delivered += 1
-        self._after(node, node.core.handle(src, msg, self.now))
+        if isinstance(msg, _DIRECTORY_MESSAGES):
+            if node.directory is None:
+                self.net.undeliverable += 1
+                return
+            self._after(node, node.directory.handle(src, msg, self.now))
+        else:
+            self._after(node, node.core.handle(src, msg, self.now))
 
     # -- observation ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 
 from meshkv.bench.sim_wall import run_sim_result
 from meshkv.mesh.config import MembershipConfig
-from simulations import detection, dissemination, faults, partition, scale
+from simulations import detection, directory_churn, dissemination, faults, partition, scale
 from simulations.sim import Sim, run_until_converged, start_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +69,14 @@ def test_partition_heals_and_views_converge() -> None:
     r = partition.run(seed=6, n=32, loss=0.01, split_s=45.0)
     assert r["cross_pairs_dead_at_heal"] >= 0.9
     assert r["converged"] and r["converge_after_heal_s"] <= 60.0
+
+
+def test_directory_repairs_after_crashes_and_joins() -> None:
+    r = directory_churn.run(seed=2, n=24, loss=0.01, keys_per_node=100, crashes=3, joins=3)
+    assert r["accuracy_before"] >= 0.95
+    assert r["repaired_after_crash_s"] is not None and r["repaired_after_crash_s"] <= 20.0, r
+    assert r["accurate_after_join_s"] is not None and r["accurate_after_join_s"] <= 20.0, r
+    assert r["final_accuracy"] >= 0.999 and r["final_stale_answers"] == 0
 
 
 def test_wire_mode_round_trips_every_message_through_msgpack() -> None:
