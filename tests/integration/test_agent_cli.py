@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshkv.cli.main import main
+from meshkv.errors import ConfigError
 
 
 def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,3 +95,14 @@ def test_help_documents_every_flag_with_default() -> None:
     ):  # fmt: skip
         assert flag in text, flag
     assert text.count("(default:") >= 16
+
+
+def test_default_socket_directory_is_private(tmp_path: Path) -> None:
+    from meshkv.agent import prepare_socket_path
+
+    path = tmp_path / "run" / "meshkv" / "agent.sock"
+    prepare_socket_path(str(path))
+    assert oct(path.parent.stat().st_mode & 0o777) == oct(0o700)
+    path.write_text("not a socket")
+    with pytest.raises(ConfigError, match="is not a socket"):
+        prepare_socket_path(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ def test_sigterm_is_clean_and_ssd_keeps_chunks(
         assert c.lookup(keys).tiers == ["cpu"] * 8
     arena = agent.arena_name
     assert os.path.exists(f"/dev/shm/{arena}")
+    assert stat.S_IMODE(os.stat(agent.socket_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(f"/dev/shm/{arena}").st_mode) == 0o600
     assert agent.stop() == 0
     assert not os.path.exists(agent.socket_path), "socket left behind"
     assert not os.path.exists(f"/dev/shm/{arena}"), "arena left behind"
