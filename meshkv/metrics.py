@@ -41,6 +41,9 @@ class LocalCounters:
     lookup_keys: int = 0
     hit_chunks: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     miss_chunks: int = 0
+    hit_tokens: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    """Tokens of hit chunks, for clients that declared ``chunk_tokens`` at hello."""
+    miss_tokens: int = 0
     connections: int = 0
     protocol_errors: int = 0
 
@@ -110,6 +113,21 @@ def _local_families(local: LocalCounters) -> Iterator[Metric]:
     )
     miss.add_metric([], local.miss_chunks)
     yield miss
+    hit_tokens = CounterMetricFamily(
+        "meshkv_lookup_hit_tokens",
+        "Tokens in the stored prefix found by local lookups, by tier "
+        "(clients that declared chunk_tokens at hello)",
+        labels=["tier"],
+    )
+    for tier, n in local.hit_tokens.items():
+        hit_tokens.add_metric([tier], n)
+    yield hit_tokens
+    miss_tokens = CounterMetricFamily(
+        "meshkv_lookup_miss_tokens",
+        "Tokens asked for by local lookups beyond the stored prefix (declared chunk_tokens)",
+    )
+    miss_tokens.add_metric([], local.miss_tokens)
+    yield miss_tokens
     conns = GaugeMetricFamily("meshkv_local_connections", "Open local-channel connections")
     conns.add_metric([], local.connections)
     yield conns

@@ -246,6 +246,7 @@ class _Connection(asyncio.Protocol):
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.namespace: NamespaceId | None = None
+        self.chunk_tokens = 0  # declared at hello; 0 = unknown (no token metrics)
         self.tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         metrics = server.metrics
@@ -438,6 +439,7 @@ class _Connection(asyncio.Protocol):
                 f"slot ({max_chunk} bytes); use smaller chunks or raise [store] segment_bytes"
             )
         self.namespace = namespace.digest()
+        self.chunk_tokens = geometry.get("chunk_tokens", 0)
         return {
             "max_chunk_bytes": max_chunk,
             **geometry,
@@ -494,10 +496,16 @@ class _Connection(asyncio.Protocol):
         counters.miss_chunks += len(tiers) - prefix
         head = tiers[:prefix] if prefix < len(tiers) else tiers
         in_cpu = head.count(Tier.CPU)
+        per_chunk = self.chunk_tokens
         counters.hit_chunks["cpu"] += in_cpu
+        if per_chunk:
+            counters.hit_tokens["cpu"] += in_cpu * per_chunk
+            counters.miss_tokens += (len(tiers) - prefix) * per_chunk
         if in_cpu != prefix:
-            counters.hit_chunks["ssd"] += head.count(Tier.SSD)
-            counters.hit_chunks["peer"] += head.count(Tier.PEER)
+            for tier in (Tier.SSD, Tier.PEER):
+                n = head.count(tier)
+                counters.hit_chunks[tier] += n
+                counters.hit_tokens[tier] += n * per_chunk
             self.server.pulls.start(ns, keys[:prefix], list(head))
         return {"prefix": prefix, "tiers": tiers}
 

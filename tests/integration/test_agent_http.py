@@ -62,12 +62,23 @@ def test_healthz_status_and_metrics(agent: AgentProcess) -> None:
     assert metrics["meshkv_lookups_total"] == 1
     assert metrics['meshkv_lookup_hit_chunks_total{tier="cpu"}'] == 1
     assert metrics["meshkv_lookup_miss_chunks_total"] == 1
+    assert metrics['meshkv_lookup_hit_tokens_total{tier="cpu"}'] == 0  # no chunk_tokens given
     assert metrics['meshkv_tier_chunks{tier="cpu"}'] == 1
     assert metrics['meshkv_tier_capacity_bytes{tier="cpu"}'] == 64 << 20
     assert metrics['meshkv_stored_bytes_total{tier="cpu"}'] == 5000
     assert metrics['meshkv_local_op_seconds_count{op="lookup"}'] == 1
     assert metrics['meshkv_local_op_seconds_count{op="reserve"}'] == 1
     assert "meshkv_checksum_failures_total" in metrics
+    with agent.client(chunk_tokens=256) as c:
+        c.lookup([b"h" * 16, b"m" * 16, b"n" * 16])
+    _, text = http(agent.url + "/metrics")
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert metrics['meshkv_lookup_hit_tokens_total{tier="cpu"}'] == 256
+    assert metrics["meshkv_lookup_miss_tokens_total"] == 512
 
 
 def test_chunk_endpoint(agent: AgentProcess) -> None:
