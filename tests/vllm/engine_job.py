@@ -4,8 +4,9 @@
 
 Each prompt is generated on its own (greedy), in order, so later prompts see what earlier
 ones saved. ``pause_before`` lets a test act between prompts: before prompt ``i`` the job
-writes ``<sync_dir>/ready-<i>`` and waits for ``<sync_dir>/go-<i>``. One engine per
-process: engines are never started twice in one interpreter.
+writes ``<sync_dir>/ready-<i>`` and waits for ``<sync_dir>/go-<i>``;
+``reset_prefix_cache_before`` empties vLLM's own prefix cache before the listed prompts.
+One engine per process: engines are never started twice in one interpreter.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _namespaces(job: dict[str, Any]) -> dict[str, Any]:
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     kwargs: dict[str, Any] = {
         "model": job["model"],
@@ -68,8 +70,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if sync_dir is not None and i in pauses:
             (sync_dir / f"ready-{i}").write_text(json.dumps(_namespaces(job)))
             _wait_for(sync_dir / f"go-{i}")
+        if i in job.get("reset_prefix_cache_before", []):
+            assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
         t0 = time.monotonic()
-        (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
         outputs.append(
             {
                 "tokens": list(out.outputs[0].token_ids),

@@ -106,3 +106,30 @@ def test_agent_killed_while_serving_then_restarted(
     assert counters["agent_unavailable"] >= 1
     assert counters["async_loads"] >= 1
     assert counters["load_errors"] == 0
+
+
+def test_vllm_prefix_cache_hits_come_first_and_meshkv_loads_the_rest(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    """With vLLM's prefix cache on, the connector loads only blocks vLLM lacks."""
+    agent = agents().start()
+    sibling = prompts.a[:130] + prompts.d[:300]  # shares exactly one 128-token block with A
+    result = engine(
+        [prompts.a, sibling, prompts.a],
+        connector={"socket_path": agent.socket_path},
+        prefix_caching=True,
+        reset_prefix_cache_before=[1],
+    ).result()
+    cold, _, warm = result["outputs"]
+    assert cold["cached_tokens"] == 0
+    # 128 tokens from vLLM's own cache (the sibling's first block) + 384 loaded by meshkv:
+    # the rest of chunk 0 (one block) and all of chunk 1 (two blocks).
+    assert warm["cached_tokens"] == 512
+    assert warm["tokens"] == baseline["a"]
+    counters = result["counters"]
+    assert counters["hit_tokens"] == 384
+    assert counters["loaded_chunks"] == 2
+    assert counters["load_errors"] == 0
