@@ -74,7 +74,11 @@ def test_partition_heals_and_views_converge() -> None:
 def test_directory_repairs_after_crashes_and_joins() -> None:
     r = directory_churn.run(seed=2, n=24, loss=0.01, keys_per_node=100, crashes=3, joins=3)
     assert r["accuracy_before"] >= 0.95
-    assert r["repaired_after_crash_s"] is not None and r["repaired_after_crash_s"] <= 20.0, r
+    # Dead holders leave the answers within a detection time (~10 s, LAN preset); an
+    # announcement lost to the 1% loss is repaired by the next re-announce (30 s period).
+    mostly = next(t for t, acc, stale in r["timeline_after_crash"] if acc >= 0.99 and stale == 0)
+    assert mostly <= 12.0, r
+    assert r["repaired_after_crash_s"] is not None and r["repaired_after_crash_s"] <= 45.0, r
     assert r["accurate_after_join_s"] is not None and r["accurate_after_join_s"] <= 20.0, r
     assert r["final_accuracy"] >= 0.999 and r["final_stale_answers"] == 0
 
