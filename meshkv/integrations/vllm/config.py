@@ -80,6 +80,16 @@ class ConnectorConfig:
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
         """Parse and type-check the extra-config dict; unknown keys are an error."""
         extra = dict(extra or {})
+        # "socket" is the documented key (the connector contract); "socket_path" is the
+        # field name and stays accepted as an alias.
+        if "socket" in extra:
+            socket = extra.pop("socket")
+            if extra.get("socket_path") not in (None, "", socket):
+                raise ConfigError(
+                    "meshkv connector: give the agent socket once, as 'socket' "
+                    f"(got socket={socket!r} and socket_path={extra['socket_path']!r})"
+                )
+            extra["socket_path"] = socket
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(extra) - set(known))
         if unknown:
