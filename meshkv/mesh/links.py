@@ -30,7 +30,7 @@ from meshkv.transport.framing import MsgKind
 logger = logging.getLogger(__name__)
 
 IDLE_CLOSE_S = 60.0
-"""A control link with nothing to send for this long closes its connection."""
+"""A control link with nothing to send for this long closes its connection and its task."""
 
 
 @dataclass(slots=True)
@@ -138,7 +138,12 @@ class PeerLinks:
                     try:
                         await asyncio.wait_for(link.wakeup.wait(), IDLE_CLOSE_S)
                     except TimeoutError:
-                        break
+                        # Idle: retire this link. No await between the emptiness check and
+                        # the removal, so a later ``send`` builds a fresh link and task
+                        # instead of queueing behind this exiting one.
+                        if not link.queue and self._links.get(link.address) is link:
+                            del self._links[link.address]
+                            break
                     continue
                 conn = link.conn
                 if conn is None or conn.closed:
