@@ -57,6 +57,10 @@ def _get(http: str, path: str, body: Any = None) -> Any:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 404 and path.startswith(("/v1/ring", "/v1/owners")):
+            raise SystemExit(
+                f"meshkv ring: the agent at {http} runs without a mesh (start it with --listen)"
+            ) from None
         detail = exc.read().decode(errors="replace").strip()
         raise SystemExit(f"meshkv ring: {url} answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:

@@ -184,3 +184,12 @@ def test_client_namespace_isolation_through_the_mesh(
         other.lookup([key])
         (lease,) = other.read([key], wait=2.0)
         assert lease is None
+
+
+def test_ring_status_on_an_agent_without_mesh_says_so(agent: AgentProcess) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", "ring", "status", "--http", agent.http],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "runs without a mesh" in out.stderr
