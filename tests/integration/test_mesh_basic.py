@@ -193,3 +193,33 @@ def test_ring_status_on_an_agent_without_mesh_says_so(agent: AgentProcess) -> No
     )  # fmt: skip
     assert out.returncode != 0
     assert "runs without a mesh" in out.stderr
+
+
+def test_mesh_table_in_toml_and_flags_override(tmp_path: Path) -> None:
+    from meshkv.cli.agent_cmd import build_config
+    from meshkv.cli.main import build_parser
+    from meshkv.errors import ConfigError
+    from meshkv.mesh.options import MeshNodeConfig
+
+    secret = write_secret(tmp_path)
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        f'node_id = "n1"\n[mesh]\nlisten = "127.0.0.1:7946"\njoin = ["10.0.0.1:7946"]\n'
+        f'secret_file = "{secret}"\nreplicas = 2\npreset = "local"\n'
+    )
+    base = ["agent", "--socket", str(tmp_path / "s.sock"), "--config", str(toml)]
+    config = build_config(build_parser().parse_args(base))
+    mesh = config.mesh
+    assert isinstance(mesh, MeshNodeConfig)
+    assert (mesh.listen, mesh.join, mesh.replicas, mesh.preset) == (
+        "127.0.0.1:7946",
+        ("10.0.0.1:7946",),
+        2,
+        "local",
+    )
+    assert mesh.membership.probe_interval_s == 0.2  # the LOCAL preset's timings
+    override = build_config(build_parser().parse_args([*base, "--replicas", "3"]))
+    assert isinstance(override.mesh, MeshNodeConfig) and override.mesh.replicas == 3
+    toml.write_text(toml.read_text() + "colour = 1\n")
+    with pytest.raises(ConfigError, match=r"\[mesh\]: unknown keys"):
+        build_config(build_parser().parse_args(base))
