@@ -55,6 +55,8 @@ test: lint typecheck
 	$(PY) -m pytest -q tests
 
 bench: venv
+	@# the mesh benchmark compares against a loopback redis-server (Debian package)
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
 	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
 	$(PY) -m meshkv bench vllm --json $(CACHE)/bench-vllm.json
