@@ -93,16 +93,18 @@ def test_agent_killed_while_serving_then_restarted(
     result = run.result()
     outs = result["outputs"]
     assert [o["cached_tokens"] for o in outs[:2]] == [0, 512]
-    # Agent hung, then gone: requests complete, computed locally, with zero hits, and
-    # the hung agent costs at most the lookup and save deadlines (0.2 s + 0.5 s).
+    # Agent hung, then gone: requests complete, computed locally, with zero hits.
     assert [o["cached_tokens"] for o in outs[2:5]] == [0, 0, 0]
-    assert outs[2]["seconds"] < outs[0]["seconds"] + 3.0
+    assert outs[2]["seconds"] < 15.0  # generous: two cores shared with other engines
     # Agent back on the same SSD: the client reconnects and hits resume (from SSD).
     assert outs[5]["cached_tokens"] == 512
     for i in (0, 1, 2, 3, 5):
         assert outs[i]["tokens"] == baseline["a"]
     assert outs[4]["tokens"] == baseline["d"]
     counters = result["counters"]
+    # The hung agent cost the engine its deadlines (lookup 0.2 s, save 0.5 s, each retried
+    # at most once per 0.2 s retry interval), not the 30 s of a lease or a TCP timeout.
+    assert counters["call_seconds"] < 4.0
     assert counters["agent_unavailable"] >= 1
     assert counters["async_loads"] >= 1
     assert counters["load_errors"] == 0
