@@ -119,7 +119,7 @@ class Replicator:
             return
         loop = asyncio.get_running_loop()
         try:
-            checksum = pin.checksum if pin.checksum is not None else store.checksum_of(key)
+            checksum = await store.checksum_for(pin)  # hashed off the loop if deferred
             record = RecordHeader(ns, key, pin.num_tokens, pin.slot.length, checksum)
             self._push_id += 1
             deadline = loop.time() + node.config.pull_timeout_s

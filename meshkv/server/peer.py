@@ -138,7 +138,7 @@ class PeerServer:
             if store.describe(key) is None:  # not here in any namespace: correct the home
                 self._node.not_held(key)
             return Message(MsgKind.CHUNK_DATA, {"found": False})
-        checksum = pin.checksum if pin.checksum is not None else store.checksum_of(key)
+        checksum = await store.checksum_for(pin)  # hashed off the loop if deferred
         record = RecordHeader(ns, key, pin.num_tokens, pin.slot.length, checksum)
         lease = pin.lease_id
 

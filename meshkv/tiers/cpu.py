@@ -24,7 +24,7 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
@@ -223,6 +223,26 @@ class CpuTier:
             return None
         return e
 
+    def find_many(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], *, check_ns: bool = True
+    ) -> list[Entry | None]:
+        """:meth:`find` for each key (same counting), in one loop: the lookup hot path
+        (64 keys per engine request; a method call per key cost about half of it)."""
+        get = self._index.get
+        committed = State.COMMITTED
+        out: list[Entry | None] = []
+        append = out.append
+        for key in keys:
+            e = get(key)
+            if e is None or e.state is not committed:
+                append(None)
+            elif check_ns and e.ns != ns:
+                self.counters.namespace_mismatches += 1
+                append(None)
+            else:
+                append(e)
+        return out
+
     def contains(self, key: ChunkKey) -> bool:
         """Whether ``key`` is reserved or committed here."""
         return key in self._index
@@ -243,7 +263,10 @@ class CpuTier:
         if key in self._index:
             return None
         c = self.alloc.class_of(size)
-        self.sweep(self.clock())
+        now = self.clock()
+        lheap, rheap = self._lease_heap, self._reserve_heap
+        if (lheap and lheap[0][0] <= now) or (rheap and rheap[0][0] <= now):
+            self.sweep(now)  # checked inline: a call per key cost more than the sweep
         slot = self.alloc.alloc(c)
         if slot < 0:
             slot = self._make_room(c, size)
@@ -259,12 +282,15 @@ class CpuTier:
         e.checksum = None
         e.state = State.RESERVED
         e.owner = owner
-        e.deadline = self.clock() + self.config.reserve_timeout_s
+        e.deadline = now + self.config.reserve_timeout_s
         e.pins = e.holds = 0
         e.on_ssd = e.doomed = False
         self._index[key] = e
-        self._owner_reserved.setdefault(owner, set()).add(key)
-        heapq.heappush(self._reserve_heap, (e.deadline, slot, e.gen))
+        keys = self._owner_reserved.get(owner)
+        if keys is None:  # not setdefault(owner, set()): that builds a set per call
+            keys = self._owner_reserved[owner] = set()
+        keys.add(key)
+        heapq.heappush(rheap, (e.deadline, slot, e.gen))
         self.reserved += 1
         self.used_bytes += self.alloc.slot_bytes(slot)
         return e

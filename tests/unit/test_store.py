@@ -131,6 +131,46 @@ async def test_commit_read_checksum_and_namespace(tmp_path: Path) -> None:
 
 
 @run_async
+async def test_checksum_deferred_until_the_chunk_leaves(tmp_path: Path) -> None:
+    s = Store(config(tmp_path, slots=8))
+    await s.start()
+    put(s, 1)  # no checksum given, no verify_reads, no write-through: nothing is hashed
+    e = s.cpu.get(key(1))
+    assert e is not None and e.checksum is None
+    assert s.snapshot().checksums_pending == 0 and not s._tasks
+    (pin,) = await s.read(NS, [key(1)], 1, 5.0)
+    assert pin is not None and pin.checksum is None
+    # a peer send hashes the pinned slot off the loop and remembers the value
+    assert await s.checksum_for(pin) == payload_checksum(data(1))
+    assert e.checksum == payload_checksum(data(1))
+    s.release([pin.lease_id], 1)
+    put(s, 2)
+    e2 = s.cpu.get(key(2))
+    assert e2 is not None
+    s.cpu.view(e2)[0] ^= 0xFF  # bytes change before the chunk ever leaves the arena
+    await s.close(asyncio.get_running_loop().time() + 5)  # persists: hashes, then writes
+    s2 = Store(config(tmp_path, slots=8))
+    await s2.start()
+    assert s2.checksum_of(key(1)) == payload_checksum(data(1))
+    got = await read_bytes(s2, 2)  # served from SSD only if it matches its checksum
+    assert got is not None and got[0] == data(2)[0] ^ 0xFF and got[1:] == data(2)[1:]
+    await s2.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
+async def test_verify_reads_and_write_through_hash_at_commit(tmp_path: Path) -> None:
+    for kw in ({"verify_reads": True}, {"write_through": True}):
+        s = Store(config(tmp_path / next(iter(kw)), slots=8, **kw))
+        await s.start()
+        put(s, 1)
+        await settle(s)
+        e = s.cpu.get(key(1))
+        assert e is not None and e.checksum == payload_checksum(data(1)), kw
+        assert s.snapshot().checksums_pending == 0
+        await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
 async def test_demote_to_ssd_and_promote_back(tmp_path: Path) -> None:
     s = Store(config(tmp_path, slots=8))
     await s.start()
