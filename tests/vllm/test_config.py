@@ -18,6 +18,8 @@ def test_defaults_and_typed_values() -> None:
     assert cfg.chunk_tokens == 512
     assert cfg.lookup_timeout_s == 1.0 and isinstance(cfg.lookup_timeout_s, float)
     assert ConnectorConfig.from_extra_config(None).socket_path.endswith("agent.sock")
+    # "socket" is the documented key; "socket_path" (the field name) is an alias.
+    assert ConnectorConfig.from_extra_config({"socket": "/a.sock"}).socket_path == "/a.sock"
 
 
 @pytest.mark.parametrize(
@@ -27,7 +29,8 @@ def test_defaults_and_typed_values() -> None:
         ({"chunk_tokens": 0}, "chunk_tokens must be positive"),
         ({"save_decode_tokens": "yes"}, "save_decode_tokens must be true or false"),
         ({"load_timeout_s": -1}, "load_timeout_s must be > 0"),
-        ({"socket": "/x"}, "unknown kv_connector_extra_config key(s) ['socket']"),
+        ({"sockets": "/x"}, "unknown kv_connector_extra_config key(s) ['sockets']"),
+        ({"socket": "/a", "socket_path": "/b"}, "give the agent socket once"),
     ],
 )
 def test_bad_values_are_rejected_clearly(extra: dict[str, object], message: str) -> None:

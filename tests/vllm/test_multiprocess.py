@@ -77,7 +77,7 @@ def test_openai_api_server_reports_cached_tokens(
         "kv_connector_module_path": "meshkv.integrations.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"socket_path": agent.socket_path},
+        "kv_connector_extra_config": {"socket": agent.socket_path},
     }
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
