@@ -50,6 +50,9 @@ from meshkv.tiers.arena import Arena
 
 logger = logging.getLogger(__name__)
 
+RECV_CHUNK_BYTES = 64 << 10
+"""Bytes asked for per ``recv``: a typical reply (a 64-key lookup or read) in one call."""
+
 DEFAULT_NAMESPACE = Namespace(model="default")
 """Namespace used when the caller names none (tests, ``put``/``get`` scripts)."""
 
@@ -132,7 +135,8 @@ class AgentClient:
         self._arena: Arena | None = None
         self._arena_view: memoryview | None = None
         self._next_id = 1
-        self._len_buf = bytearray(PREFIX_BYTES)
+        self._rbuf = bytearray()  # received bytes not yet parsed (at most a few frames)
+        self._chunk = bytearray(RECV_CHUNK_BYTES)
         self._closed = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -339,24 +343,28 @@ class AgentClient:
         return reply
 
     def _recv_message(self, sock: socket.socket, deadline: float) -> dict[str, Any]:
-        self._recv_exact(sock, self._len_buf, deadline)
-        (size,) = LENGTH_PREFIX.unpack(self._len_buf)
+        # One recv usually brings a whole reply (length prefix and body): half the system
+        # calls of reading the prefix and the body separately (each recv with a timeout is
+        # a poll plus a recv). Bytes past the frame stay in _rbuf for the next call.
+        buf = self._rbuf
+        while len(buf) < PREFIX_BYTES:
+            self._recv_some(sock, deadline)
+        (size,) = LENGTH_PREFIX.unpack_from(buf, 0)
         if size > MAX_FRAME_BYTES:
             raise ProtocolError(f"agent sent a {size}-byte frame (limit {MAX_FRAME_BYTES})")
-        body = bytearray(size)
-        self._recv_exact(sock, body, deadline)
-        return decode_body(memoryview(body))
+        end = PREFIX_BYTES + size
+        while len(buf) < end:
+            self._recv_some(sock, deadline)
+        body = buf[PREFIX_BYTES:end]  # a copy: buf is trimmed next
+        del buf[:end]
+        return decode_body(body)
 
-    @staticmethod
-    def _recv_exact(sock: socket.socket, buf: bytearray, deadline: float) -> None:
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            sock.settimeout(_remaining(deadline))
-            n = sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionResetError("agent closed the connection")
-            got += n
+    def _recv_some(self, sock: socket.socket, deadline: float) -> None:
+        sock.settimeout(_remaining(deadline))
+        n = sock.recv_into(self._chunk)
+        if n == 0:
+            raise ConnectionResetError("agent closed the connection")
+        self._rbuf += memoryview(self._chunk)[:n]
 
     def _ensure_connected(self, deadline: float) -> bool:
         """Connect + hello unless connected; True if it connected now."""
@@ -435,6 +443,7 @@ class AgentClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._rbuf.clear()  # a partial frame of the old connection must not leak into the next
         self._info = None
         self._arena_view = None
         if self._arena is not None:
