@@ -1,7 +1,8 @@
 """Fixtures for the real-vLLM tests: the tiny model, agents, and engine processes.
 
-Every engine runs in its own subprocess (``engine_job.py``): vLLM engines do not share an
-interpreter well, and a fresh process per engine is also what cross-process reuse needs.
+Every engine runs in its own subprocess (``meshkv.testing.engine_job``): vLLM engines do
+not share an interpreter well, and a fresh process per engine is also what cross-process
+reuse needs.
 All engines get the same CPU thread binding, so outputs with and without the connector
 are computed the same way and can be compared token for token.
 """
@@ -30,7 +31,7 @@ from tests.vllm.engines import (  # noqa: E402
     Prompts,
 )
 
-JOB_SCRIPT = Path(__file__).with_name("engine_job.py")
+JOB_MODULE = ["-m", "meshkv.testing.engine_job"]
 
 
 def _cpu_list() -> str:
@@ -89,7 +90,7 @@ def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]
         log_path = workdir / "engine.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, str(JOB_SCRIPT), str(workdir / "job.json"),
+                [sys.executable, *JOB_MODULE, str(workdir / "job.json"),
                  str(workdir / "result.json")],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
             )  # fmt: skip
@@ -115,7 +116,7 @@ def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (workdir / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, **ENGINE_ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run(
-        [sys.executable, str(JOB_SCRIPT), str(workdir / "job.json"), str(workdir / "result.json")],
+        [sys.executable, *JOB_MODULE, str(workdir / "job.json"), str(workdir / "result.json")],
         env=env, capture_output=True, timeout=ENGINE_TIMEOUT_S, cwd=str(workdir),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout.decode()[-4000:] + proc.stderr.decode()[-4000:]
