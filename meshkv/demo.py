@@ -1,150 +1,217 @@
-"""``python -m meshkv.demo`` (``make demo``): a live agent, chunks through the client, status.
+"""``python -m meshkv.demo`` (``make demo``): a small live mesh with a real vLLM engine.
 
-Starts a real ``meshkv agent`` process on a private socket with a small CPU tier and an
-SSD directory, stores the chunks of a fake prompt through ``AgentClient`` (zero-copy:
-reserve, copy into the arena, commit), looks up a second prompt that shares a prefix,
-loads the shared chunks back and checks them byte for byte, prints the agent's status,
-and shuts the agent down with SIGTERM. Then three agents form a mesh (gossip, one ring),
-a prompt stored on one is pulled by another through the key's home, and the ring's status
-is printed. Later this grows into the mesh + vLLM demo.
+1. Builds a small random Llama on the spot (:mod:`meshkv.testing.tiny_llama`, cached).
+2. Starts three ``meshkv agent`` processes (node-a, node-b, node-c) that gossip into one
+   mesh (LOCAL preset, shared secret, TCP between agents).
+3. Engine 1, a real vLLM engine with ``MeshKVConnector`` talking to node-a, serves a
+   long-document workload twice: a few 1,500–3,000-token documents, each with a question.
+   The first pass is cold (computed and stored); the second asks new questions about the
+   same documents and loads the documents' KV from node-a instead of recomputing it.
+4. Engine 2, a fresh process talking to node-b (its own arena, which never saw the
+   documents), serves the first pass's requests: node-b finds the chunks through the
+   keys' homes and pulls them from node-a; the greedy first tokens must match engine 1's.
+5. node-c pulls one document through the client too, so all three agents share chunks.
+6. Prints a summary table (TTFT and hit tokens per request, chunks and peer pulls per
+   agent), ``meshkv ring status`` and ``meshkv status``.
+
+Engines run as subprocess jobs (:mod:`meshkv.testing.engine_job`). Every process,
+arena, socket and temporary file is removed on exit, also after Ctrl-C or a failure. The
+exit status is 0 only when warm and cross-node hits happened and outputs matched.
+TTFT here is the wall time of a one-token greedy request, on a small model on a shared
+CPU: it shows the shape of the saving, not production numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import os
+import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import numpy as np
-
 from meshkv.chunk import Namespace, chunk_keys
-from meshkv.cli.status_cmd import render
-from meshkv.client import AgentClient
 
 CHUNK_TOKENS = 256
-CHUNK_BYTES = 2 << 20  # 2 MiB: 256 tokens of an 8-layer model at 8 KiB of KV per token
+DOC_TOKENS = (1536, 2304, 3072)
+"""Document lengths: whole chunks, so every document token can be reused."""
+QUESTION_TOKENS = 48
+AGENT_CPU_GB = "0.25"
+AGENT_START_S = 30.0
+CONVERGE_S = 20.0
+ENGINE_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 20.0
+NODES = ("node-a", "node-b", "node-c")
 
 
-def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    ready = workdir / "ready.json"
-    ssd = workdir / "ssd"
-    ssd.mkdir()
-    cmd = [
-        sys.executable, "-m", "meshkv", "agent", "--node-id", "demo",
-        "--socket", str(workdir / "agent.sock"), "--http", "127.0.0.1:0",
-        "--ready-file", str(ready), "--cpu-gb", "0.25", "--ssd-dir", str(ssd),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    print("$", " ".join(cmd[2:]))
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the agent exited with {proc.returncode}")
-        try:
-            info: dict[str, Any] = json.loads(ready.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+class DemoFailed(Exception):
+    """A step of the demo failed; the message says which and why."""
+
+
+@dataclass(slots=True)
+class Agent:
+    """One demo agent process and where it listens."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http(self) -> str:
+        return str(self.info["http"])
+
+    @property
+    def socket(self) -> str:
+        return str(self.info["socket"])
+
+
+class Demo:
+    """Owns every process and file of one demo run; :meth:`close` removes them all."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="meshkv-demo-", dir="/tmp"))
+        self.agents: list[Agent] = []
+        self.engines: list[subprocess.Popen[bytes]] = []
+
+    # --- processes --------------------------------------------------------------
+
+    def start_agent(self, name: str, secret: Path, join: str | None) -> Agent:
+        ready = self.workdir / f"{name}.ready.json"
+        ssd = self.workdir / f"{name}-ssd"
+        ssd.mkdir()
+        cmd = [
+            sys.executable, "-m", "meshkv", "agent", "--node-id", name,
+            "--socket", str(self.workdir / f"{name}.sock"), "--http", "127.0.0.1:0",
+            "--ready-file", str(ready), "--cpu-gb", AGENT_CPU_GB, "--ssd-dir", str(ssd),
+            "--log-level", "warning", "--listen", "127.0.0.1:0",
+            "--mesh-secret-file", str(secret), "--mesh-preset", "local", "--transport", "tcp",
+        ]  # fmt: skip
+        if join:
+            cmd += ["--join", join]
+        print("  $ meshkv", " ".join(cmd[4:]))
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            # Own session: a Ctrl-C in the terminal reaches only the demo, which then
+            # stops the agents in order (graceful leave, arena removed).
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        agent = Agent(name, proc, log)
+        self.agents.append(agent)
+        deadline = time.monotonic() + AGENT_START_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DemoFailed(f"agent {name} exited with {proc.returncode}:\n{_tail(log)}")
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                info = json.loads(ready.read_text())
+                if info.get("pid") == proc.pid:
+                    agent.info = info
+                    return agent
             time.sleep(0.05)
-            continue
-        return proc, info
-    proc.kill()
-    raise SystemExit("the agent did not become ready within 30 s")
+        raise DemoFailed(f"agent {name} not ready within {AGENT_START_S:.0f} s:\n{_tail(log)}")
+
+    def run_engine(
+        self, name: str, model: str, agent: Agent, prompts: list[list[int]]
+    ) -> dict[str, Any]:
+        """One engine job (a fresh process) connected to ``agent``; returns its result."""
+        jobdir = self.workdir / name
+        jobdir.mkdir()
+        job = {
+            "model": model,
+            "prompts": prompts,
+            "connector": {"socket": agent.socket, "load_timeout_s": 5.0},
+            "max_tokens": 1,  # the request's wall time is its time to first token
+        }
+        (jobdir / "job.json").write_text(json.dumps(job))
+        env = dict(os.environ, **_engine_env())
+        log = jobdir / "engine.log"
+        cmd = [sys.executable, "-m", "meshkv.testing.engine_job", "job.json", "result.json"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=jobdir,
+                start_new_session=True,
+            )  # fmt: skip
+        self.engines.append(proc)
+        try:
+            code = proc.wait(ENGINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DemoFailed(
+                f"engine {name} did not finish within {ENGINE_TIMEOUT_S:.0f} s:\n{_tail(log)}"
+            ) from None
+        finally:
+            _kill_group(proc)
+        if code != 0:
+            raise DemoFailed(f"engine {name} failed with exit code {code}:\n{_tail(log)}")
+        result: dict[str, Any] = json.loads((jobdir / "result.json").read_text())
+        return result
+
+    def close(self) -> list[str]:
+        """Stop engines and agents, remove arenas and files; returns problems found."""
+        problems = []
+        for proc in self.engines:
+            _kill_group(proc)
+        for agent in self.agents:
+            if agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)  # graceful: leave the mesh
+        for agent in self.agents:
+            try:
+                code = agent.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _kill_group(agent.proc)
+                code = -9
+            if code != 0:
+                problems.append(f"agent {agent.name} exited with {code}")
+            # A killed agent leaves its arena (meshkv-<pid>-...) behind: remove it.
+            for path in glob.glob(f"/dev/shm/meshkv-{agent.proc.pid}-*"):
+                problems.append(f"agent {agent.name} left its arena {path}; removed")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return problems
 
 
-def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="meshkv-demo-", dir="/tmp"))
-    proc, info = start_agent(workdir)
+# --- helpers ------------------------------------------------------------------------
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
     try:
-        print(
-            f"agent ready: socket {info['socket']}, http {info['http']}, arena {info['arena_name']}"
-        )
-        ns = Namespace(model="demo-model", num_layers=8, kv_heads=4, head_size=64)
-        rng = np.random.default_rng(0)
-        prompt = rng.integers(0, 32000, 8 * CHUNK_TOKENS)
-        keys = chunk_keys(ns.digest(), prompt, CHUNK_TOKENS)
-        payloads = [rng.integers(0, 256, CHUNK_BYTES, dtype=np.uint8) for _ in keys]
-        with AgentClient(info["socket"], namespace=ns) as client:
-            hello = client.hello()
-            print(f"hello: protocol v{hello.version}, node {hello.node_id}, "
-                  f"arena {hello.arena_size >> 20} MiB")  # fmt: skip
-            t0 = time.perf_counter()
-            slots = client.reserve(keys, [p.nbytes for p in payloads])
-            for slot, data in zip(slots, payloads, strict=True):
-                assert slot is not None
-                np.copyto(np.frombuffer(slot.view, dtype=np.uint8), data)
-            client.commit(keys, [CHUNK_TOKENS] * len(keys))
-            del slot, slots  # views into the arena: drop them before the client closes
-            stored = time.perf_counter() - t0
-            print(f"stored {len(keys)} chunks ({len(keys) * CHUNK_BYTES >> 20} MiB) "
-                  f"in {stored * 1e3:.1f} ms")  # fmt: skip
-
-            # A second prompt shares the first 5 chunks, then diverges.
-            other = np.concatenate([prompt[: 5 * CHUNK_TOKENS], prompt[:CHUNK_TOKENS] + 1])
-            other_keys = chunk_keys(ns.digest(), other, CHUNK_TOKENS)
-            t0 = time.perf_counter()
-            reply = client.lookup(other_keys)
-            print(f"lookup of a prompt sharing 5 chunks: prefix={reply.prefix} "
-                  f"tiers={reply.tiers} ({(time.perf_counter() - t0) * 1e6:.0f} µs)")  # fmt: skip
-
-            leases = client.read(other_keys[: reply.prefix])
-            for lease, data in zip(leases, payloads, strict=False):
-                assert lease is not None
-                assert np.array_equal(np.frombuffer(lease.view, dtype=np.uint8), data)
-            client.release([x for x in leases if x is not None])
-            del lease, leases
-            print(f"loaded and verified {reply.prefix} chunks byte for byte")
-
-            assert client.put(b"hello-meshkv-key", b"small payload", num_tokens=3)
-            print("put/get:", client.get(b"hello-meshkv-key"))
-
-        with urllib.request.urlopen(f"http://{info['http']}/v1/status", timeout=5) as r:
-            print()
-            print(render(json.load(r)))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-        shutil.rmtree(workdir, ignore_errors=True)
-        print(f"\nagent stopped (exit code {code})")
-    return mesh_demo()
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return "(no log)"
 
 
-# --- the mesh: three agents become one cache ---------------------------------------------
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT_S)
 
 
-def start_mesh_agent(
-    workdir: Path, name: str, secret: Path, join: str | None
-) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Start one agent of the demo mesh; returns the process and its ready-file info."""
-    ready = workdir / f"{name}.json"
-    cmd = [
-        sys.executable, "-m", "meshkv", "agent", "--node-id", name,
-        "--socket", str(workdir / f"{name}.sock"), "--http", "127.0.0.1:0",
-        "--ready-file", str(ready), "--cpu-gb", "0.25", "--log-level", "warning",
-        "--listen", "127.0.0.1:0", "--mesh-secret-file", str(secret), "--mesh-preset", "local",
-    ]  # fmt: skip
-    if join:
-        cmd += ["--join", join]
-    print("$", " ".join(cmd[2:]))
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"agent {name} exited with {proc.returncode}")
-        try:
-            info: dict[str, Any] = json.loads(ready.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.05)
-            continue
-        return proc, info
-    proc.kill()
-    raise SystemExit(f"agent {name} did not become ready within 30 s")
+def _engine_env() -> dict[str, str]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process per engine: quick to start
+        # The same thread binding for both engines, so their outputs are comparable.
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)),
+    }
 
 
 def _get_json(http: str, path: str) -> Any:
@@ -152,76 +219,255 @@ def _get_json(http: str, path: str) -> Any:
         return json.load(r)
 
 
-def mesh_demo() -> int:
-    """Three agents find each other, agree on one ring, and serve each other's chunks."""
-    import os
+def _metric(http: str, name: str) -> float:
+    """Sum of a Prometheus sample on the agent's ``/metrics`` (0 when absent)."""
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.partition("{")[0] == name:
+            total += float(value)
+    return total
 
-    from meshkv.cli.ring_cmd import render_status
 
-    print("\n=== the mesh: three agents, one cache ===")
-    workdir = Path(tempfile.mkdtemp(prefix="meshkv-mesh-demo-", dir="/tmp"))
-    secret = workdir / "mesh.secret"
-    secret.write_text(os.urandom(24).hex())
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        proc, a = start_mesh_agent(workdir, "node-a", secret, None)
-        procs.append(proc)
-        seed = _get_json(a["http"], "/v1/status")["mesh"]["address"]
-        infos = [a]
-        for name in ("node-b", "node-c"):
-            proc, info = start_mesh_agent(workdir, name, secret, seed)
-            procs.append(proc)
-            infos.append(info)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            views = [_get_json(i["http"], "/v1/ring?stats=0") for i in infos]
-            if (
-                all(sum(m["state"] == "alive" for m in v["members"]) == 3 for v in views)
-                and len({v["ring"]["digest"] for v in views}) == 1
-            ):
-                break
-            time.sleep(0.1)
-        else:
-            raise SystemExit("the agents did not converge within 20 s")
-        print(f"converged: 3 members, ring digest {views[0]['ring']['digest']}")
+def _cli(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkv", *args], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0:
+        raise DemoFailed(f"meshkv {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout.rstrip()
 
-        ns = Namespace(model="demo-model", num_layers=8, kv_heads=4, head_size=64)
-        rng = np.random.default_rng(1)
-        prompt = rng.integers(0, 32000, 6 * CHUNK_TOKENS)
-        keys = chunk_keys(ns.digest(), prompt, CHUNK_TOKENS)
-        payloads = [rng.integers(0, 256, CHUNK_BYTES, dtype=np.uint8).tobytes() for _ in keys]
-        with AgentClient(a["socket"], namespace=ns) as ca:
-            for key, data in zip(keys, payloads, strict=True):
-                ca.put(key, data, num_tokens=CHUNK_TOKENS)
-        print(f"node-a stored {len(keys)} chunks of a prompt")
-        c = infos[2]
-        with AgentClient(c["socket"], namespace=ns) as cc:
-            deadline = time.monotonic() + 10
-            reply = cc.lookup(keys)
-            while reply.prefix < len(keys) and time.monotonic() < deadline:
-                time.sleep(0.05)  # the holder's announcements are batched (50 ms)
-                reply = cc.lookup(keys)
-            print(f"node-c lookup: prefix={reply.prefix} tiers={reply.tiers}")
-            t0 = time.perf_counter()
-            leases = cc.read(keys, wait=10.0)
-            ok = all(
-                x is not None and bytes(x.view) == d for x, d in zip(leases, payloads, strict=True)
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms"
+
+
+# --- the workload -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Workload:
+    """Documents with two questions each (token ids; vocabulary of the tiny model)."""
+
+    docs: list[list[int]]
+    first: list[list[int]]
+    """Pass 1 (and engine 2): each document followed by its first question."""
+    second: list[list[int]]
+    """Pass 2: the same documents followed by a new question."""
+    warmup: list[int]
+    """A short unrelated prompt sent first by each engine (untimed kernel warm-up)."""
+
+
+def make_workload(seed: int = 2026) -> Workload:
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, 1000) for _ in range(n)]
+
+    docs = [tokens(n) for n in DOC_TOKENS]
+    return Workload(
+        docs=docs,
+        first=[d + tokens(QUESTION_TOKENS) for d in docs],
+        second=[d + tokens(QUESTION_TOKENS) for d in docs],
+        warmup=tokens(300),
+    )
+
+
+# --- the demo -----------------------------------------------------------------------
+
+
+def run(demo: Demo) -> int:
+    from meshkv.client import AgentClient
+    from meshkv.testing.tiny_llama import BENCH_CONFIG, build_tiny_llama
+
+    t_start = time.monotonic()
+    _step("a small Llama (8 layers, random weights, built offline and cached)")
+    model = str(build_tiny_llama(BENCH_CONFIG))
+    print(f"  model: {model}")
+
+    _step("three agents gossip into one mesh")
+    secret = demo.workdir / "mesh.secret"
+    secret.write_text(os.urandom(24).hex() + "\n")
+    secret.chmod(0o600)
+    a = demo.start_agent(NODES[0], secret, None)
+    seed = str(_get_json(a.http, "/v1/status")["mesh"]["address"])
+    b = demo.start_agent(NODES[1], secret, seed)
+    c = demo.start_agent(NODES[2], secret, seed)
+    agents = [a, b, c]
+    deadline = time.monotonic() + CONVERGE_S
+    while True:
+        views = [_get_json(x.http, "/v1/ring?stats=0") for x in agents]
+        alive = [sum(m["state"] == "alive" for m in v["members"]) for v in views]
+        if alive == [3, 3, 3] and len({v["ring"]["digest"] for v in views}) == 1:
+            break
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"the agents did not converge within {CONVERGE_S:.0f} s")
+        time.sleep(0.1)
+    print(f"  converged: 3 members alive, ring digest {views[0]['ring']['digest']}")
+    for x in agents:
+        print(f"  {x.name}: socket {x.socket}, http {x.http}, arena {x.info['arena_name']}")
+
+    work = make_workload()
+    n = len(work.docs)
+    _step(
+        f"engine 1 (vLLM + MeshKVConnector -> node-a): {n} documents of "
+        f"{', '.join(f'{len(d):,}' for d in work.docs)} tokens, two passes"
+    )
+    one = demo.run_engine("engine-1", model, a, [work.warmup, *work.first, *work.second])
+    outs1 = one["outputs"][1:]
+    cold, warm = outs1[:n], outs1[n:]
+    print(f"  engine 1 started in {one['startup_s']:.1f} s; saved "
+          f"{one['counters']['saved_chunks']:.0f} chunks to node-a")  # fmt: skip
+
+    # node-b learns where the chunks are from the keys' homes (announcements are batched).
+    namespace = Namespace(**one["namespaces"]["scheduler"])
+    doc_keys = [chunk_keys(namespace.digest(), d, CHUNK_TOKENS) for d in work.docs]
+    all_keys = [k for keys in doc_keys for k in keys]
+    deadline = time.monotonic() + 10
+    while not all(
+        _get_json(b.http, f"/v1/owners/{k.hex()}")["holders"] == [a.name] for k in all_keys[-3:]
+    ):
+        if time.monotonic() > deadline:
+            raise DemoFailed("node-a's chunks were not announced to their homes within 10 s")
+        time.sleep(0.05)
+
+    _step("engine 2, a fresh process on node-b (its own arena, empty): the same requests")
+    two = demo.run_engine("engine-2", model, b, [work.warmup, *work.first])
+    cross = two["outputs"][1:]
+    print(f"  engine 2 started in {two['startup_s']:.1f} s; loaded "
+          f"{two['counters']['loaded_chunks']:.0f} chunks pulled through node-b")  # fmt: skip
+
+    _step("node-c reads document 1 through its own agent (pulled from a peer)")
+    with AgentClient(c.socket, namespace=namespace) as cc:
+        t0 = time.perf_counter()
+        found = cc.lookup(doc_keys[0])  # the lookup finds the holder and starts the pulls
+        print(f"  node-c lookup: prefix={found.prefix} tiers={','.join(map(str, found.tiers))}")
+        leases = cc.read(doc_keys[0], wait=10.0)
+        got = sum(x is not None for x in leases)
+        cc.release([x for x in leases if x is not None])
+        del leases
+    print(f"  node-c: {got}/{len(doc_keys[0])} chunks of document 1 in "
+          f"{_ms(time.perf_counter() - t0)}")  # fmt: skip
+
+    # --- summary ---------------------------------------------------------------------
+    rows = []
+    for i in range(n):
+        rows.append(
+            (
+                f"doc {i + 1}",
+                f"{len(work.first[i]):,}",
+                _ms(cold[i]["seconds"]),
+                f"{cold[i]['cached_tokens']:,}",
+                _ms(warm[i]["seconds"]),
+                f"{warm[i]['cached_tokens']:,}",
+                _ms(cross[i]["seconds"]),
+                f"{cross[i]['cached_tokens']:,}",
             )
-            print(f"node-c pulled and verified {sum(x is not None for x in leases)} chunks from "
-                  f"node-a in {(time.perf_counter() - t0) * 1e3:.0f} ms: "
-                  f"{'identical' if ok else 'MISMATCH'}")  # fmt: skip
-            cc.release([x for x in leases if x is not None])
-            del leases
-        print()
-        print(render_status(_get_json(c["http"], "/v1/ring")))
-        return 0 if ok else 1
+        )
+
+    def med(outs: list[dict[str, Any]]) -> str:
+        return _ms(statistics.median(o["seconds"] for o in outs))
+
+    def hits(outs: list[dict[str, Any]]) -> int:
+        return sum(int(o["cached_tokens"]) for o in outs)
+
+    rows.append(
+        (
+            "median/sum",
+            f"{sum(len(p) for p in work.first):,}",
+            med(cold), f"{hits(cold):,}",
+            med(warm), f"{hits(warm):,}",
+            med(cross), f"{hits(cross):,}",
+        )
+    )  # fmt: skip
+    head = ("request", "tokens", "cold TTFT", "hits", "warm TTFT", "hits", "node-b TTFT", "hits")
+    print("\n" + "=" * 78)
+    print("SUMMARY  (engine 1 on node-a: pass 1 cold, pass 2 warm; engine 2: fresh, node-b)")
+    print("=" * 78)
+    print(_table(head, rows))
+
+    same = [o1["tokens"] == o2["tokens"] for o1, o2 in zip(cold, cross, strict=True)]
+    ring_view = _get_json(a.http, "/v1/ring")
+    held = {m["id"]: int(m["chunks"]) for m in ring_view["members"]}
+    agent_rows = [
+        (
+            x.name,
+            f"{held.get(x.name, 0)}",
+            f"{_metric(x.http, 'meshkv_peer_pulls_total'):.0f}",
+            f"{_metric(x.http, 'meshkv_peer_pull_bytes_total') / (1 << 20):.1f}",
+            "engine 1" if x is a else "engine 2" if x is b else "client read",
+        )
+        for x in agents
+    ]
+    print()
+    print(_table(("agent", "chunks held", "peer pulls", "pulled MiB", "used by"), agent_rows))
+    print(f"\nengine 2's first tokens identical to engine 1's: {sum(same)}/{len(same)}")
+
+    _step(f"meshkv ring status --http {a.http}")
+    print(_cli("ring", "status", "--http", a.http))
+    _step(f"meshkv status --http {b.http}")
+    print(_cli("status", "--http", b.http))
+    print(f"\n(demo ran {time.monotonic() - t_start:.0f} s)")
+
+    failures = []
+    if hits(warm) == 0:
+        failures.append("zero warm hits on node-a")
+    if hits(cross) == 0:
+        failures.append("zero hits for the fresh engine on node-b")
+    if not all(same):
+        failures.append("engine 2's outputs differ from engine 1's")
+    if _metric(b.http, "meshkv_peer_pulls_total") == 0:
+        failures.append("node-b pulled nothing from its peers")
+    if got != len(doc_keys[0]):
+        failures.append("node-c could not read document 1")
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    print("meshkv demo: a three-agent mesh and real vLLM engines (about a minute on 2 cores)")
+    demo = Demo()
+    code = 1
+    try:
+        code = run(demo)
+    except DemoFailed as exc:
+        print(f"\nFAILED: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        code = 130
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
-        shutil.rmtree(workdir, ignore_errors=True)
-        print("\nmesh agents stopped (graceful leave)")
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        problems = demo.close()
+        for p in problems:
+            print(f"cleanup: {p}", file=sys.stderr)
+        print("\nall agents stopped (graceful leave), engines gone, arenas and files removed")
+    if problems and code == 0:
+        code = 1
+    return code
 
 
 if __name__ == "__main__":
