@@ -155,6 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="{}",
         help="JSON merged into the meshkv connector's kv_connector_extra_config",
     )
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the in-process engine that times the meshkv connector's hooks",
+    )
     parser.add_argument("--work-dir", help="where job files and logs go (default: a new tmp dir)")
 
 
@@ -271,6 +276,8 @@ class Plan:
     """Zero-overlap, then long-document QA, then chat (one engine per arm)."""
     fresh: list[Prompt]
     """Each document's first prompt again, for a fresh engine (warm from the cache)."""
+    profile: list[Prompt]
+    """New unique prompts and two new documents for the in-process connector profile."""
 
     @classmethod
     def build(cls, s: Sizes, seed: int, vocab: int) -> Plan:
@@ -295,15 +302,26 @@ class Plan:
                     reusable_tokens=len(p.tokens))
             for p in longdoc if p.phase == "cold"
         ]  # fmt: skip
+        profile = [
+            replace(p, rid="profile-" + p.rid, workload="profile")
+            for p in workloads.unique_prompts(
+                seed=seed + 1, vocab_size=vocab, count=s.unique, tokens=s.unique_tokens
+            )
+            + workloads.long_document_qa(
+                seed=seed + 1, vocab_size=vocab, docs=2, questions=s.questions,
+                doc_tokens=s.doc_tokens, question_tokens=s.question_tokens,
+            )
+        ]  # fmt: skip
         return cls(
             warmup=warmup[: s.warmup],
             warmup_fresh=warmup[s.warmup :],
             main=unique + longdoc + chat,
             fresh=fresh,
+            profile=profile,
         )
 
     def max_len(self) -> int:
-        longest = max(len(p.tokens) for p in self.main + self.warmup + self.fresh)
+        longest = max(len(p.tokens) for p in self.main + self.warmup + self.fresh + self.profile)
         return -(-(longest + 64) // 256) * 256
 
 
@@ -313,6 +331,8 @@ class ArmOutcome:
 
     main: dict[str, Any] | None = None
     fresh: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    """In-process engine with timed connector hooks (meshkv only)."""
     service_status: dict[str, Any] | None = None
     error: str | None = None
 
@@ -322,12 +342,13 @@ def _job(
     model: str,
     prefix: bool,
     kv: dict[str, Any] | None,
-    fresh: bool,
+    part: str,
     s: Sizes,
     dtype: str,
 ) -> dict[str, Any]:
-    prompts = plan.fresh if fresh else plan.main
-    warmup = plan.warmup_fresh if fresh else plan.warmup
+    """The runner job of one engine; ``part`` is ``main``, ``fresh`` or ``profile``."""
+    prompts = {"main": plan.main, "fresh": plan.fresh, "profile": plan.profile}[part]
+    warmup = plan.warmup if part == "main" else plan.warmup_fresh
     return {
         "version": JOB_VERSION,
         "engine": {
@@ -339,6 +360,7 @@ def _job(
             "max_model_len": plan.max_len(),
             "max_num_batched_tokens": plan.max_len(),
             "dtype": dtype,
+            "profile_connector": part == "profile",
         },
         "warmup": [list(p.tokens) for p in warmup],
         "requests": [
@@ -366,14 +388,20 @@ def _run_arm(
     out = ArmOutcome()
     python = sys.executable  # the bench's own venv (vLLM + meshkv)
 
-    def engine(kv: dict[str, Any] | None, fresh: bool) -> dict[str, Any]:
-        job = _job(plan, model, arm == "prefix", kv, fresh, s, args.dtype)
-        name = arm + ("-fresh" if fresh else "")
-        return run_engine_job(python, job, env, workdir, name, s.engine_timeout_s)
+    def engine(kv: dict[str, Any] | None, part: str = "main") -> dict[str, Any]:
+        job = _job(plan, model, arm == "prefix", kv, part, s, args.dtype)
+        name = arm if part == "main" else f"{arm}-{part}"
+        job_env = env
+        if part == "profile":
+            # One process, so that the runner can time the connector's hooks; vLLM drops
+            # an in-process engine to 1 torch thread unless OMP_NUM_THREADS is set.
+            threads = str(len(os.sched_getaffinity(0)))
+            job_env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": threads}
+        return run_engine_job(python, job, job_env, workdir, name, s.engine_timeout_s)
 
     try:
         if arm in ("none", "prefix"):
-            out.main = engine(None, fresh=False)
+            out.main = engine(None)
         elif arm == "meshkv":
             with AgentServer(workdir, int(args.agent_cpu_gb * (1 << 30))) as agent:
                 agent.start(env)
@@ -388,16 +416,18 @@ def _run_arm(
                         **json.loads(args.meshkv_extra),
                     },
                 }
-                out.main = engine(kv, fresh=False)
-                out.fresh = engine(kv, fresh=True)
+                out.main = engine(kv)
+                out.fresh = engine(kv, "fresh")
                 out.service_status = agent.status()
+                if not args.no_profile:
+                    out.profile = engine(kv, "profile")
         elif arm == "lmcache":
             venv = Path(args.lmcache_venv)
             python = ensure_lmcache_venv(venv, env, install=not args.no_install_lmcache)
             with LMCacheServer(workdir, venv, args.lmcache_l1_gb) as server:
                 server.start(env)
-                out.main = engine(server.connector_config(), fresh=False)
-                out.fresh = engine(server.connector_config(), fresh=True)
+                out.main = engine(server.connector_config())
+                out.fresh = engine(server.connector_config(), "fresh")
                 out.service_status = server.status()
     except ArmError as exc:
         out.error = str(exc)
@@ -418,6 +448,8 @@ class Stats:
     hit_tokens: float
     """Mean tokens the engine did not compute."""
     prompt_tokens: float
+    connector_ms: float
+    """Mean time inside the connector's hooks (profiled in-process jobs; else 0)."""
 
     @classmethod
     def of(cls, timings: list[dict[str, Any]]) -> Stats | None:
@@ -431,12 +463,13 @@ class Stats:
             p90_ms=float(np.percentile(ms, 90)),
             hit_tokens=float(np.mean([t["cached_tokens"] for t in timings])),
             prompt_tokens=float(np.mean([t["prompt_tokens"] for t in timings])),
+            connector_ms=float(np.mean([t.get("connector_s", 0.0) * 1000.0 for t in timings])),
         )
 
 
 def _timings(o: ArmOutcome) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for part in (o.main, o.fresh):
+    for part in (o.main, o.fresh, o.profile):
         if part is not None:
             rows.extend(part["timings"])
     return rows
@@ -459,15 +492,18 @@ GROUPS = (
     ("chat", "cold"),
     ("chat", "warm"),
     ("fresh", "warm"),
+    ("profile", "cold"),
+    ("profile", "warm"),
 )
 
 
 def detail_table(outcomes: dict[str, ArmOutcome]) -> str:
-    head = ("arm", "workload", "phase", "n", "mean ms", "p50 ms", "p90 ms", "hit tok", "prompt tok")
+    head = ("arm", "workload", "phase", "n", "mean ms", "p50 ms", "p90 ms", "hit tok", "prompt tok",
+            "conn ms")  # fmt: skip
     rows: list[tuple[str, ...]] = [head]
     for arm, o in outcomes.items():
         if o.error:
-            rows.append((arm, "FAILED", "", "", "", "", "", "", ""))
+            rows.append((arm, "FAILED", "", "", "", "", "", "", "", ""))
             continue
         for workload, phase in GROUPS:
             st = group_stats(o, workload, phase)
@@ -477,6 +513,7 @@ def detail_table(outcomes: dict[str, ArmOutcome]) -> str:
                 (
                     arm, workload, phase, str(st.n), f"{st.mean_ms:.1f}", f"{st.p50_ms:.1f}",
                     f"{st.p90_ms:.1f}", f"{st.hit_tokens:.0f}", f"{st.prompt_tokens:.0f}",
+                    f"{st.connector_ms:.1f}" if st.connector_ms else "",
                 )
             )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -552,6 +589,15 @@ def build_report(outcomes: dict[str, ArmOutcome], s: Sizes, plan: Plan) -> Repor
         ("first_token_agreement", agreement("meshkv"), "fraction", None, "lmcache",
          agreement("lmcache")),
     ]  # fmt: skip
+    # Connector time per request (in-process engine) against the multi-process TTFT of
+    # requests of the same shape: the overhead share without cross-engine noise.
+    for phase, base, base_value in (
+        ("cold", "vllm no connector, unique prompts (mean)", _mean(ok, "none", "unique", "cold")),
+        ("warm", "meshkv long-doc warm (mean)", _mean(ok, "meshkv", "longdoc", "warm")),
+    ):
+        st = group_stats(ok["meshkv"], "profile", phase) if "meshkv" in ok else None
+        if st is not None:
+            rows.append((f"connector_time_{phase}", st.connector_ms, "ms", None, base, base_value))
     report = Report(benchmark="vllm")
     for name, value, unit, size, base, base_value in rows:
         if value is None:
@@ -583,8 +629,9 @@ def build_report(outcomes: dict[str, ArmOutcome], s: Sizes, plan: Plan) -> Repor
                 if (st := group_stats(o, w, p)) is not None
             },
             "engine_start_s": [
-                round(part["engine_start_s"], 1) for part in (o.main, o.fresh) if part
+                round(part["engine_start_s"], 1) for part in (o.main, o.fresh, o.profile) if part
             ],
+            "connector_hooks_ms": _hook_means(o.profile),
             "service_status": o.service_status,
         }
         for arm, o in outcomes.items()
@@ -604,6 +651,26 @@ def build_report(outcomes: dict[str, ArmOutcome], s: Sizes, plan: Plan) -> Repor
     return report
 
 
+def _mean(ok: dict[str, ArmOutcome], arm: str, workload: str, phase: str) -> float | None:
+    st = group_stats(ok[arm], workload, phase) if arm in ok else None
+    return None if st is None else st.mean_ms
+
+
+def _hook_means(profile: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Mean milliseconds per connector hook, per phase, of a profiled job."""
+    if profile is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for phase in ("cold", "warm"):
+        rows = [t for t in profile["timings"] if t["phase"] == phase]
+        hooks = sorted({h for t in rows for h in t.get("connector_calls", {})})
+        out[phase] = {
+            h: round(1000.0 * sum(t["connector_calls"].get(h, 0.0) for t in rows) / len(rows), 3)
+            for h in hooks
+        }
+    return out
+
+
 def short_hits(o: ArmOutcome, plan: Plan, arm: str) -> list[str]:
     """Warm requests that got fewer cached tokens than the arm could have served.
 
@@ -614,7 +681,7 @@ def short_hits(o: ArmOutcome, plan: Plan, arm: str) -> list[str]:
     if arm == "none":
         return []
     unit = BLOCK_SIZE if arm == "prefix" else CHUNK_TOKENS
-    prompts = {p.rid: p for p in plan.main + plan.fresh}
+    prompts = {p.rid: p for p in plan.main + plan.fresh + plan.profile}
     short = []
     for t in _timings(o):
         p = prompts.get(t["rid"])

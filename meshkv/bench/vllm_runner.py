@@ -48,6 +48,9 @@ class EngineSpec:
     """Skip vLLM's graph capture (start-up is faster; prefill speed is compared in docs)."""
     seed: int = 0
     """Sampling seed (greedy sampling anyway)."""
+    profile_connector: bool = False
+    """Run in one process (``uni`` executor; the parent also sets
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and time every connector hook per request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,46 @@ class Timing:
     """Tokens the engine did not compute (its prefix cache plus the connector's hits)."""
     first_token: int
     """The greedy first output token (compared across arms as a correctness check)."""
+    connector_s: float = 0.0
+    """Time spent inside the connector's hooks (``profile_connector`` jobs only)."""
+    connector_calls: dict[str, float] = field(default_factory=dict)
+    """Seconds per hook name (``profile_connector`` jobs only)."""
+
+
+# The connector hooks vLLM calls (both roles); a profiled job times each of them.
+HOOKS = (
+    "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+    "update_connector_output", "request_finished", "start_load_kv", "wait_for_layer_load",
+    "save_kv_layer", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
+)  # fmt: skip
+
+
+def instrument_connector(kv_transfer_config: dict[str, Any]) -> dict[str, float]:
+    """Wrap the connector class's hooks with timers; returns the live per-hook totals."""
+    import functools
+    import importlib
+
+    module = importlib.import_module(kv_transfer_config["kv_connector_module_path"])
+    cls = getattr(module, kv_transfer_config["kv_connector"])
+    totals: dict[str, float] = {}
+
+    def wrap(name: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(cls, name, timed)
+
+    for hook in HOOKS:
+        if hasattr(cls, hook):
+            wrap(hook)
+    return totals
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -113,6 +156,13 @@ def run_job(job: Job) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     spec = job.engine
+    totals: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if spec.profile_connector:
+        if spec.kv_transfer_config is None:
+            raise ValueError("profile_connector needs a kv_transfer_config")
+        totals = instrument_connector(spec.kv_transfer_config)
+        extra["distributed_executor_backend"] = "uni"
     t_import = time.perf_counter()
     llm = LLM(
         model=spec.model,
@@ -128,6 +178,7 @@ def run_job(job: Job) -> dict[str, Any]:
         dtype=spec.dtype,  # type: ignore[arg-type]  # checked by vLLM
         seed=spec.seed,
         disable_log_stats=True,
+        **extra,
     )
     t_ready = time.perf_counter()
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -145,6 +196,7 @@ def run_job(job: Job) -> dict[str, Any]:
     for req in job.requests:
         if req.gap_s > 0:
             time.sleep(req.gap_s)
+        totals.clear()
         elapsed, out = one(req.tokens)
         busy += elapsed
         first = out.outputs[0].token_ids[0] if out.outputs and out.outputs[0].token_ids else -1
@@ -157,6 +209,8 @@ def run_job(job: Job) -> dict[str, Any]:
                 ttft_s=elapsed,
                 cached_tokens=int(out.num_cached_tokens or 0),
                 first_token=int(first),
+                connector_s=sum(totals.values()),
+                connector_calls=dict(totals),
             )
         )
     t_done = time.perf_counter()

@@ -85,11 +85,15 @@ def test_plan_and_job_round_trip() -> None:
     # Warm-up prompts never overlap the measured prompts (nothing is pre-cached).
     measured = {p.tokens[:256] for p in plan.main + plan.fresh}
     assert not measured & {p.tokens[:256] for p in plan.warmup + plan.warmup_fresh}
-    job = bench._job(plan, "/m", False, None, False, q, "bfloat16")
+    job = bench._job(plan, "/m", False, None, "main", q, "bfloat16")
     parsed = Job.from_json(json.loads(json.dumps(job)))
     assert parsed.version == JOB_VERSION
     assert [r.rid for r in parsed.requests] == [p.rid for p in plan.main]
     assert parsed.engine.dtype == "bfloat16" and not parsed.engine.prefix_caching
+    profiled = bench._job(plan, "/m", False, {"kv_connector": "X"}, "profile", q, "bfloat16")
+    assert profiled["engine"]["profile_connector"]
+    assert len(profiled["requests"]) == q.unique + 2 * q.questions
+    assert not {r["rid"] for r in profiled["requests"]} & {p.rid for p in plan.main}
     with pytest.raises(ValueError, match="job version"):
         Job.from_json({**job, "version": JOB_VERSION + 1})
 
