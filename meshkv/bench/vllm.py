@@ -591,13 +591,13 @@ def build_report(outcomes: dict[str, ArmOutcome], s: Sizes, plan: Plan) -> Repor
     ]  # fmt: skip
     # Connector time per request (in-process engine) against the multi-process TTFT of
     # requests of the same shape: the overhead share without cross-engine noise.
-    for phase, base, base_value in (
+    for phase, what, ref in (
         ("cold", "vllm no connector, unique prompts (mean)", _mean(ok, "none", "unique", "cold")),
         ("warm", "meshkv long-doc warm (mean)", _mean(ok, "meshkv", "longdoc", "warm")),
     ):
         st = group_stats(ok["meshkv"], "profile", phase) if "meshkv" in ok else None
         if st is not None:
-            rows.append((f"connector_time_{phase}", st.connector_ms, "ms", None, base, base_value))
+            rows.append((f"connector_time_{phase}", st.connector_ms, "ms", None, what, ref))
     report = Report(benchmark="vllm")
     for name, value, unit, size, base, base_value in rows:
         if value is None:
