@@ -1,7 +1,8 @@
 """``meshkv bench vllm`` end to end on the tiny model: the meshkv arm with a real agent.
 
-Two engines (the main job and the fresh second engine) through the benchmark's own
-harness: the second engine must be served from the agent, with the same first tokens.
+Three engines through the benchmark's own harness: the main job, a fresh second engine that
+must be served from the agent with the same first tokens, and the in-process engine whose
+connector hooks are timed.
 """
 
 from __future__ import annotations
@@ -47,3 +48,13 @@ def test_meshkv_arm_serves_a_fresh_engine_from_the_agent(tiny_model: str, tmp_pa
     assert all(t["ttft_s"] > 0 for t in main.values())
     store = (out.service_status or {}).get("store", {})
     assert store.get("lookups", 0) >= len(plan.main) + len(plan.fresh)
+    # The in-process profiled engine timed the connector's hooks on every request.
+    assert out.profile is not None
+    profiled = out.profile["timings"]
+    assert len(profiled) == len(plan.profile)
+    for t in profiled:
+        assert 0 < t["connector_s"] < t["ttft_s"]
+        assert "get_num_new_matched_tokens" in t["connector_calls"]
+    warm = [t for t in profiled if t["phase"] == "warm"]
+    assert warm and all(t["cached_tokens"] == 512 for t in warm)
+    assert all(t["connector_calls"].get("start_load_kv", 0) > 0 for t in warm)
