@@ -1,13 +1,18 @@
 # meshkv: two commands do everything on a fresh machine.
 #   make demo   a small live mesh with a real vLLM engine
 #   make test   lint, type-check and the whole test suite (real agents, real vLLM)
-# The venv lives outside the repo and is rebuilt only when the requirements change.
+# The venv lives outside the repo; dependencies are installed again only when
+# requirements-dev.txt changes, the editable install when pyproject.toml or the checkout does.
 
 PYTHON   ?= python3
 CACHE    ?= $(HOME)/.cache/meshkv
 VENV     ?= $(CACHE)/venv
 PY       := $(VENV)/bin/python
-STAMP    := $(VENV)/.meshkv-$(shell cat pyproject.toml requirements-dev.txt | sha1sum | cut -c1-12)
+# Two stamps: the dependencies (slow, keyed on the requirements) and the editable install of
+# *this* checkout (fast, keyed on its path too): a venv shared by several clones must always
+# import the code of the clone that runs `make`.
+DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
+SRC_STAMP  := $(VENV)/.src-$(shell (cat pyproject.toml; echo $(CURDIR)) | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
@@ -17,17 +22,21 @@ export MESHKV_CACHE := $(CACHE)
 
 .PHONY: venv demo test lint typecheck unit bench clean-cache
 
-venv: $(STAMP)
+venv: $(SRC_STAMP)
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt
 	@mkdir -p $(CACHE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
 	@# pip pulls CUDA builds of these; they break transformers imports on CPU (FACTS.md)
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	@rm -f $(VENV)/.meshkv-*
+	@rm -f $(VENV)/.deps-* $(VENV)/.src-*
+	@touch $@
+
+$(SRC_STAMP): $(DEPS_STAMP) pyproject.toml
+	$(PY) -m pip install -q -e .
+	@rm -f $(VENV)/.src-*
 	@touch $@
 
 demo: venv
