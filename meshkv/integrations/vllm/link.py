@@ -85,6 +85,15 @@ class AgentLink:
             self._was_down = False
         return result
 
+    def warm_up(self) -> bool:
+        """Connect now (at engine start) so the first lookup does not pay for the connect
+        inside its deadline; a missing agent is only logged, like any later outage."""
+        try:
+            self.call(lambda client: client.hello())
+        except MeshKVError:
+            return False
+        return True
+
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None

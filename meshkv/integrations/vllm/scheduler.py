@@ -89,6 +89,8 @@ class SchedulerSide:
         self._requests: dict[str, _RequestState] = {}
         self._namespaces: dict[tuple[str, int], NamespaceId] = {}
         self._kv_cache_manager: KVCacheManager | None = None
+        if load_enabled:
+            self._link.warm_up()
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -162,7 +164,9 @@ class SchedulerSide:
             return 0, False
         if state.load_issued:
             # vLLM re-queries a request whose load failed (or that was preempted); a
-            # second promise of the same chunks could fail the same way, forever.
+            # second promise of the same chunks could fail the same way, forever. What
+            # it computes again is saved again (this repairs a chunk that failed its check).
+            state.saved_chunks = 0
             return 0, False
         prompt_len = len(request.prompt_token_ids or [])
         chunk = self._cfg.chunk_tokens
@@ -198,6 +202,10 @@ class SchedulerSide:
             loads.append(ChunkLoad(keys=state.keys[c], blocks=writes))
         is_async = not state.all_local
         state.load_issued = True
+        # The promised chunks are in the agent already: saving them again would cost a
+        # reserve round-trip (answered "exists") on the engine's critical path every step.
+        loaded_chunks = (state.local_computed + num_external_tokens) // self._cfg.chunk_tokens
+        state.saved_chunks = max(state.saved_chunks, min(state.hit_chunks, loaded_chunks))
         state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async)
         self._counters.hit_tokens += num_external_tokens
         if is_async:
