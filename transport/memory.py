@@ -38,7 +38,7 @@ from .base import (
     parse_address,
 )
 from .framing import HEAD_BYTES, FrameHead, decode_head
-from .session import Session, SessionListener, client_session
+from .session import SessionListener, SessionSet
 from .wire import Payload, Wire
 
 LINK_QUEUE = 1024
@@ -235,7 +235,7 @@ class MemoryTransport(Transport):
         self.config = config
         self.host = host
         self.stats = TransportStats()
-        self._sessions: set[Session] = set()
+        self._sessions = SessionSet()
         self._links = itertools.count(1)
 
     async def listen(
@@ -266,18 +266,9 @@ class MemoryTransport(Transport):
         server_wire = MemoryWire(self.network, address, local, to_server, to_client, *server_limits)
         client_wire = MemoryWire(self.network, local, address, to_client, to_server, *limits)
         listener.accept(server_wire)
-        session = await client_session(
-            client_wire,
-            self.name,
-            self.config,
-            self.stats,
-            deadline,
-            handler=handler,
-            on_close=self._sessions.discard,
+        return await self._sessions.open_client(
+            client_wire, self.name, self.config, self.stats, deadline, handler
         )
-        self._sessions.add(session)
-        return session
 
     async def close(self) -> None:
-        sessions = list(self._sessions)
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self._sessions.close_all()

@@ -453,6 +453,45 @@ async def client_session(
     return Session(wire, peer, config, stats, handler=handler, on_close=on_close)
 
 
+class SessionSet:
+    """The sessions one transport or listener owns; a session leaves the set when it closes,
+    and ``close_all`` closes whatever is left (at shutdown)."""
+
+    __slots__ = ("_sessions",)
+
+    def __init__(self) -> None:
+        self._sessions: set[Session] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> Session:
+        self._sessions.add(session)
+        return session
+
+    def discard(self, session: Session) -> None:
+        self._sessions.discard(session)
+
+    async def open_client(
+        self,
+        wire: Wire,
+        transport_name: str,
+        config: TransportConfig,
+        stats: TransportStats,
+        deadline: float,
+        handler: Handler | None,
+    ) -> Session:
+        """Authenticate an outgoing link (``client_session``) and keep the session."""
+        session = await client_session(
+            wire, transport_name, config, stats, deadline, handler=handler, on_close=self.discard
+        )
+        return self.add(session)
+
+    async def close_all(self) -> None:
+        sessions = list(self._sessions)
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
 class SessionListener(Listener):
     """Authenticates accepted links and owns the sessions they become."""
 
@@ -471,7 +510,7 @@ class SessionListener(Listener):
         self._stats = stats
         self._handler = handler
         self._alloc = alloc
-        self._sessions: set[Session] = set()
+        self._sessions = SessionSet()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -530,5 +569,4 @@ class SessionListener(Listener):
         for task in list(self._handshakes):
             task.cancel()
         await asyncio.gather(*self._handshakes, return_exceptions=True)
-        sessions = list(self._sessions)
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self._sessions.close_all()

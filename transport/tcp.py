@@ -28,7 +28,7 @@ from .base import (
     format_address,
     parse_address,
 )
-from .session import Session, SessionListener, client_session
+from .session import SessionListener, SessionSet
 from .stream import ProtocolWire, SocketWire, StreamWire
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class TcpTransport(Transport):
         self.config = config
         self.options = options or TcpOptions()
         self.stats = TransportStats()
-        self._sessions: set[Session] = set()
+        self._sessions = SessionSet()
 
     async def listen(
         self, host: str, port: int, handler: Handler, *, alloc: Alloc | None = None
@@ -153,21 +153,12 @@ class TcpTransport(Transport):
             if sock is not None:
                 sock.close()
             raise TransportError(f"cannot connect to {address}: {exc}") from exc
-        session = await client_session(
-            wire,
-            self.name,
-            self.config,
-            self.stats,
-            deadline,
-            handler=handler,
-            on_close=self._sessions.discard,
+        return await self._sessions.open_client(
+            wire, self.name, self.config, self.stats, deadline, handler
         )
-        self._sessions.add(session)
-        return session
 
     async def close(self) -> None:
-        sessions = list(self._sessions)
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self._sessions.close_all()
 
     async def _wrap(
         self, sock: socket.socket, remote: str, *, server_side: bool, host: str | None = None

@@ -44,7 +44,7 @@ from .base import (
     parse_address,
 )
 from .framing import HEAD_BYTES, Flags, FrameHead, decode_head
-from .session import Session, SessionListener, client_session
+from .session import SessionListener, SessionSet
 from .wire import Payload, Wire
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class UcxTransport(Transport):
         self.stats = TransportStats()
         self.ucxx = _import_ucxx()
         _init_ucx(self.ucxx, self.options)
-        self._sessions: set[Session] = set()
+        self._sessions = SessionSet()
 
     async def listen(
         self, host: str, port: int, handler: Handler, *, alloc: Alloc | None = None
@@ -288,18 +288,9 @@ class UcxTransport(Transport):
         except Exception as exc:
             raise TransportError(f"cannot connect to {address} over UCX: {exc}") from exc
         wire = UcxWire(ep, address, self.config.max_header_bytes, self.config.max_payload_bytes)
-        session = await client_session(
-            wire,
-            self.name,
-            self.config,
-            self.stats,
-            deadline,
-            handler=handler,
-            on_close=self._sessions.discard,
+        return await self._sessions.open_client(
+            wire, self.name, self.config, self.stats, deadline, handler
         )
-        self._sessions.add(session)
-        return session
 
     async def close(self) -> None:
-        sessions = list(self._sessions)
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self._sessions.close_all()
