@@ -169,9 +169,22 @@ class Agent:
             await self._stop.wait()
             logger.info("stopping agent %s", self.config.node_id)
         finally:
+            # A second signal while stopping must not kill the agent half-way: that would
+            # strand the arena in /dev/shm (RAM) and the socket. The staged shutdown is
+            # bounded by drain_seconds already; SIGKILL remains the hard stop.
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.close()
+                loop.add_signal_handler(sig, self._already_stopping)
+            try:
+                await self.close()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def _already_stopping(self) -> None:
+        logger.warning(
+            "already stopping (bounded by drain_seconds=%.1f s); SIGKILL forces it",
+            self.config.drain_seconds,
+        )
 
     async def close(self) -> None:
         """Staged shutdown bounded by ``drain_seconds`` (safe to call twice)."""

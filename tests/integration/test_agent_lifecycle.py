@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -66,6 +67,26 @@ def test_sigterm_is_clean_and_ssd_keeps_chunks(
         for i, key in enumerate(keys):
             assert c.get(key) == payload(i, size)
         assert c.lookup(keys).tiers == ["cpu"] * 8  # promoted by the reads
+
+
+def test_second_sigterm_while_stopping_still_cleans_up(
+    agent_factory: Callable[..., AgentProcess], ssd_dir: Path
+) -> None:
+    """Operators (and process managers) often signal twice; the arena must not be stranded."""
+    agent = agent_factory(ssd_dir=ssd_dir).start()
+    with agent.client() as c:
+        for i in range(8):
+            assert c.put(b"%016d" % i, payload(i, 256 * 1024))
+    arena = agent.arena_name
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    if agent.proc.poll() is None:
+        agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(30) == 0
+    assert not os.path.exists(f"/dev/shm/{arena}"), "arena left behind"
+    assert not os.path.exists(agent.socket_path), "socket left behind"
+    assert "agent stopped" in agent.log()
 
 
 def test_lookup_starts_ssd_promotion_and_read_waits(
