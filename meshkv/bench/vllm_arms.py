@@ -199,14 +199,7 @@ class AgentServer(_Service):
 
     def status(self) -> dict[str, Any]:
         """The agent's ``/v1/status`` (empty when it cannot be read)."""
-        url = f"http://{self.info.get('http', '')}/v1/status"
-        try:
-            with urllib.request.urlopen(url, timeout=5.0) as resp:
-                data: dict[str, Any] = json.loads(resp.read())
-                return data
-        except (OSError, ValueError) as exc:
-            logger.warning("agent status %s failed: %s", url, exc)
-            return {}
+        return fetch_status(f"http://{self.info.get('http', '')}/v1/status", "agent")
 
     def stop(self) -> None:
         super().stop()
@@ -318,14 +311,8 @@ class LMCacheServer(_Service):
         raise self._failed(f"not healthy within {LMCACHE_START_TIMEOUT_S:.0f} s")
 
     def status(self) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.http_port}/status"
-        try:
-            with urllib.request.urlopen(url, timeout=5.0) as resp:
-                data: dict[str, Any] = json.loads(resp.read())
-                return data
-        except (OSError, ValueError) as exc:
-            logger.warning("lmcache status %s failed: %s", url, exc)
-            return {}
+        """The server's ``/status`` (empty when it cannot be read)."""
+        return fetch_status(f"http://127.0.0.1:{self.http_port}/status", "lmcache")
 
     def stop(self) -> None:
         super().stop()
@@ -334,3 +321,15 @@ class LMCacheServer(_Service):
             logger.warning("removing leftover LMCache shared memory %s", entry)
             with contextlib.suppress(OSError):
                 entry.unlink()
+
+
+def fetch_status(url: str, who: str) -> dict[str, Any]:
+    """GET a JSON status page; an unreadable one is logged and reads as empty (a benchmark
+    keeps going without a service's counters rather than failing the run)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except (OSError, ValueError) as exc:
+        logger.warning("%s status %s failed: %s", who, url, exc)
+        return {}
