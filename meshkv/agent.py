@@ -177,8 +177,13 @@ class Agent:
             try:
                 await self.close()
             finally:
+                # Stopping is done, but the interpreter still has to exit: a signal that
+                # arrives now must not turn a clean stop into death by SIGTERM (exit -15).
+                # remove_signal_handler would restore the default action, so ignore them
+                # for the rest of the process's life instead.
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_IGN)
 
     def _already_stopping(self) -> None:
         logger.warning(
