@@ -8,15 +8,15 @@ and reservations are released), stop the mesh, close the store (flush SSD write-
 unlink the arena), remove the socket and the ready file.
 
 The mesh plugs in through ``MeshService``: when ``AgentConfig.mesh`` is set the agent
-imports ``MESH_FACTORY`` and calls it with ``(config, store, metrics)``; the local server
-then asks ``service.remote`` about lookup misses, and the HTTP app gets the mesh's routes.
+builds one with its ``mesh_factory`` (``meshkv.mesh.node.create_mesh_service`` unless a
+test passes another) and calls it with ``(config, store, metrics)``; the local server then
+asks ``service.remote`` about lookup misses, and the HTTP app gets the mesh's routes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -39,9 +39,6 @@ from meshkv.server.local import LocalServer, LocalServerConfig, RemoteLookup
 from meshkv.store import Store
 
 logger = logging.getLogger(__name__)
-
-MESH_FACTORY = "meshkv.mesh.node:create_mesh_service"
-"""``module:callable`` building the ``MeshService`` when ``AgentConfig.mesh`` is set."""
 
 
 class MeshService(Protocol):
@@ -87,7 +84,7 @@ class Agent:
         self._started = True
         try:
             if cfg.mesh is not None:
-                factory = self._mesh_factory or _load_factory(MESH_FACTORY)
+                factory = self._mesh_factory or _default_mesh_factory
                 self.mesh = factory(cfg, self.store, self.metrics)
                 await self.mesh.start()
             self.local = LocalServer(
@@ -254,14 +251,11 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _load_factory(spec: str) -> MeshFactory:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"a [mesh] section was given but this build has no mesh: {exc}") from exc
-    factory: MeshFactory = getattr(module, attr)
-    return factory
+def _default_mesh_factory(config: AgentConfig, store: Store, metrics: AgentMetrics) -> MeshService:
+    # Imported on first use: an agent without a mesh never loads the mesh's modules.
+    from meshkv.mesh.node import create_mesh_service
+
+    return create_mesh_service(config, store, metrics)
 
 
 def run_agent(config: AgentConfig) -> None:

@@ -11,14 +11,19 @@ flags. Nothing here reads the environment (the CLI does). TOML layout::
     admin_token_file = "/etc/meshkv/admin-token"
     log_level = "info"
 
-    [store]             # fields of meshkv.store.StoreConfig
-    cpu_bytes = 4294967296
-    ssd_dir = "/var/cache/meshkv"
+    [store]             # meshkv.store.StoreConfig's own fields
+    write_through = false
+    [store.cpu]         # meshkv.tiers.cpu.CpuTierConfig
+    capacity_bytes = 4294967296
+    [store.ssd]         # meshkv.tiers.ssd.SsdTierConfig; absent = no SSD tier
+    directory = "/var/cache/meshkv"
 
-    [mesh]              # fields of the mesh's config (see docs/agent.md); absent = no mesh
+    [mesh]              # meshkv.mesh.cli's keys (see docs/agent.md); absent = no mesh
 
 Unknown keys and wrongly typed values are rejected with the file, the table and the key
-in the message. ``docs/agent.md`` lists every key with its default.
+in the message. The flat ``[store]`` keys of earlier releases (``cpu_bytes``, ``ssd_dir``,
+...) still work; each one met is reported as deprecated, with its new place.
+``docs/agent.md`` lists every key with its default.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.errors import ConfigError
-from meshkv.store import StoreConfig
+from meshkv.mesh.options import MeshNodeConfig
+from meshkv.store_config import LEGACY_KEYS, StoreConfig
+from meshkv.tiers.cpu import CpuTierConfig
+from meshkv.tiers.ssd import SsdTierConfig
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 7471
@@ -64,8 +72,8 @@ class AgentConfig:
     """Once serving, write a JSON file here: socket, http address, pid, arena, node id."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
-    mesh: object | None = None
-    """The mesh's config (a dataclass owned by ``meshkv.mesh``); None: no mesh."""
+    mesh: MeshNodeConfig | None = None
+    """The mesh's config (owned by ``meshkv.mesh``); None: this agent runs alone."""
 
     def __post_init__(self) -> None:
         if not self.node_id or any(c.isspace() for c in self.node_id):
@@ -145,8 +153,9 @@ _TOP_LEVEL_ALIASES = {"socket": "socket_path", "http": None}
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into keyword arguments for ``AgentConfig`` pieces.
 
-    Returns ``{"agent": {...}, "store": StoreConfig kwargs, "mesh": table or None}`` with
-    every key checked against the dataclass fields and their types.
+    Returns ``{"agent": {...}, "store": {"cpu": {...}, "ssd": {...} | None, ...},
+    "mesh": table or None, "deprecations": [message, ...]}`` with every key checked
+    against the dataclass fields and their types.
     """
     path = Path(path)
     try:
@@ -178,21 +187,67 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         agent[name] = _check_type(path, "", key, value, hints[name])
     if not isinstance(store_table, dict):
         raise ConfigError(f"{path}: 'store' must be a table ([store])")
-    store = table_kwargs(path, "store", store_table, StoreConfig)
+    deprecations: list[str] = []
+    store = store_kwargs(path, store_table, deprecations)
     if mesh_table is not None and not isinstance(mesh_table, dict):
         raise ConfigError(f"{path}: 'mesh' must be a table ([mesh])")
-    return {"agent": agent, "store": store, "mesh": mesh_table}
+    return {"agent": agent, "store": store, "mesh": mesh_table, "deprecations": deprecations}
 
 
-def table_kwargs(path: Path, table: str, values: dict[str, Any], cls: type) -> dict[str, Any]:
+def store_kwargs(path: Path, table: dict[str, Any], deprecations: list[str]) -> dict[str, Any]:
+    """The ``[store]`` table (with ``[store.cpu]`` / ``[store.ssd]``) as checked kwargs:
+    ``{"cpu": {...}, "ssd": {...} | None, <StoreConfig fields>}``. Legacy flat keys are
+    moved to their sub-table and reported in ``deprecations``."""
+    table = dict(table)
+    cpu = table.pop("cpu", {})
+    ssd = table.pop("ssd", None)
+    for name, value in (("cpu", cpu), ("ssd", ssd)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: 'store.{name}' must be a table ([store.{name}])")
+    cpu = table_kwargs(path, "store.cpu", cpu, CpuTierConfig)
+    ssd = None if ssd is None else table_kwargs(path, "store.ssd", ssd, SsdTierConfig)
+    ssd_given = ssd is not None
+    for old in [k for k in table if k in LEGACY_KEYS]:
+        sub, field = LEGACY_KEYS[old]
+        value = table.pop(old)
+        target = cpu if sub == "cpu" else ssd if ssd is not None else {}
+        if field in target:
+            raise ConfigError(
+                f"{path}: [store] {old} and [store.{sub}] {field} are the same setting; "
+                f"give it once, as [store.{sub}] {field}"
+            )
+        cls = CpuTierConfig if sub == "cpu" else SsdTierConfig
+        target[field] = _check_type(path, "store", old, value, typing.get_type_hints(cls)[field])
+        if sub == "ssd" and ssd is None:
+            ssd = target
+        deprecations.append(
+            f"{path}: [store] {old} is deprecated; write it as [store.{sub}] {field}"
+        )
+    if ssd is not None and "directory" not in ssd:
+        if ssd_given:
+            raise ConfigError(f"{path}: [store.ssd] needs a directory (or remove the table)")
+        ssd = None  # legacy ssd_* keys without ssd_dir: as before, no SSD tier
+
+    out = table_kwargs(path, "store", table, StoreConfig, exclude=("cpu", "ssd"))
+    out["cpu"] = cpu
+    out["ssd"] = ssd
+    return out
+
+
+def table_kwargs(
+    path: Path, table: str, values: dict[str, Any], cls: type, exclude: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Check a TOML table against dataclass ``cls``: known keys, right types."""
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude}
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
+            known = sorted(fields | set(exclude))
+            if table == "store":
+                known += sorted(LEGACY_KEYS)
             raise ConfigError(
-                f"{path}: unknown key {key!r} in [{table}]; known keys: {', '.join(sorted(fields))}"
+                f"{path}: unknown key {key!r} in [{table}]; known keys: {', '.join(known)}"
             )
         out[key] = _check_type(path, table, key, value, hints[key])
     return out
@@ -232,3 +287,12 @@ def _allowed_types(hint: Any) -> list[type] | None:
             out.append(arg)
         return out
     return None
+
+
+def build_store_config(values: dict[str, Any]) -> StoreConfig:
+    """``StoreConfig`` from ``store_kwargs``-shaped values (TOML merged with flags)."""
+    values = dict(values)
+    cpu = CpuTierConfig(**values.pop("cpu", {}))
+    ssd_values = values.pop("ssd", None)
+    ssd = None if ssd_values is None else SsdTierConfig(**ssd_values)
+    return StoreConfig(cpu=cpu, ssd=ssd, **values)

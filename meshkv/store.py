@@ -138,9 +138,9 @@ class Store:
         """Reclaim arenas of dead agents, create the arena, scan the SSD directory."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        reclaim_stale(self.config.shm_dir)
+        reclaim_stale(self.config.cpu.shm_dir)
         cpu = CpuTier(
-            self.config.cpu_config(),
+            self.config.cpu,
             clock=loop.time,
             demote=self._demote,
             demote_copy=self._demote_copy,
@@ -150,7 +150,7 @@ class Store:
         self.arena_name = cpu.arena.name
         self.arena_size = cpu.arena.size
         self._hash_pool = ThreadPoolExecutor(self.config.hash_workers, "meshkv-hash")
-        ssd_config = self.config.ssd_config()
+        ssd_config = self.config.ssd
         if ssd_config is not None:
             self._ssd = SsdTier(
                 ssd_config,

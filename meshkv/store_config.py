@@ -1,51 +1,49 @@
 """``StoreConfig``: the ``[store]`` table of the agent's configuration.
 
-Flat on purpose (it is what the TOML table and the agent's flags fill in); it builds the
-tiers' own typed configs, which validate their fields with their own messages.
+A tree, not a copy: the store's own settings plus the tiers' configs as they are
+(``[store.cpu]`` is a ``CpuTierConfig``, ``[store.ssd]`` an ``SsdTierConfig``; no SSD
+table means no SSD tier). Each config validates its own fields with its own messages.
+
+The flat keys of the first releases (``cpu_bytes``, ``ssd_dir``, ...) are still accepted
+in a ``[store]`` table; ``LEGACY_KEYS`` says where each one lives now, and the TOML loader
+reports a deprecation for every one it meets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshkv.errors import ConfigError
-from meshkv.tiers.arena import SHM_DIR
 from meshkv.tiers.cpu import CpuTierConfig
 from meshkv.tiers.ssd import SsdTierConfig
+
+LEGACY_KEYS: dict[str, tuple[str, str]] = {
+    "cpu_bytes": ("cpu", "capacity_bytes"),
+    "segment_bytes": ("cpu", "segment_bytes"),
+    "min_slot_bytes": ("cpu", "min_slot_bytes"),
+    "eviction": ("cpu", "eviction"),
+    "reserve_timeout_s": ("cpu", "reserve_timeout_s"),
+    "max_lease_s": ("cpu", "max_lease_s"),
+    "max_leases": ("cpu", "max_leases"),
+    "prefault": ("cpu", "prefault"),
+    "shm_dir": ("cpu", "shm_dir"),
+    "ssd_dir": ("ssd", "directory"),
+    "ssd_bytes": ("ssd", "capacity_bytes"),
+    "ssd_workers": ("ssd", "workers"),
+    "ssd_write_queue": ("ssd", "write_queue_depth"),
+    "ssd_fsync": ("ssd", "fsync"),
+}
+"""Flat ``[store]`` key of releases <= 0.1 → (sub-table, field) where it lives now."""
 
 
 @dataclass(slots=True)
 class StoreConfig:
     """Configuration of the node's tiers (the ``[store]`` table of the agent's TOML)."""
 
-    cpu_bytes: int = 4 << 30
-    """CPU tier (shared-memory arena) size in bytes; rounded down to whole segments."""
-    segment_bytes: int = 64 << 20
-    """Arena segment size, a power of two; also the largest chunk accepted."""
-    min_slot_bytes: int = 64 << 10
-    """Smallest slot size class, a power of two >= 16 KiB."""
-    eviction: str = "s3fifo"
-    """CPU-tier eviction policy: ``s3fifo`` (scan-resistant) or ``lru``."""
-    reserve_timeout_s: float = 60.0
-    """A reservation not committed within this time is reclaimed."""
-    max_lease_s: float = 600.0
-    """Upper bound of a read lease."""
-    max_leases: int = 1 << 16
-    """Open read leases at most."""
-    prefault: bool = True
-    """Touch every arena page at start so the first copies run at memcpy speed."""
-    shm_dir: str = SHM_DIR
-    """tmpfs directory of the arena file."""
-    ssd_dir: str | None = None
-    """Directory of the SSD tier; None disables the tier."""
-    ssd_bytes: int = 64 << 30
-    """Cap on the SSD tier's file bytes (headers included)."""
-    ssd_workers: int = 2
-    """Disk I/O threads."""
-    ssd_write_queue: int = 8
-    """SSD writes admitted at once; a demotion beyond this is dropped (counted)."""
-    ssd_fsync: bool = True
-    """fsync every chunk file before publishing it by rename."""
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    """The CPU tier (the shared-memory arena): ``[store.cpu]``."""
+    ssd: SsdTierConfig | None = None
+    """The SSD tier: ``[store.ssd]``; None disables the tier."""
     write_through: bool = False
     """Also write every committed chunk to SSD (default: write-back on eviction)."""
     writeback_headroom: float = 0.1
@@ -59,37 +57,18 @@ class StoreConfig:
     """Threads computing checksums of committed chunks."""
 
     def __post_init__(self) -> None:
-        if self.ssd_dir is not None and not self.ssd_dir:
-            raise ConfigError("store.ssd_dir must be a directory path or unset")
+        if not isinstance(self.cpu, CpuTierConfig):
+            raise ConfigError(f"store.cpu must be a CpuTierConfig, got {type(self.cpu).__name__}")
+        if self.ssd is not None and not isinstance(self.ssd, SsdTierConfig):
+            raise ConfigError(f"store.ssd must be an SsdTierConfig, got {type(self.ssd).__name__}")
         if not 0.0 <= self.writeback_headroom < 1.0:
             raise ConfigError(
                 f"store.writeback_headroom must be in [0, 1), got {self.writeback_headroom}"
             )
         if self.hash_workers <= 0:
             raise ConfigError(f"store.hash_workers must be positive, got {self.hash_workers}")
-        self.cpu_config()  # validates the CPU fields with their own messages
-        self.ssd_config()
 
-    def cpu_config(self) -> CpuTierConfig:
-        return CpuTierConfig(
-            capacity_bytes=self.cpu_bytes,
-            segment_bytes=self.segment_bytes,
-            min_slot_bytes=self.min_slot_bytes,
-            eviction=self.eviction,
-            reserve_timeout_s=self.reserve_timeout_s,
-            max_lease_s=self.max_lease_s,
-            max_leases=self.max_leases,
-            prefault=self.prefault,
-            shm_dir=self.shm_dir,
-        )
-
-    def ssd_config(self) -> SsdTierConfig | None:
-        if self.ssd_dir is None:
-            return None
-        return SsdTierConfig(
-            directory=self.ssd_dir,
-            capacity_bytes=self.ssd_bytes,
-            workers=self.ssd_workers,
-            write_queue_depth=self.ssd_write_queue,
-            fsync=self.ssd_fsync,
-        )
+    @property
+    def max_chunk_bytes(self) -> int:
+        """Largest chunk the store accepts (one arena segment)."""
+        return self.cpu.segment_bytes

@@ -223,8 +223,9 @@ async def _probe_lookups(
     from meshkv.mesh.node import MeshNode
     from meshkv.mesh.options import MeshNodeConfig
     from meshkv.store import Store, StoreConfig
+    from meshkv.tiers.cpu import CpuTierConfig
 
-    store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+    store = Store(StoreConfig(cpu=CpuTierConfig(capacity_bytes=64 << 20, prefault=False)))
     await store.start()
     config = MeshNodeConfig.from_preset(
         "local", listen="127.0.0.1:0", join=(seed,), secret=SECRET.encode()

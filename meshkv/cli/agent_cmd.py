@@ -2,15 +2,13 @@
 
 Flags override the TOML file given by ``--config``, which overrides the defaults. The
 environment is read here only (``XDG_RUNTIME_DIR`` for the default socket directory).
-Mesh flags (``--listen``, ``--join``, ...) are added by the mesh's own ``add_arguments``
-hook when that module exists (see ``MESH_ARGS``).
+Mesh flags (``--listen``, ``--join``, ...) come from ``meshkv.mesh.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import socket
@@ -22,25 +20,20 @@ from meshkv.config import (
     DEFAULT_HTTP_PORT,
     LOG_LEVELS,
     AgentConfig,
+    build_store_config,
     load_toml,
     parse_host_port,
 )
 from meshkv.errors import ConfigError, MeshKVError
-from meshkv.store import StoreConfig
+from meshkv.mesh import cli as mesh_cli
+from meshkv.paths import default_socket_path
+from meshkv.tiers.cpu import CpuTierConfig
+from meshkv.tiers.ssd import SsdTierConfig
 
 GB = 1 << 30
 EVICTION_POLICIES = ("lru", "s3fifo")
-MESH_ARGS = "meshkv.mesh.cli"
-"""Module with ``add_arguments(parser)`` and ``mesh_config(args, toml_table)``; optional."""
 
 logger = logging.getLogger("meshkv.agent")
-
-
-def default_socket_path() -> str:
-    """``$XDG_RUNTIME_DIR/meshkv/agent.sock``, else ``/tmp/meshkv-<uid>/agent.sock``."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "meshkv") if runtime else f"/tmp/meshkv-{os.getuid()}"
-    return os.path.join(base, "agent.sock")
 
 
 def register(sub: Any) -> None:
@@ -57,14 +50,15 @@ def register(sub: Any) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every flag defaults to None = 'not given', so that TOML values are kept."""
-    d = StoreConfig.__dataclass_fields__
+    cpu = CpuTierConfig.__dataclass_fields__
+    ssd = SsdTierConfig.__dataclass_fields__
     p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file (default: none)")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--cpu-gb",
         type=float,
         metavar="N",
-        help=f"CPU tier (arena) size in GiB (default: {_default(d, 'cpu_bytes') / GB:g})",
+        help=f"CPU tier (arena) size in GiB (default: {_default(cpu, 'capacity_bytes') / GB:g})",
     )
     size.add_argument("--cpu-bytes", type=int, metavar="N", help="CPU tier size in bytes")
     p.add_argument(
@@ -76,12 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ssd-gb",
         type=float,
         metavar="N",
-        help=f"SSD tier cap in GiB (default: {_default(d, 'ssd_bytes') / GB:g})",
+        help=f"SSD tier cap in GiB (default: {_default(ssd, 'capacity_bytes') / GB:g})",
     )
     p.add_argument(
         "--socket",
         metavar="PATH",
-        help=f"local-channel Unix socket (default: {default_socket_path()})",
+        help=f"local-channel Unix socket (default: {default_socket_path(os.environ)})",
     )
     p.add_argument(
         "--http",
@@ -98,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eviction",
         metavar="POLICY",
         help=f"CPU-tier eviction policy: {' or '.join(EVICTION_POLICIES)} "
-        f"(default: {_default(d, 'eviction')})",
+        f"(default: {_default(cpu, 'eviction')})",
     )
     p.add_argument(
         "--write-through",
@@ -137,10 +131,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LEVEL",
         help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
     )
-    try:
-        mesh_cli = importlib.import_module(MESH_ARGS)
-    except ImportError:
-        return
     mesh_cli.add_arguments(p)
 
 
@@ -153,31 +143,42 @@ def _default(fields: dict[str, Any], name: str) -> Any:
 
 def build_config(args: argparse.Namespace) -> AgentConfig:
     """Defaults ← TOML ← flags, validated; raises ``ConfigError`` with the reason."""
-    toml: dict[str, Any] = {"agent": {}, "store": {}, "mesh": None}
+    toml: dict[str, Any] = {
+        "agent": {},
+        "store": {"cpu": {}, "ssd": None},
+        "mesh": None,
+        "deprecations": [],
+    }
     if args.config:
         toml = load_toml(args.config)
+    for message in toml["deprecations"]:
+        print(f"meshkv agent: warning: {message}", file=sys.stderr)
     agent: dict[str, Any] = dict(toml["agent"])
     store: dict[str, Any] = dict(toml["store"])
+    cpu: dict[str, Any] = dict(store["cpu"])
+    ssd: dict[str, Any] | None = None if store["ssd"] is None else dict(store["ssd"])
 
     if args.cpu_gb is not None:
-        store["cpu_bytes"] = _size_flag("--cpu-gb", args.cpu_gb * GB)
+        cpu["capacity_bytes"] = _size_flag("--cpu-gb", args.cpu_gb * GB)
     if args.cpu_bytes is not None:
-        store["cpu_bytes"] = _size_flag("--cpu-bytes", args.cpu_bytes)
+        cpu["capacity_bytes"] = _size_flag("--cpu-bytes", args.cpu_bytes)
     if args.ssd_dir is not None:
-        store["ssd_dir"] = args.ssd_dir
+        ssd = dict(ssd or {}, directory=args.ssd_dir)
     if args.ssd_gb is not None:
-        store["ssd_bytes"] = _size_flag("--ssd-gb", args.ssd_gb * GB)
+        if ssd is None:
+            raise ConfigError("--ssd-gb needs an SSD tier: give --ssd-dir (or [store.ssd])")
+        ssd["capacity_bytes"] = _size_flag("--ssd-gb", args.ssd_gb * GB)
     if args.eviction is not None:
         if args.eviction not in EVICTION_POLICIES:
             raise ConfigError(
                 f"--eviction must be one of {', '.join(EVICTION_POLICIES)}, got {args.eviction!r}"
             )
-        store["eviction"] = args.eviction
+        cpu["eviction"] = args.eviction
     if args.write_through:
         store["write_through"] = True
     if args.verify_reads:
         store["verify_reads"] = True
-    ssd_dir = store.get("ssd_dir")
+    ssd_dir = None if ssd is None else ssd.get("directory")
     if ssd_dir is not None and not os.path.isdir(ssd_dir):
         if os.path.exists(ssd_dir):
             raise ConfigError(f"SSD directory {ssd_dir} is not a directory")
@@ -185,7 +186,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
 
     if args.socket is not None:
         agent["socket_path"] = args.socket
-    agent.setdefault("socket_path", default_socket_path())
+    agent.setdefault("socket_path", default_socket_path(os.environ))
     if args.http is not None:
         agent["http_host"], agent["http_port"] = parse_host_port(args.http)
     for flag in ("lease_seconds", "drain_seconds", "admin_token_file", "ready_file", "log_level"):
@@ -196,18 +197,10 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         agent["node_id"] = args.node_id
     agent.setdefault("node_id", socket.gethostname())
 
-    mesh = None
+    mesh = mesh_cli.mesh_config(args, toml["mesh"])
+    store["cpu"], store["ssd"] = cpu, ssd
     try:
-        mesh_cli = importlib.import_module(MESH_ARGS)
-    except ImportError as exc:
-        if toml["mesh"] is not None:
-            raise ConfigError(
-                "the config file has a [mesh] table but this build has no mesh"
-            ) from exc
-    else:
-        mesh = mesh_cli.mesh_config(args, toml["mesh"])
-    try:
-        store_config = StoreConfig(**store)
+        store_config = build_store_config(store)
     except TypeError as exc:
         raise ConfigError(f"bad store settings: {exc}") from exc
     except ConfigError as exc:

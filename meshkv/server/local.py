@@ -424,7 +424,7 @@ class _Connection(asyncio.Protocol):
         except TypeError as exc:
             raise ConfigError(f"hello: bad namespace fields: {exc}") from exc
         store = self.store
-        max_chunk = store.config.segment_bytes
+        max_chunk = store.config.max_chunk_bytes
         geometry = {}
         for field in ("chunk_tokens", "chunk_bytes"):
             value = message.get(field)
@@ -436,7 +436,7 @@ class _Connection(asyncio.Protocol):
         if geometry.get("chunk_bytes", 0) > max_chunk:
             raise ConfigError(
                 f"hello: chunks of {geometry['chunk_bytes']} bytes exceed this agent's largest "
-                f"slot ({max_chunk} bytes); use smaller chunks or raise [store] segment_bytes"
+                f"slot ({max_chunk} bytes); use smaller chunks or raise [store.cpu] segment_bytes"
             )
         self.namespace = namespace.digest()
         self.chunk_tokens = geometry.get("chunk_tokens", 0)

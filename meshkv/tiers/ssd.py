@@ -61,7 +61,7 @@ class SsdTierConfig:
 
     directory: str
     """Directory of chunk files (created if missing); one agent per directory."""
-    capacity_bytes: int
+    capacity_bytes: int = 64 << 30
     """Cap on the bytes of chunk files (headers included)."""
     workers: int = 2
     """Threads doing disk I/O."""

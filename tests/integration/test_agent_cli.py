@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshkv.cli.main import main
+from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError
 
 
@@ -72,11 +73,61 @@ def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg.write_text('[store]\ncpu_bytes = "lots"\n')
     out = agent_cli("--config", str(cfg))
     assert "[store] cpu_bytes must be int, got str 'lots'" in out.stderr
+    cfg.write_text("[store.cpu]\ncapacity_gb = 4\n")
+    out = agent_cli("--config", str(cfg))
+    assert "unknown key 'capacity_gb' in [store.cpu]" in out.stderr
+    assert "capacity_bytes" in out.stderr
+    cfg.write_text("[store]\ncpu_bytes = 134217728\n[store.cpu]\ncapacity_bytes = 67108864\n")
+    out = agent_cli("--config", str(cfg))
+    assert "[store] cpu_bytes and [store.cpu] capacity_bytes are the same setting" in out.stderr
+    cfg.write_text("[store.ssd]\nworkers = 2\n")
+    out = agent_cli("--config", str(cfg))
+    assert "[store.ssd] needs a directory" in out.stderr
     cfg.write_text("node_id = \n")
     out = agent_cli("--config", str(cfg))
     assert "is not valid TOML" in out.stderr
     out = agent_cli("--config", str(tmp_path / "missing.toml"))
     assert "does not exist" in out.stderr
+
+
+def test_toml_tree_flags_and_legacy_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[store.cpu] / [store.ssd] fill the tier configs; flags override them; the flat keys
+    of earlier releases still work and each one is reported as deprecated."""
+    from meshkv.cli.agent_cmd import build_config
+    from meshkv.cli.main import build_parser
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    cfg = tmp_path / "agent.toml"
+
+    def built(*flags: str) -> AgentConfig:
+        args = build_parser().parse_args(["agent", "--config", str(cfg), *flags])
+        return build_config(args)
+
+    cfg.write_text(
+        f'[store]\nverify_reads = true\n[store.cpu]\ncapacity_bytes = {128 << 20}\n'
+        f'eviction = "lru"\n[store.ssd]\ndirectory = "{ssd}"\ncapacity_bytes = {1 << 30}\n'
+    )
+    config = built()
+    assert config.store.cpu.capacity_bytes == 128 << 20 and config.store.cpu.eviction == "lru"
+    assert config.store.ssd is not None and config.store.ssd.directory == str(ssd)
+    assert config.store.ssd.capacity_bytes == 1 << 30 and config.store.verify_reads
+    assert capsys.readouterr().err == ""
+    config = built("--cpu-bytes", str(64 << 20), "--ssd-gb", "2")
+    assert config.store.cpu.capacity_bytes == 64 << 20
+    assert config.store.ssd is not None and config.store.ssd.capacity_bytes == 2 << 30
+
+    cfg.write_text(f'[store]\ncpu_bytes = {128 << 20}\nssd_dir = "{ssd}"\nssd_fsync = false\n')
+    config = built()
+    assert config.store.cpu.capacity_bytes == 128 << 20
+    assert config.store.ssd is not None and config.store.ssd.directory == str(ssd)
+    assert config.store.ssd.fsync is False
+    err = capsys.readouterr().err
+    assert "[store] cpu_bytes is deprecated; write it as [store.cpu] capacity_bytes" in err
+    assert "[store] ssd_dir is deprecated; write it as [store.ssd] directory" in err
+    assert "[store] ssd_fsync is deprecated; write it as [store.ssd] fsync" in err
 
 
 def test_help_documents_every_flag_with_default() -> None:

@@ -19,7 +19,8 @@ from meshkv.chunk import ChunkKey, NamespaceId
 from meshkv.client import AgentClient
 from meshkv.errors import TransportError
 from meshkv.server.local import LocalServer, LocalServerConfig
-from meshkv.store import Store, StoreConfig, Tier
+from meshkv.store import Store, Tier
+from tests.helpers.stores import store_config
 
 PEER_BYTES = b"bytes pulled from a peer" * 100
 
@@ -52,7 +53,7 @@ class ScriptedMesh:
 
 async def serve(mesh_kwargs: dict[str, object], scenario: object) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mkv-remote-", dir="/tmp"))
-    store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+    store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
     await store.start()
     mesh = ScriptedMesh(store, **mesh_kwargs)  # type: ignore[arg-type]
     server = LocalServer(

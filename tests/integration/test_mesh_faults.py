@@ -30,6 +30,7 @@ from tests.helpers.mesh import (
     wait_for,
     write_secret,
 )
+from tests.helpers.stores import store_config
 
 
 def _holders(agent: AgentProcess, key: bytes) -> list[str]:
@@ -367,13 +368,13 @@ def test_stale_directory_entry_is_corrected_at_the_home(
     from meshkv.client import DEFAULT_NAMESPACE
     from meshkv.mesh.node import MeshNode
     from meshkv.mesh.options import MeshNodeConfig
-    from meshkv.store import Store, StoreConfig
+    from meshkv.store import Store
 
     secret = write_secret(tmp_path)
     (b,) = start_mesh(agent_factory, 1, secret, names=["a"])
 
     async def scenario() -> tuple[list[str], list[str], float, int]:
-        store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+        store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
         await store.start()
         config = MeshNodeConfig.from_preset(
             "local",

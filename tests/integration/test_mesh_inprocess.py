@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 from meshkv.chunk import ChunkKey, Namespace, NamespaceId, payload_checksum
 from meshkv.mesh.node import MeshNode
 from meshkv.mesh.options import MeshNodeConfig
-from meshkv.store import Store, StoreConfig, Tier
+from meshkv.store import Store, Tier
 from meshkv.transport.base import TransportConfig
 from meshkv.transport.memory import MemoryNetwork, MemoryTransport
+from tests.helpers.stores import store_config
 
 SECRET = b"in-process-mesh-secret-0123456789"
 NS: NamespaceId = Namespace(model="inprocess").digest()
@@ -25,7 +26,7 @@ async def mesh(names: list[str], **config: object) -> AsyncIterator[dict[str, Me
     nodes: dict[str, MeshNode] = {}
     try:
         for i, name in enumerate(names):
-            store = Store(StoreConfig(cpu_bytes=64 << 20, prefault=False))
+            store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
             await store.start()
             cfg = MeshNodeConfig.from_preset(
                 "local",

@@ -21,6 +21,7 @@ from meshkv.errors import ConfigError, NoSpace, NotPinned
 from meshkv.store import Slot, Store, StoreConfig, Tier
 from meshkv.tiers.arena import SHM_DIR
 from meshkv.tiers.cpu import Entry
+from tests.helpers.stores import store_config
 
 KiB = 1 << 10
 SLOT = 64 * KiB
@@ -45,7 +46,7 @@ def data(i: int) -> bytes:
 
 
 def config(ssd: Path | None, slots: int = 8, **kw: Any) -> StoreConfig:
-    return StoreConfig(
+    return store_config(
         cpu_bytes=slots * SLOT,
         segment_bytes=SLOT,
         min_slot_bytes=SLOT,
@@ -87,17 +88,17 @@ async def read_bytes(s: Store, i: int) -> bytes | None:
 
 def test_config_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="eviction"):
-        StoreConfig(eviction="random")
+        store_config(eviction="random")
     with pytest.raises(ConfigError, match="segment_bytes"):
-        StoreConfig(segment_bytes=3 << 20)
+        store_config(segment_bytes=3 << 20)
     with pytest.raises(ConfigError, match="capacity_bytes"):
-        StoreConfig(ssd_dir="/tmp/x", ssd_bytes=0)
+        store_config(ssd_dir="/tmp/x", ssd_bytes=0)
     with pytest.raises(ConfigError, match="shm_dir"):
-        StoreConfig(shm_dir="/nonexistent/shm")
+        store_config(shm_dir="/nonexistent/shm")
     with pytest.raises(ConfigError, match="writeback_headroom"):
-        StoreConfig(writeback_headroom=1.5)
+        store_config(writeback_headroom=1.5)
     with pytest.raises(ConfigError, match="at least one segment"):
-        StoreConfig(cpu_bytes=1 << 20)
+        store_config(cpu_bytes=1 << 20)
 
 
 @run_async
@@ -280,7 +281,7 @@ async def test_expired_lease_counted_in_snapshot(tmp_path: Path) -> None:
 async def test_mixed_chunk_sizes_share_the_arena(tmp_path: Path) -> None:
     """Small chunks fill the arena, then big ones take whole segments back (and reverse)."""
     seg = 256 * KiB
-    cfg = StoreConfig(cpu_bytes=4 * seg, segment_bytes=seg, min_slot_bytes=16 * KiB)
+    cfg = store_config(cpu_bytes=4 * seg, segment_bytes=seg, min_slot_bytes=16 * KiB)
     s = Store(cfg)
     await s.start()
     sizes = [16 * KiB] * 64 + [seg] * 6 + [128 * KiB] * 10 + [16 * KiB] * 20
@@ -359,7 +360,7 @@ async def test_random_workload_serves_only_exact_bytes(
             time.sleep(disk_rng.random() * 0.02)
 
     cap = 10 * (SLOT + RECORD_HEADER_BYTES)
-    cfg = StoreConfig(
+    cfg = store_config(
         cpu_bytes=8 * SLOT,
         segment_bytes=SLOT,
         min_slot_bytes=SLOT,
@@ -456,7 +457,7 @@ def clean(e: Entry) -> bool:
 
 
 def _cfg(ssd: Path, ssd_bytes: int) -> StoreConfig:
-    return StoreConfig(
+    return store_config(
         cpu_bytes=2 * SLOT,
         segment_bytes=SLOT,
         min_slot_bytes=SLOT,

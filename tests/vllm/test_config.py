@@ -10,16 +10,21 @@ from meshkv.integrations.vllm.config import ConnectorConfig, check_vllm_version
 pytestmark = pytest.mark.vllm
 
 
+ENV: dict[str, str] = {}
+
+
+def parse(extra: dict[str, object] | None) -> ConnectorConfig:
+    return ConnectorConfig.from_extra_config(extra, ENV)
+
+
 def test_defaults_and_typed_values() -> None:
-    cfg = ConnectorConfig.from_extra_config(
-        {"socket_path": "/s.sock", "chunk_tokens": 512, "lookup_timeout_s": 1}
-    )
+    cfg = parse({"socket_path": "/s.sock", "chunk_tokens": 512, "lookup_timeout_s": 1})
     assert cfg.socket_path == "/s.sock"
     assert cfg.chunk_tokens == 512
     assert cfg.lookup_timeout_s == 1.0 and isinstance(cfg.lookup_timeout_s, float)
-    assert ConnectorConfig.from_extra_config(None).socket_path.endswith("agent.sock")
+    assert parse(None).socket_path.endswith("agent.sock")
     # "socket" is the documented key; "socket_path" (the field name) is an alias.
-    assert ConnectorConfig.from_extra_config({"socket": "/a.sock"}).socket_path == "/a.sock"
+    assert parse({"socket": "/a.sock"}).socket_path == "/a.sock"
 
 
 @pytest.mark.parametrize(
@@ -35,15 +40,25 @@ def test_defaults_and_typed_values() -> None:
 )
 def test_bad_values_are_rejected_clearly(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ConnectorConfig.from_extra_config(extra)
+        parse(extra)
     assert message in str(info.value)
 
 
 def test_chunk_must_tile_blocks() -> None:
-    cfg = ConnectorConfig.from_extra_config({"chunk_tokens": 200})
+    cfg = parse({"chunk_tokens": 200})
     with pytest.raises(ConfigError, match="multiple of vLLM's block size"):
         cfg.check_block_size(128)
-    ConnectorConfig.from_extra_config({"chunk_tokens": 384}).check_block_size(128)
+    parse({"chunk_tokens": 384}).check_block_size(128)
+
+
+def test_default_socket_follows_the_agents_rule() -> None:
+    """One function decides the default socket for ``meshkv agent`` and the connector."""
+    from meshkv.paths import default_socket_path
+
+    env = {"XDG_RUNTIME_DIR": "/run/user/1234"}
+    cfg = ConnectorConfig.from_extra_config(None, env)
+    assert cfg.socket_path == "/run/user/1234/meshkv/agent.sock" == default_socket_path(env)
+    assert default_socket_path({}, uid=77) == "/tmp/meshkv-77/agent.sock"
 
 
 def test_version_gate() -> None:

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from meshkv.errors import ConfigError
+from meshkv.paths import default_socket_path
 
 logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.",)
 """vLLM release lines the connector was tested against (prefix match)."""
-
-
-def agent_default_socket_path() -> str:
-    """The socket ``meshkv agent`` uses when started without ``--socket``.
-
-    Same rule as ``meshkv.cli.agent_cmd.default_socket_path`` (not imported: that module
-    pulls in the whole agent, which engine processes do not need).
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "meshkv") if runtime else f"/tmp/meshkv-{os.getuid()}"
-    return os.path.join(base, "agent.sock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +66,13 @@ class ConnectorConfig:
             )
 
     @classmethod
-    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
-        """Parse and type-check the extra-config dict; unknown keys are an error."""
+    def from_extra_config(
+        cls, extra: Mapping[str, Any] | None, environ: Mapping[str, str]
+    ) -> ConnectorConfig:
+        """Parse and type-check the extra-config dict; unknown keys are an error.
+
+        ``environ`` is the engine process's environment (read by the caller, the
+        connector's edge): it decides the default socket, as for ``meshkv agent``."""
         extra = dict(extra or {})
         # "socket" is the documented key (the connector contract); "socket_path" is the
         # field name and stays accepted as an alias.
@@ -99,7 +93,7 @@ class ConnectorConfig:
             )
         values: dict[str, Any] = {}
         if not extra.get("socket_path"):
-            extra["socket_path"] = agent_default_socket_path()
+            extra["socket_path"] = default_socket_path(environ)
         for name, value in extra.items():
             values[name] = _coerce(name, value, type(known[name].default))
         return cls(**values)

@@ -10,6 +10,7 @@ forwards vLLM's calls. ``kv_role`` decides what runs: ``kv_both`` loads and save
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,10 @@ class MeshKVConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
-        self._cfg = ConnectorConfig.from_extra_config(transfer.kv_connector_extra_config)
+        # The connector is this process's edge into meshkv: the environment is read here.
+        self._cfg = ConnectorConfig.from_extra_config(
+            transfer.kv_connector_extra_config, os.environ
+        )
         check_vllm_version(str(vllm.__version__), self._cfg.allow_untested_vllm)
         if transfer.kv_load_failure_policy != "recompute":
             raise ConfigError(
