@@ -1,16 +1,20 @@
 """``Agent``: builds the node's parts, owns their tasks, and shuts them down in stages.
 
 One asyncio event loop (uvloop when installed), no loops in threads. Start order: store
-(arena + SSD scan) → metrics → mesh (optional) → local socket → HTTP admin → ready file.
+(arena + SSD scan) → metrics → puller and transfers → mesh (optional) → local socket → HTTP
+admin → ready file.
 Stop (SIGTERM/SIGINT or ``request_stop``) runs in reverse, in stages bounded by
 ``drain_seconds``: stop accepting, drain in-flight requests, close connections (their pins
 and reservations are released), stop the mesh, close the store (flush SSD write-back,
 unlink the arena), remove the socket and the ready file.
 
-The mesh plugs in through ``MeshService``: when ``AgentConfig.mesh`` is set the agent
-builds one with its ``mesh_factory`` (``meshkv.mesh.node.create_mesh_service`` unless a
-test passes another) and calls it with ``(config, store, metrics)``; the local server then
-asks ``service.remote`` about lookup misses, and the HTTP app gets the mesh's routes.
+The agent is the composition root. It builds the ``Puller`` (the one path that makes
+chunks resident: SSD promotions, peer pulls, transfer waits) and the ``Transfers``
+(prefill/decode holds) and hands both to the local server. The mesh plugs in through
+``MeshService``: when ``AgentConfig.mesh`` is set the agent builds one with its
+``mesh_factory`` (``meshkv.mesh.node.create_mesh_service`` unless a test passes another),
+which registers itself with the puller as its chunk source and with the transfers as their
+pusher; the HTTP app gets the mesh's routes.
 """
 
 from __future__ import annotations
@@ -33,19 +37,18 @@ from aiohttp import web
 from meshkv import __version__
 from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError
-from meshkv.metrics import AgentMetrics
+from meshkv.metrics import AgentMetrics, PullerCollector
+from meshkv.puller import Puller
 from meshkv.server.http import AdminContext, AdminServer, build_app
-from meshkv.server.local import LocalServer, LocalServerConfig, RemoteLookup
+from meshkv.server.local import LocalServer, LocalServerConfig
 from meshkv.store import Store
+from meshkv.transfers import Transfers
 
 logger = logging.getLogger(__name__)
 
 
 class MeshService(Protocol):
     """What the agent needs from the mesh (see docs/internals.md, agent ↔ mesh seam)."""
-
-    @property
-    def remote(self) -> RemoteLookup: ...
 
     async def start(self) -> None: ...
 
@@ -56,7 +59,7 @@ class MeshService(Protocol):
     def status_section(self) -> dict[str, Any]: ...
 
 
-MeshFactory = Callable[[AgentConfig, Store, AgentMetrics], MeshService]
+MeshFactory = Callable[[AgentConfig, Store, AgentMetrics, Puller, Transfers], MeshService]
 
 
 class Agent:
@@ -66,6 +69,9 @@ class Agent:
         self.config = config
         self.store = Store(config.store)
         self.metrics = AgentMetrics(self.store.snapshot, config.node_id)
+        self.puller = Puller(self.store)
+        self.transfers = Transfers(self.store)
+        self.metrics.register(PullerCollector(self.puller, self.transfers))
         self.mesh: MeshService | None = None
         self._mesh_factory = mesh_factory
         self.local: LocalServer | None = None
@@ -85,13 +91,14 @@ class Agent:
         try:
             if cfg.mesh is not None:
                 factory = self._mesh_factory or _default_mesh_factory
-                self.mesh = factory(cfg, self.store, self.metrics)
+                self.mesh = factory(cfg, self.store, self.metrics, self.puller, self.transfers)
                 await self.mesh.start()
             self.local = LocalServer(
                 LocalServerConfig(cfg.socket_path, cfg.node_id, cfg.lease_seconds),
                 self.store,
+                puller=self.puller,
                 metrics=self.metrics,
-                remote=self.mesh.remote if self.mesh is not None else None,
+                transfers=self.transfers,
             )
             await self.local.start()
             ctx = AdminContext(self.store, self.metrics, cfg.node_id, admin_token)
@@ -201,6 +208,8 @@ class Agent:
         if self.local is not None:
             await self.local.close(deadline)
             self.local = None
+        await self.puller.close()
+        self.transfers.release_all()
         if self.mesh is not None:
             await self.mesh.close(deadline)
             self.mesh = None
@@ -251,11 +260,17 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _default_mesh_factory(config: AgentConfig, store: Store, metrics: AgentMetrics) -> MeshService:
+def _default_mesh_factory(
+    config: AgentConfig,
+    store: Store,
+    metrics: AgentMetrics,
+    puller: Puller,
+    transfers: Transfers,
+) -> MeshService:
     # Imported on first use: an agent without a mesh never loads the mesh's modules.
     from meshkv.mesh.node import create_mesh_service
 
-    return create_mesh_service(config, store, metrics)
+    return create_mesh_service(config, store, metrics, puller, transfers)
 
 
 def run_agent(config: AgentConfig) -> None:

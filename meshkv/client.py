@@ -88,6 +88,28 @@ class LookupReply:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferRef:
+    """A lookup of a prefill/decode transfer's chunks (the decode side)."""
+
+    transfer_id: str
+    producer: str
+    """Node id of the producer's agent."""
+    wait_s: float
+    """How long the agent may keep pulling before the engine recomputes."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferHold:
+    """A commit of a prefill/decode transfer's chunks (the prefill side)."""
+
+    transfer_id: str
+    hold_s: float
+    """How long the agent keeps them pinned if the consumer never says it is done."""
+    push_to: str | None = None
+    """Node id of the decode side's agent, to push the chunks to as they commit."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """A reserved arena slot: write the payload into ``view``, then ``commit``."""
 
@@ -211,9 +233,21 @@ class AgentClient:
     def ping(self) -> None:
         self._call(Op.PING, {})
 
-    def lookup(self, keys: Sequence[bytes]) -> LookupReply:
-        """Longest stored prefix and the tier of each key; also starts SSD/peer pulls."""
-        reply = self._call(Op.LOOKUP, {"keys": _keys(keys)})
+    def lookup(self, keys: Sequence[bytes], *, transfer: TransferRef | None = None) -> LookupReply:
+        """Longest stored prefix and the tier of each key; also starts SSD/peer pulls.
+
+        The agent answers within half of this client's timeout (it spends at most that
+        asking the mesh), so a slow mesh never looks like a dead agent. ``transfer``:
+        the chunks come from a prefill/decode transfer's producer (pulled from it, or
+        pushed here by it), so they count as ``peer`` without asking the directory."""
+        fields: dict[str, Any] = {"keys": _keys(keys), "budget": self.timeout}
+        if transfer is not None:
+            fields["transfer"] = {
+                "id": transfer.transfer_id,
+                "producer": transfer.producer,
+                "wait": transfer.wait_s,
+            }
+        reply = self._call(Op.LOOKUP, fields)
         return LookupReply(prefix=reply["prefix"], tiers=reply["tiers"])
 
     def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> list[Reservation | None]:
@@ -239,11 +273,20 @@ class AgentClient:
         num_tokens: Sequence[int],
         *,
         checksums: Sequence[int | None] | None = None,
+        hold: TransferHold | None = None,
     ) -> None:
-        """Make reserved chunks visible. ``checksums`` (xxh3-64) spare the agent the work."""
+        """Make reserved chunks visible. ``checksums`` (xxh3-64) spare the agent the work.
+        ``hold``: these are a prefill/decode transfer's chunks; the agent pins them for it
+        (and pushes them to the decode node when one is named)."""
         message: dict[str, Any] = {"keys": _keys(keys), "tokens": list(num_tokens)}
         if checksums is not None:
             message["checksums"] = list(checksums)
+        if hold is not None:
+            message["transfer"] = {
+                "id": hold.transfer_id,
+                "hold": hold.hold_s,
+                "push_to": hold.push_to,
+            }
         self._call(Op.COMMIT, message)
 
     def abort(self, keys: Sequence[bytes]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
@@ -23,7 +23,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from meshkv.latency import LatencyHistogram
 from meshkv.protocol import Op
+
+if TYPE_CHECKING:
+    from meshkv.puller import Puller
+    from meshkv.transfers import Transfers
 
 LOCAL_OP_BUCKETS = (
     25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0, 5.0,
@@ -245,9 +250,6 @@ def store_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
 # the keys used below, so this module does not import the mesh.
 # ======================================================================================
 
-MESH_PULL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-"""Upper bounds (seconds) of ``meshkv_peer_pull_seconds`` (same as the fetcher's)."""
-
 
 class MeshCollector(Collector):
     """``meshkv_mesh_*`` / ``meshkv_peer_*`` families from the mesh node's snapshot."""
@@ -311,15 +313,11 @@ class MeshCollector(Collector):
         for cause, n in s["pull_failures"].items():
             failures.add_metric([cause], n)
         yield failures
+        latency: LatencyHistogram = s["pull_latency"]
         hist = HistogramMetricFamily(
-            "meshkv_peer_pull_seconds", "Latency of successful pulls, lookup to commit"
+            "meshkv_peer_pull_seconds", "Latency of successful pull attempts, request to commit"
         )
-        buckets = list(s["pull_latency_buckets"])
-        cumulative, acc = [], 0
-        for bound, n in zip([*MESH_PULL_BUCKETS, float("inf")], buckets, strict=True):
-            acc += n
-            cumulative.append(("+Inf" if bound == float("inf") else str(bound), acc))
-        hist.add_metric([], cumulative, sum_value=s["pull_latency_sum"])
+        hist.add_metric([], latency.cumulative(), sum_value=latency.total)
         yield hist
         yield CounterMetricFamily(
             "meshkv_peer_handshake_failures",
@@ -344,3 +342,83 @@ class MeshCollector(Collector):
             "meshkv_peer_replica_pushes", "Chunk copies pushed to ring successors and stored",
             value=s["replica_pushes"],
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_peer_transfer_pushes",
+            "Chunks of prefill/decode transfers pushed to the decode node and stored",
+            value=s["transfer_pushes"],
+        )
+        push_failures = CounterMetricFamily(
+            "meshkv_peer_push_failures", "Failed pushes by cause", labels=["cause"]
+        )
+        for cause, n in s["push_failures"].items():
+            push_failures.add_metric([cause], n)
+        yield push_failures
+
+
+class PullerCollector(Collector):
+    """``meshkv_flights_*``: the puller's work (making chunks resident) and P/D holds."""
+
+    def __init__(self, puller: Puller, transfers: Transfers | None) -> None:
+        self._puller = puller
+        self._transfers = transfers
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._puller.stats
+        yield GaugeMetricFamily(
+            "meshkv_flights_in_flight", "Chunks being made resident now",
+            value=self._puller.in_flight,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_flights_started", "Flights started (promotions, pulls, waits)",
+            value=st.started,
+        )  # fmt: skip
+        by_way = CounterMetricFamily(
+            "meshkv_flights_resident",
+            "Flights that made their chunk resident, by way (ssd, peer, settled, cpu)",
+            labels=["way"],
+        )
+        for way, n in st.by_way.items():
+            by_way.add_metric([way], n)
+        yield by_way
+        yield CounterMetricFamily(
+            "meshkv_flights_failed", "Flights that ended without the chunk (a miss)",
+            value=st.failed,
+        )  # fmt: skip
+        failures = CounterMetricFamily(
+            "meshkv_flight_failures", "Failed steps of flights by cause", labels=["cause"]
+        )
+        for cause, n in st.failures.items():
+            failures.add_metric([cause], n)
+        yield failures
+        yield CounterMetricFamily(
+            "meshkv_flights_joined", "Requests that joined a flight already running",
+            value=st.joined,
+        )  # fmt: skip
+        hist = HistogramMetricFamily(
+            "meshkv_flight_seconds", "Seconds from a flight's start until its chunk was resident"
+        )
+        hist.add_metric([], st.latency.cumulative(), sum_value=st.latency.total)
+        yield hist
+        transfers = self._transfers
+        if transfers is not None:
+            ts = transfers.stats
+            yield GaugeMetricFamily(
+                "meshkv_transfers_open", "Prefill/decode transfers held on this node",
+                value=transfers.open,
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "meshkv_transfer_pins", "Chunk pins held for prefill/decode transfers",
+                value=transfers.pinned,
+            )  # fmt: skip
+            ended = CounterMetricFamily(
+                "meshkv_transfers_ended",
+                "Transfers whose hold ended, by how (released, expired, evicted)",
+                labels=["how"],
+            )
+            ended.add_metric(["released"], ts.released)
+            ended.add_metric(["expired"], ts.expired)
+            ended.add_metric(["evicted"], ts.evicted)
+            yield ended

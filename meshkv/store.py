@@ -2,8 +2,11 @@
 
 The store moves chunks between tiers: an eviction from the arena becomes an SSD write
 (write-back, the default) or, with ``write_through``, every commit is also written to SSD
-once its checksum is known; an SSD hit is promoted into the arena (reserve a slot, read
-straight into it, verify, commit) and pinned. It also owns the background work around
+once its checksum is known; ``promote`` brings an SSD chunk back into the arena (reserve a
+slot, read straight into it, verify, commit). ``read`` pins what is in the arena: making a
+chunk resident first (from SSD, from a peer, from a push in flight) is the job of
+``meshkv.puller.Puller``, the one component that decides when to promote or pull, so
+that each chunk is moved once however many ask. The store also owns the background work around
 commits: the xxh3-64 checksum of each committed chunk is computed in a small thread pool
 (xxhash releases the GIL: hashing 1 GiB in a thread delayed the loop by at most 0.14 ms
 here), and the chunk is held in its slot until that finishes.
@@ -18,10 +21,10 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
 from meshkv.errors import NoSpace, StoreError
@@ -31,11 +34,20 @@ from meshkv.tiers.arena import reclaim_stale
 from meshkv.tiers.cpu import INTERNAL_OWNER, CpuTier, Entry, State
 from meshkv.tiers.ssd import FaultHook, SsdTier
 
-__all__ = ["Pin", "Slot", "Store", "StoreConfig", "StoreStats", "Tier", "TierStats"]
+__all__ = [
+    "Pin",
+    "Slot",
+    "Store",
+    "StoreConfig",
+    "StoreListener",
+    "StoreStats",
+    "Tier",
+    "TierStats",
+    "is_engine_owner",
+]
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[list[ChunkKey], list[ChunkKey]], None]
 SWEEP_INTERVAL_S = 0.5
 """How often expired leases and reservations are reclaimed when nothing else does it."""
 
@@ -47,6 +59,30 @@ class Tier(enum.StrEnum):
 
 
 _CPU, _SSD = Tier.CPU, Tier.SSD
+
+ENGINE_OWNER_LIMIT = 1 << 62
+"""Owner ids in ``1 .. ENGINE_OWNER_LIMIT - 1`` are engine connections of the local channel;
+the mesh and the store use ids at or above it (or negative ones) for their own work."""
+
+
+def is_engine_owner(owner: int) -> bool:
+    """Whether ``owner`` is an engine's local connection (not a pull, push or promotion)."""
+    return 0 < owner < ENGINE_OWNER_LIMIT
+
+
+class StoreListener(Protocol):
+    """What the store tells the parts around it (the mesh's directory and pusher, the
+    puller). Called synchronously on the event loop; must not raise or block."""
+
+    def committed(self, key: ChunkKey, from_engine: bool) -> None:
+        """``key`` became visible; ``from_engine``: an engine on this node stored it
+        (rather than a pull, a peer's push or a promotion from SSD)."""
+
+    def dropped(self, keys: list[ChunkKey]) -> None:
+        """``keys`` left every tier of this node."""
+
+    def aborted(self, key: ChunkKey) -> None:
+        """A reservation of ``key`` ended without a commit (abort, writer gone, expiry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +151,7 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hash_pool: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[Listener] = []
-        self._promoting: dict[ChunkKey, asyncio.Future[None]] = {}
+        self._listeners: list[StoreListener] = []
         self._staged: dict[ChunkKey, _Staged] = {}  # evicted, SSD write in flight
         self._counters = _Counters()
         self._closing = False
@@ -145,6 +180,7 @@ class Store:
             demote=self._demote,
             demote_copy=self._demote_copy,
             on_detach=self._on_cpu_detach,
+            on_abort=self._on_abort,
         )
         self._cpu = cpu
         self.arena_name = cpu.arena.name
@@ -264,28 +300,42 @@ class Store:
 
     # ------------------------------------------------------------------ listeners
 
-    def add_listener(self, fn: Listener) -> None:
-        """``fn(added, dropped)`` after commits and after a key leaves every tier."""
-        self._listeners.append(fn)
+    def add_listener(self, listener: StoreListener) -> None:
+        """Tell ``listener`` about commits, drops and aborted reservations from now on."""
+        self._listeners.append(listener)
 
-    def _emit(self, added: list[ChunkKey], dropped: list[ChunkKey]) -> None:
-        for fn in self._listeners:
+    def _emit_dropped(self, keys: list[ChunkKey]) -> None:
+        for listener in self._listeners:
             try:
-                fn(added, dropped)
+                listener.dropped(keys)
+            except Exception:
+                log.exception("store listener failed")
+
+    def _emit_committed(self, key: ChunkKey, from_engine: bool) -> None:
+        for listener in self._listeners:
+            try:
+                listener.committed(key, from_engine)
+            except Exception:
+                log.exception("store listener failed")
+
+    def _on_abort(self, key: ChunkKey) -> None:
+        for listener in self._listeners:
+            try:
+                listener.aborted(key)
             except Exception:
                 log.exception("store listener failed")
 
     def _on_cpu_detach(self, e: Entry) -> None:
         ssd = self._ssd
         if ssd is None or not (e.key in ssd or ssd.is_writing(e.key)):
-            self._emit([], [e.key])
+            self._emit_dropped([e.key])
 
     def _on_ssd_drop(self, key: ChunkKey) -> None:
         e = self.cpu.get(key)
         if e is not None:
             e.on_ssd = False
         elif self._cpu is not None and not self._cpu.contains(key):
-            self._emit([], [key])
+            self._emit_dropped([key])
 
     # ------------------------------------------------------------------ API
 
@@ -352,7 +402,7 @@ class Store:
         elif write_through:
             self._spawn(self._after_commit(e, e.gen))
         if self._listeners:
-            self._emit([key], [])
+            self._emit_committed(key, is_engine_owner(owner))
         if self._ssd is not None:
             self._maintain()
 
@@ -394,17 +444,17 @@ class Store:
         lease_s: float,
         verify: bool | None = None,
     ) -> list[Pin | None]:
-        """Pin each key in the arena (promoting it from SSD if needed); None: not served."""
+        """Pin each key that is in the arena; None: not there (on SSD, on a peer or
+        nowhere: making it resident is the puller's job, see ``promote``)."""
         if verify is None:
             verify = self.config.verify_reads
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
-        cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
+        cpu, check = self.cpu, self.namespace_check
         c = self._counters
         c.read_keys += len(keys)
         out: list[Pin | None] = []
-        promote: list[int] = []
-        for i, key in enumerate(keys):
+        for key in keys:
             _check_key(key)
             e = cpu.find(ns, key, check_ns=check)
             if e is not None:
@@ -412,26 +462,32 @@ class Store:
                 c.hits_cpu += 1
             else:
                 out.append(None)
-                if ssd is not None and (
-                    ssd.find(ns, key, check_ns=check) is not None
-                    or self._find_staged(ns, key) is not None
-                ):
-                    promote.append(i)
-                else:
-                    c.misses += 1
+                c.misses += 1
         if verify:
             await self._verify_pins(out, owner)
-        if promote:
-            got = await asyncio.gather(
-                *(self._promote(ns, keys[i], owner, lease_s) for i in promote)
-            )
-            for i, pin in zip(promote, got, strict=True):
-                out[i] = pin
-                if pin is None:
-                    c.misses += 1
-                else:
-                    c.hits_ssd += 1
         return out
+
+    def pin_now(self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float) -> int | None:
+        """Pin ``key`` if it is in the arena (no verification, no hit counted); the lease id,
+        or None. For holds that protect a chunk from eviction rather than read it."""
+        e = self.cpu.find(ns, key, check_ns=self.namespace_check)
+        if e is None:
+            return None
+        lease = self.cpu.pin(e, owner, lease_s, count=False)
+        return lease.lease_id
+
+    def on_ssd(self, ns: NamespaceId, key: ChunkKey) -> bool:
+        """Whether ``promote`` could bring ``key`` into the arena (an SSD file or the copy
+        of an evicted chunk whose SSD write is still running)."""
+        ssd = self._ssd
+        return ssd is not None and (
+            ssd.find(ns, key, check_ns=self.namespace_check) is not None
+            or self._find_staged(ns, key) is not None
+        )
+
+    def being_written(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is reserved in the arena (a writer's commit is pending)."""
+        return self.cpu.is_reserved(key)
 
     def _pin(self, e: Entry, owner: int, lease_s: float) -> Pin:
         lease = self.cpu.pin(e, owner, lease_s)
@@ -465,76 +521,56 @@ class Store:
             self._counters.hits_cpu -= 1
             self._counters.misses += 1
 
-    async def _promote(
-        self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float
-    ) -> Pin | None:
-        cpu = self.cpu
-        running = self._promoting.get(key)
-        if running is not None:
-            await asyncio.shield(running)
-            e = cpu.find(ns, key, check_ns=self.namespace_check)
-            return None if e is None else self._pin(e, owner, lease_s)
-        assert self._loop is not None
-        done: asyncio.Future[None] = self._loop.create_future()
-        self._promoting[key] = done
-        try:
-            return await self._promote_one(ns, key, owner, lease_s)
-        finally:
-            del self._promoting[key]
-            done.set_result(None)
-
-    async def _promote_one(
-        self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float
-    ) -> Pin | None:
+    async def promote(self, ns: NamespaceId, key: ChunkKey) -> bool:
+        """Bring ``key`` from SSD (or its staged copy) into the arena; True if it is in the
+        arena afterwards. Verified before it becomes visible; a file that fails its
+        checksum is removed and counted. Not single-flight: the caller (the puller) makes
+        sure one promotion of a key runs at a time; a key someone else is writing right
+        now is not promoted (False)."""
         cpu, ssd = self.cpu, self._ssd
-        assert ssd is not None
+        if cpu.find(ns, key, check_ns=self.namespace_check) is not None:
+            return True
+        if ssd is None or cpu.contains(key):
+            return False
         se = ssd.find(ns, key, check_ns=self.namespace_check)
         if se is None:
             staged = self._find_staged(ns, key)
-            return None if staged is None else self._promote_staged(key, staged, owner, lease_s)
-        existing = cpu.find(ns, key, check_ns=self.namespace_check)
-        if existing is not None:
-            return self._pin(existing, owner, lease_s)
-        if cpu.contains(key):
-            return None  # being written by someone right now
+            return staged is not None and self._promote_staged(key, staged)
         try:
             e = cpu.reserve(se.ns, key, se.payload_len, INTERNAL_OWNER)
         except NoSpace as exc:
             log.info("cannot promote %s from SSD: %s", key.hex(), exc)
             self._counters.promotion_failures += 1
-            return None
+            return False
         assert e is not None
         gen = e.gen
         committed = False
         try:
             got = await ssd.read_into(ns if self.namespace_check else None, key, cpu.view(e))
             if e.gen != gen:
-                return None  # the reservation expired while we read
+                return False  # the reservation expired while we read
             if got is None:
                 self._counters.promotion_failures += 1
-                return None
+                return False
             cpu.commit(se.ns, key, INTERNAL_OWNER, got.num_tokens, got.checksum)
             committed = True
             e.on_ssd = True
             self._counters.promotions += 1
-            return self._pin(e, owner, lease_s)
+            self._counters.hits_ssd += 1
+            self._emit_committed(key, False)
+            return True
         finally:
             if not committed and e.gen == gen and e.state is State.RESERVED:
                 cpu.abort(se.ns, key, INTERNAL_OWNER)
 
-    def _promote_staged(
-        self, key: ChunkKey, staged: _Staged, owner: int, lease_s: float
-    ) -> Pin | None:
+    def _promote_staged(self, key: ChunkKey, staged: _Staged) -> bool:
         cpu = self.cpu
-        if cpu.contains(key):
-            e = cpu.find(staged.ns, key, check_ns=False)
-            return None if e is None else self._pin(e, owner, lease_s)
         try:
             e = cpu.reserve(staged.ns, key, len(staged.buf), INTERNAL_OWNER)
         except NoSpace as exc:
             log.info("cannot promote %s from its staged copy: %s", key.hex(), exc)
             self._counters.promotion_failures += 1
-            return None
+            return False
         assert e is not None
         view = cpu.view(e)
         view[:] = staged.buf
@@ -544,7 +580,9 @@ class Store:
             self._counters.checksums_pending += 1
             self._spawn(self._after_commit(e, e.gen))
         self._counters.promotions += 1
-        return self._pin(e, owner, lease_s)
+        self._counters.hits_ssd += 1
+        self._emit_committed(key, False)
+        return True
 
     def release(self, lease_ids: Sequence[int], owner: int) -> None:
         """Close read leases; ``NotPinned`` for ids that are not open (double release)."""
@@ -668,7 +706,7 @@ class Store:
             if ok and e is not None:
                 e.on_ssd = True  # promoted from the copy meanwhile: now clean
             elif not ok and not self.cpu.contains(key) and key not in ssd:
-                self._emit([], [key])
+                self._emit_dropped([key])
 
     def _find_staged(self, ns: NamespaceId, key: ChunkKey) -> _Staged | None:
         st = self._staged.get(key)

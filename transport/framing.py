@@ -33,8 +33,9 @@ from meshkv.errors import ProtocolError
 MAGIC = b"MKVP"
 WIRE_VERSION = 1
 
-PROTOCOL_VERSION = 1
-"""Newest peer protocol version this build speaks (negotiated in HELLO)."""
+PROTOCOL_VERSION = 2
+"""Newest peer protocol version this build speaks (negotiated in HELLO). Version 2 adds
+``TRANSFER_DONE`` and the ``wait`` field of ``CHUNK_GET`` (ignored by version 1)."""
 MIN_PROTOCOL_VERSION = 1
 """Oldest peer protocol version this build still accepts."""
 
@@ -65,10 +66,15 @@ class MsgKind(enum.IntEnum):
     CHUNK_GET = 30
     CHUNK_DATA = 31
     CHUNK_PUSH = 32
+    TRANSFER_DONE = 33
+    """One-way: the consumer of a prefill/decode transfer is done with its chunks."""
     NODE_STATS = 40
 
 
 HANDSHAKE_KINDS = frozenset({MsgKind.HELLO, MsgKind.AUTH, MsgKind.ERROR})
+
+KIND_SINCE: dict[MsgKind, int] = {MsgKind.TRANSFER_DONE: 2}
+"""The protocol version that introduced a kind (absent: 1). Never sent to older peers."""
 _KINDS = frozenset(int(k) for k in MsgKind)
 
 

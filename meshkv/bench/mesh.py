@@ -222,6 +222,7 @@ async def _probe_lookups(
 ) -> tuple[float, float]:
     from meshkv.mesh.node import MeshNode
     from meshkv.mesh.options import MeshNodeConfig
+    from meshkv.puller import Puller
     from meshkv.store import Store, StoreConfig
     from meshkv.tiers.cpu import CpuTierConfig
 
@@ -230,7 +231,7 @@ async def _probe_lookups(
     config = MeshNodeConfig.from_preset(
         "local", listen="127.0.0.1:0", join=(seed,), secret=SECRET.encode()
     )
-    node = MeshNode("bench-probe", config, store)
+    node = MeshNode("bench-probe", config, store, Puller(store))
     await node.start()
     loop = asyncio.get_running_loop()
     ns = DEFAULT_NAMESPACE.digest()

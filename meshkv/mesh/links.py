@@ -25,7 +25,7 @@ from typing import Any
 
 from meshkv.errors import AuthenticationFailed, MeshKVError
 from meshkv.transport.base import Connection, ConnectionPool, Handler, Transport
-from meshkv.transport.framing import MsgKind
+from meshkv.transport.framing import KIND_SINCE, MsgKind
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class LinkStats:
     connect_failures: int = 0
     auth_failures: int = 0
     """Outgoing handshakes the peer rejected (wrong secret) or that failed."""
+    dropped_old_peer: int = 0
+    """Messages of a kind the peer's (older) protocol version does not know."""
 
 
 class _ControlLink:
@@ -162,6 +164,9 @@ class PeerLinks:
                         logger.debug("control link to %s: %s", link.address, exc)
                         continue
                 kind, header = link.queue.popleft()
+                if KIND_SINCE.get(kind, 1) > conn.peer.protocol_version:
+                    self.stats.dropped_old_peer += 1  # the peer cannot read it
+                    continue
                 try:
                     await conn.send(kind, header, deadline=loop.time() + self._send_timeout)
                     self.stats.sent += 1

@@ -1,16 +1,20 @@
 """The mesh shell: drives the sans-IO cores with a real transport and the loop's clock.
 
-``MeshNode`` is the agent's ``MeshService`` (and the local server's ``RemoteLookup``). It
-owns:
+``MeshNode`` is the agent's ``MeshService``. It owns:
 
 * the transport listener (the peer port) and the peer links (``links.py``),
 * the membership core (SWIM + Lifeguard) and the directory core, fed with received
   messages and ticked by one timer task at their ``next_deadline()``; membership events
   rebuild the ring, which the directory adopts (hand-off, purge of departed holders,
   re-announce of keys whose home moved),
-* the fetcher (``fetch.py``) that answers the local channel's lookup misses, and the
-  replicator (``replication.py``) that copies committed chunks to ring successors,
-* the peer server (``server/peer.py``) that serves what peers ask.
+* the fetcher (``fetch.py``), the ``ChunkSource`` it registers with the agent's puller
+  (``meshkv/puller.py``, the one path that makes chunks resident here), and the pusher
+  (``pusher.py``) that copies committed chunks to ring successors and transfer chunks to
+  the decode node a request names,
+* the peer server (``peer_server.py``) that serves what peers ask.
+
+The helpers never see this class: they depend on the protocols of ``seams.py``
+(``NodeView``, ``PeerDelegate``, ``Residency``), which the node implements.
 
 Nothing from a peer is acted on before the transport's HMAC handshake has authenticated
 it. Every task has an owner (``self._tasks``); shutdown is staged: gossip LEFT and keep
@@ -37,9 +41,10 @@ from meshkv.mesh.fetch import Fetcher
 from meshkv.mesh.links import PeerLinks
 from meshkv.mesh.membership import EventKind, Member, MemberEvent, Membership
 from meshkv.mesh.options import MeshNodeConfig
-from meshkv.mesh.replication import Replicator
+from meshkv.mesh.peer_server import PeerServer
+from meshkv.mesh.pusher import Pusher
 from meshkv.mesh.ring import Ring
-from meshkv.server.peer import PeerServer
+from meshkv.mesh.seams import Residency
 from meshkv.transport.base import (
     Connection,
     Listener,
@@ -55,7 +60,9 @@ if TYPE_CHECKING:
 
     from meshkv.config import AgentConfig
     from meshkv.metrics import AgentMetrics
-    from meshkv.store import Store, Tier
+    from meshkv.puller import Puller
+    from meshkv.store import Store
+    from meshkv.transfers import Transfers
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,6 @@ _WIRE_KIND: dict[type, MsgKind] = {
 }
 """Transport frame kind of each core message sent one-way."""
 
-HOLDER_CACHE_LIMIT = 65536
-"""Most lookup results remembered between a lookup and the pull it leads to."""
 PUSH_SWEEP_S = 60.0
 """A pushed payload whose frame never completed gives its reserved slot back after this."""
 
@@ -102,15 +107,20 @@ class MeshNode:
         node_id: str,
         config: MeshNodeConfig,
         store: Store,
+        residency: Residency,
         *,
+        transfers: Transfers | None = None,
         seed: int | None = None,
         transport: Transport | None = None,
     ) -> None:
-        """``transport``: use this one instead of building ``config.transport`` (tests and
-        simulations pass a ``MemoryTransport``)."""
-        self.node_id = node_id
+        """``residency``: the agent's puller (the peer server promotes through it before it
+        serves a chunk kept on SSD); ``transfers``: the producer-side holds, released when a
+        consumer says ``TRANSFER_DONE``. ``transport``: use this one instead of building
+        ``config.transport`` (tests and simulations pass a ``MemoryTransport``)."""
+        self._node_id = node_id
         self.config = config
         self.store = store
+        self.transfers = transfers
         self._rng = random.Random(seed if seed is not None else os.urandom(8))
         self.transport = transport or make_transport(
             config.transport, TransportConfig(secret=config.secret, node_id=node_id)
@@ -118,9 +128,11 @@ class MeshNode:
         self.address = config.advertise or config.listen
         self.ring = Ring([node_id], config.ring)
         self._alive: frozenset[str] = frozenset(self.ring.members)
-        self.fetcher = Fetcher(self)
-        self.replicator = Replicator(self)
-        self.peer_server = PeerServer(self)
+        self.fetcher = Fetcher(
+            self, store, holder_timeout_s=config.holder_timeout_s, seed=self._rng.getrandbits(32)
+        )
+        self.pusher = Pusher(self, store, replicas=config.replicas, timeout_s=config.pull_timeout_s)
+        self.peer_server = PeerServer(self, store, residency)
         self.last_heard: dict[str, float] = {}
         """loop.time() of the last membership message from each member."""
         self.events: Counter[str] = Counter()
@@ -134,16 +146,14 @@ class MeshNode:
         self._links: PeerLinks | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
-        self._holders: dict[ChunkKey, tuple[str, ...]] = {}
-        self._arrived: set[ChunkKey] = set()
         self._seq = 0
         self._closing = False
 
-    # --- MeshService --------------------------------------------------------------------
-
     @property
-    def remote(self) -> MeshNode:
-        return self
+    def node_id(self) -> str:
+        return self._node_id
+
+    # --- MeshService --------------------------------------------------------------------
 
     @property
     def membership(self) -> Membership:
@@ -192,7 +202,7 @@ class MeshNode:
         if self.store.ssd is not None:
             held.extend(self.store.ssd.chunk_keys())
         self._directory.add_local(held, now)
-        self.store.add_listener(self._on_store_change)
+        self.store.add_listener(self)
         self._send_all(self._membership.join(list(self.config.join), now))
         self._spawn(self._drive(), "drive")
         logger.info(
@@ -223,8 +233,7 @@ class MeshNode:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=max(0.1, deadline - loop.time()))
-        await self.fetcher.close()
-        await self.replicator.close()
+        await self.pusher.close()
         self.peer_server.abort_all()
         if self._listener is not None:
             await self._listener.close()
@@ -258,6 +267,7 @@ class MeshNode:
         for m in self.known_members():
             states[m.state.name.lower()] += 1
         fs = self.fetcher.stats
+        ps = self.pusher.stats
         ms = self._membership.stats if self._membership else None
         return {
             "members": dict(states),
@@ -271,13 +281,14 @@ class MeshNode:
             "pulls_ok": fs.pulls_ok,
             "pull_bytes": fs.pull_bytes,
             "pull_failures": dict(fs.failures),
-            "pull_latency_buckets": list(fs.latency_buckets),
-            "pull_latency_sum": fs.latency_sum,
+            "pull_latency": fs.latency,
             "handshake_failures": self.transport.stats.auth_failures,
             "checksum_failures": self.checksum_failures + fs.failures["checksum"],
             "protocol_errors": self.transport.stats.protocol_errors,
             "served_bytes": self.peer_server.stats.bytes_served,
-            "replica_pushes": self.replicator.stats.pushed,
+            "replica_pushes": ps.pushed - ps.transfer_pushed,
+            "transfer_pushes": ps.transfer_pushed,
+            "push_failures": dict(ps.failures),
         }
 
     def own_stats(self) -> dict[str, Any]:
@@ -308,35 +319,35 @@ class MeshNode:
     def known_members(self) -> list[Member]:
         return [] if self._membership is None else self._membership.members()
 
-    # --- RemoteLookup (the local server's lookup misses) ---------------------------------
+    @property
+    def source(self) -> Fetcher:
+        """The ``ChunkSource`` the agent registers with its puller."""
+        return self.fetcher
 
-    async def lookup(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]:
-        from meshkv.store import Tier
+    def push(self, ns: NamespaceId, keys: Sequence[ChunkKey], target: str) -> None:
+        """Push ``keys`` to node ``target`` now (a prefill/decode transfer)."""
+        self.pusher.push(ns, list(keys), target)
 
-        found = await self.fetcher.locate(ns, keys, self.now() + self.config.lookup_timeout_s)
-        if len(self._holders) + len(found) > HOLDER_CACHE_LIMIT:
-            self._holders.clear()
-        self._holders.update(found)
-        return [Tier.PEER if k in found else None for k in keys]
-
-    async def fetch(self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float) -> list[bool]:
-        unknown = [k for k in keys if k not in self._holders]
-        if unknown:
-            self._holders.update(await self.fetcher.locate(ns, unknown, deadline))
-        for key in keys:
-            holders = self._holders.pop(key, ())
-            if holders:
-                self.fetcher.start(ns, key, holders, deadline)
-        await self.fetcher.wait(keys, deadline)
-        return [t is not None for t in self.store.lookup(ns, keys)]
-
-    # --- used by fetch, replication and the peer server ---------------------------------
+    # --- NodeView (fetcher, pusher, admin routes) ----------------------------------------
 
     def homes(self, keys: Sequence[ChunkKey]) -> list[str]:
         return self.ring.owners_many(keys)
 
     def home_of(self, key: ChunkKey) -> str:
         return self.ring.owner(key)
+
+    def successors(self, key: ChunkKey, count: int) -> list[str]:
+        if count <= 0:
+            return []
+        owners = self.ring.owners(key, count + 1)
+        return [n for n in owners if n != self.node_id][:count]
+
+    def send_control(self, node: str, kind: MsgKind, header: dict[str, Any]) -> bool:
+        address = self.address_of(node)
+        if address is None or self._links is None:
+            return False
+        self._links.send(address, kind, header)
+        return True
 
     def is_alive(self, node: str) -> bool:
         """Alive or suspect, as of the last ring rebuild (the ring is exactly that set).
@@ -346,10 +357,6 @@ class MeshNode:
 
     def address_of(self, node: str) -> str | None:
         return None if self._membership is None else self._membership.address_of(node)
-
-    def peer_load(self, node: str) -> int:
-        """Pulls this node has running from ``node`` (fewer is better)."""
-        return self.fetcher.load[node]
 
     async def connection(self, address: str, deadline: float) -> Connection:
         if self._links is None:
@@ -375,6 +382,8 @@ class MeshNode:
             raise ProtocolError(f"home {home} answered a lookup with a bad reply")
         return answer.holders
 
+    # --- PeerDelegate (the peer server) --------------------------------------------------
+
     def holders_here(self, keys: Sequence[bytes]) -> tuple[tuple[str, ...], ...]:
         """Home side of a peer's lookup."""
         return tuple(self.directory.answer_lookup(keys, self.now()))
@@ -393,12 +402,9 @@ class MeshNode:
             if address is not None:
                 self._send(address, msg)
 
-    def mark_arrived(self, key: ChunkKey) -> None:
-        """``key`` is about to be committed from a pull or push (not by a local engine),
-        so the replicator must not copy it on again."""
-        if len(self._arrived) > HOLDER_CACHE_LIMIT:
-            self._arrived.clear()
-        self._arrived.add(key)
+    def transfer_done(self, consumer: str, transfer_id: str) -> None:
+        if self.transfers is not None and self.transfers.done(transfer_id):
+            logger.debug("transfer %s released by %s", transfer_id, consumer)
 
     def count_checksum_failure(self) -> None:
         self.checksum_failures += 1
@@ -490,7 +496,7 @@ class MeshNode:
             )
             if event.kind in (EventKind.DEAD, EventKind.LEFT) and self._links is not None:
                 self._links.forget(event.addr)
-                self.fetcher.load.pop(event.node, None)
+                self.fetcher.forget(event.node)
         members = membership.alive()
         if tuple(members) != self.ring.members:
             self.ring = Ring(members, self.config.ring)
@@ -501,27 +507,42 @@ class MeshNode:
                 "ring rebuilt: %d members, digest %s", len(self.ring), self.ring.digest[:16]
             )
 
-    def _on_store_change(self, added: list[ChunkKey], dropped: list[ChunkKey]) -> None:
+    # --- StoreListener ------------------------------------------------------------------
+
+    def committed(self, key: ChunkKey, from_engine: bool) -> None:
         if self._directory is None or self._closing:
             return
-        now = self.now()
-        if added:
-            self._directory.add_local(added, now)
-        if dropped:
-            self._directory.drop_local(dropped, now)
+        self._directory.add_local([key], self.now())
         self._poke()
-        fresh = [k for k in added if k not in self._arrived]
-        self._arrived.difference_update(added)
-        if fresh and self.config.replicas > 1:
-            self.replicator.enqueue(fresh)
+        if from_engine:  # pulled or pushed chunks are not copied on again
+            self.pusher.replicate(key)
+
+    def dropped(self, keys: list[ChunkKey]) -> None:
+        if self._directory is None or self._closing:
+            return
+        self._directory.drop_local(keys, self.now())
+        self._poke()
+
+    def aborted(self, key: ChunkKey) -> None:
+        """Nothing was announced for a reservation."""
 
 
-def create_mesh_service(config: AgentConfig, store: Store, metrics: AgentMetrics) -> MeshNode:
-    """``meshkv.agent.MESH_FACTORY``: the mesh node ``config.mesh`` describes."""
-    mesh = config.mesh
-    if not isinstance(mesh, MeshNodeConfig):
-        raise ConfigError(f"AgentConfig.mesh must be a MeshNodeConfig, got {type(mesh).__name__}")
-    node = MeshNode(config.node_id, mesh, store)
+def create_mesh_service(
+    config: AgentConfig,
+    store: Store,
+    metrics: AgentMetrics,
+    puller: Puller,
+    transfers: Transfers | None,
+) -> MeshNode:
+    """The agent's default mesh factory: the mesh node ``config.mesh`` describes, wired to
+    the agent's puller (chunks it cannot find locally come through this node) and
+    transfers (pushes to decode nodes go through it)."""
+    if config.mesh is None:
+        raise ConfigError("create_mesh_service needs AgentConfig.mesh")
+    node = MeshNode(config.node_id, config.mesh, store, puller, transfers=transfers)
+    puller.add_source(node.source)
+    if transfers is not None:
+        transfers.set_pusher(node.push)
     from meshkv.metrics import MeshCollector
 
     metrics.register(MeshCollector(node))

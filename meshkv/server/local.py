@@ -1,8 +1,9 @@
 """The agent's Unix-socket server for engines on the node (the local channel).
 
-Thin by design: decode a frame, call the ``Store``, encode the reply. Each connection is
-an ``asyncio.Protocol`` (measured: faster than streams for small frames, see
-``docs/local-protocol.md``); synchronous store calls are answered inside
+Thin by design: decode a frame, call the ``Store`` (and the ``Puller`` for chunks that
+are not in the arena yet, the ``Transfers`` for prefill/decode holds), encode the reply.
+Each connection is an ``asyncio.Protocol`` (measured: faster than streams for small
+frames, see ``docs/local-protocol.md``); synchronous store calls are answered inside
 ``data_received`` without creating a task, and only ``read`` (which may wait for disk or
 a peer) and lookups that consult the mesh run as tasks, at most ``MAX_INFLIGHT_PER_CONN``
 per connection (reading pauses beyond that).
@@ -23,8 +24,8 @@ import logging
 import os
 import time
 import typing
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from meshkv import __version__
 from meshkv.chunk import ChunkKey, Namespace, NamespaceId
@@ -52,42 +53,31 @@ from meshkv.protocol import (
     prefix_length,
     unpack_body,
 )
+from meshkv.puller import Puller, TransferHint
 from meshkv.store import Store, Tier
 
 if TYPE_CHECKING:
     from meshkv.metrics import AgentMetrics
+    from meshkv.transfers import Transfers
 
 logger = logging.getLogger(__name__)
 
 MAX_INFLIGHT_PER_CONN = 32
 """Async requests (reads) one connection may have running before reading pauses."""
 
-MAX_PULLS = 1024
-"""Keys being promoted from SSD or pulled from peers at once; lookups beyond it skip."""
-
 MAX_READ_WAIT_S = 30.0
 """Longest ``wait`` a read may ask for."""
 
-PULL_OWNER = 0
-"""Store owner id of the server's own prefetch pins (connection ids start at 1)."""
+MAX_TRANSFER_S = 600.0
+"""Longest a prefill/decode transfer may ask to be waited for or held."""
+
+LOOKUP_BUDGET_SHARE = 0.5
+"""Share of a client's lookup budget the agent may spend asking the mesh: the rest is the
+round trip and the client's own margin, so a slow mesh answer never looks like a dead
+agent to the engine."""
 
 Reply = dict[str, Any]
 Handler = Callable[[dict[str, Any]], "Reply | Awaitable[Reply]"]
-
-
-class RemoteLookup(Protocol):
-    """What the local server asks the mesh about keys this node does not hold.
-
-    The agent passes its ``MeshNode`` (or None without a mesh). ``lookup`` answers from
-    the directory; ``fetch`` pulls chunks into this node's store and returns per key
-    whether it arrived before ``deadline`` (a ``loop.time()`` value).
-    """
-
-    async def lookup(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]: ...
-
-    async def fetch(
-        self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float
-    ) -> list[bool]: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -100,75 +90,10 @@ class LocalServerConfig:
     """This agent's node id, reported at hello."""
     lease_seconds: float = 30.0
     """How long a read pin lasts before the store reclaims it."""
-    pull_timeout_s: float = 5.0
-    """Deadline of background SSD promotions and peer pulls started by a lookup."""
-    remote_lookup_timeout_s: float = 0.25
-    """How long a lookup may wait for the mesh; past it, unanswered keys count as misses
-    (the engine never waits on the network past its deadline)."""
-
-
-class _Pulls:
-    """In-flight promotions/pulls started by lookups, so that reads can wait for them."""
-
-    __slots__ = ("_store", "_remote", "_timeout", "_pending", "_tasks")
-
-    def __init__(self, store: Store, remote: RemoteLookup | None, timeout: float) -> None:
-        self._store = store
-        self._remote = remote
-        self._timeout = timeout
-        self._pending: dict[tuple[NamespaceId, ChunkKey], asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def start(self, ns: NamespaceId, keys: list[ChunkKey], tiers: list[Tier | None]) -> None:
-        loop = asyncio.get_running_loop()
-        ssd: list[ChunkKey] = []
-        peer: list[ChunkKey] = []
-        for key, tier in zip(keys, tiers, strict=True):
-            if tier is None or tier == Tier.CPU or (ns, key) in self._pending:
-                continue
-            if tier == Tier.PEER and self._remote is None:
-                continue
-            if len(self._pending) >= MAX_PULLS:
-                break
-            self._pending[(ns, key)] = loop.create_future()
-            (ssd if tier == Tier.SSD else peer).append(key)
-        if ssd:
-            self._spawn(ns, ssd, self._promote(ns, ssd))
-        if peer and self._remote is not None:
-            deadline = loop.time() + self._timeout
-            self._spawn(ns, peer, self._remote.fetch(ns, peer, deadline))
-
-    def _spawn(self, ns: NamespaceId, keys: list[ChunkKey], work: Awaitable[object]) -> None:
-        task = asyncio.ensure_future(self._run(ns, keys, work))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, ns: NamespaceId, keys: list[ChunkKey], work: Awaitable[object]) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                await work
-        except Exception as exc:  # a failed pull is a miss, never an agent failure
-            logger.warning("pull of %d chunks failed: %s", len(keys), exc)
-        finally:
-            for key in keys:
-                fut = self._pending.pop((ns, key), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-
-    async def _promote(self, ns: NamespaceId, keys: list[ChunkKey]) -> None:
-        pins = await self._store.read(ns, keys, PULL_OWNER, self._timeout)
-        self._store.release([p.lease_id for p in pins if p is not None], PULL_OWNER)
-
-    async def wait(self, ns: NamespaceId, keys: Sequence[ChunkKey], timeout: float) -> None:
-        waits = [f for k in keys if (f := self._pending.get((ns, k))) is not None]
-        if waits and timeout > 0:
-            await asyncio.wait(waits, timeout=timeout)
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    remote_lookup_timeout_s: float = 0.1
+    """Longest a lookup may wait for the mesh (and at most ``LOOKUP_BUDGET_SHARE`` of the
+    budget the client sends); past it, unanswered keys count as misses (the engine never
+    waits on the network past its deadline)."""
 
 
 class LocalServer:
@@ -179,17 +104,18 @@ class LocalServer:
         config: LocalServerConfig,
         store: Store,
         *,
+        puller: Puller,
         metrics: AgentMetrics | None = None,
-        remote: RemoteLookup | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.puller = puller
         self.metrics = metrics
-        self.remote = remote
-        self.pulls = _Pulls(store, remote, config.pull_timeout_s)
+        self.transfers = transfers
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._next_conn_id = PULL_OWNER + 1
+        self._next_conn_id = 1  # owner ids of engine connections: 1 .. 2**62 - 1
 
     async def start(self) -> None:
         """Bind the socket (0600) and start accepting."""
@@ -228,7 +154,6 @@ class LocalServer:
         for conn in list(self.connections):
             conn.close()
         await asyncio.sleep(0)  # let connection_lost run: pins go back before the store closes
-        await self.pulls.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -459,10 +384,13 @@ class _Connection(asyncio.Protocol):
         ns = self.namespace
         assert ns is not None
         keys = parse_keys(message)
+        transfer = parse_transfer_hint(message.get("transfer"))
         tiers = self.store.lookup(ns, keys)
-        remote = self.server.remote
-        if remote is not None and None in tiers:
-            return self._lookup_remote(ns, keys, tiers, remote)
+        if None in tiers:
+            puller = self.server.puller
+            puller.fill_in_flight(keys, tiers)
+            if None in tiers and (transfer is not None or puller.has_source):
+                return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"))
         return self._lookup_reply(ns, keys, tiers)
 
     async def _lookup_remote(
@@ -470,23 +398,23 @@ class _Connection(asyncio.Protocol):
         ns: NamespaceId,
         keys: list[ChunkKey],
         tiers: list[Tier | None],
-        remote: RemoteLookup,
+        transfer: TransferHint | None,
+        budget: object,
     ) -> Reply:
-        missing = [i for i, t in enumerate(tiers) if t is None]
-        try:
-            async with asyncio.timeout(self.server.config.remote_lookup_timeout_s):
-                found = await remote.lookup(ns, [keys[i] for i in missing])
-        except (TimeoutError, MeshKVError) as exc:
-            logger.info("mesh lookup of %d keys failed (%r); answering from local tiers",
-                        len(missing), exc)  # fmt: skip
-        else:
-            for i, tier in zip(missing, found, strict=True):
-                if tier is not None:
-                    tiers[i] = Tier.PEER
-        return self._lookup_reply(ns, keys, tiers)
+        loop = asyncio.get_running_loop()
+        limit = self.server.config.remote_lookup_timeout_s
+        if isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0:
+            limit = min(limit, budget * LOOKUP_BUDGET_SHARE)
+        tiers = await self.server.puller.locate(ns, keys, tiers, loop.time() + limit, transfer)
+        return self._lookup_reply(ns, keys, tiers, started=False)
 
     def _lookup_reply(
-        self, ns: NamespaceId, keys: list[ChunkKey], tiers: list[Tier | None]
+        self,
+        ns: NamespaceId,
+        keys: list[ChunkKey],
+        tiers: list[Tier | None],
+        *,
+        started: bool = True,
     ) -> Reply:
         # Hot path (measured, 64 keys): list.count and handing the StrEnum members to
         # msgpack as they are cost ~7 µs, where per-key loops and `.value` cost ~37 µs.
@@ -506,7 +434,8 @@ class _Connection(asyncio.Protocol):
                 n = head.count(tier)
                 counters.hit_chunks[tier] += n
                 counters.hit_tokens[tier] += n * per_chunk
-            self.server.pulls.start(ns, keys[:prefix], list(head))
+            if started:  # (locate started the flights itself)
+                self.server.puller.start_local(ns, keys[:prefix], list(head))
         return {"prefix": prefix, "tiers": tiers}
 
     def _reserve(self, message: dict[str, Any]) -> Reply:
@@ -539,6 +468,7 @@ class _Connection(asyncio.Protocol):
         keys = parse_keys(message)
         tokens = parse_ints(message, "tokens", len(keys))
         checksums = parse_optional_ints(message, "checksums", len(keys))
+        hold = parse_transfer_hold(message.get("transfer"))
         store, owner = self.store, self.conn_id
         for i, key in enumerate(keys):
             try:
@@ -547,6 +477,12 @@ class _Connection(asyncio.Protocol):
                 raise NotReserved(
                     f"commit of key {i} ({key.hex()}): {exc}; keys before it were committed"
                 ) from exc
+        if hold is not None:
+            transfers = self.server.transfers
+            if transfers is None:
+                raise ProtocolError("commit names a transfer but this agent keeps none")
+            transfer_id, hold_s, push_to = hold
+            transfers.hold(ns, keys, transfer_id, hold_s, push_to)
         return {}
 
     def _abort(self, message: dict[str, Any]) -> Reply:
@@ -564,7 +500,7 @@ class _Connection(asyncio.Protocol):
     async def _read_async(self, keys: list[ChunkKey], wait: float) -> Reply:
         ns = self.namespace
         assert ns is not None
-        await self.server.pulls.wait(ns, keys, wait)
+        await self.server.puller.resident(ns, keys, wait)
         pins = await self.store.read(ns, keys, self.conn_id, self.server.config.lease_seconds)
         if self.transport is None:  # the caller left while we waited; give the pins back
             self.store.release([p.lease_id for p in pins if p is not None], self.conn_id)
@@ -605,3 +541,36 @@ def plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+def parse_transfer_hint(value: object) -> TransferHint | None:
+    """A lookup's ``transfer`` field: ``{"id": str, "producer": str, "wait": seconds}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("'transfer' must be a map {id, producer, wait}")
+    transfer_id, producer, wait = value.get("id"), value.get("producer"), value.get("wait")
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
+        raise ProtocolError("transfer 'id' must be a string of 1..128 characters")
+    if not isinstance(producer, str) or not 0 < len(producer) <= 256:
+        raise ProtocolError("transfer 'producer' must be a node id (1..256 characters)")
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait > 0:
+        raise ProtocolError(f"transfer 'wait' must be a positive number of seconds, got {wait!r}")
+    deadline = asyncio.get_running_loop().time() + min(float(wait), MAX_TRANSFER_S)
+    return TransferHint(transfer_id, producer, deadline)
+
+
+def parse_transfer_hold(value: object) -> tuple[str, float, str | None] | None:
+    """A commit's ``transfer`` field: ``{"id": str, "hold": seconds, "push_to": node|nil}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("'transfer' must be a map {id, hold, push_to}")
+    transfer_id, hold, push_to = value.get("id"), value.get("hold"), value.get("push_to")
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
+        raise ProtocolError("transfer 'id' must be a string of 1..128 characters")
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not hold > 0:
+        raise ProtocolError(f"transfer 'hold' must be a positive number of seconds, got {hold!r}")
+    if push_to is not None and (not isinstance(push_to, str) or not 0 < len(push_to) <= 256):
+        raise ProtocolError("transfer 'push_to' must be a node id or nil")
+    return transfer_id, min(float(hold), MAX_TRANSFER_S), push_to

@@ -157,6 +157,7 @@ class CpuTier:
         demote: Callable[[Entry], bool] | None = None,
         demote_copy: Callable[[Entry], bool] | None = None,
         on_detach: Callable[[Entry], None] | None = None,
+        on_abort: Callable[[ChunkKey], None] | None = None,
         arena: Arena | None = None,
     ) -> None:
         """SSD hand-off callbacks (both return False when the SSD cannot take a write now):
@@ -167,12 +168,14 @@ class CpuTier:
           slot can be reused at once (eviction on demand in :meth:`reserve`). A refusal
           drops the chunk (counted as ``demotions_dropped``).
 
-        ``on_detach(entry)`` is told about every chunk leaving the tier."""
+        ``on_detach(entry)`` is told about every chunk leaving the tier, ``on_abort(key)``
+        about every reservation that ends without a commit (abort, owner gone, expiry)."""
         self.config = config
         self.clock = clock
         self.demote = demote
         self.demote_copy = demote_copy
         self.on_detach = on_detach
+        self.on_abort = on_abort
         self.alloc = SlotAllocator(
             config.capacity_bytes, config.segment_bytes, config.min_slot_bytes
         )
@@ -246,6 +249,11 @@ class CpuTier:
     def contains(self, key: ChunkKey) -> bool:
         """Whether ``key`` is reserved or committed here."""
         return key in self._index
+
+    def is_reserved(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is reserved here (being written, not yet committed)."""
+        e = self._index.get(key)
+        return e is not None and e.state is State.RESERVED
 
     def view(self, e: Entry) -> memoryview:
         return self.arena.view(e.offset, e.size)
@@ -424,6 +432,8 @@ class CpuTier:
         self._drop_reservation(e)
         del self._index[key]
         self._free(e)
+        if self.on_abort is not None:
+            self.on_abort(key)
 
     def _drop_reservation(self, e: Entry) -> None:
         self.reserved -= 1
@@ -435,8 +445,8 @@ class CpuTier:
 
     # ------------------------------------------------------------------ reads
 
-    def pin(self, e: Entry, owner: int, lease_s: float) -> Lease:
-        """Open a read lease on a committed entry (counts a hit)."""
+    def pin(self, e: Entry, owner: int, lease_s: float, *, count: bool = True) -> Lease:
+        """Open a read lease on a committed entry (counts a hit unless ``count=False``)."""
         if len(self._leases) >= self.config.max_leases:
             self.sweep(self.clock())
             if len(self._leases) >= self.config.max_leases:
@@ -455,9 +465,10 @@ class CpuTier:
         if e.pins == 0:
             self.pinned_entries += 1
         e.pins += 1
-        self.policy.touch(e.slot)
-        self.counters.hits += 1
-        self.counters.loaded_bytes += e.size
+        if count:
+            self.policy.touch(e.slot)
+            self.counters.hits += 1
+            self.counters.loaded_bytes += e.size
         return lease
 
     def release(self, lease_ids: list[int] | tuple[int, ...], owner: int) -> None:

@@ -107,7 +107,7 @@ def test_toml_tree_flags_and_legacy_keys(
         return build_config(args)
 
     cfg.write_text(
-        f'[store]\nverify_reads = true\n[store.cpu]\ncapacity_bytes = {128 << 20}\n'
+        f"[store]\nverify_reads = true\n[store.cpu]\ncapacity_bytes = {128 << 20}\n"
         f'eviction = "lru"\n[store.ssd]\ndirectory = "{ssd}"\ncapacity_bytes = {1 << 30}\n'
     )
     config = built()

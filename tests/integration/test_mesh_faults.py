@@ -368,6 +368,7 @@ def test_stale_directory_entry_is_corrected_at_the_home(
     from meshkv.client import DEFAULT_NAMESPACE
     from meshkv.mesh.node import MeshNode
     from meshkv.mesh.options import MeshNodeConfig
+    from meshkv.puller import Puller
     from meshkv.store import Store
 
     secret = write_secret(tmp_path)
@@ -382,7 +383,7 @@ def test_stale_directory_entry_is_corrected_at_the_home(
             join=(peer_address(b),),
             secret=secret.read_text().strip().encode(),
         )
-        node = MeshNode("ghost", config, store)
+        node = MeshNode("ghost", config, store, Puller(store))
         await node.start()
         loop = asyncio.get_running_loop()
         try:

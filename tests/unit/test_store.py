@@ -18,10 +18,11 @@ import pytest
 
 from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
 from meshkv.errors import ConfigError, NoSpace, NotPinned
-from meshkv.store import Slot, Store, StoreConfig, Tier
+from meshkv.puller import Puller
+from meshkv.store import Pin, Slot, Store, StoreConfig, Tier
 from meshkv.tiers.arena import SHM_DIR
 from meshkv.tiers.cpu import Entry
-from tests.helpers.stores import store_config
+from tests.helpers.stores import Recorder, store_config
 
 KiB = 1 << 10
 SLOT = 64 * KiB
@@ -76,6 +77,10 @@ async def settle(s: Store) -> None:
 
 
 async def read_bytes(s: Store, i: int) -> bytes | None:
+    """Read one chunk as a reader of the agent would: promoted from SSD first if needed
+    (the puller's first steps, done here with the store's own primitive)."""
+    if s.on_ssd(NS, key(i)):
+        await s.promote(NS, key(i))
     (pin,) = await s.read(NS, [key(i)], 1, 5.0)
     if pin is None:
         return None
@@ -105,8 +110,8 @@ def test_config_errors_are_clear() -> None:
 async def test_commit_read_checksum_and_namespace(tmp_path: Path) -> None:
     s = Store(config(None))
     await s.start()
-    seen: list[tuple[list[ChunkKey], list[ChunkKey]]] = []
-    s.add_listener(lambda a, d: seen.append((a, d)))
+    seen = Recorder()
+    s.add_listener(seen)
     put(s, 1)
     assert s.lookup(NS, [key(1), key(2)]) == [Tier.CPU, None]
     assert s.checksum_of(key(1)) == payload_checksum(data(1))
@@ -124,7 +129,12 @@ async def test_commit_read_checksum_and_namespace(tmp_path: Path) -> None:
     stats = s.snapshot()
     assert stats.namespace_mismatches == 2 and stats.tiers["cpu"].chunks == 1
     assert s.clear() == 1
-    assert seen == [([key(1)], []), ([], [key(1)])]
+    assert seen.added == [key(1)] and seen.from_engine == [True]  # owner 1: an engine
+    assert seen.dropped_keys == [key(1)]
+    slot = s.reserve(NS, key(2), SLOT, 1)
+    assert slot is not None
+    s.abort(NS, key(2), 1)
+    assert seen.aborted_keys == [key(2)]
     arena = os.path.join(SHM_DIR, s.arena_name)
     assert os.path.exists(arena)
     await s.close(asyncio.get_running_loop().time() + 5)
@@ -254,6 +264,7 @@ async def test_corrupt_ssd_chunk_is_a_miss_through_the_store(tmp_path: Path) -> 
     s2 = Store(config(tmp_path))
     await s2.start()
     assert s2.lookup(NS, [key(1)]) == [Tier.SSD]
+    assert not await s2.promote(NS, key(1))
     assert await s2.read(NS, [key(1)], 1, 5.0) == [None]
     st = s2.snapshot()
     assert st.checksum_failures == 1 and st.miss_chunks == 1
@@ -372,6 +383,7 @@ async def test_random_workload_serves_only_exact_bytes(
     )
     s = Store(cfg, ssd_fault_hook=slow)
     await s.start()
+    puller = Puller(s)
     truth: dict[ChunkKey, bytes] = {}
     held: list[tuple[int, ChunkKey, bytes, Slot]] = []
     for step in range(400):
@@ -392,6 +404,7 @@ async def test_random_workload_serves_only_exact_bytes(
                 truth[k] = blob
         elif op < 0.8:
             ks = [key(rng.randrange(60)) for _ in range(rng.randint(1, 3))]
+            await puller.resident(NS, ks, 0.0)  # promotes what is on SSD, single-flight
             pins = await s.read(NS, ks, 1, 60.0)
             for k, pin in zip(ks, pins, strict=True):
                 if pin is None:
@@ -434,19 +447,13 @@ async def test_listener_sees_drops_only_when_a_key_leaves_every_tier(tmp_path: P
     cap = 3 * (SLOT + RECORD_HEADER_BYTES)
     s = Store(_cfg(tmp_path, cap))
     await s.start()
-    added: list[ChunkKey] = []
-    dropped: list[ChunkKey] = []
-
-    def listener(a: list[ChunkKey], d: list[ChunkKey]) -> None:
-        added.extend(a)
-        dropped.extend(d)
-
-    s.add_listener(listener)
+    seen = Recorder()
+    s.add_listener(seen)
     for i in range(6):  # 2 fit in memory, 3 on disk: key 0 leaves both tiers
         put(s, i)
         await settle(s)
-    assert added == [key(i) for i in range(6)]
-    assert dropped == [key(0)]  # keys 1..3 moved to SSD: not dropped
+    assert seen.added == [key(i) for i in range(6)]
+    assert seen.dropped_keys == [key(0)]  # keys 1..3 moved to SSD: not dropped
     tiers = s.lookup(NS, [key(i) for i in range(6)])
     assert tiers == [None, Tier.SSD, Tier.SSD, Tier.SSD, Tier.CPU, Tier.CPU]
     await s.close(asyncio.get_running_loop().time() + 5)
@@ -477,9 +484,13 @@ async def test_concurrent_reads_share_one_promotion(tmp_path: Path) -> None:
     await s.close(asyncio.get_running_loop().time() + 5)
     s2 = Store(config(tmp_path))
     await s2.start()
-    a, b = await asyncio.gather(
-        s2.read(NS, [key(1)], 1, 5.0), s2.read(NS, [key(1), key(1)], 2, 5.0)
-    )
+    puller = Puller(s2)
+
+    async def read(keys: list[ChunkKey], owner: int) -> list[Pin | None]:
+        await puller.resident(NS, keys, 0.0)
+        return await s2.read(NS, keys, owner, 5.0)
+
+    a, b = await asyncio.gather(read([key(1)], 1), read([key(1), key(1)], 2))
     pins = [*a, *b]
     assert all(p is not None for p in pins)
     assert len({p.slot for p in pins if p is not None}) == 1

@@ -104,6 +104,7 @@ def test_msgkind_values_are_stable() -> None:
         "CHUNK_GET": 30,
         "CHUNK_DATA": 31,
         "CHUNK_PUSH": 32,
+        "TRANSFER_DONE": 33,
         "NODE_STATS": 40,
     }
     assert {k.name: int(k) for k in MsgKind} == expected
@@ -137,7 +138,7 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="max_payload_bytes"):
         TransportConfig(secret=b"s" * 16, node_id="a", max_payload_bytes=0)
     with pytest.raises(ConfigError, match="protocol versions"):
-        TransportConfig(secret=b"s" * 16, node_id="a", min_protocol_version=2)
+        TransportConfig(secret=b"s" * 16, node_id="a", min_protocol_version=3)
 
 
 def test_message_checks_types() -> None:

@@ -1,10 +1,11 @@
-"""Peer-channel request handlers: chunk get/push, directory, membership.
+"""Peer-channel request handlers: chunk get/push, directory, membership, transfers.
 
-Thin, like every server: decode and validate a frame's header, call the store or the mesh
-node, encode the answer. Only authenticated peers reach this code (the transport runs the
-HMAC handshake before it hands anything to a handler). Anything malformed raises
-``ProtocolError`` with a reason; the transport answers it with an ERROR frame (or drops
-the connection) and the agent keeps serving.
+Thin, like every server: decode and validate a frame's header, hand it to the node through
+its ``PeerDelegate`` seam (or serve a chunk from the store, made resident first by the
+node's puller through ``Residency``), encode the answer. Only authenticated peers reach
+this code (the transport runs the HMAC handshake before it hands anything to a handler).
+Anything malformed raises ``ProtocolError`` with a reason; the transport answers it with
+an ERROR frame (or drops the connection) and the agent keeps serving.
 
 Frames (``meshkv.transport.framing.MsgKind``; header fields are msgpack):
 
@@ -15,15 +16,20 @@ PING, ACK, PING_REQ,  ``{"m": <membership message wire form>,   none (one-way)
 GOSSIP, PUSH_PULL     "src": sender's peer address}``
 DIR_ANNOUNCE          ``{"m": <Announce or Handoff>}``            none (one-way)
 DIR_LOOKUP            ``{"m": <Lookup>}``                         DIR_REPLY ``{"m": <LookupReply>}``
-CHUNK_GET             ``{"ns": 16 B, "key": 16 B}``               CHUNK_DATA ``{"found": bool,
-                                                                 "record": RecordHeader}`` +
+CHUNK_GET             ``{"ns": 16 B, "key": 16 B,                  CHUNK_DATA ``{"found": bool,
+                      "wait": s (v2, optional)}``                 "record": RecordHeader}`` +
                                                                  payload
 CHUNK_PUSH            ``{"push": int, "record": RecordHeader}``   ACK ``{"stored": bool}``
                       + payload
 NODE_STATS            ``{}``                                      NODE_STATS ``{"chunks",
                                                                  "bytes", "tiers",
                                                                  "hit_rate"}``
+TRANSFER_DONE (v2)    ``{"id": transfer id}``                     none (one-way)
 ====================  =======================================  ============================
+
+A ``CHUNK_GET`` with ``wait`` > 0 may wait (at most that long, at most ``MAX_GET_WAIT_S``)
+for a chunk this node's engine is still committing: the decode side of a prefill/decode
+transfer often asks before the prefill engine's commit has landed.
 """
 
 from __future__ import annotations
@@ -31,16 +37,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, RecordHeader
 from meshkv.errors import ChecksumMismatch, MeshKVError, NamespaceMismatch, ProtocolError
 from meshkv.mesh import messages as mm
+from meshkv.mesh.seams import PeerDelegate, Residency
+from meshkv.store import Store
 from meshkv.transport.base import Message, PeerInfo
 from meshkv.transport.framing import MsgKind
-
-if TYPE_CHECKING:
-    from meshkv.mesh.node import MeshNode
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ PUSH_OWNER = (1 << 62) + 3
 """Store owner of the slots reserved for chunks pushed by peers."""
 SERVE_LEASE_S = 30.0
 """Longest a pin may be held for a send (the transport releases it when the send ends)."""
+MAX_GET_WAIT_S = 2.0
+"""Longest a ``CHUNK_GET`` waits for a commit in progress here."""
 MAX_PENDING_PUSHES = 256
 """Most pushed payloads being received at once; more land in scratch memory and are
 dropped (the pusher sees ``stored: false``)."""
@@ -78,9 +85,10 @@ class PeerServerStats:
 class PeerServer:
     """Serves one agent's peer port."""
 
-    def __init__(self, node: MeshNode) -> None:
+    def __init__(self, node: PeerDelegate, store: Store, residency: Residency) -> None:
         self._node = node
-        self._store = node.store
+        self._store = store
+        self._residency = residency
         self._pushes: dict[tuple[str, int], tuple[RecordHeader, float]] = {}
         self.stats = PeerServerStats()
 
@@ -124,6 +132,12 @@ class PeerServer:
             return self._chunk_push(peer, msg)
         if kind == MsgKind.NODE_STATS:
             return Message(MsgKind.NODE_STATS, self._node.own_stats())
+        if kind == MsgKind.TRANSFER_DONE:
+            transfer_id = msg.header.get("id")
+            if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
+                raise ProtocolError("TRANSFER_DONE needs 'id', a string of 1..128 characters")
+            self._node.transfer_done(peer.node_id, transfer_id)
+            return None
         raise ProtocolError(f"peer message kind {kind.name} is not served here")
 
     # --- chunks -----------------------------------------------------------------------
@@ -131,7 +145,11 @@ class PeerServer:
     async def _chunk_get(self, header: Mapping[str, Any]) -> Message:
         ns = NamespaceId(_bytes16(header, "ns"))
         key = ChunkKey(_bytes16(header, "key"))
+        wait = header.get("wait", 0.0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise ProtocolError(f"CHUNK_GET 'wait' must be a number of seconds >= 0, got {wait!r}")
         store = self._store
+        await self._residency.resident(ns, [key], min(float(wait), MAX_GET_WAIT_S), peers=False)
         (pin,) = await store.read(ns, [key], SERVE_OWNER, SERVE_LEASE_S)
         if pin is None:
             self.stats.chunk_misses += 1
@@ -201,7 +219,6 @@ class PeerServer:
                 "pushed chunk %s from %s rejected: %s", reserved.key.hex(), peer.node_id, exc
             )
             return Message(MsgKind.ACK, {"stored": False})
-        self._node.mark_arrived(reserved.key)
         store.commit(
             reserved.namespace, reserved.key, PUSH_OWNER, reserved.num_tokens, reserved.checksum
         )

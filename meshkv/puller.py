@@ -1,0 +1,406 @@
+"""``Puller``: the one path that makes chunks resident in this node's CPU tier.
+
+Every way a chunk becomes readable here goes through it: the SSD and peer hits a lookup
+finds, a read of a chunk that is on SSD, a prefill/decode transfer whose producer the
+request names, a push from a peer that is still landing, a peer asking for a chunk this
+node keeps on SSD. It owns the one map of work in flight (``_flights``, key → ``Flight``),
+so a chunk is promoted or pulled once however many ask, and each flight runs under one
+absolute deadline (``loop.time()``) that every step is given.
+
+A flight tries, in order, until the chunk is in the arena:
+
+1. already there → done;
+2. reserved here by another writer (an engine's commit, a peer's push landing) → wait for
+   that reservation to settle (the store tells us of commits and aborts);
+3. on SSD, or an evicted chunk whose SSD write is still running → promote it;
+4. holders known (the lookup found them at the key's home, or a transfer names its
+   producer) → pull from them in turn, least loaded first, through the ``ChunkSource``
+   (the mesh);
+5. none of that → a miss: the engine recomputes, which is always the last resort.
+
+The mesh registers itself as the source (``add_source``); without one the puller still
+promotes from SSD. Lookups report what a flight will bring (``ssd``/``peer``) so the
+engine can load asynchronously; reads wait for the flights of their keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshkv.chunk import ChunkKey, NamespaceId
+from meshkv.errors import MeshKVError
+from meshkv.latency import LatencyHistogram
+from meshkv.store import Store, Tier
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_GRACE_S = 0.05
+"""A flight's steps end by its deadline themselves (each is given it); the flight is cut
+this much later only as a backstop, so a step can report why it ended."""
+
+MAX_FLIGHTS = 4096
+"""Most chunks being made resident at once; a lookup beyond it reports the rest as misses."""
+
+
+class ChunkSource(Protocol):
+    """Where chunks that are not on this node come from (the mesh's fetcher)."""
+
+    async def locate(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float
+    ) -> dict[ChunkKey, tuple[str, ...]]:
+        """Live holders (other nodes) of each key, from the keys' homes; a home that
+        does not answer by ``deadline`` contributes nothing."""
+        ...
+
+    def order(self, holders: Sequence[str]) -> list[str]:
+        """``holders`` in the order to try them (least loaded first)."""
+        ...
+
+    async def pull(
+        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+    ) -> str | None:
+        """Pull ``key`` from ``holder`` into the store; None when it is resident now,
+        else the cause of the failure (``timeout``, ``transport``, ``stale`` ...)."""
+        ...
+
+    def transfer_done(self, producer: str, transfer_id: str) -> None:
+        """Tell the producer of a prefill/decode transfer that this node is done with it
+        (every chunk arrived or was given up), so it can release its hold."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransferHint:
+    """A prefill/decode transfer the request names: where its chunks come from."""
+
+    transfer_id: str
+    producer: str
+    """Node id of the producer's agent."""
+    deadline: float
+    """``loop.time()`` by which the chunks must be here (then: recompute)."""
+
+
+@dataclass(slots=True)
+class PullerConfig:
+    """Settings of the puller."""
+
+    pull_timeout_s: float = 5.0
+    """Deadline of a flight started by a lookup (over every holder tried)."""
+    max_concurrent_pulls: int = 16
+    """Peer pulls running at once (more wait for a turn, under their deadline)."""
+
+
+@dataclass(slots=True)
+class PullerStats:
+    """Counters of the puller (metrics: ``meshkv_flights_*``)."""
+
+    started: int = 0
+    resident: int = 0
+    """Flights that ended with the chunk in the arena."""
+    failed: int = 0
+    by_way: Counter[str] = field(default_factory=Counter)
+    """How flights made chunks resident: ``cpu`` (already), ``settled`` (another writer's
+    commit), ``ssd`` (promotion), ``peer`` (pull)."""
+    failures: Counter[str] = field(default_factory=Counter)
+    """Flights that ended without their chunk, by cause: ``full`` (too many flights),
+    ``deadline``, ``no_holder`` (the causes of single pull attempts are the fetcher's)."""
+    joined: int = 0
+    """Requests that found the chunk already in flight (single-flight saves)."""
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Seconds from a flight's start until its chunk was resident."""
+
+
+@dataclass(slots=True, eq=False)
+class Flight:
+    """One chunk being made resident."""
+
+    ns: NamespaceId
+    key: ChunkKey
+    tier: Tier
+    """What the flight expects to bring it from (``ssd`` or ``peer``)."""
+    deadline: float
+    holders: tuple[str, ...] = ()
+    transfer: TransferHint | None = None
+    local_only: bool = False
+    """Only this node's own sources (a peer asked: never pull on its behalf)."""
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a reservation of the key held by another writer ends."""
+    task: asyncio.Task[bool] | None = None
+
+
+class Puller:
+    """Makes chunks resident here; see the module docstring."""
+
+    def __init__(self, store: Store, config: PullerConfig | None = None) -> None:
+        self._store = store
+        self.config = config or PullerConfig()
+        self._source: ChunkSource | None = None
+        self._flights: dict[ChunkKey, Flight] = {}
+        self._transfers: dict[str, tuple[str, set[ChunkKey]]] = {}
+        """Transfer id → (producer, keys still in flight): when the set empties, the
+        producer hears ``transfer_done``."""
+        self._pulls = asyncio.Semaphore(self.config.max_concurrent_pulls)
+        self._closing = False
+        self.stats = PullerStats()
+        store.add_listener(self)
+
+    def add_source(self, source: ChunkSource) -> None:
+        """Pull through ``source`` from now on (the mesh registers itself at start)."""
+        self._source = source
+
+    @property
+    def has_source(self) -> bool:
+        return self._source is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def tier_of(self, key: ChunkKey) -> Tier | None:
+        """What the flight of ``key`` will bring it from; None when none runs."""
+        flight = self._flights.get(key)
+        return None if flight is None else flight.tier
+
+    # --- StoreListener ------------------------------------------------------------------
+
+    def committed(self, key: ChunkKey, from_engine: bool) -> None:
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.settled.set()
+
+    def aborted(self, key: ChunkKey) -> None:
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.settled.set()
+
+    def dropped(self, keys: list[ChunkKey]) -> None:
+        """Nothing to do: a flight checks the store at every step."""
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def fill_in_flight(self, keys: Sequence[ChunkKey], tiers: list[Tier | None]) -> None:
+        """Fill the misses of ``tiers`` with what is on its way: a running flight's tier, or
+        ``peer`` for a key another writer is storing right now (a push landing)."""
+        flights, store = self._flights, self._store
+        for i, tier in enumerate(tiers):
+            if tier is None:
+                key = keys[i]
+                flight = flights.get(key)
+                if flight is not None:
+                    tiers[i] = flight.tier
+                elif store.being_written(key):
+                    tiers[i] = Tier.PEER
+
+    def start_local(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], tiers: Sequence[Tier | None]
+    ) -> None:
+        """Start the flights of a lookup's found prefix that need no mesh round trip:
+        promotions from SSD, waits for a chunk another writer is storing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.pull_timeout_s
+        for key, tier in zip(keys, tiers, strict=True):
+            if tier is not None and tier is not Tier.CPU and key not in self._flights:
+                self._start(ns, key, tier, deadline)
+
+    async def locate(
+        self,
+        ns: NamespaceId,
+        keys: Sequence[ChunkKey],
+        tiers: list[Tier | None],
+        deadline: float,
+        transfer: TransferHint | None = None,
+    ) -> list[Tier | None]:
+        """Fill the misses of ``tiers`` (the store's answer for ``keys``) with what a flight
+        can bring, start the flights of the found prefix, and return the tiers.
+
+        A key whose flight already runs reports that flight's tier. With ``transfer``, every
+        miss is expected from the named producer (no directory round trip: it may not even
+        know the chunks yet). Otherwise the source asks the keys' homes, by ``deadline``
+        (the lookup's, which is short); the flights themselves get ``pull_timeout_s``."""
+        self.fill_in_flight(keys, tiers)
+        missing = [i for i, t in enumerate(tiers) if t is None]
+        holders: dict[ChunkKey, tuple[str, ...]] = {}
+        if transfer is not None:
+            for i, tier in enumerate(tiers):
+                if tier is not Tier.CPU:
+                    holders[keys[i]] = (transfer.producer,)
+                    tiers[i] = tier or Tier.PEER
+        elif missing and self._source is not None:
+            try:
+                async with asyncio.timeout_at(deadline):  # the lookup's budget, enforced
+                    holders = await self._source.locate(ns, [keys[i] for i in missing], deadline)
+            except (MeshKVError, TimeoutError, OSError) as exc:
+                logger.info("locating %d keys failed: %r", len(missing), exc)
+            for i in missing:
+                if keys[i] in holders:
+                    tiers[i] = Tier.PEER
+        loop = asyncio.get_running_loop()
+        flight_deadline = (
+            transfer.deadline if transfer is not None else loop.time() + self.config.pull_timeout_s
+        )
+        for key, tier in zip(keys, tiers, strict=True):
+            if tier is None:
+                break  # only the prefix is ever loaded
+            if tier is not Tier.CPU:
+                self._start(ns, key, tier, flight_deadline, holders.get(key, ()), transfer)
+        if transfer is not None:
+            self._maybe_done(transfer.transfer_id)
+        return tiers
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def resident(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], wait: float, *, peers: bool = True
+    ) -> None:
+        """Before a read of ``keys``: promote those on SSD (waited for in full: a local
+        disk read with its own deadline) and wait up to ``wait`` seconds for the flights
+        already bringing the others. ``peers=False`` (a peer asking for a chunk) waits only
+        for local sources: SSD and a writer's pending commit."""
+        store = self._store
+        loop = asyncio.get_running_loop()
+        local_deadline = loop.time() + self.config.pull_timeout_s
+        must: list[asyncio.Task[bool]] = []
+        may: list[asyncio.Task[bool]] = []
+        for key in keys:
+            flight = self._flights.get(key)
+            if flight is None:
+                if store.on_ssd(ns, key):
+                    flight = self._start(ns, key, Tier.SSD, local_deadline)
+                elif wait > 0 and store.being_written(key):
+                    flight = self._start(ns, key, Tier.PEER, loop.time() + wait, local_only=True)
+            if flight is None or flight.task is None:
+                continue
+            if flight.tier is Tier.SSD:
+                must.append(flight.task)
+            elif peers or flight.local_only:
+                may.append(flight.task)
+        if must:
+            await asyncio.wait(must)
+        if may and wait > 0:
+            await asyncio.wait(may, timeout=wait)
+
+    # --- flights ------------------------------------------------------------------------
+
+    def _start(
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        tier: Tier,
+        deadline: float,
+        holders: tuple[str, ...] = (),
+        transfer: TransferHint | None = None,
+        *,
+        local_only: bool = False,
+    ) -> Flight | None:
+        flight = self._flights.get(key)
+        if flight is not None:
+            self.stats.joined += 1
+            if holders and not flight.holders:
+                flight.holders = holders  # a later lookup found holders: use them too
+            return flight
+        if self._closing:
+            return None
+        if len(self._flights) >= MAX_FLIGHTS:
+            self.stats.failures["full"] += 1
+            return None
+        flight = Flight(ns, key, tier, deadline, holders, transfer, local_only)
+        self._flights[key] = flight
+        if transfer is not None:
+            self._transfers.setdefault(transfer.transfer_id, (transfer.producer, set()))[1].add(key)
+        flight.task = asyncio.get_running_loop().create_task(
+            self._fly(flight), name=f"meshkv-flight-{key.hex()[:8]}"
+        )
+        flight.task.add_done_callback(lambda _: self._landed(flight))
+        self.stats.started += 1
+        return flight
+
+    def _landed(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        transfer = flight.transfer
+        if transfer is not None:
+            entry = self._transfers.get(transfer.transfer_id)
+            if entry is not None:
+                entry[1].discard(flight.key)
+                self._maybe_done(transfer.transfer_id)
+
+    def _maybe_done(self, transfer_id: str) -> None:
+        entry = self._transfers.get(transfer_id)
+        if entry is None or entry[1]:
+            return
+        del self._transfers[transfer_id]
+        if self._source is not None:
+            self._source.transfer_done(entry[0], transfer_id)
+
+    async def _fly(self, flight: Flight) -> bool:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout_at(flight.deadline + DEADLINE_GRACE_S):
+                way = await self._steps(flight)
+        except TimeoutError:
+            way = None
+            self.stats.failures["deadline"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in one flight must not take the agent down: a miss
+            logger.exception("flight of %s failed", flight.key.hex())
+            way = None
+        if way is None:
+            self.stats.failed += 1
+            return False
+        self.stats.resident += 1
+        self.stats.by_way[way] += 1
+        self.stats.latency.observe(loop.time() - started)
+        return True
+
+    async def _steps(self, flight: Flight) -> str | None:
+        """Run the flight's steps; returns how the chunk became resident, None if not."""
+        store, ns, key = self._store, flight.ns, flight.key
+        if store.lookup(ns, [key])[0] == Tier.CPU:
+            return "cpu"
+        if store.being_written(key):
+            flight.settled.clear()
+            while store.being_written(key):
+                await flight.settled.wait()
+                flight.settled.clear()
+            if store.lookup(ns, [key])[0] == Tier.CPU:
+                return "settled"
+        if store.on_ssd(ns, key) and await store.promote(ns, key):
+            return "ssd"
+        source = self._source
+        holders = flight.holders
+        if source is None or flight.local_only:
+            return None
+        if not holders:
+            found = await source.locate(ns, [key], flight.deadline)
+            holders = found.get(key, ())
+        if not holders:
+            self.stats.failures["no_holder"] += 1
+            return None
+        async with self._pulls:
+            ordered = source.order(holders)
+            for i, holder in enumerate(ordered):
+                if store.lookup(ns, [key])[0] == Tier.CPU:
+                    return "settled"  # arrived meanwhile (a push, another engine)
+                cause = await source.pull(
+                    ns, key, holder, flight.deadline, last=i == len(ordered) - 1
+                )
+                if cause is None:
+                    return "peer"
+                logger.info("pull of %s from %s failed: %s", key.hex(), holder, cause)
+        return None
+
+    async def close(self) -> None:
+        """Cancel every flight (at shutdown)."""
+        self._closing = True
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)

@@ -1,0 +1,222 @@
+"""The local server and the puller against a scripted mesh (a fake ``ChunkSource``).
+
+Real ``Store``, real ``Puller``, real ``LocalServer`` on a Unix socket, real
+``AgentClient``; only the mesh — the network edge — is scripted, so the contract of the
+local channel's lookups and reads is tested on its own: peer tiers extend the prefix and
+their flights start at once, a ``read(wait=...)`` waits for them, a chunk is pulled once
+however many ask (single flight), a slow or failing mesh never holds a lookup past its
+share of the client's budget, a transfer's chunks come from its producer without any
+directory round trip and the producer hears ``transfer_done`` once, and a chunk that is
+still landing (a push) is waited for rather than pulled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from meshkv.chunk import ChunkKey, NamespaceId
+from meshkv.client import AgentClient, TransferRef
+from meshkv.errors import TransportError
+from meshkv.puller import Puller
+from meshkv.server.local import LocalServer, LocalServerConfig
+from meshkv.store import Store
+from tests.helpers.stores import store_config
+
+PEER_BYTES = b"bytes pulled from a peer" * 100
+PULL_OWNER = -7
+
+
+class ScriptedSource:
+    """Claims every key starting with b"P" is on node "peer-1"; a pull stores it after
+    ``pull_delay`` seconds. Counts every call, from any thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lookup_delay: float = 0.0,
+        pull_delay: float = 0.2,
+        fail: bool = False,
+    ) -> None:
+        self.store = store
+        self.lookup_delay = lookup_delay
+        self.pull_delay = pull_delay
+        self.fail = fail
+        self.located: list[ChunkKey] = []
+        self.pulled: list[tuple[ChunkKey, str]] = []
+        self.done: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    async def locate(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float
+    ) -> dict[ChunkKey, tuple[str, ...]]:
+        self.located.extend(keys)
+        await asyncio.sleep(self.lookup_delay)
+        if self.fail:
+            raise TransportError("peer unreachable")
+        return {k: ("peer-1",) for k in keys if k.startswith(b"P")}
+
+    def order(self, holders: Sequence[str]) -> list[str]:
+        return list(holders)
+
+    async def pull(
+        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+    ) -> str | None:
+        self.pulled.append((key, holder))
+        await asyncio.sleep(self.pull_delay)  # the pull takes a while
+        slot = self.store.reserve(ns, key, len(PEER_BYTES), owner=PULL_OWNER)
+        if slot is None:
+            return None
+        self.store.payload(slot)[:] = PEER_BYTES
+        self.store.commit(ns, key, PULL_OWNER, num_tokens=16)
+        return None
+
+    def transfer_done(self, producer: str, transfer_id: str) -> None:
+        self.done.append((producer, transfer_id))
+
+
+Scenario = Callable[[str, ScriptedSource, Store, asyncio.AbstractEventLoop], None]
+
+
+async def serve(source_kwargs: dict[str, object], scenario: Scenario) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="mkv-seam-", dir="/tmp"))
+    store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
+    await store.start()
+    puller = Puller(store)
+    source = ScriptedSource(store, **source_kwargs)  # type: ignore[arg-type]
+    puller.add_source(source)
+    server = LocalServer(
+        LocalServerConfig(str(tmp / "agent.sock"), "n1", remote_lookup_timeout_s=0.3),
+        store,
+        puller=puller,
+    )
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.to_thread(scenario, str(tmp / "agent.sock"), source, store, loop)
+    finally:
+        await server.close(loop.time() + 2)
+        await puller.close()
+        await store.close(loop.time() + 2)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_peer_chunks_extend_the_prefix_and_reads_wait_for_the_pull() -> None:
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path) as c:
+            assert c.put(b"L" * 16, b"local")
+            keys = [b"L" * 16, b"P1" * 8, b"P2" * 8, b"M" * 16, b"P3" * 8]
+            reply = c.lookup(keys)
+            assert reply.tiers == ["cpu", "peer", "peer", None, "peer"]
+            assert reply.prefix == 3
+            leases = c.read(keys[:3], wait=5.0)  # waits for the pulls the lookup started
+            assert [x is not None for x in leases] == [True, True, True]
+            assert leases[1] is not None and bytes(leases[1].view) == PEER_BYTES
+            c.release([x for x in leases if x is not None])
+            del leases
+            pulled = sorted(k for k, _ in source.pulled)
+            assert pulled == sorted([b"P1" * 8, b"P2" * 8])  # the prefix only, once each
+
+    asyncio.run(serve({}, scenario))
+
+
+def test_one_pull_however_many_ask() -> None:
+    """Four clients look up and read the same peer chunks at once: one pull per chunk."""
+
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        keys = [b"P%d" % i * 8 for i in range(1, 4)]
+        results: list[list[bool]] = []
+
+        def client() -> None:
+            with AgentClient(path) as c:
+                assert c.lookup(keys).prefix == 3
+                leases = c.read(keys, wait=5.0)
+                results.append([x is not None for x in leases])
+                c.release([x for x in leases if x is not None])
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert results == [[True] * 3] * 4
+        assert sorted(k for k, _ in source.pulled) == sorted(keys)
+
+    asyncio.run(serve({}, scenario))
+
+
+def test_slow_or_failing_mesh_never_holds_a_lookup() -> None:
+    def slow(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path, timeout=0.4) as c:
+            c.put(b"L" * 16, b"local")
+            started = time.monotonic()
+            reply = c.lookup([b"L" * 16, b"P1" * 8])  # agent may spend 0.2 s (half)
+            assert time.monotonic() - started < 0.35
+            assert reply.tiers == ["cpu", None] and reply.prefix == 1
+
+    asyncio.run(serve({"lookup_delay": 10.0}, slow))
+
+    def failing(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path) as c:
+            assert c.lookup([b"P1" * 8]).tiers == [None]
+
+    asyncio.run(serve({"fail": True}, failing))
+
+
+def test_transfer_comes_from_its_producer_without_the_directory() -> None:
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        keys = [b"T%d" % i * 8 for i in range(1, 5)]  # not "P": the directory knows nothing
+        ref = TransferRef("xfer-1", "prefill-node", 5.0)
+        with AgentClient(path) as c:
+            reply = c.lookup(keys, transfer=ref)
+            assert reply.prefix == 4 and reply.tiers == ["peer"] * 4
+            leases = c.read(keys, wait=5.0)
+            assert all(x is not None for x in leases)
+            c.release([x for x in leases if x is not None])
+        assert source.located == []  # no directory round trip
+        assert sorted(source.pulled) == sorted((k, "prefill-node") for k in keys)
+        assert source.done == [("prefill-node", "xfer-1")]  # told once, after the last
+
+    asyncio.run(serve({"pull_delay": 0.05}, scenario))
+
+
+def test_a_chunk_still_landing_is_waited_for_not_pulled() -> None:
+    """A push (another writer) has reserved the key; a lookup reports it on its way and a
+    read waits for its commit: the puller never pulls it a second time."""
+
+    def scenario(
+        path: str, source: ScriptedSource, store: Store, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        key = ChunkKey(b"P9" * 8)
+        with AgentClient(path) as c:
+            ns = c.hello().namespace
+
+            def reserve() -> None:
+                slot = store.reserve(ns, key, len(PEER_BYTES), owner=PULL_OWNER - 1)
+                assert slot is not None
+                store.payload(slot)[:] = PEER_BYTES
+
+            def commit() -> None:
+                store.commit(ns, key, PULL_OWNER - 1, num_tokens=16)
+
+            asyncio.run_coroutine_threadsafe(_call(reserve), loop).result(5)
+            assert c.lookup([key]).tiers == ["peer"]
+            loop.call_later(0.3, commit)
+            started = time.monotonic()
+            (lease,) = c.read([key], wait=5.0)
+            assert lease is not None and bytes(lease.view) == PEER_BYTES
+            assert 0.2 < time.monotonic() - started < 3.0
+            c.release([lease])
+        assert source.pulled == []
+
+    asyncio.run(serve({}, scenario))
+
+
+async def _call(fn: Callable[[], None]) -> None:
+    fn()
