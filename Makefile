@@ -40,7 +40,7 @@ $(SRC_STAMP): $(DEPS_STAMP) pyproject.toml
 	@touch $@
 
 demo: venv
-	$(PY) -m meshkv.demo
+	$(PY) -m benchmarks.demo
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -54,8 +54,10 @@ typecheck: venv
 	@for f in meshkv/*; do ln -s $(CURDIR)/$$f $(TYPETREE)/meshkv/; done
 	@ln -s $(CURDIR)/transport $(TYPETREE)/meshkv/transport
 	@ln -s $(CURDIR)/kernels $(TYPETREE)/meshkv/kernels
+	@ln -s $(CURDIR)/benchmarks $(TYPETREE)/benchmarks
+	@ln -s $(CURDIR)/simulations $(TYPETREE)/simulations
 	cd $(TYPETREE) && $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
-		--cache-dir $(CACHE)/mypy-cache -p meshkv
+		--cache-dir $(CACHE)/mypy-cache -p meshkv -p benchmarks -p simulations
 
 unit: venv
 	$(PY) -m pytest -q tests -m "not vllm"
@@ -68,7 +70,8 @@ bench: venv
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
 	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
-	$(PY) -m meshkv bench vllm --json $(CACHE)/bench-vllm.json
+	$(PY) -m benchmarks.sim_wall --json $(CACHE)/bench-sim-wall.json
+	$(PY) -m benchmarks.vllm_ttft --json $(CACHE)/bench-vllm.json
 
 clean-cache:
 	rm -rf $(VENV)

@@ -223,9 +223,7 @@ def store_kwargs(path: Path, table: dict[str, Any], deprecations: list[str]) -> 
         deprecations.append(
             f"{path}: [store] {old} is deprecated; write it as [store.{sub}] {field}"
         )
-    if ssd is not None and "directory" not in ssd:
-        if ssd_given:
-            raise ConfigError(f"{path}: [store.ssd] needs a directory (or remove the table)")
+    if ssd is not None and "directory" not in ssd and not ssd_given:
         ssd = None  # legacy ssd_* keys without ssd_dir: as before, no SSD tier
 
     out = table_kwargs(path, "store", table, StoreConfig, exclude=("cpu", "ssd"))

@@ -44,13 +44,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -63,8 +59,10 @@ from meshkv.bench.report import Report, Result
 from meshkv.bench.ssd_raw import drop_file_cache, measure_raw
 from meshkv.client import AgentClient
 from meshkv.errors import NoSpace
+from meshkv.launch import AgentProcess
 
 MiB = 1 << 20
+GiB = 1 << 30
 CHUNK_SIZES_MIB = (2, 16, 32)
 SSD_WRITE_QUEUE = 32
 """The bench agent's ``[store] ssd_write_queue``; the writer keeps fewer chunks in flight."""
@@ -96,54 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class BenchAgent:
-    """A ``meshkv agent`` subprocess for the benchmark."""
-
-    def __init__(self, workdir: Path, name: str, extra: list[str]) -> None:
-        self.dir = workdir / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket = str(self.dir / "agent.sock")
-        self.ready = self.dir / "ready.json"
-        self.log = self.dir / "agent.log"
-        self.cmd = [
-            sys.executable, "-m", "meshkv", "agent", "--node-id", f"bench-{name}",
-            "--socket", self.socket, "--http", "127.0.0.1:0",
-            "--ready-file", str(self.ready), "--log-level", "warning", *extra,
-        ]  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.ready.unlink()
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bench agent exited:\n{self.log.read_text()}")
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                if json.loads(self.ready.read_text()).get("pid") == self.proc.pid:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"bench agent not ready in {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @contextlib.contextmanager
-def running(agent: BenchAgent) -> Iterator[BenchAgent]:
-    agent.start()
+def running(agent: AgentProcess) -> Iterator[AgentProcess]:
+    """The agent started for the ``with`` block, stopped (SIGTERM) after it; its files go
+    with the bench's work directory."""
+    agent.start(timeout=60.0)
     try:
         yield agent
     finally:
-        agent.stop()
+        agent.stop(timeout=60.0)
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -294,22 +253,30 @@ def _ssd_stats(client: AgentClient) -> dict[str, Any]:
 def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: Report) -> None:
     """Per chunk size, back to back: the raw baseline, then the agent's write and read."""
     config = workdir / "ssd-agent.toml"
-    config.write_text(f"[store]\nssd_write_queue = {SSD_WRITE_QUEUE}\n")
-    agent = BenchAgent(
-        workdir,
-        "ssd",
-        [
-            "--config", str(config), "--cpu-gb", str(args.cpu_gb),
-            "--ssd-dir", str(ssd_dir), "--write-through",
-        ],
-    )  # fmt: skip
+    config.write_text(f"[store.ssd]\nwrite_queue_depth = {SSD_WRITE_QUEUE}\n")
+    agent = AgentProcess(
+        name="bench-ssd",
+        cpu_bytes=int(args.cpu_gb * GiB),
+        ssd_dir=ssd_dir,
+        args=["--config", str(config), "--write-through"],
+        log_level="warning",
+    )
+    try:
+        _measure_ssd_sizes(agent, ssd_dir, args, report)
+    finally:
+        agent.cleanup()
+
+
+def _measure_ssd_sizes(
+    agent: AgentProcess, ssd_dir: Path, args: argparse.Namespace, report: Report
+) -> None:
     for size_mib in CHUNK_SIZES_MIB:
         size = size_mib * MiB
         count = max(2, args.ssd_mib * MiB // size)
         (raw_before,) = measure_raw(str(ssd_dir), [size], count)
         src = _chunks(size, 1)[0]
         keys = _keys(f"d{size_mib}-", 0, count)
-        with running(agent), AgentClient(agent.socket, timeout=30.0) as client:
+        with running(agent), agent.client(timeout=30.0) as client:
             start = _ssd_stats(client)
             on_ssd = base = start["chunks"]
             deadline = time.monotonic() + WAIT_LIMIT_S
@@ -330,7 +297,7 @@ def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: 
                 raise RuntimeError("the SSD tier refused writes; the write number is invalid")
         write_gbps = _gbps(size * count, seconds)
         # Restart: an empty CPU tier; the SSD scan finds the chunks. Drop their cached pages.
-        with running(agent), AgentClient(agent.socket, timeout=30.0) as client:
+        with running(agent), agent.client(timeout=30.0) as client:
             client.map_arena()  # connect and map the arena before the clock starts
             for path in ssd_dir.rglob("*.mkv"):
                 drop_file_cache(str(path))
@@ -374,13 +341,18 @@ def run(args: argparse.Namespace) -> int:
     ssd_dir.mkdir(parents=True, exist_ok=True)
     try:
         if args.only != "ssd":
-            cpu_agent = BenchAgent(workdir, "cpu", ["--cpu-gb", str(args.cpu_gb)])
-            with running(cpu_agent), AgentClient(cpu_agent.socket, timeout=30.0) as client:
-                client.map_arena()  # a fixed start-up cost (MAP_POPULATE), not per request
-                if args.only in (None, "lookup"):
-                    measure_lookup(client, args, report)
-                if args.only in (None, "cpu"):
-                    measure_cpu(client, args, report)
+            cpu_agent = AgentProcess(
+                name="bench-cpu", cpu_bytes=int(args.cpu_gb * GiB), log_level="warning"
+            )
+            try:
+                with running(cpu_agent), cpu_agent.client(timeout=30.0) as client:
+                    client.map_arena()  # a fixed start-up cost (MAP_POPULATE), not per request
+                    if args.only in (None, "lookup"):
+                        measure_lookup(client, args, report)
+                    if args.only in (None, "cpu"):
+                        measure_cpu(client, args, report)
+            finally:
+                cpu_agent.cleanup()
         if not args.skip_ssd and args.only in (None, "ssd"):
             report.meta["ssd_dir"] = str(ssd_dir)
             measure_ssd(workdir, ssd_dir, args, report)

@@ -13,8 +13,9 @@ Every number is compared with a baseline measured in the same run (this machine 
 * ``lookup_home_p50`` / ``lookup_home_p99`` — µs to find the holders of a 64-chunk prompt
   through their homes (one request per home, in parallel) from a third mesh member
   running in this process, over loopback TCP. Target: p99 <= 1 ms.
-* ``sim_256x600s_wall`` — seconds of wall time of the 256-node, 600 s membership
-  simulation (``meshkv.bench.sim_wall``).
+
+The simulator's wall time is measured by ``python -m benchmarks.sim_wall`` in the source
+tree (``make bench``).
 """
 
 from __future__ import annotations
@@ -22,22 +23,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from meshkv.bench.local import BenchAgent
+from meshkv.bench.local import running
 from meshkv.bench.report import Report, Result
 from meshkv.chunk import ChunkKey
-from meshkv.client import DEFAULT_NAMESPACE, AgentClient
+from meshkv.client import DEFAULT_NAMESPACE
+from meshkv.launch import AgentProcess, free_port
 
 CHUNK_BYTES = 16 << 20
 SECRET = os.urandom(24).hex()
@@ -49,27 +48,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookups", type=int, default=2000, help="64-chunk lookups to time")
     parser.add_argument("--skip-ucx", action="store_true", help="no UCX measurement")
     parser.add_argument("--skip-redis", action="store_true", help="no Redis comparison")
-    parser.add_argument("--skip-sim", action="store_true", help="no simulation wall time")
 
 
-def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int) -> BenchAgent:
+def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int) -> AgentProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     secret = workdir / "secret"
     if not secret.exists():
         secret.write_text(SECRET)
+        secret.chmod(0o600)
     extra = [
-        "--cpu-bytes", str(gib << 30), "--listen", "127.0.0.1:0",
-        "--mesh-secret-file", str(secret), "--transport", transport, "--mesh-preset", "local",
+        "--listen", "127.0.0.1:0", "--mesh-secret-file", str(secret),
+        "--transport", transport, "--mesh-preset", "local",
     ]  # fmt: skip
     if join:
         extra += ["--join", join]
-    return BenchAgent(workdir, name, extra)
+    return AgentProcess(name=f"bench-{name}", cpu_bytes=gib << 30, args=extra, log_level="warning")
 
 
-def _http(agent: BenchAgent, path: str) -> Any:
-    info = json.loads(agent.ready.read_text())
-    with urllib.request.urlopen(f"http://{info['http']}{path}", timeout=10) as resp:
-        return json.load(resp)
+def _http(agent: AgentProcess, path: str) -> Any:
+    return agent.get_json(path)
+
+
+def _alive(agent: AgentProcess) -> int:
+    return int(_http(agent, "/v1/status")["mesh"]["alive_members"])
 
 
 def _wait(what: str, predicate: Any, timeout: float = 30.0) -> None:
@@ -85,22 +86,26 @@ def _wait(what: str, predicate: Any, timeout: float = 30.0) -> None:
 @contextlib.contextmanager
 def _pair(
     workdir: Path, transport: str, gib: int, tag: str = ""
-) -> Iterator[tuple[BenchAgent, BenchAgent]]:
+) -> Iterator[tuple[AgentProcess, AgentProcess]]:
     workdir = workdir / (tag or transport)
     a = _agent(workdir, "a", transport, None, gib)
-    a.start()
     try:
-        seed = _http(a, "/v1/status")["mesh"]["address"]
-        b = _agent(workdir, "b", transport, seed, gib)
-        b.start()
-        try:
-            _wait("two members", lambda: _http(b, "/v1/status")["mesh"]["alive_members"] == 2)
-            _wait("two members", lambda: _http(a, "/v1/status")["mesh"]["alive_members"] == 2)
-            yield a, b
-        finally:
-            b.stop()
+        with running(a):
+            seed = _http(a, "/v1/status")["mesh"]["address"]
+            b = _agent(workdir, "b", transport, seed, gib)
+            try:
+                with running(b):
+                    _wait(
+                        "two members", lambda: _http(b, "/v1/status")["mesh"]["alive_members"] == 2
+                    )
+                    _wait(
+                        "two members", lambda: _http(a, "/v1/status")["mesh"]["alive_members"] == 2
+                    )
+                    yield a, b
+            finally:
+                b.cleanup()
     finally:
-        a.stop()
+        a.cleanup()
 
 
 def measure_pulls(
@@ -118,8 +123,8 @@ def measure_pulls(
     pull_s = base_s = 0.0
     with (
         _pair(workdir, transport, gib) as (a, b),
-        AgentClient(a.socket, timeout=30) as ca,
-        AgentClient(b.socket, timeout=30) as cb,
+        a.client(timeout=30) as ca,
+        b.client(timeout=30) as cb,
     ):
         for round_no in range(rounds + 1):  # round 0 warms connections up; not counted
             keys = [os.urandom(16) for _ in range(chunks)]
@@ -155,12 +160,6 @@ def measure_pulls(
 # --- Redis -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure_redis(chunks: int, rounds: int) -> float:
     """GB/s of redis-py GET of ``chunks`` 16 MiB blobs from a loopback redis-server."""
     import redis
@@ -168,7 +167,7 @@ def measure_redis(chunks: int, rounds: int) -> float:
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="meshkv-bench-redis-")
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -203,7 +202,7 @@ def measure_redis(chunks: int, rounds: int) -> float:
 
 def measure_lookups(workdir: Path, lookups: int) -> tuple[float, float]:
     """p50 / p99 µs of locating a 64-chunk prompt's holders through their homes."""
-    with _pair(workdir, "tcp", 1, "lookup") as (a, _b), AgentClient(a.socket) as ca:
+    with _pair(workdir, "tcp", 1, "lookup") as (a, _b), a.client() as ca:
         keys = [os.urandom(16) for _ in range(64)]
         for key in keys:
             ca.put(key, b"k" * 4096)
@@ -287,10 +286,6 @@ def run(args: argparse.Namespace) -> int:
         p50, p99 = measure_lookups(workdir, args.lookups)
         report.add(Result("lookup_home_p50", p50, "us", None, "target_p99", 1000.0))
         report.add(Result("lookup_home_p99", p99, "us", None, "target_p99", 1000.0))
-        if not args.skip_sim:
-            from meshkv.bench.sim_wall import run_sim_wall
-
-            report.add(Result("sim_256x600s_wall", run_sim_wall(), "s"))
     print(report.table())
     report.write(args.json)
     return 0

@@ -178,6 +178,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         store["write_through"] = True
     if args.verify_reads:
         store["verify_reads"] = True
+    if ssd is not None and not ssd.get("directory"):
+        raise ConfigError("[store.ssd] needs a directory (in the table, or --ssd-dir DIR)")
     ssd_dir = None if ssd is None else ssd.get("directory")
     if ssd_dir is not None and not os.path.isdir(ssd_dir):
         if os.path.exists(ssd_dir):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 
 CONVERGE_TIMEOUT_S = 20.0
 
@@ -126,16 +126,4 @@ def ring_status_json(agent: AgentProcess) -> dict[str, Any]:
 
 def metric(agent: AgentProcess, name: str, labels: str = "") -> float:
     """Sum of a Prometheus sample from ``/metrics`` (0.0 when absent)."""
-    import urllib.request
-
-    with urllib.request.urlopen(agent.url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric_name, _, label_part = head.partition("{")
-        if metric_name == name and (not labels or labels in label_part):
-            total += float(value)
-    return total
+    return agent.metric(name, labels)

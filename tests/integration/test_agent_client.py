@@ -13,7 +13,7 @@ import pytest
 from meshkv.chunk import Namespace, chunk_keys, payload_checksum
 from meshkv.client import AgentClient
 from meshkv.errors import AgentUnavailable, DeadlineExceeded, NotReserved
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 
 WRITER = r"""
 import sys, numpy as np

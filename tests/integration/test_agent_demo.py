@@ -1,4 +1,4 @@
-"""``python -m meshkv.demo`` (what ``make demo`` runs) works end to end and cleans up.
+"""``python -m benchmarks.demo`` (what ``make demo`` runs) works end to end and cleans up.
 
 The demo starts three real agents and two real vLLM engines, so it is marked ``vllm``.
 """
@@ -41,7 +41,7 @@ def _leftovers(stdout: str) -> list[str]:
 
 def test_demo_runs_and_cleans_up() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "meshkv.demo"],
+        [sys.executable, "-m", "benchmarks.demo"],
         capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, env=_demo_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -73,7 +73,7 @@ def test_demo_cleans_up_after_ctrl_c(tmp_path: Path) -> None:
     log = tmp_path / "demo.out"
     with log.open("w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshkv.demo"], stdout=sink, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "benchmarks.demo"], stdout=sink, stderr=subprocess.STDOUT,
             text=True, env=_demo_env(),
         )  # fmt: skip
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 
 TOKEN = "s3cret-token-0123456789"
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from meshkv.errors import NoSpace
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 
 MiB = 1 << 20
 

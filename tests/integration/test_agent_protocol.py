@@ -12,8 +12,8 @@ import pytest
 
 from meshkv.client import AgentClient
 from meshkv.errors import ConfigError, NotPinned, NotReserved, ProtocolError, StoreError
+from meshkv.launch import AgentProcess
 from meshkv.protocol import MAX_FRAME_BYTES, MAX_KEYS_PER_REQUEST, PROTOCOL_MAX_VERSION
-from tests.helpers.agents import AgentProcess
 
 HELLO = {"op": "hello", "id": 1, "min_version": 1, "max_version": 1, "namespace": {"model": "t"}}
 

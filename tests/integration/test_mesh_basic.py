@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshkv.client import AgentClient
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 from tests.helpers.mesh import (
     metric,
     ring,

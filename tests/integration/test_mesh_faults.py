@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from meshkv.errors import MeshKVError, ProtocolError
+from meshkv.launch import AgentProcess, free_port
 from meshkv.transport.base import TransportConfig
 from meshkv.transport.framing import MsgKind
 from meshkv.transport.tcp import TcpTransport
-from tests.helpers.agents import AgentProcess
 from tests.helpers.mesh import (
     mesh_args,
     metric,
@@ -236,19 +236,13 @@ def proxy_factory() -> Iterator[Callable[[tuple[str, int], int], CorruptingProxy
         p.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_corrupted_pull_is_counted_and_never_served(
     agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
     proxy_factory: Callable[[tuple[str, int], int], CorruptingProxy],
 ) -> None:
     secret = write_secret(tmp_path)
-    port = _free_port()
+    port = free_port()
     proxy = proxy_factory(("127.0.0.1", port), offset=300_000)
     # A listens on ``port`` but tells everyone to reach it through the proxy
     a = agent_factory(

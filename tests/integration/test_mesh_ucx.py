@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 from tests.helpers.mesh import metric, start_mesh, wait_converged, wait_for, write_secret
 
 pytestmark = pytest.mark.ucx

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 from tests.helpers.mesh import mesh_args, peer_address, wait_converged, wait_for, write_secret
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

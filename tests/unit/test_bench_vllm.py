@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from meshkv.bench import vllm as bench
-from meshkv.bench import workloads
-from meshkv.bench.vllm_runner import JOB_VERSION, Job
+from benchmarks import vllm_ttft as bench
+from benchmarks import workloads
+from benchmarks.vllm_runner import JOB_VERSION, Job
 
 VOCAB = 1024
 

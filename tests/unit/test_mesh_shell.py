@@ -338,6 +338,7 @@ def test_peer_server_promotes_from_ssd_before_serving(tmp_path: Any) -> None:
                 await listener.close()
                 await transport.close()
                 await puller.close()
+                await store.close(soon())
 
     run(main)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshkv.bench.sim_wall import run_sim_result
+from benchmarks.sim_wall import run_sim_result
 from meshkv.mesh.config import MembershipConfig
 from simulations import detection, directory_churn, dissemination, faults, partition, scale
 from simulations.sim import Sim, run_until_converged, start_cluster

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshkv.bench import vllm as bench
+from benchmarks import vllm_ttft as bench
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

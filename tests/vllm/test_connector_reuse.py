@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 from tests.vllm.engines import EngineRun, Prompts, wait_until
 
 pytestmark = pytest.mark.vllm

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meshkv.chunk import Namespace, chunk_keys
-from tests.helpers.agents import AgentProcess
+from meshkv.launch import AgentProcess
 from tests.helpers.mesh import metric, start_mesh, wait_converged, wait_for, write_secret
 from tests.vllm.engines import EngineRun, Prompts
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from meshkv.chunk import RECORD_HEADER_BYTES, Namespace, chunk_keys
+from meshkv.launch import AgentProcess
 from meshkv.tiers.ssd import SUFFIX
-from tests.helpers.agents import AgentProcess
 from tests.vllm.engines import EngineRun, Prompts, wait_until
 
 pytestmark = pytest.mark.vllm

@@ -1,6 +1,6 @@
-"""``python -m meshkv.demo`` (``make demo``): a small live mesh with a real vLLM engine.
+"""``python -m benchmarks.demo`` (``make demo``): a small live mesh with a real vLLM engine.
 
-1. Builds a small random Llama on the spot (:mod:`meshkv.testing.tiny_llama`, cached).
+1. Builds a small random Llama on the spot (:mod:`benchmarks.tiny_llama`, cached).
 2. Starts three ``meshkv agent`` processes (node-a, node-b, node-c) that gossip into one
    mesh (LOCAL preset, shared secret, TCP between agents).
 3. Engine 1, a real vLLM engine with ``MeshKVConnector`` talking to node-a, serves a
@@ -14,7 +14,7 @@
 6. Prints a summary table (TTFT and hit tokens per request, chunks and peer pulls per
    agent), ``meshkv ring status`` and ``meshkv status``.
 
-Engines run as subprocess jobs (:mod:`meshkv.testing.engine_job`). Every process,
+Engines run as subprocess jobs (:mod:`benchmarks.engine_job`). Every process,
 arena, socket and temporary file is removed on exit, also after Ctrl-C or a failure. The
 exit status is 0 only when warm and cross-node hits happened and outputs matched.
 TTFT here is the wall time of a one-token greedy request, on a small model on a shared
@@ -23,7 +23,6 @@ CPU: it shows the shape of the saving, not production numbers.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -37,18 +36,29 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from meshkv.chunk import Namespace, chunk_keys
+from meshkv.launch import (
+    AgentProcess,
+    LaunchError,
+    engine_env,
+    http_get,
+    kill_group,
+    log_tail,
+    prometheus_sum,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHUNK_TOKENS = 256
 DOC_TOKENS = (1536, 2304, 3072)
 """Document lengths: whole chunks, so every document token can be reused."""
 QUESTION_TOKENS = 48
-AGENT_CPU_GB = "0.25"
+AGENT_CPU_BYTES = 256 << 20
 AGENT_START_S = 30.0
 CONVERGE_S = 20.0
 ENGINE_TIMEOUT_S = 240.0
@@ -60,71 +70,37 @@ class DemoFailed(Exception):
     """A step of the demo failed; the message says which and why."""
 
 
-@dataclass(slots=True)
-class Agent:
-    """One demo agent process and where it listens."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def http(self) -> str:
-        return str(self.info["http"])
-
-    @property
-    def socket(self) -> str:
-        return str(self.info["socket"])
-
-
 class Demo:
     """Owns every process and file of one demo run; :meth:`close` removes them all."""
 
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="meshkv-demo-", dir="/tmp"))
-        self.agents: list[Agent] = []
+        self.agents: list[AgentProcess] = []
         self.engines: list[subprocess.Popen[bytes]] = []
 
     # --- processes --------------------------------------------------------------
 
-    def start_agent(self, name: str, secret: Path, join: str | None) -> Agent:
-        ready = self.workdir / f"{name}.ready.json"
+    def start_agent(self, name: str, secret: Path, join: str | None) -> AgentProcess:
         ssd = self.workdir / f"{name}-ssd"
         ssd.mkdir()
-        cmd = [
-            sys.executable, "-m", "meshkv", "agent", "--node-id", name,
-            "--socket", str(self.workdir / f"{name}.sock"), "--http", "127.0.0.1:0",
-            "--ready-file", str(ready), "--cpu-gb", AGENT_CPU_GB, "--ssd-dir", str(ssd),
-            "--log-level", "warning", "--listen", "127.0.0.1:0",
-            "--mesh-secret-file", str(secret), "--mesh-preset", "local", "--transport", "tcp",
+        args = [
+            "--listen", "127.0.0.1:0", "--mesh-secret-file", str(secret),
+            "--mesh-preset", "local", "--transport", "tcp",
         ]  # fmt: skip
         if join:
-            cmd += ["--join", join]
-        print("  $ meshkv", " ".join(cmd[4:]))
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as out:
-            # Own session: a Ctrl-C in the terminal reaches only the demo, which then
-            # stops the agents in order (graceful leave, arena removed).
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        agent = Agent(name, proc, log)
+            args += ["--join", join]
+        agent = AgentProcess(
+            name=name, cpu_bytes=AGENT_CPU_BYTES, ssd_dir=ssd, args=args, log_level="warning"
+        )
+        print("  $ meshkv", " ".join(agent.command()[3:]))
         self.agents.append(agent)
-        deadline = time.monotonic() + AGENT_START_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DemoFailed(f"agent {name} exited with {proc.returncode}:\n{_tail(log)}")
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                info = json.loads(ready.read_text())
-                if info.get("pid") == proc.pid:
-                    agent.info = info
-                    return agent
-            time.sleep(0.05)
-        raise DemoFailed(f"agent {name} not ready within {AGENT_START_S:.0f} s:\n{_tail(log)}")
+        try:
+            return agent.start(AGENT_START_S)
+        except LaunchError as exc:
+            raise DemoFailed(str(exc)) from exc
 
     def run_engine(
-        self, name: str, model: str, agent: Agent, prompts: list[list[int]]
+        self, name: str, model: str, agent: AgentProcess, prompts: list[list[int]]
     ) -> dict[str, Any]:
         """One engine job (a fresh process) connected to ``agent``; returns its result."""
         jobdir = self.workdir / name
@@ -132,13 +108,15 @@ class Demo:
         job = {
             "model": model,
             "prompts": prompts,
-            "connector": {"socket": agent.socket, "load_timeout_s": 5.0},
+            "connector": {"socket": agent.socket_path, "load_timeout_s": 5.0},
             "max_tokens": 1,  # the request's wall time is its time to first token
         }
         (jobdir / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ, **_engine_env())
+        # One process per engine (quick to start), the same thread binding for both engines
+        # so that their outputs are comparable.
+        env = engine_env(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO))
         log = jobdir / "engine.log"
-        cmd = [sys.executable, "-m", "meshkv.testing.engine_job", "job.json", "result.json"]
+        cmd = [sys.executable, "-m", "benchmarks.engine_job", "job.json", "result.json"]
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=jobdir,
@@ -152,7 +130,7 @@ class Demo:
                 f"engine {name} did not finish within {ENGINE_TIMEOUT_S:.0f} s:\n{_tail(log)}"
             ) from None
         finally:
-            _kill_group(proc)
+            kill_group(proc)
         if code != 0:
             raise DemoFailed(f"engine {name} failed with exit code {code}:\n{_tail(log)}")
         result: dict[str, Any] = json.loads((jobdir / "result.json").read_text())
@@ -162,23 +140,20 @@ class Demo:
         """Stop engines and agents, remove arenas and files; returns problems found."""
         problems = []
         for proc in self.engines:
-            _kill_group(proc)
+            kill_group(proc)
         for agent in self.agents:
-            if agent.proc.poll() is None:
-                agent.proc.send_signal(signal.SIGTERM)  # graceful: leave the mesh
+            if agent.running:
+                agent.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]  # leave
         for agent in self.agents:
             try:
-                code = agent.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _kill_group(agent.proc)
+                code = agent.stop(STOP_TIMEOUT_S)
+            except LaunchError:
                 code = -9
             if code != 0:
                 problems.append(f"agent {agent.name} exited with {code}")
-            # A killed agent leaves its arena (meshkv-<pid>-...) behind: remove it.
-            for path in glob.glob(f"/dev/shm/meshkv-{agent.proc.pid}-*"):
-                problems.append(f"agent {agent.name} left its arena {path}; removed")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            if agent.proc is not None and glob.glob(f"/dev/shm/meshkv-{agent.proc.pid}-*"):
+                problems.append(f"agent {agent.name} left its arena behind; removed")
+            agent.cleanup()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return problems
 
@@ -187,31 +162,7 @@ class Demo:
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except FileNotFoundError:
-        return "(no log)"
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(STOP_TIMEOUT_S)
-
-
-def _engine_env() -> dict[str, str]:
-    cpus = sorted(os.sched_getaffinity(0))
-    return {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process per engine: quick to start
-        # The same thread binding for both engines, so their outputs are comparable.
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)),
-    }
+    return log_tail(path, chars)
 
 
 def _get_json(http: str, path: str) -> Any:
@@ -221,16 +172,7 @@ def _get_json(http: str, path: str) -> Any:
 
 def _metric(http: str, name: str) -> float:
     """Sum of a Prometheus sample on the agent's ``/metrics`` (0 when absent)."""
-    with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        if head.partition("{")[0] == name:
-            total += float(value)
-    return total
+    return prometheus_sum(http_get(f"http://{http}/metrics").decode(), name)
 
 
 def _cli(*args: str) -> str:
@@ -285,8 +227,7 @@ def make_workload(seed: int = 2026) -> Workload:
 
 
 def run(demo: Demo) -> int:
-    from meshkv.client import AgentClient
-    from meshkv.testing.tiny_llama import BENCH_CONFIG, build_tiny_llama
+    from benchmarks.tiny_llama import BENCH_CONFIG, build_tiny_llama
 
     t_start = time.monotonic()
     _step("a small Llama (8 layers, random weights, built offline and cached)")
@@ -313,7 +254,7 @@ def run(demo: Demo) -> int:
         time.sleep(0.1)
     print(f"  converged: 3 members alive, ring digest {views[0]['ring']['digest']}")
     for x in agents:
-        print(f"  {x.name}: socket {x.socket}, http {x.http}, arena {x.info['arena_name']}")
+        print(f"  {x.name}: socket {x.socket_path}, http {x.http}, arena {x.info['arena_name']}")
 
     work = make_workload()
     n = len(work.docs)
@@ -346,7 +287,7 @@ def run(demo: Demo) -> int:
           f"{two['counters']['loaded_chunks']:.0f} chunks pulled through node-b")  # fmt: skip
 
     _step("node-c reads document 1 through its own agent (pulled from a peer)")
-    with AgentClient(c.socket, namespace=namespace) as cc:
+    with c.client(namespace=namespace) as cc:
         t0 = time.perf_counter()
         found = cc.lookup(doc_keys[0])  # the lookup finds the holder and starts the pulls
         print(f"  node-c lookup: prefix={found.prefix} tiers={','.join(map(str, found.tiers))}")

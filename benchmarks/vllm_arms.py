@@ -1,7 +1,6 @@
 """The processes behind the arms of ``meshkv bench vllm``: engine jobs, agent, LMCache.
 
 * :func:`run_engine_job` runs one ``vllm_runner`` process (one engine) to completion.
-* :class:`AgentServer` is a real ``meshkv agent`` on a private socket (the meshkv arm).
 * :class:`LMCacheServer` is LMCache 0.5.6's multiprocess server (the peer arm), started
   from its own virtual environment, which :func:`ensure_lmcache_venv` builds when missing.
 
@@ -16,16 +15,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from meshkv.launch import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +51,6 @@ def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
     return text[-chars:]
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (LMCache's server takes numbers, not port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def run_engine_job(
     python: str,
     job: dict[str, Any],
@@ -68,12 +59,12 @@ def run_engine_job(
     name: str,
     timeout_s: float,
 ) -> dict[str, Any]:
-    """Run ``python -m meshkv.bench.vllm_runner`` on ``job``; return its result record."""
+    """Run ``python -m benchmarks.vllm_runner`` on ``job``; return its result record."""
     job_path = workdir / f"{name}.job.json"
     out_path = workdir / f"{name}.result.json"
     log_path = workdir / f"{name}.log"
     job_path.write_text(json.dumps(job))
-    cmd = [python, "-m", "meshkv.bench.vllm_runner", str(job_path), str(out_path)]
+    cmd = [python, "-m", "benchmarks.vllm_runner", str(job_path), str(out_path)]
     logger.info("engine job %s: %s (log %s)", name, " ".join(cmd), log_path)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -158,56 +149,6 @@ class _Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-class AgentServer(_Service):
-    """A real ``meshkv agent`` with its own socket, arena and free HTTP port."""
-
-    name = "meshkv-agent"
-
-    def __init__(self, workdir: Path, cpu_bytes: int) -> None:
-        super().__init__(workdir)
-        # Unix socket paths are limited to ~107 bytes: keep this one short.
-        self.dir = Path(tempfile.mkdtemp(prefix="mkvb-", dir="/tmp"))
-        self.socket_path = str(self.dir / "agent.sock")
-        self.ready_file = self.dir / "ready.json"
-        self.cpu_bytes = cpu_bytes
-        self.info: dict[str, Any] = {}
-
-    def start(self, env: dict[str, str]) -> AgentServer:
-        cmd = [
-            sys.executable, "-m", "meshkv", "agent",
-            "--node-id", "bench-vllm",
-            "--socket", self.socket_path,
-            "--http", "127.0.0.1:0",
-            "--ready-file", str(self.ready_file),
-            "--cpu-bytes", str(self.cpu_bytes),
-            "--log-level", "warning",
-        ]  # fmt: skip
-        self._spawn(cmd, env)
-        deadline = time.monotonic() + AGENT_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            self._check_alive()
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                info = json.loads(self.ready_file.read_text())
-                if self.proc is not None and info.get("pid") == self.proc.pid:
-                    self.info = info
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise self._failed(f"not ready within {AGENT_START_TIMEOUT_S:.0f} s")
-
-    def status(self) -> dict[str, Any]:
-        """The agent's ``/v1/status`` (empty when it cannot be read)."""
-        return fetch_status(f"http://{self.info.get('http', '')}/v1/status", "agent")
-
-    def stop(self) -> None:
-        super().stop()
-        for leftover in (self.socket_path, str(self.ready_file)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
 
 
 def lmcache_python(venv: Path) -> str:

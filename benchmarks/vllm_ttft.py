@@ -31,17 +31,18 @@ from typing import Any
 import numpy as np
 
 import meshkv
-from meshkv.bench import workloads
-from meshkv.bench.report import Report, Result
-from meshkv.bench.vllm_arms import (
-    AgentServer,
+from benchmarks import workloads
+from benchmarks.vllm_arms import (
     ArmError,
     LMCacheServer,
     ensure_lmcache_venv,
+    fetch_status,
     run_engine_job,
 )
-from meshkv.bench.vllm_runner import JOB_VERSION
-from meshkv.bench.workloads import Prompt
+from benchmarks.vllm_runner import JOB_VERSION
+from benchmarks.workloads import Prompt
+from meshkv.bench.report import Report, Result
+from meshkv.launch import AgentProcess
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_model() -> Path:
-    from meshkv.testing.tiny_llama import BENCH_CONFIG, build_tiny_llama
+    from benchmarks.tiny_llama import BENCH_CONFIG, build_tiny_llama
 
     return build_tiny_llama(BENCH_CONFIG)
 
@@ -403,8 +404,12 @@ def _run_arm(
         if arm in ("none", "prefix"):
             out.main = engine(None)
         elif arm == "meshkv":
-            with AgentServer(workdir, int(args.agent_cpu_gb * (1 << 30))) as agent:
-                agent.start(env)
+            with AgentProcess(
+                name="bench-vllm",
+                cpu_bytes=int(args.agent_cpu_gb * (1 << 30)),
+                env=env,
+                log_level="warning",
+            ) as agent:
                 kv = {
                     "kv_connector": "MeshKVConnector",
                     "kv_connector_module_path": "meshkv.integrations.vllm",
@@ -418,9 +423,10 @@ def _run_arm(
                 }
                 out.main = engine(kv)
                 out.fresh = engine(kv, "fresh")
-                out.service_status = agent.status()
+                out.service_status = fetch_status(agent.url + "/v1/status", "agent")
                 if not args.no_profile:
                     out.profile = engine(kv, "profile")
+                agent.stop()
         elif arm == "lmcache":
             venv = Path(args.lmcache_venv)
             python = ensure_lmcache_venv(venv, env, install=not args.no_install_lmcache)
@@ -686,3 +692,18 @@ def short_hits(o: ArmOutcome, plan: Plan, arm: str) -> list[str]:
         if t["cached_tokens"] < expected:
             short.append(f"{t['rid']}:{t['cached_tokens']}/{expected}")
     return short
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.vllm_ttft",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--json", metavar="FILE", help="write results to FILE as JSON")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

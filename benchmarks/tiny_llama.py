@@ -5,7 +5,7 @@ downloaded: the tokenizer is trained on a built-in text and the weights are draw
 seeded normal distribution (std 0.2 by default, so greedy decoding is not all ties).
 Builds are cached under ``<cache_dir>/tiny-llama-<config hash>`` and reused.
 
-    python -m meshkv.testing.tiny_llama --out-dir /tmp/models [--layers 8 --hidden 512 ...]
+    python -m benchmarks.tiny_llama --out-dir /tmp/models [--layers 8 --hidden 512 ...]
 """
 
 from __future__ import annotations

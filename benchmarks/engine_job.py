@@ -1,6 +1,6 @@
 """Run one real vLLM engine (tests, demo): read a JSON job, write a JSON result.
 
-    python -m meshkv.testing.engine_job JOB.json RESULT.json
+    python -m benchmarks.engine_job JOB.json RESULT.json
 
 Each prompt is generated on its own (greedy), in order, so later prompts see what earlier
 ones saved. ``pause_before`` lets a test act between prompts: before prompt ``i`` the job

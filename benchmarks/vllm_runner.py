@@ -1,4 +1,4 @@
-"""One vLLM engine, one benchmark job: ``python -m meshkv.bench.vllm_runner JOB OUT``.
+"""One vLLM engine, one benchmark job: ``python -m benchmarks.vllm_runner JOB OUT``.
 
 The parent (``meshkv bench vllm``) writes a JSON job — the model directory, the engine
 settings of one arm and an ordered list of requests — and starts this module in a fresh
@@ -226,7 +226,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m meshkv.bench.vllm_runner JOB.json OUT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.vllm_runner JOB.json OUT.json", file=sys.stderr)
         return 2
     job = Job.from_json(json.loads(Path(argv[0]).read_text()))
     result = run_job(job)

@@ -1,0 +1,435 @@
+"""Start meshkv's and vLLM's processes and wait until they serve: the one harness.
+
+``meshkv bench``, the tests, the source-tree benchmarks and the demo all start their
+processes through this module:
+
+* ``AgentProcess`` — one ``meshkv agent`` on a private socket and a free HTTP port; start
+  (wait for its ready file), stop (SIGTERM), kill (SIGKILL), freeze (SIGSTOP/SIGCONT),
+  restart on the same SSD directory, clean up (including an arena a crash left behind).
+* ``HttpProcess`` — any HTTP server process that is ready when a URL answers 200: a vLLM
+  OpenAI server (``vllm_server_command``) or ``meshkv proxy``.
+* ``engine_env`` — the environment every vLLM engine process gets: offline hubs, no usage
+  reports, and one CPU thread binding for all engines (vLLM's default ``auto`` binds an
+  engine with a KV connector to more cores than one without, which makes comparisons unfair
+  and changes float reduction order).
+* ``free_port``, ``kill_group``, ``prometheus_sum``.
+
+Every process runs in its own session (a Ctrl-C in a terminal reaches only its parent, which
+then stops the children in order), and every wait has a deadline; a failure raises
+``LaunchError`` with the command and the tail of the process's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from meshkv.chunk import Namespace
+from meshkv.client import AgentClient
+
+AGENT_START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+SERVER_START_TIMEOUT_S = 300.0
+LOG_TAIL_CHARS = 4000
+
+
+class LaunchError(RuntimeError):
+    """A process did not start, answer or stop as it should; the message has its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for programs that take numbers, not 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_list() -> str:
+    """This process's CPUs in vLLM's bind syntax (``0-1`` or ``0,2,3``)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def engine_env(environ: Mapping[str, str], **extra: str) -> dict[str, str]:
+    """The environment of a vLLM engine process: ``environ`` plus the settings every engine
+    started here shares (the same thread binding for every arm of a comparison)."""
+    env = dict(environ)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_list(),
+            "UCX_WARN_UNUSED_ENV_VARS": "n",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Signal ``proc``'s whole process group (vLLM's engine-core and worker children too)
+    and wait for it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT_S)
+
+
+def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def prometheus_sum(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of metric ``name`` in a Prometheus text page whose label set
+    contains ``labels`` (e.g. ``'tier="cpu"'``); 0.0 when there are none."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_part = head.partition("{")
+        if metric_name == name and (not labels or labels in label_part):
+            total += float(value)
+    return total
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data: bytes = response.read()
+        return data
+
+
+class AgentProcess:
+    """One ``meshkv agent`` process. Its files live in a short private directory (Unix
+    socket paths are limited to 107 bytes)."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "agent",
+        cpu_bytes: int = 64 << 20,
+        ssd_dir: str | os.PathLike[str] | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_level: str = "debug",
+        python: str = sys.executable,
+    ) -> None:
+        self.name = name
+        self.cpu_bytes = cpu_bytes
+        self.ssd_dir = None if ssd_dir is None else str(ssd_dir)
+        self.args = list(args)
+        self.env = dict(env) if env is not None else None
+        self.log_level = log_level
+        self.python = python
+        self.dir = Path(tempfile.mkdtemp(prefix=f"mkv-{name}-", dir="/tmp"))
+        self.socket_path = str(self.dir / "agent.sock")
+        self.ready_file = self.dir / "ready.json"
+        self.log_path = self.dir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        cmd = [
+            self.python, "-m", "meshkv", "agent",
+            "--node-id", self.name,
+            "--socket", self.socket_path,
+            "--http", "127.0.0.1:0",
+            "--ready-file", str(self.ready_file),
+            "--cpu-bytes", str(self.cpu_bytes),
+            "--log-level", self.log_level,
+        ]  # fmt: skip
+        if self.ssd_dir is not None:
+            cmd += ["--ssd-dir", self.ssd_dir]
+        return cmd + self.args
+
+    def start(self, timeout: float = AGENT_START_TIMEOUT_S) -> AgentProcess:
+        """Start and wait until the ready file names this process."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise LaunchError(f"agent {self.name} is already running")
+        with contextlib.suppress(FileNotFoundError):
+            self.ready_file.unlink()
+        env = dict(os.environ if self.env is None else self.env)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LaunchError(
+                    f"agent {self.name} exited with {self.proc.returncode}:\n{self.log()}"
+                )
+            info = self._read_ready()
+            if info is not None and info.get("pid") == self.proc.pid:
+                self.info = info
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise LaunchError(f"agent {self.name} not ready within {timeout} s:\n{self.log()}")
+
+    def _read_ready(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.ready_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return data
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        return self._signal_and_wait(signal.SIGTERM, timeout)
+
+    def kill(self) -> int:
+        """SIGKILL and wait (a crash: nothing is flushed or removed)."""
+        return self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT_S)
+
+    def sigstop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def sigcont(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> AgentProcess:
+        self.stop()
+        return self.start()
+
+    def _signal_and_wait(self, sig: int, timeout: float) -> int:
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            if sig != signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)  # a frozen agent cannot handle SIGTERM
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired as exc:
+                proc.kill()
+                proc.wait()
+                raise LaunchError(f"agent {self.name} ignored signal {sig}:\n{self.log()}") from exc
+        code = proc.returncode
+        assert code is not None
+        return code
+
+    def cleanup(self) -> None:
+        """Kill if still running, remove the private directory and a leftover arena."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        if self.proc is not None:
+            # Arena names start with meshkv-<pid>-: catch one made before the ready file too.
+            for path in glob.glob(f"/dev/shm/meshkv-{self.proc.pid}-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+    # --- access -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def http(self) -> str:
+        """``HOST:PORT`` of the admin API."""
+        return str(self.info["http"])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http}"
+
+    @property
+    def arena_name(self) -> str:
+        return str(self.info["arena_name"])
+
+    def client(self, namespace: Namespace | None = None, **kwargs: Any) -> AgentClient:
+        return AgentClient(self.socket_path, namespace=namespace, **kwargs)
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(http_get(self.url + path))
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Sum of a sample on the agent's ``/metrics`` (0.0 when absent)."""
+        return prometheus_sum(http_get(self.url + "/metrics").decode(), name, labels)
+
+    def log(self) -> str:
+        return log_tail(self.log_path, 1 << 20)
+
+
+def vllm_server_command(
+    python: str,
+    model: str,
+    port: int,
+    *,
+    served_name: str = "model",
+    kv_transfer_config: Mapping[str, Any] | None = None,
+    prefix_caching: bool = False,
+    kv_cache_memory_bytes: int = 64 << 20,
+    max_model_len: int = 4096,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``python -m vllm.entrypoints.openai.api_server`` for ``model`` on loopback (the
+    ``vllm`` console script does not start under the vllm-cpu distribution)."""
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--kv-cache-memory-bytes", str(kv_cache_memory_bytes),
+        "--max-model-len", str(max_model_len),
+        "--enable-prompt-tokens-details",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+    ]  # fmt: skip
+    if kv_transfer_config is not None:
+        cmd += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
+    return cmd + list(extra)
+
+
+def meshkv_kv_transfer_config(
+    socket_path: str, role: str = "kv_both", **extra: Any
+) -> dict[str, Any]:
+    """The ``kv_transfer_config`` of an engine using the meshkv connector."""
+    return {
+        "kv_connector": "MeshKVConnector",
+        "kv_connector_module_path": "meshkv.integrations.vllm",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"socket": socket_path, **extra},
+    }
+
+
+class HttpProcess:
+    """A server process at ``base_url`` that is ready once ``base_url + health`` answers
+    200 (vLLM's OpenAI server and ``meshkv proxy`` both serve ``/health``)."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        base_url: str,
+        *,
+        health: str = "/health",
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.name = name
+        self.command = list(command)
+        self.base_url = base_url.rstrip("/")
+        self.ready_url = self.base_url + health
+        self.env = dict(env) if env is not None else dict(os.environ)
+        self.cwd = cwd
+        self.log_path = log_path or Path(tempfile.mkdtemp(prefix="mkv-srv-")) / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> HttpProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise LaunchError(
+                    f"{self.name} exited with {self.proc.returncode}: {' '.join(self.command)}"
+                    f"\n{self.log()}"
+                )
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"{self.name} not ready within {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.25)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the server and its children (SIGTERM, then SIGKILL after a grace period)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+        else:
+            kill_group(proc)  # the leader is gone; its children must not linger
+        return proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return log_tail(self.log_path)
+
+    def __enter__(self) -> HttpProcess:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,1 +1,0 @@
-"""Helpers for tests, demos and benchmarks (tiny models, agent processes)."""

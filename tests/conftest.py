@@ -1,0 +1,207 @@
+"""The suite's fixtures, in one place: agents, the tiny model, engine jobs, OpenAI servers.
+
+Every process is real and started through ``meshkv.launch`` (the same harness the
+benchmarks and the demo use). Engines run in subprocesses (``benchmarks.engine_job``):
+vLLM engines do not share an interpreter well, and a fresh process per engine is also what
+cross-process reuse needs. All engines get the same CPU thread binding
+(``meshkv.launch.engine_env``), so outputs with and without the connector are computed the
+same way and can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.tiny_llama import build_tiny_llama, default_cache_dir
+from meshkv.launch import (
+    AgentProcess,
+    HttpProcess,
+    engine_env,
+    free_port,
+    meshkv_kv_transfer_config,
+    vllm_server_command,
+)
+from tests.vllm.engines import ENGINE_TIMEOUT_S, PROMPTS, EngineRun, Prompts
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_MODULE = ["-m", "benchmarks.engine_job"]
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """The environment of an engine process started by a test."""
+    return engine_env(os.environ, PYTHONPATH=str(REPO), **extra)
+
+
+# --- agents -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_factory() -> Iterator[Callable[..., AgentProcess]]:
+    """Build (not start) agents; every one is killed and cleaned up after the test."""
+    made: list[AgentProcess] = []
+
+    def make(**kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(**kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.cleanup()
+
+
+@pytest.fixture
+def agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
+    """One running agent with a 64 MiB CPU tier and no SSD."""
+    return agent_factory().start()
+
+
+@pytest.fixture
+def ssd_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "ssd"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Agents for engine tests: an SSD directory and a 128 MiB CPU tier unless told."""
+    made: list[AgentProcess] = []
+
+    def make(**kwargs: Any) -> AgentProcess:
+        kwargs.setdefault("ssd_dir", tmp_path / f"ssd-{len(made)}")
+        Path(kwargs["ssd_dir"]).mkdir(exist_ok=True)
+        kwargs.setdefault("cpu_bytes", 128 << 20)
+        kwargs.setdefault("name", f"vllm-agent-{len(made)}")
+        agent = AgentProcess(**kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.cleanup()
+
+
+# --- the model and engines ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prompts() -> Prompts:
+    return PROMPTS
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny random Llama (built once, cached by config hash)."""
+    cache = default_cache_dir() if os.environ.get("MESHKV_CACHE") else None
+    root = cache or tmp_path_factory.mktemp("models")
+    return str(build_tiny_llama(cache_dir=root))
+
+
+def _engine_cmd(workdir: Path) -> list[str]:
+    return [sys.executable, *JOB_MODULE, str(workdir / "job.json"), str(workdir / "result.json")]
+
+
+@pytest.fixture
+def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]]:
+    """Start engine jobs: ``engine(prompts, connector={...} | None, **job_fields)``."""
+    runs: list[EngineRun] = []
+
+    def start(
+        prompts: list[list[int]], connector: dict[str, Any] | None = None, **fields: Any
+    ) -> EngineRun:
+        workdir = tmp_path / f"engine-{len(runs)}"
+        workdir.mkdir()
+        job = {
+            "model": tiny_model,
+            "prompts": prompts,
+            "connector": connector,
+            "sync_dir": str(workdir),
+            **fields,
+        }
+        (workdir / "job.json").write_text(json.dumps(job))
+        env = test_env(
+            VLLM_ENABLE_V1_MULTIPROCESSING="1" if fields.get("multiprocess") else "0",
+            **fields.get("env", {}),
+        )
+        log_path = workdir / "engine.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                _engine_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=str(workdir), start_new_session=True,
+            )  # fmt: skip
+        run = EngineRun(proc, workdir, log_path)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+@pytest.fixture(scope="session")
+def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    """Greedy outputs of every prompt from an engine with no connector."""
+    workdir = tmp_path_factory.mktemp("baseline")
+    names = ("a", "b", "c", "d")
+    job = {
+        "model": tiny_model,
+        "prompts": [getattr(PROMPTS, n) for n in names],
+        "connector": None,
+    }
+    (workdir / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run(
+        _engine_cmd(workdir), env=test_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        capture_output=True, timeout=ENGINE_TIMEOUT_S, cwd=str(workdir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout.decode()[-4000:] + proc.stderr.decode()[-4000:]
+    result = json.loads((workdir / "result.json").read_text())
+    return {n: out["tokens"] for n, out in zip(names, result["outputs"], strict=True)}
+
+
+@pytest.fixture
+def openai_server(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., HttpProcess]]:
+    """Start real vLLM OpenAI servers on the tiny model:
+    ``openai_server(agent=None | AgentProcess, role="kv_both", extra_config={}, args=[])``;
+    every one is stopped after the test."""
+    servers: list[HttpProcess] = []
+
+    def start(
+        agent: AgentProcess | None = None,
+        *,
+        role: str = "kv_both",
+        extra_config: dict[str, Any] | None = None,
+        args: list[str] | None = None,
+        prefix_caching: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> HttpProcess:
+        port = free_port()
+        transfer = None
+        if agent is not None:
+            transfer = meshkv_kv_transfer_config(agent.socket_path, role, **(extra_config or {}))
+        cmd = vllm_server_command(
+            sys.executable, tiny_model, port, served_name="tiny",
+            kv_transfer_config=transfer, prefix_caching=prefix_caching,
+            extra=["--enforce-eager", *(args or [])],
+        )  # fmt: skip
+        server = HttpProcess(
+            f"vllm-{len(servers)}",
+            cmd,
+            f"http://127.0.0.1:{port}",
+            env=test_env(**(env or {})),
+            log_path=tmp_path / f"vllm-{len(servers)}.log",
+        )
+        servers.append(server)
+        return server.start(ENGINE_TIMEOUT_S)
+
+    yield start
+    for server in servers:
+        server.stop()
