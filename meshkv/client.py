@@ -100,7 +100,7 @@ class TransferRef:
 
 @dataclass(frozen=True, slots=True)
 class TransferHold:
-    """A commit of a prefill/decode transfer's chunks (the prefill side)."""
+    """A prefill/decode transfer's chunks to keep for the decode side (the prefill side)."""
 
     transfer_id: str
     hold_s: float
@@ -273,21 +273,26 @@ class AgentClient:
         num_tokens: Sequence[int],
         *,
         checksums: Sequence[int | None] | None = None,
-        hold: TransferHold | None = None,
     ) -> None:
-        """Make reserved chunks visible. ``checksums`` (xxh3-64) spare the agent the work.
-        ``hold``: these are a prefill/decode transfer's chunks; the agent pins them for it
-        (and pushes them to the decode node when one is named)."""
+        """Make reserved chunks visible. ``checksums`` (xxh3-64) spare the agent the work."""
         message: dict[str, Any] = {"keys": _keys(keys), "tokens": list(num_tokens)}
         if checksums is not None:
             message["checksums"] = list(checksums)
-        if hold is not None:
-            message["transfer"] = {
-                "id": hold.transfer_id,
-                "hold": hold.hold_s,
-                "push_to": hold.push_to,
-            }
         self._call(Op.COMMIT, message)
+
+    def hold(self, keys: Sequence[bytes], hold: TransferHold) -> int:
+        """Pin a prefill/decode transfer's chunks in the agent until the decode side is done
+        with them (or ``hold.hold_s`` passes), and push them to ``hold.push_to`` when named.
+        Returns how many of ``keys`` were there to pin."""
+        reply = self._call(
+            Op.HOLD,
+            {
+                "keys": _keys(keys),
+                "transfer": {"id": hold.transfer_id, "hold": hold.hold_s, "push_to": hold.push_to},
+            },
+        )
+        held: int = reply["held"]
+        return held
 
     def abort(self, keys: Sequence[bytes]) -> None:
         """Give reserved slots back without committing."""

@@ -402,6 +402,27 @@ class PullerCollector(Collector):
         )
         hist.add_metric([], st.latency.cumulative(), sum_value=st.latency.total)
         yield hist
+        yield CounterMetricFamily(
+            "meshkv_transfers_received",
+            "Prefill/decode transfers this node finished waiting for (all chunks here or given up)",
+            value=st.transfers,
+        )
+        yield CounterMetricFamily(
+            "meshkv_transfers_incomplete",
+            "Received transfers with a chunk that never arrived (recomputed by the engine)",
+            value=st.transfers_incomplete,
+        )
+        yield CounterMetricFamily(
+            "meshkv_transfer_received_bytes",
+            "Bytes of transfers' chunks that came over the network after their lookup",
+            value=st.transfer_bytes,
+        )
+        wait = HistogramMetricFamily(
+            "meshkv_transfer_wait_seconds",
+            "From the lookup naming a transfer until its last chunk was here (decode side)",
+        )
+        wait.add_metric([], st.transfer_wait.cumulative(), sum_value=st.transfer_wait.total)
+        yield wait
         transfers = self._transfers
         if transfers is not None:
             ts = transfers.stats

@@ -52,6 +52,7 @@ class Op(enum.StrEnum):
     READ = "read"
     RELEASE = "release"
     STATS = "stats"
+    HOLD = "hold"
 
 
 OPS: frozenset[str] = frozenset(op.value for op in Op)

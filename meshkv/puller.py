@@ -43,6 +43,10 @@ DEADLINE_GRACE_S = 0.05
 """A flight's steps end by its deadline themselves (each is given it); the flight is cut
 this much later only as a backstop, so a step can report why it ended."""
 
+LAST_HOLDER_RETRIES = 2
+"""Further attempts at the last holder after a transport failure (deadline permitting)."""
+RETRY_PAUSE_S = 0.05
+
 MAX_FLIGHTS = 4096
 """Most chunks being made resident at once; a lookup beyond it reports the rest as misses."""
 
@@ -62,10 +66,19 @@ class ChunkSource(Protocol):
         ...
 
     async def pull(
-        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        holder: str,
+        deadline: float,
+        *,
+        last: bool,
+        named: bool = False,
     ) -> str | None:
         """Pull ``key`` from ``holder`` into the store; None when it is resident now,
-        else the cause of the failure (``timeout``, ``transport``, ``stale`` ...)."""
+        else the cause of the failure (``timeout``, ``transport``, ``stale`` ...).
+        ``named``: the request named this holder (a transfer's producer): try it even if
+        the failure detector currently suspects it."""
         ...
 
     def transfer_done(self, producer: str, transfer_id: str) -> None:
@@ -113,6 +126,27 @@ class PullerStats:
     """Requests that found the chunk already in flight (single-flight saves)."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Seconds from a flight's start until its chunk was resident."""
+    transfers: int = 0
+    """Prefill/decode transfers this node finished waiting for (all chunks here or given up)."""
+    transfers_incomplete: int = 0
+    """Of those, transfers with a chunk that never arrived (recomputed by the engine)."""
+    transfer_bytes: int = 0
+    """Bytes of transfers' chunks that came over the network after their lookup."""
+    transfer_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Seconds from the lookup naming a transfer until its last chunk was here."""
+
+
+@dataclass(slots=True)
+class _TransferWait:
+    """The chunks of one transfer this node is still waiting for."""
+
+    producer: str
+    keys: set[ChunkKey]
+    started: float
+    """``loop.time()`` of the lookup that named the transfer."""
+    pulled_bytes: int = 0
+    """Bytes of its chunks that had to come over the network after the lookup."""
+    failed: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -141,9 +175,9 @@ class Puller:
         self.config = config or PullerConfig()
         self._source: ChunkSource | None = None
         self._flights: dict[ChunkKey, Flight] = {}
-        self._transfers: dict[str, tuple[str, set[ChunkKey]]] = {}
-        """Transfer id → (producer, keys still in flight): when the set empties, the
-        producer hears ``transfer_done``."""
+        self._transfers: dict[str, _TransferWait] = {}
+        """Transfer id → the keys still in flight: when none is left, the producer hears
+        ``transfer_done``."""
         self._pulls = asyncio.Semaphore(self.config.max_concurrent_pulls)
         self._closing = False
         self.stats = PullerStats()
@@ -248,8 +282,16 @@ class Puller:
                 break  # only the prefix is ever loaded
             if tier is not Tier.CPU:
                 self._start(ns, key, tier, flight_deadline, holders.get(key, ()), transfer)
-        if transfer is not None:
-            self._maybe_done(transfer.transfer_id)
+        if (
+            transfer is not None
+            and transfer.transfer_id not in self._transfers
+            and self._source is not None
+        ):
+            # Nothing to wait for (every chunk already here, pushed ahead of the request):
+            # the producer can let go of its hold now.
+            self.stats.transfers += 1
+            self.stats.transfer_wait.observe(0.0)
+            self._source.transfer_done(transfer.producer, transfer.transfer_id)
         return tiers
 
     # --- reads --------------------------------------------------------------------------
@@ -311,7 +353,12 @@ class Puller:
         flight = Flight(ns, key, tier, deadline, holders, transfer, local_only)
         self._flights[key] = flight
         if transfer is not None:
-            self._transfers.setdefault(transfer.transfer_id, (transfer.producer, set()))[1].add(key)
+            wait = self._transfers.get(transfer.transfer_id)
+            if wait is None:
+                wait = self._transfers[transfer.transfer_id] = _TransferWait(
+                    transfer.producer, set(), asyncio.get_running_loop().time()
+                )
+            wait.keys.add(key)
         flight.task = asyncio.get_running_loop().create_task(
             self._fly(flight), name=f"meshkv-flight-{key.hex()[:8]}"
         )
@@ -323,19 +370,33 @@ class Puller:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
         transfer = flight.transfer
-        if transfer is not None:
-            entry = self._transfers.get(transfer.transfer_id)
-            if entry is not None:
-                entry[1].discard(flight.key)
-                self._maybe_done(transfer.transfer_id)
+        if transfer is None:
+            return
+        wait = self._transfers.get(transfer.transfer_id)
+        if wait is None:
+            return
+        wait.keys.discard(flight.key)
+        task = flight.task
+        arrived = task is not None and not task.cancelled() and task.result()
+        if arrived:
+            entry = self._store.cpu.get(flight.key)
+            wait.pulled_bytes += entry.size if entry is not None else 0
+        else:
+            wait.failed += 1
+        self._maybe_done(transfer.transfer_id)
 
     def _maybe_done(self, transfer_id: str) -> None:
-        entry = self._transfers.get(transfer_id)
-        if entry is None or entry[1]:
+        wait = self._transfers.get(transfer_id)
+        if wait is None or wait.keys:
             return
         del self._transfers[transfer_id]
+        st = self.stats
+        st.transfers += 1
+        st.transfers_incomplete += 1 if wait.failed else 0
+        st.transfer_bytes += wait.pulled_bytes
+        st.transfer_wait.observe(asyncio.get_running_loop().time() - wait.started)
         if self._source is not None:
-            self._source.transfer_done(entry[0], transfer_id)
+            self._source.transfer_done(wait.producer, transfer_id)
 
     async def _fly(self, flight: Flight) -> bool:
         loop = asyncio.get_running_loop()
@@ -385,11 +446,21 @@ class Puller:
             return None
         async with self._pulls:
             ordered = source.order(holders)
-            for i, holder in enumerate(ordered):
+            # The last holder gets a few more tries after a transport failure (a connection
+            # reset while it was being set up) while the deadline allows.
+            attempts = [*ordered, *[ordered[-1]] * LAST_HOLDER_RETRIES]
+            loop = asyncio.get_running_loop()
+            cause: str | None = None
+            for i, holder in enumerate(attempts):
                 if store.lookup(ns, [key])[0] == Tier.CPU:
                     return "settled"  # arrived meanwhile (a push, another engine)
+                if i >= len(ordered):
+                    if cause != "transport" or loop.time() + RETRY_PAUSE_S >= flight.deadline:
+                        break
+                    await asyncio.sleep(RETRY_PAUSE_S)
+                named = flight.transfer is not None and holder == flight.transfer.producer
                 cause = await source.pull(
-                    ns, key, holder, flight.deadline, last=i == len(ordered) - 1
+                    ns, key, holder, flight.deadline, last=i >= len(ordered) - 1, named=named
                 )
                 if cause is None:
                     return "peer"

@@ -82,14 +82,15 @@ class Transfers:
         transfer_id: str,
         hold_s: float,
         push_to: str | None,
-    ) -> None:
+    ) -> int:
         """Pin ``keys`` (just committed) for ``transfer_id`` until the consumer is done or
-        ``hold_s`` seconds pass; push them to ``push_to`` when it is given. A transfer may
-        be held in several commits (a long prompt saved over several engine steps)."""
+        ``hold_s`` seconds pass; push them to ``push_to`` when it is given. Returns how
+        many were in the arena to pin. A transfer may be held in several calls."""
         store = self._store
         loop = asyncio.get_running_loop()
         self._expire(loop.time())
         ids, deadline = self._held.pop(transfer_id, ([], loop.time() + hold_s))
+        before = len(ids)
         for key in keys:
             lease = store.pin_now(ns, key, TRANSFER_OWNER, max(0.001, deadline - loop.time()))
             if lease is None:
@@ -97,8 +98,9 @@ class Transfers:
             else:
                 ids.append(lease)
         self._held[transfer_id] = (ids, deadline)  # re-inserted: newest last
-        self.stats.held += 1 if len(ids) == len(keys) and len(ids) else 0
-        self.stats.chunks_held += len(ids)
+        if before == 0 and ids:
+            self.stats.held += 1
+        self.stats.chunks_held += len(ids) - before
         while len(self._held) > MAX_TRANSFERS:
             oldest = next(iter(self._held))
             self._release(oldest)
@@ -106,6 +108,7 @@ class Transfers:
         if push_to is not None and self._push is not None and keys:
             self.stats.pushes += 1
             self._push(ns, list(keys), push_to)
+        return len(ids) - before
 
     def done(self, transfer_id: str) -> bool:
         """The consumer has the chunks (or gave up): release the hold. False if unknown

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_MODULE = ["-m", "benchmarks.engine_job"]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """The environment of an engine process started by a test."""
     return engine_env(os.environ, PYTHONPATH=str(REPO), **extra)
 
@@ -128,7 +128,7 @@ def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]
             **fields,
         }
         (workdir / "job.json").write_text(json.dumps(job))
-        env = test_env(
+        env = child_env(
             VLLM_ENABLE_V1_MULTIPROCESSING="1" if fields.get("multiprocess") else "0",
             **fields.get("env", {}),
         )
@@ -159,7 +159,7 @@ def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     }
     (workdir / "job.json").write_text(json.dumps(job))
     proc = subprocess.run(
-        _engine_cmd(workdir), env=test_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        _engine_cmd(workdir), env=child_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
         capture_output=True, timeout=ENGINE_TIMEOUT_S, cwd=str(workdir),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout.decode()[-4000:] + proc.stderr.decode()[-4000:]
@@ -196,7 +196,7 @@ def openai_server(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., Htt
             f"vllm-{len(servers)}",
             cmd,
             f"http://127.0.0.1:{port}",
-            env=test_env(**(env or {})),
+            env=child_env(**(env or {})),
             log_path=tmp_path / f"vllm-{len(servers)}.log",
         )
         servers.append(server)

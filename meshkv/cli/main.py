@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from meshkv import __version__
-from meshkv.cli import agent_cmd, bench_cmd, ring_cmd, status_cmd
+from meshkv.cli import agent_cmd, bench_cmd, proxy_cmd, ring_cmd, status_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"meshkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (agent_cmd, status_cmd, ring_cmd, bench_cmd):
+    for module in (agent_cmd, status_cmd, ring_cmd, proxy_cmd, bench_cmd):
         module.register(sub)
     return parser
 

@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 MESH_OWNER = (1 << 62) + 1
 """Store owner id of reservations made by pulls (never a local connection id)."""
+DONE_TIMEOUT_S = 2.0
+"""Deadline of one ``TRANSFER_DONE`` attempt (it is tried twice)."""
+MAX_DONE_TASKS = 1024
+"""``TRANSFER_DONE`` messages in flight at once; beyond it they are dropped (the producer's
+hold then ends at its deadline instead)."""
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class Fetcher:
         self._holder_timeout = holder_timeout_s
         self._rng = random.Random(seed)
         self.stats = FetchStats()
+        self._done_tasks: set[asyncio.Task[None]] = set()
         self.load: Counter[str] = Counter()
         """Pull attempts running per holder (the least loaded holder is tried first)."""
 
@@ -120,21 +126,37 @@ class Fetcher:
         return sorted(shuffled, key=lambda h: self.load[h])
 
     async def pull(
-        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        holder: str,
+        deadline: float,
+        *,
+        last: bool,
+        named: bool = False,
     ) -> str | None:
         """One attempt. While other holders remain, a slow holder gets
-        ``holder_timeout_s``; the last one gets what is left of the deadline."""
-        cause = await self._attempt(ns, key, holder, deadline, last=last)
+        ``holder_timeout_s``; the last one gets what is left of the deadline. A ``named``
+        holder (a transfer's producer) is tried even while it is suspected: a paused or
+        busy node is still the only one that has the chunks, and a dead one refuses fast."""
+        cause = await self._attempt(ns, key, holder, deadline, last=last, named=named)
         if cause is not None:
             self.stats.failures[cause] += 1
         return cause
 
     async def _attempt(
-        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        holder: str,
+        deadline: float,
+        *,
+        last: bool,
+        named: bool,
     ) -> str | None:
         node, store = self._node, self._store
         address = node.address_of(holder)
-        if address is None or not node.is_alive(holder):
+        if address is None or not (named or node.is_alive(holder)):
             return "dead"
         reserved: list[bool] = []
 
@@ -196,8 +218,39 @@ class Fetcher:
         return None
 
     def transfer_done(self, producer: str, transfer_id: str) -> None:
-        if producer != self._node.node_id:
-            self._node.send_control(producer, MsgKind.TRANSFER_DONE, {"id": transfer_id})
+        """Tell the producer, with an acknowledged request on a data connection (a one-way
+        control message could be dropped with its link when a busy node is suspected)."""
+        if producer == self._node.node_id:
+            return
+        if len(self._done_tasks) >= MAX_DONE_TASKS:
+            self.stats.failures["done_dropped"] += 1
+            return
+        task = asyncio.create_task(self._send_done(producer, transfer_id))
+        self._done_tasks.add(task)
+        task.add_done_callback(self._done_tasks.discard)
+
+    async def _send_done(self, producer: str, transfer_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            address = self._node.address_of(producer)
+            if address is None:
+                return
+            deadline = loop.time() + DONE_TIMEOUT_S
+            try:
+                conn = await self._node.connection(address, deadline)
+                if conn.peer.protocol_version < 2:
+                    return  # an older peer: its hold simply expires
+                await conn.request(MsgKind.TRANSFER_DONE, {"id": transfer_id}, deadline=deadline)
+                return
+            except (MeshKVError, TimeoutError, OSError) as exc:
+                logger.debug("TRANSFER_DONE to %s (try %d): %s", producer, attempt + 1, exc)
+        self.stats.failures["done_lost"] += 1
+
+    async def close(self) -> None:
+        for task in self._done_tasks:
+            task.cancel()
+        if self._done_tasks:
+            await asyncio.wait(self._done_tasks, timeout=1.0)
 
     def forget(self, node: str) -> None:
         """``node`` left or died: drop its load count."""

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from meshkv.chunk import ChunkKey, NamespaceId
-from meshkv.errors import ConfigError, ProtocolError
+from meshkv.errors import ConfigError, MeshKVError, ProtocolError
 from meshkv.mesh import messages as mm
 from meshkv.mesh.directory import Directory
 from meshkv.mesh.fetch import Fetcher
@@ -79,6 +79,8 @@ _WIRE_KIND: dict[type, MsgKind] = {
 """Transport frame kind of each core message sent one-way."""
 
 PUSH_SWEEP_S = 60.0
+WARM_CONNECT_S = 10.0
+"""Deadline of the data connection opened to a member when it joins."""
 """A pushed payload whose frame never completed gives its reserved slot back after this."""
 
 
@@ -234,6 +236,7 @@ class MeshNode:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=max(0.1, deadline - loop.time()))
         await self.pusher.close()
+        await self.fetcher.close()
         self.peer_server.abort_all()
         if self._listener is not None:
             await self._listener.close()
@@ -341,13 +344,6 @@ class MeshNode:
             return []
         owners = self.ring.owners(key, count + 1)
         return [n for n in owners if n != self.node_id][:count]
-
-    def send_control(self, node: str, kind: MsgKind, header: dict[str, Any]) -> bool:
-        address = self.address_of(node)
-        if address is None or self._links is None:
-            return False
-        self._links.send(address, kind, header)
-        return True
 
     def is_alive(self, node: str) -> bool:
         """Alive or suspect, as of the last ring rebuild (the ring is exactly that set).
@@ -481,6 +477,13 @@ class MeshNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), max(0.0005, wait))
 
+    async def _warm(self, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.connection(address, loop.time() + WARM_CONNECT_S)
+        except (MeshKVError, OSError, RuntimeError) as exc:
+            logger.debug("warming a connection to %s: %s", address, exc)
+
     def _apply_events(self, events: list[MemberEvent], now: float) -> None:
         if not events:
             return
@@ -497,6 +500,10 @@ class MeshNode:
             if event.kind in (EventKind.DEAD, EventKind.LEFT) and self._links is not None:
                 self._links.forget(event.addr)
                 self.fetcher.forget(event.node)
+            elif event.kind is EventKind.JOINED and not self._closing:
+                # Open (and authenticate) a data connection now, not inside the first
+                # lookup's budget: a UCX endpoint takes hundreds of ms to set up under load.
+                self._spawn(self._warm(event.addr), f"warm-{event.node}")
         members = membership.alive()
         if tuple(members) != self.ring.members:
             self.ring = Ring(members, self.config.ring)

@@ -6,7 +6,7 @@ a fake in their unit tests), and the node satisfies them all.
 
 * ``NodeView``: what the peer-facing helpers (``fetch.Fetcher``, ``pusher.Pusher``, the
   admin routes) may ask: who is alive where, which node is home for a key, a connection to
-  a peer, a lookup at a home, a one-way control message.
+  a peer, a lookup at a home.
 * ``PeerDelegate``: what the peer server (``peer_server.PeerServer``) delivers to the node
   after decoding and validating a frame: membership and directory messages, lookups at this
   home, a chunk asked for that is gone, a finished transfer.
@@ -25,7 +25,6 @@ from typing import Any, Protocol
 from meshkv.chunk import ChunkKey, NamespaceId
 from meshkv.mesh import messages as mm
 from meshkv.transport.base import Connection
-from meshkv.transport.framing import MsgKind
 
 
 class NodeView(Protocol):
@@ -64,10 +63,6 @@ class NodeView(Protocol):
         self, home: str, keys: Sequence[ChunkKey], deadline: float
     ) -> tuple[tuple[str, ...], ...]:
         """Holders of ``keys`` as their home knows them (this node answers for itself)."""
-        ...
-
-    def send_control(self, node: str, kind: MsgKind, header: dict[str, Any]) -> bool:
-        """Queue a one-way control message to ``node``; False when its address is unknown."""
         ...
 
 

@@ -187,6 +187,7 @@ class _Connection(asyncio.Protocol):
             Op.READ: self._read,
             Op.RELEASE: self._release,
             Op.STATS: self._stats,
+            Op.HOLD: self._hold,
         }
 
     # --- transport events ---------------------------------------------------------
@@ -386,11 +387,13 @@ class _Connection(asyncio.Protocol):
         keys = parse_keys(message)
         transfer = parse_transfer_hint(message.get("transfer"))
         tiers = self.store.lookup(ns, keys)
+        if transfer is not None:  # the puller answers the producer even when all is local
+            return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"))
         if None in tiers:
             puller = self.server.puller
             puller.fill_in_flight(keys, tiers)
-            if None in tiers and (transfer is not None or puller.has_source):
-                return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"))
+            if None in tiers and puller.has_source:
+                return self._lookup_remote(ns, keys, tiers, None, message.get("budget"))
         return self._lookup_reply(ns, keys, tiers)
 
     async def _lookup_remote(
@@ -468,7 +471,6 @@ class _Connection(asyncio.Protocol):
         keys = parse_keys(message)
         tokens = parse_ints(message, "tokens", len(keys))
         checksums = parse_optional_ints(message, "checksums", len(keys))
-        hold = parse_transfer_hold(message.get("transfer"))
         store, owner = self.store, self.conn_id
         for i, key in enumerate(keys):
             try:
@@ -477,13 +479,22 @@ class _Connection(asyncio.Protocol):
                 raise NotReserved(
                     f"commit of key {i} ({key.hex()}): {exc}; keys before it were committed"
                 ) from exc
-        if hold is not None:
-            transfers = self.server.transfers
-            if transfers is None:
-                raise ProtocolError("commit names a transfer but this agent keeps none")
-            transfer_id, hold_s, push_to = hold
-            transfers.hold(ns, keys, transfer_id, hold_s, push_to)
         return {}
+
+    def _hold(self, message: dict[str, Any]) -> Reply:
+        """Pin a prefill/decode transfer's chunks (and push them to the decode node)."""
+        ns = self.namespace
+        assert ns is not None
+        keys = parse_keys(message)
+        hold = parse_transfer_hold(message.get("transfer"))
+        if hold is None:
+            raise ProtocolError("hold needs 'transfer': {id, hold, push_to}")
+        transfers = self.server.transfers
+        if transfers is None:
+            raise ProtocolError("this agent keeps no prefill/decode transfers")
+        transfer_id, hold_s, push_to = hold
+        held = transfers.hold(ns, keys, transfer_id, hold_s, push_to)
+        return {"held": held}
 
     def _abort(self, message: dict[str, Any]) -> Reply:
         ns = self.namespace
@@ -561,7 +572,7 @@ def parse_transfer_hint(value: object) -> TransferHint | None:
 
 
 def parse_transfer_hold(value: object) -> tuple[str, float, str | None] | None:
-    """A commit's ``transfer`` field: ``{"id": str, "hold": seconds, "push_to": node|nil}``."""
+    """A hold's ``transfer`` field: ``{"id": str, "hold": seconds, "push_to": node|nil}``."""
     if value is None:
         return None
     if not isinstance(value, dict):

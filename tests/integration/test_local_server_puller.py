@@ -66,7 +66,14 @@ class ScriptedSource:
         return list(holders)
 
     async def pull(
-        self, ns: NamespaceId, key: ChunkKey, holder: str, deadline: float, *, last: bool
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        holder: str,
+        deadline: float,
+        *,
+        last: bool,
+        named: bool = False,
     ) -> str | None:
         self.pulled.append((key, holder))
         await asyncio.sleep(self.pull_delay)  # the pull takes a while
@@ -182,6 +189,9 @@ def test_transfer_comes_from_its_producer_without_the_directory() -> None:
         assert source.located == []  # no directory round trip
         assert sorted(source.pulled) == sorted((k, "prefill-node") for k in keys)
         assert source.done == [("prefill-node", "xfer-1")]  # told once, after the last
+        with AgentClient(path) as c:  # every chunk already here (as if pushed): told at once
+            assert c.lookup(keys, transfer=TransferRef("xfer-2", "prefill-node", 5.0)).prefix == 4
+        assert source.done == [("prefill-node", "xfer-1"), ("prefill-node", "xfer-2")]
 
     asyncio.run(serve({"pull_delay": 0.05}, scenario))
 

@@ -84,7 +84,6 @@ class FakeView:
         self.dead: set[str] = set()
         self.home = "b"
         self.next: list[str] = ["b"]
-        self.sent: list[tuple[str, MsgKind, dict[str, Any]]] = []
         self._pool = ConnectionPool(transport, 4)
 
     def now(self) -> float:
@@ -117,10 +116,6 @@ class FakeView:
         answer = mm.decode(reply.header["m"])
         assert isinstance(answer, mm.LookupReply)
         return answer.holders
-
-    def send_control(self, node: str, kind: MsgKind, header: dict[str, Any]) -> bool:
-        self.sent.append((node, kind, header))
-        return node in self.peers
 
     async def close(self) -> None:
         await self._pool.close()
@@ -254,8 +249,13 @@ def test_fetcher_locate_asks_the_home_and_drops_self_and_the_dead() -> None:
             assert await fetcher.locate(NS, [k1], soon(0.3)) == {}
             assert fetcher.stats.failures["lookup"] == 1
             w.network.heal()
-            fetcher.transfer_done("b", "t-1")
-            assert w.view.sent == [("b", MsgKind.TRANSFER_DONE, {"id": "t-1"})]
+            fetcher.transfer_done("b", "t-1")  # an acknowledged request to the producer
+            for _ in range(100):
+                if w.b.delegate.done:
+                    break
+                await asyncio.sleep(0.01)
+            assert w.b.delegate.done == [("a", "t-1")]
+            await fetcher.close()
 
     run(main)
 

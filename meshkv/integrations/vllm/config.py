@@ -32,7 +32,17 @@ class ConnectorConfig:
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
     retry_interval_s: float = 1.0
-    """After the agent failed to answer, skip it for this long (zero hits, no saves)."""
+    """After the agent is found gone (or ``breaker_failures`` calls in a row missed their
+    deadline), skip it for this long: zero hits, no saves, no waiting."""
+    breaker_failures: int = 3
+    """Consecutive calls past their deadline before the agent counts as down. One slow
+    answer is a miss for that request only; a socket that refuses opens the breaker at once."""
+    transfer_timeout_s: float = 5.0
+    """Decode side of prefill/decode: how long a request waits for its prompt's KV from the
+    producer before it is computed here instead."""
+    transfer_hold_s: float = 60.0
+    """Prefill side: how long the agent keeps a transfer's chunks pinned if the decode side
+    never says it is done."""
     save_decode_tokens: bool = False
     """Also save chunks that fill up during decoding (not only prompt chunks)."""
     namespace_salt: str = ""
@@ -49,11 +59,19 @@ class ConnectorConfig:
             raise ConfigError(
                 f"meshkv connector: chunk_tokens must be positive, got {self.chunk_tokens}"
             )
-        for name in ("lookup_timeout_s", "load_timeout_s", "save_timeout_s"):
+        for name in (
+            "lookup_timeout_s",
+            "load_timeout_s",
+            "save_timeout_s",
+            "transfer_timeout_s",
+            "transfer_hold_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"meshkv connector: {name} must be > 0 seconds")
         if self.retry_interval_s < 0:
             raise ConfigError("meshkv connector: retry_interval_s must be >= 0")
+        if self.breaker_failures < 1:
+            raise ConfigError("meshkv connector: breaker_failures must be >= 1")
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless whole engine blocks tile a chunk."""

@@ -27,6 +27,7 @@ from meshkv.errors import ConfigError
 
 from .config import ConnectorConfig, check_vllm_version
 from .layout import engine_layout
+from .link import SchedulerLink, WorkerLink
 from .metadata import MeshKVConnectorMetadata
 from .scheduler import SchedulerSide
 from .stats import MeshKVConnectorStats, delta, new_counters, note_namespace, retire
@@ -78,18 +79,28 @@ class MeshKVConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
+            link = SchedulerLink(self._cfg, self._layout.namespace(0), self._counters)
+            # Connect at engine start, so the first lookup does not pay for the connect
+            # inside its deadline (a missing agent is only logged, like any later outage).
+            link.warm_up()
             self._scheduler = SchedulerSide(
                 self._cfg,
                 self._layout,
                 self._counters,
+                link,
                 load_enabled=transfer.is_kv_consumer,
                 save_enabled=transfer.is_kv_producer,
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
+            rank = get_tensor_model_parallel_rank()
             self._worker = WorkerSide(
-                self._cfg, self._layout, self._counters, get_tensor_model_parallel_rank()
+                self._cfg,
+                self._layout,
+                self._counters,
+                rank,
+                WorkerLink(self._cfg, self._layout.namespace(rank), self._counters),
             )
         logger.info(
             "meshkv connector (%s, %s) for %s: %s, chunk %d tokens, agent %s",
@@ -120,6 +131,11 @@ class MeshKVConnector(KVConnectorBase_V1):
         return meta
 
     # --- worker side -------------------------------------------------------------------
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, MeshKVConnectorMetadata):
+            self._worker.prepare(connector_metadata)  # before the forward pass: start saves
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._work().register_kv_caches(kv_caches)

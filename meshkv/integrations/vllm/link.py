@@ -1,8 +1,11 @@
 """The connector's handle on the local agent: deadlines plus a circuit breaker.
 
-No fate-sharing: every call is bounded by the client's deadline, and after one failure the
-agent is skipped for ``retry_interval_s`` so that a dead agent costs the engine nothing
-per request. The ``AgentClient`` reconnects by itself once the agent is back.
+No fate-sharing: every call is bounded by the client's deadline. An agent that is gone
+(no socket, connection refused or reset) opens the breaker at once: the agent is skipped
+for ``retry_interval_s``, so a dead agent costs the engine nothing per request. A call
+that only missed its deadline is that request's miss; the breaker opens after
+``breaker_failures`` of them in a row (a hung agent), and any answer closes it. The
+``AgentClient`` reconnects by itself once the agent is back.
 """
 
 from __future__ import annotations
@@ -10,21 +13,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from meshkv.chunk import Namespace
-from meshkv.errors import AgentUnavailable, MeshKVError, ProtocolError, TransportError
+from meshkv.chunk import ChunkKey, Namespace
+from meshkv.errors import (
+    AgentUnavailable,
+    DeadlineExceeded,
+    MeshKVError,
+    ProtocolError,
+    TransportError,
+)
 
 if TYPE_CHECKING:
-    from meshkv.client import AgentClient
+    from meshkv.client import (
+        AgentClient,
+        Lease,
+        LookupReply,
+        Reservation,
+        TransferHold,
+        TransferRef,
+    )
 
+    from .config import ConnectorConfig
     from .stats import ConnectorCounters
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _LINK_ERRORS = (AgentUnavailable, TimeoutError, ConnectionError, TransportError, ProtocolError)
+"""Errors that mean the agent is gone (or the stream to it is broken): open the breaker."""
 
 
 class AgentLink:
@@ -37,6 +55,7 @@ class AgentLink:
         timeout: float,
         retry_interval: float,
         counters: ConnectorCounters,
+        breaker_failures: int = 3,
     ) -> None:
         self._socket_path = socket_path
         self._namespace = namespace
@@ -45,8 +64,11 @@ class AgentLink:
         self._counters = counters
         self._client: AgentClient | None = None
         self._lock = threading.Lock()
+        self._breaker_failures = breaker_failures
         self._down_until = 0.0
         self._was_down = False
+        self._slow = 0
+        """Calls in a row that missed their deadline."""
 
     def _get_client(self) -> AgentClient:
         with self._lock:
@@ -65,25 +87,38 @@ class AgentLink:
             raise AgentUnavailable("meshkv agent marked down; retrying later")
         try:
             result = fn(self._get_client())
+        except DeadlineExceeded as exc:
+            self._counters.agent_slow += 1
+            self._slow += 1
+            if self._slow >= self._breaker_failures:
+                self._open(exc)
+            raise AgentUnavailable(str(exc)) from exc
         except _LINK_ERRORS as exc:
-            self._counters.agent_unavailable += 1
-            self._down_until = time.monotonic() + self._retry_interval
-            if not self._was_down:
-                logger.warning(
-                    "meshkv agent at %s unavailable (%s: %s); serving without it, retry in %.1fs",
-                    self._socket_path,
-                    type(exc).__name__,
-                    exc,
-                    self._retry_interval,
-                )
-            self._was_down = True
+            self._open(exc)
             raise AgentUnavailable(str(exc)) from exc
         except MeshKVError:
+            self._slow = 0  # it answered (with an error of the request's own)
             raise
+        self._slow = 0
         if self._was_down:
             logger.info("meshkv agent at %s is reachable again", self._socket_path)
             self._was_down = False
         return result
+
+    def _open(self, exc: BaseException) -> None:
+        """Skip the agent for ``retry_interval`` (it is gone, or hung)."""
+        self._counters.agent_unavailable += 1
+        self._slow = 0
+        self._down_until = time.monotonic() + self._retry_interval
+        if not self._was_down:
+            logger.warning(
+                "meshkv agent at %s unavailable (%s: %s); serving without it, retry in %.1fs",
+                self._socket_path,
+                type(exc).__name__,
+                exc,
+                self._retry_interval,
+            )
+        self._was_down = True
 
     def warm_up(self) -> bool:
         """Connect now (at engine start) so the first lookup does not pay for the connect
@@ -102,3 +137,76 @@ class AgentLink:
                 client.close()
             except Exception:  # closing must never take the engine down
                 logger.debug("closing the meshkv client failed", exc_info=True)
+
+
+class SchedulerLink:
+    """The scheduler side's agent (``scheduler.SchedulerAgent``): lookups under
+    ``lookup_timeout_s``, and the agent's node id for prefill/decode parameters."""
+
+    def __init__(self, cfg: ConnectorConfig, namespace: Namespace, counters: ConnectorCounters):
+        self._link = AgentLink(
+            cfg.socket_path,
+            namespace,
+            cfg.lookup_timeout_s,
+            cfg.retry_interval_s,
+            counters,
+            cfg.breaker_failures,
+        )
+
+    def warm_up(self) -> bool:
+        return self._link.warm_up()
+
+    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply:
+        return self._link.call(lambda client: client.lookup(keys, transfer=transfer))
+
+    def node_id(self) -> str | None:
+        try:
+            return self._link.call(lambda client: client.hello().node_id)
+        except MeshKVError:
+            return None
+
+    def close(self) -> None:
+        self._link.close()
+
+
+class WorkerLink:
+    """The worker side's agent (``worker.WorkerAgent``). Three clients, so that no wait
+    holds a lock another path needs: synchronous loads (inside the step), background loads
+    (which wait for pulls), and saves (the save thread)."""
+
+    def __init__(self, cfg: ConnectorConfig, namespace: Namespace, counters: ConnectorCounters):
+        def link() -> AgentLink:
+            return AgentLink(
+                cfg.socket_path,
+                namespace,
+                cfg.save_timeout_s,
+                cfg.retry_interval_s,
+                counters,
+                cfg.breaker_failures,
+            )
+
+        self._step, self._background, self._saves = link(), link(), link()
+
+    def read(self, keys: list[ChunkKey], wait: float, *, background: bool) -> list[Lease | None]:
+        link = self._background if background else self._step
+        return link.call(lambda client: client.read(keys, wait=wait))
+
+    def release(self, leases: Sequence[Lease], *, background: bool) -> None:
+        link = self._background if background else self._step
+        link.call(lambda client: client.release(leases))
+
+    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
+        return self._saves.call(lambda client: client.reserve(keys, sizes))
+
+    def commit(self, keys: list[ChunkKey], tokens: list[int]) -> None:
+        self._saves.call(lambda client: client.commit(keys, tokens))
+
+    def abort(self, keys: list[ChunkKey]) -> None:
+        self._saves.call(lambda client: client.abort(keys))
+
+    def hold(self, keys: list[ChunkKey], hold: TransferHold) -> int:
+        return self._saves.call(lambda client: client.hold(keys, hold))
+
+    def close(self) -> None:
+        for link in (self._step, self._background, self._saves):
+            link.close()

@@ -1,7 +1,7 @@
 """What the scheduler-side connector tells the worker-side connector each step.
 
-Keys are computed by the scheduler for every tensor-parallel rank (``keys[rank][i]``), so
-a worker never hashes tokens; with TP=1 there is one list.
+Keys are computed by the scheduler for every tensor-parallel rank (``keys[rank]``), so a
+worker never hashes tokens; with TP=1 there is one key per chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class ChunkLoad:
     blocks: tuple[tuple[int, int], ...]
     """``(block index inside the chunk, engine block id)`` for each block to write; blocks
     that vLLM already computed itself are left out."""
+    num_blocks: int
+    """Engine blocks the stored chunk holds (fewer than a full chunk's for a prompt's
+    last, partial chunk): its payload size is this many blocks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +34,10 @@ class LoadSpec:
     req_id: str
     chunks: tuple[ChunkLoad, ...]
     is_async: bool
-    """True: chunks may still be on SSD or a peer; the worker waits up to its deadline
-    off the step and reports the request through ``get_finished``."""
+    """True: chunks may still be on SSD or a peer; the worker waits up to ``wait_s`` off
+    the step and reports the request through ``get_finished``."""
+    wait_s: float = 0.0
+    """How long an asynchronous load waits for its chunks to arrive in the agent."""
 
     def block_ids(self) -> list[int]:
         return [block for chunk in self.chunks for _, block in chunk.blocks]
@@ -40,7 +45,7 @@ class LoadSpec:
 
 @dataclass(frozen=True, slots=True)
 class ChunkSave:
-    """One full chunk to copy from engine blocks into the agent."""
+    """One chunk to copy from engine blocks into the agent."""
 
     keys: tuple[ChunkKey, ...]
     """The chunk's key for each TP rank."""
@@ -48,14 +53,29 @@ class ChunkSave:
     """Every engine block of the chunk, in token order."""
     index: int
     """Position of the chunk in the request (0 = first ``chunk_tokens`` tokens)."""
+    num_tokens: int
+    """Tokens the chunk covers (``chunk_tokens``, or fewer for a prompt's last chunk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HoldSpec:
+    """Prefill side: pin a transfer's chunks in the agent (and push them to the decode node)."""
+
+    transfer_id: str
+    keys: tuple[tuple[ChunkKey, ...], ...]
+    """Every chunk of the prompt, per rank (``keys[i][rank]``)."""
+    hold_s: float
+    push_to: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class SaveSpec:
-    """The new full chunks of one request after this step's forward pass."""
+    """The new chunks of one request after this step's forward pass."""
 
     req_id: str
     chunks: tuple[ChunkSave, ...]
+    hold: HoldSpec | None = None
+    """Set on the prefill of a transfer once its whole prompt is saved."""
 
 
 @dataclass(slots=True)

@@ -1,11 +1,24 @@
-"""Scheduler side of the meshkv connector: lookups, load plans and save plans.
+"""Scheduler side of the meshkv connector: lookups, load plans, save plans, P/D parameters.
 
 Per new request the scheduler computes the prompt's chunk keys and asks the agent once
 which leading chunks it holds (the answer is cached per request id, since vLLM may ask
 again). It promises whole chunks only, never the whole prompt, and less whatever vLLM's
-own prefix cache already covers. Loads are synchronous when every promised chunk is in
-the agent's CPU tier and asynchronous otherwise (SSD or peer: the agent starts pulling at
+own prefix cache already covers. Loads are synchronous when every promised chunk is in the
+agent's CPU tier and asynchronous otherwise (SSD or peer: the agent starts pulling at
 lookup time, the worker waits up to ``load_timeout_s`` off the step).
+
+Prefill/decode (``transfer.py`` has the parameters):
+
+* **Prefill** (``do_remote_decode``): every prompt token is saved, the last partial chunk
+  too (its key is the prompt's chained key over the partial tokens, so no other prompt can
+  meet it); once the whole prompt is saved the worker asks the agent to hold the chunks for
+  the transfer (and push them to the decode node the proxy named). ``request_finished``
+  returns the parameters the decode engine needs. The blocks are freed at once: the bytes
+  were copied into the agent's arena in the step that computed them.
+* **Decode** (``do_remote_prefill`` with meshkv parameters): the whole prompt is promised
+  as an asynchronous load from the named producer (vLLM recomputes the last token so that
+  it can sample); the request waits while the engine schedules others; whatever does not
+  arrive by ``transfer_timeout_s`` is recomputed.
 
 Tensor parallelism: keys are computed here for every rank's namespace and shipped to the
 workers, which never hash tokens. The lookup asks with rank 0's keys only, assuming that
@@ -16,17 +29,27 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshkv.chunk import ChunkKey, NamespaceId, chunk_keys
+from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, MeshKVError
 
 from .config import ConnectorConfig
 from .layout import EngineLayout
-from .link import AgentLink
-from .metadata import ChunkLoad, ChunkSave, LoadSpec, MeshKVConnectorMetadata, SaveSpec
+from .metadata import ChunkLoad, ChunkSave, HoldSpec, LoadSpec, MeshKVConnectorMetadata, SaveSpec
 from .stats import ConnectorCounters
+from .transfer import (
+    ConsumerRequest,
+    ProducerRequest,
+    identity_params,
+    parse_consumer,
+    parse_producer,
+    producer_params,
+    wants_identity,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -39,26 +62,68 @@ _LOCAL_TIER = "cpu"
 _MAX_NAMESPACE_CACHE = 1024
 
 
+class SchedulerAgent(Protocol):
+    """What the scheduler side needs of its agent link (``link.AgentLink`` in an engine, a
+    fake in unit tests)."""
+
+    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply: ...
+
+    def node_id(self) -> str | None:
+        """The agent's node id (None while it cannot be reached)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """One chunk of a prompt as the connector plans it."""
+
+    keys: tuple[ChunkKey, ...]
+    """Its key per TP rank."""
+    num_tokens: int
+    num_blocks: int
+    """Engine blocks it holds (a partial last chunk holds fewer than a full one)."""
+
+
 @dataclass(slots=True)
 class _RequestState:
     """What the scheduler remembers about one live request."""
 
     request: Request
     keys: list[tuple[ChunkKey, ...]]
-    """Prompt chunk keys, ``keys[i][rank]``."""
+    """Keys of the prompt's full chunks, ``keys[i][rank]``."""
+    tail: _Chunk | None = None
+    """The prompt's last, partial chunk: kept for prefill/decode transfers only (its key
+    chains over the partial tokens, so no other prompt can ever meet it)."""
     hit_chunks: int = 0
-    """Leading chunks the agent reported at lookup time."""
+    """Leading chunks (of ``chunks()``) the agent reported at lookup time."""
     all_local: bool = True
     """Whether every hit chunk was in the agent's CPU tier."""
     local_computed: int = 0
     """``num_computed_tokens`` vLLM passed in the last ``get_num_new_matched_tokens``."""
     saved_chunks: int = 0
-    """Chunks already handed to the worker for saving (or skipped for good)."""
+    """Full chunks already handed to the worker for saving (or skipped for good)."""
+    tail_saved: bool = False
     pending_load: LoadSpec | None = None
     load_issued: bool = False
     """A load was planned once; vLLM asks again only after it failed (then: recompute)."""
     extra_keys: list[tuple[ChunkKey, ...]] = field(default_factory=list)
     """Keys of chunks filled during decoding (``save_decode_tokens``)."""
+    producer: ProducerRequest | None = None
+    """Prefill side of a transfer: save the whole prompt, hold it for the decode engine."""
+    transfer_id: str | None = None
+    held: bool = False
+    """The hold was planned (the whole prompt is saved)."""
+    consumer: ConsumerRequest | None = None
+    """Decode side of a transfer (its chunks come from ``consumer.producer``)."""
+
+    def chunks(self, chunk_tokens: int, blocks_per_chunk: int) -> list[_Chunk]:
+        """The chunks a load or a hold covers: the full ones, then the tail."""
+        out = [_Chunk(k, chunk_tokens, blocks_per_chunk) for k in self.keys]
+        if self.tail is not None:
+            out.append(self.tail)
+        return out
 
 
 class SchedulerSide:
@@ -69,6 +134,7 @@ class SchedulerSide:
         cfg: ConnectorConfig,
         layout: EngineLayout,
         counters: ConnectorCounters,
+        agent: SchedulerAgent,
         *,
         load_enabled: bool,
         save_enabled: bool,
@@ -76,21 +142,13 @@ class SchedulerSide:
         self._cfg = cfg
         self._layout = layout
         self._counters = counters
+        self._agent = agent
         self._load_enabled = load_enabled
         self._save_enabled = save_enabled
         self._blocks_per_chunk = cfg.chunk_tokens // layout.block_size
-        self._link = AgentLink(
-            cfg.socket_path,
-            layout.namespace(0),
-            cfg.lookup_timeout_s,
-            cfg.retry_interval_s,
-            counters,
-        )
         self._requests: dict[str, _RequestState] = {}
         self._namespaces: dict[tuple[str, int], NamespaceId] = {}
         self._kv_cache_manager: KVCacheManager | None = None
-        if load_enabled:
-            self._link.warm_up()
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -118,30 +176,77 @@ class SchedulerSide:
             parts.append(f"|lora:{lora.lora_name}:{lora.lora_int_id}")
         return "".join(parts)
 
-    def _keys_for(self, request: Request, tokens: list[int]) -> list[tuple[ChunkKey, ...]]:
+    def _keys_for(
+        self, request: Request, tokens: list[int], *, partial: bool = False
+    ) -> list[tuple[ChunkKey, ...]]:
         salt = self._request_salt(request)
         per_rank = [
-            chunk_keys(self._namespace_id(salt, rank), tokens, self._cfg.chunk_tokens)
+            chunk_keys(
+                self._namespace_id(salt, rank), tokens, self._cfg.chunk_tokens,
+                include_partial=partial,
+            )
             for rank in range(self._layout.tp_size)
-        ]
+        ]  # fmt: skip
         return [tuple(rank_keys[i] for rank_keys in per_rank) for i in range(len(per_rank[0]))]
 
     def _state(self, request: Request) -> _RequestState:
         state = self._requests.get(request.request_id)
-        if state is None:
-            tokens = list(request.prompt_token_ids or [])
-            state = _RequestState(request=request, keys=self._keys_for(request, tokens))
-            self._requests[request.request_id] = state
-            if self._load_enabled and state.keys:
-                self._lookup(state)
+        if state is not None:
+            return state
+        tokens = list(request.prompt_token_ids or [])
+        params = getattr(request, "kv_transfer_params", None)
+        producer = parse_producer(params) if self._save_enabled else None
+        consumer = parse_consumer(params) if self._load_enabled else None
+        if consumer is not None and not self._consumer_usable(consumer, len(tokens)):
+            consumer = None
+        state = _RequestState(request=request, keys=self._keys_for(request, tokens))
+        if producer is not None or consumer is not None:
+            state.tail = self._tail(request, tokens)
+        last = state.tail.keys if state.tail is not None else (state.keys or [()])[-1]
+        if consumer is not None and (not last or last[0] != consumer.last_key):
+            # Another prompt than the producer saw (a different template, truncation...):
+            # its chunks cannot be this request's KV. Look it up like any other request.
+            logger.info("meshkv transfer %s: prompt differs from the prefill's; ignoring it",
+                        consumer.transfer_id)  # fmt: skip
+            consumer = None
+            if producer is None:
+                state.tail = None
+        state.producer, state.consumer = producer, consumer
+        if producer is not None:
+            state.transfer_id = uuid.uuid4().hex
+        self._requests[request.request_id] = state
+        if self._load_enabled and (state.keys or state.tail is not None):
+            self._lookup(state)
         return state
+
+    def _tail(self, request: Request, tokens: list[int]) -> _Chunk | None:
+        chunk, bs = self._cfg.chunk_tokens, self._layout.block_size
+        rest = len(tokens) % chunk
+        if rest == 0:
+            return None
+        keys = self._keys_for(request, tokens, partial=True)[-1]
+        return _Chunk(keys, rest, -(-rest // bs))
+
+    def _consumer_usable(self, consumer: ConsumerRequest, prompt_len: int) -> bool:
+        if consumer.chunk_tokens != self._cfg.chunk_tokens:
+            logger.warning(
+                "meshkv transfer %s was saved with %d-token chunks, this engine uses %d; "
+                "computing the prompt here", consumer.transfer_id, consumer.chunk_tokens,
+                self._cfg.chunk_tokens,
+            )  # fmt: skip
+            return False
+        return consumer.tokens == prompt_len
 
     def _lookup(self, state: _RequestState) -> None:
         started = time.perf_counter()
         self._counters.lookups += 1
-        rank0 = [keys[0] for keys in state.keys]
+        rank0 = [c.keys[0] for c in state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)]
+        ref = None
+        if state.consumer is not None:
+            c = state.consumer
+            ref = TransferRef(c.transfer_id, c.producer, self._cfg.transfer_timeout_s)
         try:
-            reply = self._link.call(lambda client: client.lookup(rank0))
+            reply = self._agent.lookup(rank0, ref)
         except (AgentUnavailable, MeshKVError) as exc:
             self._counters.lookup_errors += 1
             logger.debug("meshkv lookup failed for %s: %s", state.request.request_id, exc)
@@ -165,10 +270,18 @@ class SchedulerSide:
         if state.load_issued:
             # vLLM re-queries a request whose load failed (or that was preempted); a
             # second promise of the same chunks could fail the same way, forever. What
-            # it computes again is saved again (this repairs a chunk that failed its check).
+            # it computes again is saved again.
             state.saved_chunks = 0
             return 0, False
         prompt_len = len(request.prompt_token_ids or [])
+        if state.consumer is not None:
+            # The whole prompt comes from the transfer (vLLM recomputes its last token so
+            # that it can sample the next).
+            chunks = state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)
+            hit_tokens = sum(c.num_tokens for c in chunks[: state.hit_chunks])
+            if hit_tokens <= num_computed_tokens:
+                return 0, False
+            return hit_tokens - num_computed_tokens, True
         chunk = self._cfg.chunk_tokens
         # Leave at least one prompt token to compute: vLLM needs its logits.
         usable_chunks = min(state.hit_chunks, max(0, (prompt_len - 1) // chunk))
@@ -187,29 +300,39 @@ class SchedulerSide:
         if state is None:
             return
         (block_ids,) = blocks.get_block_ids()
-        bs = self._layout.block_size
+        bs, bpc = self._layout.block_size, self._blocks_per_chunk
         first_block = state.local_computed // bs
-        end_block = (state.local_computed + num_external_tokens) // bs
+        end_block = -(-(state.local_computed + num_external_tokens) // bs)  # ceiling
+        chunks = state.chunks(self._cfg.chunk_tokens, bpc)
         loads: list[ChunkLoad] = []
-        for c in range(first_block // self._blocks_per_chunk, len(state.keys)):
+        for c in range(first_block // bpc, len(chunks)):
+            n = chunks[c].num_blocks
             writes = tuple(
-                (j, block_ids[c * self._blocks_per_chunk + j])
-                for j in range(self._blocks_per_chunk)
-                if first_block <= c * self._blocks_per_chunk + j < end_block
+                (j, block_ids[c * bpc + j])
+                for j in range(n)
+                if first_block <= c * bpc + j < end_block and c * bpc + j < len(block_ids)
             )
             if not writes:
                 break
-            loads.append(ChunkLoad(keys=state.keys[c], blocks=writes))
-        is_async = not state.all_local
+            loads.append(ChunkLoad(keys=chunks[c].keys, blocks=writes, num_blocks=n))
+        consumer = state.consumer is not None
+        is_async = consumer or not state.all_local
+        wait = self._cfg.transfer_timeout_s if consumer else self._cfg.load_timeout_s
         state.load_issued = True
         # The promised chunks are in the agent already: saving them again would cost a
         # reserve round-trip (answered "exists") on the engine's critical path every step.
         loaded_chunks = (state.local_computed + num_external_tokens) // self._cfg.chunk_tokens
-        state.saved_chunks = max(state.saved_chunks, min(state.hit_chunks, loaded_chunks))
-        state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async)
+        hit_full = min(state.hit_chunks, len(state.keys))
+        state.saved_chunks = max(state.saved_chunks, min(hit_full, loaded_chunks))
+        if state.tail is not None and state.hit_chunks > len(state.keys):
+            state.tail_saved = True
+        state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async, wait)
         self._counters.hit_tokens += num_external_tokens
         if is_async:
             self._counters.async_loads += 1
+        if state.consumer is not None:
+            self._counters.transfers_in += 1
+            self._counters.transfer_tokens += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MeshKVConnectorMetadata:
         meta = MeshKVConnectorMetadata(chunk_tokens=self._cfg.chunk_tokens)
@@ -241,27 +364,58 @@ class SchedulerSide:
         if state is None or req_id in skip or self._kv_cache_manager is None:
             return
         done_tokens = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-        chunk = self._cfg.chunk_tokens
-        full_chunks = done_tokens // chunk
+        chunk, bpc = self._cfg.chunk_tokens, self._blocks_per_chunk
+        prompt_len = len(state.request.prompt_token_ids or [])
         keys = state.keys
+        full_chunks = done_tokens // chunk
         if full_chunks > len(keys):
             if not self._cfg.save_decode_tokens:
                 full_chunks = len(keys)
             else:
                 keys = self._decode_keys(state, full_chunks)
-        if full_chunks <= state.saved_chunks:
-            return
-        (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
-        bpc = self._blocks_per_chunk
-        saves = []
+        saves: list[ChunkSave] = []
+        block_ids: list[int] = []
+        if full_chunks > state.saved_chunks or (
+            state.producer is not None and not state.tail_saved and done_tokens >= prompt_len
+        ):
+            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
         for c in range(state.saved_chunks, min(full_chunks, len(keys))):
             blocks = block_ids[c * bpc : (c + 1) * bpc]
             if len(blocks) < bpc:
                 break
-            saves.append(ChunkSave(keys=keys[c], block_ids=tuple(blocks), index=c))
+            saves.append(ChunkSave(keys[c], tuple(blocks), c, chunk))
         if saves:
-            meta.saves.append(SaveSpec(req_id, tuple(saves)))
             state.saved_chunks = saves[-1].index + 1
+        tail = state.tail
+        if (
+            state.producer is not None
+            and tail is not None
+            and not state.tail_saved
+            and done_tokens >= prompt_len
+            and state.saved_chunks >= len(state.keys)
+        ):
+            first = len(state.keys) * bpc
+            blocks = block_ids[first : first + tail.num_blocks]
+            if len(blocks) == tail.num_blocks:
+                saves.append(ChunkSave(tail.keys, tuple(blocks), len(state.keys), tail.num_tokens))
+                state.tail_saved = True
+        hold = None
+        if (
+            state.producer is not None
+            and not state.held
+            and state.transfer_id is not None
+            and state.saved_chunks >= len(state.keys)
+            and (tail is None or state.tail_saved)
+        ):
+            state.held = True
+            hold = HoldSpec(
+                state.transfer_id,
+                tuple(c.keys for c in state.chunks(chunk, bpc)),
+                self._cfg.transfer_hold_s,
+                state.producer.push_to,
+            )
+        if saves or hold is not None:
+            meta.saves.append(SaveSpec(req_id, tuple(saves), hold))
 
     def _decode_keys(self, state: _RequestState, full_chunks: int) -> list[tuple[ChunkKey, ...]]:
         tokens = list(state.request.all_token_ids[: full_chunks * self._cfg.chunk_tokens])
@@ -273,11 +427,30 @@ class SchedulerSide:
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        # Saves run to completion inside the step that computed the chunk (wait_for_save),
-        # so no block of a finished request is still being read: free them now.
-        self._requests.pop(request.request_id, None)
+        # Saves copy their blocks into the arena inside the step that computed them
+        # (wait_for_save), so no block of a finished request is still being read: vLLM may
+        # free them now, for a prefill/decode transfer too.
+        state = self._requests.pop(request.request_id, None)
+        params = getattr(request, "kv_transfer_params", None)
+        if state is not None and state.producer is not None and state.held:
+            node = self._agent.node_id()
+            last = state.tail.keys if state.tail is not None else (state.keys or [()])[-1]
+            if node is not None and state.transfer_id is not None and last:
+                self._counters.transfers_out += 1
+                return False, producer_params(
+                    producer=node,
+                    transfer_id=state.transfer_id,
+                    tokens=len(request.prompt_token_ids or []),
+                    chunk_tokens=self._cfg.chunk_tokens,
+                    last_key=last[0],
+                    expires=time.time() + self._cfg.transfer_hold_s,
+                )
+        if (state is not None and state.consumer is not None) or wants_identity(params):
+            node = self._agent.node_id()
+            if node is not None:
+                return False, identity_params(node)
         return False, None
 
     def close(self) -> None:
         self._requests.clear()
-        self._link.close()
+        self._agent.close()

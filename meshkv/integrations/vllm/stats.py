@@ -40,7 +40,15 @@ class ConnectorCounters:
     save_duplicates: int = 0
     """Chunks the agent already held (nothing copied)."""
     agent_unavailable: int = 0
-    """Calls skipped or failed because the agent could not be reached."""
+    """Calls skipped or failed because the agent could not be reached (breaker open)."""
+    agent_slow: int = 0
+    """Calls that missed their deadline (a miss for that request only)."""
+    transfers_out: int = 0
+    """Prefill requests that finished with kv_transfer_params for a decode engine."""
+    transfers_in: int = 0
+    """Decode requests whose prompt KV was loaded from a prefill engine's transfer."""
+    transfer_tokens: int = 0
+    """Prompt tokens promised to vLLM from transfers (decode side)."""
     call_seconds: float = 0.0
     """Wall time spent inside connector calls that talk to the agent or copy KV."""
 

@@ -1,16 +1,22 @@
 """Worker side of the meshkv connector: copy whole engine blocks to and from the arena.
 
 Loads: synchronous loads run in ``start_load_kv`` before the forward pass (read/pin the
-chunks, scatter arena → blocks, release). Asynchronous loads (chunks on SSD or a peer) run
-on one background thread that waits up to ``load_timeout_s`` for the agent's pulls; the
-request is reported through ``get_finished`` when its load ends either way. A chunk that
-does not arrive, or arrives with the wrong size, is never copied: its blocks go to
-``get_block_ids_with_load_errors`` and vLLM recomputes from the first of them.
+chunks, scatter arena → blocks, release). Asynchronous loads (chunks on SSD, on a peer, or
+coming from a prefill engine's transfer) run on a background thread that waits up to the
+load's ``wait_s`` for the agent's flights; the request is reported through
+``get_finished`` when its load ends either way. A chunk that does not arrive, or arrives
+with the wrong size, is never copied: its blocks go to ``get_block_ids_with_load_errors``
+and vLLM recomputes from the first of them.
 
-Saves: ``wait_for_save`` makes one batched reserve for the step's new full chunks, gathers
-engine blocks into the reserved slots and makes one batched commit. The copy is the only
-work on the step's critical path; if the agent refuses (no space) or is down the chunks
-are skipped and counted.
+Saves keep the agent off the engine's critical path. Only the copy out of the engine's
+blocks happens inside the step (``wait_for_save``: a gather into reserved arena slots, which
+must finish before vLLM may reuse the blocks); the round trips around it run on the save
+thread. The ``reserve`` for the step's chunks is sent when vLLM binds the step's metadata
+(``prepare``, before the forward pass: ``start_load_kv`` runs after it in steps without
+synchronous loads) and is answered while the forward pass runs; the ``commit`` (plus a
+transfer's ``hold``) is sent after the gather without waiting for it. If the reserve is not
+answered by ``save_timeout_s``, or the agent refuses (no space) or is down, the chunks are
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -20,24 +26,46 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from meshkv.chunk import ChunkKey
+from meshkv.client import TransferHold
 from meshkv.errors import MeshKVError, NoSpace
 from meshkv.kernels import KVCaches, KVLayout, as_byte_tensor
 
 from .config import ConnectorConfig
 from .layout import EngineLayout
-from .link import AgentLink
-from .metadata import ChunkLoad, LoadSpec, MeshKVConnectorMetadata
+from .metadata import ChunkLoad, ChunkSave, LoadSpec, MeshKVConnectorMetadata, SaveSpec
 from .stats import ConnectorCounters
 
 if TYPE_CHECKING:
-    from meshkv.client import Lease
+    from meshkv.client import Lease, Reservation
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerAgent(Protocol):
+    """What the worker side needs of its agent (``link.WorkerLink`` in an engine, a fake in
+    unit tests). Each method may be called from its own thread."""
+
+    def read(
+        self, keys: list[ChunkKey], wait: float, *, background: bool
+    ) -> list[Lease | None]: ...
+
+    def release(self, leases: Sequence[Lease], *, background: bool) -> None: ...
+
+    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]: ...
+
+    def commit(self, keys: list[ChunkKey], tokens: list[int]) -> None: ...
+
+    def abort(self, keys: list[ChunkKey]) -> None: ...
+
+    def hold(self, keys: list[ChunkKey], hold: TransferHold) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class WorkerSide:
@@ -49,36 +77,26 @@ class WorkerSide:
         layout: EngineLayout,
         counters: ConnectorCounters,
         tp_rank: int,
+        agent: WorkerAgent,
     ) -> None:
         self._cfg = cfg
         self._layout = layout
         self._counters = counters
         self._rank = tp_rank
+        self._agent = agent
         self._blocks_per_chunk = cfg.chunk_tokens // layout.block_size
-        self._link = AgentLink(
-            cfg.socket_path,
-            layout.namespace(tp_rank),
-            cfg.save_timeout_s,
-            cfg.retry_interval_s,
-            counters,
-        )
-        # Async loads wait on the agent for up to load_timeout_s; their own client keeps
-        # that wait from holding the lock that this step's saves need.
-        self._async_link = AgentLink(
-            cfg.socket_path,
-            layout.namespace(tp_rank),
-            cfg.save_timeout_s,
-            cfg.retry_interval_s,
-            counters,
-        )
         self._caches: KVCaches | None = None
-        self._chunk_bytes = 0
+        self._block_bytes = 0
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
-        # One thread: async loads are rare and bounded by the number of waiting requests.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshkv-load")
+        # One thread each: async loads are bounded by the waiting requests; the save thread
+        # keeps reserve → commit of successive steps in order.
+        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshkv-load")
+        self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshkv-save")
         self._async: dict[str, tuple[Future[set[int]], LoadSpec]] = {}
+        self._reserving: Future[list[Reservation | None]] | None = None
+        self._reserved_for: list[ChunkSave] = []
 
     # --- registration ------------------------------------------------------------------
 
@@ -95,22 +113,26 @@ class WorkerSide:
             dtype=tensors[0].dtype,
         )
         self._caches = KVCaches(tensors, kv_layout)
-        self._chunk_bytes = self._caches.chunk_nbytes(self._blocks_per_chunk)
+        self._block_bytes = self._caches.chunk_nbytes(1)
         logger.info(
             "meshkv connector: %d layers, %d blocks, %d bytes per %d-token chunk, rank %d",
             len(tensors),
             self._caches.num_blocks,
-            self._chunk_bytes,
+            self._block_bytes * self._blocks_per_chunk,
             self._cfg.chunk_tokens,
             self._rank,
         )
 
     # --- loads -------------------------------------------------------------------------
 
+    def prepare(self, meta: MeshKVConnectorMetadata) -> None:
+        """The step's metadata was bound (before its forward pass): start the reserve."""
+        self._start_reserve(meta)
+
     def start_load_kv(self, meta: MeshKVConnectorMetadata) -> None:
         for spec in meta.loads:
             if spec.is_async:
-                self._async[spec.req_id] = (self._pool.submit(self._load, spec), spec)
+                self._async[spec.req_id] = (self._load_pool.submit(self._load, spec), spec)
             else:
                 failed = self._load(spec)
                 if failed:
@@ -120,16 +142,15 @@ class WorkerSide:
 
     def _load(self, spec: LoadSpec) -> set[int]:
         """Load one request's chunks; return the block ids that could not be loaded."""
-        link = self._async_link if spec.is_async else self._link
         started = time.perf_counter()
         caches = self._caches
         keys = [chunk.keys[self._rank] for chunk in spec.chunks]
-        wait = self._cfg.load_timeout_s if spec.is_async else 0.0
+        wait = spec.wait_s if spec.is_async else 0.0
         failed: set[int] = set()
         try:
             if caches is None:
                 raise MeshKVError("KV caches were never registered")
-            leases = link.call(lambda client: client.read(keys, wait=wait))
+            leases = self._agent.read(keys, wait, background=spec.is_async)
         except MeshKVError as exc:
             logger.warning("meshkv load of %s failed: %s", spec.req_id, exc)
             self._counters.load_errors += len(spec.chunks)
@@ -137,23 +158,28 @@ class WorkerSide:
             return set(spec.block_ids())
         try:
             for chunk, lease in zip(spec.chunks, leases, strict=True):
-                if failed or lease is None or lease.view.nbytes != self._chunk_bytes:
+                expected = chunk.num_blocks * self._block_bytes
+                if failed or lease is None or lease.view.nbytes != expected:
                     # Everything after the first missing chunk is recomputed anyway.
-                    if lease is not None and lease.view.nbytes != self._chunk_bytes:
+                    if lease is not None and lease.view.nbytes != expected:
                         logger.warning(
                             "meshkv chunk %s has %d bytes, expected %d; recomputing",
-                            lease.key.hex(),
-                            lease.view.nbytes,
-                            self._chunk_bytes,
-                        )
+                            lease.key.hex(), lease.view.nbytes, expected,
+                        )  # fmt: skip
                     self._counters.load_errors += 1
                     failed.update(block for _, block in chunk.blocks)
                     continue
                 self._scatter(caches, chunk, lease)
                 self._counters.loaded_chunks += 1
-                self._counters.loaded_bytes += self._chunk_bytes
+                self._counters.loaded_bytes += expected
         finally:
-            self._release(link, leases)
+            held = [lease for lease in leases if lease is not None]
+            if held:
+                try:
+                    self._agent.release(held, background=spec.is_async)
+                except MeshKVError as exc:
+                    # A dead connection releases its pins on the agent side; leases expire.
+                    logger.debug("meshkv release failed: %s", exc)
             self._counters.call_seconds += time.perf_counter() - started
         return failed
 
@@ -161,84 +187,135 @@ class WorkerSide:
         src = as_byte_tensor(lease.view)
         offsets = [j for j, _ in chunk.blocks]
         block_ids = [block for _, block in chunk.blocks]
-        if len(offsets) == self._blocks_per_chunk:
+        if len(offsets) == chunk.num_blocks:
             caches.scatter(src, block_ids)
             return
         # vLLM already computed the first blocks of this chunk: copy only the rest.
-        per_layer = src.view(len(self._layout.layer_names), self._blocks_per_chunk, -1)
+        per_layer = src.view(len(self._layout.layer_names), chunk.num_blocks, -1)
         part = per_layer[:, offsets].contiguous().view(-1)
         caches.scatter(part, block_ids)
-
-    @staticmethod
-    def _release(link: AgentLink, leases: Sequence[Lease | None]) -> None:
-        held = [lease for lease in leases if lease is not None]
-        if not held:
-            return
-        try:
-            link.call(lambda client: client.release(held))
-        except MeshKVError as exc:
-            # A dead connection releases its pins on the agent side; leases also expire.
-            logger.debug("meshkv release failed: %s", exc)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Everything a step needs is loaded in ``start_load_kv``."""
 
     # --- saves -------------------------------------------------------------------------
 
+    def _save_chunks(self, meta: MeshKVConnectorMetadata) -> list[ChunkSave]:
+        with self._lock:
+            skip = set(self._failed_reqs)
+        # A request whose load failed in this step holds blocks that are not valid yet.
+        return [c for spec in meta.saves if spec.req_id not in skip for c in spec.chunks]
+
+    def _start_reserve(self, meta: MeshKVConnectorMetadata) -> None:
+        """Send this step's reserve now, so the answer comes while the forward pass runs."""
+        self._reserving = None
+        self._reserved_for = []
+        if not meta.saves or self._caches is None:
+            return
+        chunks = [c for spec in meta.saves for c in spec.chunks]
+        if not chunks:
+            return
+        keys = [c.keys[self._rank] for c in chunks]
+        sizes = [len(c.block_ids) * self._block_bytes for c in chunks]
+        self._reserved_for = chunks
+        self._reserving = self._save_pool.submit(self._agent.reserve, keys, sizes)
+
     def wait_for_save(self, meta: MeshKVConnectorMetadata) -> None:
         caches = self._caches
         if not meta.saves or caches is None:
             return
-        with self._lock:
-            skip = set(self._failed_reqs)
-        # A request whose load failed in this step holds blocks that are not valid yet.
-        specs = [spec for spec in meta.saves if spec.req_id not in skip]
-        chunks = [chunk for spec in specs for chunk in spec.chunks]
-        if not chunks:
-            return
         started = time.perf_counter()
-        keys: list[ChunkKey] = [chunk.keys[self._rank] for chunk in chunks]
-        sizes = [self._chunk_bytes] * len(keys)
+        chunks = self._reserved_for
         try:
-            slots = self._link.call(lambda client: client.reserve(keys, sizes))
-        except NoSpace:
-            self._counters.save_skipped += len(keys)
+            slots = self._reserved_slots()
+            wanted = {id(c) for c in self._save_chunks(meta)}
+            done: list[ChunkKey] = []
+            tokens: list[int] = []
+            skipped: list[ChunkKey] = []
+            try:
+                for chunk, slot in zip(chunks, slots or (), strict=False):
+                    if slot is None:
+                        self._counters.save_duplicates += 1
+                        continue
+                    if id(chunk) not in wanted:
+                        skipped.append(slot.key)
+                        continue
+                    caches.gather(list(chunk.block_ids), as_byte_tensor(slot.view))
+                    done.append(slot.key)
+                    tokens.append(chunk.num_tokens)
+            except BaseException:
+                keys = [s.key for s in slots or () if s is not None]
+                self._save_pool.submit(self._quiet_abort, keys)
+                self._counters.save_skipped += len(chunks)
+                raise
+            self._save_pool.submit(self._finish_save, done, tokens, skipped, meta.saves)
+        finally:
+            self._reserving = None
+            self._reserved_for = []
             self._counters.call_seconds += time.perf_counter() - started
-            return
+
+    def _reserved_slots(self) -> list[Reservation | None] | None:
+        """The answer of this step's reserve; None (the chunks skipped, counted) when it did
+        not come in time or the agent refused."""
+        chunks, future = self._reserved_for, self._reserving
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=self._cfg.save_timeout_s)
+        except FutureTimeout:
+            logger.debug("meshkv reserve not answered in time; save skipped")
+            future.add_done_callback(self._abort_late)  # give it back once it lands
+        except NoSpace:
+            pass
         except MeshKVError as exc:
             logger.debug("meshkv save skipped: %s", exc)
-            self._counters.save_skipped += len(keys)
-            self._counters.call_seconds += time.perf_counter() - started
+        self._counters.save_skipped += len(chunks)
+        return None
+
+    def _abort_late(self, future: Future[list[Reservation | None]]) -> None:
+        if future.cancelled() or future.exception() is not None:
             return
-        done: list[ChunkKey] = []
-        try:
-            for chunk, slot in zip(chunks, slots, strict=True):
-                if slot is None:
-                    self._counters.save_duplicates += 1
-                    continue
-                caches.gather(list(chunk.block_ids), as_byte_tensor(slot.view))
-                done.append(slot.key)
-        except BaseException:
-            self._abort([s.key for s in slots if s is not None])
-            self._counters.save_skipped += len(keys)
-            raise
+        keys = [s.key for s in future.result() if s is not None]
+        if keys:
+            self._save_pool.submit(self._quiet_abort, keys)
+
+    def _finish_save(
+        self,
+        done: list[ChunkKey],
+        tokens: list[int],
+        skipped: list[ChunkKey],
+        specs: list[SaveSpec],
+    ) -> None:
+        """On the save thread: commit what was copied, give back what was not, hold the
+        transfers whose prompts are now saved."""
+        if skipped:
+            self._quiet_abort(skipped)
         if done:
-            tokens = [self._cfg.chunk_tokens] * len(done)
             try:
-                self._link.call(lambda client: client.commit(done, tokens))
+                self._agent.commit(done, tokens)
                 self._counters.saved_chunks += len(done)
-                self._counters.saved_bytes += len(done) * self._chunk_bytes
+                self._counters.saved_bytes += sum(
+                    self._block_bytes * -(-n // self._layout.block_size) for n in tokens
+                )
             except MeshKVError as exc:
                 logger.debug("meshkv commit failed: %s", exc)
                 self._counters.save_skipped += len(done)
-                self._abort(done)
-        self._counters.call_seconds += time.perf_counter() - started
+                self._quiet_abort(done)
+        for spec in specs:
+            if spec.hold is None:
+                continue
+            h = spec.hold
+            keys = [k[self._rank] for k in h.keys]
+            try:
+                self._agent.hold(keys, TransferHold(h.transfer_id, h.hold_s, h.push_to))
+            except MeshKVError as exc:
+                logger.info("meshkv hold of transfer %s failed: %s", h.transfer_id, exc)
 
-    def _abort(self, keys: list[ChunkKey]) -> None:
+    def _quiet_abort(self, keys: list[ChunkKey]) -> None:
         if not keys:
             return
         try:
-            self._link.call(lambda client: client.abort(keys))
+            self._agent.abort(keys)
         except MeshKVError as exc:
             logger.debug("meshkv abort failed: %s", exc)
 
@@ -267,6 +344,6 @@ class WorkerSide:
         return errors
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._link.close()
-        self._async_link.close()
+        self._load_pool.shutdown(wait=True, cancel_futures=True)
+        self._save_pool.shutdown(wait=True)  # pending commits are short; let them land
+        self._agent.close()

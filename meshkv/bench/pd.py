@@ -1,0 +1,400 @@
+"""``meshkv bench pd``: prefill/decode disaggregation against aggregated engines, measured.
+
+Everything runs here on real processes, one arm after the other, with the same prompts and
+the same closed-loop load (``--concurrency`` requests always in flight, no pause between
+requests: every asynchronous cost is on the clock):
+
+* ``agg1`` — one vLLM OpenAI server, no connector (the baseline);
+* ``agg2`` — two such servers behind ``meshkv proxy --engines ... --routing round_robin``;
+* ``pd``   — two meshkv agents in a mesh, a prefill and a decode server with the meshkv
+  connector, ``meshkv proxy --prefill ... --decode ...`` (chunks pushed to the decode node).
+
+Per arm: TTFT p50/p99, inter-token latency (ITL) p50/p99, time per output token, requests/s
+and output tokens/s, failed requests. Then, on the ``pd`` stack:
+
+* **transfer** — prompts sent the way vLLM's toy proxy sends them (prefill, then decode with
+  the prefill's parameters; no push target, so the decode agent pulls): the decode agent's
+  wait from the lookup to the last chunk (``meshkv_transfer_wait_seconds``) and the bytes it
+  received, against the same bytes at the raw loopback TCP rate measured in the same run
+  (``transfer_over_raw_socket``; target <= 1.25), and the transfer's share of the decode-side
+  TTFT;
+* **mesh-warm vs local-warm** — a document prefilled on the prefill engine, then asked about
+  again on the same engine (its agent has the chunks: local-warm) and on the decode engine
+  (its agent pulls them through the mesh: mesh-warm); ``mesh_warm_over_local_warm`` is the
+  ratio of median TTFTs (target <= 1.3).
+
+Needs a model vLLM can load (``--model``); ``python -m benchmarks.pd`` in the source tree
+runs it on a small random Llama. On a 2-core machine both engines of ``agg2`` and ``pd``
+share the same two cores, so P/D's decode-latency benefit (prefills no longer interrupt
+decoding) cannot show here; the numbers say what the disaggregation costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from meshkv.bench import openai_load as load
+from meshkv.bench.report import Report, Result
+from meshkv.launch import (
+    AgentProcess,
+    HttpProcess,
+    engine_env,
+    free_port,
+    http_get,
+    meshkv_kv_transfer_config,
+    vllm_server_command,
+)
+
+ARMS = ("agg1", "agg2", "pd")
+SERVER_TIMEOUT_S = 300.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (or id) vLLM loads")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    p.add_argument("--requests", type=int, default=24, help="requests per arm")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--prompt-tokens", default="2048-4096", help="prompt length range")
+    p.add_argument("--output-tokens", default="32-64", help="answer length range")
+    p.add_argument("--transfers", type=int, default=6, help="toy-flow transfers to time")
+    p.add_argument("--warm-docs", type=int, default=4, help="documents for mesh/local warm")
+    p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
+    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="engine KV cache")
+    p.add_argument("--agent-cpu-bytes", type=int, default=2 << 30, help="agent CPU tier")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="FILE.png", help="write TTFT CDFs per arm (matplotlib)")
+    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    a, b = int(low), int(high or low)
+    if not 0 < a <= b:
+        raise ValueError(f"bad range {text!r}")
+    return a, b
+
+
+def _vocab(model: str) -> int:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    return 1000
+
+
+def _prompts(rng: random.Random, n: int, lengths: tuple[int, int], vocab: int) -> list[list[int]]:
+    top = min(vocab - 1, 30000)
+    return [[rng.randrange(3, top) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+
+
+class Stack:
+    """The processes of one arm; stopped (and their files removed) by ``close``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: list[HttpProcess] = []
+        self.agents: list[AgentProcess] = []
+        self.url = ""
+
+    def server(
+        self, args: argparse.Namespace, name: str, agent: AgentProcess | None
+    ) -> HttpProcess:
+        port = free_port()
+        transfer = None
+        if agent is not None:
+            transfer = meshkv_kv_transfer_config(agent.socket_path, save_decode_tokens=True)
+        cmd = vllm_server_command(
+            sys.executable, args.model, port, served_name="model", kv_transfer_config=transfer,
+            kv_cache_memory_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
+            extra=["--max-num-batched-tokens", str(args.max_model_len)],
+        )  # fmt: skip
+        env = engine_env(os.environ)
+        server = HttpProcess(
+            name, cmd, f"http://127.0.0.1:{port}", env=env, log_path=self.workdir / f"{name}.log"
+        )
+        self.servers.append(server)
+        return server.start(SERVER_TIMEOUT_S)
+
+    def proxy(self, *args: str) -> HttpProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "meshkv", "proxy", "--listen", f"127.0.0.1:{port}", *args]
+        proxy = HttpProcess(
+            "proxy", cmd, f"http://127.0.0.1:{port}", log_path=self.workdir / "proxy.log"
+        )
+        self.servers.append(proxy)
+        proxy.start(60)
+        self.url = proxy.base_url
+        return proxy
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop()
+            agent.cleanup()
+
+
+@contextlib.contextmanager
+def _arm(args: argparse.Namespace, name: str, workdir: Path) -> Iterator[Stack]:
+    stack = Stack(workdir / name)
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if name == "agg1":
+            stack.url = stack.server(args, "engine", None).base_url
+        elif name == "agg2":
+            a = stack.server(args, "engine-a", None)
+            b = stack.server(args, "engine-b", None)
+            stack.proxy("--engines", a.base_url, b.base_url, "--routing", "round_robin")
+        else:
+            secret = stack.workdir / "secret"
+            secret.write_text(os.urandom(24).hex())
+            secret.chmod(0o600)
+            mesh = ["--mesh-secret-file", str(secret), "--transport", args.transport]
+            p_agent = AgentProcess(
+                name="node-p", cpu_bytes=args.agent_cpu_bytes, log_level="warning",
+                args=["--listen", "127.0.0.1:0", *mesh],
+            ).start()  # fmt: skip
+            stack.agents.append(p_agent)
+            seed = p_agent.get_json("/v1/status")["mesh"]["address"]
+            d_agent = AgentProcess(
+                name="node-d", cpu_bytes=args.agent_cpu_bytes, log_level="warning",
+                args=["--listen", "127.0.0.1:0", "--join", seed, *mesh],
+            ).start()  # fmt: skip
+            stack.agents.append(d_agent)
+            p = stack.server(args, "prefill", p_agent)
+            d = stack.server(args, "decode", d_agent)
+            stack.proxy("--prefill", p.base_url, "--decode", d.base_url)
+            _wait_for_push_target(stack.url)
+        yield stack
+    finally:
+        stack.close()
+
+
+def _wait_for_push_target(proxy_url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = json.loads(http_get(proxy_url + "/v1/upstreams"))["upstreams"]
+        if all(r["node"] for r in rows if r["role"] == "decode"):
+            return
+        time.sleep(0.25)
+    raise RuntimeError("the proxy never learned the decode engine's agent")
+
+
+def _specs(prompts: list[list[int]], outputs: list[int], tag: str) -> list[load.Session]:
+    return [
+        [
+            load.RequestSpec(
+                f"{tag}-{i}",
+                "/v1/completions",
+                {
+                    "model": "model",
+                    "prompt": prompt,
+                    "max_tokens": n,
+                    "min_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+                tag=tag,
+            )  # fmt: skip
+        ]
+        for i, (prompt, n) in enumerate(zip(prompts, outputs, strict=True))
+    ]
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        data: dict[str, Any] = json.load(response)
+    return data, time.perf_counter() - t0
+
+
+def _metric(agent: AgentProcess, name: str) -> float:
+    return agent.metric(name)
+
+
+def measure_transfers(stack: Stack, prompts: list[list[int]]) -> dict[str, float]:
+    """The toy proxy's flow, one request at a time; the decode agent's transfer counters."""
+    p, d = stack.servers[0], stack.servers[1]
+    d_agent = stack.agents[1]
+    names = ("meshkv_transfer_wait_seconds_sum", "meshkv_transfer_wait_seconds_count",
+             "meshkv_transfer_received_bytes_total")  # fmt: skip
+    before = {n: _metric(d_agent, n) for n in names}
+    toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
+    ttfts = []
+    for prompt in prompts:
+        body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
+        params = first.get("kv_transfer_params")
+        _, ttft = _post(d.base_url + "/v1/completions", {**body, "kv_transfer_params": params})
+        ttfts.append(ttft)
+    time.sleep(0.2)
+    after = {n: _metric(d_agent, n) for n in names}
+    count = after[names[1]] - before[names[1]]
+    return {
+        "transfers": count,
+        "wait_s": (after[names[0]] - before[names[0]]) / max(1.0, count),
+        "bytes": (after[names[2]] - before[names[2]]) / max(1.0, count),
+        "decode_ttft_s": statistics.median(ttfts),
+    }
+
+
+def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dict[str, float]:
+    """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one."""
+    p, d = stack.servers[0], stack.servers[1]
+    local, mesh = [], []
+    for i in range(docs):
+        doc = _prompts(rng, 1, (3072, 3072), vocab)[0]
+
+        def ask(server: HttpProcess, seed: int, doc: list[int] = doc) -> float:
+            q = [3 + (seed * 31 + j) % 500 for j in range(48)]
+            body = {"model": "model", "prompt": doc + q, "max_tokens": 1, "temperature": 0}
+            return _post(server.base_url + "/v1/completions", body)[1]
+
+        ask(p, 3 * i)  # cold: computed and stored on node-p
+        time.sleep(0.3)  # holders are announced to their homes in 50 ms batches
+        local.append(ask(p, 3 * i + 1))
+        mesh.append(ask(d, 3 * i + 2))
+    return {"local_warm_s": statistics.median(local), "mesh_warm_s": statistics.median(mesh)}
+
+
+def run(args: argparse.Namespace) -> int:
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        print(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    vocab = _vocab(args.model)
+    prompts = _prompts(rng, args.requests, _range(args.prompt_tokens), vocab)
+    lo, hi = _range(args.output_tokens)
+    outputs = [rng.randint(lo, hi) for _ in prompts]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-bench-pd-"))
+    report = Report("pd")
+    report.meta.update(
+        requests=args.requests, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens, transport=args.transport, model=args.model,
+        loadavg_start=os.getloadavg()[0], cpus=os.cpu_count(),
+    )  # fmt: skip
+    summaries: dict[str, load.Summary] = {}
+    ttfts: dict[str, list[float]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    for arm in arms:
+        with _arm(args, arm, workdir) as stack:
+            # Warm-up: one request per engine path, untimed (kernels, connections).
+            warm = _prompts(random.Random(99), 2, (256, 256), vocab)
+            asyncio.run(load.run_closed_loop(stack.url, _specs(warm, [4, 4], "warmup"), 2))
+            results, seconds = asyncio.run(
+                load.run_closed_loop(stack.url, _specs(prompts, outputs, arm), args.concurrency)
+            )
+            summaries[arm] = load.summarize(results, seconds)
+            ttfts[arm] = [r.ttft_s for r in results if r.ok and r.ttft_s is not None]
+            if arm == "pd":
+                extra["transfer"] = measure_transfers(
+                    stack, _prompts(rng, args.transfers, (3072, 3072), vocab)
+                )
+                extra["warm"] = measure_warm(stack, rng, args.warm_docs, vocab)
+    _report(report, summaries, extra)
+    report.meta["summaries"] = {a: asdict(s) for a, s in summaries.items()}
+    report.meta["extra"] = extra
+    report.meta["loadavg_end"] = os.getloadavg()[0]
+    print(report.table())
+    report.write(args.json)
+    if args.plot:
+        plot_cdfs(ttfts, args.plot, "TTFT by arm (closed loop)")
+    return 0
+
+
+def _report(
+    report: Report, summaries: dict[str, load.Summary], extra: dict[str, dict[str, float]]
+) -> None:
+    base = summaries.get("agg1")
+    for arm, s in summaries.items():
+        b = base if arm != "agg1" else None
+        for name, value, bvalue, unit in (
+            ("ttft_p50", s.ttft_p50, b and b.ttft_p50, "s"),
+            ("ttft_p99", s.ttft_p99, b and b.ttft_p99, "s"),
+            ("itl_p50", s.itl_p50, b and b.itl_p50, "s"),
+            ("itl_p99", s.itl_p99, b and b.itl_p99, "s"),
+            ("tpot_p50", s.tpot_p50, b and b.tpot_p50, "s"),
+            ("throughput", s.requests_per_s, b and b.requests_per_s, "req/s"),
+            ("output_tokens_per_s", s.output_tokens_per_s, b and b.output_tokens_per_s, "tok/s"),
+        ):
+            if value is not None:
+                report.add(Result(f"{name}_{arm}", value, unit, None,
+                                  "agg1" if bvalue else None, bvalue or None))  # fmt: skip
+    failed = sum(s.failed for s in summaries.values())
+    report.add(Result("failed_requests", failed, "requests", None, "target", 0.0))
+    transfer = extra.get("transfer")
+    if transfer and transfer["transfers"]:
+        from meshkv.bench.transport_baselines import raw_tcp_baseline
+
+        size = max(1 << 20, int(transfer["bytes"]))
+        raw = raw_tcp_baseline(size, rounds=10)
+        ideal = transfer["bytes"] / (raw * 1e9)
+        report.add(Result("transfer_s", transfer["wait_s"], "s", int(transfer["bytes"]),
+                          "bytes_at_raw_tcp", ideal))  # fmt: skip
+        report.add(Result("transfer_over_raw_socket", transfer["wait_s"] / ideal, "x",
+                          int(transfer["bytes"]), "target", 1.25))  # fmt: skip
+        report.add(Result("transfer_share_of_decode_ttft",
+                          transfer["wait_s"] / transfer["decode_ttft_s"], "fraction"))  # fmt: skip
+        report.meta["raw_tcp_gbps"] = raw
+    warm = extra.get("warm")
+    if warm:
+        report.add(Result("ttft_local_warm", warm["local_warm_s"], "s"))
+        report.add(Result("ttft_mesh_warm", warm["mesh_warm_s"], "s", None, "local_warm",
+                          warm["local_warm_s"]))  # fmt: skip
+        ratio = warm["mesh_warm_s"] / warm["local_warm_s"]
+        report.add(Result("mesh_warm_over_local_warm", ratio, "x", None, "target", 1.3))
+
+
+def plot_cdfs(series: dict[str, list[float]], path: str, title: str) -> None:
+    """One CDF curve per arm (matplotlib, written as PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in series.items():
+        data = sorted(values)
+        if not data:
+            continue
+        ys = [(i + 1) / len(data) for i in range(len(data))]
+        ax.step(data, ys, where="post", label=f"{name} (n={len(data)})")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshkv bench pd", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``meshkv proxy``: an OpenAI-compatible front for vLLM engines (P/D or aggregated)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from meshkv.config import LOG_LEVELS, parse_host_port
+from meshkv.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "proxy",
+        help="OpenAI-compatible proxy: prefill/decode disaggregation or routing over engines",
+        description="Serve an OpenAI-compatible API in front of vLLM engines that use meshkv. "
+        "Disaggregated: --prefill URL... --decode URL... (each request is prefilled on one "
+        "engine, its KV goes to a decode engine through the mesh). Aggregated: --engines "
+        "URL... with a routing policy.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8000",
+                   help="address to serve on (default: 127.0.0.1:8000)")  # fmt: skip
+    p.add_argument("--prefill", nargs="+", metavar="URL", default=[],
+                   help="prefill engines' base URLs (disaggregated mode)")  # fmt: skip
+    p.add_argument("--decode", nargs="+", metavar="URL", default=[],
+                   help="decode engines' base URLs (disaggregated mode)")  # fmt: skip
+    p.add_argument("--engines", nargs="+", metavar="URL", default=[],
+                   help="engines' base URLs (aggregated mode)")  # fmt: skip
+    p.add_argument("--routing", default="least_loaded", metavar="POLICY",
+                   help="aggregated mode: least_loaded, round_robin, random or sticky "
+                   "(default: least_loaded)")  # fmt: skip
+    p.add_argument("--prefill-timeout", type=float, default=120.0, metavar="S",
+                   help="the whole prefill leg of a request (default: 120)")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="longest an upstream may stay silent (default: 600)")  # fmt: skip
+    p.add_argument("--health-interval", type=float, default=2.0, metavar="S",
+                   help="period of the upstreams' /health checks (default: 2)")  # fmt: skip
+    p.add_argument("--no-prefill-fallback", action="store_true",
+                   help="a failed prefill is an error for the client (default: the decode "
+                   "engine computes the prompt)")  # fmt: skip
+    p.add_argument("--log-level", default="info", metavar="LEVEL",
+                   help=f"one of {', '.join(LOG_LEVELS)} (default: info)")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from meshkv.proxy.app import ProxyConfig
+
+    host, port = parse_host_port(args.listen, what="--listen")
+    if args.log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    return ProxyConfig(
+        host=host,
+        port=port,
+        prefill=tuple(args.prefill),
+        decode=tuple(args.decode),
+        engines=tuple(args.engines),
+        routing=args.routing,
+        prefill_timeout_s=args.prefill_timeout,
+        request_timeout_s=args.request_timeout,
+        health_interval_s=args.health_interval,
+        prefill_fallback=not args.no_prefill_fallback,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"meshkv proxy: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from meshkv.proxy.app import run_proxy
+
+    run_proxy(config)
+    return 0

@@ -1,0 +1,150 @@
+"""The ``kv_transfer_params`` meshkv reads and writes in vLLM's prefill/decode flow.
+
+vLLM's standard flow (its toy proxy, llm-d's sidecar, ``meshkv proxy``):
+
+1. The proxy sends the request to a prefill engine with ``max_tokens: 1`` and
+   ``kv_transfer_params: {"do_remote_decode": true, "do_remote_prefill": false, ...}``. Our
+   proxy may add ``"meshkv_push_to": <node id>``: the decode node's agent, to push to.
+2. The prefill engine's connector saves every prompt token (the last partial chunk too) and
+   ``request_finished`` returns the parameters built by ``producer_params``.
+3. The proxy passes those parameters, unchanged, to a decode engine with the original
+   request. Its connector reads them with ``parse_consumer`` and loads the prompt's KV
+   asynchronously from the producer's agent (or finds it pushed already).
+
+What the prefill side returns (``kv_transfer_params`` of its response)::
+
+    {"do_remote_prefill": true, "do_remote_decode": false,
+     "remote_engine_id": <producer node id>, "remote_block_ids": null,
+     "remote_host": null, "remote_port": null,
+     "meshkv": {"v": 1,                      # this format's version
+                "producer": <node id>,       # the producer's agent (the consumer pulls there)
+                "transfer": <transfer id>,   # names the producer's hold on the chunks
+                "tokens": <int>,             # prompt tokens saved (the whole prompt)
+                "chunk_tokens": <int>,       # chunk size the keys were made with
+                "last_key": <32 hex digits>, # the last chunk's key (rank 0): the consumer
+                                             # checks it against its own prompt's keys
+                "expires": <unix seconds>}}  # the producer's hold ends then (at the latest)
+
+The NIXL-shaped fields are there so proxies written for vLLM's own connectors pass the
+parameters on without special cases. Everything is validated: a malformed ``meshkv`` map
+is ignored (the decode engine computes the prompt), never an error for the request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FORMAT_VERSION = 1
+MAX_ID_CHARS = 128
+MAX_NODE_CHARS = 256
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerRequest:
+    """What a prefill request asks of the meshkv connector."""
+
+    push_to: str | None
+    """Node id of the decode side's agent, when the proxy named it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerRequest:
+    """What a decode request carries from its prefill (parsed ``meshkv`` map)."""
+
+    producer: str
+    transfer_id: str
+    tokens: int
+    chunk_tokens: int
+    last_key: bytes
+    expires: float
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _node_id(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= MAX_NODE_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def parse_producer(params: Mapping[str, Any] | None) -> ProducerRequest | None:
+    """The prefill side of a request (``do_remote_decode``), or None."""
+    if not isinstance(params, Mapping) or params.get("do_remote_decode") is not True:
+        return None
+    return ProducerRequest(push_to=_node_id(params.get("meshkv_push_to")))
+
+
+def parse_consumer(params: Mapping[str, Any] | None) -> ConsumerRequest | None:
+    """The decode side of a request (``do_remote_prefill`` with a valid ``meshkv`` map), or
+    None (no P/D, or parameters of another connector, or malformed ones)."""
+    if not isinstance(params, Mapping) or params.get("do_remote_prefill") is not True:
+        return None
+    ours = params.get("meshkv")
+    if not isinstance(ours, Mapping) or ours.get("v") != FORMAT_VERSION:
+        return None
+    producer = _node_id(ours.get("producer"))
+    transfer_id = ours.get("transfer")
+    tokens, chunk_tokens = ours.get("tokens"), ours.get("chunk_tokens")
+    last_key, expires = ours.get("last_key"), ours.get("expires")
+    if producer is None:
+        return None
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= MAX_ID_CHARS:
+        return None
+    if not isinstance(tokens, int) or not isinstance(chunk_tokens, int):
+        return None
+    if not (_is_int(tokens) and _is_int(chunk_tokens)) or tokens <= 0 or chunk_tokens <= 0:
+        return None
+    if not isinstance(last_key, str) or not _HEX32.match(last_key):
+        return None
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
+        return None
+    return ConsumerRequest(
+        producer, transfer_id, int(tokens), int(chunk_tokens), bytes.fromhex(last_key),
+        float(expires),
+    )  # fmt: skip
+
+
+def producer_params(
+    *,
+    producer: str,
+    transfer_id: str,
+    tokens: int,
+    chunk_tokens: int,
+    last_key: bytes,
+    expires: float,
+) -> dict[str, Any]:
+    """The ``kv_transfer_params`` a prefill request finishes with."""
+    return {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": producer,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+        "meshkv": {
+            "v": FORMAT_VERSION,
+            "producer": producer,
+            "transfer": transfer_id,
+            "tokens": tokens,
+            "chunk_tokens": chunk_tokens,
+            "last_key": last_key.hex(),
+            "expires": round(expires, 3),
+        },
+    }
+
+
+def wants_identity(params: Mapping[str, Any] | None) -> bool:
+    """A probe (``{"meshkv_probe": true}``): the proxy asks which agent serves this engine."""
+    return isinstance(params, Mapping) and params.get("meshkv_probe") is True
+
+
+def identity_params(node_id: str) -> dict[str, Any]:
+    """What a decode-side (or probed) request finishes with: the node of its agent, so a
+    proxy can name it as the push target of the next prefill."""
+    return {"meshkv_node": node_id}

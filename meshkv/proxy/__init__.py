@@ -1,0 +1,1 @@
+"""``meshkv proxy``: OpenAI-compatible front for vLLM engines (P/D and cache-aware routing)."""

@@ -1,0 +1,520 @@
+"""``meshkv proxy``: an OpenAI-compatible front for vLLM engines that use meshkv.
+
+Two modes, one server (aiohttp):
+
+* **Disaggregated** (``--prefill URL... --decode URL...``): each request goes first to a
+  prefill engine (the least loaded) with ``max_tokens: 1``, ``stream: false`` and vLLM's
+  standard ``kv_transfer_params`` (``do_remote_decode``), naming the decode engine's agent
+  (``meshkv_push_to``) so the prefill's chunks are pushed there as they are saved; then the
+  original request goes to the decode engine (the least loaded, or the one that served the
+  conversation before) with the parameters the prefill returned. If the prefill fails, the
+  decode engine computes the prompt itself (counted; ``--no-prefill-fallback`` turns that
+  into an error).
+* **Aggregated** (``--engines URL...``): each request goes to one engine, chosen by the
+  router (``routing.py``): least loaded, round robin, random, or session-sticky.
+
+Every field of a request the proxy does not own passes through unchanged (the proxy owns
+``kv_transfer_params``, and ``max_tokens``/``stream`` of the prefill leg). Streaming answers
+(SSE) are relayed chunk by chunk as they arrive. An upstream that fails or times out gives
+the client an OpenAI-style error (502 / 504 with the upstream's message), never a hang; an
+upstream that cannot be reached is taken out of rotation and put back once its
+``/health`` answers. ``/health``, ``/v1/models``, ``/v1/upstreams`` (each engine's health,
+load and agent node) and ``/metrics`` (``meshkv_proxy_*``) are served too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from meshkv.errors import ConfigError
+from meshkv.proxy.metrics import ProxyMetrics
+from meshkv.proxy.routing import Router, conversation_key
+from meshkv.proxy.upstreams import Upstream, UpstreamPool, learn_node
+
+logger = logging.getLogger(__name__)
+
+ROUTES = ("/v1/completions", "/v1/chat/completions")
+INVALID = "invalid_request_error"
+UPSTREAM = "upstream_error"
+MAX_CONVERSATIONS = 65536
+"""Conversations whose decode engine is remembered (least recently seen dropped first)."""
+
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+"""vLLM's standard prefill-leg parameters (as its toy proxy and llm-d's sidecar send them)."""
+
+
+@dataclass(slots=True)
+class ProxyConfig:
+    """Settings of one ``meshkv proxy``."""
+
+    host: str = "127.0.0.1"
+    """Address to serve on."""
+    port: int = 8000
+    prefill: tuple[str, ...] = ()
+    """Prefill engines' base URLs (disaggregated mode)."""
+    decode: tuple[str, ...] = ()
+    """Decode engines' base URLs (disaggregated mode)."""
+    engines: tuple[str, ...] = ()
+    """Engines' base URLs (aggregated mode)."""
+    agents: tuple[str, ...] = ()
+    """Aggregated mode: the admin URL of each engine's meshkv agent, in the order of
+    ``engines`` (cache-aware routing asks them what they hold)."""
+    routing: str = "least_loaded"
+    """Aggregated mode: ``least_loaded``, ``round_robin``, ``random``, ``sticky``."""
+    connect_timeout_s: float = 5.0
+    """Opening a connection to an upstream."""
+    request_timeout_s: float = 600.0
+    """Longest an upstream may go without sending a byte of its answer."""
+    prefill_timeout_s: float = 120.0
+    """The whole prefill leg of a disaggregated request."""
+    health_interval_s: float = 2.0
+    """Period of the upstreams' ``/health`` checks."""
+    prefill_fallback: bool = True
+    """A failed prefill leg: let the decode engine compute the prompt (else: an error)."""
+    affinity_slack: int = 2
+    """A conversation stays on its engine while that one has at most this many more
+    requests in flight than the least loaded."""
+    max_body_bytes: int = 64 << 20
+    """Largest request body accepted."""
+
+    def __post_init__(self) -> None:
+        pd = bool(self.prefill or self.decode)
+        if pd and self.engines:
+            raise ConfigError("give either --prefill/--decode (disaggregated) or --engines")
+        if pd and not (self.prefill and self.decode):
+            raise ConfigError("disaggregated mode needs both --prefill and --decode URLs")
+        if not pd and not self.engines:
+            raise ConfigError("give --prefill URL... --decode URL... or --engines URL...")
+        for url in (*self.prefill, *self.decode, *self.engines, *self.agents):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"upstream URL must start with http:// or https://: {url!r}")
+        if self.agents and len(self.agents) != len(self.engines):
+            raise ConfigError(
+                f"--agents must name one agent per engine ({len(self.engines)}), "
+                f"got {len(self.agents)}"
+            )
+        from meshkv.proxy.routing import POLICIES
+
+        if self.routing not in POLICIES:
+            raise ConfigError(
+                f"--routing must be one of {', '.join(POLICIES)}, got {self.routing!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for name in ("connect_timeout_s", "request_timeout_s", "prefill_timeout_s",
+                     "health_interval_s"):  # fmt: skip
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"proxy: {name} must be > 0")
+        if self.affinity_slack < 0:
+            raise ConfigError("proxy: affinity_slack must be >= 0")
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.prefill)
+
+
+class UpstreamFailed(Exception):
+    """An upstream request failed; carries the answer to give the client."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.text)
+        self.response = response
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    """An OpenAI-style error body."""
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class Proxy:
+    """The server's state: upstream pools, the router, metrics, the HTTP session."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        probe = config.disaggregated
+        interval = config.health_interval_s
+        self.pools: list[UpstreamPool] = []
+        if config.disaggregated:
+            self.prefill = UpstreamPool(
+                "prefill", config.prefill, health_interval_s=interval, probe_nodes=False
+            )
+            self.decode = UpstreamPool(
+                "decode", config.decode, health_interval_s=interval, probe_nodes=probe
+            )
+            self.pools = [self.prefill, self.decode]
+        else:
+            self.engines = UpstreamPool(
+                "engine", config.engines, health_interval_s=interval, probe_nodes=False
+            )
+            self.pools = [self.engines]
+        self.metrics = ProxyMetrics(self.pools)
+        self.router: Router | None = None
+        self._conversations: OrderedDict[str, str] = OrderedDict()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "proxy not started"
+        return self._session
+
+    async def start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector)
+        if not self.config.disaggregated:
+            self.router = Router(self.config, self.engines, self.session, self.metrics)
+        for pool in self.pools:
+            self._tasks.append(asyncio.create_task(pool.run_health(self.session)))
+
+    async def stop(self, app: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    # --- handlers -----------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        missing = [p.role for p in self.pools if not p.healthy()]
+        if missing:
+            return error_response(503, f"no healthy {' or '.join(missing)} upstream", "unavailable")
+        return web.Response(text="ok")
+
+    async def models(self, request: web.Request) -> web.Response:
+        pool = self.decode if self.config.disaggregated else self.engines
+        upstream = pool.least_loaded()
+        if upstream is None:
+            return error_response(503, f"no healthy {pool.role} upstream", "unavailable")
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 10)
+            async with self.session.get(upstream.url + "/v1/models", timeout=timeout) as resp:
+                body = await resp.read()
+                return web.Response(body=body, status=resp.status, content_type="application/json")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            upstream.mark_down(str(exc))
+            return error_response(502, f"upstream {upstream.url}: {exc}", "upstream_error")
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        """Every upstream: role, health, load, the agent node it uses, errors."""
+        rows = [
+            {
+                "url": u.url,
+                "role": u.role,
+                "healthy": u.healthy,
+                "inflight": u.inflight,
+                "requests": u.requests,
+                "node": u.node,
+                "errors": dict(u.errors),
+                "last_error": u.last_error or None,
+            }
+            for pool in self.pools
+            for u in pool.upstreams
+        ]
+        mode = "disaggregated" if self.config.disaggregated else "aggregated"
+        return web.json_response({"mode": mode, "upstreams": rows})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        route = request.path
+        started = time.monotonic()
+        status = 500
+        try:
+            try:
+                body = await request.json(loads=json.loads)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                status = 400
+                return error_response(
+                    400, f"request body is not JSON: {exc}", "invalid_request_error"
+                )
+            if not isinstance(body, dict):
+                status = 400
+                return error_response(
+                    400, "request body must be a JSON object", "invalid_request_error"
+                )
+            if self.config.disaggregated:
+                response = await self._disaggregated(route, body, request, started)
+            else:
+                response = await self._aggregated(route, body, request, started)
+            status = response.status
+            return response
+        except UpstreamFailed as exc:
+            status = exc.response.status
+            return exc.response
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.monotonic() - started)
+
+    # --- modes --------------------------------------------------------------------------
+
+    async def _disaggregated(
+        self, route: str, body: dict[str, Any], request: web.Request, started: float
+    ) -> web.StreamResponse:
+        conv = conversation_key(request, body)
+        decode = self.decode.least_loaded(self._remembered(conv), self.config.affinity_slack)
+        if decode is None:
+            return error_response(503, "no healthy decode upstream", "unavailable")
+        if conv is not None:
+            self._remember(conv, decode.url)
+        params: dict[str, Any] | None = None
+        prefill = self.prefill.least_loaded()
+        if prefill is None and not self.config.prefill_fallback:
+            return error_response(503, "no healthy prefill upstream", "unavailable")
+        if prefill is not None:
+            leg = prefill_body(body, decode.node)
+            t0 = time.monotonic()
+            try:
+                answer = await self._call_json(prefill, route, leg, self.config.prefill_timeout_s)
+            except UpstreamFailed as exc:
+                if not self.config.prefill_fallback:
+                    raise
+                logger.warning("prefill on %s failed (%s); the decode engine computes",
+                               prefill.url, exc)  # fmt: skip
+                self.metrics.fallbacks.inc()
+            else:
+                self.metrics.prefill.observe(time.monotonic() - t0)
+                found = answer.get("kv_transfer_params")
+                params = found if isinstance(found, dict) else None
+        else:
+            self.metrics.fallbacks.inc()
+        leg = dict(body)
+        if params is not None:
+            leg["kv_transfer_params"] = params
+        else:
+            leg.pop("kv_transfer_params", None)
+        return await self._forward(decode, route, leg, request, started)
+
+    async def _aggregated(
+        self, route: str, body: dict[str, Any], request: web.Request, started: float
+    ) -> web.StreamResponse:
+        assert self.router is not None
+        upstream = await self.router.choose(route, body, request)
+        if upstream is None:
+            return error_response(503, "no healthy engine upstream", "unavailable")
+        return await self._forward(upstream, route, body, request, started)
+
+    def _remembered(self, conv: str | None) -> Upstream | None:
+        if conv is None:
+            return None
+        url = self._conversations.get(conv)
+        if url is None:
+            return None
+        self._conversations.move_to_end(conv)
+        return self.decode.by_url(url)
+
+    def _remember(self, conv: str, url: str) -> None:
+        self._conversations[conv] = url
+        self._conversations.move_to_end(conv)
+        while len(self._conversations) > MAX_CONVERSATIONS:
+            self._conversations.popitem(last=False)
+
+    # --- upstream calls -----------------------------------------------------------------
+
+    def _timeout(self, total: float | None = None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=total,
+            sock_connect=self.config.connect_timeout_s,
+            sock_read=self.config.request_timeout_s,
+        )
+
+    def _failed(self, upstream: Upstream, exc: BaseException) -> UpstreamFailed:
+        if isinstance(exc, TimeoutError):
+            upstream.count_error("timeout", str(exc))
+            return UpstreamFailed(
+                error_response(504, f"upstream {upstream.url} timed out", "upstream_timeout")
+            )
+        upstream.count_error("connect", str(exc))
+        upstream.mark_down(f"{type(exc).__name__}: {exc}")
+        return UpstreamFailed(
+            error_response(502, f"upstream {upstream.url} failed: {exc}", "upstream_error")
+        )
+
+    async def _upstream_error(
+        self, upstream: Upstream, resp: aiohttp.ClientResponse
+    ) -> UpstreamFailed:
+        """The upstream answered with an HTTP error: pass its answer on."""
+        data = await resp.read()
+        kind = "http_5xx" if resp.status >= 500 else "http_4xx"
+        upstream.count_error(kind, data[:200].decode(errors="replace"))
+        return UpstreamFailed(
+            web.Response(body=data, status=resp.status, content_type="application/json")
+        )
+
+    async def _call_json(
+        self, upstream: Upstream, route: str, body: dict[str, Any], total: float
+    ) -> dict[str, Any]:
+        upstream.inflight += 1
+        upstream.requests += 1
+        try:
+            async with self.session.post(
+                upstream.url + route, json=body, timeout=self._timeout(total)
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._upstream_error(upstream, resp)
+                data: Any = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise self._failed(upstream, exc) from exc
+        except ValueError as exc:
+            upstream.count_error("http_5xx", f"not JSON: {exc}")
+            raise UpstreamFailed(
+                error_response(502, f"upstream {upstream.url} sent no JSON", "upstream_error")
+            ) from exc
+        finally:
+            upstream.inflight -= 1
+        if not isinstance(data, dict):
+            raise UpstreamFailed(
+                error_response(
+                    502, f"upstream {upstream.url} sent no JSON object", "upstream_error"
+                )
+            )
+        return data
+
+    async def _forward(
+        self,
+        upstream: Upstream,
+        route: str,
+        body: dict[str, Any],
+        request: web.Request,
+        started: float,
+    ) -> web.StreamResponse:
+        """Send ``body`` to ``upstream`` and relay its answer (streamed when asked)."""
+        stream = body.get("stream") is True
+        upstream.inflight += 1
+        upstream.requests += 1
+        response: web.StreamResponse | None = None
+        try:
+            async with self.session.post(
+                upstream.url + route, json=body, timeout=self._timeout()
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._upstream_error(upstream, resp)
+                if not stream:
+                    data = await resp.read()
+                    with contextlib.suppress(ValueError):
+                        learn_node(upstream, json.loads(data))
+                    return web.Response(
+                        body=data, status=resp.status, content_type="application/json"
+                    )
+                response = web.StreamResponse(
+                    status=resp.status,
+                    headers={"Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+                             "Cache-Control": "no-cache"},
+                )  # fmt: skip
+                await response.prepare(request)
+                first = True
+                async for piece in resp.content.iter_any():
+                    if first and b"data:" in piece:
+                        first = False
+                        self.metrics.ttft.labels(route).observe(time.monotonic() - started)
+                    await response.write(piece)
+                await response.write_eof()
+                return response
+        except UpstreamFailed:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if response is not None and response.prepared:
+                # Headers are out: tell the client in the stream itself, then end it.
+                failure = self._failed(upstream, exc)
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await response.write(b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
+                    await response.write_eof()
+                return response
+            raise self._failed(upstream, exc) from exc
+        finally:
+            upstream.inflight -= 1
+
+
+def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
+    """The prefill leg of a request: one token, not streamed, vLLM's P/D parameters."""
+    leg = copy.deepcopy(body)
+    leg["max_tokens"] = 1
+    if "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
+    leg["stream"] = False
+    leg.pop("stream_options", None)
+    leg["n"] = 1
+    params: dict[str, Any] = dict(PREFILL_PARAMS)
+    if push_to is not None:
+        params["meshkv_push_to"] = push_to
+    leg["kv_transfer_params"] = params
+    return leg
+
+
+def build_app(config: ProxyConfig) -> web.Application:
+    proxy = Proxy(config)
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app["proxy"] = proxy
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    app.add_routes(
+        [
+            web.get("/health", proxy.health),
+            web.get("/v1/models", proxy.models),
+            web.get("/metrics", proxy.prometheus),
+            web.get("/v1/upstreams", proxy.upstreams),
+            *(web.post(route, proxy.generate) for route in ROUTES),
+        ]
+    )
+    return app
+
+
+def run_proxy(config: ProxyConfig) -> None:
+    """Serve until SIGTERM/SIGINT (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    app = build_app(config)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(app, config))
+
+
+async def _serve(app: web.Application, config: ProxyConfig) -> None:
+    import signal
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    mode = "disaggregated" if config.disaggregated else f"aggregated, {config.routing}"
+    logger.info("meshkv proxy serving on http://%s:%d (%s)", config.host, config.port, mode)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)

@@ -1,0 +1,412 @@
+"""The connector's scheduler and worker sides on their own, against fake agents.
+
+No engine: vLLM's objects are replaced by the few attributes the sides read (a request's
+ids and tokens, the KV cache manager's block ids, a scheduler output), the agent by a fake
+of ``SchedulerAgent`` / ``WorkerAgent`` backed by a bytearray "arena". The worker copies real
+CPU-layout KV tensors with the real kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from meshkv.chunk import ChunkKey
+from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
+from meshkv.errors import AgentUnavailable
+from meshkv.integrations.vllm.config import ConnectorConfig
+from meshkv.integrations.vllm.layout import EngineLayout
+from meshkv.integrations.vllm.metadata import (
+    ChunkLoad,
+    ChunkSave,
+    HoldSpec,
+    LoadSpec,
+    MeshKVConnectorMetadata,
+    SaveSpec,
+)
+from meshkv.integrations.vllm.scheduler import SchedulerSide
+from meshkv.integrations.vllm.stats import ConnectorCounters
+from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
+from meshkv.integrations.vllm.worker import WorkerSide
+
+BS = 16  # engine block size
+CHUNK = 64  # tokens per chunk: 4 blocks
+LAYOUT = EngineLayout(
+    model="tiny", dtype="bfloat16", layer_names=("l0", "l1"), num_kv_heads=2, head_size=32,
+    block_size=BS, packing="test", tp_size=1, cache_salt="",
+)  # fmt: skip
+
+
+def config(**kw: Any) -> ConnectorConfig:
+    return ConnectorConfig.from_extra_config(
+        {"socket": "/nowhere", "chunk_tokens": CHUNK, **kw}, {}
+    )
+
+
+def tokens(n: int, seed: int = 1) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 1000 + 3 for i in range(n)]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict[str, Any] | None = None
+    cache_salt: str | None = None
+    lora_request: Any = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids
+
+
+@dataclass
+class FakeSchedulerAgent:
+    """Answers lookups from ``tiers`` (key → tier) and records them."""
+
+    tiers: dict[bytes, str] = field(default_factory=dict)
+    down: bool = False
+    lookups: list[tuple[list[ChunkKey], TransferRef | None]] = field(default_factory=list)
+
+    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply:
+        if self.down:
+            raise AgentUnavailable("agent gone")
+        self.lookups.append((keys, transfer))
+        found = [self.tiers.get(k) for k in keys]
+        if transfer is not None:
+            found = [t or "peer" for t in found]
+        prefix = found.index(None) if None in found else len(found)
+        return LookupReply(prefix, found)
+
+    def node_id(self) -> str | None:
+        return None if self.down else "node-a"
+
+    def close(self) -> None:
+        pass
+
+
+class Blocks:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_block_ids(self) -> tuple[list[int]]:
+        return (self.ids,)
+
+
+class Manager:
+    def __init__(self) -> None:
+        self.blocks: dict[str, list[int]] = {}
+
+    def get_block_ids(self, req_id: str) -> tuple[list[int]]:
+        return (self.blocks[req_id],)
+
+
+def step_output(new: list[tuple[str, int, int]]) -> Any:
+    """A scheduler output with new requests ``(req_id, computed, scheduled)``."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c) for r, c, _ in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
+        num_scheduled_tokens={r: s for r, _, s in new},
+    )
+
+
+def scheduler(agent: FakeSchedulerAgent, **kw: Any) -> tuple[SchedulerSide, Manager]:
+    side = SchedulerSide(
+        config(**kw), LAYOUT, ConnectorCounters(), agent, load_enabled=True, save_enabled=True
+    )
+    manager = Manager()
+    side.bind_kv_cache_manager(manager)  # type: ignore[arg-type]
+    return side, manager
+
+
+def keys_of(side: SchedulerSide, request: Request, partial: bool = False) -> list[ChunkKey]:
+    return [k[0] for k in side._keys_for(request, request.prompt_token_ids, partial=partial)]  # type: ignore[arg-type]
+
+
+# --- scheduler side -----------------------------------------------------------------------
+
+
+def test_local_hits_are_whole_chunks_and_loads_map_blocks() -> None:
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent)
+    req = Request("r1", tokens(200))
+    full = keys_of(side, req)
+    assert len(full) == 3
+    agent.tiers = {full[0]: "cpu", full[1]: "cpu"}
+    assert side.get_num_new_matched_tokens(req, 0) == (128, False)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req, Blocks(list(range(100, 113))), 128)  # type: ignore[arg-type]
+    meta = side.build_connector_meta(step_output([]))  # type: ignore[arg-type]
+    (spec,) = meta.loads
+    assert not spec.is_async and [c.keys[0] for c in spec.chunks] == full[:2]
+    assert spec.chunks[1].blocks == ((0, 104), (1, 105), (2, 106), (3, 107))
+    assert len(agent.lookups) == 1 and agent.lookups[0][1] is None
+    assert side.request_finished(req, []) == (False, None)  # type: ignore[arg-type]
+
+
+def test_never_the_whole_prompt_and_agent_down_is_zero_hits() -> None:
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent)
+    req = Request("r1", tokens(128))  # exactly two chunks: the last token must be computed
+    agent.tiers = dict.fromkeys(keys_of(side, req), "cpu")
+    assert side.get_num_new_matched_tokens(req, 0) == (64, False)  # type: ignore[arg-type]
+    agent.down = True
+    assert side.get_num_new_matched_tokens(Request("r2", tokens(300)), 0) == (0, False)  # type: ignore[arg-type]
+
+
+def test_prefill_saves_the_partial_tail_holds_and_returns_params() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent, transfer_hold_s=30.0)
+    params = {"do_remote_decode": True, "do_remote_prefill": False, "meshkv_push_to": "node-d"}
+    req = Request("p1", tokens(150), params)  # 2 full chunks + 22 tokens (2 blocks)
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10, 20))
+    meta = side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    (spec,) = meta.saves
+    assert [c.num_tokens for c in spec.chunks] == [64, 64, 22]
+    assert spec.chunks[2].block_ids == (18, 19)
+    every = keys_of(side, req, partial=True)
+    assert [c.keys[0] for c in spec.chunks] == every
+    assert spec.hold is not None and spec.hold.push_to == "node-d" and spec.hold.hold_s == 30.0
+    assert [k[0] for k in spec.hold.keys] == every
+    delay, out = side.request_finished(req, [])  # type: ignore[arg-type]
+    assert delay is False and out is not None
+    assert out["do_remote_prefill"] is True and out["do_remote_decode"] is False
+    consumer = parse_consumer(out)
+    assert consumer is not None and consumer.producer == "node-a" and consumer.tokens == 150
+    assert consumer.last_key == every[-1] and consumer.chunk_tokens == CHUNK
+    assert consumer.transfer_id == spec.hold.transfer_id
+
+
+def test_decode_loads_the_whole_prompt_from_the_transfer() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent, transfer_timeout_s=4.0)
+    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
+    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10))
+    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    decode, _ = scheduler(agent, transfer_timeout_s=4.0)
+    req_d = Request("d1", tokens(150), params)
+    assert decode.get_num_new_matched_tokens(req_d, 0) == (150, True)  # type: ignore[arg-type]
+    keys, ref = agent.lookups[-1]
+    assert ref is not None and ref.producer == "node-a" and ref.wait_s == 4.0
+    assert keys == keys_of(decode, req_d, partial=True)
+    decode.update_state_after_alloc(req_d, Blocks(list(range(50, 60))), 150)  # type: ignore[arg-type]
+    (spec,) = decode.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
+    assert spec.is_async and spec.wait_s == 4.0
+    assert [c.num_blocks for c in spec.chunks] == [4, 4, 2]
+    assert spec.chunks[2].blocks == ((0, 58), (1, 59))
+    assert decode.request_finished(req_d, []) == (False, {"meshkv_node": "node-a"})  # type: ignore[arg-type]
+
+
+def test_decode_of_another_prompt_ignores_the_transfer() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
+    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10))
+    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    other = Request("d1", tokens(149) + [5], params)  # same length, last token differs
+    assert side.get_num_new_matched_tokens(other, 0) == (0, False)  # type: ignore[arg-type]
+    assert agent.lookups[-1][1] is None  # a plain lookup of its own full chunks
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {"do_remote_prefill": True},
+        {"do_remote_prefill": True, "meshkv": "x"},
+        {"do_remote_prefill": True, "meshkv": {"v": 2}},
+        {"do_remote_prefill": "yes", "meshkv": {"v": 1}},
+        {"do_remote_prefill": True, "meshkv": {"v": 1, "producer": "p", "transfer": "t",
+                                               "tokens": -1, "chunk_tokens": 64,
+                                               "last_key": "00" * 16, "expires": 1.0}},
+        {"do_remote_prefill": True, "meshkv": {"v": 1, "producer": "p", "transfer": "t",
+                                               "tokens": 10, "chunk_tokens": 64,
+                                               "last_key": "zz" * 16, "expires": 1.0}},
+    ],
+)  # fmt: skip
+def test_malformed_transfer_params_are_ignored(params: Any) -> None:
+    assert parse_consumer(params) is None
+    assert parse_producer({"do_remote_decode": True, "meshkv_push_to": 7}) is not None
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+class FakeWorkerAgent:
+    """An arena in a bytearray; ``reserve`` may be made slow to test the deadline."""
+
+    def __init__(self, size: int = 1 << 22) -> None:
+        self.arena = bytearray(size)
+        self.view = memoryview(self.arena)
+        self.next = 0
+        self.slots: dict[bytes, tuple[int, int]] = {}
+        self.committed: dict[bytes, int] = {}
+        self.aborted: list[bytes] = []
+        self.holds: list[tuple[list[bytes], TransferHold]] = []
+        self.released: list[int] = []
+        self.reserve_delay = 0.0
+        self.lock = threading.Lock()
+
+    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
+        time.sleep(self.reserve_delay)
+        out: list[Reservation | None] = []
+        with self.lock:
+            for key, size in zip(keys, sizes, strict=True):
+                if key in self.slots:
+                    out.append(None)
+                    continue
+                self.slots[key] = (self.next, size)
+                out.append(Reservation(key, self.next, self.view[self.next : self.next + size]))
+                self.next += size
+        return out
+
+    def commit(self, keys: list[ChunkKey], tokens: list[int]) -> None:
+        with self.lock:
+            self.committed.update(zip(keys, tokens, strict=True))
+
+    def abort(self, keys: list[ChunkKey]) -> None:
+        with self.lock:
+            self.aborted.extend(keys)
+            for key in keys:
+                self.slots.pop(key, None)
+
+    def hold(self, keys: list[ChunkKey], hold: TransferHold) -> int:
+        self.holds.append((list(keys), hold))
+        return len(keys)
+
+    def read(self, keys: list[ChunkKey], wait: float, *, background: bool) -> list[Lease | None]:
+        out: list[Lease | None] = []
+        for i, key in enumerate(keys):
+            if key not in self.committed:
+                out.append(None)
+                continue
+            offset, size = self.slots[key]
+            view = self.view[offset : offset + size].toreadonly()
+            out.append(Lease(i + 1, key, offset, view, self.committed[key], None))
+        return out
+
+    def release(self, leases: Any, *, background: bool) -> None:
+        self.released.extend(lease.lease_id for lease in leases)
+
+    def close(self) -> None:
+        pass
+
+
+def caches(blocks: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (blocks, LAYOUT.num_kv_heads, BS, 2 * LAYOUT.head_size)
+    return {name: torch.randn(shape, generator=g).to(torch.bfloat16) for name in LAYOUT.layer_names}
+
+
+def worker(agent: FakeWorkerAgent, **kw: Any) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+    side = WorkerSide(config(**kw), LAYOUT, ConnectorCounters(), 0, agent)
+    kv = caches()
+    side.register_kv_caches(kv)
+    return side, kv
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(16, "big"))
+
+
+def drain(side: WorkerSide) -> None:
+    side._save_pool.submit(lambda: None).result(5)
+
+
+def test_save_copies_blocks_then_commits_and_holds_off_the_step() -> None:
+    agent = FakeWorkerAgent()
+    side, kv = worker(agent)
+    hold = HoldSpec("t-1", ((key(1),), (key(2),)), 20.0, "node-d")
+    meta = MeshKVConnectorMetadata(
+        CHUNK,
+        saves=[
+            SaveSpec(
+                "p1",
+                (ChunkSave((key(1),), (3, 4, 5, 6), 0, 64), ChunkSave((key(2),), (7, 8), 1, 20)),
+                hold,
+            )
+        ],
+    )
+    side.prepare(meta)
+    side.start_load_kv(meta)
+    side.wait_for_save(meta)
+    drain(side)
+    assert agent.committed == {key(1): 64, key(2): 20}
+    assert agent.holds == [([key(1), key(2)], TransferHold("t-1", 20.0, "node-d"))]
+    offset, size = agent.slots[key(2)]
+    per_layer = size // len(LAYOUT.layer_names)
+    for layer, name in enumerate(LAYOUT.layer_names):
+        expect = kv[name][7:9].contiguous().view(torch.uint8).flatten()
+        got = torch.frombuffer(agent.arena, dtype=torch.uint8, count=per_layer,
+                               offset=offset + layer * per_layer)  # fmt: skip
+        assert torch.equal(got, expect)
+    side.close()
+
+
+def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
+    agent = FakeWorkerAgent()
+    agent.reserve_delay = 0.3
+    side, _ = worker(agent, save_timeout_s=0.05)
+    meta = MeshKVConnectorMetadata(
+        CHUNK, saves=[SaveSpec("r", (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64),))]
+    )
+    side.prepare(meta)
+    started = time.perf_counter()
+    side.wait_for_save(meta)
+    assert time.perf_counter() - started < 0.25  # the step did not wait for the agent
+    time.sleep(0.4)
+    drain(side)
+    assert agent.committed == {} and agent.aborted == [key(1)]
+    assert side._counters.save_skipped == 1
+    side.close()
+
+
+def test_async_load_of_a_tail_chunk_and_a_missing_one() -> None:
+    agent = FakeWorkerAgent()
+    src, kv_src = worker(agent)
+    meta = MeshKVConnectorMetadata(
+        CHUNK,
+        saves=[
+            SaveSpec(
+                "p",
+                (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5), 1, 30)),
+            )
+        ],
+    )
+    src.prepare(meta)
+    src.wait_for_save(meta)
+    drain(src)
+    dst, kv_dst = worker(FakeWorkerAgent())
+    dst._agent = agent  # the decode side reads the same arena
+    load = LoadSpec(
+        "d",
+        (
+            ChunkLoad((key(1),), tuple((j, 10 + j) for j in range(4)), 4),
+            ChunkLoad((key(2),), ((0, 14), (1, 15)), 2),
+        ),
+        is_async=True,
+        wait_s=1.0,
+    )
+    dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[load]))
+    for _ in range(100):
+        if dst.get_finished() == {"d"}:
+            break
+        time.sleep(0.01)
+    assert dst.get_block_ids_with_load_errors() == set()
+    for name in LAYOUT.layer_names:
+        assert torch.equal(kv_dst[name][10:16], kv_src[name][0:6])
+    missing = LoadSpec("m", (ChunkLoad((key(9),), ((0, 20),), 4),), is_async=False)
+    dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[missing]))
+    assert dst.get_block_ids_with_load_errors() == {20}
+    src.close()
+    dst.close()

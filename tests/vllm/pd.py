@@ -1,0 +1,268 @@
+"""The prefill/decode test stack: a plain engine's reference outputs, then two agents (a
+mesh), a prefill and a decode vLLM OpenAI server and ``meshkv proxy``.
+
+How much of each prompt the decode engine computed comes from its own counter
+(``vllm:prompt_tokens_by_source{source="local_compute"}``): in P/D, the response's
+``cached_tokens`` reports the prefill side's hits, so it cannot tell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshkv.launch import (
+    AgentProcess,
+    HttpProcess,
+    free_port,
+    http_get,
+    meshkv_kv_transfer_config,
+    prometheus_sum,
+    vllm_server_command,
+)
+from tests.conftest import child_env
+from tests.helpers.mesh import mesh_args, wait_converged, write_secret
+
+BLOCK = 128  # vLLM CPU's default block size
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+TRANSFER_TIMEOUT_S = 4.0
+SERVER_TIMEOUT_S = 300.0
+
+_rng = random.Random(909)
+
+
+def _tokens(n: int) -> list[int]:
+    return [_rng.randrange(3, 1000) for _ in range(n)]
+
+
+PROMPTS = {"p700": _tokens(700), "p333": _tokens(333), "p1000": _tokens(1000)}
+"""Token prompts whose lengths are not multiples of the 256-token chunk."""
+WORDS = [
+    "the",
+    "mesh",
+    "moves",
+    "kv",
+    "between",
+    "nodes",
+    "so",
+    "that",
+    "no",
+    "prompt",
+    "is",
+    "computed",
+    "twice",
+]
+CHAT = [
+    {"role": "system", "content": " ".join(_rng.choice(WORDS) for _ in range(300))},
+    {"role": "user", "content": " ".join(_rng.choice(WORDS) for _ in range(40))},
+]
+
+
+def post(
+    url: str,
+    body: dict[str, Any],
+    timeout: float = 120.0,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        data: dict[str, Any] = json.load(response)
+        return data
+
+
+def stream(url: str, body: dict[str, Any], timeout: float = 120.0) -> str:
+    """POST a streaming request and join the text of its SSE chunks."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    text = []
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[5:])["choices"][0]
+            text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return "".join(text)
+
+
+def text_of(answer: dict[str, Any]) -> str:
+    choice = answer["choices"][0]
+    return str(choice.get("text") if "text" in choice else choice["message"]["content"])
+
+
+def computed(server: HttpProcess) -> float:
+    """Prompt tokens the engine computed itself, so far."""
+    page = http_get(server.base_url + "/metrics").decode()
+    return prometheus_sum(page, "vllm:prompt_tokens_by_source_total", 'source="local_compute"')
+
+
+def settle_metrics(server: HttpProcess, before: float) -> float:
+    """vLLM logs its counters after the step; give it a moment and return the delta."""
+    time.sleep(0.3)
+    return computed(server) - before
+
+
+def requests_of(model: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (route, body) of every request the tests send."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, prompt in PROMPTS.items():
+        out[name] = ("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 12,
+                                         "temperature": 0})  # fmt: skip
+    out["chat"] = ("/v1/chat/completions", {"model": model, "messages": CHAT,
+                                            "max_tokens": 12, "temperature": 0})  # fmt: skip
+    return out
+
+
+@dataclass
+class Stack:
+    transport: str
+    prefill_agent: AgentProcess
+    decode_agent: AgentProcess
+    prefill: HttpProcess
+    decode: HttpProcess
+    proxy: HttpProcess
+    baseline: dict[str, str]
+    requests: dict[str, tuple[str, dict[str, Any]]]
+    procs: list[Any] = field(default_factory=list)
+
+
+def _server(
+    name: str, model: str, workdir: Path, agent: AgentProcess | None, template: Path
+) -> HttpProcess:
+    port = free_port()
+    transfer = None
+    if agent is not None:
+        transfer = meshkv_kv_transfer_config(
+            agent.socket_path, transfer_timeout_s=TRANSFER_TIMEOUT_S, save_decode_tokens=True
+        )
+    cmd = vllm_server_command(
+        sys.executable, model, port, served_name="tiny", kv_transfer_config=transfer,
+        extra=["--enforce-eager", "--chat-template", str(template)],
+    )  # fmt: skip
+    return HttpProcess(
+        name, cmd, f"http://127.0.0.1:{port}", env=child_env(), log_path=workdir / f"{name}.log"
+    ).start(SERVER_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
+    """Build the stack (about a minute on two cores); everything is stopped after."""
+    template = workdir / "chat.jinja"
+    template.write_text(TEMPLATE)
+    reqs = requests_of("tiny")
+    procs: list[Any] = []
+    try:
+        plain = _server("plain", tiny_model, workdir, None, template)
+        procs.append(plain)
+        baseline = {n: text_of(post(plain.base_url + r, b)) for n, (r, b) in reqs.items()}
+        plain.stop()
+        secret = write_secret(workdir)
+        # Datacenter failure-detector timings: the loopback preset's 100 ms probe timeout
+        # flaps under two vLLM servers on two cores.
+        pa = AgentProcess(
+            name="node-p",
+            cpu_bytes=256 << 20,
+            args=mesh_args(secret, transport=transport, preset="lan"),
+        ).start()
+        procs.append(pa)
+        seed = pa.get_json("/v1/status")["mesh"]["address"]
+        da = AgentProcess(
+            name="node-d",
+            cpu_bytes=256 << 20,
+            args=mesh_args(secret, join=[seed], transport=transport, preset="lan"),
+        ).start()
+        procs.append(da)
+        wait_converged([pa, da])
+        prefill = _server("prefill", tiny_model, workdir, pa, template)
+        procs.append(prefill)
+        decode = _server("decode", tiny_model, workdir, da, template)
+        procs.append(decode)
+        port = free_port()
+        proxy = HttpProcess(
+            "proxy",
+            [sys.executable, "-m", "meshkv", "proxy", "--prefill", prefill.base_url,
+             "--decode", decode.base_url, "--listen", f"127.0.0.1:{port}",
+             "--health-interval", "0.5"],
+            f"http://127.0.0.1:{port}", env=dict(os.environ), log_path=workdir / "proxy.log",
+        ).start(60)  # fmt: skip
+        procs.append(proxy)
+        yield Stack(transport, pa, da, prefill, decode, proxy, baseline, reqs, procs)
+    finally:
+        for proc in reversed(procs):
+            if isinstance(proc, AgentProcess):
+                proc.cleanup()
+            else:
+                proc.stop()
+
+
+def logs(stack: Stack) -> str:
+    """The agents' recent log lines (for a failure's message)."""
+    out = []
+    for agent in (stack.prefill_agent, stack.decode_agent):
+        lines = [x for x in agent.log().splitlines() if "links" not in x and "lease" not in x]
+        out.append(f"--- {agent.name}\n" + "\n".join(lines[-40:]))
+    return "\n".join(out)
+
+
+def wait_for_push_target(stack: Stack) -> None:
+    """The proxy learns the decode engine's agent by a one-token probe after start-up."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = json.loads(http_get(stack.proxy.base_url + "/v1/upstreams"))["upstreams"]
+        if [r["node"] for r in rows if r["role"] == "decode"] == ["node-d"]:
+            return
+        time.sleep(0.25)
+    raise AssertionError("the proxy never learned the decode engine's agent")
+
+
+def check_outputs_and_decode_work(stack: Stack) -> None:
+    """Every request through the proxy, streamed and not: the plain engine's output, and
+    the decode engine computes at most one block of the prompt (in fact: one token)."""
+    wait_for_push_target(stack)
+    base = stack.proxy.base_url
+    for name, (route, body) in stack.requests.items():
+        for streamed in (False, True):
+            before = computed(stack.decode)
+            got = stream(base + route, body) if streamed else text_of(post(base + route, body))
+            assert got == stack.baseline[name], (name, streamed)
+            done = settle_metrics(stack.decode, before)
+            assert done <= BLOCK, (
+                f"{name} (stream={streamed}): decode computed {done} tokens\n{logs(stack)}"
+            )
+    # The chunks came through the mesh: pushed to (or pulled by) the decode node's agent.
+    pushed = stack.prefill_agent.metric("meshkv_peer_transfer_pushes_total")
+    pulled = stack.decode_agent.metric("meshkv_peer_pulls_total")
+    assert pushed + pulled > 0
+
+
+def check_pins_released(stack: Stack) -> None:
+    """Every transfer's hold ends once the decode side has its chunks: nothing stays
+    pinned on the prefill node (a hold left to expire would show as pins here)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if stack.prefill_agent.metric("meshkv_transfer_pins") == 0:
+            break
+        time.sleep(0.2)
+    assert stack.prefill_agent.metric("meshkv_transfer_pins") == 0, logs(stack)
+    released = stack.prefill_agent.metric("meshkv_transfers_ended_total", 'how="released"')
+    assert released >= 1
+    assert stack.prefill_agent.metric("meshkv_transfers_ended_total", 'how="expired"') == 0
+    status = stack.prefill_agent.get_json("/v1/status")["store"]
+    assert status["leases_open"] == 0, status

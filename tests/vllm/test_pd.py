@@ -1,0 +1,126 @@
+"""Prefill/decode disaggregation end to end over TCP: through ``meshkv proxy``, and the
+same flow driven by a client as vLLM's toy proxy does it; the producer's pins; the next
+turn of a conversation; a producer agent killed between prefill and decode (last: it
+restarts that agent). (``test_pd_ucx.py``: the same stack over UCX.)
+
+Every output is compared with one plain engine's (no connector, same thread binding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.mesh import wait_converged
+from tests.vllm.pd import (
+    BLOCK,
+    PROMPTS,
+    TRANSFER_TIMEOUT_S,
+    Stack,
+    check_outputs_and_decode_work,
+    check_pins_released,
+    computed,
+    pd_stack,
+    post,
+    settle_metrics,
+    text_of,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with pd_stack("tcp", tiny_model, tmp_path_factory.mktemp("pd-tcp")) as built:
+        yield built
+
+
+def test_through_the_proxy_outputs_equal_one_engine_and_decode_computes_one_token(
+    stack: Stack,
+) -> None:
+    check_outputs_and_decode_work(stack)
+    # Control: the counter does count. The same prompt sent straight to the decode engine
+    # with no transfer is computed there (only its whole chunks can come from the agent).
+    route, body = stack.requests["p333"]
+    before = computed(stack.decode)
+    post(stack.decode.base_url + route, {**body, "prompt": PROMPTS["p333"][:300] + [7] * 33})
+    assert settle_metrics(stack.decode, before) >= 300 - 256
+
+
+def test_client_driven_flow_like_vllms_toy_proxy(stack: Stack) -> None:
+    """POST to P with the toy proxy's parameters, then POST the original request with the
+    parameters P returned to D: no push target named, so the decode agent pulls."""
+    route, body = stack.requests["p1000"]
+    prompt = [11] + PROMPTS["p1000"][1:]  # no chunk of it was prefilled before
+    body = {**body, "prompt": prompt}
+    toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
+    first = post(
+        stack.prefill.base_url + route,
+        {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": toy},
+    )
+    params = first["kv_transfer_params"]
+    assert params["do_remote_prefill"] is True and params["meshkv"]["producer"] == "node-p"
+    pulls = stack.decode_agent.metric("meshkv_peer_pulls_total")
+    before = computed(stack.decode)
+    answer = post(stack.decode.base_url + route, {**body, "kv_transfer_params": params})
+    assert settle_metrics(stack.decode, before) <= BLOCK
+    assert stack.decode_agent.metric("meshkv_peer_pulls_total") >= pulls + 4  # 3 full + tail
+    plain_ref = post(stack.prefill.base_url + route, body)  # P computes it like any engine
+    assert text_of(answer) == text_of(plain_ref)
+
+
+def test_producer_pins_are_released_by_the_consumer(stack: Stack) -> None:
+    check_pins_released(stack)
+
+
+def test_next_turn_prefill_reuses_what_the_decode_node_made(stack: Stack) -> None:
+    """Multi-turn with a conversation id: the decode engine saves the chunks its answer
+    fills (``save_decode_tokens``); the next turn's prefill finds them through the mesh
+    and pulls them from the decode node. No special case in the proxy."""
+    route, body = stack.requests["p700"]
+    turn1 = [17] + PROMPTS["p700"][1:]
+    headers = {"X-Conversation-Id": "conv-1"}
+    first = post(
+        stack.proxy.base_url + route,
+        {**body, "prompt": turn1, "max_tokens": 80, "return_token_ids": True},
+        headers=headers,
+    )
+    answer = first["choices"][0]["token_ids"]
+    assert len(answer) == 80  # 700 + 80 tokens: the third chunk (512..767) is now full
+    time.sleep(1.0)  # holders are announced to the keys' homes in 50 ms batches
+    pulls = stack.prefill_agent.metric("meshkv_peer_pulls_total")
+    turn2 = turn1 + answer + [19] * 50
+    second = post(stack.proxy.base_url + route, {**body, "prompt": turn2}, headers=headers)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]  # the prefill side's
+    assert cached == 768, cached  # its own 2 chunks + the one the decode node made
+    assert stack.prefill_agent.metric("meshkv_peer_pulls_total") >= pulls + 1
+
+
+def test_prefill_agent_killed_between_prefill_and_decode(stack: Stack) -> None:
+    """The producer's agent dies after the prefill answered: the decode engine waits at
+    most its transfer timeout, recomputes, and answers correctly. No request fails."""
+    route, body = stack.requests["p700"]
+    prompt = [13] + PROMPTS["p700"][1:]  # no chunk of it was prefilled before
+    body = {**body, "prompt": prompt}
+    toy = {"do_remote_decode": True, "do_remote_prefill": False}
+    first = post(
+        stack.prefill.base_url + route,
+        {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": toy},
+    )
+    stack.prefill_agent.kill()
+    started = time.monotonic()
+    params = first["kv_transfer_params"]
+    answer = post(stack.decode.base_url + route, {**body, "kv_transfer_params": params})
+    elapsed = time.monotonic() - started
+    assert elapsed < TRANSFER_TIMEOUT_S + 8, elapsed
+    reference = post(stack.prefill.base_url + route, body)  # P serves on without its agent
+    assert text_of(answer) == text_of(reference)
+    # Back on the same socket, joining through the decode node's agent: the prefill
+    # engine's connector reconnects by itself and the two agents mesh again.
+    seed = stack.decode_agent.get_json("/v1/status")["mesh"]["address"]
+    stack.prefill_agent.args += ["--join", seed]
+    stack.prefill_agent.start()
+    wait_converged([stack.prefill_agent, stack.decode_agent], timeout=30)
