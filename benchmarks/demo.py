@@ -10,8 +10,12 @@
 4. Engine 2, a fresh process talking to node-b (its own arena, which never saw the
    documents), serves the first pass's requests: node-b finds the chunks through the
    keys' homes and pulls them from node-a; the greedy first tokens must match engine 1's.
-5. node-c pulls one document through the client too, so all three agents share chunks.
-6. Prints a summary table (TTFT and hit tokens per request, chunks and peer pulls per
+5. Prefill/decode: engine 1 also prefills one more prompt (1,000 tokens, not a multiple of
+   the chunk) as vLLM's P/D flow asks (``do_remote_decode``, pushed to node-b); engine 2
+   then decodes it with the ``kv_transfer_params`` engine 1 returned, computing only the
+   prompt's last token although engine 1 is gone by then (its agent holds the chunks).
+6. node-c pulls one document through the client too, so all three agents share chunks.
+7. Prints a summary table (TTFT and hit tokens per request, chunks and peer pulls per
    agent), ``meshkv ring status`` and ``meshkv status``.
 
 Engines run as subprocess jobs (:mod:`benchmarks.engine_job`). Every process,
@@ -58,6 +62,9 @@ CHUNK_TOKENS = 256
 DOC_TOKENS = (1536, 2304, 3072)
 """Document lengths: whole chunks, so every document token can be reused."""
 QUESTION_TOKENS = 48
+PD_TOKENS = 1000
+PD_OUTPUT = 8
+BLOCK = 128
 AGENT_CPU_BYTES = 256 << 20
 AGENT_START_S = 30.0
 CONVERGE_S = 20.0
@@ -100,7 +107,7 @@ class Demo:
             raise DemoFailed(str(exc)) from exc
 
     def run_engine(
-        self, name: str, model: str, agent: AgentProcess, prompts: list[list[int]]
+        self, name: str, model: str, agent: AgentProcess, prompts: list[Any]
     ) -> dict[str, Any]:
         """One engine job (a fresh process) connected to ``agent``; returns its result."""
         jobdir = self.workdir / name
@@ -110,6 +117,7 @@ class Demo:
             "prompts": prompts,
             "connector": {"socket": agent.socket_path, "load_timeout_s": 5.0},
             "max_tokens": 1,  # the request's wall time is its time to first token
+            "metrics": True,
         }
         (jobdir / "job.json").write_text(json.dumps(job))
         # One process per engine (quick to start), the same thread binding for both engines
@@ -206,6 +214,8 @@ class Workload:
     """Pass 2: the same documents followed by a new question."""
     warmup: list[int]
     """A short unrelated prompt sent first by each engine (untimed kernel warm-up)."""
+    pd: list[int]
+    """The prefill/decode prompt (1,000 tokens: three chunks and a partial one)."""
 
 
 def make_workload(seed: int = 2026) -> Workload:
@@ -220,6 +230,7 @@ def make_workload(seed: int = 2026) -> Workload:
         first=[d + tokens(QUESTION_TOKENS) for d in docs],
         second=[d + tokens(QUESTION_TOKENS) for d in docs],
         warmup=tokens(300),
+        pd=tokens(PD_TOKENS),
     )
 
 
@@ -262,9 +273,27 @@ def run(demo: Demo) -> int:
         f"engine 1 (vLLM + MeshKVConnector -> node-a): {n} documents of "
         f"{', '.join(f'{len(d):,}' for d in work.docs)} tokens, two passes"
     )
-    one = demo.run_engine("engine-1", model, a, [work.warmup, *work.first, *work.second])
-    outs1 = one["outputs"][1:]
+    pd_plain = {"tokens": work.pd, "max_tokens": PD_OUTPUT}
+    pd_prefill = {
+        "tokens": work.pd,
+        "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": True, "meshkv_push_to": NODES[1]},
+    }
+    # The P/D prompt is asked twice on engine 1 (vLLM's own prefix cache is off): once as
+    # usual, for the reference output, then as a prefill (its whole chunks come back from
+    # node-a; the partial tail is computed and saved, and the whole prompt is held).
+    one = demo.run_engine(
+        "engine-1",
+        model,
+        a,
+        [work.warmup, *work.first, *work.second, pd_plain, pd_prefill],
+    )
+    outs1 = one["outputs"][1 : 1 + 2 * n]
     cold, warm = outs1[:n], outs1[n:]
+    pd_reference = one["outputs"][-2]["tokens"]
+    pd_params = one["outputs"][-1]["kv_transfer_params"]
+    if not isinstance(pd_params, dict) or "meshkv" not in pd_params:
+        raise DemoFailed(f"engine 1's prefill returned no meshkv kv_transfer_params: {pd_params}")
     print(f"  engine 1 started in {one['startup_s']:.1f} s; saved "
           f"{one['counters']['saved_chunks']:.0f} chunks to node-a")  # fmt: skip
 
@@ -280,9 +309,14 @@ def run(demo: Demo) -> int:
             raise DemoFailed("node-a's chunks were not announced to their homes within 10 s")
         time.sleep(0.05)
 
-    _step("engine 2, a fresh process on node-b (its own arena, empty): the same requests")
-    two = demo.run_engine("engine-2", model, b, [work.warmup, *work.first])
-    cross = two["outputs"][1:]
+    _step(
+        "engine 2, a fresh process on node-b (its own arena, empty): the same requests, "
+        "then the P/D decode"
+    )
+    pd_decode = {"tokens": work.pd, "max_tokens": PD_OUTPUT, "kv_transfer_params": pd_params}
+    two = demo.run_engine("engine-2", model, b, [work.warmup, *work.first, pd_decode])
+    cross = two["outputs"][1:-1]
+    pd_out = two["outputs"][-1]
     print(f"  engine 2 started in {two['startup_s']:.1f} s; loaded "
           f"{two['counters']['loaded_chunks']:.0f} chunks pulled through node-b")  # fmt: skip
 
@@ -351,6 +385,13 @@ def run(demo: Demo) -> int:
     print()
     print(_table(("agent", "chunks held", "peer pulls", "pulled MiB", "used by"), agent_rows))
     print(f"\nengine 2's first tokens identical to engine 1's: {sum(same)}/{len(same)}")
+    pd_same = pd_out["tokens"] == pd_reference
+    print(
+        f"prefill/decode: a {len(work.pd):,}-token prompt prefilled by engine 1 (node-a, since"
+        f" stopped), decoded by engine 2 (node-b): engine 2 computed "
+        f"{pd_out['computed_tokens']:.0f} prompt tokens; its {PD_OUTPUT} output tokens "
+        f"{'equal' if pd_same else 'DIFFER FROM'} engine 1's own answer"
+    )
 
     _step(f"meshkv ring status --http {a.http}")
     print(_cli("ring", "status", "--http", a.http))
@@ -369,6 +410,10 @@ def run(demo: Demo) -> int:
         failures.append("node-b pulled nothing from its peers")
     if got != len(doc_keys[0]):
         failures.append("node-c could not read document 1")
+    if not pd_same:
+        failures.append("the P/D decode's output differs from engine 1's")
+    if pd_out["computed_tokens"] > BLOCK:
+        failures.append(f"the P/D decode computed {pd_out['computed_tokens']:.0f} prompt tokens")
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -3,8 +3,13 @@
     python -m benchmarks.engine_job JOB.json RESULT.json
 
 Each prompt is generated on its own (greedy), in order, so later prompts see what earlier
-ones saved. ``pause_before`` lets a test act between prompts: before prompt ``i`` the job
-writes ``<sync_dir>/ready-<i>`` and waits for ``<sync_dir>/go-<i>``;
+ones saved. A prompt is a list of token ids, or a map ``{"tokens": [...],
+"kv_transfer_params": {...}, "max_tokens": n}`` (prefill/decode requests); each output
+records the request's returned ``kv_transfer_params`` and, with ``"metrics": true`` in
+the job, ``computed_tokens``: prompt tokens the engine computed itself (vLLM's
+``vllm:prompt_tokens_by_source{source="local_compute"}``). ``pause_before`` lets a test
+act between prompts: before prompt ``i`` the job writes ``<sync_dir>/ready-<i>`` and
+waits for ``<sync_dir>/go-<i>``;
 ``reset_prefix_cache_before`` empties vLLM's own prefix cache before the listed prompts.
 One engine per process: engines are never started twice in one interpreter.
 """
@@ -41,6 +46,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    def local_compute(llm: Any) -> float:
+        total = 0.0
+        for metric in llm.get_metrics():
+            labels = getattr(metric, "labels", {}) or {}
+            if metric.name == "vllm:prompt_tokens_by_source" and (
+                labels.get("source") == "local_compute"
+            ):
+                total += float(getattr(metric, "value", 0.0))
+        return total
+
     kwargs: dict[str, Any] = {
         "model": job["model"],
         "enforce_eager": True,
@@ -51,6 +66,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     }
     if not job.get("multiprocess", False):
         kwargs["distributed_executor_backend"] = "uni"
+    if job.get("metrics"):
+        kwargs["disable_log_stats"] = False
     if job.get("connector") is not None:
         kwargs["kv_transfer_config"] = {
             "kv_connector": "MeshKVConnector",
@@ -66,21 +83,35 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     sync_dir = Path(job["sync_dir"]) if job.get("sync_dir") else None
     pauses = set(job.get("pause_before", []))
     outputs = []
-    for i, prompt in enumerate(job["prompts"]):
+    for i, item in enumerate(job["prompts"]):
+        spec = item if isinstance(item, dict) else {"tokens": item}
+        prompt = spec["tokens"]
         if sync_dir is not None and i in pauses:
             (sync_dir / f"ready-{i}").write_text(json.dumps(_namespaces(job)))
             _wait_for(sync_dir / f"go-{i}")
         if i in job.get("reset_prefix_cache_before", []):
             assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
+        request_params = params
+        if "kv_transfer_params" in spec or "max_tokens" in spec:
+            request_params = SamplingParams(
+                max_tokens=spec.get("max_tokens", job.get("max_tokens", 8)),
+                temperature=0.0,
+                extra_args={"kv_transfer_params": spec.get("kv_transfer_params")},
+            )
+        before = local_compute(llm) if job.get("metrics") else 0.0
         t0 = time.monotonic()
-        (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-        outputs.append(
-            {
-                "tokens": list(out.outputs[0].token_ids),
-                "cached_tokens": out.num_cached_tokens or 0,
-                "seconds": time.monotonic() - t0,
-            }
+        (out,) = llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt)], request_params, use_tqdm=False
         )
+        record: dict[str, Any] = {
+            "tokens": list(out.outputs[0].token_ids),
+            "cached_tokens": out.num_cached_tokens or 0,
+            "seconds": time.monotonic() - t0,
+            "kv_transfer_params": out.kv_transfer_params,
+        }
+        if job.get("metrics"):
+            record["computed_tokens"] = local_compute(llm) - before
+        outputs.append(record)
         if job.get("gap_s"):
             time.sleep(job["gap_s"])
     result: dict[str, Any] = {"startup_s": startup_s, "outputs": outputs}

@@ -596,6 +596,12 @@ class Store:
         """Writable view of a slot's bytes in the arena."""
         return self.cpu.arena.view(slot.offset, slot.length)
 
+    async def hash(self, payload: memoryview) -> int:
+        """xxh3-64 of ``payload``, computed in the hash pool (xxhash releases the GIL), so
+        the event loop keeps serving while a received chunk is verified."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._hash_pool, payload_checksum, payload)
+
     async def checksum_for(self, pin: Pin) -> int:
         """xxh3-64 of a pinned chunk (a peer send): the known value, else hashed now in the
         hash pool (off the event loop) from the pinned slot and remembered."""

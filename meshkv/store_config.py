@@ -53,8 +53,9 @@ class StoreConfig:
     """On close, write chunks that are only in memory to SSD so a restart keeps them."""
     verify_reads: bool = False
     """Re-hash arena bytes before handing out a read lease."""
-    hash_workers: int = 1
-    """Threads computing checksums of committed chunks."""
+    hash_workers: int = 2
+    """Threads computing checksums (chunks committed without one, received chunks being
+    verified, chunks leaving the arena)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpu, CpuTierConfig):

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshkv.chunk import ChunkKey, NamespaceId, RecordHeader
+from meshkv.chunk import ChunkKey, NamespaceId, RecordHeader, payload_checksum
 from meshkv.errors import (
     ChecksumMismatch,
     DeadlineExceeded,
@@ -204,7 +204,15 @@ class Fetcher:
             record = RecordHeader.unpack(reply.header.get("record", b""))
             if record.key != key:
                 raise ChecksumMismatch("record is for another key")
-            record.verify(reply.payload if reply.payload is not None else b"", ns)
+            if record.namespace != ns:
+                raise NamespaceMismatch("record belongs to another namespace")
+            payload = memoryview(reply.payload if reply.payload is not None else b"")
+            if payload.nbytes != record.payload_len:
+                raise ChecksumMismatch(
+                    f"payload length {payload.nbytes} != header's {record.payload_len}"
+                )
+            if payload_checksum(payload) != record.checksum:
+                raise ChecksumMismatch("payload checksum mismatch")
         except (ChecksumMismatch, NamespaceMismatch) as exc:
             self._abort(ns, key, reserved)
             logger.warning("pull of %s from %s rejected: %s", key.hex(), holder, exc)

@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 INVALID = "invalid_request_error"
+KEEPALIVE_S = 4.0
+PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)
+"""Errors of a pooled connection the server closed before it read our request: the
+request never reached the engine, so it is sent again once on a fresh connection."""
 UPSTREAM = "upstream_error"
 MAX_CONVERSATIONS = 65536
 """Conversations whose decode engine is remembered (least recently seen dropped first)."""
@@ -171,6 +176,8 @@ class Proxy:
         self.router: Router | None = None
         self._conversations: OrderedDict[str, str] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+        """Never pools: the retry after a pooled connection turned out closed."""
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -179,8 +186,11 @@ class Proxy:
         return self._session
 
     async def start(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        # Shorter than uvicorn's 5 s keep-alive (vLLM's server): a pooled connection the
+        # server is about to close would fail the next request written on it.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
         self._session = aiohttp.ClientSession(connector=connector)
+        self._fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         if not self.config.disaggregated:
             self.router = Router(self.config, self.engines, self.session, self.metrics)
         for pool in self.pools:
@@ -192,8 +202,9 @@ class Proxy:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -351,7 +362,10 @@ class Proxy:
                 error_response(504, f"upstream {upstream.url} timed out", "upstream_timeout")
             )
         upstream.count_error("connect", str(exc))
-        upstream.mark_down(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            # It cannot even be connected to: out of rotation until /health answers. (A
+            # reset of an open connection proves less; the health check decides then.)
+            upstream.mark_down(f"{type(exc).__name__}: {exc}")
         return UpstreamFailed(
             error_response(502, f"upstream {upstream.url} failed: {exc}", "upstream_error")
         )
@@ -373,12 +387,19 @@ class Proxy:
         upstream.inflight += 1
         upstream.requests += 1
         try:
-            async with self.session.post(
-                upstream.url + route, json=body, timeout=self._timeout(total)
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._upstream_error(upstream, resp)
-                data: Any = await resp.json(content_type=None)
+            for session in (self.session, self._fresh):
+                assert session is not None
+                try:
+                    async with session.post(
+                        upstream.url + route, json=body, timeout=self._timeout(total)
+                    ) as resp:
+                        if resp.status >= 400:
+                            raise await self._upstream_error(upstream, resp)
+                        data: Any = await resp.json(content_type=None)
+                    break
+                except STALE:
+                    if session is self._fresh:
+                        raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise self._failed(upstream, exc) from exc
         except ValueError as exc:
@@ -396,6 +417,18 @@ class Proxy:
             )
         return data
 
+    async def _post(
+        self, upstream: Upstream, route: str, body: dict[str, Any]
+    ) -> aiohttp.ClientResponse:
+        """POST and return the response once its head arrived (retried once on a fresh
+        connection when a pooled one turns out closed: the engine never saw the request)."""
+        url = upstream.url + route
+        try:
+            return await self.session.post(url, json=body, timeout=self._timeout())
+        except STALE:
+            assert self._fresh is not None
+            return await self._fresh.post(url, json=body, timeout=self._timeout())
+
     async def _forward(
         self,
         upstream: Upstream,
@@ -410,9 +443,7 @@ class Proxy:
         upstream.requests += 1
         response: web.StreamResponse | None = None
         try:
-            async with self.session.post(
-                upstream.url + route, json=body, timeout=self._timeout()
-            ) as resp:
+            async with await self._post(upstream, route, body) as resp:
                 if resp.status >= 400:
                     raise await self._upstream_error(upstream, resp)
                 if not stream:
@@ -457,6 +488,8 @@ def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
     leg["max_tokens"] = 1
     if "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
+    if "min_tokens" in leg:
+        leg["min_tokens"] = min(1, leg["min_tokens"] or 0)
     leg["stream"] = False
     leg.pop("stream_options", None)
     leg["n"] = 1
@@ -470,7 +503,7 @@ def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
 def build_app(config: ProxyConfig) -> web.Application:
     proxy = Proxy(config)
     app = web.Application(client_max_size=config.max_body_bytes)
-    app["proxy"] = proxy
+    app[PROXY_KEY] = proxy
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     app.add_routes(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from meshkv.chunk import ChunkKey
+from meshkv.chunk import ChunkKey, payload_checksum
 from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
 from meshkv.errors import AgentUnavailable
 from meshkv.integrations.vllm.config import ConnectorConfig
@@ -270,9 +270,12 @@ class FakeWorkerAgent:
                 self.next += size
         return out
 
-    def commit(self, keys: list[ChunkKey], tokens: list[int]) -> None:
+    def commit(self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]) -> None:
         with self.lock:
             self.committed.update(zip(keys, tokens, strict=True))
+            for key, checksum in zip(keys, checksums, strict=True):
+                offset, size = self.slots[key]
+                assert checksum == payload_checksum(self.view[offset : offset + size])
 
     def abort(self, keys: list[ChunkKey]) -> None:
         with self.lock:
@@ -284,7 +287,7 @@ class FakeWorkerAgent:
         self.holds.append((list(keys), hold))
         return len(keys)
 
-    def read(self, keys: list[ChunkKey], wait: float, *, background: bool) -> list[Lease | None]:
+    def read(self, keys: list[ChunkKey], wait: float, *, lane: int) -> list[Lease | None]:
         out: list[Lease | None] = []
         for i, key in enumerate(keys):
             if key not in self.committed:
@@ -295,7 +298,7 @@ class FakeWorkerAgent:
             out.append(Lease(i + 1, key, offset, view, self.committed[key], None))
         return out
 
-    def release(self, leases: Any, *, background: bool) -> None:
+    def release(self, leases: Any, *, lane: int) -> None:
         self.released.extend(lease.lease_id for lease in leases)
 
     def close(self) -> None:

@@ -170,9 +170,9 @@ class SchedulerLink:
 
 
 class WorkerLink:
-    """The worker side's agent (``worker.WorkerAgent``). Three clients, so that no wait
-    holds a lock another path needs: synchronous loads (inside the step), background loads
-    (which wait for pulls), and saves (the save thread)."""
+    """The worker side's agent (``worker.WorkerAgent``). One client per path, so that no
+    wait holds a lock another path needs: synchronous loads (lane 0, inside the step), each
+    background load lane (they wait for pulls), and saves (the save thread)."""
 
     def __init__(self, cfg: ConnectorConfig, namespace: Namespace, counters: ConnectorCounters):
         def link() -> AgentLink:
@@ -185,21 +185,22 @@ class WorkerLink:
                 cfg.breaker_failures,
             )
 
-        self._step, self._background, self._saves = link(), link(), link()
+        from .worker import LOAD_LANES
 
-    def read(self, keys: list[ChunkKey], wait: float, *, background: bool) -> list[Lease | None]:
-        link = self._background if background else self._step
-        return link.call(lambda client: client.read(keys, wait=wait))
+        self._lanes = [link() for _ in range(LOAD_LANES + 1)]
+        self._saves = link()
 
-    def release(self, leases: Sequence[Lease], *, background: bool) -> None:
-        link = self._background if background else self._step
-        link.call(lambda client: client.release(leases))
+    def read(self, keys: list[ChunkKey], wait: float, *, lane: int) -> list[Lease | None]:
+        return self._lanes[lane].call(lambda client: client.read(keys, wait=wait))
+
+    def release(self, leases: Sequence[Lease], *, lane: int) -> None:
+        self._lanes[lane].call(lambda client: client.release(leases))
 
     def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
         return self._saves.call(lambda client: client.reserve(keys, sizes))
 
-    def commit(self, keys: list[ChunkKey], tokens: list[int]) -> None:
-        self._saves.call(lambda client: client.commit(keys, tokens))
+    def commit(self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]) -> None:
+        self._saves.call(lambda client: client.commit(keys, tokens, checksums=checksums))
 
     def abort(self, keys: list[ChunkKey]) -> None:
         self._saves.call(lambda client: client.abort(keys))
@@ -208,5 +209,5 @@ class WorkerLink:
         return self._saves.call(lambda client: client.hold(keys, hold))
 
     def close(self) -> None:
-        for link in (self._step, self._background, self._saves):
+        for link in (*self._lanes, self._saves):
             link.close()

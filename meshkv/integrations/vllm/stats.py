@@ -51,6 +51,14 @@ class ConnectorCounters:
     """Prompt tokens promised to vLLM from transfers (decode side)."""
     call_seconds: float = 0.0
     """Wall time spent inside connector calls that talk to the agent or copy KV."""
+    async_wait_seconds: float = 0.0
+    """Asynchronous loads: time spent waiting for the agent to have the chunks (off the
+    engine step)."""
+    async_copy_seconds: float = 0.0
+    """Asynchronous loads: time spent copying arena → engine blocks (off the step)."""
+    async_queue_seconds: float = 0.0
+    """Asynchronous loads: time from vLLM handing the load over until the load thread
+    started it."""
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,300 @@
+"""``meshkv proxy`` against scripted upstreams: real sockets, the proxy's real aiohttp app,
+and small aiohttp servers standing in for engines (the network edge; real engines behind
+the proxy are in ``tests/vllm/test_pd.py``).
+
+What the proxy must do with what the engines answer: the prefill leg's rewriting (one token,
+not streamed, vLLM's P/D parameters, the decode node to push to), the decode leg's
+parameters, SSE relayed as it comes, OpenAI-style 502/504 for failed upstreams, rotation,
+the prefill fallback, bad client input, and the aggregated policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from meshkv.errors import ConfigError
+from meshkv.launch import free_port
+from meshkv.proxy.app import ProxyConfig, build_app
+
+
+def run(main: Callable[[], Awaitable[None]], limit: float = 30.0) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(limit):
+            await main()
+
+    asyncio.run(bounded())
+
+
+@dataclass
+class FakeEngine:
+    """An OpenAI-ish server that records what it is sent."""
+
+    name: str
+    node: str | None = None
+    delay: float = 0.0
+    fail_status: int | None = None
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    healthy: bool = True
+    runner: web.AppRunner | None = None
+    url: str = ""
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        await asyncio.sleep(self.delay)
+        if self.fail_status is not None:
+            return web.json_response({"error": {"message": f"{self.name} broke"}},
+                                     status=self.fail_status)  # fmt: skip
+        params = body.get("kv_transfer_params") or {}
+        out: dict[str, Any] = {"choices": [{"text": f"{self.name}-answer"}], "usage": {}}
+        if params.get("do_remote_decode"):
+            out["kv_transfer_params"] = {"do_remote_prefill": True, "meshkv": {"from": self.name}}
+        elif self.node is not None and (params.get("meshkv_probe") or params.get("meshkv")):
+            out["kv_transfer_params"] = {"meshkv_node": self.node}
+        if not body.get("stream"):
+            return web.json_response(out)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            chunk = {"choices": [{"text": f"t{i}"}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await asyncio.sleep(0.01)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok", status=200 if self.healthy else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "tiny"}]})
+
+    async def start(self) -> FakeEngine:
+        app = web.Application()
+        app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.completions),
+                web.get("/health", self.health),
+                web.get("/v1/models", self.models),
+            ]
+        )
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@asynccontextmanager
+async def proxy(**config: Any) -> AsyncIterator[str]:
+    cfg = ProxyConfig(port=free_port(), health_interval_s=0.1, **config)
+    runner = web.AppRunner(build_app(cfg), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", cfg.port).start()
+    try:
+        yield f"http://127.0.0.1:{cfg.port}"
+    finally:
+        await runner.cleanup()
+
+
+async def post(url: str, body: Any, **kw: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, **kw) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except json.JSONDecodeError:
+            return resp.status, text
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def test_pd_legs_are_rewritten_and_the_decode_node_is_pushed_to() -> None:
+    async def main() -> None:
+        p, d = await FakeEngine("p").start(), await FakeEngine("d", node="node-d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                # the proxy probes the decode engine for its agent before pushing to it
+                await until(lambda: any((b.get("kv_transfer_params") or {}).get("meshkv_probe")
+                                        for b in d.seen))  # fmt: skip
+                await asyncio.sleep(0.2)
+                body = {"model": "tiny", "prompt": "hi", "max_tokens": 40, "min_tokens": 40,
+                        "stream": True, "stream_options": {"include_usage": True},
+                        "top_p": 0.5}  # fmt: skip
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", json=body) as resp,
+                ):
+                    assert resp.status == 200
+                    raw = await resp.read()
+                assert raw.count(b"data: ") == 4  # three tokens and [DONE], as they came
+                leg_p = p.seen[-1]
+                assert leg_p["max_tokens"] == 1 and leg_p["min_tokens"] == 1
+                assert leg_p["stream"] is False
+                assert "stream_options" not in leg_p and leg_p["top_p"] == 0.5
+                assert leg_p["kv_transfer_params"] == {
+                    "do_remote_decode": True, "do_remote_prefill": False,
+                    "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
+                    "remote_port": None, "meshkv_push_to": "node-d",
+                }  # fmt: skip
+                leg_d = d.seen[-1]
+                assert leg_d["max_tokens"] == 40 and leg_d["min_tokens"] == 40
+                assert leg_d["stream"] is True
+                assert leg_d["kv_transfer_params"] == {"do_remote_prefill": True,
+                                                       "meshkv": {"from": "p"}}  # fmt: skip
+                status, upstreams = await _get(url + "/v1/upstreams")
+                nodes = {u["role"]: u["node"] for u in upstreams["upstreams"]}
+                assert status == 200 and nodes == {"prefill": None, "decode": "node-d"}
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+async def _get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def test_failed_upstreams_give_clear_errors_and_leave_rotation() -> None:
+    async def main() -> None:
+        p = await FakeEngine("p").start()
+        d = await FakeEngine("d").start()
+        slow = await FakeEngine("slow", delay=3.0).start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,), prefill_fallback=False) as url:
+                p.fail_status = 500
+                status, body = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 500 and "p broke" in json.dumps(body)  # the upstream's answer
+                p.fail_status = None
+                await d.stop()  # the decode engine goes away
+                status, body = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 502 and body["error"]["type"] == "upstream_error"
+                status, body = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 503 and "no healthy decode" in body["error"]["message"]
+                status, _ = await post(url.replace("http", "http") + "/health", {})
+            async with proxy(engines=(slow.url,), request_timeout_s=0.5) as url:
+                status, body = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 504 and "timed out" in body["error"]["message"]
+        finally:
+            for e in (p, d, slow):
+                await e.stop()
+
+    run(main)
+
+
+def test_prefill_failure_falls_back_to_the_decode_engine() -> None:
+    async def main() -> None:
+        p, d = await FakeEngine("p", fail_status=503).start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                status, body = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 200 and body["choices"][0]["text"] == "d-answer"
+                assert "kv_transfer_params" not in d.seen[-1]  # computed there
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                assert "meshkv_proxy_prefill_fallbacks_total 1.0" in page
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def test_an_engine_comes_back_into_rotation_when_healthy() -> None:
+    async def main() -> None:
+        a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
+        try:
+            async with proxy(engines=(a.url, b.url), routing="round_robin") as url:
+                a.healthy = False
+                await asyncio.sleep(0.3)
+                answers = [(await post(url + "/v1/completions", {"prompt": "x"}))[1]
+                           for _ in range(4)]  # fmt: skip
+                assert {x["choices"][0]["text"] for x in answers} == {"b-answer"}
+                a.healthy = True
+                await asyncio.sleep(0.3)
+                answers = [(await post(url + "/v1/completions", {"prompt": "x"}))[1]
+                           for _ in range(4)]  # fmt: skip
+                assert {x["choices"][0]["text"] for x in answers} == {"a-answer", "b-answer"}
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_sticky_routing_keeps_a_conversation_on_its_engine() -> None:
+    async def main() -> None:
+        a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
+        try:
+            async with proxy(engines=(a.url, b.url), routing="sticky") as url:
+                first = [(await post(url + "/v1/completions", {"prompt": "x", "user": "u1"}))[1]
+                         for _ in range(5)]  # fmt: skip
+                assert len({x["choices"][0]["text"] for x in first}) == 1
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_bad_client_input_is_rejected_and_the_proxy_keeps_serving() -> None:
+    async def main() -> None:
+        e = await FakeEngine("e").start()
+        try:
+            async with proxy(engines=(e.url,)) as url:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", data=b"{nope") as resp,
+                ):
+                    assert resp.status == 400
+                    assert "not JSON" in (await resp.json())["error"]["message"]
+                status, body = await post(url + "/v1/completions", [1, 2])
+                assert status == 400 and "JSON object" in body["error"]["message"]
+                status, body = await post(url + "/v1/completions", {"prompt": "ok"})
+                assert status == 200
+                status, models = await _get(url + "/v1/models")
+                assert status == 200 and models["data"][0]["id"] == "tiny"
+        finally:
+            await e.stop()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "give --prefill URL"),
+        ({"prefill": ("http://a",)}, "needs both --prefill and --decode"),
+        ({"prefill": ("http://a",), "decode": ("http://b",), "engines": ("http://c",)},
+         "either --prefill/--decode"),
+        ({"engines": ("ftp://a",)}, "must start with http"),
+        ({"engines": ("http://a",), "routing": "fastest"}, "--routing must be one of"),
+        ({"engines": ("http://a",), "agents": ("http://x", "http://y")}, "one agent per engine"),
+    ],
+)  # fmt: skip
+def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ProxyConfig(**kwargs)
