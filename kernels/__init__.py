@@ -14,8 +14,10 @@ from .ops import (
     KVCaches,
     as_byte_tensor,
     gather,
+    pin_host_memory,
     scatter,
     triton_available,
+    unpin_host_memory,
 )
 from .quant import dequantize_int8, quantize_int8, quantized_nbytes
 
@@ -29,8 +31,10 @@ __all__ = [
     "chunk_nbytes",
     "dequantize_int8",
     "gather",
+    "pin_host_memory",
     "quantize_int8",
     "quantized_nbytes",
     "scatter",
     "triton_available",
+    "unpin_host_memory",
 ]

@@ -19,7 +19,7 @@ import operator
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -35,6 +35,34 @@ BlockIds = Sequence[int] | torch.Tensor
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported (it is optional)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def pin_host_memory(buffer: torch.Tensor) -> bool:
+    """Page-lock an existing host buffer (the agent's shared-memory arena, mapped by the
+    engine) so that device kernels read and write it directly over the bus, with no staging
+    copy on the device. True when the buffer is pinned afterwards; False without CUDA or when
+    the driver refuses (then copies go through a device staging buffer, as before). The
+    registration lasts as long as the mapping; ``unpin_host_memory`` undoes it."""
+    if buffer.device.type != "cpu" or not torch.cuda.is_available():
+        return False
+    if buffer.is_pinned():
+        return True
+    cudart: Any = torch.cuda.cudart()
+    nbytes = buffer.numel() * buffer.element_size()
+    rc = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)  # cudaHostRegisterDefault
+    if int(rc) != 0:
+        logger.warning(
+            "cudaHostRegister of %d bytes failed (%s): copies will be staged", nbytes, rc
+        )
+        return False
+    return bool(buffer.is_pinned())
+
+
+def unpin_host_memory(buffer: torch.Tensor) -> None:
+    """Undo ``pin_host_memory`` (before the mapping goes away)."""
+    if buffer.device.type == "cpu" and torch.cuda.is_available() and buffer.is_pinned():
+        cudart: Any = torch.cuda.cudart()
+        cudart.cudaHostUnregister(buffer.data_ptr())
 
 
 _readonly_lock = threading.Lock()
@@ -84,8 +112,11 @@ class KVCaches:
     """An engine's per-layer KV tensors, checked against a layout, ready to move blocks.
 
     Build it once when the engine registers its caches; every later call reuses the
-    checked views. Calls on CUDA run on the current stream (a gather into a CPU buffer
-    is synchronous, through a device staging buffer).
+    checked views. Calls on CUDA run on the current stream. A host buffer that is pinned
+    (``pin_host_memory``) is read or written by the kernel directly and the call is
+    asynchronous like any other launch: synchronize the stream (or wait on an event) before
+    reading what a gather wrote, and keep a scatter's source alive until then. A pageable
+    host buffer goes through a device staging buffer and the gather is synchronous.
     """
 
     __slots__ = (
@@ -425,7 +456,10 @@ class KVCaches:
                 base, self._piece * isz, *(x for row in self._layer_table for x in row)
             )
         local = all(v.device == self.device for v in views)
-        if local:
+        # Pinned (page-locked) host buffers are addressable from the device: the kernel
+        # reads and writes them over the bus, one pass, no staging copy.
+        direct = not local and all(v.device.type == "cpu" and v.is_pinned() for v in views)
+        if local or direct:
             bufs = views
         else:  # a host buffer for a device cache: go through one device staging buffer
             staging = torch.empty(
@@ -469,7 +503,7 @@ class KVCaches:
             to_buffer=to_buffer,
             word=word,
         )
-        if to_buffer and not local:
+        if to_buffer and not local and not direct:
             for v, part in zip(views, bufs, strict=True):
                 v.copy_(part)
 

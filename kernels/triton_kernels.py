@@ -24,18 +24,20 @@ import triton.language as tl
 TILE = 1024
 
 
-def _copy_blocks(
-    cache_ptr: Any,
-    buf_ptr: Any,
-    layer_table_ptr: Any,
-    jobs_ptr: Any,
-    num_jobs: Any,
-    piece: Any,
+# Triton resolves a kernel's annotations in this module's globals and accepts only
+# ``tl.constexpr`` there, so the pointer and size parameters carry none (hence the ignore).
+def _copy_blocks(  # type: ignore[no-untyped-def]
+    cache_ptr,
+    buf_ptr,
+    layer_table_ptr,
+    jobs_ptr,
+    num_jobs,
+    piece,
     PLANES: tl.constexpr,
     TO_BUFFER: tl.constexpr,
     WORD: tl.constexpr,
     TILE: tl.constexpr,
-) -> None:
+):
     # Move WORD-byte integers: every offset below is in words (see copy_blocks).
     if WORD == 8:
         cache = cache_ptr.to(tl.pointer_type(tl.int64))

@@ -7,8 +7,12 @@ baseline, a plain ``copy_`` of a contiguous tensor of the same size into the sam
 Each round uses other blocks (the cache holds ``--spread`` times the working set) so the
 source is not cache-resident. Medians are reported; ratio = kernel / baseline.
 
-On CUDA the arena is host memory (device-to-host, as when a GPU engine saves into the
-agent's shared-memory arena) and the baseline is a device-to-host copy of the same bytes.
+On CUDA the arena is host memory, page-locked with ``pin_host_memory`` as the connector
+does with the agent's shared-memory arena, so the kernel writes (gather) and reads (scatter)
+it directly; the baselines are a plain ``copy_`` of the same bytes device-to-host (for
+gathers) and host-to-device (for scatters) with the same pinned arena. The ``staged`` arms
+use a pageable arena instead (the kernel copies into a device staging buffer, then one
+``copy_`` crosses the bus): what an engine gets when pinning is refused.
 """
 
 from __future__ import annotations
@@ -129,6 +133,17 @@ def _bench_one(
     outs = [arena[c * chunk_bytes : (c + 1) * chunk_bytes] for c in range(args.chunks)]
     src = t.empty(total * spread, dtype=t.uint8, device=device).random_()
     sync = t.cuda.synchronize if device == "cuda" else _nothing
+    cuda = device == "cuda"
+    staged_outs: list[t.Tensor] = []
+    if cuda:
+        from meshkv.kernels import pin_host_memory
+
+        if not pin_host_memory(arena):
+            raise RuntimeError("could not page-lock the benchmark's arena (cudaHostRegister)")
+        pageable = t.ones(total, dtype=t.uint8)
+        staged_outs = [
+            pageable[c * chunk_bytes : (c + 1) * chunk_bytes] for c in range(args.chunks)
+        ]
 
     def table(round_: int) -> list[list[int]]:
         shift = (round_ % spread) * working
@@ -145,6 +160,9 @@ def _bench_one(
     def torch_copy(r: int) -> None:
         arena.copy_(src[(r % spread) * total :][:total])
 
+    def torch_copy_h2d(r: int) -> None:
+        src[(r % spread) * total :][:total].copy_(arena)
+
     def memcpy(r: int) -> None:  # single-threaded, like the numpy backend
         np.copyto(arena.numpy(), src.numpy()[(r % spread) * total :][:total])
 
@@ -159,13 +177,22 @@ def _bench_one(
             continue
         tag = f"{device} {layout.kind.value} {kv.backend}"
         phase = _kernel_arms(kv, table, outs, tag, per_chunk_too=backend == "auto")
+        if cuda and backend == "auto":
+            phase.update(_kernel_arms(kv, table, staged_outs, tag + " staged", per_chunk_too=False))
         base = "torch copy_"
         if kv.backend == "numpy":
             base = "memcpy"
             phase[base] = memcpy
         else:
             phase[base] = torch_copy
-        rows += [(name, base) for name in phase if name != base]
+        bases = {base}
+        if cuda:
+            phase["torch copy_ H2D"] = torch_copy_h2d
+            bases.add("torch copy_ H2D")
+        for name in phase:
+            if name not in bases:
+                h2d = cuda and name.startswith("scatter")
+                rows.append((name, "torch copy_ H2D" if h2d else base))
         phases.append(phase)
 
     times: dict[str, list[float]] = {}
@@ -184,7 +211,7 @@ def _bench_one(
     def gbps(name: str) -> float:
         return total / float(statistics.median(times[name])) / 1e9
 
-    d2h = " D2H" if device == "cuda" else ""
+    d2h = " D2H" if cuda else ""
     if "memcpy" in times:
         report.add(
             Result(
@@ -197,7 +224,12 @@ def _bench_one(
             )
         )
     for arm, base in rows:
-        report.add(Result(arm, gbps(arm), "GB/s", total, base + d2h, gbps(base)))
+        label = base if base.endswith("H2D") else base + d2h
+        report.add(Result(arm, gbps(arm), "GB/s", total, label, gbps(base)))
+    if cuda:
+        from meshkv.kernels import unpin_host_memory
+
+        unpin_host_memory(arena)
 
 
 def _kernel_arms(

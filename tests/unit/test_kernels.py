@@ -26,11 +26,13 @@ from meshkv.kernels import (
     chunk_nbytes,
     dequantize_int8,
     gather,
+    pin_host_memory,
     quant,
     quantize_int8,
     quantized_nbytes,
     scatter,
     triton_available,
+    unpin_host_memory,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -490,3 +492,40 @@ def test_bench_cli_writes_report(tmp_path: Path) -> None:
     for r in report["results"]:
         assert r["unit"] == "GB/s" and r["value"] > 0 and r["baseline_value"] > 0
         assert r["size_bytes"] == 2 * (2 * 2 * 32 * 64 * 2) * 2
+
+
+def test_pin_host_memory_without_cuda_is_a_clear_no() -> None:
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        assert pin_host_memory(buf)
+        unpin_host_memory(buf)
+    else:
+        assert not pin_host_memory(buf)
+    assert not pin_host_memory(torch.zeros(4, dtype=torch.uint8, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_cache_with_pinned_host_arena_is_direct(kind: LayoutKind) -> None:
+    """A pinned arena (as the connector registers the agent's) is written and read by the
+    kernel directly: byte-exact both ways, and no device staging buffer is allocated."""
+    lay = make_layout(kind, torch.bfloat16, 16)
+    caches = make_caches(lay, "cuda", shared=False)
+    kv = KVCaches(caches, lay)
+    arena = torch.zeros(2 * lay.chunk_nbytes(2) + 64, dtype=torch.uint8)
+    assert pin_host_memory(arena)
+    try:
+        n = lay.chunk_nbytes(2)
+        host = [arena[0:n], arena[n + 64 : 2 * n + 64]]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        kv.gather_chunks([[1, 2], [7, 4]], host)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - before < 4096  # only the small job table
+        assert_same(host[1], naive_payload(lay, caches, [7, 4]).cpu())
+        fresh = [torch.zeros_like(c) for c in caches]
+        KVCaches(fresh, lay).scatter_chunks(host, [[1, 2], [7, 4]])
+        torch.cuda.synchronize()
+        assert_same(naive_payload(lay, fresh, [7, 4]), naive_payload(lay, caches, [7, 4]))
+    finally:
+        unpin_host_memory(arena)
