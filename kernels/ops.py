@@ -47,7 +47,7 @@ def pin_host_memory(buffer: torch.Tensor) -> bool:
         return False
     if buffer.is_pinned():
         return True
-    cudart: Any = torch.cuda.cudart()
+    cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]  # torch ships it untyped
     nbytes = buffer.numel() * buffer.element_size()
     rc = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)  # cudaHostRegisterDefault
     if int(rc) != 0:
@@ -61,7 +61,7 @@ def pin_host_memory(buffer: torch.Tensor) -> bool:
 def unpin_host_memory(buffer: torch.Tensor) -> None:
     """Undo ``pin_host_memory`` (before the mapping goes away)."""
     if buffer.device.type == "cpu" and torch.cuda.is_available() and buffer.is_pinned():
-        cudart: Any = torch.cuda.cudart()
+        cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]  # torch ships it untyped
         cudart.cudaHostUnregister(buffer.data_ptr())
 
 

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from meshkv import __version__
 from meshkv.config import AgentConfig
-from meshkv.errors import ConfigError
+from meshkv.errors import ConfigError, NodeIdConflict
 from meshkv.metrics import AgentMetrics, PullerCollector
 from meshkv.puller import Puller
 from meshkv.server.http import AdminContext, AdminServer, build_app
@@ -57,6 +57,8 @@ class MeshService(Protocol):
     def http_routes(self) -> list[web.RouteDef]: ...
 
     def status_section(self) -> dict[str, Any]: ...
+
+    def on_fatal(self, callback: Callable[[str], None]) -> None: ...
 
 
 MeshFactory = Callable[[AgentConfig, Store, AgentMetrics, Puller, Transfers], MeshService]
@@ -79,6 +81,8 @@ class Agent:
         self.http_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
         self._started = False
+        self.fatal_error: str | None = None
+        """Why the agent stopped on its own (e.g. its node id is taken); None otherwise."""
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class Agent:
             if cfg.mesh is not None:
                 factory = self._mesh_factory or _default_mesh_factory
                 self.mesh = factory(cfg, self.store, self.metrics, self.puller, self.transfers)
+                self.mesh.on_fatal(self._fatal)
                 await self.mesh.start()
             self.local = LocalServer(
                 LocalServerConfig(cfg.socket_path, cfg.node_id, cfg.lease_seconds),
@@ -158,6 +163,11 @@ class Agent:
                 "protocol_errors": counters.protocol_errors,
             }
         }
+
+    def _fatal(self, reason: str) -> None:
+        if self.fatal_error is None:
+            self.fatal_error = reason
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Ask ``run`` to shut down (signal-safe: only sets an event)."""
@@ -281,5 +291,8 @@ def run_agent(config: AgentConfig) -> None:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
+    agent = Agent(config)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Agent(config).run())
+        runner.run(agent.run())
+    if agent.fatal_error is not None:
+        raise NodeIdConflict(agent.fatal_error)

@@ -18,6 +18,7 @@
     └── TransportError           socket / UCX failure, translated at the transport boundary
         ├── ConnectionClosed
         └── AuthenticationFailed wrong mesh secret or failed handshake
+            └── NodeIdConflict   the peer has this agent's own node id
 
 Each class carries a stable ``code`` string used on the wire, so an error raised in the
 agent is re-raised as the same class in the client (see ``error_from_code``).
@@ -98,6 +99,12 @@ class ConnectionClosed(TransportError):
 
 class AuthenticationFailed(TransportError):
     code = "auth"
+
+
+class NodeIdConflict(AuthenticationFailed):
+    """Two agents claim one node id: their handshake is refused on both sides."""
+
+    code = "node_id_conflict"
 
 
 _BY_CODE: dict[str, type[MeshKVError]] = {}

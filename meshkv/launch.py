@@ -137,8 +137,14 @@ class AgentProcess:
         env: Mapping[str, str] | None = None,
         log_level: str = "debug",
         python: str = sys.executable,
+        node_id: str | None = None,
+        default_id: bool = False,
     ) -> None:
         self.name = name
+        self.node_id = node_id or name
+        """The ``--node-id`` passed (``name`` unless given); with ``default_id`` none is
+        passed and the agent picks its own."""
+        self.default_id = default_id
         self.cpu_bytes = cpu_bytes
         self.ssd_dir = None if ssd_dir is None else str(ssd_dir)
         self.args = list(args)
@@ -157,13 +163,14 @@ class AgentProcess:
     def command(self) -> list[str]:
         cmd = [
             self.python, "-m", "meshkv", "agent",
-            "--node-id", self.name,
             "--socket", self.socket_path,
             "--http", "127.0.0.1:0",
             "--ready-file", str(self.ready_file),
             "--cpu-bytes", str(self.cpu_bytes),
             "--log-level", self.log_level,
         ]  # fmt: skip
+        if not self.default_id:
+            cmd += ["--node-id", self.node_id]
         if self.ssd_dir is not None:
             cmd += ["--ssd-dir", self.ssd_dir]
         return cmd + self.args

@@ -325,6 +325,11 @@ class MeshCollector(Collector):
             value=s["handshake_failures"],
         )
         yield CounterMetricFamily(
+            "meshkv_mesh_node_id_conflicts",
+            "Handshakes refused because the other agent claims this node's id",
+            value=s["id_conflicts"],
+        )
+        yield CounterMetricFamily(
             "meshkv_peer_checksum_failures",
             "Chunks from peers dropped because their checksum failed",
             value=s["checksum_failures"],

@@ -171,6 +171,17 @@ class TransportStats:
     """Payload bytes received."""
     handler_errors: int = 0
     """Handlers that raised (answered with ERROR)."""
+    id_conflicts: int = 0
+    """Handshakes refused because the peer has this node's own id (either side)."""
+    last_id_conflict: str = ""
+    """The message of the latest of those (names the other agent's address)."""
+    last_id_conflict_outgoing: bool = False
+    """Whether this node dialled the other one in that handshake (it is the newcomer)."""
+
+    def record_conflict(self, message: str, *, outgoing: bool) -> None:
+        self.id_conflicts += 1
+        self.last_id_conflict = message
+        self.last_id_conflict_outgoing = outgoing
 
 
 class Connection(abc.ABC):

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgpack
 
-from meshkv.errors import AuthenticationFailed, ProtocolError, VersionMismatch
+from meshkv.errors import AuthenticationFailed, NodeIdConflict, ProtocolError, VersionMismatch
 
 from .base import TransportConfig
 from .framing import Flags, MsgKind, encode_head, pack_header, unpack_header
@@ -84,6 +84,8 @@ async def _recv(wire: Wire, expect: MsgKind) -> dict[str, Any]:
         message = str(header.get("message", "peer rejected the handshake"))
         if code == VersionMismatch.code:
             raise VersionMismatch(f"peer: {message}")
+        if code == NodeIdConflict.code:
+            raise NodeIdConflict(f"the agent at {wire.remote} refused us: {message}")
         raise AuthenticationFailed(f"peer rejected the handshake: {message}")
     if frame.kind is not expect:
         raise AuthenticationFailed(
@@ -125,6 +127,11 @@ async def client_handshake(wire: Wire, config: TransportConfig) -> HandshakeResu
         version: int = _field(hello, "version", int)
         nonce_s: bytes = _field(hello, "nonce", bytes, NONCE_BYTES)
         mac_s: bytes = _field(hello, "mac", bytes, _MAC_BYTES)
+        if server_id == config.node_id:
+            raise NodeIdConflict(
+                f"the agent at {wire.remote} has node id {server_id!r}, the same as this "
+                "agent's: every agent needs its own --node-id"
+            )
         if not config.min_protocol_version <= version <= config.max_protocol_version:
             raise VersionMismatch(
                 f"server chose protocol version {version}, we speak "
@@ -151,6 +158,11 @@ async def server_handshake(wire: Wire, config: TransportConfig) -> HandshakeResu
         their_min: int = _field(hello, "min", int)
         their_max: int = _field(hello, "max", int)
         nonce_c: bytes = _field(hello, "nonce", bytes, NONCE_BYTES)
+        if client_id == config.node_id:
+            raise NodeIdConflict(
+                f"the agent at {wire.remote} uses node id {client_id!r}, which is already "
+                "this agent's: every agent needs its own --node-id"
+            )
         version = min(their_max, config.max_protocol_version)
         if version < max(their_min, config.min_protocol_version):
             raise VersionMismatch(

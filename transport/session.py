@@ -19,6 +19,7 @@ from meshkv.errors import (
     ConnectionClosed,
     DeadlineExceeded,
     MeshKVError,
+    NodeIdConflict,
     ProtocolError,
     TransportError,
     error_from_code,
@@ -441,6 +442,8 @@ async def client_session(
         raise DeadlineExceeded(f"handshake with {wire.remote} passed its deadline") from None
     except (MeshKVError, OSError) as exc:
         stats.auth_failures += 1
+        if isinstance(exc, NodeIdConflict):
+            stats.record_conflict(str(exc), outgoing=True)
         await wire.close()
         if isinstance(exc, MeshKVError):
             raise
@@ -536,6 +539,8 @@ class SessionListener(Listener):
                 result = await server_handshake(wire, self._config)
         except Exception as exc:  # whatever went wrong, this peer is not let in
             self._stats.auth_failures += 1
+            if isinstance(exc, NodeIdConflict):
+                self._stats.record_conflict(str(exc), outgoing=False)
             if not isinstance(exc, MeshKVError | TimeoutError | OSError):
                 logger.exception("handshake with %s failed unexpectedly", wire.remote)
             logger.warning("rejected peer %s: %s", wire.remote, str(exc) or type(exc).__name__)

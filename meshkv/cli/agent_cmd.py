@@ -26,9 +26,11 @@ from meshkv.config import (
 )
 from meshkv.errors import ConfigError, MeshKVError
 from meshkv.mesh import cli as mesh_cli
+from meshkv.mesh.options import MeshNodeConfig
 from meshkv.paths import default_socket_path
 from meshkv.tiers.cpu import CpuTierConfig
 from meshkv.tiers.ssd import SsdTierConfig
+from meshkv.transport.base import parse_address
 
 GB = 1 << 30
 EVICTION_POLICIES = ("lru", "s3fifo")
@@ -124,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bearer token for POST /v1/clear (default: none = endpoint disabled)",
     )
     p.add_argument(
-        "--node-id", metavar="ID", help=f"node name (default: host name, {socket.gethostname()})"
+        "--node-id",
+        metavar="ID",
+        help=f"node name, unique in the mesh (default: HOST-PEERPORT, e.g. "
+        f"{socket.gethostname()}-7946; the bare host name without --listen)",
     )
     p.add_argument(
         "--log-level",
@@ -195,11 +200,10 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         value = getattr(args, flag)
         if value is not None:
             agent[flag] = value
+    mesh = mesh_cli.mesh_config(args, toml["mesh"])
     if args.node_id is not None:
         agent["node_id"] = args.node_id
-    agent.setdefault("node_id", socket.gethostname())
-
-    mesh = mesh_cli.mesh_config(args, toml["mesh"])
+    agent.setdefault("node_id", default_node_id(socket.gethostname(), mesh, os.getpid()))
     store["cpu"], store["ssd"] = cpu, ssd
     try:
         store_config = build_store_config(store)
@@ -210,6 +214,16 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     config = AgentConfig(store=store_config, mesh=mesh, **agent)
     config.admin_token()  # an unreadable or weak token file fails here, not at start
     return config
+
+
+def default_node_id(host: str, mesh: MeshNodeConfig | None, pid: int) -> str:
+    """``HOST-PORT`` (the peer port) for a mesh member, so that several agents on one host
+    and restarts on the same port keep distinct, stable ids; the bare host name without a
+    mesh; ``HOST-pPID`` when the peer port is chosen by the system (port 0)."""
+    if mesh is None:
+        return host
+    _, port = parse_address(mesh.advertise or mesh.listen)
+    return f"{host}-{port}" if port else f"{host}-p{pid}"
 
 
 def _size_flag(flag: str, value: float) -> int:

@@ -73,6 +73,7 @@ def contract(view: dict[str, Any]) -> dict[str, Any]:
         "self": view["self"],
         "members": [{f: m.get(f) for f in MEMBER_FIELDS} for m in view["members"]],
         "ring": {f: view["ring"].get(f) for f in RING_FIELDS},
+        "id_conflicts": list(view.get("id_conflicts", [])),
     }
 
 
@@ -139,6 +140,8 @@ def render_status(view: dict[str, Any]) -> str:
         f"{ring['max_over_mean']:.3f}, digest {ring['digest']}"
     )
     lines.append(f"view of {view['self']} (*)")
+    for c in view.get("id_conflicts", []):
+        lines.append(f"NODE ID CONFLICT ({c['at_s']:.0f} s after start): {c['message']}")
     return "\n".join(lines)
 
 

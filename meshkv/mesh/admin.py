@@ -108,6 +108,7 @@ async def ring_view(node: MeshNode, *, with_stats: bool = True) -> dict[str, Any
     rows.sort(key=lambda r: r["id"])
     return {
         "self": node.node_id,
+        "id_conflicts": list(node.id_conflicts),
         "members": rows,
         "ring": {
             "digest": ring.digest,

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _INF = math.inf
 _NACK_FRACTION = 0.8
+_MAX_CLAIMS = 16  # addresses remembered between two take_claims() calls
 """A relay sends its NACK at this fraction of its probe timeout, so that the NACK reaches
 the requester before the requester's probe interval ends."""
 
@@ -225,6 +226,7 @@ class Membership:
         self._events: deque[MemberEvent] = deque()
         self._seq = 0
         self._leaving = False
+        self._claims: set[str] = set()
         self._seeds: tuple[str, ...] = ()
         # current probe: target, seq, times, ack/nack state
         self._probe_target: str | None = None
@@ -536,6 +538,8 @@ class Membership:
 
     def _on_alive(self, u: Update, now: float) -> None:
         if u.node == self.node_id:
+            if u.addr != self.addr and len(self._claims) < _MAX_CLAIMS:
+                self._claims.add(u.addr)
             if u.incarnation > self.incarnation or (
                 u.incarnation == self.incarnation and u.addr != self.addr
             ):
@@ -562,6 +566,13 @@ class Membership:
             self._live_cache = None
             self._insert_probe(u.node)
             self._emit(EventKind.JOINED, u.node, u.addr, u.incarnation, now)
+
+    def take_claims(self) -> list[str]:
+        """Other addresses heard claiming this node's id since the last call: a restart of
+        this node at a new address (stale), or another agent with the same id. The shell
+        dials them; the handshake tells the two apart."""
+        claims, self._claims = sorted(self._claims), set()
+        return claims
 
     def _on_suspect(self, u: Update, now: float) -> None:
         if u.node == self.node_id:

@@ -30,7 +30,7 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from meshkv.chunk import ChunkKey, NamespaceId
@@ -79,6 +79,10 @@ _WIRE_KIND: dict[type, MsgKind] = {
 """Transport frame kind of each core message sent one-way."""
 
 PUSH_SWEEP_S = 60.0
+JOIN_GRACE_S = 30.0
+"""A node id conflict met this soon after start, on a connection this agent dialled, means
+this agent is the newcomer: it refuses to run instead of fighting the established one."""
+ID_CONFLICTS_KEPT = 16
 WARM_CONNECT_S = 10.0
 """Deadline of the data connection opened to a member when it joins."""
 """A pushed payload whose frame never completed gives its reserved slot back after this."""
@@ -150,6 +154,12 @@ class MeshNode:
         self._wake: asyncio.Event | None = None
         self._seq = 0
         self._closing = False
+        self.id_conflicts: list[dict[str, Any]] = []
+        """Refused handshakes with agents that claim this node's id (newest last, bounded)."""
+        self._conflicts_seen = 0
+        self._newcomer: bool | None = None  # decided by the first conflict this node meets
+        self._started_at = 0.0
+        self._on_fatal: Callable[[str], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -205,6 +215,7 @@ class MeshNode:
             held.extend(self.store.ssd.chunk_keys())
         self._directory.add_local(held, now)
         self.store.add_listener(self)
+        self._started_at = now
         self._send_all(self._membership.join(list(self.config.join), now))
         self._spawn(self._drive(), "drive")
         logger.info(
@@ -245,6 +256,48 @@ class MeshNode:
         await self.transport.close()
         logger.info("mesh node %s left", self.node_id)
 
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` when this node must not go on (its id is taken)."""
+        self._on_fatal = callback
+
+    def _check_id_conflicts(self, now: float) -> None:
+        """A handshake refused for a shared node id (either side) is a misconfiguration.
+        If the first such conflict comes within the join grace after start, on a connection
+        this node dialled, this node is the newcomer: it refuses to run. The agent
+        that was dialled, or one already established, keeps serving, but says so in the
+        log, the metrics and ``meshkv ring status`` every time it happens."""
+        for addr in self.membership.take_claims():
+            # another address claims our id: dial it; if an agent with our id answers,
+            # the handshake is refused on both sides and recorded below
+            self._send(addr, mm.Gossip(self.node_id, ()))
+        stats = self.transport.stats
+        if stats.id_conflicts == self._conflicts_seen:
+            return
+        self._conflicts_seen = stats.id_conflicts
+        message = stats.last_id_conflict
+        self.id_conflicts.append({"message": message, "at_s": round(now - self._started_at, 3)})
+        del self.id_conflicts[:-ID_CONFLICTS_KEPT]
+        if self._newcomer is None:
+            # The first conflict decides: the agent that dialled first learned of the other
+            # from the mesh's state, so the other was there before it.
+            fresh = now - self._started_at < JOIN_GRACE_S
+            self._newcomer = stats.last_id_conflict_outgoing and fresh
+        joining = self._newcomer
+        if joining and self._on_fatal is not None:
+            reason = (
+                f"node id {self.node_id!r} (this agent, {self.address}) is already in use in "
+                f"the mesh: {message}"
+            )
+            logger.error("refusing to join: %s", reason)
+            self._on_fatal(reason)
+        else:
+            logger.error(
+                "node id conflict: another agent claims %r (this agent is %s): %s",
+                self.node_id,
+                self.address,
+                message,
+            )
+
     def http_routes(self) -> list[web.RouteDef]:
         from meshkv.mesh.admin import routes
 
@@ -261,6 +314,7 @@ class MeshNode:
                 "ring_digest": self.ring.digest,
                 "directory_keys": self._directory.num_entries if self._directory else 0,
                 "replicas": self.config.replicas,
+                "id_conflicts": list(self.id_conflicts),
             }
         }
 
@@ -286,6 +340,7 @@ class MeshNode:
             "pull_failures": dict(fs.failures),
             "pull_latency": fs.latency,
             "handshake_failures": self.transport.stats.auth_failures,
+            "id_conflicts": self.transport.stats.id_conflicts,
             "checksum_failures": self.checksum_failures + fs.failures["checksum"],
             "protocol_errors": self.transport.stats.protocol_errors,
             "served_bytes": self.peer_server.stats.bytes_served,
@@ -467,6 +522,7 @@ class MeshNode:
                 if now >= next_sweep:
                     next_sweep = now + PUSH_SWEEP_S
                     self.peer_server.sweep(now - PUSH_SWEEP_S)
+                self._check_id_conflicts(now)
             except Exception:  # a bug in one step must not stop the node's heartbeat
                 self.drive_errors += 1
                 logger.exception("mesh driver step failed; continuing")

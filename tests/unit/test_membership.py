@@ -130,6 +130,17 @@ def test_suspicion_about_self_is_refuted_with_a_higher_incarnation() -> None:
     assert gossip and gossip[0] == Update("a", "a:1", 6, State.ALIVE, "a")
 
 
+def test_another_address_claiming_our_id_is_reported_once_to_the_shell() -> None:
+    a = core("a")
+    with_members(a, ["b"])
+    assert a.take_claims() == []
+    a.handle("b:1", Gossip("b", (Update("a", "elsewhere:9", 0, State.ALIVE, "b"),)), 1.0)
+    a.handle("b:1", Gossip("b", (Update("a", "elsewhere:9", 3, State.ALIVE, "b"),)), 1.1)
+    a.handle("b:1", Gossip("b", (Update("a", "a:1", 0, State.ALIVE, "b"),)), 1.2)  # our own
+    assert a.take_claims() == ["elsewhere:9"]
+    assert a.take_claims() == []  # handed over once
+
+
 def test_old_gossip_cannot_resurrect_a_dead_member() -> None:
     a = core("a")
     with_members(a, ["b", "c"])

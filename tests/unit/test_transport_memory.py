@@ -11,6 +11,7 @@ from meshkv.errors import (
     AuthenticationFailed,
     ConfigError,
     DeadlineExceeded,
+    NodeIdConflict,
     TransportError,
 )
 from meshkv.transport import (
@@ -112,6 +113,28 @@ def test_wrong_secret_is_rejected_on_both_sides() -> None:
         await asyncio.sleep(0.01)
         assert evil.stats.auth_failures == 1 and server.stats.auth_failures == 1
         assert handler.seen == []
+        await listener.close()
+
+    run(main)
+
+
+def test_a_peer_with_our_own_node_id_is_refused_on_both_sides() -> None:
+    async def main() -> None:
+        network = MemoryNetwork()
+        handler = Recorder()
+        server = MemoryTransport(network, config("twin"), host="b")
+        listener = await server.listen("b", 1, handler)
+        twin = MemoryTransport(network, config("twin"), host="t")
+        with pytest.raises(NodeIdConflict, match=r"twin.*own --node-id"):
+            await twin.connect(listener.address, deadline())
+        await asyncio.sleep(0.01)
+        assert twin.stats.id_conflicts == 1 and server.stats.id_conflicts == 1
+        assert listener.address in twin.stats.last_id_conflict
+        assert "'twin'" in server.stats.last_id_conflict
+        assert handler.seen == []
+        other = MemoryTransport(network, config("other"), host="o")
+        conn = await other.connect(listener.address, deadline())  # the listener still serves
+        await conn.close()
         await listener.close()
 
     run(main)
