@@ -193,8 +193,10 @@ class Agent:
             finally:
                 # Stopping is done, but the interpreter still has to exit: a signal that
                 # arrives now must not turn a clean stop into death by SIGTERM (exit -15).
-                # remove_signal_handler would restore the default action, so ignore them
-                # for the rest of the process's life instead.
+                # remove_signal_handler restores the default action before SIG_IGN can be
+                # set: block both signals first (a signal that arrives stays pending, then
+                # is discarded under SIG_IGN), so no instant is left where one kills us.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
                     signal.signal(sig, signal.SIG_IGN)
