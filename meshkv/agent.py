@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -118,6 +119,14 @@ class Agent:
             await self.close()
             raise
         host, port = self.http_address
+        if not _is_loopback(host):
+            logger.warning(
+                "admin HTTP listens on %s:%d, off loopback: anyone who reaches it reads metrics "
+                "and status; mutations %s",
+                host,
+                port,
+                "need the admin token" if admin_token else "are disabled (no admin token)",
+            )
         logger.info(
             "meshkv agent %s serving: socket %s, http %s:%d, arena %s (%d bytes), pid %d",
             cfg.node_id,
@@ -232,6 +241,15 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.ready_file)
         logger.info("agent stopped in %.3f s", time.monotonic() - started)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def prepare_socket_path(path: str) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 from meshkv.errors import ConfigError
 from meshkv.mesh.options import MeshNodeConfig
+from meshkv.paths import check_private_file
 from meshkv.store_config import LEGACY_KEYS, StoreConfig
 from meshkv.tiers.cpu import CpuTierConfig
 from meshkv.tiers.ssd import SsdTierConfig
@@ -106,6 +107,7 @@ class AgentConfig:
         if self.admin_token_file is None:
             return None
         try:
+            check_private_file(Path(self.admin_token_file), "admin token file")
             token = Path(self.admin_token_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(

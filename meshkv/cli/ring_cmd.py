@@ -5,7 +5,11 @@ and bytes per tier, hit rate, last heard), the ring's balance and digest, and wh
 answered. ``--json`` prints exactly::
 
     {"self": ID, "members": [{"id", "address", "state", "incarnation", "ring_share",
-      "chunks", "bytes"}], "ring": {"digest", "max_over_mean"}}
+      "chunks", "bytes"}], "ring": {"digest", "max_over_mean"},
+     "id_conflicts": [{"message", "at_s"}]}
+
+``id_conflicts`` lists refused handshakes with agents that claim this node's id (empty in a
+healthy mesh; see docs/agent.md, Node identity).
 
 Every agent that sees the same members reports the same ``ring.digest``.
 ``ring owners KEY`` (32 hex digits) or ``--tokens FILE`` prints each key's home and holders.

@@ -53,7 +53,7 @@ from meshkv.transport.base import (
     format_address,
     parse_address,
 )
-from meshkv.transport.framing import MsgKind
+from meshkv.transport.framing import MAX_PAYLOAD_BYTES, MsgKind
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -128,8 +128,12 @@ class MeshNode:
         self.store = store
         self.transfers = transfers
         self._rng = random.Random(seed if seed is not None else os.urandom(8))
+        # No peer frame may carry more than the largest chunk this node can store: a peer
+        # that knows the secret still cannot make it allocate more per frame.
+        largest = min(MAX_PAYLOAD_BYTES, store.config.cpu.segment_bytes)
         self.transport = transport or make_transport(
-            config.transport, TransportConfig(secret=config.secret, node_id=node_id)
+            config.transport,
+            TransportConfig(secret=config.secret, node_id=node_id, max_payload_bytes=largest),
         )
         self.address = config.advertise or config.listen
         self.ring = Ring([node_id], config.ring)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meshkv.errors import ConfigError
 from meshkv.mesh.config import DirectoryConfig, MembershipConfig, RingConfig
+from meshkv.paths import check_private_file
 from meshkv.transport.base import parse_address
 
 MIN_SECRET_BYTES = 16
@@ -112,6 +113,7 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
     """The secret in ``path`` without surrounding whitespace; clear errors otherwise."""
     p = Path(path)
     try:
+        check_private_file(p, "mesh secret file")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"mesh secret file {str(p)!r} does not exist") from None

@@ -36,6 +36,7 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
 def token_agent(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> AgentProcess:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     return agent_factory(args=["--admin-token-file", str(token_file)]).start()
 
 

@@ -62,7 +62,8 @@ def test_chunk_put_on_a_is_served_on_c(
     assert len(digests) == 1
     for view, agent in zip(views, agents, strict=True):
         assert view["self"] == agent.name
-        assert set(view) == {"self", "members", "ring"}
+        assert set(view) == {"self", "members", "ring", "id_conflicts"}
+        assert view["id_conflicts"] == []
         assert set(view["ring"]) == {"digest", "max_over_mean"}
         assert [m["id"] for m in view["members"]] == ["a", "b", "c"]
         for m in view["members"]:
@@ -135,6 +136,8 @@ def test_graceful_leave_is_left_not_dead(
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{secret}", "--replicas", "0"], ">= 1"),
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{secret}", "--join", "x:y"], "port"),
         (["--join", "127.0.0.1:1"], "need --listen"),
+        (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{shared}"], "chmod 600"),
+        (["--admin-token-file", "{shared}"], "accessible by group or others"),
     ],
 )
 def test_bad_mesh_flags_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
@@ -143,12 +146,15 @@ def test_bad_mesh_flags_are_clear_errors(tmp_path: Path, args: list[str], messag
     from meshkv.errors import ConfigError
 
     secret = write_secret(tmp_path)
-    (tmp_path / "empty").write_text("  \n")
-    (tmp_path / "short").write_text("tooshort\n")
-    argv = [
-        x.format(secret=secret, empty=tmp_path / "empty", short=tmp_path / "short", tmp=tmp_path)
-        for x in args
-    ]
+    for name, text, mode in (
+        ("empty", "  \n", 0o600),
+        ("short", "tooshort\n", 0o600),
+        ("shared", "a-long-enough-secret-but-group-readable\n", 0o640),
+    ):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(mode)
+    files = {n: tmp_path / n for n in ("empty", "short", "shared")}
+    argv = [x.format(secret=secret, tmp=tmp_path, **files) for x in args]
     parsed = build_parser().parse_args(["agent", "--socket", str(tmp_path / "s.sock"), *argv])
     with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
         build_config(parsed)

@@ -86,6 +86,20 @@ async def test_write_read_roundtrip_and_restart(tmp_path: Path) -> None:
 
 
 @run_async
+async def test_chunk_and_lock_files_are_private_to_the_agent(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask would leave 0644 files readable by everyone
+    try:
+        t = await started(tmp_path)
+        assert await put(t, 1)
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert len(files) >= 2  # the chunk and the directory lock
+        assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o600)}
+        t.close()
+    finally:
+        os.umask(old)
+
+
+@run_async
 async def test_flipped_byte_detected_removed_counted(tmp_path: Path) -> None:
     t = await started(tmp_path)
     await put(t, 1)
