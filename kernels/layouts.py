@@ -45,6 +45,16 @@ class LayoutKind(enum.StrEnum):
     FLASH_ATTN = "flash_attn"
     #: MLA latent cache: ``(num_blocks, block_size, head_size)``.
     MLA = "mla"
+    #: vLLM >= 0.32's per-layer view of any backend: logical ``(num_blocks, num_kv_heads,
+    #: block_size, content)`` (``content`` = K and V of one head, or an MLA latent) with one
+    #: of the physical orders of vLLM's ``KVCacheLayout``. ``KVLayout.page`` says how one
+    #: block of one layer sits in memory: ``HNC`` or ``NHC`` (one contiguous page) or
+    #: ``NC`` (one contiguous piece per head, heads apart: the ``LHBNC``/``BHLNC`` orders).
+    PAGED = "paged"
+
+
+#: How a PAGED block of one layer is stored (see ``LayoutKind.PAGED``).
+PAGE_ORDERS = ("HNC", "NHC", "NC")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,9 @@ class KVLayout:
     """Element type of the cache tensors."""
     num_kv_heads: int = 1
     """KV heads on this rank (must be 1 for MLA)."""
+    page: str = ""
+    """PAGED only: ``HNC``, ``NHC`` or ``NC`` (see ``LayoutKind.PAGED``). For PAGED,
+    ``head_size`` counts the content elements per token and head (2 x head size for K+V)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, LayoutKind):
@@ -81,6 +94,10 @@ class KVLayout:
             raise ValueError(f"KVLayout.dtype {self.dtype} is not supported ({supported})")
         if self.kind is LayoutKind.MLA and self.num_kv_heads != 1:
             raise ValueError(f"an MLA layout has one latent head, got {self.num_kv_heads}")
+        if (self.kind is LayoutKind.PAGED) != (self.page != ""):
+            raise ValueError("KVLayout.page is set for (and only for) the paged layout")
+        if self.page and self.page not in PAGE_ORDERS:
+            raise ValueError(f"KVLayout.page must be one of {PAGE_ORDERS}, got {self.page!r}")
 
     @classmethod
     def vllm_cpu(
@@ -116,6 +133,30 @@ class KVLayout:
         return cls(LayoutKind.MLA, num_layers, block_size, head_size, dtype, 1)
 
     @classmethod
+    def from_engine_views(cls, kv_caches: Sequence[torch.Tensor]) -> KVLayout:
+        """Read the layout off vLLM >= 0.32's per-layer views ``(B, H, N, C)`` — whatever
+        the attention backend and the physical order (``KVCacheLayout``) — from their
+        shape and strides alone. Raises ``ValueError`` naming the shape and strides when
+        a block is not stored in one of the ways the kernels move (``PAGE_ORDERS``)."""
+        if not kv_caches:
+            raise ValueError("kv_caches is empty")
+        t = kv_caches[0]
+        if t.dim() != 4:
+            raise ValueError(
+                f"expected vLLM's 4-D (blocks, heads, block_size, content) view, got shape "
+                f"{tuple(t.shape)}"
+            )
+        _, h, n, c = (int(d) for d in t.shape)
+        _, s_h, s_n, s_c = t.stride()
+        page = page_order(h, n, c, s_h, s_n, s_c)
+        if page is None:
+            raise ValueError(
+                f"a KV view of shape {tuple(t.shape)} with strides {t.stride()} does not "
+                "store a block as one page or as one piece per head; not supported"
+            )
+        return cls(LayoutKind.PAGED, len(kv_caches), n, c, t.dtype, h, page)
+
+    @classmethod
     def from_tensors(cls, kind: LayoutKind, kv_caches: Sequence[torch.Tensor]) -> KVLayout:
         """Read a layout of ``kind`` off an engine's per-layer tensors (e.g. at registration)."""
         if not kv_caches:
@@ -132,7 +173,10 @@ class KVLayout:
 
     @property
     def planes(self) -> int:
-        """Separately stored pieces of one block in one layer (2 when K and V are apart)."""
+        """Separately stored pieces of one block in one layer (2 when K and V are apart;
+        one per head for a paged ``NC`` layout)."""
+        if self.kind is LayoutKind.PAGED:
+            return self.num_kv_heads if self.page == "NC" else 1
         return 2 if self.kind is LayoutKind.FLASH_ATTN else 1
 
     @property
@@ -145,6 +189,10 @@ class KVLayout:
         """Shape of one plane of one block (the dims after the block dimension)."""
         if self.kind is LayoutKind.VLLM_CPU:
             return (self.num_kv_heads, self.block_size, 2 * self.head_size)
+        if self.kind is LayoutKind.PAGED:
+            if self.page == "NC":
+                return (self.block_size, self.head_size)
+            return (self.num_kv_heads, self.block_size, self.head_size)
         if self.kind is LayoutKind.FLASH_ATTN:
             return (self.block_size, self.num_kv_heads, self.head_size)
         return (self.block_size, self.head_size)
@@ -175,6 +223,8 @@ class KVLayout:
         """The shape each per-layer cache tensor must have."""
         if self.kind is LayoutKind.FLASH_ATTN:
             return (2, num_blocks, *self.block_shape)
+        if self.kind is LayoutKind.PAGED:
+            return (num_blocks, self.num_kv_heads, self.block_size, self.head_size)
         return (num_blocks, *self.block_shape)
 
     def chunk_nbytes(self, num_blocks: int) -> int:
@@ -195,10 +245,29 @@ class KVLayout:
     def describe(self) -> str:
         """A stable text form, e.g. for the namespace hash."""
         dtype = str(self.dtype).removeprefix("torch.")
+        page = f":{self.page}" if self.page else ""
         return (
-            f"{self.kind.value}:L{self.num_layers}:H{self.num_kv_heads}:B{self.block_size}"
-            f":D{self.head_size}:{dtype}"
+            f"{self.kind.value}{page}:L{self.num_layers}:H{self.num_kv_heads}"
+            f":B{self.block_size}:D{self.head_size}:{dtype}"
         )
+
+
+def page_order(h: int, n: int, c: int, s_h: int, s_n: int, s_c: int) -> str | None:
+    """How one block of one layer of a ``(B, H, N, C)`` view is stored (``PAGE_ORDERS``),
+    from its strides; a dimension of size 1 may have any stride."""
+
+    def at(size: int, stride: int, want: int) -> bool:
+        return size == 1 or stride == want
+
+    if not at(c, s_c, 1):
+        return None
+    if at(n, s_n, c) and at(h, s_h, n * c):
+        return "HNC"
+    if at(h, s_h, c) and at(n, s_n, h * c):
+        return "NHC"
+    if at(n, s_n, c):
+        return "NC"  # one contiguous (N, C) piece per head, the heads apart
+    return None
 
 
 def chunk_nbytes(layout: KVLayout, num_blocks: int) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from . import host, reference
-from .layouts import KVLayout
+from .layouts import KVLayout, LayoutKind, page_order
 
 logger = logging.getLogger(__name__)
 
@@ -196,16 +196,30 @@ class KVCaches:
             )
         if self.num_blocks == 0:
             raise ValueError("the KV tensors hold no blocks")
-        inner = lay.block_dim + 1
-        shape, stride = [int(d) for d in t.shape[inner:]], t.stride()[inner:]
-        want = _contiguous_strides(shape)
-        if any(sz > 1 and st != w for sz, st, w in zip(shape, stride, want, strict=True)):
-            raise ValueError(
-                f"kv_caches[{i}] strides {t.stride()}: each block's {tuple(shape)} must be "
-                f"contiguous (want inner strides {tuple(want)})"
-            )
+        if lay.kind is LayoutKind.PAGED:
+            _, h, n, c = expected
+            page = page_order(h, n, c, *t.stride()[1:])
+            if page != lay.page:
+                raise ValueError(
+                    f"kv_caches[{i}] strides {t.stride()} store a block as "
+                    f"{page or 'nothing the kernels know'}; the layout says {lay.page}"
+                )
+        else:
+            inner = lay.block_dim + 1
+            shape, stride = [int(d) for d in t.shape[inner:]], t.stride()[inner:]
+            want = _contiguous_strides(shape)
+            if any(sz > 1 and st != w for sz, st, w in zip(shape, stride, want, strict=True)):
+                raise ValueError(
+                    f"kv_caches[{i}] strides {t.stride()}: each block's {tuple(shape)} must "
+                    f"be contiguous (want inner strides {tuple(want)})"
+                )
         block_stride = t.stride()[lay.block_dim]
-        plane_stride = t.stride()[0] if lay.planes == 2 else block_stride * self.num_blocks
+        if lay.kind is LayoutKind.FLASH_ATTN:
+            plane_stride = t.stride()[0]
+        elif lay.kind is LayoutKind.PAGED and lay.page == "NC":
+            plane_stride = t.stride()[1]
+        else:
+            plane_stride = block_stride * self.num_blocks
         sizes = (lay.planes, self.num_blocks, lay.piece_elems)
         strides = (plane_stride, block_stride, 1)
         if not _non_overlapping(sizes, strides):

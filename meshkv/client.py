@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -59,6 +59,10 @@ DEFAULT_NAMESPACE = Namespace(model="default")
 # Ops that may be retried once on a fresh connection when the old one turned out dead:
 # they change nothing, or what they changed died with the old agent anyway.
 _RETRYABLE = frozenset({Op.HELLO, Op.PING, Op.LOOKUP, Op.READ, Op.STATS})
+
+
+ArenaHooks = tuple[Callable[[memoryview], None], Callable[[memoryview], None]]
+"""``(on_map, on_unmap)`` for the shared arena's mapping (see ``AgentClient``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +145,12 @@ class AgentClient:
         timeout: float = 2.0,
         chunk_tokens: int | None = None,
         chunk_bytes: int | None = None,
+        arena_hooks: ArenaHooks | None = None,
     ) -> None:
         """``chunk_tokens``/``chunk_bytes`` (optional) are checked by the agent at hello:
-        a chunk larger than its largest slot fails there with a clear ``ConfigError``."""
+        a chunk larger than its largest slot fails there with a clear ``ConfigError``.
+        ``arena_hooks``: ``(on_map, on_unmap)`` called with the arena's view right after it
+        is mapped and right before it is unmapped (e.g. to page-lock it for a GPU)."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.chunk_tokens = chunk_tokens
@@ -156,6 +163,7 @@ class AgentClient:
         self._info: HelloInfo | None = None
         self._arena: Arena | None = None
         self._arena_view: memoryview | None = None
+        self._arena_hooks = arena_hooks
         self._next_id = 1
         self._rbuf = bytearray()  # received bytes not yet parsed (at most a few frames)
         self._chunk = bytearray(RECV_CHUNK_BYTES)
@@ -486,6 +494,8 @@ class AgentClient:
         if self._arena.size < info.arena_size:
             raise AgentUnavailable(f"arena {info.arena_name} is smaller than the agent says")
         self._arena_view = self._arena.buffer
+        if self._arena_hooks is not None:
+            self._arena_hooks[0](self._arena_view)
 
     def _disconnect(self) -> None:
         if self._sock is not None:
@@ -493,6 +503,8 @@ class AgentClient:
             self._sock = None
         self._rbuf.clear()  # a partial frame of the old connection must not leak into the next
         self._info = None
+        if self._arena_view is not None and self._arena_hooks is not None:
+            self._arena_hooks[1](self._arena_view)
         self._arena_view = None
         if self._arena is not None:
             # Callers may still hold views of old slots; then the mapping goes with them.

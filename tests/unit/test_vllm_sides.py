@@ -34,6 +34,7 @@ from meshkv.integrations.vllm.scheduler import SchedulerSide
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
 from meshkv.integrations.vllm.worker import WorkerSide
+from meshkv.kernels import pin_host_memory, unpin_host_memory
 
 BS = 16  # engine block size
 CHUNK = 64  # tokens per chunk: 4 blocks
@@ -256,6 +257,14 @@ class FakeWorkerAgent:
         self.released: list[int] = []
         self.reserve_delay = 0.0
         self.lock = threading.Lock()
+        self.pinned: torch.Tensor | None = None
+
+    def pin_arenas(self) -> None:
+        """As the real link does for a GPU engine: page-lock the arena (kernels copy to and
+        from it directly)."""
+        tensor = torch.frombuffer(self.arena, dtype=torch.uint8)
+        if pin_host_memory(tensor):
+            self.pinned = tensor
 
     def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
         time.sleep(self.reserve_delay)
@@ -302,18 +311,28 @@ class FakeWorkerAgent:
         self.released.extend(lease.lease_id for lease in leases)
 
     def close(self) -> None:
-        pass
+        if self.pinned is not None:
+            unpin_host_memory(self.pinned)
+            self.pinned = None
 
 
-def caches(blocks: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def caches(blocks: int = 24, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (blocks, LAYOUT.num_kv_heads, BS, 2 * LAYOUT.head_size)
-    return {name: torch.randn(shape, generator=g).to(torch.bfloat16) for name in LAYOUT.layer_names}
+    return {
+        name: torch.randn(shape, generator=g).to(torch.bfloat16).to(device)
+        for name in LAYOUT.layer_names
+    }
 
 
-def worker(agent: FakeWorkerAgent, **kw: Any) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
+def worker(
+    agent: FakeWorkerAgent, device: str = "cpu", **kw: Any
+) -> tuple[WorkerSide, dict[str, torch.Tensor]]:
     side = WorkerSide(config(**kw), LAYOUT, ConnectorCounters(), 0, agent)
-    kv = caches()
+    kv = caches(device=device)
     side.register_kv_caches(kv)
     return side, kv
 
@@ -326,9 +345,11 @@ def drain(side: WorkerSide) -> None:
     side._save_pool.submit(lambda: None).result(5)
 
 
-def test_save_copies_blocks_then_commits_and_holds_off_the_step() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_copies_blocks_then_commits_and_holds_off_the_step(device: str) -> None:
     agent = FakeWorkerAgent()
-    side, kv = worker(agent)
+    side, kv = worker(agent, device)
+    assert (agent.pinned is not None) == (device == "cuda")
     hold = HoldSpec("t-1", ((key(1),), (key(2),)), 20.0, "node-d")
     meta = MeshKVConnectorMetadata(
         CHUNK,
@@ -349,11 +370,12 @@ def test_save_copies_blocks_then_commits_and_holds_off_the_step() -> None:
     offset, size = agent.slots[key(2)]
     per_layer = size // len(LAYOUT.layer_names)
     for layer, name in enumerate(LAYOUT.layer_names):
-        expect = kv[name][7:9].contiguous().view(torch.uint8).flatten()
+        expect = kv[name][7:9].contiguous().view(torch.uint8).flatten().cpu()
         got = torch.frombuffer(agent.arena, dtype=torch.uint8, count=per_layer,
                                offset=offset + layer * per_layer)  # fmt: skip
         assert torch.equal(got, expect)
     side.close()
+    agent.close()
 
 
 def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
@@ -374,9 +396,10 @@ def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
     side.close()
 
 
-def test_async_load_of_a_tail_chunk_and_a_missing_one() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_load_of_a_tail_chunk_and_a_missing_one(device: str) -> None:
     agent = FakeWorkerAgent()
-    src, kv_src = worker(agent)
+    src, kv_src = worker(agent, device)
     meta = MeshKVConnectorMetadata(
         CHUNK,
         saves=[
@@ -389,7 +412,7 @@ def test_async_load_of_a_tail_chunk_and_a_missing_one() -> None:
     src.prepare(meta)
     src.wait_for_save(meta)
     drain(src)
-    dst, kv_dst = worker(FakeWorkerAgent())
+    dst, kv_dst = worker(FakeWorkerAgent(), device)
     dst._agent = agent  # the decode side reads the same arena
     load = LoadSpec(
         "d",
@@ -413,3 +436,27 @@ def test_async_load_of_a_tail_chunk_and_a_missing_one() -> None:
     assert dst.get_block_ids_with_load_errors() == {20}
     src.close()
     dst.close()
+    agent.close()
+
+
+def test_worker_reads_the_layout_off_the_registered_views_and_refuses_what_it_cannot_move() -> None:
+    from dataclasses import replace
+
+    from meshkv.errors import ConfigError
+    from meshkv.integrations.vllm.worker import engine_kv_layout
+
+    blocks = 6
+    whole = torch.zeros(2, blocks, 2, BS, 64, dtype=torch.bfloat16)  # [L, B, H, N, C]
+    views = [whole[i] for i in range(2)]
+    assert engine_kv_layout(views, LAYOUT).page == "HNC"
+    nhd = whole.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)  # LBNHC strides
+    assert engine_kv_layout([nhd[i] for i in range(2)], LAYOUT).page == "NHC"
+    with pytest.raises(ConfigError, match="store a block as NHC, but its KV cache layout says"):
+        engine_kv_layout([nhd[i] for i in range(2)], replace(LAYOUT, page="HNC"))
+    with pytest.raises(ConfigError, match="do not match the KV cache spec"):
+        engine_kv_layout(views, replace(LAYOUT, num_kv_heads=4))
+    flash = torch.zeros(2, blocks, BS, 2, 32, dtype=torch.bfloat16)  # an older 5-D cache
+    with pytest.raises(
+        ConfigError, match=r"cannot move this engine's KV cache .*\(2, 6, 16, 2, 32\)"
+    ):
+        engine_kv_layout([flash, flash], LAYOUT)

@@ -36,6 +36,12 @@ class EngineLayout:
     """Backend and block packing, e.g. ``vllm-cpu-vec``."""
     tp_size: int
     cache_salt: str
+    page: str = ""
+    """How vLLM stores one block of one layer (``HNC``/``NHC``/``NC``, see
+    ``meshkv.kernels.LayoutKind.PAGED``), from the resolved ``KVCacheLayout``; empty when
+    vLLM does not say (then the worker reads it off the tensors alone)."""
+    mla: bool = False
+    """An MLA latent cache: one head, ``head_size`` latent elements per token."""
 
     def namespace(self, tp_rank: int) -> Namespace:
         return Namespace(
@@ -85,7 +91,31 @@ def engine_layout(
         packing=_packing(vllm_config, spec),
         tp_size=int(vllm_config.parallel_config.tensor_parallel_size),
         cache_salt=salt,
+        page=resolved_page(vllm_config),
+        mla=type(spec).__name__.startswith("MLA"),
     )
+
+
+#: Page order of each of vLLM's ``KVCacheLayout`` orders (``L`` and ``B`` only place
+#: whole pages; what counts for the bytes is how heads, tokens and content sit in a page).
+PAGE_OF_LAYOUT = {
+    "LBHNC": "HNC",
+    "BLHNC": "HNC",
+    "LBNHC": "NHC",
+    "BLNHC": "NHC",
+    "LHBNC": "NC",
+    "BHLNC": "NC",
+}
+
+
+def resolved_page(vllm_config: VllmConfig) -> str:
+    """The page order of the engine's resolved KV cache layout ("" when vLLM has none)."""
+    cache_config: Any = vllm_config.cache_config
+    try:
+        name = cache_config.get_resolved_kv_cache_layout().name
+    except (AttributeError, RuntimeError, ValueError):
+        return ""
+    return PAGE_OF_LAYOUT.get(str(name), "")
 
 
 def _packing(vllm_config: VllmConfig, spec: Any) -> str:
@@ -111,4 +141,5 @@ def _packing(vllm_config: VllmConfig, spec: Any) -> str:
         if hasattr(vllm_config, "attention_config")
         else None
     )
-    return f"vllm-{device}-{backend or 'default'}-{cache_dtype}"
+    page = resolved_page(vllm_config)
+    return f"vllm-{device}-{backend or 'default'}-{cache_dtype}-{page or 'unknown'}"

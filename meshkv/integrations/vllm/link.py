@@ -26,8 +26,11 @@ from meshkv.errors import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from meshkv.client import (
         AgentClient,
+        ArenaHooks,
         Lease,
         LookupReply,
         Reservation,
@@ -56,8 +59,10 @@ class AgentLink:
         retry_interval: float,
         counters: ConnectorCounters,
         breaker_failures: int = 3,
+        arena_hooks: ArenaHooks | None = None,
     ) -> None:
         self._socket_path = socket_path
+        self._arena_hooks = arena_hooks
         self._namespace = namespace
         self._timeout = timeout
         self._retry_interval = retry_interval
@@ -76,7 +81,10 @@ class AgentLink:
                 from meshkv.client import AgentClient
 
                 self._client = AgentClient(
-                    self._socket_path, namespace=self._namespace, timeout=self._timeout
+                    self._socket_path,
+                    namespace=self._namespace,
+                    timeout=self._timeout,
+                    arena_hooks=self._arena_hooks,
                 )
             return self._client
 
@@ -175,6 +183,9 @@ class WorkerLink:
     background load lane (they wait for pulls), and saves (the save thread)."""
 
     def __init__(self, cfg: ConnectorConfig, namespace: Namespace, counters: ConnectorCounters):
+        self._pinner = ArenaPinner()
+        hooks = (self._pinner.on_map, self._pinner.on_unmap)
+
         def link() -> AgentLink:
             return AgentLink(
                 cfg.socket_path,
@@ -183,12 +194,16 @@ class WorkerLink:
                 cfg.retry_interval_s,
                 counters,
                 cfg.breaker_failures,
+                arena_hooks=hooks,
             )
 
         from .worker import LOAD_LANES
 
         self._lanes = [link() for _ in range(LOAD_LANES + 1)]
         self._saves = link()
+
+    def pin_arenas(self) -> None:
+        self._pinner.enabled = True
 
     def read(self, keys: list[ChunkKey], wait: float, *, lane: int) -> list[Lease | None]:
         return self._lanes[lane].call(lambda client: client.read(keys, wait=wait))
@@ -211,3 +226,34 @@ class WorkerLink:
     def close(self) -> None:
         for link in (*self._lanes, self._saves):
             link.close()
+
+
+class ArenaPinner:
+    """Page-locks each mapping of the agent's arena (one per client: every lane maps it)
+    once the engine's caches turned out to be on a GPU, so the kernels copy straight
+    between device blocks and the arena; unpins before a mapping goes (agent restart)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def on_map(self, view: memoryview) -> None:
+        if not self.enabled:
+            return
+        from meshkv.kernels import as_byte_tensor, pin_host_memory
+
+        tensor = as_byte_tensor(view)
+        if pin_host_memory(tensor):
+            with self._lock:
+                self._pinned[id(view)] = tensor
+        else:
+            logger.warning("meshkv: could not page-lock the agent's arena; copies are staged")
+
+    def on_unmap(self, view: memoryview) -> None:
+        with self._lock:
+            tensor = self._pinned.pop(id(view), None)
+        if tensor is not None:
+            from meshkv.kernels import unpin_host_memory
+
+            unpin_host_memory(tensor)

@@ -36,7 +36,7 @@ import torch
 
 from meshkv.chunk import ChunkKey, payload_checksum
 from meshkv.client import TransferHold
-from meshkv.errors import MeshKVError, NoSpace
+from meshkv.errors import ConfigError, MeshKVError, NoSpace
 from meshkv.kernels import KVCaches, KVLayout, as_byte_tensor
 
 from .config import ConnectorConfig
@@ -69,6 +69,9 @@ class WorkerAgent(Protocol):
         self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]
     ) -> None: ...
 
+    def pin_arenas(self) -> None:
+        """Page-lock the agent's arena wherever it is (or will be) mapped (GPU engines)."""
+
     def abort(self, keys: list[ChunkKey]) -> None: ...
 
     def hold(self, keys: list[ChunkKey], hold: TransferHold) -> int: ...
@@ -92,6 +95,7 @@ class WorkerSide:
         self._counters = counters
         self._rank = tp_rank
         self._agent = agent
+        self._device: DeviceCopies | None = None
         self._blocks_per_chunk = cfg.chunk_tokens // layout.block_size
         self._caches: KVCaches | None = None
         self._block_bytes = 0
@@ -117,14 +121,11 @@ class WorkerSide:
         if missing:
             raise MeshKVError(f"meshkv connector: vLLM registered no KV cache for {missing}")
         tensors = [kv_caches[name] for name in self._layout.layer_names]
-        kv_layout = KVLayout.vllm_cpu(
-            num_layers=len(tensors),
-            num_kv_heads=self._layout.num_kv_heads,
-            block_size=self._layout.block_size,
-            head_size=self._layout.head_size,
-            dtype=tensors[0].dtype,
-        )
+        kv_layout = engine_kv_layout(tensors, self._layout)
         self._caches = KVCaches(tensors, kv_layout)
+        if self._caches.device.type == "cuda":
+            self._device = DeviceCopies(self._caches.device)
+            self._agent.pin_arenas()  # mapped from now on page-locked: direct kernel copies
         self._block_bytes = self._caches.chunk_nbytes(1)
         logger.info(
             "meshkv connector: %d layers, %d blocks, %d bytes per %d-token chunk, rank %d",
@@ -204,6 +205,9 @@ class WorkerSide:
                 self._counters.loaded_chunks += 1
                 self._counters.loaded_bytes += expected
         finally:
+            if self._device is not None:
+                # the scatters read the leased slots until they finish: only then let go
+                self._device.wait_loads()
             elapsed = time.perf_counter() - started
             self._counters.call_seconds += elapsed
             if spec.is_async:
@@ -265,6 +269,7 @@ class WorkerSide:
             return
         started = time.perf_counter()
         chunks = self._reserved_for
+        device = self._device
         try:
             slots = self._reserved_slots()
             wanted = {id(c) for c in self._save_chunks(meta)}
@@ -273,6 +278,8 @@ class WorkerSide:
             tokens: list[int] = []
             skipped: list[ChunkKey] = []
             try:
+                if device is not None:
+                    device.begin_saves()  # gathers on a side stream, after this forward pass
                 for chunk, slot in zip(chunks, slots or (), strict=False):
                     if slot is None:
                         self._counters.save_duplicates += 1
@@ -280,7 +287,11 @@ class WorkerSide:
                     if id(chunk) not in wanted:
                         skipped.append(slot.key)
                         continue
-                    caches.gather(list(chunk.block_ids), as_byte_tensor(slot.view))
+                    if device is not None:
+                        with device.saving():
+                            caches.gather(list(chunk.block_ids), as_byte_tensor(slot.view))
+                    else:
+                        caches.gather(list(chunk.block_ids), as_byte_tensor(slot.view))
                     done.append(slot.key)
                     views.append(slot.view)
                     tokens.append(chunk.num_tokens)
@@ -289,7 +300,10 @@ class WorkerSide:
                 self._save_pool.submit(self._quiet_abort, keys)
                 self._counters.save_skipped += len(chunks)
                 raise
-            self._save_pool.submit(self._finish_save, done, views, tokens, skipped, meta.saves)
+            copied = device.end_saves() if device is not None else None
+            self._save_pool.submit(
+                self._finish_save, done, views, tokens, skipped, meta.saves, copied
+            )
         finally:
             self._reserving = None
             self._reserved_for = []
@@ -327,10 +341,14 @@ class WorkerSide:
         tokens: list[int],
         skipped: list[ChunkKey],
         specs: list[SaveSpec],
+        copied: torch.cuda.Event | None = None,
     ) -> None:
         """On the save thread: checksum and commit what was copied (the agent then never
         hashes these chunks itself: a peer or the SSD gets them at once), give back what was
-        not, hold the transfers whose prompts are now saved."""
+        not, hold the transfers whose prompts are now saved. ``copied``: on a GPU, the
+        event after the step's gathers; the bytes are read only once it has passed."""
+        if copied is not None:
+            copied.synchronize()  # this thread waits for the copies, never the engine
         if skipped:
             self._quiet_abort(skipped)
         if done:
@@ -394,3 +412,69 @@ class WorkerSide:
             lane.shutdown(wait=True, cancel_futures=True)
         self._save_pool.shutdown(wait=True)  # pending commits are short; let them land
         self._agent.close()
+
+
+def engine_kv_layout(tensors: list[torch.Tensor], layout: EngineLayout) -> KVLayout:
+    """The layout of the caches vLLM registered, read off the tensors themselves (vLLM
+    >= 0.32 gives every backend ``(blocks, heads, block_size, content)`` views in one of its
+    physical orders), checked against what the namespace was built from: the geometry of the
+    KV cache spec and, on GPUs, the page order of the resolved ``KVCacheLayout``. Anything
+    else is refused here, at start-up, naming the shape and strides."""
+    t = tensors[0]
+    try:
+        kv_layout = KVLayout.from_engine_views(tensors)
+    except ValueError as exc:
+        raise ConfigError(
+            f"meshkv connector: cannot move this engine's KV cache ({t.device}, layer tensor "
+            f"{tuple(t.shape)} strides {t.stride()}, {t.dtype}): {exc}"
+        ) from exc
+    want = (layout.num_kv_heads, layout.block_size, 2 * layout.head_size)
+    got = (kv_layout.num_kv_heads, kv_layout.block_size, kv_layout.head_size)
+    if got != want and not (layout.mla and got == (1, layout.block_size, layout.head_size)):
+        raise ConfigError(
+            f"meshkv connector: the registered KV views (heads, block size, content) {got} "
+            f"do not match the KV cache spec {want}"
+        )
+    if layout.page and kv_layout.page != layout.page:
+        raise ConfigError(
+            f"meshkv connector: the engine's KV views store a block as {kv_layout.page}, but "
+            f"its KV cache layout says {layout.page}; the chunk namespace would be wrong"
+        )
+    return kv_layout
+
+
+class DeviceCopies:
+    """Ordering of the copies when the engine's caches are on a GPU.
+
+    Saves: the gathers run on a side stream that first waits for the compute stream (the
+    forward pass wrote the blocks), so the engine thread only enqueues them; an event after
+    them is what the save thread waits on before it checksums and commits, and the compute
+    stream waits on that event before its next step (``begin_saves``), so a block that
+    vLLM reuses is never overwritten while it is still being read. Loads: the scatters run
+    on the compute stream (attention reads the blocks after them, in stream order); the
+    leased arena slots are released only after ``wait_loads``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+    def _compute(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def begin_saves(self) -> None:
+        self.side.wait_stream(self._compute())
+
+    def saving(self) -> torch.cuda.StreamContext:
+        return torch.cuda.stream(self.side)
+
+    def end_saves(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(self.side)
+        self._compute().wait_event(event)  # the next step's writes come after the reads
+        return event
+
+    def wait_loads(self) -> None:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(self._compute())
+        event.synchronize()
