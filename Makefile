@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test lint typecheck unit bench clean-cache
+.PHONY: venv demo test lint typecheck unit bench sim clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -75,3 +75,8 @@ bench: venv
 
 clean-cache:
 	rm -rf $(VENV)
+
+# Traffic simulations (docs/simulations.md): every JSON and PNG regenerated from the seed.
+sim: venv
+	rm -f docs/simulations/results/traffic_*.json docs/simulations/traffic_*.png
+	$(PY) -m simulations.traffic_runs --seed 1 --out docs/simulations
