@@ -263,6 +263,18 @@ def prepare_socket_path(path: str) -> None:
         directory.mkdir(mode=0o700, parents=True)
     elif not directory.is_dir():
         raise ConfigError(f"socket directory {directory} is not a directory")
+    # Whoever may write the directory may replace the socket and see the engines' traffic.
+    st = directory.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(
+            f"socket directory {directory} belongs to uid {st.st_uid}, not to this agent's "
+            f"user ({os.getuid()}); use a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"socket directory {directory} is writable by group or others (mode "
+            f"{st.st_mode & 0o777:o}); run: chmod go-w {directory}"
+        )
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -306,11 +306,18 @@ class AgentClient:
         """Give reserved slots back without committing."""
         self._call(Op.ABORT, {"keys": _keys(keys)})
 
-    def read(self, keys: Sequence[bytes], *, wait: float = 0.0) -> list[Lease | None]:
-        """Pin chunks for reading; waits up to ``wait`` s for pulls a lookup started."""
+    def read(
+        self, keys: Sequence[bytes], *, wait: float = 0.0, verify: bool | None = None
+    ) -> list[Lease | None]:
+        """Pin chunks for reading; waits up to ``wait`` s for pulls a lookup started.
+        ``verify=True`` makes the agent re-hash each chunk first and drop (not return) any
+        whose bytes no longer match its checksum; None: the agent's ``verify_reads``."""
         with self._lock:
             budget = self.timeout + wait
-            reply = self._call_locked(Op.READ, {"keys": _keys(keys), "wait": wait}, budget)
+            body: dict[str, Any] = {"keys": _keys(keys), "wait": wait}
+            if verify is not None:
+                body["verify"] = verify
+            reply = self._call_locked(Op.READ, body, budget)
             arena = self._arena_buffer()
             out: list[Lease | None] = []
             for key, item in zip(keys, reply["leases"], strict=True):

@@ -13,8 +13,20 @@ from typing import Any
 
 from meshkv.errors import ConfigError
 from meshkv.mesh.options import PRESETS, TRANSPORTS, MeshNodeConfig, read_secret
+from meshkv.mesh.tls import TlsFiles
 
-TOML_KEYS = ("listen", "join", "advertise", "secret_file", "transport", "replicas", "preset")
+TOML_KEYS = (
+    "listen",
+    "join",
+    "advertise",
+    "secret_file",
+    "transport",
+    "replicas",
+    "preset",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replicas", type=int, metavar="R", help="copies of each chunk in the mesh (default: 1)"
     )
     g.add_argument("--mesh-preset", choices=PRESETS, help="failure-detector timings (default: lan)")
+    g.add_argument("--tls-cert", metavar="PEM", help="this agent's certificate (mutual TLS, tcp)")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key (must be chmod 600)")
+    g.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every agent's certificate")
 
 
 def mesh_config(args: argparse.Namespace, table: dict[str, Any] | None) -> MeshNodeConfig | None:
@@ -51,6 +66,9 @@ def mesh_config(args: argparse.Namespace, table: dict[str, Any] | None) -> MeshN
         ("transport", "transport"),
         ("replicas", "replicas"),
         ("mesh_preset", "preset"),
+        ("tls_cert", "tls_cert"),
+        ("tls_key", "tls_key"),
+        ("tls_ca", "tls_ca"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -68,6 +86,15 @@ def mesh_config(args: argparse.Namespace, table: dict[str, Any] | None) -> MeshN
     if not isinstance(join, list | tuple) or not all(isinstance(s, str) for s in join):
         raise ConfigError("--join must be HOST:PORT[,HOST:PORT]")
     join = tuple(s.strip() for s in join if s.strip())
+    tls_given = [k for k in ("tls_cert", "tls_key", "tls_ca") if values.get(k)]
+    tls = None
+    if tls_given:
+        if len(tls_given) != 3:
+            raise ConfigError("--tls-cert, --tls-key and --tls-ca go together (mutual TLS)")
+        if str(values.get("transport", "tcp")) != "tcp":
+            raise ConfigError("TLS is for --transport tcp (UCX traffic is not encrypted)")
+        tls = TlsFiles(str(values["tls_cert"]), str(values["tls_key"]), str(values["tls_ca"]))
+        tls.contexts()  # unusable files fail here, at start
     replicas = values.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise ConfigError(f"--replicas must be an integer, got {replicas!r}")
@@ -79,4 +106,5 @@ def mesh_config(args: argparse.Namespace, table: dict[str, Any] | None) -> MeshN
         secret=read_secret(str(values["secret_file"])),
         transport=str(values.get("transport", "tcp")),
         replicas=replicas,
+        tls=tls,
     )

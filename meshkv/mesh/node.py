@@ -45,6 +45,7 @@ from meshkv.mesh.peer_server import PeerServer
 from meshkv.mesh.pusher import Pusher
 from meshkv.mesh.ring import Ring
 from meshkv.mesh.seams import Residency
+from meshkv.mesh.tls import TlsFiles
 from meshkv.transport.base import (
     Connection,
     Listener,
@@ -88,12 +89,15 @@ WARM_CONNECT_S = 10.0
 """A pushed payload whose frame never completed gives its reserved slot back after this."""
 
 
-def make_transport(name: str, config: TransportConfig) -> Transport:
-    """The peer transport called ``name`` (``tcp`` or ``ucx``)."""
+def make_transport(name: str, config: TransportConfig, tls: TlsFiles | None = None) -> Transport:
+    """The peer transport called ``name`` (``tcp`` or ``ucx``), with mutual TLS if given."""
     if name == "tcp":
-        from meshkv.transport.tcp import TcpTransport
+        from meshkv.transport.tcp import TcpOptions, TcpTransport
 
-        return TcpTransport(config)
+        if tls is None:
+            return TcpTransport(config)
+        server, client = tls.contexts()
+        return TcpTransport(config, TcpOptions(server_ssl=server, client_ssl=client))
     if name == "ucx":
         try:
             from meshkv.transport.ucx import UcxTransport
@@ -134,6 +138,7 @@ class MeshNode:
         self.transport = transport or make_transport(
             config.transport,
             TransportConfig(secret=config.secret, node_id=node_id, max_payload_bytes=largest),
+            config.tls,
         )
         self.address = config.advertise or config.listen
         self.ring = Ring([node_id], config.ring)

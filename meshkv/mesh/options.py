@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meshkv.errors import ConfigError
 from meshkv.mesh.config import DirectoryConfig, MembershipConfig, RingConfig
+from meshkv.mesh.tls import TlsFiles
 from meshkv.paths import check_private_file
 from meshkv.transport.base import parse_address
 
@@ -35,6 +36,8 @@ class MeshNodeConfig:
     """Address announced to peers; defaults to the listen address with the real port."""
     transport: str = "tcp"
     """Peer transport: ``tcp`` or ``ucx``."""
+    tls: TlsFiles | None = None
+    """Mutual TLS on peer TCP connections (certificate, key, CA); None: plain TCP."""
     replicas: int = 1
     """Copies of each locally committed chunk in the mesh (this node + R-1 ring successors)."""
     preset: str = "lan"

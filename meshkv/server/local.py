@@ -506,13 +506,18 @@ class _Connection(asyncio.Protocol):
     def _read(self, message: dict[str, Any]) -> Awaitable[Reply]:
         keys = parse_keys(message)
         wait = parse_float(message, "wait", 0.0, MAX_READ_WAIT_S)
-        return self._read_async(keys, wait)
+        verify = message.get("verify")
+        if verify is not None and not isinstance(verify, bool):
+            raise ProtocolError("read: 'verify' must be true or false")
+        return self._read_async(keys, wait, verify)
 
-    async def _read_async(self, keys: list[ChunkKey], wait: float) -> Reply:
+    async def _read_async(self, keys: list[ChunkKey], wait: float, verify: bool | None) -> Reply:
         ns = self.namespace
         assert ns is not None
         await self.server.puller.resident(ns, keys, wait)
-        pins = await self.store.read(ns, keys, self.conn_id, self.server.config.lease_seconds)
+        pins = await self.store.read(
+            ns, keys, self.conn_id, self.server.config.lease_seconds, verify=verify
+        )
         if self.transport is None:  # the caller left while we waited; give the pins back
             self.store.release([p.lease_id for p in pins if p is not None], self.conn_id)
             return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,20 @@ def test_default_socket_directory_is_private(tmp_path: Path) -> None:
     path.write_text("not a socket")
     with pytest.raises(ConfigError, match="is not a socket"):
         prepare_socket_path(str(path))
+
+
+def test_a_shared_or_foreign_socket_directory_is_refused(tmp_path: Path) -> None:
+    from meshkv.agent import prepare_socket_path
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"writable by group or others .*chmod go-w"):
+        prepare_socket_path(str(shared / "agent.sock"))
+    shared.chmod(0o755)
+    prepare_socket_path(str(shared / "agent.sock"))  # readable by others is fine
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 12345, 12345)  # the tests run as root (as CI does)
+    with pytest.raises(ConfigError, match="belongs to uid 12345"):
+        prepare_socket_path(str(foreign / "agent.sock"))

@@ -37,7 +37,7 @@ from meshkv.kernels import (
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn]
-KINDS = list(LayoutKind)
+KINDS = [k for k in LayoutKind if k is not LayoutKind.PAGED]  # paged: test_kernels_paged.py
 NUM_BLOCKS = 12
 BACKENDS: list[Backend] = ["numpy", "torch", "triton"] if triton_available() else ["numpy", "torch"]
 ID_PATTERNS = {

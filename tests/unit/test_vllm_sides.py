@@ -258,6 +258,8 @@ class FakeWorkerAgent:
         self.reserve_delay = 0.0
         self.lock = threading.Lock()
         self.pinned: torch.Tensor | None = None
+        self.checksums: dict[bytes, int | None] = {}
+        self.reported: list[bytes] = []
 
     def pin_arenas(self) -> None:
         """As the real link does for a GPU engine: page-lock the arena (kernels copy to and
@@ -285,6 +287,7 @@ class FakeWorkerAgent:
             for key, checksum in zip(keys, checksums, strict=True):
                 offset, size = self.slots[key]
                 assert checksum == payload_checksum(self.view[offset : offset + size])
+                self.checksums[key] = checksum
 
     def abort(self, keys: list[ChunkKey]) -> None:
         with self.lock:
@@ -304,11 +307,16 @@ class FakeWorkerAgent:
                 continue
             offset, size = self.slots[key]
             view = self.view[offset : offset + size].toreadonly()
-            out.append(Lease(i + 1, key, offset, view, self.committed[key], None))
+            out.append(
+                Lease(i + 1, key, offset, view, self.committed[key], self.checksums.get(key))
+            )
         return out
 
     def release(self, leases: Any, *, lane: int) -> None:
         self.released.extend(lease.lease_id for lease in leases)
+
+    def report_corrupt(self, keys: list[ChunkKey]) -> None:
+        self.reported.extend(keys)
 
     def close(self) -> None:
         if self.pinned is not None:
@@ -460,3 +468,40 @@ def test_worker_reads_the_layout_off_the_registered_views_and_refuses_what_it_ca
         ConfigError, match=r"cannot move this engine's KV cache .*\(2, 6, 16, 2, 32\)"
     ):
         engine_kv_layout([flash, flash], LAYOUT)
+
+
+def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported() -> None:
+    agent = FakeWorkerAgent()
+    src, kv_src = worker(agent)
+    saves = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
+    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
+    src.prepare(meta)
+    src.wait_for_save(meta)
+    drain(src)
+    offset, size = agent.slots[key(2)]
+    agent.arena[offset + size // 2] ^= 0xFF  # one flipped byte in the second chunk
+    dst, kv_dst = worker(FakeWorkerAgent())
+    dst._agent = agent
+    load = LoadSpec(
+        "d",
+        (
+            ChunkLoad((key(1),), tuple((j, 10 + j) for j in range(4)), 4),
+            ChunkLoad((key(2),), tuple((j, 14 + j) for j in range(4)), 4),
+        ),
+        is_async=False,
+    )
+    dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[load]))
+    assert dst.get_block_ids_with_load_errors() == {14, 15, 16, 17}
+    for name in LAYOUT.layer_names:
+        assert torch.equal(kv_dst[name][10:14], kv_src[name][0:4])  # the good chunk is used
+    drain(dst)
+    assert agent.reported == [key(2)]
+    counters = dst._counters
+    assert counters.corrupt_chunks == 1 and counters.loaded_chunks == 1
+    # with verify_loads off the damaged bytes are used as they are (the negative control)
+    off, _ = worker(FakeWorkerAgent(), verify_loads=False)
+    off._agent = agent
+    off.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[load]))
+    assert off.get_block_ids_with_load_errors() == set()
+    for side in (src, dst, off):
+        side.close()

@@ -7,6 +7,7 @@ import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,16 +58,17 @@ def test_corrupted_ssd_chunks_are_detected_and_recomputed(
     assert counters["loaded_chunks"] == 0
 
 
-def test_wrong_but_valid_kv_changes_the_output(
+def _overwrite_a_with_c(
     engine: Callable[..., EngineRun],
-    agents: Callable[..., AgentProcess],
+    agent: AgentProcess,
     prompts: Prompts,
-    baseline: dict[str, list[int]],
-) -> None:
-    agent = agents().start()
+    verify: bool,
+) -> dict[str, Any]:
+    """Run A, C, then A again after A's first chunk was overwritten in the arena with C's
+    (valid KV, wrong place: nothing but a checksum can tell)."""
     run = engine(
         [prompts.a, prompts.c, prompts.a],
-        connector={"socket_path": agent.socket_path},
+        connector={"socket_path": agent.socket_path, "verify_loads": verify},
         pause_before=[2],
     )
     namespace = Namespace(**json.loads(run.wait_ready(2))["scheduler"])
@@ -88,9 +90,39 @@ def test_wrong_but_valid_kv_changes_the_output(
         finally:
             client.release([lease_a, lease_c])
     run.go(2)
-    outs = run.result()["outputs"]
+    return run.result()
+
+
+def test_wrong_but_valid_kv_changes_the_output(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    """The negative control: with verification off, attention reads what we load."""
+    result = _overwrite_a_with_c(engine, agents().start(), prompts, verify=False)
+    outs = result["outputs"]
     assert outs[0]["tokens"] == baseline["a"]
     assert outs[1]["tokens"] == baseline["c"]
     # A's first chunk now holds C's KV: the engine loads it and its output changes.
     assert outs[2]["cached_tokens"] == 512
     assert outs[2]["tokens"] != baseline["a"]
+
+
+def test_arena_bytes_changed_after_commit_are_never_served(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    """The same damage with ``verify_loads`` on (the default): detected after the copy,
+    recomputed (the output is right), and the agent drops the damaged chunk."""
+    agent = agents().start()
+    result = _overwrite_a_with_c(engine, agent, prompts, verify=True)
+    outs = result["outputs"]
+    assert outs[2]["tokens"] == baseline["a"]
+    counters = result["counters"]
+    assert counters["corrupt_chunks"] == 1
+    assert counters["load_errors"] >= 1
+    with agent.client() as client:
+        wait_until(lambda: client.stats()["checksum_failures"] >= 1, what="agent drops it")

@@ -35,6 +35,10 @@ class ConnectorConfig:
     """After the agent is found gone (or ``breaker_failures`` calls in a row missed their
     deadline), skip it for this long: zero hits, no saves, no waiting."""
     breaker_failures: int = 3
+    verify_loads: bool = True
+    """Hash every chunk after it was copied into the engine and compare with the checksum
+    taken when it was committed: bytes damaged in the shared arena (or overwritten during
+    the copy) are reported as load errors, recomputed by vLLM, and dropped by the agent."""
     """Consecutive calls past their deadline before the agent counts as down. One slow
     answer is a miss for that request only; a socket that refuses opens the breaker at once."""
     transfer_timeout_s: float = 5.0

@@ -205,6 +205,13 @@ class WorkerLink:
     def pin_arenas(self) -> None:
         self._pinner.enabled = True
 
+    def report_corrupt(self, keys: list[ChunkKey]) -> None:
+        def check(client: AgentClient) -> None:
+            leases = client.read(keys, verify=True)  # the agent drops what fails
+            client.release([lease for lease in leases if lease is not None])
+
+        self._saves.call(check)
+
     def read(self, keys: list[ChunkKey], wait: float, *, lane: int) -> list[Lease | None]:
         return self._lanes[lane].call(lambda client: client.read(keys, wait=wait))
 

@@ -33,6 +33,11 @@ class ConnectorCounters:
     loaded_bytes: int = 0
     load_errors: int = 0
     """Chunks that could not be loaded; their blocks were handed back for recompute."""
+    corrupt_chunks: int = 0
+    """Loaded chunks whose bytes did not match their commit checksum (``verify_loads``):
+    recomputed, and dropped by the agent."""
+    verify_seconds: float = 0.0
+    """Time spent hashing loaded chunks (``verify_loads``)."""
     saved_chunks: int = 0
     saved_bytes: int = 0
     save_skipped: int = 0

@@ -72,6 +72,10 @@ class WorkerAgent(Protocol):
     def pin_arenas(self) -> None:
         """Page-lock the agent's arena wherever it is (or will be) mapped (GPU engines)."""
 
+    def report_corrupt(self, keys: list[ChunkKey]) -> None:
+        """These chunks failed their checksum after a load: have the agent re-check and
+        drop them (a verified read)."""
+
     def abort(self, keys: list[ChunkKey]) -> None: ...
 
     def hold(self, keys: list[ChunkKey], hold: TransferHold) -> int: ...
@@ -188,6 +192,7 @@ class WorkerSide:
             return set(spec.block_ids())
         started = time.perf_counter()
         failed: set[int] = set()
+        copied: list[tuple[ChunkLoad, Lease]] = []
         try:
             for chunk, lease in zip(spec.chunks, leases, strict=True):
                 expected = chunk.num_blocks * self._block_bytes
@@ -202,8 +207,13 @@ class WorkerSide:
                     failed.update(block for _, block in chunk.blocks)
                     continue
                 self._scatter(caches, chunk, lease)
+                copied.append((chunk, lease))
                 self._counters.loaded_chunks += 1
                 self._counters.loaded_bytes += expected
+            if self._device is not None:
+                self._device.wait_loads()
+            if self._cfg.verify_loads:
+                failed |= self._verify(copied)
         finally:
             if self._device is not None:
                 # the scatters read the leased slots until they finish: only then let go
@@ -218,6 +228,38 @@ class WorkerSide:
             elif held:
                 self._lanes[lane - 1].submit(self._release, held, lane)
         return failed
+
+    def _verify(self, copied: list[tuple[ChunkLoad, Lease]]) -> set[int]:
+        """Hash each chunk's arena bytes after its copy into the engine finished and compare
+        with the checksum taken at commit: a chunk damaged in the shared arena, or
+        overwritten while it was copied, is never used (its blocks are recomputed) and the
+        agent is told to drop it. Returns the blocks to recompute."""
+        started = time.perf_counter()
+        bad: list[ChunkKey] = []
+        blocks: set[int] = set()
+        for chunk, lease in copied:
+            if lease.checksum is None:
+                continue  # its checksum is being computed from these very bytes
+            if payload_checksum(lease.view) != lease.checksum:
+                logger.error(
+                    "meshkv chunk %s changed after it was committed; recomputing it",
+                    lease.key.hex(),
+                )
+                bad.append(lease.key)
+                blocks.update(block for _, block in chunk.blocks)
+        self._counters.verify_seconds += time.perf_counter() - started
+        if bad:
+            self._counters.corrupt_chunks += len(bad)
+            self._counters.load_errors += len(bad)
+            self._counters.loaded_chunks -= len(bad)
+            self._save_pool.submit(self._report, bad)
+        return blocks
+
+    def _report(self, keys: list[ChunkKey]) -> None:
+        try:
+            self._agent.report_corrupt(keys)
+        except MeshKVError as exc:
+            logger.debug("meshkv could not report corrupt chunks: %s", exc)
 
     def _release(self, leases: list[Lease], lane: int) -> None:
         try:
