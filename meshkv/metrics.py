@@ -352,6 +352,11 @@ class MeshCollector(Collector):
             "Chunks of prefill/decode transfers pushed to the decode node and stored",
             value=s["transfer_pushes"],
         )
+        yield CounterMetricFamily(
+            "meshkv_mesh_repairs",
+            "Chunk copies queued to restore --replicas after a member died or left",
+            value=s["repairs_scheduled"],
+        )
         push_failures = CounterMetricFamily(
             "meshkv_peer_push_failures", "Failed pushes by cause", labels=["cause"]
         )

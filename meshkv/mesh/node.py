@@ -80,6 +80,10 @@ _WIRE_KIND: dict[type, MsgKind] = {
 """Transport frame kind of each core message sent one-way."""
 
 PUSH_SWEEP_S = 60.0
+REPAIR_SETTLE_S = 1.0
+"""Wait after a ring change before repair asks the homes (holders re-announce moved keys)."""
+REPAIR_BATCH = 512
+REPAIR_LOOKUP_S = 2.0
 JOIN_GRACE_S = 30.0
 """A node id conflict met this soon after start, on a connection this agent dialled, means
 this agent is the newcomer: it refuses to run instead of fighting the established one."""
@@ -354,6 +358,7 @@ class MeshNode:
             "protocol_errors": self.transport.stats.protocol_errors,
             "served_bytes": self.peer_server.stats.bytes_served,
             "replica_pushes": ps.pushed - ps.transfer_pushed,
+            "repairs_scheduled": ps.repairs_scheduled,
             "transfer_pushes": ps.transfer_pushed,
             "push_failures": dict(ps.failures),
         }
@@ -571,13 +576,59 @@ class MeshNode:
                 self._spawn(self._warm(event.addr), f"warm-{event.node}")
         members = membership.alive()
         if tuple(members) != self.ring.members:
+            departed = frozenset(self.ring.members) - frozenset(members)
             self.ring = Ring(members, self.config.ring)
+            if departed and self.config.replicas > 1 and not self._closing:
+                self._spawn(self._repair(departed), "repair")
             self._alive = frozenset(self.ring.members)
             addresses = {m: a for m in members if (a := membership.address_of(m)) is not None}
             self._send_all(self.directory.set_ring(self.ring, addresses, now))
             logger.info(
                 "ring rebuilt: %d members, digest %s", len(self.ring), self.ring.digest[:16]
             )
+
+    async def _repair(self, departed: frozenset[str]) -> None:
+        """Re-make the copies ``departed`` took with them. After the directory settled (the
+        holders re-announced keys whose home moved), ask the homes who still holds each
+        chunk held here; for a chunk with fewer than ``--replicas`` live holders, the live
+        holder that comes first in the key's preference order (the same answer on every
+        node with this ring) copies it to the next members of that order, paced at
+        ``repair_chunks_per_s``. Every holder of a key decides alike, so each missing copy
+        is made once."""
+        await asyncio.sleep(REPAIR_SETTLE_S)
+        ring, r = self.ring, self.config.replicas
+        held = [e.key for e in self.store.cpu.entries()]
+        if self.store.ssd is not None:
+            seen = set(held)
+            held.extend(k for k in self.store.ssd.chunk_keys() if k not in seen)
+        logger.info("repair after %s left: checking %d chunks", sorted(departed), len(held))
+        self.pusher.stats.repair_sweeps += 1
+        interval = 1.0 / self.config.repair_chunks_per_s
+        for start in range(0, len(held), REPAIR_BATCH):
+            if self._closing or self.ring is not ring:
+                return  # the ring moved again: the sweep of that change takes over
+            batch = held[start : start + REPAIR_BATCH]
+            holders: dict[ChunkKey, tuple[str, ...]] = {}
+            for home, raw in self.directory.plan_lookup(batch).items():
+                keys = [ChunkKey(k) for k in raw]
+                try:
+                    answer = await self.lookup_at(home, keys, self.now() + REPAIR_LOOKUP_S)
+                except (MeshKVError, OSError) as exc:
+                    logger.info("repair: home %s did not answer: %s", home, exc)
+                    continue
+                holders.update(zip(keys, answer, strict=True))
+            for key in batch:
+                if key not in holders:
+                    continue
+                live = {h for h in holders[key] if h in self._alive} | {self.node_id}
+                if len(live) >= r:
+                    continue
+                order = ring.owners(key, len(ring))
+                if min(live, key=order.index) != self.node_id:
+                    continue
+                for target in [n for n in order if n not in live][: r - len(live)]:
+                    await self.pusher.repair_push(key, target)
+                    await asyncio.sleep(interval)
 
     # --- StoreListener ------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ class MeshNodeConfig:
     """Deadline of one pull, over every holder tried."""
     holder_timeout_s: float = 2.0
     """Deadline of one pull attempt from one holder before the next is tried."""
+    repair_chunks_per_s: float = 200.0
+    """How fast lost copies are re-made after a member dies or leaves (chunks/s queued)."""
     max_concurrent_pulls: int = 8
     """Pulls running at once (more wait their turn, under their deadline)."""
     connections_per_peer: int = 4

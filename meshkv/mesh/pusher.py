@@ -9,6 +9,9 @@ straight from the arena, and the pin is released when the send ends):
   from a peer (pulls, pushes) are not pushed on again.
 * **transfer pushes**: a prefill engine's chunks go straight to the decode node the request
   names, ahead of any replication, so the decode side finds them local.
+* **repair** (``--replicas R`` after a member died or left): the node decides which copies
+  to re-make (``MeshNode._repair``: it asks the keys' homes who still holds them) and
+  queues them here with ``repair_push``, paced and never past half the background queue.
 
 The receivers verify the record checksum, commit, and announce themselves to the key's
 home like any holder. Pushing never blocks a commit: work waits in two bounded queues
@@ -48,6 +51,8 @@ class _Job:
     """None: look the namespace up when the job runs (replication)."""
     target: str | None
     """None: the key's ring successors (replication)."""
+    transfer: bool = False
+    """A prefill/decode transfer push (counted apart)."""
 
 
 @dataclass(slots=True)
@@ -59,6 +64,10 @@ class PushStats:
     pushed_bytes: int = 0
     transfer_pushed: int = 0
     """Of ``pushed``: chunks of prefill/decode transfers."""
+    repairs_scheduled: int = 0
+    """Copies queued to restore ``--replicas`` after a member died or left."""
+    repair_sweeps: int = 0
+    """Repair sweeps run (one per ring change that lost members)."""
     failures: Counter[str] = field(default_factory=Counter)
     """Failed pushes by cause: transport, timeout, remote, gone, dropped."""
 
@@ -92,7 +101,7 @@ class Pusher:
         if target == self._node.node_id:
             return
         for key in keys:
-            self._enqueue(self._urgent, _Job(key, ns, target))
+            self._enqueue(self._urgent, _Job(key, ns, target, transfer=True))
 
     def _enqueue(self, queue: collections.deque[_Job], job: _Job) -> None:
         if len(queue) >= QUEUE_LIMIT:
@@ -103,6 +112,14 @@ class Pusher:
         self._workers = [w for w in self._workers if not w.done()]
         if len(self._workers) < WORKERS:
             self._workers.append(asyncio.create_task(self._run(), name="meshkv-push"))
+
+    async def repair_push(self, key: ChunkKey, target: str) -> None:
+        """Queue one copy that restores ``--replicas`` (background; waits while the queue
+        is half full, so repair never pushes out replication or starves serving)."""
+        while len(self._background) >= QUEUE_LIMIT // 2:
+            await asyncio.sleep(0.05)
+        self._enqueue(self._background, _Job(key, None, target))
+        self.stats.repairs_scheduled += 1
 
     async def close(self) -> None:
         for task in self._workers:
@@ -138,7 +155,7 @@ class Pusher:
             [job.target] if job.target is not None else node.successors(job.key, self._replicas - 1)
         )
         for target in targets:
-            await self._push(ns, job.key, target, transfer=job.target is not None)
+            await self._push(ns, job.key, target, transfer=job.transfer)
 
     async def _push(self, ns: NamespaceId, key: ChunkKey, target: str, *, transfer: bool) -> None:
         node, store = self._node, self._store
