@@ -54,6 +54,18 @@ def test_agents_on_one_host_without_node_ids_form_one_mesh(
     wait_for("three default-named agents to see each other", meshed)
 
 
+def refused(agent: AgentProcess, timeout: float = 20.0) -> int | None:
+    """Start ``agent`` (it may refuse before or after it reports ready) and return its exit
+    status once it has exited (None if it is still running after ``timeout``)."""
+    with contextlib.suppress(LaunchError):
+        agent.start()
+    assert agent.proc is not None
+    deadline = time.monotonic() + timeout
+    while agent.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return agent.proc.poll()
+
+
 def test_second_agent_with_a_taken_id_is_refused_and_the_first_keeps_serving(
     agent_factory: Callable[..., AgentProcess], tmp_path: Path
 ) -> None:
@@ -61,13 +73,7 @@ def test_second_agent_with_a_taken_id_is_refused_and_the_first_keeps_serving(
     first = agent_factory(name="twin-a", node_id="twin", args=mesh_args(secret)).start()
     seed = peer_address(first)
     second = agent_factory(name="twin-b", node_id="twin", args=mesh_args(secret, join=[seed]))
-    with contextlib.suppress(LaunchError):  # it may refuse before or after it is ready
-        second.start()
-    assert second.proc is not None
-    deadline = time.monotonic() + 20
-    while second.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert second.proc.returncode == 1, second.log()
+    assert refused(second) == 1, second.log()
     log = second.log()
     assert "node id 'twin'" in log and "already in use" in log
     assert seed in log  # names the agent that holds the id
@@ -94,13 +100,7 @@ def test_a_taken_id_met_through_gossip_is_refused_too(
         lambda: "same" in {m["id"] for m in ring(seed_agent)["members"] if m["state"] == "alive"},
     )
     new = agent_factory(name="new", node_id="same", args=mesh_args(secret, join=[seed]))
-    with contextlib.suppress(LaunchError):
-        new.start()
-    assert new.proc is not None
-    deadline = time.monotonic() + 20
-    while new.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert new.proc.returncode == 1, new.log()
+    assert refused(new) == 1, new.log()
     assert peer_address(old) in new.log()
     assert old.proc is not None and old.proc.poll() is None
     wait_for("the established twin to record it", lambda: bool(ring(old)["id_conflicts"]))
