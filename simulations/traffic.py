@@ -49,6 +49,7 @@ from meshkv.tiers.eviction import make_policy
 from simulations.sim import node_name, percentile
 from simulations.workloads import CHUNK_TOKENS, Request
 
+FLUSH_S = 0.05  # the agent's announcement flush interval (DirectoryConfig default)
 KEY_WIRE_BYTES = 24  # a key and its framing in a lookup or announcement
 MESSAGE_BYTES = 64  # header of a directory message
 
@@ -297,7 +298,8 @@ class ClusterConfig:
     policy: str = "lru"
     """The tiers' eviction policy (the agent's ``lru`` or ``s3fifo``)."""
     tick_s: float = 1.0
-    """How often each node's directory core is ticked (announcement flushes, re-announce)."""
+    """How often every node's directory core is ticked for the re-announce sweep and expiry
+    (announcements are flushed 50 ms after they are queued, as in the agent)."""
     reannounce_s: float = 600.0
     """The directory's re-announce period (the agent's default is 60 s; 1,000 nodes re-announce
     a few million keys per period, so large runs use a longer one)."""
@@ -319,7 +321,7 @@ class Cluster:
         self.now = 0.0
         self.names = [node_name(i) for i in range(n)]
         dcfg = DirectoryConfig(
-            flush_interval_s=config.tick_s,
+            flush_interval_s=FLUSH_S,
             reannounce_interval_s=config.reannounce_s,
             entry_ttl_s=2.5 * config.reannounce_s,
         )
@@ -343,6 +345,8 @@ class Cluster:
         self.central_served = {name: 0.0 for name in self.names}
         self.totals = {d: Totals() for d in ("mesh", "no_sharing", "central", "oracle_lru")}
         self._next_tick = config.tick_s
+        self._flushes: list[tuple[float, str]] = []  # (due, node): announcements to send
+        self._flush_due: dict[str, float] = {}
         self._rng = random.Random(f"cluster/{seed}")
 
     def _store(self) -> NodeStore:
@@ -358,14 +362,34 @@ class Cluster:
     # -- time ----------------------------------------------------------------------------
 
     def advance(self, t: float) -> None:
-        """Run the directory cores' ticks up to time ``t``."""
-        while self._next_tick <= t:
+        """Run the directory cores up to time ``t``: a node with queued adds or drops is
+        ticked when its flush falls due (the agent's 50 ms), every node once per ``tick_s``
+        for the re-announce sweep and expiry."""
+        while True:
+            flush = self._flushes[0][0] if self._flushes else math.inf
+            if min(flush, self._next_tick) > t:
+                break
+            if flush <= self._next_tick:
+                due, name = heapq.heappop(self._flushes)
+                self._flush_due.pop(name, None)
+                node = self.mesh[name]
+                self.now = due
+                if node.alive:
+                    self._deliver(node, node.directory.tick(due))
+                continue
             self.now = self._next_tick
             for node in self.mesh.values():
                 if node.alive:
                     self._deliver(node, node.directory.tick(self.now))
             self._next_tick += self.config.tick_s
         self.now = t
+
+    def _changed(self, node: MeshNode) -> None:
+        """``node`` queued announcements: tick it when its flush interval has passed."""
+        if node.name not in self._flush_due:
+            due = self.now + FLUSH_S + 1e-9
+            self._flush_due[node.name] = due
+            heapq.heappush(self._flushes, (due, node.name))
 
     def _deliver(self, src: MeshNode, out: Iterable[Outgoing]) -> None:
         for o in out:
@@ -399,6 +423,8 @@ class Cluster:
         added, dropped = self._store_all(me.store, keys)
         me.directory.add_local(added, self.now)
         me.directory.drop_local(dropped, self.now)
+        if added or dropped:
+            self._changed(me)
         self._central_update(node, added, dropped)
         self.totals["mesh"].add(req, mesh, cost, t)
         self.totals["no_sharing"].add(req, local, cost, t)
@@ -481,6 +507,14 @@ class Cluster:
                 break
             src.served += 1
             o.peer += 1
+            # serving reads the chunk on the holder, as the agent's read does: it counts as a
+            # use there (and a chunk on the holder's SSD is promoted to serve it)
+            dropped: list[bytes] = []
+            src.store.put(k, dropped)
+            if dropped:
+                src.directory.drop_local(dropped, self.now)
+                self._changed(src)
+                self._central_update(src.name, [], dropped)  # the central map hears of it too
         return o
 
     def _holder(
@@ -519,7 +553,9 @@ class Cluster:
             holders = [
                 h
                 for h in self.central_holders.get(k, ())
-                if self.mesh[h].alive and self.mesh[h].group == me.group
+                if self.mesh[h].alive
+                and self.mesh[h].group == me.group
+                and self.mesh[h].store.holds(k)
             ]
             if not holders:
                 break

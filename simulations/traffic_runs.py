@@ -16,6 +16,8 @@ the only field that changes between runs).
   5 minutes, the central service down for 5 minutes; hit rate per minute.
 * ``bandwidth`` — 64 nodes, chat, round robin, links of 1 → 400 Gb/s: where pulling stops
   paying and the mesh falls back to computing.
+* ``eviction`` — 64 nodes, chat, round robin, the tiers' LRU against S3-FIFO at three
+  capacities.
 """
 
 from __future__ import annotations
@@ -214,11 +216,23 @@ def scenario_bandwidth(seed: int) -> dict[str, Any]:
     return {"runs": runs}
 
 
+def scenario_eviction(seed: int) -> dict[str, Any]:
+    runs = []
+    for cpu, ssd in ((32, 96), (64, 192), (128, 384)):
+        for policy in ("lru", "s3fifo"):
+            cfg = replace(BASE, cpu_chunks=cpu, ssd_chunks=ssd, policy=policy, belady=False)
+            res = simulate(64, CHAT, "round_robin", 3600.0, cfg, seed=seed)
+            res["policy"], res["slots_per_node"] = policy, cpu + ssd
+            runs.append(res)
+    return {"runs": runs}
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "scale": scenario_scale,
     "workloads": scenario_workloads,
     "faults": scenario_faults,
     "bandwidth": scenario_bandwidth,
+    "eviction": scenario_eviction,
 }
 
 
@@ -305,6 +319,17 @@ def _plot(name: str, result: dict[str, Any], out: Path) -> None:
             )
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
+    elif name == "eviction":
+        fig, ax = plt.subplots(1, 1, figsize=(6, 4))
+        for policy, style in (("lru", "o-"), ("s3fifo", "s--")):
+            sub = [r for r in runs if r["policy"] == policy]
+            slots = [r["slots_per_node"] for r in sub]
+            for d in ("mesh", "no_sharing"):
+                rates = [r["designs"][d]["token_hit_rate"] for r in sub]
+                ax.plot(slots, rates, style, label=f"{d}, {policy}")
+        ax.set(xlabel="slots per node (CPU + SSD)", ylabel="token hit rate", title="eviction")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         g = [r["link_gbps"] for r in runs]
