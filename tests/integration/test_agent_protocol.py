@@ -97,6 +97,17 @@ def test_malformed_request_keeps_connection(agent: AgentProcess, raw: Raw) -> No
     still_serving(agent)
 
 
+def test_read_verify_flag_must_be_a_bool(agent: AgentProcess, raw: Raw) -> None:
+    reply = raw.call({"op": "read", "id": 11, "keys": [b"k" * 16], "verify": "yes"})
+    code, message = error_of(reply)
+    assert code == "protocol" and "'verify' must be true or false" in message
+    assert raw.call({"op": "read", "id": 12, "keys": [b"k" * 16], "verify": True}) == {
+        "id": 12,
+        "leases": [None],
+    }
+    still_serving(agent)
+
+
 def test_unknown_op(agent: AgentProcess, raw: Raw) -> None:
     reply = raw.call({"op": "frobnicate", "id": 2})
     code, message = error_of(reply)

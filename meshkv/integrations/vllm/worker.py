@@ -193,6 +193,7 @@ class WorkerSide:
         started = time.perf_counter()
         failed: set[int] = set()
         copied: list[tuple[ChunkLoad, Lease]] = []
+        device = self._device
         try:
             for chunk, lease in zip(spec.chunks, leases, strict=True):
                 expected = chunk.num_blocks * self._block_bytes
@@ -210,14 +211,15 @@ class WorkerSide:
                 copied.append((chunk, lease))
                 self._counters.loaded_chunks += 1
                 self._counters.loaded_bytes += expected
-            if self._device is not None:
-                self._device.wait_loads()
+            if device is not None:
+                # the scatters read the leased slots until they finish: hash and let go after
+                device.wait_loads()
+                device = None
             if self._cfg.verify_loads:
                 failed |= self._verify(copied)
         finally:
-            if self._device is not None:
-                # the scatters read the leased slots until they finish: only then let go
-                self._device.wait_loads()
+            if device is not None:  # an error cut the loop short: still wait before release
+                device.wait_loads()
             elapsed = time.perf_counter() - started
             self._counters.call_seconds += elapsed
             if spec.is_async:
