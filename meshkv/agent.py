@@ -107,7 +107,9 @@ class Agent:
                 transfers=self.transfers,
             )
             await self.local.start()
-            ctx = AdminContext(self.store, self.metrics, cfg.node_id, admin_token)
+            ctx = AdminContext(
+                self.store, self.metrics, cfg.node_id, admin_token, registry=self.local.registry
+            )
             ctx.status_sections.append(self._status_section)
             routes: list[web.RouteDef] = []
             if self.mesh is not None:

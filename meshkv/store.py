@@ -344,6 +344,11 @@ class Store:
         c = self._counters
         c.lookups += 1
         c.lookup_keys += len(keys)
+        return self.peek(ns, keys)
+
+    def peek(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]:
+        """:meth:`lookup` without counting it (prefix queries of routers: no recency is
+        touched either way)."""
         cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
         for key in keys:
             if type(key) is not bytes or len(key) != KEY_BYTES:

@@ -19,14 +19,24 @@ cost of an engine worker, not a per-request cost, so it is kept out of every clo
   memory, one ``release``. Same baseline.
 * ``lookup_p50`` / ``lookup_p99``: round trip of a 64-key ``lookup`` (all keys stored), in
   µs, over ``--lookups`` calls after a warm-up.
+* ``lookup_p50_under_load`` / ``lookup_p99_under_load``: the same lookups while another
+  process stores into the same agent without pause (2 MiB chunks in 16 MiB batches:
+  reserve, copy, commit, as an engine worker saving a prefill), the way a scheduler looks
+  up while the workers save. The store rate reached meanwhile is in
+  ``meta.store_load_gbps``. Baseline: the idle lookup of the same run.
+* ``prefix_query_p50`` / ``prefix_query_p99``: round trip of ``POST /v1/prefix`` (what a
+  cache-aware router asks every node per request) for a 4,096-token prompt whose 16 chunks
+  of 256 tokens are all held, over one kept-alive HTTP connection on loopback, in µs; the
+  answer is checked. Target: p99 <= 2 ms.
 * ``ssd_write``: a second agent runs with ``--write-through`` and an SSD directory. The
   clock starts before the first reserve and stops when the agent reports every chunk on
   SSD (checksummed, written to a temp file, fsynced, renamed): durable bytes per second.
   The writer never has more chunks in flight than the tier's write queue, so no write is
   refused (the run fails if one is). Baseline ``raw_pwrite``: ``meshkv.bench.ssd_raw``
-  (``os.pwrite`` + ``fsync`` of one file per chunk) in the same directory, the mean of a
-  raw run right before the agent's write and one right after its read (the disk's speed
-  drifts; both raw GB/s are in ``meta.raw_ssd_gbps_*``). Same fsync policy on both sides:
+  (``os.pwrite`` + ``fsync`` of one file per chunk) in the same directory. The two sides
+  alternate in rounds (raw, agent, raw, agent, ...: the disk's speed drifts several-fold
+  within minutes here, so slow minutes hit both); each side's GB/s is its total bytes
+  over its total time. Same fsync policy on both sides:
   one ``fsync`` per file, nothing else (the agent's directory is not fsynced); the agent
   writes straight from the arena slot (``pwritev`` of header + slot, no copy) and adds
   only what crash safety needs: a temp file, a 68-byte header, a rename, and the xxh3 it
@@ -35,9 +45,10 @@ cost of an engine worker, not a per-request cost, so it is kept out of every clo
 * ``ssd_read``: that agent is restarted (its CPU tier starts empty, the SSD scan finds the
   chunks), the page cache of every chunk file is dropped (``POSIX_FADV_DONTNEED``), then
   batches are ``read`` (promoted from disk into the arena, checksum verified, pinned) and
-  released. Baseline ``raw_pread``: ``os.preadv`` of the same sizes after the same drop
-  (mean of before and after, likewise). The agent reads with ``ssd_workers`` (2) threads,
-  the raw baseline with one.
+  released. Baseline ``raw_pread``: ``os.preadv`` of the same sizes after the same drop,
+  alternating in rounds likewise. Both sides use the same number of threads (the
+  agent's ``ssd.workers``, 2): the raw baseline writes and reads with as many, so neither
+  side keeps more requests in flight on the device than the other.
 """
 
 from __future__ import annotations
@@ -66,6 +77,8 @@ GiB = 1 << 30
 CHUNK_SIZES_MIB = (2, 16, 32)
 SSD_WRITE_QUEUE = 32
 """The bench agent's ``[store] ssd_write_queue``; the writer keeps fewer chunks in flight."""
+SSD_WORKERS = 2
+"""The agent's ``[store.ssd] workers`` (its default); the raw baseline uses as many threads."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,16 +188,114 @@ def measure_lookup(client: AgentClient, args: argparse.Namespace, report: Report
     _wait_idle(client)
     for _ in range(200):
         client.lookup(keys)
+    rtts = _time_lookups(client, keys, args.lookups)
+    report.add(Result("lookup_p50", rtts[len(rtts) // 2] * 1e6, "us", None))
+    report.add(Result("lookup_p99", rtts[int(len(rtts) * 0.99)] * 1e6, "us", None))
+
+
+def _store_forever(socket_path: str, stop: Any, stored: Any) -> None:
+    """In a child process: store 16 MiB batches of 2 MiB chunks into the agent until
+    ``stop`` is set; ``stored`` counts the bytes committed (an engine worker saving)."""
+    src = _chunks(2 * MiB, 8)
+    with AgentClient(socket_path, timeout=30.0) as client:
+        client.map_arena()
+        b = 0
+        while not stop.is_set():
+            _store_batch(client, _keys("ld-", b * 8, 8), src)
+            with stored.get_lock():
+                stored.value += 16 * MiB
+            b += 1
+
+
+def _time_lookups(client: AgentClient, keys: list[bytes], n: int) -> list[float]:
     rtts = []
-    for _ in range(args.lookups):
+    for _ in range(n):
         t0 = time.perf_counter()
         reply = client.lookup(keys)
         rtts.append(time.perf_counter() - t0)
-        if reply.prefix != 64:
+        if reply.prefix != len(keys):
             raise RuntimeError("lookup did not find the stored prefix")
     rtts.sort()
-    report.add(Result("lookup_p50", rtts[len(rtts) // 2] * 1e6, "us", None))
-    report.add(Result("lookup_p99", rtts[int(len(rtts) * 0.99)] * 1e6, "us", None))
+    return rtts
+
+
+def measure_lookup_under_load(
+    client: AgentClient, socket_path: str, args: argparse.Namespace, report: Report
+) -> None:
+    """64-key lookups while a second process keeps storing into the same agent."""
+    import multiprocessing  # noqa: PLC0415 - only this measurement needs a child process
+
+    keys = _keys("lk-", 0, 64)  # stored by measure_lookup
+    # The load fills the arena and evicts; a read lease keeps the looked-up chunks resident.
+    pins = [x for x in client.read(keys) if x is not None]
+    ctx = multiprocessing.get_context("spawn")
+    stop, stored = ctx.Event(), ctx.Value("q", 0)
+    child = ctx.Process(target=_store_forever, args=(socket_path, stop, stored), daemon=True)
+    child.start()
+    try:
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while stored.value < 64 * MiB:  # the load is running before the clock starts
+            _check(deadline, "the store load to start")
+            if not child.is_alive():
+                raise RuntimeError(f"the store load exited with {child.exitcode}")
+            time.sleep(0.01)
+        before, t0 = stored.value, time.perf_counter()
+        rtts = _time_lookups(client, keys, args.lookups)
+        gbps = _gbps(stored.value - before, time.perf_counter() - t0)
+    finally:
+        stop.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        client.release(pins)
+        del pins
+    idle = {r.name: r.value for r in report.results}
+    report.add(
+        Result("lookup_p50_under_load", rtts[len(rtts) // 2] * 1e6, "us", None,
+               "idle lookup_p50", idle.get("lookup_p50"))
+    )  # fmt: skip
+    report.add(
+        Result("lookup_p99_under_load", rtts[int(len(rtts) * 0.99)] * 1e6, "us", None,
+               "idle lookup_p99", idle.get("lookup_p99"))
+    )  # fmt: skip
+    report.meta["store_load_gbps"] = round(gbps, 3)
+
+
+def measure_prefix_query(agent: AgentProcess, args: argparse.Namespace, report: Report) -> None:
+    """``POST /v1/prefix`` for a 4k-token prompt, all of it held, over one connection."""
+    import http.client  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    from meshkv.chunk import Namespace, chunk_keys  # noqa: PLC0415
+
+    ns = Namespace(model="bench-prefix", num_layers=8, kv_heads=4, head_size=64)
+    tokens = [int(t) for t in np.random.default_rng(7).integers(3, 32000, 4096)]
+    with AgentClient(agent.socket_path, namespace=ns, chunk_tokens=256, timeout=30.0) as client:
+        for key in chunk_keys(ns.digest(), tokens, 256):
+            client.put(key, b"\0" * 4096, num_tokens=256)
+        body = json.dumps({"token_ids": tokens}).encode()
+        url = urlsplit(agent.url)
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
+        headers = {"Content-Type": "application/json"}
+
+        def ask() -> float:
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/prefix", body, headers)
+            answer = json.loads(conn.getresponse().read())
+            elapsed = time.perf_counter() - t0
+            if answer.get("tokens") != 4096:
+                raise RuntimeError(f"prefix query answered {answer}, expected 4096 tokens")
+            return elapsed
+
+        try:
+            for _ in range(100):
+                ask()
+            rtts = sorted(ask() for _ in range(max(200, args.lookups // 5)))
+        finally:
+            conn.close()
+    report.add(Result("prefix_query_p50", rtts[len(rtts) // 2] * 1e6, "us", None))
+    report.add(Result("prefix_query_p99", rtts[int(len(rtts) * 0.99)] * 1e6, "us", None))
 
 
 def _memcpy(src: list[np.ndarray], dst: list[np.ndarray]) -> None:
@@ -253,7 +364,9 @@ def _ssd_stats(client: AgentClient) -> dict[str, Any]:
 def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: Report) -> None:
     """Per chunk size, back to back: the raw baseline, then the agent's write and read."""
     config = workdir / "ssd-agent.toml"
-    config.write_text(f"[store.ssd]\nwrite_queue_depth = {SSD_WRITE_QUEUE}\n")
+    config.write_text(
+        f"[store.ssd]\nwrite_queue_depth = {SSD_WRITE_QUEUE}\nworkers = {SSD_WORKERS}\n"
+    )
     agent = AgentProcess(
         name="bench-ssd",
         cpu_bytes=int(args.cpu_gb * GiB),
@@ -267,64 +380,83 @@ def measure_ssd(workdir: Path, ssd_dir: Path, args: argparse.Namespace, report: 
         agent.cleanup()
 
 
+SSD_ROUNDS = 4
+"""Rounds of raw, agent, raw, agent, ... per chunk size (the disk drifts several-fold within
+minutes here: interleaving puts slow minutes on both sides)."""
+
+
+def _agent_write(client: AgentClient, keys: list[bytes], src: np.ndarray) -> float:
+    """Store ``keys`` (write-through) and wait until the agent reports each on SSD; the
+    seconds from the first reserve to the last chunk on disk."""
+    start = _ssd_stats(client)
+    on_ssd = base = start["chunks"]
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    t0 = time.perf_counter()
+    for i, key in enumerate(keys):
+        # Never more in flight than the tier's write queue: nothing is refused.
+        while i - (on_ssd - base) >= SSD_WRITE_QUEUE - 1:
+            _check(deadline, "SSD writes")
+            time.sleep(0.002)
+            on_ssd = _ssd_stats(client)["chunks"]
+        _store_batch(client, [key], [src])
+    while on_ssd - base < len(keys):
+        _check(deadline, "SSD writes")
+        time.sleep(0.002)
+        on_ssd = _ssd_stats(client)["chunks"]
+    seconds = time.perf_counter() - t0
+    if _ssd_stats(client)["writes_refused"] != start["writes_refused"]:
+        raise RuntimeError("the SSD tier refused writes; the write number is invalid")
+    return seconds
+
+
+def _agent_read(client: AgentClient, keys: list[bytes], per: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), per):
+        leases = client.read(keys[i : i + per])
+        missing = sum(x is None for x in leases)
+        client.release([x for x in leases if x is not None])
+        del leases
+        if missing:
+            raise RuntimeError(f"{missing} chunks written to SSD were not served")
+    return time.perf_counter() - t0
+
+
 def _measure_ssd_sizes(
     agent: AgentProcess, ssd_dir: Path, args: argparse.Namespace, report: Report
 ) -> None:
+    """Per chunk size, ``SSD_ROUNDS`` rounds of raw then agent, for writes and then (after a
+    restart that empties the CPU tier, page cache dropped) for reads. GB/s of each side is
+    its total bytes over its total seconds."""
     for size_mib in CHUNK_SIZES_MIB:
         size = size_mib * MiB
-        count = max(2, args.ssd_mib * MiB // size)
-        (raw_before,) = measure_raw(str(ssd_dir), [size], count)
+        per_round = max(2, args.ssd_mib * MiB // size // SSD_ROUNDS)
         src = _chunks(size, 1)[0]
-        keys = _keys(f"d{size_mib}-", 0, count)
+        rounds = [_keys(f"d{size_mib}-{r}-", 0, per_round) for r in range(SSD_ROUNDS)]
+        raw_w = agent_w = raw_r = agent_r = 0.0
         with running(agent), agent.client(timeout=30.0) as client:
-            start = _ssd_stats(client)
-            on_ssd = base = start["chunks"]
-            deadline = time.monotonic() + WAIT_LIMIT_S
-            t0 = time.perf_counter()
-            for i, key in enumerate(keys):
-                # Never more in flight than the tier's write queue: nothing is refused.
-                while i - (on_ssd - base) >= SSD_WRITE_QUEUE - 1:
-                    _check(deadline, "SSD writes")
-                    time.sleep(0.002)
-                    on_ssd = _ssd_stats(client)["chunks"]
-                _store_batch(client, [key], [src])
-            while on_ssd - base < count:
-                _check(deadline, "SSD writes")
-                time.sleep(0.002)
-                on_ssd = _ssd_stats(client)["chunks"]
-            seconds = time.perf_counter() - t0
-            if _ssd_stats(client)["writes_refused"] != start["writes_refused"]:
-                raise RuntimeError("the SSD tier refused writes; the write number is invalid")
-        write_gbps = _gbps(size * count, seconds)
+            for keys in rounds:
+                (raw,) = measure_raw(str(ssd_dir), [size], per_round, workers=SSD_WORKERS)
+                raw_w += size * per_round / raw.write_gbps / 1e9
+                agent_w += _agent_write(client, keys, src)
         # Restart: an empty CPU tier; the SSD scan finds the chunks. Drop their cached pages.
         with running(agent), agent.client(timeout=30.0) as client:
             client.map_arena()  # connect and map the arena before the clock starts
             for path in ssd_dir.rglob("*.mkv"):
                 drop_file_cache(str(path))
             per = max(1, args.batch_mib * MiB // size)
-            t0 = time.perf_counter()
-            for i in range(0, count, per):
-                leases = client.read(keys[i : i + per])
-                missing = sum(x is None for x in leases)
-                client.release([x for x in leases if x is not None])
-                del leases
-                if missing:
-                    raise RuntimeError(f"{missing} chunks written to SSD were not served")
-            seconds = time.perf_counter() - t0
-        read_gbps = _gbps(size * count, seconds)
-        # The disk drifts several-fold within minutes here: the baseline is the mean of a
-        # raw run right before and one right after the agent's write + read.
-        (raw_after,) = measure_raw(str(ssd_dir), [size], count)
-        raw_write = (raw_before.write_gbps + raw_after.write_gbps) / 2
-        raw_read = (raw_before.read_gbps + raw_after.read_gbps) / 2
-        report.add(Result("ssd_write", write_gbps, "GB/s", size, "raw_pwrite", raw_write))
-        report.add(Result("ssd_read", read_gbps, "GB/s", size, "raw_pread", raw_read))
-        report.meta[f"raw_ssd_gbps_{size_mib}mib"] = {
-            "write_before": round(raw_before.write_gbps, 3),
-            "write_after": round(raw_after.write_gbps, 3),
-            "read_before": round(raw_before.read_gbps, 3),
-            "read_after": round(raw_after.read_gbps, 3),
-        }
+            for keys in rounds:
+                (raw,) = measure_raw(str(ssd_dir), [size], per_round, workers=SSD_WORKERS)
+                raw_r += size * per_round / raw.read_gbps / 1e9
+                agent_r += _agent_read(client, keys, per)
+        total = size * per_round * SSD_ROUNDS
+        report.add(
+            Result("ssd_write", _gbps(total, agent_w), "GB/s", size, "raw_pwrite",
+                   _gbps(total, raw_w))
+        )  # fmt: skip
+        report.add(
+            Result("ssd_read", _gbps(total, agent_r), "GB/s", size, "raw_pread",
+                   _gbps(total, raw_r))
+        )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,6 +481,8 @@ def run(args: argparse.Namespace) -> int:
                     client.map_arena()  # a fixed start-up cost (MAP_POPULATE), not per request
                     if args.only in (None, "lookup"):
                         measure_lookup(client, args, report)
+                        measure_lookup_under_load(client, cpu_agent.socket_path, args, report)
+                        measure_prefix_query(cpu_agent, args, report)
                     if args.only in (None, "cpu"):
                         measure_cpu(client, args, report)
             finally:

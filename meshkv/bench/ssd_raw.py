@@ -10,6 +10,10 @@ fsync, so reads come from the device and not from memory. The tier's write path 
 header, a temp file and a rename; its read path adds a header read and an xxh3 check. The
 SSD-tier benchmark should report its GB/s as a ratio of these numbers, measured in the
 same run (the machine is noisy).
+
+``workers`` threads share the files (file ``i`` goes to thread ``i % workers``), as the
+tier's pool of ``ssd.workers`` threads does: both sides keep the same number of requests
+in flight on the device, so neither is faster for a reason the other could also use.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,8 @@ class RawResult:
     """GB/s (1e9 bytes) of pwrite + fsync + close, open included."""
     read_gbps: float
     """GB/s of open + pread + close."""
+    workers: int = 1
+    """Threads that shared the files."""
 
 
 def drop_file_cache(path: str) -> None:
@@ -45,6 +53,42 @@ def drop_file_cache(path: str) -> None:
         os.close(fd)
 
 
+def _write_file(path: str, data: memoryview, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str, view: memoryview) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], done)
+            if n == 0:
+                raise OSError(f"{path} shrank while being read")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def _timed(pool: ThreadPoolExecutor | None, jobs: list[Callable[[], None]]) -> float:
+    t0 = time.perf_counter()
+    if pool is None:
+        for job in jobs:
+            job()
+    else:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+    return time.perf_counter() - t0
+
+
 def measure_raw(
     directory: str,
     sizes: Sequence[int],
@@ -52,55 +96,44 @@ def measure_raw(
     *,
     fsync: bool = True,
     drop_cache: bool = True,
+    workers: int = 1,
 ) -> list[RawResult]:
-    """Measure plain pwrite/pread GB/s of files of each size in ``directory``.
+    """Measure plain pwrite/pread GB/s of files of each size in ``directory``, with
+    ``workers`` threads.
 
     The files are removed afterwards. ``count`` files of each size are written, then read.
     """
-    if count <= 0 or not sizes or min(sizes) <= 0:
-        raise ValueError("count and every size must be positive")
+    if count <= 0 or not sizes or min(sizes) <= 0 or workers <= 0:
+        raise ValueError("count, workers and every size must be positive")
     os.makedirs(directory, exist_ok=True)
     tag = secrets.token_hex(4)
     results: list[RawResult] = []
-    for size in sizes:
-        block = os.urandom(1 << 16)
-        data = memoryview((block * (size // len(block) + 1))[:size])
-        paths = [os.path.join(directory, f".raw-{tag}-{size}-{i}") for i in range(count)]
-        try:
-            t0 = time.perf_counter()
-            for path in paths:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    done = 0
-                    while done < size:
-                        done += os.pwrite(fd, data[done:], done)
-                    if fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-            write_s = time.perf_counter() - t0
-            if drop_cache:
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for size in sizes:
+            block = os.urandom(1 << 16)
+            data = memoryview((block * (size // len(block) + 1))[:size])
+            paths = [os.path.join(directory, f".raw-{tag}-{size}-{i}") for i in range(count)]
+            try:
+                write_s = _timed(pool, [partial(_write_file, p, data, fsync) for p in paths])
+                if drop_cache:
+                    for path in paths:
+                        drop_file_cache(path)
+                # One buffer per file, allocated and touched before the clock, as the tier
+                # reads each chunk into its own (mapped) arena slot.
+                views = [memoryview(bytearray(size)) for _ in paths]
+                read_s = _timed(
+                    pool, [partial(_read_file, p, v) for p, v in zip(paths, views, strict=True)]
+                )
+            finally:
                 for path in paths:
-                    drop_file_cache(path)
-            buf = bytearray(size)
-            view = memoryview(buf)
-            t0 = time.perf_counter()
-            for path in paths:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    done = 0
-                    while done < size:
-                        n = os.preadv(fd, [view[done:]], done)
-                        if n == 0:
-                            raise OSError(f"{path} shrank while being read")
-                        done += n
-                finally:
-                    os.close(fd)
-            read_s = time.perf_counter() - t0
-        finally:
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-        total = size * count
-        results.append(RawResult(size, count, total / write_s / 1e9, total / read_s / 1e9))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            total = size * count
+            results.append(
+                RawResult(size, count, total / write_s / 1e9, total / read_s / 1e9, workers)
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return results

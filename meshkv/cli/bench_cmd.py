@@ -1,4 +1,5 @@
-"""``meshkv bench {local,mesh,kernels,pd}``: measure this deployment against its own limits.
+"""``meshkv bench {local,mesh,kernels,pd,serve,route}``: measure this deployment against its
+own limits.
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and
 writes the shared JSON shape (see ``meshkv.bench.report``). Comparisons with other systems
@@ -11,13 +12,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from meshkv.bench import kernels, local, mesh, pd
+from meshkv.bench import kernels, local, mesh, pd, route, serve
 
 BENCHMARKS = {
     "local": ("CPU and SSD tiers through a real agent's local channel", local),
     "mesh": ("peer pulls over TCP/UCX against raw sockets and Redis, lookups through homes", mesh),
     "kernels": ("gather/scatter kernels against a plain copy", kernels),
     "pd": ("prefill/decode disaggregation against aggregated engines (real vLLM servers)", pd),
+    "serve": ("many users on real OpenAI servers: meshkv vs LMCache vs prefix cache", serve),
+    "route": ("routing policies over several engines, with and without the mesh", route),
 }
 
 

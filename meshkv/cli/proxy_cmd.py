@@ -29,8 +29,20 @@ def register(sub: Any) -> None:
     p.add_argument("--engines", nargs="+", metavar="URL", default=[],
                    help="engines' base URLs (aggregated mode)")  # fmt: skip
     p.add_argument("--routing", default="least_loaded", metavar="POLICY",
-                   help="aggregated mode: least_loaded, round_robin, random or sticky "
-                   "(default: least_loaded)")  # fmt: skip
+                   help="aggregated mode: least_loaded, round_robin, random, sticky or "
+                   "cache_aware (default: least_loaded)")  # fmt: skip
+    p.add_argument("--agents", nargs="+", metavar="URL", default=[],
+                   help="cache_aware: each engine's meshkv agent admin URL (http://HOST:PORT), "
+                   "in the order of --engines")  # fmt: skip
+    p.add_argument("--load-weight", type=float, default=1.0, metavar="W",
+                   help="cache_aware: cost of one request in flight, in prompts "
+                   "(default: 1)")  # fmt: skip
+    p.add_argument("--balance-slack", type=float, default=0.25, metavar="E",
+                   help="cache_aware: no engine takes more than (1+E) x its fair share of the "
+                   "requests in flight (default: 0.25)")  # fmt: skip
+    p.add_argument("--prefix-timeout", type=float, default=0.05, metavar="S",
+                   help="cache_aware: longest wait for an agent's prefix answer "
+                   "(default: 0.05)")  # fmt: skip
     p.add_argument("--prefill-timeout", type=float, default=120.0, metavar="S",
                    help="the whole prefill leg of a request (default: 120)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
@@ -58,6 +70,10 @@ def build_config(args: argparse.Namespace) -> Any:
         decode=tuple(args.decode),
         engines=tuple(args.engines),
         routing=args.routing,
+        agents=tuple(a.rstrip("/") for a in args.agents),
+        load_weight=args.load_weight,
+        balance_slack=args.balance_slack,
+        prefix_timeout_s=args.prefix_timeout,
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         health_interval_s=args.health_interval,

@@ -84,7 +84,17 @@ class ProxyConfig:
     """Aggregated mode: the admin URL of each engine's meshkv agent, in the order of
     ``engines`` (cache-aware routing asks them what they hold)."""
     routing: str = "least_loaded"
-    """Aggregated mode: ``least_loaded``, ``round_robin``, ``random``, ``sticky``."""
+    """Aggregated mode: ``least_loaded``, ``round_robin``, ``random``, ``sticky``,
+    ``cache_aware`` (needs ``agents``)."""
+    load_weight: float = 1.0
+    """cache_aware: cost of one request in flight, in prompts (see ``routing.py``)."""
+    balance_slack: float = 0.25
+    """cache_aware: an engine takes no request while it has more than ``(1 + slack)`` times
+    its fair share of the requests in flight (plus this one)."""
+    ssd_weight: float = 0.75
+    """cache_aware: an SSD-held token counts as this fraction of a CPU-held one."""
+    prefix_timeout_s: float = 0.05
+    """cache_aware: longest wait for an agent's prefix answer (then it counts as a miss)."""
     connect_timeout_s: float = 5.0
     """Opening a connection to an upstream."""
     request_timeout_s: float = 600.0
@@ -131,6 +141,18 @@ class ProxyConfig:
                 raise ConfigError(f"proxy: {name} must be > 0")
         if self.affinity_slack < 0:
             raise ConfigError("proxy: affinity_slack must be >= 0")
+        if self.routing == "cache_aware" and not self.agents:
+            raise ConfigError(
+                "--routing cache_aware needs --agents URL... (each engine's meshkv agent "
+                "admin URL, in the order of --engines)"
+            )
+        if self.agents and not self.engines:
+            raise ConfigError("--agents goes with --engines (aggregated mode)")
+        for name in ("load_weight", "balance_slack", "ssd_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"proxy: {name} must be >= 0")
+        if not self.prefix_timeout_s > 0:
+            raise ConfigError("proxy: prefix_timeout_s must be > 0")
 
     @property
     def disaggregated(self) -> bool:

@@ -58,6 +58,21 @@ class ProxyMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.routed_prompt_tokens = Counter(
+            "meshkv_proxy_routed_prompt_tokens",
+            "Prompt tokens of requests routed cache-aware",
+            registry=self.registry,
+        )
+        self.routed_prefix_tokens = Counter(
+            "meshkv_proxy_routed_prefix_tokens",
+            "Of those, tokens the chosen engine's node held (SSD tokens weighted)",
+            registry=self.registry,
+        )
+        self.prefix_query_failures = Counter(
+            "meshkv_proxy_prefix_query_failures",
+            "Prefix queries to agents (or /tokenize calls) that failed or timed out",
+            registry=self.registry,
+        )
         self.registry.register(_UpstreamCollector(pools))
 
 

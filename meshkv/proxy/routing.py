@@ -2,12 +2,35 @@
 
 Policies (``--routing``): ``least_loaded`` (fewest requests in flight, round robin among
 equals), ``round_robin``, ``random``, ``sticky`` (a conversation stays on one engine while
-that engine is within ``affinity_slack`` of the least loaded). A conversation is named by
-the ``X-Conversation-Id`` / ``X-Session-Id`` header or the request's ``user`` field.
+that engine is within ``affinity_slack`` of the least loaded), and ``cache_aware``. A
+conversation is named by the ``X-Conversation-Id`` / ``X-Session-Id`` header or the
+request's ``user`` field.
+
+**cache_aware** (needs ``--agents``, one meshkv agent admin URL per engine). Per request the
+proxy takes the prompt's token ids (given, or from the engine's ``/tokenize``), asks every
+healthy engine's agent ``POST /v1/prefix`` in parallel (``prefix_timeout_s``; an agent that
+does not answer in time counts as holding nothing) and picks the engine of least cost::
+
+    cost_i = (1 - h_i / P) + load_weight * L_i
+
+``P`` the prompt's tokens, ``h_i`` the tokens engine ``i``'s node holds (CPU tier, plus SSD
+tokens at ``ssd_weight``: a disk read is cheaper than compute, dearer than memory), ``L_i``
+its requests in flight. The unit is one prompt's prefill: a request in flight is counted as
+about one prompt of work ahead of this one, so with ``load_weight`` 1 a full cache hit is
+worth exactly one queued request. This is Dynamo's KV router cost (``overlap weight x
+prefill blocks + active blocks``) with both terms in prompts instead of blocks. **Bounded
+load**: only engines with ``L_i <= ceil((1 + balance_slack) * (sum(L) + 1) / n)`` are
+candidates (consistent hashing with bounded loads, Mirrokni et al.), so one hot prefix cannot
+pin every request to one engine; SGLang's router gets the same effect with its absolute and
+relative balance thresholds, switching to least-loaded when load is skewed. Ties go to the
+conversation's previous engine (session affinity), then round robin.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +43,9 @@ if TYPE_CHECKING:
     from meshkv.proxy.app import ProxyConfig
     from meshkv.proxy.metrics import ProxyMetrics
 
-POLICIES = ("least_loaded", "round_robin", "random", "sticky")
+logger = logging.getLogger(__name__)
+
+POLICIES = ("least_loaded", "round_robin", "random", "sticky", "cache_aware")
 CONVERSATION_HEADERS = ("X-Conversation-Id", "X-Session-Id")
 MAX_CONVERSATIONS = 65536
 
@@ -52,6 +77,8 @@ class Router:
         self._rng = random.Random()
         self._next = 0
         self._sticky: dict[str, str] = {}
+        self._agents = dict(zip(pool.upstreams, config.agents, strict=False))
+        """Each engine's agent admin URL (cache-aware routing)."""
 
     async def choose(
         self, route: str, body: dict[str, Any], request: web.Request
@@ -67,6 +94,8 @@ class Router:
         if policy == "random":
             self._metrics.route_choices.labels("random").inc()
             return self._rng.choice(healthy)
+        if policy == "cache_aware":
+            return await self._cache_aware(route, body, request, healthy)
         if policy == "sticky":
             conv = conversation_key(request, body)
             prefer = self._pool.by_url(self._sticky[conv]) if conv in self._sticky else None
@@ -80,3 +109,106 @@ class Router:
             return chosen
         self._metrics.route_choices.labels("load").inc()
         return self._pool.least_loaded()
+
+    # --- cache-aware ---------------------------------------------------------------------
+
+    def _remember(self, conv: str | None, chosen: Upstream) -> None:
+        if conv is None:
+            return
+        if len(self._sticky) >= MAX_CONVERSATIONS:
+            self._sticky.clear()
+        self._sticky[conv] = chosen.url
+
+    async def _cache_aware(
+        self, route: str, body: dict[str, Any], request: web.Request, healthy: list[Upstream]
+    ) -> Upstream:
+        cfg = self._config
+        conv = conversation_key(request, body)
+        previous = self._pool.by_url(self._sticky[conv]) if conv in self._sticky else None
+        tokens = await self._prompt_tokens(route, body, healthy)
+        if tokens:
+            held = await asyncio.gather(*(self._held(u, tokens) for u in healthy))
+        else:
+            held = [0.0] * len(healthy)
+        total = sum(u.inflight for u in healthy)
+        bound = math.ceil((1.0 + cfg.balance_slack) * (total + 1) / len(healthy))
+        prompt = max(1, len(tokens))
+        best: list[tuple[Upstream, float]] = []
+        best_cost = math.inf
+        for upstream, h in zip(healthy, held, strict=True):
+            if upstream.inflight > bound:
+                continue  # bounded load: never pile onto one engine
+            cost = (1.0 - min(h, prompt) / prompt) + cfg.load_weight * upstream.inflight
+            if cost < best_cost - 1e-9:
+                best, best_cost = [(upstream, h)], cost
+            elif cost <= best_cost + 1e-9:
+                best.append((upstream, h))
+        if not best:  # cannot happen (the least loaded is always within the bound)
+            chosen = min(healthy, key=lambda u: u.inflight)
+            reason = "load"
+        elif previous is not None and any(u is previous for u, _ in best):
+            chosen, reason = previous, "affinity"
+        else:
+            self._next += 1
+            chosen = best[self._next % len(best)][0]
+            top = max(held)
+            reason = "cache" if top > 0 and dict(best)[chosen] >= top else "load"
+        self._remember(conv, chosen)
+        self._metrics.route_choices.labels(reason).inc()
+        self._metrics.routed_prefix_tokens.inc(held[healthy.index(chosen)])
+        self._metrics.routed_prompt_tokens.inc(len(tokens))
+        return chosen
+
+    async def _held(self, upstream: Upstream, tokens: list[int]) -> float:
+        """Tokens of ``tokens``' prefix that ``upstream``'s node holds (SSD ones weighted);
+        0 when its agent is unknown or does not answer within ``prefix_timeout_s``."""
+        url = self._agents.get(upstream)
+        if url is None:
+            return 0.0
+        timeout = aiohttp.ClientTimeout(total=self._config.prefix_timeout_s)
+        try:
+            async with self._session.post(
+                url + "/v1/prefix", json={"token_ids": tokens}, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                data = await resp.json()
+            tiers = data.get("tiers") or {}
+            return float(tiers.get("cpu", 0)) + self._config.ssd_weight * float(tiers.get("ssd", 0))
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
+            self._metrics.prefix_query_failures.inc()
+            logger.debug("prefix query to %s failed: %s", url, exc)
+            return 0.0
+
+    async def _prompt_tokens(
+        self, route: str, body: dict[str, Any], healthy: list[Upstream]
+    ) -> list[int]:
+        """The prompt's token ids: given in the body, else from an engine's ``/tokenize``
+        (the same tokenizer and chat template the engine applies); [] when unknown."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]  # a batch: route by its first prompt
+        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+            return prompt
+        query: dict[str, Any] = {"model": body.get("model")}
+        if isinstance(prompt, str):
+            query["prompt"] = prompt
+        elif isinstance(body.get("messages"), list):
+            query["messages"] = body["messages"]
+        else:
+            return []
+        timeout = aiohttp.ClientTimeout(total=self._config.prefix_timeout_s * 4)
+        upstream = healthy[self._next % len(healthy)]
+        try:
+            async with self._session.post(
+                upstream.url + "/tokenize", json=query, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                data = await resp.json()
+            tokens = data.get("tokens")
+            return tokens if isinstance(tokens, list) else []
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
+            self._metrics.prefix_query_failures.inc()
+            logger.debug("tokenize on %s failed: %s", upstream.url, exc)
+            return []

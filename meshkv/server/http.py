@@ -1,10 +1,11 @@
 """The agent's HTTP admin API (aiohttp; loopback unless told otherwise).
 
 ``/healthz``, ``/metrics`` (Prometheus text), ``/v1/status`` (JSON), ``/v1/chunks/{key}``
-(where one key is), ``POST /v1/clear`` (bearer token). Other parts add their own routes
-(the mesh adds ``/v1/ring`` …) by passing ``extra_routes`` to ``build_app``; ``status``
-merges the dicts that ``status_sections`` callables return, so the mesh can add a
-``"mesh"`` section to ``/v1/status`` without touching this module.
+(where one key is), ``POST /v1/prefix`` (how many leading tokens of a prompt this node
+holds, by tier: what a cache-aware router asks), ``POST /v1/clear`` (bearer token). Other
+parts add their own routes (the mesh adds ``/v1/ring`` …) by passing ``extra_routes`` to
+``build_app``; ``status`` merges the dicts that ``status_sections`` callables return, so the
+mesh can add a ``"mesh"`` section to ``/v1/status`` without touching this module.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from meshkv import __version__
 from meshkv.chunk import KEY_BYTES, ChunkKey
 from meshkv.metrics import AgentMetrics
 from meshkv.server.local import plain
+from meshkv.server.prefix import NamespaceRegistry, parse_query, query
 from meshkv.store import Store
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class AdminContext:
     started_at: float = field(default_factory=time.time)
     status_sections: list[StatusSection] = field(default_factory=list)
     """Extra ``/v1/status`` sections (e.g. the local server's connection count, the mesh)."""
+    registry: NamespaceRegistry = field(default_factory=NamespaceRegistry)
+    """The engines' namespaces (shared with the local server, which fills it)."""
 
 
 CONTEXT = web.AppKey("meshkv_admin", AdminContext)
@@ -57,6 +61,7 @@ def build_app(ctx: AdminContext, extra_routes: Iterable[web.RouteDef] = ()) -> w
             web.get("/metrics", metrics),
             web.get("/v1/status", status),
             web.get("/v1/chunks/{key}", chunk),
+            web.post("/v1/prefix", prefix),
             web.post("/v1/clear", clear),
         ]
     )
@@ -106,6 +111,21 @@ async def chunk(request: web.Request) -> web.Response:
     if info is None:
         return _error(404, f"chunk {raw} is not stored on node {ctx.node_id}")
     return web.json_response({"key": raw, **plain(info)})
+
+
+async def prefix(request: web.Request) -> web.Response:
+    """``{"token_ids": [...], "model"?: str}`` -> ``{"node", "tokens", "chunk_tokens",
+    "tiers": {"cpu", "ssd"}, "engines"}``: the longest prefix of the prompt held here."""
+    ctx = request.app[CONTEXT]
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, 'the body must be JSON like {"token_ids": [1, 2, 3]}')
+    try:
+        tokens, model = parse_query(body)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    return web.json_response({"node": ctx.node_id, **query(ctx.store, ctx.registry, tokens, model)})
 
 
 async def clear(request: web.Request) -> web.Response:

@@ -54,6 +54,7 @@ from meshkv.protocol import (
     unpack_body,
 )
 from meshkv.puller import Puller, TransferHint
+from meshkv.server.prefix import NamespaceRegistry
 from meshkv.store import Store, Tier
 
 if TYPE_CHECKING:
@@ -107,12 +108,15 @@ class LocalServer:
         puller: Puller,
         metrics: AgentMetrics | None = None,
         transfers: Transfers | None = None,
+        registry: NamespaceRegistry | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.puller = puller
         self.metrics = metrics
         self.transfers = transfers
+        self.registry = registry if registry is not None else NamespaceRegistry()
+        """Namespaces engines declared at hello (prefix queries answer for these)."""
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._next_conn_id = 1  # owner ids of engine connections: 1 .. 2**62 - 1
@@ -366,6 +370,7 @@ class _Connection(asyncio.Protocol):
             )
         self.namespace = namespace.digest()
         self.chunk_tokens = geometry.get("chunk_tokens", 0)
+        self.server.registry.add(namespace, self.chunk_tokens)
         return {
             "max_chunk_bytes": max_chunk,
             **geometry,

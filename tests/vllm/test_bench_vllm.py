@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 TINY = bench.Sizes(
     docs=1, questions=2, doc_tokens=600, question_tokens=20,
     conversations=1, rounds=2, system_tokens=300, user_tokens=50, reply_tokens=20,
-    unique=1, unique_tokens=300, warmup=1, gap_s=0.2, engine_timeout_s=240.0,
+    unique=1, unique_tokens=300, warmup=1, gap_s=0.0, engine_timeout_s=240.0,
 )  # fmt: skip
 
 

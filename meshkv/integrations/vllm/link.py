@@ -60,9 +60,11 @@ class AgentLink:
         counters: ConnectorCounters,
         breaker_failures: int = 3,
         arena_hooks: ArenaHooks | None = None,
+        chunk_tokens: int | None = None,
     ) -> None:
         self._socket_path = socket_path
         self._arena_hooks = arena_hooks
+        self._chunk_tokens = chunk_tokens
         self._namespace = namespace
         self._timeout = timeout
         self._retry_interval = retry_interval
@@ -85,6 +87,7 @@ class AgentLink:
                     namespace=self._namespace,
                     timeout=self._timeout,
                     arena_hooks=self._arena_hooks,
+                    chunk_tokens=self._chunk_tokens,
                 )
             return self._client
 
@@ -152,6 +155,8 @@ class SchedulerLink:
     ``lookup_timeout_s``, and the agent's node id for prefill/decode parameters."""
 
     def __init__(self, cfg: ConnectorConfig, namespace: Namespace, counters: ConnectorCounters):
+        # chunk_tokens at hello: the agent then counts hit tokens and can answer prefix
+        # queries (``POST /v1/prefix``) for this namespace.
         self._link = AgentLink(
             cfg.socket_path,
             namespace,
@@ -159,6 +164,7 @@ class SchedulerLink:
             cfg.retry_interval_s,
             counters,
             cfg.breaker_failures,
+            chunk_tokens=cfg.chunk_tokens,
         )
 
     def warm_up(self) -> bool:

