@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test test-pd-ucx lint typecheck unit bench sim clean-cache
+.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -78,6 +78,13 @@ bench: venv
 	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
 	$(PY) -m benchmarks.sim_wall --json $(CACHE)/bench-sim-wall.json
 	$(PY) -m benchmarks.vllm_ttft --json $(CACHE)/bench-vllm.json
+
+# Serving under load (~30 min on 2 cores): real OpenAI servers, many concurrent users,
+# meshkv (CPU / SSD tier) vs LMCache (its venv is built on first use) vs vLLM's prefix
+# cache; then routing policies over two engines with and without the mesh (~15 min).
+bench-serve: venv
+	$(PY) -m benchmarks.serve --json $(CACHE)/bench-serve.json --plot-dir $(CACHE)/bench-serve
+	$(PY) -m benchmarks.route --json $(CACHE)/bench-route.json
 
 clean-cache:
 	rm -rf $(VENV)

@@ -287,6 +287,7 @@ class ArmSizes:
     engine_kv: int
     cpu_tier: int
     max_model_len: int
+    chunk_bytes: int
 
 
 def kv_bytes_per_token(model: str) -> int:
@@ -320,6 +321,7 @@ def sizes(shape: Shape, workload: str, per_token: int, runs: int) -> ArmSizes:
         engine_kv=engine_tokens * per_token,
         cpu_tier=int(ws * runs * per_token * 1.25) + (64 << 20),
         max_model_len=max_len,
+        chunk_bytes=CHUNK_TOKENS * per_token,
     )
 
 
@@ -377,11 +379,14 @@ def start_arm(
             ssd: Path | None = None
             extra: list[str] = []
             if arm == "meshkv_ssd":
-                cpu = size.engine_kv  # a quarter of one run's working set
+                # A quarter of one run's working set, in segments small enough to hold
+                # several (a segment must hold one chunk; slots are at least 64 KiB).
+                segment = max(64 << 10, 1 << (size.chunk_bytes - 1).bit_length())
+                while segment < (64 << 20) and segment * 16 <= size.engine_kv:
+                    segment *= 2
+                cpu = max(-(-size.engine_kv // segment) * segment, 2 * segment)
                 ssd = workdir / "ssd"
                 ssd.mkdir(exist_ok=True)
-                # Small tiers need segments small enough that the arena holds several.
-                segment = 1 << max(22, min(26, (cpu // 8).bit_length() - 1))
                 config = workdir / "agent.toml"
                 config.write_text(f"[store.cpu]\nsegment_bytes = {segment}\n")
                 extra = ["--config", str(config), "--ssd-gb", "16"]

@@ -1,0 +1,164 @@
+"""The load driver and workloads of ``meshkv bench serve`` against a scripted OpenAI server
+(real sockets, real streaming): concurrency bounds, the order users are served in, chat
+rounds built from the answers the server streamed, open-loop pacing, failures counted.
+The benchmark against real vLLM servers is ``tests/vllm/test_bench_serve.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from meshkv.bench import serve
+from meshkv.bench.ssd_raw import measure_raw
+from meshkv.launch import free_port
+
+
+class Scripted:
+    """Streams ``answer`` token ids (as vLLM does with ``return_token_ids``)."""
+
+    def __init__(self, delay: float = 0.02, fail_every: int = 0) -> None:
+        self.delay = delay
+        self.fail_every = fail_every
+        self.seen: list[dict[str, Any]] = []
+        self.inflight = 0
+        self.peak = 0
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        if self.fail_every and len(self.seen) % self.fail_every == 0:
+            return web.json_response({"error": {"message": "scripted failure"}}, status=500)
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            n = body["max_tokens"]
+            for i in range(n):
+                await asyncio.sleep(self.delay)
+                chunk = {"choices": [{"text": f"t{i}", "token_ids": [1000 + i]}]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
+            await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode()
+                             + b"\n\n")  # fmt: skip
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            self.inflight -= 1
+
+
+async def _serve(script: Scripted) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.add_routes([web.post("/v1/completions", script.completions)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+SHAPE = serve.Shape(
+    docs=3, doc_tokens=(50, 60), questions=2, question_tokens=5, doc_answer_tokens=2,
+    users=4, rounds=3, system_tokens=20, user_tokens=6, answer_tokens=3,
+)  # fmt: skip
+
+
+def test_chat_rounds_grow_by_the_streamed_answer_and_users_interleave() -> None:
+    script = Scripted()
+
+    async def main() -> list[Any]:
+        runner, url = await _serve(script)
+        try:
+            users = serve.chat_users(SHAPE, seed=1, vocab=500)
+            results, _ = await serve.drive(url, users, concurrency=2)
+            return results
+        finally:
+            await runner.cleanup()
+
+    results = asyncio.run(main())
+    assert len(results) == 4 * 3 and all(r.ok for r in results)
+    assert script.peak <= 2
+    by_user: dict[str, list[list[int]]] = {}
+    for body in script.seen:
+        by_user.setdefault(body["user"], []).append(body["prompt"])
+    assert sorted(by_user) == [f"user{u}" for u in range(4)]
+    system = script.seen[0]["prompt"][:20]
+    for prompts in by_user.values():
+        assert [len(p) for p in prompts] == [26, 35, 44]  # + 3 answer + 6 question tokens
+        assert all(p[:20] == system for p in prompts)  # one shared system prompt
+        for earlier, later in zip(prompts, prompts[1:], strict=False):
+            assert later[: len(earlier)] == earlier
+            assert later[len(earlier) : len(earlier) + 3] == [1000, 1001, 1002]  # the answer
+    # The user served longest ago goes next: the first rounds of all four come first.
+    firsts = [b["user"] for b in script.seen[:4]]
+    assert sorted(firsts) == [f"user{u}" for u in range(4)]
+
+
+def test_longdoc_questions_cycle_over_the_documents_after_a_warmup() -> None:
+    warm, measured = serve.longdoc_users(SHAPE, seed=2, vocab=500)
+    docs = [u.take() for u in warm]
+    assert [d.tag for d in docs if d] == ["warmup"] * 3
+    asked = [u.take() for u in measured]
+    assert [a.rid for a in asked if a] == ["doc0-q0", "doc1-q0", "doc2-q0",
+                                           "doc0-q1", "doc1-q1", "doc2-q1"]  # fmt: skip
+    for spec in asked:
+        assert spec is not None
+        d = int(spec.rid[3])
+        doc = docs[d]
+        assert doc is not None
+        assert spec.body["prompt"][: len(doc.body["prompt"])] == doc.body["prompt"]
+
+
+def test_open_loop_paces_arrivals_and_counts_failures() -> None:
+    script = Scripted(delay=0.0, fail_every=5)
+
+    async def main() -> tuple[list[Any], float]:
+        runner, url = await _serve(script)
+        try:
+            _, users = serve.longdoc_users(SHAPE, seed=3, vocab=500)
+            users = users + serve.longdoc_users(SHAPE, seed=4, vocab=500)[1]
+            return await serve.drive(url, users, rate=20.0, seed=0)
+        finally:
+            await runner.cleanup()
+
+    started = time.perf_counter()
+    results, seconds = asyncio.run(main())
+    assert len(results) == 12
+    assert sum(not r.ok for r in results) == 2 and all("HTTP 500" in (r.error or "")
+                                                       for r in results if not r.ok)  # fmt: skip
+    # 12 Poisson arrivals at 20/s take about 0.6 s; far less would mean no pacing.
+    gaps = random.Random(0)
+    expected = sum(gaps.expovariate(20.0) for _ in range(12))
+    assert seconds >= 0.8 * expected
+    assert time.perf_counter() - started < 30
+
+
+def test_drive_needs_exactly_one_load_shape() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        asyncio.run(serve.drive("http://127.0.0.1:9", [], concurrency=2, rate=1.0))
+
+
+def test_workloads_too_small_for_a_quarter_engine_are_refused() -> None:
+    with pytest.raises(ValueError, match="cannot hold one request"):
+        serve.sizes(serve.Shape(docs=2), "longdoc", per_token=1024, runs=1)
+    size = serve.sizes(serve.Shape(), "longdoc", per_token=8192, runs=3)
+    assert size.engine_kv * 4 <= serve.Shape().working_set("longdoc") * 8192
+    assert size.cpu_tier >= 3 * serve.Shape().working_set("longdoc") * 8192
+
+
+def test_raw_ssd_baseline_uses_the_threads_it_is_given(tmp_path: Path) -> None:
+    (one,) = measure_raw(str(tmp_path), [1 << 20], 4, workers=1)
+    (two,) = measure_raw(str(tmp_path), [1 << 20], 4, workers=2)
+    assert one.workers == 1 and two.workers == 2
+    assert one.write_gbps > 0 and two.read_gbps > 0
+    assert not list(tmp_path.iterdir())  # its files are removed
+    with pytest.raises(ValueError, match="positive"):
+        measure_raw(str(tmp_path), [1 << 20], 4, workers=0)
