@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -505,3 +505,11 @@ def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported() 
     assert off.get_block_ids_with_load_errors() == set()
     for side in (src, dst, off):
         side.close()
+
+
+def test_revision_and_quantization_isolate_the_namespace() -> None:
+    base = LAYOUT.namespace(0).digest()
+    assert replace(LAYOUT, revision="").namespace(0).digest() == base
+    other_rev = replace(LAYOUT, revision="abc123").namespace(0).digest()
+    quantized = replace(LAYOUT, quantization="awq").namespace(0).digest()
+    assert len({base, other_rev, quantized}) == 3

@@ -42,10 +42,18 @@ class EngineLayout:
     vLLM does not say (then the worker reads it off the tensors alone)."""
     mla: bool = False
     """An MLA latent cache: one head, ``head_size`` latent elements per token."""
+    revision: str = ""
+    """The model's revision (commit or tag) when the engine names one: two revisions of
+    one model name are different weights, hence different KV."""
+    quantization: str = ""
+    """The weights' quantization method (``awq``, ``fp8``, ...; empty: none): quantized
+    weights compute different KV than the full-precision model of the same name."""
 
     def namespace(self, tp_rank: int) -> Namespace:
         return Namespace(
             model=self.model,
+            revision=self.revision,
+            extra={"quantization": self.quantization} if self.quantization else {},
             dtype=self.dtype,
             num_layers=len(self.layer_names),
             kv_heads=self.num_kv_heads,
@@ -93,6 +101,8 @@ def engine_layout(
         cache_salt=salt,
         page=resolved_page(vllm_config),
         mla=type(spec).__name__.startswith("MLA"),
+        revision=str(getattr(model_config, "revision", None) or ""),
+        quantization=str(getattr(model_config, "quantization", None) or ""),
     )
 
 
