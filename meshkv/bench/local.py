@@ -431,7 +431,7 @@ def _measure_ssd_sizes(
         size = size_mib * MiB
         per_round = max(2, args.ssd_mib * MiB // size // SSD_ROUNDS)
         src = _chunks(size, 1)[0]
-        rounds = [_keys(f"d{size_mib}-{r}-", 0, per_round) for r in range(SSD_ROUNDS)]
+        rounds = [_keys(f"d{size_mib}{r}", 0, per_round) for r in range(SSD_ROUNDS)]  # <= 16 bytes
         raw_w = agent_w = raw_r = agent_r = 0.0
         with running(agent), agent.client(timeout=30.0) as client:
             for keys in rounds:

@@ -529,8 +529,8 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
 
     def add(name: str, run: Run | None, base: str, other: Run | None, key: str) -> None:
         value = None if run is None else getattr(run.summary, key)
-        if value is None:
-            return
+        if value is None or other is None:
+            return  # an arm of the comparison did not run: no row rather than half of one
         unit = "req/s" if key == "requests_per_s" else "ms"
         scale = 1.0 if unit == "req/s" else 1000.0
         base_value = None if other is None else getattr(other.summary, key)
@@ -663,11 +663,13 @@ def plot(runs: list[Run], workload: str, path: Path, concurrency: int) -> None:
     offered = sorted({r.offered or 0.0 for r in runs if r.mode == "open"})
     if offered:
         tput.plot(offered, offered, color="grey", linestyle=":", label="offered")
+        tput.legend()
+    else:
+        tput.text(0.5, 0.5, "no open-loop runs (--rates)", ha="center", va="center")
     tput.set_xlabel("offered load (requests/s, Poisson)")
     tput.set_ylabel("completed requests/s")
     tput.set_title(f"{workload}: throughput vs offered load")
     tput.grid(alpha=0.3)
-    tput.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
