@@ -315,7 +315,10 @@ def sizes(shape: Shape, workload: str, per_token: int, runs: int) -> ArmSizes:
     ws = shape.working_set(workload)
     max_len = shape.max_len(workload) + 16
     engine_tokens = ws // 4
-    if engine_tokens < max_len:
+    # vLLM counts whole blocks (128 tokens on CPU) and keeps one block back: the engine must
+    # still fit one request of max_len.
+    block = 128
+    if (engine_tokens // block - 1) * block < max_len:
         raise ValueError(
             f"{workload}: a quarter of the working set ({engine_tokens} tokens) cannot hold "
             f"one request of {max_len} tokens; make the workload larger"

