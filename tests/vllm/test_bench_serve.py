@@ -2,7 +2,7 @@
 tier is half the working set, a real SSD directory, a real OpenAI server), both
 workloads, closed loop. What the benchmark reports must be what happened: every request
 answered, chat rounds that grow by the model's real answers, long-document questions
-served from the connector with most of those tokens read back from disk."""
+served from the connector, a large part of them read back from disk."""
 
 from __future__ import annotations
 
