@@ -432,7 +432,7 @@ class Puller:
                 flight.settled.clear()
             if store.lookup(ns, [key])[0] == Tier.CPU:
                 return "settled"
-        if store.on_ssd(ns, key) and await store.promote(ns, key):
+        if store.on_ssd(ns, key) and await store.promote(ns, key, flight.deadline):
             return "ssd"
         source = self._source
         holders = flight.holders

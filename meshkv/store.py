@@ -526,12 +526,18 @@ class Store:
             self._counters.hits_cpu -= 1
             self._counters.misses += 1
 
-    async def promote(self, ns: NamespaceId, key: ChunkKey) -> bool:
+    async def promote(self, ns: NamespaceId, key: ChunkKey, deadline: float | None = None) -> bool:
         """Bring ``key`` from SSD (or its staged copy) into the arena; True if it is in the
         arena afterwards. Verified before it becomes visible; a file that fails its
         checksum is removed and counted. Not single-flight: the caller (the puller) makes
         sure one promotion of a key runs at a time; a key someone else is writing right
-        now is not promoted (False)."""
+        now is not promoted (False).
+
+        With a ``deadline`` (event-loop time), an arena with no evictable slot right now is
+        waited for (backing off from 2 to 50 ms) until then: slots come free within
+        milliseconds as loads release their leases and demotions reach the disk, and a
+        promotion that gives up makes the engine recompute what is on disk (measured in
+        ``bench serve``'s SSD arm: 16 % of reusable tokens recomputed without the wait)."""
         cpu, ssd = self.cpu, self._ssd
         if cpu.find(ns, key, check_ns=self.namespace_check) is not None:
             return True
@@ -541,12 +547,28 @@ class Store:
         if se is None:
             staged = self._find_staged(ns, key)
             return staged is not None and self._promote_staged(key, staged)
-        try:
-            e = cpu.reserve(se.ns, key, se.payload_len, INTERNAL_OWNER)
-        except NoSpace as exc:
-            log.info("cannot promote %s from SSD: %s", key.hex(), exc)
-            self._counters.promotion_failures += 1
-            return False
+        delay = 0.002
+        while True:
+            try:
+                e = cpu.reserve(se.ns, key, se.payload_len, INTERNAL_OWNER)
+                break
+            except NoSpace as exc:
+                loop = asyncio.get_running_loop()
+                if deadline is None or loop.time() + delay > deadline:
+                    log.info("cannot promote %s from SSD: %s", key.hex(), exc)
+                    self._counters.promotion_failures += 1
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            # The world moved while we slept: someone may have brought it in, or dropped it.
+            if cpu.find(ns, key, check_ns=self.namespace_check) is not None:
+                return True
+            if cpu.contains(key):
+                return False
+            found = ssd.find(ns, key, check_ns=self.namespace_check)
+            if found is None:
+                return False
+            se = found
         assert e is not None
         gen = e.gen
         committed = False

@@ -7,8 +7,10 @@ every token (:mod:`meshkv.bench.openai_load`):
 * ``prefix``     — vLLM's own prefix cache only (no connector);
 * ``meshkv_cpu`` — the meshkv connector and a local agent whose CPU tier holds the working set;
 * ``meshkv_ssd`` — the same with a CPU tier half the working set (``--ssd-cpu-fraction``)
-  and the SSD tier below it (evicted chunks are demoted to files, reads promote them back;
-  a cyclic pass over the documents misses a tier smaller than all of them every time);
+  and the SSD tier below it, written through (``--write-through``: every commit goes to
+  SSD, so eviction bursts drop nothing; ``--no-ssd-write-through`` demotes on eviction);
+  reads promote chunks back; a cyclic pass over the documents misses a CPU tier smaller
+  than all of them every time;
 * ``lmcache``    — LMCache 0.5.6's multiprocess server (CPU L1 as large as ``meshkv_cpu``'s
   tier) and its ``LMCacheMPConnector``, from its own venv.
 
@@ -357,7 +359,12 @@ class Stack:
                 out[f"chunks_{tier}"] = prometheus_sum(
                     agent_text, "meshkv_hit_chunks_total", f'tier="{tier}"'
                 )
-            out["demotions"] = prometheus_sum(agent_text, "meshkv_demotions_total")
+            for name in ("demotions", "demotions_dropped", "promotions", "promotion_failures",
+                         "ssd_writes_refused"):  # fmt: skip
+                out[name] = prometheus_sum(agent_text, f"meshkv_{name}_total")
+            out["lookup_miss_chunks"] = prometheus_sum(
+                agent_text, "meshkv_lookup_miss_chunks_total"
+            )
         return out
 
     def close(self) -> None:
@@ -402,6 +409,8 @@ def start_arm(
                 config = workdir / "agent.toml"
                 config.write_text(f"[store.cpu]\nsegment_bytes = {segment}\n")
                 extra = ["--config", str(config), "--ssd-gb", "16"]
+                if args.ssd_write_through:
+                    extra.append("--write-through")
             stack.agent = AgentProcess(
                 name=f"serve-{arm}", cpu_bytes=cpu, ssd_dir=ssd, log_level="warning", args=extra
             ).start()
@@ -465,6 +474,9 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
             out[tier] = d["connector"] * n / total
     if "demotions" in d:
         out["demoted_chunks"] = d["demotions"]
+        for name in ("demotions_dropped", "promotions", "promotion_failures",
+                     "ssd_writes_refused", "lookup_miss_chunks"):  # fmt: skip
+            out[name] = d[name]
     return out
 
 
@@ -736,6 +748,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ssd-cpu-fraction", type=float, default=0.5,
         help="meshkv_ssd: CPU tier as a fraction of one run's working set",
+    )  # fmt: skip
+    p.add_argument(
+        "--ssd-write-through", action=argparse.BooleanOptionalAction, default=True,
+        help="meshkv_ssd: write every committed chunk to SSD at once (--write-through) "
+        "rather than on eviction",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")

@@ -577,3 +577,38 @@ async def test_failed_start_leaves_no_arena(tmp_path: Path) -> None:
     after = {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
     assert after == before == {first.arena_name}  # the second arena was unlinked again
     await first.close(asyncio.get_running_loop().time() + 2)
+
+
+@run_async
+async def test_promotion_waits_for_a_free_slot_until_its_deadline(tmp_path: Path) -> None:
+    s = Store(config(tmp_path, slots=2, write_through=True))
+    await s.start()
+    loop = asyncio.get_running_loop()
+    put(s, 1)
+    await settle(s)
+    # Every slot taken by writers' reservations (never evictable): chunk 1 is on SSD only.
+    held: list[int] = []
+    with pytest.raises(NoSpace):
+        for i in range(10, 20):
+            assert s.reserve(NS, key(i), SLOT, 2) is not None
+            held.append(i)
+    assert held and s.lookup(NS, [key(1)]) == [Tier.SSD]
+    assert not await s.promote(NS, key(1))  # no deadline: gives up at once, counted
+    assert s.snapshot().promotion_failures == 1
+    waiting = asyncio.create_task(s.promote(NS, key(1), loop.time() + 5.0))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # waiting for a slot, not failed
+    s.abort(NS, key(held.pop()), 2)  # a writer gave its slot back
+    assert await waiting
+    assert s.lookup(NS, [key(1)]) == [Tier.CPU]
+    assert await read_bytes(s, 1) == data(1)
+    # A deadline that passes while no slot comes free: False, counted, nothing left held.
+    s.reserve(NS, key(30), SLOT, 2)  # takes the slot chunk 1 sits in (evicted: on SSD)
+    assert s.lookup(NS, [key(1)]) == [Tier.SSD]
+    started = loop.time()
+    assert not await s.promote(NS, key(1), loop.time() + 0.2)
+    assert 0.15 <= loop.time() - started < 2.0
+    assert s.snapshot().promotion_failures == 2
+    for i in [*held, 30]:
+        s.abort(NS, key(i), 2)
+    await s.close(loop.time() + 2)
