@@ -7,11 +7,14 @@ multi-round QA):
   previous one finished (no pause, so every asynchronous cost of the server, its saves
   included, is on the clock);
 * **open loop** (``rate=R``): requests start at Poisson arrival times with mean rate R per
-  second, whatever the server's speed (queueing shows as TTFT).
+  second, whatever the server's speed (queueing shows as TTFT); an arrival goes to the next
+  ready user and waits for one when none is.
 
-A request is a ``RequestSpec`` (route, body, optional headers); a *session* is an ordered
-list of requests that must run one after the other (a chat's rounds, where round k+1's
-prompt contains round k's answer); sessions run concurrently. Each request is streamed
+A request is a ``RequestSpec`` (route, body, optional headers); a ``User`` is a sequence of
+requests that must run one after the other (a chat's rounds, where round k+1's prompt
+contains round k's answer; a single request is a one-request user). ``drive`` serves the
+user whose previous answer came longest ago next (a FIFO of ready users), so users
+interleave. Each request is streamed
 (``stream: true``, with usage in the last chunk) and yields a ``RequestResult``: time to
 first token, the gaps between tokens, end-to-end latency, token counts, and the server's
 ``cached_tokens`` when it reports them. A failed request is recorded with its error, never
@@ -25,7 +28,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,10 +78,9 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-Session = Sequence[RequestSpec]
 Follow = Callable[[RequestSpec, RequestResult], RequestSpec | None]
-"""For multi-round sessions: given the previous request and its result, the next request
-(None: the session ends). Lets a chat put the model's real answer into the next prompt."""
+"""Given a request and its answer, the user's next request (None: the user is done). Lets a
+chat put the model's real answer into the next prompt."""
 
 
 async def send(
@@ -147,79 +149,87 @@ async def send(
     return result
 
 
-async def run_closed_loop(
+class User:
+    """A sequence of requests that must run one after the other (a chat user, or one
+    long-document question): ``take`` the next one; ``answered`` says whether another
+    follows (``follow`` builds it from the answer, e.g. a chat's next round)."""
+
+    def __init__(self, uid: str, first: RequestSpec, follow: Follow | None = None):
+        self.uid = uid
+        self._next: RequestSpec | None = first
+        self._follow = follow
+
+    def take(self) -> RequestSpec | None:
+        spec, self._next = self._next, None
+        return spec
+
+    def answered(self, spec: RequestSpec, result: RequestResult) -> bool:
+        """Record the answer; True when the user has another request to send."""
+        if self._follow is not None and result.ok:
+            self._next = self._follow(spec, result)
+        return self._next is not None
+
+
+async def drive(
     base_url: str,
-    sessions: Sequence[Session],
-    concurrency: int,
-    follow: Follow | None = None,
-) -> tuple[list[RequestResult], float]:
-    """Run ``sessions`` with at most ``concurrency`` in flight; returns (results, seconds)."""
-    queue: asyncio.Queue[Session] = asyncio.Queue()
-    for s in sessions:
-        queue.put_nowait(s)
-    results: list[RequestResult] = []
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        started = time.perf_counter()
-
-        async def worker() -> None:
-            while True:
-                try:
-                    sess = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await _run_session(http, base_url, sess, follow, started, results)
-
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-        elapsed = time.perf_counter() - started
-    return results, elapsed
-
-
-async def run_open_loop(
-    base_url: str,
-    sessions: Sequence[Session],
-    rate: float,
+    users: list[User],
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
     seed: int = 0,
-    follow: Follow | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Start each session at a Poisson arrival time (mean ``rate`` per second)."""
-    rng = random.Random(seed)
+    """Run every user's requests against ``base_url``: closed loop with ``concurrency``
+    requests in flight, or open loop at Poisson ``rate`` requests/s. The next request sent
+    is that of the user whose previous answer came longest ago (FIFO of ready users)."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency and rate")
+    ready: asyncio.Queue[User | None] = asyncio.Queue()
+    for user in users:
+        ready.put_nowait(user)
+    active = len(users)
     results: list[RequestResult] = []
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    stoppers = concurrency or 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         started = time.perf_counter()
-        tasks: list[Awaitable[None]] = []
-        at = 0.0
-        for sess in sessions:
-            at += rng.expovariate(rate)
-            tasks.append(_later(at, _run_session(http, base_url, sess, follow, started, results)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return results, elapsed
 
+        async def serve_one(user: User) -> None:
+            nonlocal active
+            spec = user.take()
+            assert spec is not None
+            result = await send(http, base_url, spec, started)
+            results.append(result)
+            if user.answered(spec, result):
+                ready.put_nowait(user)
+                return
+            active -= 1
+            if active == 0:
+                for _ in range(stoppers):
+                    ready.put_nowait(None)
 
-async def _later(delay: float, work: Awaitable[None]) -> None:
-    await asyncio.sleep(delay)
-    await work
+        if not users:
+            return results, 0.0
+        if concurrency is not None:
 
+            async def worker() -> None:
+                while (user := await ready.get()) is not None:
+                    await serve_one(user)
 
-async def _run_session(
-    http: aiohttp.ClientSession,
-    base_url: str,
-    sess: Session,
-    follow: Follow | None,
-    started: float,
-    results: list[RequestResult],
-) -> None:
-    pending = list(sess)
-    while pending:
-        spec = pending.pop(0)
-        result = await send(http, base_url, spec, started)
-        results.append(result)
-        if follow is not None and result.ok and not pending:
-            nxt = follow(spec, result)
-            if nxt is not None:
-                pending.append(nxt)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            assert rate is not None
+            rng = random.Random(seed)
+            tasks: list[asyncio.Task[None]] = []
+            next_at = time.perf_counter()
+            while True:
+                next_at += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                arrival = await ready.get()
+                if arrival is None:
+                    break
+                tasks.append(asyncio.create_task(serve_one(arrival)))
+            await asyncio.gather(*tasks)
+        return results, time.perf_counter() - started
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -194,9 +194,10 @@ def _wait_for_push_target(proxy_url: str, timeout: float = 60.0) -> None:
     raise RuntimeError("the proxy never learned the decode engine's agent")
 
 
-def _specs(prompts: list[list[int]], outputs: list[int], tag: str) -> list[load.Session]:
+def _specs(prompts: list[list[int]], outputs: list[int], tag: str) -> list[load.User]:
     return [
-        [
+        load.User(
+            f"{tag}-{i}",
             load.RequestSpec(
                 f"{tag}-{i}",
                 "/v1/completions",
@@ -209,8 +210,8 @@ def _specs(prompts: list[list[int]], outputs: list[int], tag: str) -> list[load.
                     "ignore_eos": True,
                 },
                 tag=tag,
-            )  # fmt: skip
-        ]
+            ),
+        )  # fmt: skip
         for i, (prompt, n) in enumerate(zip(prompts, outputs, strict=True))
     ]
 
@@ -300,9 +301,9 @@ def run(args: argparse.Namespace) -> int:
         with _arm(args, arm, workdir) as stack:
             # Warm-up: one request per engine path, untimed (kernels, connections).
             warm = _prompts(random.Random(99), 2, (256, 256), vocab)
-            asyncio.run(load.run_closed_loop(stack.url, _specs(warm, [4, 4], "warmup"), 2))
+            asyncio.run(load.drive(stack.url, _specs(warm, [4, 4], "warmup"), concurrency=2))
             results, seconds = asyncio.run(
-                load.run_closed_loop(stack.url, _specs(prompts, outputs, arm), args.concurrency)
+                load.drive(stack.url, _specs(prompts, outputs, arm), concurrency=args.concurrency)
             )
             summaries[arm] = load.summarize(results, seconds)
             ttfts[arm] = [r.ttft_s for r in results if r.ok and r.ttft_s is not None]

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from meshkv.bench import openai_load as load
 from meshkv.bench import serve
-from meshkv.bench.report import Report, Result
+from meshkv.bench.report import Report, Result, text_table
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -167,7 +167,7 @@ def run_policy(
     before = stack.engine_counters()
     load_before = os.getloadavg()[0]
     with proxy(stack, policy) as front:
-        driven = serve.drive(front.base_url, users, concurrency=args.concurrency)
+        driven = load.drive(front.base_url, users, concurrency=args.concurrency)
         results, seconds = asyncio.run(driven)
         rows = json.loads(http_get(front.base_url + "/v1/upstreams"))["upstreams"]
     after = stack.engine_counters()
@@ -254,10 +254,7 @@ def runs_table(runs: list[RouteRun]) -> str:
                 f"{r.load_avg:.1f}",
             )  # fmt: skip
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,7 +53,6 @@ import os
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ from typing import Any
 
 from meshkv.bench import openai_load as load
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
-from meshkv.bench.report import Report, Result
+from meshkv.bench.report import Report, Result, text_table
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -122,29 +121,6 @@ class Shape:
 _DEFAULT = Shape()
 
 
-class _User:
-    """A sequence of requests that must run one after the other (a chat user, or one
-    long-document question); ``next_spec`` gives the next one or None when done."""
-
-    def __init__(self, uid: str, first: load.RequestSpec, follow: _Follow | None = None):
-        self.uid = uid
-        self._next: load.RequestSpec | None = first
-        self._follow = follow
-
-    def take(self) -> load.RequestSpec | None:
-        spec, self._next = self._next, None
-        return spec
-
-    def answered(self, spec: load.RequestSpec, result: load.RequestResult) -> bool:
-        """Record the answer; True when the user has another request to send."""
-        if self._follow is not None and result.ok:
-            self._next = self._follow(spec, result)
-        return self._next is not None
-
-
-_Follow = Callable[[load.RequestSpec, load.RequestResult], load.RequestSpec | None]
-
-
 def _completion(
     rid: str, prompt: list[int], max_tokens: int, tag: str, user: str | None = None
 ) -> load.RequestSpec:
@@ -167,24 +143,25 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(FIRST_TOKEN, top) for _ in range(n)]
 
 
-def longdoc_users(shape: Shape, seed: int, vocab: int) -> tuple[list[_User], list[_User]]:
+def longdoc_users(shape: Shape, seed: int, vocab: int) -> tuple[list[load.User], list[load.User]]:
     """(warm-up users: each document once; measured users: questions cycling over them)."""
     rng = random.Random(seed)
     docs = [_tokens(rng, rng.randint(*shape.doc_tokens), vocab) for _ in range(shape.docs)]
     n = shape.doc_answer_tokens
     warm = [
-        _User(f"doc{d}", _completion(f"doc{d}-read", doc, n, "warmup"))
+        load.User(f"doc{d}", _completion(f"doc{d}-read", doc, n, "warmup"))
         for d, doc in enumerate(docs)
     ]
     measured = []
     for q in range(shape.questions):
         for d, doc in enumerate(docs):
             prompt = doc + _tokens(rng, shape.question_tokens, vocab)
-            measured.append(_User(f"doc{d}-q{q}", _completion(f"doc{d}-q{q}", prompt, n, "run")))
+            spec = _completion(f"doc{d}-q{q}", prompt, n, "run")
+            measured.append(load.User(f"doc{d}-q{q}", spec))
     return warm, measured
 
 
-def chat_users(shape: Shape, seed: int, vocab: int) -> list[_User]:
+def chat_users(shape: Shape, seed: int, vocab: int) -> list[load.User]:
     """``users`` conversations of ``rounds`` rounds over one shared system prompt."""
     rng = random.Random(seed)
     system = _tokens(rng, shape.system_tokens, vocab)
@@ -209,75 +186,8 @@ def chat_users(shape: Shape, seed: int, vocab: int) -> list[_User]:
             prompt = list(spec.body["prompt"]) + answer + questions[r]
             return _completion(f"u{u}-r{r}", prompt, shape.answer_tokens, "run", f"user{u}")
 
-        users.append(_User(f"u{u}", first, follow))
+        users.append(load.User(f"u{u}", first, follow))
     return users
-
-
-# --- driving load ------------------------------------------------------------------------
-
-
-async def drive(
-    base_url: str,
-    users: list[_User],
-    *,
-    concurrency: int | None = None,
-    rate: float | None = None,
-    seed: int = 0,
-) -> tuple[list[load.RequestResult], float]:
-    """Run every user's requests against ``base_url``: closed loop with ``concurrency``
-    requests in flight, or open loop at Poisson ``rate`` requests/s. The next request sent
-    is that of the user whose previous answer came longest ago (FIFO of ready users)."""
-    if (concurrency is None) == (rate is None):
-        raise ValueError("give exactly one of concurrency and rate")
-    ready: asyncio.Queue[_User | None] = asyncio.Queue()
-    for user in users:
-        ready.put_nowait(user)
-    active = len(users)
-    results: list[load.RequestResult] = []
-    stoppers = concurrency or 1
-
-    import aiohttp  # noqa: PLC0415 - the client library is only needed while driving
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        started = time.perf_counter()
-
-        async def serve_one(user: _User) -> None:
-            nonlocal active
-            spec = user.take()
-            assert spec is not None
-            result = await load.send(http, base_url, spec, started)
-            results.append(result)
-            if user.answered(spec, result):
-                ready.put_nowait(user)
-                return
-            active -= 1
-            if active == 0:
-                for _ in range(stoppers):
-                    ready.put_nowait(None)
-
-        if not users:
-            return results, 0.0
-        if concurrency is not None:
-
-            async def worker() -> None:
-                while (user := await ready.get()) is not None:
-                    await serve_one(user)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        else:
-            assert rate is not None
-            rng = random.Random(seed)
-            tasks: list[asyncio.Task[None]] = []
-            next_at = time.perf_counter()
-            while True:
-                next_at += rng.expovariate(rate)
-                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                arrival = await ready.get()
-                if arrival is None:
-                    break
-                tasks.append(asyncio.create_task(serve_one(arrival)))
-            await asyncio.gather(*tasks)
-        return results, time.perf_counter() - started
 
 
 # --- arms --------------------------------------------------------------------------------
@@ -489,16 +399,16 @@ def run_once(
     warmup: load.Summary | None = None
     if workload == "longdoc":
         warm, users = longdoc_users(shape, seed, vocab)
-        results, seconds = asyncio.run(drive(url, warm, concurrency=args.concurrency))
+        results, seconds = asyncio.run(load.drive(url, warm, concurrency=args.concurrency))
         warmup = load.summarize(results, seconds)
     else:
         users = chat_users(shape, seed, vocab)
     before = stack.counters()
     load_before = os.getloadavg()[0]
     if mode == "closed":
-        results, seconds = asyncio.run(drive(url, users, concurrency=int(offered)))
+        results, seconds = asyncio.run(load.drive(url, users, concurrency=int(offered)))
     else:
-        results, seconds = asyncio.run(drive(url, users, rate=offered, seed=seed))
+        results, seconds = asyncio.run(load.drive(url, users, rate=offered, seed=seed))
     after = stack.counters()
     summary = load.summarize(results, seconds)
     run = Run(
@@ -519,7 +429,7 @@ def _warm_server(url: str, vocab: int) -> None:
     """One short request, so that the first measured one does not pay the server's own
     warm-up (graph capture, allocator growth); its content is never sent again."""
     spec = _completion("server-warmup", _tokens(random.Random(-1), 64, vocab), 2, "warm")
-    results, _ = asyncio.run(drive(url, [_User("w", spec)], concurrency=1))
+    results, _ = asyncio.run(load.drive(url, [load.User("w", spec)], concurrency=1))
     if not results[0].ok:
         raise LaunchError(f"the server's first request failed: {results[0].error}")
 
@@ -637,10 +547,7 @@ def runs_table(runs: list[Run]) -> str:
                 f"{r.load_avg:.1f}",
             )  # fmt: skip
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def plot(runs: list[Run], workload: str, path: Path, concurrency: int) -> None:

@@ -1,7 +1,8 @@
-"""The load driver and workloads of ``meshkv bench serve`` against a scripted OpenAI server
-(real sockets, real streaming): concurrency bounds, the order users are served in, chat
-rounds built from the answers the server streamed, open-loop pacing, failures counted.
-The benchmark against real vLLM servers is ``tests/vllm/test_bench_serve.py``."""
+"""The load driver of the serving benchmarks (``openai_load.drive``) and the workloads of
+``meshkv bench serve`` against a scripted OpenAI server (real sockets, real streaming):
+concurrency bounds, the order users are served in, chat rounds built from the answers the
+server streamed, open-loop pacing, failures counted. The benchmark against real vLLM
+servers is ``tests/vllm/test_bench_serve.py``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from meshkv.bench import openai_load as load
 from meshkv.bench import serve
 from meshkv.bench.ssd_raw import measure_raw
 from meshkv.launch import free_port
@@ -78,7 +80,7 @@ def test_chat_rounds_grow_by_the_streamed_answer_and_users_interleave() -> None:
         runner, url = await _serve(script)
         try:
             users = serve.chat_users(SHAPE, seed=1, vocab=500)
-            results, _ = await serve.drive(url, users, concurrency=2)
+            results, _ = await load.drive(url, users, concurrency=2)
             return results
         finally:
             await runner.cleanup()
@@ -125,7 +127,7 @@ def test_open_loop_paces_arrivals_and_counts_failures() -> None:
         try:
             _, users = serve.longdoc_users(SHAPE, seed=3, vocab=500)
             users = users + serve.longdoc_users(SHAPE, seed=4, vocab=500)[1]
-            return await serve.drive(url, users, rate=20.0, seed=0)
+            return await load.drive(url, users, rate=20.0, seed=0)
         finally:
             await runner.cleanup()
 
@@ -143,7 +145,7 @@ def test_open_loop_paces_arrivals_and_counts_failures() -> None:
 
 def test_drive_needs_exactly_one_load_shape() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        asyncio.run(serve.drive("http://127.0.0.1:9", [], concurrency=2, rate=1.0))
+        asyncio.run(load.drive("http://127.0.0.1:9", [], concurrency=2, rate=1.0))
 
 
 def test_workloads_too_small_for_a_quarter_engine_are_refused() -> None:
