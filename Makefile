@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim clean-cache
+.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -88,6 +88,14 @@ bench-serve: venv
 
 clean-cache:
 	rm -rf $(VENV)
+# Coverage-guided fuzzing of every decoder (atheris/libFuzzer), FUZZ_SECONDS per target
+# (10 targets; docs/reliability.md has the last run). The suite runs the same targets
+# under hypothesis.
+FUZZ_SECONDS ?= 120
+fuzz: venv
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q "atheris==3.0.0"
+	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) --json $(CACHE)/fuzz.json \
+		--workdir $(CACHE)/fuzz
 
 # Traffic simulations (docs/simulations.md): every JSON and PNG regenerated from the seed.
 sim: venv

@@ -165,10 +165,29 @@ _STORE_SCALARS: dict[str, tuple[str, str, bool]] = {
     "leases_open": ("meshkv_leases", "Open read leases (pins)", False),
     "pinned_chunks": ("meshkv_pinned_chunks", "Chunks with at least one open lease", False),
     "reservations_open": ("meshkv_reservations", "Open slot reservations", False),
-    "leases_expired": ("meshkv_expired_leases", "Read leases reclaimed at expiry", True),
+    "leases_expired": (
+        "meshkv_expired_leases",
+        "Read leases that passed their deadline (their slots stay pinned until released)",
+        True,
+    ),
     "reservations_expired": (
         "meshkv_expired_reservations",
-        "Reservations reclaimed at expiry",
+        "Reservations voided at their deadline (slots fenced until the writer is done)",
+        True,
+    ),
+    "leases_overdue": (
+        "meshkv_overdue_leases",
+        "Open leases past their deadline (a client that does not release)",
+        False,
+    ),
+    "fenced_slots": (
+        "meshkv_fenced_slots",
+        "Slots of voided reservations not reused until their writer commits, aborts or leaves",
+        False,
+    ),
+    "late_commits": (
+        "meshkv_late_commits",
+        "Commits refused because the reservation had expired",
         True,
     ),
     "checksum_failures": (

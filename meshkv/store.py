@@ -574,8 +574,8 @@ class Store:
         committed = False
         try:
             got = await ssd.read_into(ns if self.namespace_check else None, key, cpu.view(e))
-            if e.gen != gen:
-                return False  # the reservation expired while we read
+            if e.gen != gen or e.state is not State.RESERVED:
+                return False  # voided while we read (the finally lifts its fence)
             if got is None:
                 self._counters.promotion_failures += 1
                 return False
@@ -587,8 +587,8 @@ class Store:
             self._emit_committed(key, False)
             return True
         finally:
-            if not committed and e.gen == gen and e.state is State.RESERVED:
-                cpu.abort(se.ns, key, INTERNAL_OWNER)
+            if not committed and e.gen == gen:
+                cpu.abort(se.ns, key, INTERNAL_OWNER)  # also lifts the fence of a voided one
 
     def _promote_staged(self, key: ChunkKey, staged: _Staged) -> bool:
         cpu = self.cpu
@@ -809,6 +809,9 @@ class Store:
             reservations_open=cpu.reserved,
             leases_expired=cc.leases_expired,
             reservations_expired=cc.reservations_expired,
+            leases_overdue=cpu.overdue_leases,
+            fenced_slots=cpu.fenced_slots,
+            late_commits=cc.late_commits,
             checksum_failures=c.checksum_failures,
             checksums_pending=c.checksums_pending,
             demotions=cc.evictions.get("demoted", 0),

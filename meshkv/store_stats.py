@@ -42,6 +42,9 @@ class StoreStats:
     reservations_open: int = 0
     leases_expired: int = 0
     reservations_expired: int = 0
+    leases_overdue: int = 0
+    fenced_slots: int = 0
+    late_commits: int = 0
     checksum_failures: int = 0
     checksums_pending: int = 0
     demotions: int = 0

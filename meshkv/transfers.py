@@ -5,9 +5,9 @@ When a prefill engine commits the chunks of a request that a decode engine will 
 then pins those chunks under the transfer (so eviction cannot take them before the decode
 side has them) and, when the request named a decode node, pushes them there at once. The
 pins end when the consumer's agent says it is done (``TRANSFER_DONE`` over the mesh: every
-chunk arrived or was given up), or when the hold's deadline passes (the store reclaims an
-expired lease and counts it), whichever comes first, so nothing leaks if the decode side
-never comes.
+chunk arrived or was given up), or when the hold's deadline passes (a timer gives the pins
+back; the store itself never closes a lease), whichever comes first, so nothing leaks if the
+decode side never comes.
 
 The hold deadline is the producer's promise: vLLM's NIXL connector keeps the prefill's blocks
 for a 30 s lease for the same reason; meshkv holds arena copies, not engine blocks, so the
@@ -98,6 +98,8 @@ class Transfers:
             else:
                 ids.append(lease)
         self._held[transfer_id] = (ids, deadline)  # re-inserted: newest last
+        if before == 0:  # give the hold back at its deadline even if no other hold comes
+            loop.call_at(deadline, lambda: self._expire(loop.time()))
         if before == 0 and ids:
             self.stats.held += 1
         self.stats.chunks_held += len(ids) - before
@@ -126,13 +128,14 @@ class Transfers:
     def _expire(self, now: float) -> None:
         for transfer_id, (_, deadline) in list(self._held.items()):
             if deadline <= now:
-                # The store reclaims (and counts) expired leases on its own; forget ours.
-                del self._held[transfer_id]
+                # The store never reclaims a lease on its own (an overdue lease keeps its
+                # slot, see tiers/cpu): give the hold back here.
+                self._release(transfer_id)
                 self.stats.expired += 1
 
     def _release(self, transfer_id: str) -> None:
         ids, _ = self._held.pop(transfer_id)
         try:
             self._store.release(ids, TRANSFER_OWNER)
-        except MeshKVError as exc:  # some expired meanwhile (reclaimed by the store)
-            logger.debug("releasing transfer %s: %s", transfer_id, exc)
+        except MeshKVError as exc:  # a bug: the store never closes these leases itself
+            logger.warning("releasing transfer %s: %s", transfer_id, exc)

@@ -35,6 +35,7 @@ from meshkv.errors import (
     MeshKVError,
     NamespaceMismatch,
     NoSpace,
+    NotReserved,
     TransportError,
 )
 from meshkv.latency import LatencyHistogram
@@ -67,7 +68,7 @@ class FetchStats:
     pull_bytes: int = 0
     """Payload bytes pulled and committed."""
     failures: Counter[str] = field(default_factory=Counter)
-    """Failed attempts by cause: lookup, dead, timeout, transport, checksum, stale,
+    """Failed attempts by cause: lookup, dead, timeout, transport, checksum, stale, expired,
     no_space, remote."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Seconds of successful pull attempts, request sent to commit."""
@@ -219,7 +220,11 @@ class Fetcher:
             return "checksum"
         if not reserved:
             return None  # another path stored it while the bytes were in flight
-        store.commit(ns, key, MESH_OWNER, record.num_tokens, record.checksum)
+        try:
+            store.commit(ns, key, MESH_OWNER, record.num_tokens, record.checksum)
+        except NotReserved as exc:  # voided: the pull outlived the reservation's deadline
+            logger.warning("pull of %s from %s: %s", key.hex(), holder, exc)
+            return "expired"
         self.stats.latency.observe(loop.time() - started)
         self.stats.pulls_ok += 1
         self.stats.pull_bytes += record.payload_len

@@ -58,7 +58,7 @@ SERVE_LEASE_S = 30.0
 MAX_GET_WAIT_S = 2.0
 """Longest a ``CHUNK_GET`` waits for a commit in progress here."""
 MAX_PENDING_PUSHES = 256
-"""Most pushed payloads being received at once; more land in scratch memory and are
+"""Most pushed payloads being received at once; more land in the scratch sink and are
 dropped (the pusher sees ``stored: false``)."""
 
 MEMBERSHIP_MESSAGES = (mm.Ping, mm.Ack, mm.PingReq, mm.Nack, mm.Gossip, mm.PushPull)
@@ -90,6 +90,9 @@ class PeerServer:
         self._store = store
         self._residency = residency
         self._pushes: dict[tuple[str, int], tuple[RecordHeader, float]] = {}
+        self._sink = bytearray()
+        """Where pushed payloads that will be dropped land: one buffer shared by all of
+        them (nobody reads it), so a peer cannot make this node allocate per frame."""
         self.stats = PeerServerStats()
 
     async def handle(self, peer: PeerInfo, msg: Message) -> Message | None:
@@ -178,25 +181,37 @@ class PeerServer:
     def alloc(
         self, peer: PeerInfo, kind: MsgKind, header: Mapping[str, Any], length: int
     ) -> memoryview | None:
-        """Where a pushed payload lands: a slot reserved in the store, when one is free."""
-        if kind != MsgKind.CHUNK_PUSH or len(self._pushes) >= MAX_PENDING_PUSHES:
-            return None
+        """Where a pushed payload lands: a slot reserved in the store when one is free,
+        else the shared sink (dropped). Only ``CHUNK_PUSH`` carries a payload: any other
+        request with one is refused (its bytes are skipped, never buffered)."""
+        if kind != MsgKind.CHUNK_PUSH:
+            self.stats.bad_messages += 1
+            raise ProtocolError(f"{kind.name} requests carry no payload ({length} bytes sent)")
+        if len(self._pushes) >= MAX_PENDING_PUSHES:
+            return self._drop_into(length)
         try:
             push_id = _push_id(header)
             record = RecordHeader.unpack(_field(header, "record", bytes))
         except (ProtocolError, ChecksumMismatch):
-            return None  # the handler reports the error
+            return self._drop_into(length)  # the handler reports the error
         if record.payload_len != length or (peer.node_id, push_id) in self._pushes:
-            return None
+            return self._drop_into(length)
         try:
             slot = self._store.reserve(record.namespace, record.key, length, PUSH_OWNER)
         except MeshKVError as exc:
             logger.debug("no slot for a pushed chunk: %s", exc)
-            return None
+            return self._drop_into(length)
         if slot is None:
-            return None
+            return self._drop_into(length)
         self._pushes[(peer.node_id, push_id)] = (record, self._node.now())
         return self._store.payload(slot)
+
+    def _drop_into(self, length: int) -> memoryview:
+        """The sink, grown to ``length`` (at most the transport's payload limit, the
+        largest chunk)."""
+        if len(self._sink) < length:
+            self._sink = bytearray(length)
+        return memoryview(self._sink)[:length]
 
     def _chunk_push(self, peer: PeerInfo, msg: Message) -> Message:
         push_id = _push_id(msg.header)

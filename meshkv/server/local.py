@@ -477,13 +477,18 @@ class _Connection(asyncio.Protocol):
         tokens = parse_ints(message, "tokens", len(keys))
         checksums = parse_optional_ints(message, "checksums", len(keys))
         store, owner = self.store, self.conn_id
+        failed: list[str] = []
         for i, key in enumerate(keys):
             try:
                 store.commit(ns, key, owner, tokens[i], checksums[i])
-            except NotReserved as exc:
-                raise NotReserved(
-                    f"commit of key {i} ({key.hex()}): {exc}; keys before it were committed"
-                ) from exc
+            except NotReserved as exc:  # the others still land: each is its own chunk
+                failed.append(f"key {i}: {exc}")
+        if failed:
+            raise NotReserved(
+                f"{len(failed)} of {len(keys)} keys not committed (the rest were): "
+                + "; ".join(failed[:4])
+                + (" ..." if len(failed) > 4 else "")
+            )
         return {}
 
     def _hold(self, message: dict[str, Any]) -> Reply:

@@ -8,13 +8,21 @@ Life of a slot::
 
     free ──reserve──▶ RESERVED ──commit──▶ COMMITTED ──evict / clear / drop──▶ DETACHED ──▶ free
                          │  (owner writes)      │ pins (leases) and holds       (no longer in the
-                         └──abort / expiry──────┼─────────────────────────▶ free  index; freed when
-                                                                                  the last pin or
-                                                                                  hold goes)
+                         ├──abort───────────────┼─────────────────────────▶ free  index; freed when
+                         └──expiry──▶ DETACHED, fenced: freed when the owner      the last pin or
+                                      commits/aborts it or disconnects            hold goes)
 
 Invariant 4: a slot with a pin (a reader's lease) or a hold (an SSD write from the slot)
 is never evicted or reused; the victim search skips it. The background checksum does not
 hold a slot: it checks the slot's generation before storing its result.
+
+Fencing: the engines map the arena, so the tier cannot revoke a client's access to a slot;
+it can only refuse to reuse the slot while the client may still touch it. An expired lease
+therefore stays open (*overdue*: counted and logged, its slot still pinned) until its owner
+releases it or disconnects, and an expired reservation is *voided* (the key leaves the index,
+so others may store it; a late commit fails) while its slot stays held until the owner's
+commit or abort says its copy ended, or the owner disconnects. A late copy thus lands in a
+slot nobody reads, never in another chunk.
 """
 
 from __future__ import annotations
@@ -55,9 +63,11 @@ class CpuTierConfig:
     eviction: str = "s3fifo"
     """Eviction policy: ``s3fifo`` (scan-resistant) or ``lru``."""
     reserve_timeout_s: float = 60.0
-    """A reservation not committed within this time is reclaimed (its writer died)."""
+    """A reservation not committed within this time is voided (its slot fenced until the
+    writer commits, aborts or disconnects)."""
     max_lease_s: float = 600.0
-    """Upper bound on a read lease; longer requests are clamped."""
+    """Upper bound on a read lease; longer requests are clamped. A lease past its deadline
+    is counted as overdue and keeps its slot until released or its owner disconnects."""
     max_leases: int = 1 << 16
     """Open read leases at most; more reads raise ``NoSpace`` until some are released."""
     prefault: bool = True
@@ -126,6 +136,7 @@ class Lease:
     entry: Entry
     owner: int
     expires_at: float
+    overdue: bool = False
 
 
 @dataclass(slots=True)
@@ -140,7 +151,11 @@ class CpuCounters:
     evictions: dict[str, int] = field(default_factory=dict)
     """By reason: ``capacity`` (dropped), ``demoted`` (moved to SSD), ``checksum``, ``clear``."""
     leases_expired: int = 0
+    """Leases that passed their deadline (each counted once; see *overdue*)."""
     reservations_expired: int = 0
+    """Reservations voided at their deadline."""
+    late_commits: int = 0
+    """Commits of a voided reservation (refused: the chunk was not stored)."""
     demotions_started: int = 0
     demotions_dropped: int = 0
     checksum_failures: int = 0
@@ -191,6 +206,11 @@ class CpuTier:
         self._reserve_heap: list[tuple[float, int, int]] = []
         self._owner_leases: dict[int, set[int]] = {}
         self._owner_reserved: dict[int, set[ChunkKey]] = {}
+        self._voided: dict[tuple[int, ChunkKey], list[Entry]] = {}
+        """(owner, key) → slots of voided reservations, fenced until the owner is done."""
+        self.overdue_leases = 0
+        self.fenced_bytes = 0
+        """Slot bytes of voided reservations still fenced."""
         self.counters = CpuCounters()
         self.used_bytes = 0
         self.reserved = 0
@@ -405,6 +425,12 @@ class CpuTier:
         _check_key(key)
         e = self._index.get(key)
         if e is None or e.state is not State.RESERVED or e.owner != owner or e.ns != ns:
+            if self._unfence(owner, key):
+                self.counters.late_commits += 1
+                raise NotReserved(
+                    f"commit of chunk {key.hex()} after its reservation expired "
+                    f"({self.config.reserve_timeout_s:g} s); the chunk was not stored"
+                )
             raise NotReserved(f"commit of chunk {key.hex()} that this connection did not reserve")
         if not 0 <= num_tokens < 1 << 32:
             raise ValueError(f"num_tokens out of range: {num_tokens}")
@@ -425,9 +451,12 @@ class CpuTier:
         return e
 
     def abort(self, ns: NamespaceId, key: ChunkKey, owner: int) -> None:
+        """Give up a reservation; a voided one is accepted too (its fence is lifted)."""
         _check_key(key)
         e = self._index.get(key)
         if e is None or e.state is not State.RESERVED or e.owner != owner or e.ns != ns:
+            if self._unfence(owner, key):
+                return
             raise NotReserved(f"abort of chunk {key.hex()} that this connection did not reserve")
         self._drop_reservation(e)
         del self._index[key]
@@ -442,6 +471,33 @@ class CpuTier:
             keys.discard(e.key)
             if not keys:
                 del self._owner_reserved[e.owner]
+
+    def _void(self, e: Entry) -> None:
+        """An expired reservation: out of the index, its slot fenced for its owner."""
+        self._drop_reservation(e)
+        del self._index[e.key]
+        e.state = State.DETACHED
+        e.holds += 1
+        self._voided.setdefault((e.owner, e.key), []).append(e)
+        self.fenced_bytes += self.alloc.slot_bytes(e.slot)
+        if self.on_abort is not None:
+            self.on_abort(e.key)
+
+    def _unfence(self, owner: int, key: ChunkKey) -> bool:
+        """Lift the oldest fence of ``owner`` on ``key``; False if there is none."""
+        fenced = self._voided.get((owner, key))
+        if not fenced:
+            return False
+        e = fenced.pop(0)
+        if not fenced:
+            del self._voided[(owner, key)]
+        self.fenced_bytes -= self.alloc.slot_bytes(e.slot)
+        self.unhold(e, e.gen)
+        return True
+
+    @property
+    def fenced_slots(self) -> int:
+        return sum(len(v) for v in self._voided.values())
 
     # ------------------------------------------------------------------ reads
 
@@ -472,7 +528,8 @@ class CpuTier:
         return lease
 
     def release(self, lease_ids: list[int] | tuple[int, ...], owner: int) -> None:
-        """Close leases; raises ``NotPinned`` (after closing the valid ones) for unknown ids."""
+        """Close leases (overdue ones too); raises ``NotPinned`` (after closing the valid
+        ones) for unknown ids."""
         unknown: list[int] = []
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id)
@@ -483,7 +540,7 @@ class CpuTier:
         if unknown:
             raise NotPinned(
                 f"release of lease(s) {unknown} that are not open for this connection "
-                "(already released or expired)"
+                "(already released, or never opened)"
             )
 
     def _close_lease(self, lease_id: int, lease: Lease) -> None:
@@ -492,13 +549,15 @@ class CpuTier:
         if len(heap) > 4 * len(self._leases) + HEAP_SLACK:
             # Released leases stay in the heap until their deadline; rebuild it when they
             # dominate, so its size stays proportional to the open leases.
-            heap[:] = [(x.expires_at, i) for i, x in self._leases.items()]
+            heap[:] = [(x.expires_at, i) for i, x in self._leases.items() if not x.overdue]
             heapq.heapify(heap)
         ids = self._owner_leases.get(lease.owner)
         if ids is not None:
             ids.discard(lease_id)
             if not ids:
                 del self._owner_leases[lease.owner]
+        if lease.overdue:
+            self.overdue_leases -= 1
         e = lease.entry
         e.pins -= 1
         if e.pins == 0:
@@ -562,31 +621,47 @@ class CpuTier:
         return dropped
 
     def release_owner(self, owner: int) -> None:
-        """A connection went away: close its leases and abort its reservations."""
+        """A connection went away: close its leases, abort its reservations, lift its fences."""
         for lease_id in list(self._owner_leases.get(owner, ())):
             self._close_lease(lease_id, self._leases[lease_id])
         for key in list(self._owner_reserved.get(owner, ())):
             e = self._index[key]
             self.abort(e.ns, key, owner)
+        for o, key in [k for k in self._voided if k[0] == owner]:
+            while self._unfence(o, key):
+                pass
 
     def sweep(self, now: float) -> None:
-        """Reclaim expired leases and reservations (counted)."""
+        """Mark expired leases overdue and void expired reservations (counted; see the
+        module's note on fencing)."""
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
             _, lease_id = heapq.heappop(heap)
             lease = self._leases.get(lease_id)
-            if lease is not None:
+            if lease is not None and not lease.overdue:
+                lease.overdue = True
+                self.overdue_leases += 1
                 self.counters.leases_expired += 1
-                log.info("read lease %d on %s expired", lease_id, lease.entry.key.hex())
-                self._close_lease(lease_id, lease)
+                log.warning(
+                    "read lease %d of owner %d on %s is overdue; its slot stays pinned until "
+                    "it is released or the owner disconnects",
+                    lease_id,
+                    lease.owner,
+                    lease.entry.key.hex(),
+                )
         rheap = self._reserve_heap
         while rheap and rheap[0][0] <= now:
             _, slot, gen = heapq.heappop(rheap)
             e = self._entries[slot]
             if e is not None and e.gen == gen and e.state is State.RESERVED:
                 self.counters.reservations_expired += 1
-                log.warning("reservation of %s by owner %d expired", e.key.hex(), e.owner)
-                self.abort(e.ns, e.key, e.owner)
+                log.warning(
+                    "reservation of %s by owner %d expired: voided, its slot fenced until the "
+                    "owner commits, aborts or disconnects",
+                    e.key.hex(),
+                    e.owner,
+                )
+                self._void(e)
 
     def verify(self, e: Entry) -> bool:
         """Re-hash the arena bytes of ``e`` against its checksum (False on damage)."""

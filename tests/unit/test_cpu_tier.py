@@ -1,4 +1,5 @@
-"""CPU tier: reservations, commits, leases, expiry, eviction (never of a pinned slot)."""
+"""CPU tier: reservations, commits, leases, expiry and fencing, eviction (never of a pinned
+slot)."""
 
 from __future__ import annotations
 
@@ -129,29 +130,81 @@ def test_every_slot_reserved_gives_no_space(tier: CpuTier) -> None:
         tier.reserve(NS, key(9), SLOT, 1)
 
 
-def test_expired_lease_is_reclaimed_and_counted(tier: CpuTier, clock: Clock) -> None:
+def test_expired_lease_is_overdue_and_keeps_its_slot(tier: CpuTier, clock: Clock) -> None:
     store(tier, 1)
     e = tier.find(NS, key(1))
     assert e is not None
     lease = tier.pin(e, 1, 2.0)
     clock.now += 1.0
     tier.sweep(clock.now)
-    assert e.pins == 1
+    assert tier.overdue_leases == 0
     clock.now += 1.5
     tier.sweep(clock.now)
-    assert e.pins == 0 and tier.counters.leases_expired == 1
+    tier.sweep(clock.now)  # counted once
+    assert tier.counters.leases_expired == 1 and tier.overdue_leases == 1
+    # The reader may still be copying: the slot is neither evicted nor reused.
+    for i in range(2, 12):
+        store(tier, i)
+    assert tier.find(NS, key(1)) is e and e.pins == 1
+    assert bytes(tier.view(e)[:8]) == (1).to_bytes(8, "little")
+    tier.release([lease.lease_id], 1)  # a late release is accepted
+    assert e.pins == 0 and tier.overdue_leases == 0 and tier.open_leases == 0
     with pytest.raises(NotPinned):
         tier.release([lease.lease_id], 1)
 
 
-def test_expired_reservation_is_reclaimed(tier: CpuTier, clock: Clock) -> None:
-    assert tier.reserve(NS, key(1), SLOT, 1) is not None
+def test_overdue_lease_goes_with_its_owner(tier: CpuTier, clock: Clock) -> None:
+    store(tier, 1)
+    e = tier.find(NS, key(1))
+    assert e is not None
+    tier.pin(e, 7, 1.0)
+    clock.now += 2.0
+    tier.sweep(clock.now)
+    assert tier.overdue_leases == 1
+    tier.release_owner(7)
+    assert e.pins == 0 and tier.overdue_leases == 0
+
+
+def test_expired_reservation_is_voided_and_fenced(tier: CpuTier, clock: Clock) -> None:
+    late = tier.reserve(NS, key(1), SLOT, 1)
+    assert late is not None
+    slot = late.slot
     clock.now += 11.0
     tier.sweep(clock.now)
     assert tier.counters.reservations_expired == 1
-    assert not tier.contains(key(1)) and tier.used_bytes == 0
+    assert not tier.contains(key(1)) and tier.fenced_slots == 1
+    assert tier.used_bytes == SLOT  # fenced: the late writer may still be copying
+    # Fill the tier over and over: the fenced slot is never handed out.
+    for i in range(2, 20):
+        store(tier, i)
+        e = tier.find(NS, key(i))
+        assert e is not None and e.slot != slot
+    # Someone else may store the same key meanwhile (into another slot).
+    store(tier, 1, owner=2)
+    tier.view(late)[:8] = b"LATELATE"  # the late copy lands where nobody reads
+    got = tier.find(NS, key(1))
+    assert got is not None and bytes(tier.view(got)[:8]) == (1).to_bytes(8, "little")
+    with pytest.raises(NotReserved, match="expired"):
+        tier.commit(NS, key(1), 1, 16, None)  # the late commit is refused...
+    assert tier.fenced_slots == 0 and tier.counters.late_commits == 1  # ...and lifts the fence
+    store(tier, 30)  # the slot is usable again
     with pytest.raises(NotReserved):
         tier.commit(NS, key(1), 1, 16, None)
+
+
+def test_voided_reservation_abort_and_disconnect_lift_the_fence(
+    tier: CpuTier, clock: Clock
+) -> None:
+    assert tier.reserve(NS, key(1), SLOT, 1) is not None
+    assert tier.reserve(NS, key(2), SLOT, 3) is not None
+    clock.now += 11.0
+    tier.sweep(clock.now)
+    assert tier.fenced_slots == 2 and tier.used_bytes == 2 * SLOT
+    tier.abort(NS, key(1), 1)  # the writer gave up late: accepted, fence lifted
+    tier.release_owner(3)  # the other writer disconnected
+    assert tier.fenced_slots == 0 and tier.used_bytes == 0 and tier.fenced_bytes == 0
+    with pytest.raises(NotReserved):
+        tier.abort(NS, key(1), 1)
 
 
 def test_release_owner_frees_leases_and_reservations(tier: CpuTier) -> None:

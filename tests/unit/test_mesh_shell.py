@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meshkv.chunk import ChunkKey, Namespace, NamespaceId, payload_checksum
+from meshkv.chunk import ChunkKey, Namespace, NamespaceId, RecordHeader, payload_checksum
 from meshkv.errors import ProtocolError
 from meshkv.mesh import messages as mm
 from meshkv.mesh.fetch import Fetcher
@@ -385,3 +385,34 @@ def test_peer_server_transfer_done_and_bad_frames() -> None:
             assert w.b.server.stats.bad_messages == 4
 
     run(main)
+
+
+def test_a_payload_on_a_request_that_takes_none_is_refused_unbuffered() -> None:
+    """A peer that sends a 1 MiB payload with a lookup gets an error, the node allocates
+    nothing for it, and the connection keeps serving."""
+
+    async def main() -> None:
+        async with world() as w:
+            conn = await w.view.connection("b:7000", soon())
+            lookup = mm.Lookup(1, "a", (bytes(16),))
+            with pytest.raises(ProtocolError, match="carry no payload"):
+                await conn.request(
+                    MsgKind.DIR_LOOKUP,
+                    {"m": lookup.to_wire()},
+                    bytes(1 << 20),
+                    deadline=soon(),
+                )
+            assert w.b.server.stats.bad_messages == 1
+            reply = await conn.request(MsgKind.DIR_LOOKUP, {"m": lookup.to_wire()}, deadline=soon())
+            assert isinstance(mm.decode(reply.header["m"]), mm.LookupReply)
+            # A push the node will drop (no such pending record) lands in one shared sink.
+            # (a record whose length disagrees with the payload's: never reserved)
+            record = RecordHeader(NS, ChunkKey(bytes(16)), 16, 100, 0).pack()
+            for i in range(3):
+                reply = await conn.request(
+                    MsgKind.CHUNK_PUSH, {"push": i, "record": record}, bytes(4096), deadline=soon()
+                )
+                assert reply.header == {"stored": False}
+            assert len(w.b.server._sink) == 4096
+
+    asyncio.run(main())

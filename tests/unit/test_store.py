@@ -274,7 +274,7 @@ async def test_corrupt_ssd_chunk_is_a_miss_through_the_store(tmp_path: Path) -> 
 
 
 @run_async
-async def test_expired_lease_counted_in_snapshot(tmp_path: Path) -> None:
+async def test_overdue_lease_counted_in_snapshot(tmp_path: Path) -> None:
     s = Store(config(None))
     await s.start()
     put(s, 1)
@@ -282,7 +282,11 @@ async def test_expired_lease_counted_in_snapshot(tmp_path: Path) -> None:
     assert pin is not None
     await asyncio.sleep(0.1)
     s.sweep()
-    assert s.snapshot().leases_expired == 1 and s.snapshot().leases_open == 0
+    st = s.snapshot()
+    assert st.leases_expired == 1 and st.leases_overdue == 1 and st.leases_open == 1
+    s.release([pin.lease_id], 1)
+    st = s.snapshot()
+    assert st.leases_overdue == 0 and st.leases_open == 0
     with pytest.raises(NotPinned):
         s.release([pin.lease_id], 1)
     await s.close(asyncio.get_running_loop().time() + 2)
@@ -514,8 +518,11 @@ async def test_release_owner_aborts_reservations_and_expired_reservation_swept(
     await asyncio.sleep(0.1)
     s.sweep()
     st = s.snapshot()
-    assert st.reservations_expired == 1 and st.reservations_open == 0
-    assert st.tiers["cpu"].usage_bytes == 0
+    assert st.reservations_expired == 1 and st.reservations_open == 0 and st.fenced_slots == 1
+    assert st.tiers["cpu"].usage_bytes == SLOT  # fenced until owner 10 is done
+    s.release_owner(10)
+    st = s.snapshot()
+    assert st.fenced_slots == 0 and st.tiers["cpu"].usage_bytes == 0
     await s.close(asyncio.get_running_loop().time() + 2)
 
 
