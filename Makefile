@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz clean-cache
+.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -88,6 +88,16 @@ bench-serve: venv
 
 clean-cache:
 	rm -rf $(VENV)
+# Faults under serving load (~5 min): a real OpenAI server and concurrent users while the
+# agent is killed, frozen, its SSD filled (a tmpfs: needs root) and its chunk files damaged.
+# The suite runs the kill and damage scenarios; docs/reliability.md has the table.
+faults: venv
+	$(PY) -m benchmarks.faults --json $(CACHE)/faults.json
+# 30 minutes of mixed load and agent churn on a 3-agent mesh, then a leak check (RSS, fds,
+# tasks, leases, reservations, fenced slots); the suite runs 3 minutes of it.
+SOAK_MINUTES ?= 30
+soak: venv
+	$(PY) -m meshkv bench soak --minutes $(SOAK_MINUTES) --json $(CACHE)/soak.json
 # Coverage-guided fuzzing of every decoder (atheris/libFuzzer), FUZZ_SECONDS per target
 # (10 targets; docs/reliability.md has the last run). The suite runs the same targets
 # under hypothesis.

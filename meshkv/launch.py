@@ -307,6 +307,36 @@ class AgentProcess:
         return log_tail(self.log_path, 1 << 20)
 
 
+def write_secret(directory: Path, name: str = "mesh.secret") -> Path:
+    """A fresh mesh secret file (mode 0600) in ``directory``."""
+    path = directory / name
+    path.write_text(os.urandom(24).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def mesh_args(
+    secret: Path,
+    *,
+    join: list[str] | None = None,
+    listen: str = "127.0.0.1:0",
+    preset: str = "local",
+    replicas: int = 1,
+    transport: str = "tcp",
+) -> list[str]:
+    """``meshkv agent`` flags that make it a mesh member (``join``: seed addresses)."""
+    args = [
+        "--listen", listen,
+        "--mesh-secret-file", str(secret),
+        "--mesh-preset", preset,
+        "--replicas", str(replicas),
+        "--transport", transport,
+    ]  # fmt: skip
+    if join:
+        args += ["--join", ",".join(join)]
+    return args
+
+
 def vllm_server_command(
     python: str,
     model: str,

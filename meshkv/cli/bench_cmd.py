@@ -1,5 +1,5 @@
-"""``meshkv bench {local,mesh,kernels,pd,serve,route}``: measure this deployment against its
-own limits.
+"""``meshkv bench {local,mesh,kernels,pd,serve,route,faults,soak}``: measure this deployment
+against its own limits.
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and
 writes the shared JSON shape (see ``meshkv.bench.report``). Comparisons with other systems
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from meshkv.bench import kernels, local, mesh, pd, route, serve
+from meshkv.bench import faults, kernels, local, mesh, pd, route, serve, soak
 
 BENCHMARKS = {
     "local": ("CPU and SSD tiers through a real agent's local channel", local),
@@ -20,6 +20,8 @@ BENCHMARKS = {
     "kernels": ("gather/scatter kernels against a plain copy", kernels),
     "pd": ("prefill/decode disaggregation against aggregated engines (real vLLM servers)", pd),
     "serve": ("many users on real OpenAI servers: meshkv vs LMCache vs prefix cache", serve),
+    "faults": ("kill, stall, fill and damage the agent while a real server serves users", faults),
+    "soak": ("mixed load and agent churn on a small mesh for N minutes, then a leak check", soak),
     "route": ("routing policies over several engines, with and without the mesh", route),
 }
 

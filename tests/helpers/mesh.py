@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,37 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from meshkv.launch import AgentProcess
+from meshkv.launch import AgentProcess, mesh_args, write_secret  # noqa: F401 (re-exported)
 
 CONVERGE_TIMEOUT_S = 20.0
-
-
-def write_secret(directory: Path, name: str = "mesh.secret") -> Path:
-    path = directory / name
-    path.write_text(os.urandom(24).hex() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def mesh_args(
-    secret: Path,
-    *,
-    join: list[str] | None = None,
-    listen: str = "127.0.0.1:0",
-    preset: str = "local",
-    replicas: int = 1,
-    transport: str = "tcp",
-) -> list[str]:
-    args = [
-        "--listen", listen,
-        "--mesh-secret-file", str(secret),
-        "--mesh-preset", preset,
-        "--replicas", str(replicas),
-        "--transport", transport,
-    ]  # fmt: skip
-    if join:
-        args += ["--join", ",".join(join)]
-    return args
 
 
 def peer_address(agent: AgentProcess) -> str:
