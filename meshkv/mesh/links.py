@@ -107,8 +107,10 @@ class PeerLinks:
     def forget(self, address: str) -> None:
         """Drop the control link of a peer that left or died (its queue is discarded)."""
         link = self._links.pop(address, None)
-        if link is not None and link.task is not None:
-            link.task.cancel()
+        if link is not None:
+            link.wakeup.set()  # an idle task wakes, sees it is forgotten and ends
+            if link.task is not None:
+                link.task.cancel()
 
     async def close(self) -> None:
         self._closed = True
@@ -135,6 +137,12 @@ class PeerLinks:
         loop = asyncio.get_running_loop()
         try:
             while True:
+                if self._links.get(link.address) is not link:
+                    # Forgotten (the peer died or left) or replaced. ``forget`` cancels the
+                    # task too, but a cancellation can be lost inside ``wait_for`` on 3.11,
+                    # and an orphan would then wait here forever (found by the soak: one
+                    # leaked task per peer restart).
+                    return
                 if not link.queue:
                     link.wakeup.clear()
                     try:
@@ -143,9 +151,10 @@ class PeerLinks:
                         # Idle: retire this link. No await between the emptiness check and
                         # the removal, so a later ``send`` builds a fresh link and task
                         # instead of queueing behind this exiting one.
-                        if not link.queue and self._links.get(link.address) is link:
-                            del self._links[link.address]
-                            break
+                        if not link.queue:
+                            if self._links.get(link.address) is link:
+                                del self._links[link.address]
+                            return
                     continue
                 conn = link.conn
                 if conn is None or conn.closed:

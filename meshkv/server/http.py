@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,10 +96,17 @@ def status_document(ctx: AdminContext) -> dict[str, Any]:
     return doc
 
 
-def process_stats() -> dict[str, int]:
-    """What a leak would show: event-loop tasks, open file descriptors, and resident memory
-    split into anonymous (heap: grows with leaks) and shared (the arena's touched pages)."""
-    out = {"pid": os.getpid(), "tasks": len(asyncio.all_tasks())}
+def process_stats() -> dict[str, Any]:
+    """What a leak would show: event-loop tasks (the most common coroutines among them),
+    open file descriptors, and resident memory split into anonymous (heap: grows with
+    leaks) and shared (the arena's touched pages)."""
+    tasks = asyncio.all_tasks()
+    kinds = Counter(getattr(t.get_coro(), "__qualname__", t.get_name()) for t in tasks)
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "tasks": len(tasks),
+        "task_kinds": dict(kinds.most_common(8)),
+    }
     try:
         out["open_fds"] = len(os.listdir("/proc/self/fd"))
         with open("/proc/self/status") as f:
