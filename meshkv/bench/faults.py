@@ -3,11 +3,14 @@
 One ``python -m vllm.entrypoints.openai.api_server`` with the meshkv connector and one
 agent (CPU tier + SSD tier, written through) on this node; a closed-loop client keeps
 ``--concurrency`` long-document questions in flight (:mod:`meshkv.bench.openai_load`,
-every request streamed and timed). Each scenario runs two passes over the same requests:
+every request streamed and timed). Each scenario runs three passes over the same requests:
 
 1. **reference**: documents read once, then every question; nothing goes wrong. Its token
    ids are the reference, and its KV is what the second pass can reuse.
-2. **fault**: the same questions again, with the fault injected ``--fault-at`` seconds in.
+2. **fault**: the same questions again, the fault injected once the server has answered a
+   third of them (so it lands mid-pass however fast the machine is).
+3. **recovery**: the same questions once more, after the fault is over: the tokens the
+   connector loads here show that hits resumed.
 
 Scenarios:
 
@@ -28,7 +31,7 @@ Reported per scenario: requests completed and failed, outputs identical to the r
 (token ids; an answer that differs is explained by the top-2 log-probability margin at its
 first differing token, computed from scratch with a fresh ``cache_salt``: a scenario passes
 when nothing failed and every difference is a near tie, below ``NEAR_TIE``), TTFT p50 and
-max over the faulted pass, the connector's tokens after recovery (hits resumed), and the
+max over the faulted pass, the connector's tokens in the recovery pass, and the
 agent's checksum failures and degraded flag. Needs root for the tmpfs of ``ssd_enospc``
 (skipped otherwise, and said so).
 """
@@ -87,6 +90,7 @@ class FaultRun:
     ttft_max_s: float | None = None
     reference_ttft_p50_s: float | None = None
     connector_tokens_after_recovery: float = 0.0
+    """Prompt tokens the connector loaded in the recovery pass."""
     checksum_failures: float = 0.0
     ssd_degraded: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -142,6 +146,11 @@ class Node:
             "faults", cmd, f"http://127.0.0.1:{port}", env=engine_env(os.environ),
             log_path=self.workdir / "server.log",
         ).start(SERVER_TIMEOUT_S)  # fmt: skip
+
+    def finished_requests(self) -> float:
+        assert self.server is not None
+        text = http_get(self.server.base_url + "/metrics", timeout=10).decode()
+        return prometheus_sum(text, "vllm:request_success_total")
 
     def connector_tokens(self) -> float:
         assert self.server is not None
@@ -253,12 +262,17 @@ def _drive(url: str, users: list[load.User], concurrency: int) -> list[load.Requ
     return results
 
 
-def _at(delay: float, action: Callable[[], None], errors: list[str]) -> threading.Thread:
-    """Run ``action`` ``delay`` seconds from now on a thread (errors collected)."""
+def _after(
+    node: Node, done: int, action: Callable[[], None], errors: list[str]
+) -> threading.Thread:
+    """Run ``action`` on a thread once the server has finished ``done`` more requests than
+    now (so the fault lands mid-pass however fast this machine is); errors collected."""
+    start = node.finished_requests()
 
     def body() -> None:
-        time.sleep(delay)
         try:
+            while node.finished_requests() < start + done:
+                time.sleep(0.02)
             action()
         except Exception as exc:  # reported in the scenario's row, never swallowed
             errors.append(f"{type(exc).__name__}: {exc}")
@@ -295,13 +309,8 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
         out.reference_ttft_p50_s = load.percentile(ref_ttfts, 0.5)
         failures_before = node.agent_metric("meshkv_checksum_failures_total")
         errors: list[str] = []
-        recovered = threading.Event()
         mark: dict[str, float] = {}
-
-        def recover() -> None:
-            mark["fault_end"] = time.perf_counter()
-            mark["connector"] = node.connector_tokens()
-            recovered.set()
+        after = max(1, len(questions) // 3)
 
         if name == "agent_kill9":
 
@@ -310,10 +319,9 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
                 node.agent.kill()
                 time.sleep(args.down_s)
                 node.agent.start()
-                time.sleep(1.0)  # the connector's retry interval
-                recover()
+                mark["fault_end"] = time.perf_counter()
 
-            thread = _at(args.fault_at, kill_and_restart, errors)
+            thread = _after(node, after, kill_and_restart, errors)
         elif name == "agent_sigstop":
 
             def stall() -> None:
@@ -321,17 +329,16 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
                 node.agent.sigstop()
                 time.sleep(args.stall_s)
                 node.agent.sigcont()
-                recover()
+                mark["fault_end"] = time.perf_counter()
 
-            thread = _at(args.fault_at, stall, errors)
-        elif name == "ssd_bitflip":
-            node.agent.stop()
-            out.note = f"{flip_payload_bytes(ssd)} chunk files damaged"
-            node.agent.start()
-            failures_before = 0.0
-            thread = _at(0.0, recover, errors)
+            thread = _after(node, after, stall, errors)
         else:
-            thread = _at(0.0, recover, errors)
+            if name == "ssd_bitflip":
+                node.agent.stop()
+                out.note = f"{flip_payload_bytes(ssd)} chunk files damaged"
+                node.agent.start()
+                failures_before = 0.0
+            thread = _after(node, 0, lambda: None, errors)
         _, fresh = longdoc_users(args.shape, seed, vocab)  # the same requests, new users
         prompts = {
             spec.rid: list(spec.body["prompt"])
@@ -341,7 +348,12 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
         pass_t0 = time.perf_counter()
         results = _drive(url, fresh, args.concurrency)
         thread.join(timeout=args.stall_s + args.down_s + 60)
-        end_connector = node.connector_tokens()
+        # Hits resume: the same questions once more, after the fault (the connector
+        # retries the agent every 0.5 s; give it that).
+        time.sleep(1.0)
+        before = node.connector_tokens()
+        _drive(url, longdoc_users(args.shape, seed, vocab)[1], args.concurrency)
+        out.connector_tokens_after_recovery = node.connector_tokens() - before
         out.errors = errors
         out.completed = sum(r.ok for r in results)
         out.failed = len(results) - out.completed
@@ -366,8 +378,6 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
             for r in results
         ]  # fmt: skip
         out.ttft_max_s = max(ttfts) if ttfts else None
-        if recovered.is_set():
-            out.connector_tokens_after_recovery = end_connector - mark["connector"]
         out.checksum_failures = node.agent_metric("meshkv_checksum_failures_total") - (
             failures_before if failures_before == failures_before else 0.0
         )
@@ -409,7 +419,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", type=int, default=6)
     p.add_argument("--questions", type=int, default=5, help="per document")
     p.add_argument("--doc-tokens", type=int, default=1800)
-    p.add_argument("--fault-at", type=float, default=3.0, help="seconds into the faulted pass")
     p.add_argument("--stall-s", type=float, default=10.0, help="agent_sigstop: frozen for")
     p.add_argument("--down-s", type=float, default=3.0, help="agent_kill9: down for")
     p.add_argument("--seed", type=int, default=0)
@@ -429,9 +438,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"meshkv bench faults: --{flag.replace('_', '-')} must be positive",
                   file=sys.stderr)  # fmt: skip
             return 2
-    if args.fault_at < 0 or args.stall_s <= 0 or args.down_s < 0:
-        print("meshkv bench faults: --fault-at/--down-s must be >= 0, --stall-s > 0",
+    if args.stall_s <= 0 or args.down_s < 0:
+        print("meshkv bench faults: --down-s must be >= 0, --stall-s > 0",
               file=sys.stderr)  # fmt: skip
+        return 2
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"meshkv bench faults: --model {args.model} is not a model directory "
+              "(no config.json)", file=sys.stderr)  # fmt: skip
         return 2
     args.shape = Shape(
         docs=args.docs, doc_tokens=(args.doc_tokens, args.doc_tokens + args.doc_tokens // 8),
