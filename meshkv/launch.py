@@ -123,6 +123,15 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         return data
 
 
+def http_post_json(url: str, body: Mapping[str, Any], timeout: float = 300.0) -> Any:
+    """POST ``body`` as JSON and return the decoded JSON answer."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
 class AgentProcess:
     """One ``meshkv agent`` process. Its files live in a short private directory (Unix
     socket paths are limited to 107 bytes)."""

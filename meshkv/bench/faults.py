@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ from meshkv.launch import (
     engine_env,
     free_port,
     http_get,
+    http_post_json,
     meshkv_kv_transfer_config,
     prometheus_sum,
     vllm_server_command,
@@ -147,15 +147,17 @@ class Node:
             log_path=self.workdir / "server.log",
         ).start(SERVER_TIMEOUT_S)  # fmt: skip
 
-    def finished_requests(self) -> float:
+    def _server_metric(self, name: str) -> float:
         assert self.server is not None
-        text = http_get(self.server.base_url + "/metrics", timeout=10).decode()
-        return prometheus_sum(text, "vllm:request_success_total")
+        return prometheus_sum(
+            http_get(self.server.base_url + "/metrics", timeout=10).decode(), name
+        )
+
+    def finished_requests(self) -> float:
+        return self._server_metric("vllm:request_success_total")
 
     def connector_tokens(self) -> float:
-        assert self.server is not None
-        text = http_get(self.server.base_url + "/metrics", timeout=10).decode()
-        return prometheus_sum(text, "vllm:external_prefix_cache_hits_total")
+        return self._server_metric("vllm:external_prefix_cache_hits_total")
 
     def agent_metric(self, name: str) -> float:
         try:
@@ -229,14 +231,6 @@ class Mismatch:
         return self.margin is not None and self.margin < NEAR_TIE
 
 
-def _post_json(url: str, body: dict[str, Any]) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
 def _explain(
     url: str, prompt: list[int], got: load.RequestResult, ref: load.RequestResult
 ) -> Mismatch:
@@ -249,7 +243,7 @@ def _explain(
     }  # fmt: skip
     margin = None
     try:
-        answer = _post_json(url + "/v1/completions", body)
+        answer = http_post_json(url + "/v1/completions", body, timeout=120)
         top = sorted(answer["choices"][0]["logprobs"]["top_logprobs"][0].values(), reverse=True)
         margin = round(top[0] - top[1], 5) if len(top) >= 2 else None
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:

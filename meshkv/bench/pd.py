@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +54,7 @@ from meshkv.launch import (
     engine_env,
     free_port,
     http_get,
+    http_post_json,
     meshkv_kv_transfer_config,
     vllm_server_command,
 )
@@ -217,12 +217,8 @@ def _specs(prompts: list[list[int]], outputs: list[int], tag: str) -> list[load.
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
     t0 = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=300) as response:
-        data: dict[str, Any] = json.load(response)
+    data: dict[str, Any] = http_post_json(url, body)
     return data, time.perf_counter() - t0
 
 
