@@ -1,9 +1,10 @@
 """The ``Store``: the CPU tier and the SSD tier behind the one API every server calls.
 
-The store moves chunks between tiers: an eviction from the arena becomes an SSD write
-(write-back, the default) or, with ``write_through``, every commit is also written to SSD
-once its checksum is known; ``promote`` brings an SSD chunk back into the arena (reserve a
-slot, read straight into it, verify, commit). ``read`` pins what is in the arena: making a
+The store moves chunks between tiers (the moves themselves are ``meshkv.store_ssd.SsdPath``):
+an eviction from the arena becomes an SSD write (write-back, the default) or, with
+``write_through``, every commit is also written to SSD once its checksum is known;
+``promote`` brings an SSD chunk back into the arena (reserve a slot, read straight into it,
+verify, commit). ``read`` pins what is in the arena: making a
 chunk resident first (from SSD, from a peer, from a push in flight) is the job of
 ``meshkv.puller.Puller``, the one component that decides when to promote or pull, so
 that each chunk is moved once however many ask. The store also owns the background work around
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshkv.chunk import KEY_BYTES, ChunkKey, NamespaceId, payload_checksum
-from meshkv.errors import NoSpace, StoreError
+from meshkv.errors import StoreError
 from meshkv.store_config import StoreConfig
+from meshkv.store_ssd import SsdPath, StoreCounters
 from meshkv.store_stats import StoreStats, TierStats
 from meshkv.tiers.arena import reclaim_stale
-from meshkv.tiers.cpu import INTERNAL_OWNER, CpuTier, Entry, State
+from meshkv.tiers.cpu import CpuTier, Entry
 from meshkv.tiers.ssd import FaultHook, SsdTier
 
 __all__ = [
@@ -107,30 +109,6 @@ class Pin:
     """``loop.time()`` deadline; an expired lease is reclaimed and counted."""
 
 
-@dataclass(slots=True)
-class _Staged:
-    """An evicted chunk's bytes, copied out of the arena while its SSD write runs."""
-
-    ns: NamespaceId
-    num_tokens: int
-    checksum: int | None
-    buf: bytearray
-
-
-@dataclass(slots=True)
-class _Counters:
-    lookups: int = 0
-    lookup_keys: int = 0
-    read_keys: int = 0
-    hits_cpu: int = 0
-    hits_ssd: int = 0
-    misses: int = 0
-    promotions: int = 0
-    promotion_failures: int = 0
-    checksum_failures: int = 0
-    checksums_pending: int = 0
-
-
 class Store:
     """The node's chunk store: CPU tier (the shared arena) plus an optional SSD tier."""
 
@@ -152,8 +130,8 @@ class Store:
         self._hash_pool: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[StoreListener] = []
-        self._staged: dict[ChunkKey, _Staged] = {}  # evicted, SSD write in flight
-        self._counters = _Counters()
+        self._ssd_path: SsdPath | None = None
+        self._counters = StoreCounters()
         self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -203,6 +181,17 @@ class Store:
                 cpu.close()
                 self._cpu = None
                 raise
+            self._ssd_path = SsdPath(
+                cpu,
+                self._ssd,
+                namespace_check=self.namespace_check,
+                counters=self._counters,
+                hash_bytes=self.hash,
+                spawn=self._spawn,
+                schedule_checksum=self._schedule_checksum,
+                committed=self._emit_committed,
+                dropped=self._emit_dropped,
+            )
         self._sweeper = loop.create_task(self._sweep_loop())
 
     async def close(self, deadline: float) -> None:
@@ -215,18 +204,20 @@ class Store:
             return
         loop = asyncio.get_running_loop()
         self._closing = True
-        cpu, ssd = self._cpu, self._ssd
+        cpu, ssd, path = self._cpu, self._ssd, self._ssd_path
+        if path is not None:
+            path.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if ssd is not None and self.config.persist_on_shutdown:
+        if path is not None and self.config.persist_on_shutdown:
             flushed = 0
             for e in cpu.entries():
                 if loop.time() >= deadline:
                     log.warning("shutdown deadline reached; %d chunks not persisted", len(cpu))
                     break
-                if await self._persist(e, deadline):
+                if await path.persist(e, deadline):
                     flushed += 1
             log.info("persisting %d in-memory chunks to SSD", flushed)
         pending = [t for t in self._tasks if not t.done()]
@@ -242,26 +233,6 @@ class Store:
             ssd.close()
         cpu.close()
         log.info("store closed (arena %s unlinked)", self.arena_name)
-
-    async def _persist(self, e: Entry, deadline: float) -> bool:
-        """Start an SSD write of ``e`` if it is only in memory (waits for a queue slot)."""
-        ssd = self._ssd
-        assert ssd is not None and self._loop is not None
-        gen = e.gen
-        while True:
-            if e.gen != gen or e.state is not State.COMMITTED or e.on_ssd or e.doomed:
-                return False
-            if ssd.admit(e.key, e.size):
-                self._spawn(self._write(e, self.cpu.hold(e), demotion=False))
-                return True
-            if (
-                ssd.degraded
-                or e.key in ssd
-                or not ssd.writes_in_flight  # refused for good (too big for the cap)
-                or self._loop.time() >= deadline
-            ):
-                return False
-            await asyncio.sleep(0.005)  # wait for a write-queue slot
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         assert self._loop is not None
@@ -285,13 +256,14 @@ class Store:
                 log.exception("store sweep failed")
 
     def _maintain(self) -> None:
-        ssd = self._ssd
-        if ssd is None or self._closing:
-            return
-        cpu = self.cpu
-        headroom = int(self.config.writeback_headroom * cpu.capacity_bytes)
-        if cpu.alloc.free_bytes + cpu.demoting_bytes < headroom:
-            cpu.write_back(headroom, ssd.config.write_queue_depth - ssd.writes_in_flight)
+        if self._ssd_path is not None:
+            self._ssd_path.maintain(int(self.config.writeback_headroom * self.cpu.capacity_bytes))
+
+    def _demote(self, e: Entry) -> bool:
+        return self._ssd_path is not None and self._ssd_path.demote(e)
+
+    def _demote_copy(self, e: Entry) -> bool:
+        return self._ssd_path is not None and self._ssd_path.demote_copy(e)
 
     def sweep(self) -> None:
         """Reclaim expired leases and reservations now."""
@@ -349,22 +321,19 @@ class Store:
     def peek(self, ns: NamespaceId, keys: Sequence[ChunkKey]) -> list[Tier | None]:
         """:meth:`lookup` without counting it (prefix queries of routers: no recency is
         touched either way)."""
-        cpu, ssd, check = self.cpu, self._ssd, self.namespace_check
+        cpu, path, check = self.cpu, self._ssd_path, self.namespace_check
         for key in keys:
             if type(key) is not bytes or len(key) != KEY_BYTES:
                 _check_key(key)  # raises unless it is a bytes subclass of the right length
         found = cpu.find_many(ns, keys, check_ns=check)
         in_cpu = _CPU  # not Tier.CPU in the loop: enum attribute access costs ~0.1 µs
-        if ssd is None:
+        if path is None:
             return [None if e is None else in_cpu for e in found]
         out: list[Tier | None] = []
         for key, e in zip(keys, found, strict=True):
             if e is not None:
                 out.append(in_cpu)
-            elif (
-                ssd.find(ns, key, check_ns=check) is not None
-                or self._find_staged(ns, key) is not None
-            ):
+            elif path.holds(ns, key):
                 out.append(_SSD)
             else:
                 out.append(None)
@@ -402,14 +371,17 @@ class Store:
         write_through = self.config.write_through and self._ssd is not None
         if checksum is None:
             if write_through or self.config.verify_reads:
-                self._counters.checksums_pending += 1
-                self._spawn(self._after_commit(e, e.gen))
+                self._schedule_checksum(e)
         elif write_through:
             self._spawn(self._after_commit(e, e.gen))
         if self._listeners:
             self._emit_committed(key, is_engine_owner(owner))
         if self._ssd is not None:
             self._maintain()
+
+    def _schedule_checksum(self, e: Entry) -> None:
+        self._counters.checksums_pending += 1
+        self._spawn(self._after_commit(e, e.gen))
 
     async def _after_commit(self, e: Entry, gen: int) -> None:
         # The background hash does not hold the slot: a chunk evicted meanwhile is simply
@@ -425,17 +397,8 @@ class Store:
                     view.release()
                 self._counters.checksums_pending -= 1
             cpu.set_checksum(e, gen, value)
-        ssd = self._ssd
-        if (
-            self.config.write_through
-            and ssd is not None
-            and e.gen == gen
-            and e.state is State.COMMITTED
-            and not e.on_ssd
-            and not e.doomed
-            and ssd.admit(e.key, e.size)
-        ):
-            await self._write(e, cpu.hold(e), demotion=False)
+        if self.config.write_through and self._ssd_path is not None:
+            await self._ssd_path.write_through(e, gen)
 
     def abort(self, ns: NamespaceId, key: ChunkKey, owner: int) -> None:
         """Give up a reservation (raises ``NotReserved`` if there is none)."""
@@ -484,11 +447,7 @@ class Store:
     def on_ssd(self, ns: NamespaceId, key: ChunkKey) -> bool:
         """Whether ``promote`` could bring ``key`` into the arena (an SSD file or the copy
         of an evicted chunk whose SSD write is still running)."""
-        ssd = self._ssd
-        return ssd is not None and (
-            ssd.find(ns, key, check_ns=self.namespace_check) is not None
-            or self._find_staged(ns, key) is not None
-        )
+        return self._ssd_path is not None and self._ssd_path.holds(ns, key)
 
     def being_written(self, key: ChunkKey) -> bool:
         """Whether ``key`` is reserved in the arena (a writer's commit is pending)."""
@@ -538,78 +497,12 @@ class Store:
         milliseconds as loads release their leases and demotions reach the disk, and a
         promotion that gives up makes the engine recompute what is on disk (measured in
         ``bench serve``'s SSD arm: 16 % of reusable tokens recomputed without the wait)."""
-        cpu, ssd = self.cpu, self._ssd
+        cpu, path = self.cpu, self._ssd_path
         if cpu.find(ns, key, check_ns=self.namespace_check) is not None:
             return True
-        if ssd is None or cpu.contains(key):
+        if path is None or cpu.contains(key):
             return False
-        se = ssd.find(ns, key, check_ns=self.namespace_check)
-        if se is None:
-            staged = self._find_staged(ns, key)
-            return staged is not None and self._promote_staged(key, staged)
-        delay = 0.002
-        while True:
-            try:
-                e = cpu.reserve(se.ns, key, se.payload_len, INTERNAL_OWNER)
-                break
-            except NoSpace as exc:
-                loop = asyncio.get_running_loop()
-                if deadline is None or loop.time() + delay > deadline:
-                    log.info("cannot promote %s from SSD: %s", key.hex(), exc)
-                    self._counters.promotion_failures += 1
-                    return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            # The world moved while we slept: someone may have brought it in, or dropped it.
-            if cpu.find(ns, key, check_ns=self.namespace_check) is not None:
-                return True
-            if cpu.contains(key):
-                return False
-            found = ssd.find(ns, key, check_ns=self.namespace_check)
-            if found is None:
-                return False
-            se = found
-        assert e is not None
-        gen = e.gen
-        committed = False
-        try:
-            got = await ssd.read_into(ns if self.namespace_check else None, key, cpu.view(e))
-            if e.gen != gen or e.state is not State.RESERVED:
-                return False  # voided while we read (the finally lifts its fence)
-            if got is None:
-                self._counters.promotion_failures += 1
-                return False
-            cpu.commit(se.ns, key, INTERNAL_OWNER, got.num_tokens, got.checksum)
-            committed = True
-            e.on_ssd = True
-            self._counters.promotions += 1
-            self._counters.hits_ssd += 1
-            self._emit_committed(key, False)
-            return True
-        finally:
-            if not committed and e.gen == gen:
-                cpu.abort(se.ns, key, INTERNAL_OWNER)  # also lifts the fence of a voided one
-
-    def _promote_staged(self, key: ChunkKey, staged: _Staged) -> bool:
-        cpu = self.cpu
-        try:
-            e = cpu.reserve(staged.ns, key, len(staged.buf), INTERNAL_OWNER)
-        except NoSpace as exc:
-            log.info("cannot promote %s from its staged copy: %s", key.hex(), exc)
-            self._counters.promotion_failures += 1
-            return False
-        assert e is not None
-        view = cpu.view(e)
-        view[:] = staged.buf
-        view.release()
-        cpu.commit(staged.ns, key, INTERNAL_OWNER, staged.num_tokens, staged.checksum)
-        if staged.checksum is None:
-            self._counters.checksums_pending += 1
-            self._spawn(self._after_commit(e, e.gen))
-        self._counters.promotions += 1
-        self._counters.hits_ssd += 1
-        self._emit_committed(key, False)
-        return True
+        return await path.promote(ns, key, deadline)
 
     def release(self, lease_ids: Sequence[int], owner: int) -> None:
         """Close read leases; ``NotPinned`` for ids that are not open (double release)."""
@@ -690,8 +583,8 @@ class Store:
     def clear(self) -> int:
         """Drop every chunk in every tier (pinned ones leave when released); returns how many."""
         keys = {e.key for e in self.cpu.entries()}
-        keys.update(self._staged)
-        self._staged.clear()  # their writes are cancelled by the SSD tier's clear
+        if self._ssd_path is not None:
+            keys.update(self._ssd_path.clear_staged())
         self.cpu.clear()
         if self._ssd is not None:
             keys.update(self._ssd_keys())
@@ -701,84 +594,6 @@ class Store:
     def _ssd_keys(self) -> list[ChunkKey]:
         assert self._ssd is not None
         return self._ssd.chunk_keys()
-
-    # ------------------------------------------------------------------ SSD writes
-
-    def _demote_copy(self, e: Entry) -> bool:
-        # Called by the CPU tier when it must reuse ``e``'s slot at once: copy the bytes out
-        # (bounded: at most write_queue_depth copies exist) and write them in the background.
-        # Until the write lands, the copy is served (lookup says SSD, read promotes from it).
-        ssd = self._ssd
-        if ssd is None or self._closing:
-            return False
-        if e.key in ssd or ssd.is_writing(e.key):
-            return True  # already on SSD, or on its way there (a staged copy)
-        if not ssd.admit(e.key, e.size):
-            return False
-        staged = _Staged(e.ns, e.num_tokens, e.checksum, bytearray(self.cpu.view(e)))
-        self._staged[e.key] = staged
-        self._spawn(self._write_copy(e.key, staged))
-        return True
-
-    async def _write_copy(self, key: ChunkKey, staged: _Staged) -> None:
-        ssd = self._ssd
-        assert ssd is not None and self._loop is not None
-        ok = False
-        try:
-            if staged.checksum is None:
-                staged.checksum = await self._loop.run_in_executor(
-                    self._hash_pool, payload_checksum, staged.buf
-                )
-            ok = await ssd.write(
-                staged.ns, key, staged.num_tokens, staged.checksum, memoryview(staged.buf)
-            )
-        finally:
-            if self._staged.get(key) is staged:
-                del self._staged[key]
-            e = self.cpu.get(key)
-            if ok and e is not None:
-                e.on_ssd = True  # promoted from the copy meanwhile: now clean
-            elif not ok and not self.cpu.contains(key) and key not in ssd:
-                self._emit_dropped([key])
-
-    def _find_staged(self, ns: NamespaceId, key: ChunkKey) -> _Staged | None:
-        st = self._staged.get(key)
-        if st is None or (self.namespace_check and st.ns != ns):
-            return None
-        return st
-
-    def _demote(self, e: Entry) -> bool:
-        # Called by the CPU tier's write-back with ``e`` already held for us.
-        ssd = self._ssd
-        if ssd is None or self._closing or not ssd.admit(e.key, e.size):
-            return False
-        self._spawn(self._write(e, e.gen, demotion=True))
-        return True
-
-    async def _write(self, e: Entry, gen: int, *, demotion: bool) -> None:
-        """Write an admitted chunk to SSD; the caller holds ``e`` for us (gen ``gen``)."""
-        cpu, ssd = self.cpu, self._ssd
-        assert ssd is not None and self._loop is not None
-        ok = False
-        view = cpu.view(e)
-        try:
-            checksum = e.checksum
-            if checksum is None:
-                checksum = await self._loop.run_in_executor(self._hash_pool, payload_checksum, view)
-                cpu.set_checksum(e, gen, checksum)
-            ok = await ssd.write(e.ns, e.key, e.num_tokens, checksum, view)
-            if ok and (e.gen != gen or e.state is not State.COMMITTED):
-                ssd.remove(e.key, "clear")  # cleared while it was being written
-                ok = False
-        finally:
-            with contextlib.suppress(BufferError):  # an abandoned write still uses it
-                view.release()
-            if demotion:
-                cpu.finish_demotion(e, gen, ok)
-            else:
-                if ok and e.gen == gen:
-                    e.on_ssd = True
-                cpu.unhold(e, gen)
 
     # ------------------------------------------------------------------ stats
 
