@@ -27,6 +27,19 @@ Scenarios:
   tier is scanned) and one byte of every other chunk file's payload is flipped; the second
   pass promotes from SSD: every damaged chunk must be detected, counted and recomputed.
 
+The ``peer_*`` scenarios add a second agent, the *holder* (no engine). After the reference
+pass the server's agent hands its SSD directory to the holder and starts again empty, so
+the connector's hits in the next pass are pulled from the holder; before the recovery pass
+this happens once more (the recovery pass counts the chunks pulled):
+
+* ``peer_kill9`` — SIGKILL the holder mid-pull, start it again ``--down-s`` later;
+* ``peer_bitflip`` — the holder is reached through a relay that flips a byte in every
+  chunk payload block it carries, for ``--stall-s`` seconds: every damaged pull must be
+  caught by its checksum, counted and recomputed;
+* ``peer_partition`` — the holder lives in its own network namespace, joined by a veth
+  pair; the link is cut for ``--stall-s`` seconds (packets dropped, connections time out)
+  and restored: requests proceed by recompute, the two agents find each other again.
+
 Reported per scenario: requests completed and failed, outputs identical to the reference
 (token ids; an answer that differs is explained by the top-2 log-probability margin at its
 first differing token, computed from scratch with a fresh ``cache_salt``: a scenario passes
@@ -55,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
+from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
 from meshkv.bench.report import text_table
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
 from meshkv.chunk import RECORD_HEADER_BYTES
@@ -66,14 +80,19 @@ from meshkv.launch import (
     free_port,
     http_get,
     http_post_json,
+    mesh_args,
     meshkv_kv_transfer_config,
     prometheus_sum,
     vllm_server_command,
+    write_secret,
 )
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("control", "agent_kill9", "agent_sigstop", "ssd_enospc", "ssd_bitflip")
+SCENARIOS = (
+    "control", "agent_kill9", "agent_sigstop", "ssd_enospc", "ssd_bitflip",
+    "peer_kill9", "peer_bitflip", "peer_partition",
+)  # fmt: skip
 SERVER_TIMEOUT_S = 420.0
 
 
@@ -91,6 +110,14 @@ class FaultRun:
     reference_ttft_p50_s: float | None = None
     connector_tokens_after_recovery: float = 0.0
     """Prompt tokens the connector loaded in the recovery pass."""
+    peer_pulls: float = 0.0
+    """Peer scenarios: chunks pulled from the holder in the faulted pass..."""
+    peer_pull_failures: float = 0.0
+    """...and pulls that failed there (holder gone, timeout, checksum)."""
+    peer_pulls_after_recovery: float = 0.0
+    """Peer scenarios: chunks the server's agent pulled from the holder in the recovery pass."""
+    proxy_damaged_blocks: int = 0
+    """``peer_bitflip``: 64 KiB blocks the proxy damaged on the wire."""
     checksum_failures: float = 0.0
     ssd_degraded: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -120,9 +147,10 @@ class Node:
         self.max_len = shape.max_len("longdoc") + 16
         self.engine_kv = max(ws // 4, 2 * self.max_len) * per_token
         self.cpu_bytes = 2 * self.working_set_bytes + (64 << 20)
+        self.agent_args = ["--write-through", "--ssd-gb", "16"]
         self.agent = AgentProcess(
             name="faults", cpu_bytes=self.cpu_bytes, ssd_dir=None, log_level="info",
-            args=["--write-through", "--ssd-gb", "16"],
+            args=self.agent_args,
         )  # fmt: skip
         self.server: HttpProcess | None = None
 
@@ -256,16 +284,14 @@ def _drive(url: str, users: list[load.User], concurrency: int) -> list[load.Requ
     return results
 
 
-def _after(
-    node: Node, done: int, action: Callable[[], None], errors: list[str]
+def _when(
+    ready: Callable[[], bool], action: Callable[[], None], errors: list[str]
 ) -> threading.Thread:
-    """Run ``action`` on a thread once the server has finished ``done`` more requests than
-    now (so the fault lands mid-pass however fast this machine is); errors collected."""
-    start = node.finished_requests()
+    """Run ``action`` on a thread once ``ready()`` (polled every 20 ms); errors collected."""
 
     def body() -> None:
         try:
-            while node.finished_requests() < start + done:
+            while not ready():
                 time.sleep(0.02)
             action()
         except Exception as exc:  # reported in the scenario's row, never swallowed
@@ -276,19 +302,134 @@ def _after(
     return t
 
 
+def _answered(node: Node, more: int) -> Callable[[], bool]:
+    """True once the server has finished ``more`` requests more than now (so a fault lands
+    mid-pass however fast this machine is)."""
+    start = node.finished_requests()
+    return lambda: node.finished_requests() >= start + more
+
+
+class Holder:
+    """The peer scenarios' second node: an agent without an engine that holds the chunks
+    the server's agent must pull. After the reference pass the server's agent hands its
+    SSD directory to the holder and starts again empty, so every hit the connector gets
+    in the next pass is pulled from the holder (or comes from vLLM's own prefix cache)."""
+
+    def __init__(self, node: Node, name: str, stack: contextlib.ExitStack) -> None:
+        self.node = node
+        self.name = name
+        secret = write_secret(node.workdir)
+        self.veth: VethNamespace | None = None
+        self.proxy: CorruptingProxy | None = None
+        local_host = holder_host = "127.0.0.1"
+        if name == "peer_partition":
+            self.veth = stack.enter_context(VethNamespace("f"))
+            local_host, holder_host = self.veth.host_ip, self.veth.ns_ip
+        local = f"{local_host}:{free_port(local_host)}"
+        node.agent.args = [*node.agent_args, *mesh_args(secret, listen=local)]
+        holder_port = free_port()  # inside a fresh namespace nothing holds it
+        args = ["--ssd-gb", "16", *mesh_args(secret, listen=f"{holder_host}:{holder_port}",
+                                              join=[local])]  # fmt: skip
+        if name == "peer_bitflip":
+            # Damage only chunk payloads (64 KiB blocks), only while the fault is on.
+            self.proxy = CorruptingProxy(("127.0.0.1", holder_port), min_block=32768, active=False)
+            stack.callback(self.proxy.close)
+            args += ["--advertise", f"127.0.0.1:{self.proxy.port}"]
+        self.agent: AgentProcess = (
+            NetnsAgent(netns=self.veth.name, admin_ip=self.veth.ns_ip, name="holder",
+                       cpu_bytes=node.cpu_bytes, log_level="info", args=args)
+            if self.veth is not None
+            else AgentProcess(name="holder", cpu_bytes=node.cpu_bytes, log_level="info",
+                              args=args)
+        )  # fmt: skip
+        stack.callback(self.agent.cleanup)
+
+    def take_over(self, ssd: Path, fresh: Path) -> None:
+        """The holder starts on ``ssd`` (the server's agent's chunks); the server's agent
+        starts again on the empty ``fresh``; both wait until the directory knows every key."""
+        node = self.node
+        node.agent.stop()
+        if self.agent.running:
+            self.agent.stop()
+        node.start_agent(fresh)
+        self.agent.ssd_dir = str(ssd)
+        self.agent.start()
+        deadline = time.monotonic() + 60
+        while True:
+            held = self.agent.metric("meshkv_mesh_held_keys")
+            known = node.agent.metric("meshkv_mesh_directory_keys") + self.agent.metric(
+                "meshkv_mesh_directory_keys"
+            )
+            alive = node.agent.metric("meshkv_mesh_members", 'state="alive"')
+            if held > 0 and known >= held and alive >= 2:
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"holder not known to the server's agent within 60 s "
+                    f"(held {held}, directory {known}, alive {alive})"
+                )
+            time.sleep(0.1)
+
+    def ready(self) -> Callable[[], bool]:
+        """When the fault lands: ``peer_bitflip`` at once (every pull of its window is
+        damaged), the others once the first chunk has been pulled, so that the rest of
+        the pulls are in flight or still to come (pulls happen at the start of the pass,
+        when each document is first asked about)."""
+        if self.name == "peer_bitflip":
+            return lambda: True
+        agent = self.node.agent
+        return lambda: agent.metric("meshkv_peer_pulls_total") >= 1
+
+    def fault(self, mark: dict[str, float]) -> None:
+        args = self.node.args
+        mark["fault_start"] = time.perf_counter()
+        if self.name == "peer_kill9":
+            self.agent.kill()
+            time.sleep(args.down_s)
+            self.agent.start()
+        elif self.name == "peer_bitflip":
+            assert self.proxy is not None
+            self.proxy.active = True
+            time.sleep(args.stall_s)
+            self.proxy.active = False
+        else:
+            assert self.veth is not None
+            self.veth.cut()
+            time.sleep(args.stall_s)
+            self.veth.heal()
+        mark["fault_end"] = time.perf_counter()
+
+
+def _checksum_failures(agent: AgentProcess) -> float:
+    """Damaged chunks the agent caught: its own (SSD, arena) plus pulls from peers."""
+    try:
+        return agent.metric("meshkv_checksum_failures_total") + agent.metric(
+            "meshkv_peer_checksum_failures_total"
+        )
+    except OSError:
+        return float("nan")
+
+
 def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
     args = node.args
     out = FaultRun(name)
     ssd = node.workdir / name / "ssd"
-    disk = (
-        tmpfs(ssd, node.working_set_bytes // 3)
-        if name == "ssd_enospc"
-        else contextlib.nullcontext(True)
-    )
-    with disk as usable:
-        if not usable:
+    with contextlib.ExitStack() as stack:
+        holder: Holder | None = None
+        node.agent.args = list(node.agent_args)
+        if name == "ssd_enospc" and not stack.enter_context(
+            tmpfs(ssd, node.working_set_bytes // 3)
+        ):
             out.note = "skipped: cannot mount a tmpfs here (needs root)"
             return out
+        if name.startswith("peer_"):
+            try:
+                holder = Holder(node, name, stack)
+            except LaunchError as exc:
+                if name != "peer_partition":
+                    raise
+                out.note = f"skipped: no network namespace here (needs root): {exc}"
+                return out
         ssd.mkdir(parents=True, exist_ok=True)
         if node.agent.running:
             node.agent.stop()
@@ -301,12 +442,14 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
         reference = {r.rid: r for r in _drive(url, questions, args.concurrency)}
         ref_ttfts = [r.ttft_s for r in reference.values() if r.ttft_s is not None]
         out.reference_ttft_p50_s = load.percentile(ref_ttfts, 0.5)
-        failures_before = node.agent_metric("meshkv_checksum_failures_total")
         errors: list[str] = []
         mark: dict[str, float] = {}
         after = max(1, len(questions) // 3)
 
-        if name == "agent_kill9":
+        if holder is not None:
+            holder.take_over(ssd, node.workdir / name / "ssd-fresh")
+            thread = _when(holder.ready(), lambda: holder.fault(mark), errors)
+        elif name == "agent_kill9":
 
             def kill_and_restart() -> None:
                 mark["fault_start"] = time.perf_counter()
@@ -315,7 +458,7 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
                 node.agent.start()
                 mark["fault_end"] = time.perf_counter()
 
-            thread = _after(node, after, kill_and_restart, errors)
+            thread = _when(_answered(node, after), kill_and_restart, errors)
         elif name == "agent_sigstop":
 
             def stall() -> None:
@@ -325,14 +468,15 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
                 node.agent.sigcont()
                 mark["fault_end"] = time.perf_counter()
 
-            thread = _after(node, after, stall, errors)
+            thread = _when(_answered(node, after), stall, errors)
         else:
             if name == "ssd_bitflip":
                 node.agent.stop()
                 out.note = f"{flip_payload_bytes(ssd)} chunk files damaged"
                 node.agent.start()
-                failures_before = 0.0
-            thread = _after(node, 0, lambda: None, errors)
+            thread = _when(lambda: True, lambda: None, errors)
+        # Counted from here: the agent restarted for ssd_bitflip and the peer scenarios.
+        failures_before = _checksum_failures(node.agent)
         _, fresh = longdoc_users(args.shape, seed, vocab)  # the same requests, new users
         prompts = {
             spec.rid: list(spec.body["prompt"])
@@ -342,12 +486,22 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
         pass_t0 = time.perf_counter()
         results = _drive(url, fresh, args.concurrency)
         thread.join(timeout=args.stall_s + args.down_s + 60)
+        out.checksum_failures = _checksum_failures(node.agent) - failures_before
+        out.ssd_degraded = node.agent_metric("meshkv_ssd_degraded")
+        if holder is not None:
+            out.peer_pulls = node.agent_metric("meshkv_peer_pulls_total")
+            out.peer_pull_failures = node.agent_metric("meshkv_peer_pull_failures_total")
+            out.proxy_damaged_blocks = holder.proxy.corrupted if holder.proxy else 0
+            # Hits resume from the peer: the server's agent starts empty once more.
+            holder.take_over(Path(str(holder.agent.ssd_dir)), node.workdir / name / "ssd-again")
         # Hits resume: the same questions once more, after the fault (the connector
         # retries the agent every 0.5 s; give it that).
         time.sleep(1.0)
         before = node.connector_tokens()
         _drive(url, longdoc_users(args.shape, seed, vocab)[1], args.concurrency)
         out.connector_tokens_after_recovery = node.connector_tokens() - before
+        if holder is not None:
+            out.peer_pulls_after_recovery = node.agent_metric("meshkv_peer_pulls_total")
         out.errors = errors
         out.completed = sum(r.ok for r in results)
         out.failed = len(results) - out.completed
@@ -372,10 +526,6 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
             for r in results
         ]  # fmt: skip
         out.ttft_max_s = max(ttfts) if ttfts else None
-        out.checksum_failures = node.agent_metric("meshkv_checksum_failures_total") - (
-            failures_before if failures_before == failures_before else 0.0
-        )
-        out.ssd_degraded = node.agent_metric("meshkv_ssd_degraded")
         node.agent.stop()
     return out
 
@@ -388,16 +538,25 @@ def rows_table(runs: list[FaultRun]) -> str:
         [
             r.scenario, str(r.completed), str(r.failed), f"{r.identical}/{r.compared}",
             ms(r.reference_ttft_p50_s), ms(r.ttft_p50_s), ms(r.ttft_max_s),
-            f"{r.connector_tokens_after_recovery:.0f}", f"{r.checksum_failures:.0f}",
+            f"{r.connector_tokens_after_recovery:.0f}",
+            f"{r.peer_pulls:.0f}/{r.peer_pull_failures:.0f}" if r.scenario.startswith("peer_")
+            else "-",
+            f"{r.peer_pulls_after_recovery:.0f}" if r.scenario.startswith("peer_") else "-",
+            f"{r.checksum_failures:.0f}",
             f"{r.ssd_degraded:.0f}", "yes" if r.passed else "NO",
-            " ".join([r.note, *r.errors, *(
-                f"{m.rid} parts at token {m.position}/{m.length} (top-2 margin {m.margin})"
-                for m in r.mismatches)]).strip(),
+            " ".join(x for x in [
+                r.note, *r.errors,
+                f"{r.proxy_damaged_blocks} blocks damaged" if r.proxy_damaged_blocks else "",
+                *(f"{m.rid} parts at token {m.position}/{m.length} (top-2 margin {m.margin})"
+                  for m in r.mismatches),
+            ] if x),
         ]
         for r in runs
     ]  # fmt: skip
     head = ["scenario", "ok", "failed", "identical", "ref TTFT p50 ms", "TTFT p50 ms",
-            "TTFT max ms", "connector tokens after recovery", "checksum failures",
+            "TTFT max ms", "connector tokens after recovery", "pulls ok/failed",
+            "peer pulls after recovery",
+            "checksum failures",
             "ssd degraded", "pass", "note"]  # fmt: skip
     return text_table([head, *rows])
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from meshkv.bench.faultkit import CorruptingProxy
 from meshkv.errors import MeshKVError, ProtocolError
 from meshkv.launch import AgentProcess, free_port
 from meshkv.transport.base import TransportConfig
@@ -175,66 +174,12 @@ def test_wrong_secret_is_rejected_and_counted(
     assert [m["id"] for m in ring(intruder)["members"]] == ["x"]
 
 
-class CorruptingProxy:
-    """TCP proxy that flips a byte in every block a server-to-client stream carries past
-    ``offset`` bytes (only chunk payloads get that far; handshakes and gossip stay small)."""
-
-    def __init__(self, target: tuple[str, int], offset: int) -> None:
-        self.target = target
-        self.offset = offset
-        self.corrupted = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self._conns += [client, upstream]
-            for src, dst, corrupt in ((client, upstream, False), (upstream, client, True)):
-                t = threading.Thread(target=self._pump, args=(src, dst, corrupt), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, corrupt: bool) -> None:
-        seen = 0
-        try:
-            while True:
-                data = bytearray(src.recv(1 << 16))
-                if not data:
-                    break
-                if corrupt and seen + len(data) > self.offset:
-                    data[-1] ^= 0xFF
-                    self.corrupted += 1
-                seen += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-        for s in self._conns:
-            s.close()
-
-
 @pytest.fixture
 def proxy_factory() -> Iterator[Callable[[tuple[str, int], int], CorruptingProxy]]:
     made: list[CorruptingProxy] = []
 
     def make(target: tuple[str, int], offset: int) -> CorruptingProxy:
-        made.append(CorruptingProxy(target, offset))
+        made.append(CorruptingProxy(target, offset=offset))
         return made[-1]
 
     yield make

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from meshkv.launch import AgentProcess
+from meshkv.bench.faultkit import NetnsAgent, ip
+from meshkv.launch import AgentProcess, LaunchError
 from tests.helpers.mesh import mesh_args, peer_address, wait_converged, wait_for, write_secret
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -30,53 +31,33 @@ ADM_L, ADM_L_ROOT = f"mkal{SUFFIX}", f"mkaL{SUFFIX}"
 ADM_R, ADM_R_ROOT = f"mkar{SUFFIX}", f"mkaR{SUFFIX}"
 
 
-def _ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
-    if out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-
-
 @pytest.fixture
 def netns() -> Iterator[None]:
     try:
-        _ip("netns", "add", NS_L)
-    except (RuntimeError, FileNotFoundError) as exc:
+        ip("netns", "add", NS_L)
+    except LaunchError as exc:
         print(f"SKIP reason: the kernel refuses network namespaces here: {exc}")
         pytest.skip(f"network namespaces unavailable: {exc}")
     try:
-        _ip("netns", "add", NS_R)
-        _ip("link", "add", MESH_L, "netns", NS_L, "type", "veth", "peer", MESH_R, "netns", NS_R)
-        _ip("-n", NS_L, "addr", "add", "10.77.0.1/24", "dev", MESH_L)
-        _ip("-n", NS_R, "addr", "add", "10.77.0.2/24", "dev", MESH_R)
+        ip("netns", "add", NS_R)
+        ip("link", "add", MESH_L, "netns", NS_L, "type", "veth", "peer", MESH_R, "netns", NS_R)
+        ip("-n", NS_L, "addr", "add", "10.77.0.1/24", "dev", MESH_L)
+        ip("-n", NS_R, "addr", "add", "10.77.0.2/24", "dev", MESH_R)
         for ns, adm, root, net in ((NS_L, ADM_L, ADM_L_ROOT, 1), (NS_R, ADM_R, ADM_R_ROOT, 2)):
-            _ip("link", "add", root, "type", "veth", "peer", adm, "netns", ns)
-            _ip("addr", "add", f"10.78.{net}.1/30", "dev", root)
-            _ip("-n", ns, "addr", "add", f"10.78.{net}.2/30", "dev", adm)
-            _ip("link", "set", root, "up")
-            _ip("-n", ns, "link", "set", adm, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", NS_L, "link", "set", MESH_L, "up")
-        _ip("-n", NS_R, "link", "set", MESH_R, "up")
+            ip("link", "add", root, "type", "veth", "peer", adm, "netns", ns)
+            ip("addr", "add", f"10.78.{net}.1/30", "dev", root)
+            ip("-n", ns, "addr", "add", f"10.78.{net}.2/30", "dev", adm)
+            ip("link", "set", root, "up")
+            ip("-n", ns, "link", "set", adm, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", NS_L, "link", "set", MESH_L, "up")
+        ip("-n", NS_R, "link", "set", MESH_R, "up")
         yield
     finally:
         for root in (ADM_L_ROOT, ADM_R_ROOT):
             subprocess.run(["ip", "link", "del", root], capture_output=True, timeout=10)
         for ns in (NS_L, NS_R):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-
-
-class NetnsAgent(AgentProcess):
-    """An agent started inside a network namespace, admin port on the namespace's admin IP."""
-
-    def __init__(self, *, netns: str, admin_ip: str, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.netns = netns
-        self.admin_ip = admin_ip
-
-    def command(self) -> list[str]:
-        cmd = super().command()
-        cmd[cmd.index("--http") + 1] = f"{self.admin_ip}:0"
-        return ["ip", "netns", "exec", self.netns, *cmd]
 
 
 def _live(agent: AgentProcess) -> set[str]:
@@ -122,7 +103,7 @@ def test_partition_both_sides_serve_then_converge(
         with c.client() as cc:
             assert cc.put(right_key, right_data)
 
-        _ip("-n", NS_L, "link", "set", MESH_L, "down")  # cut
+        ip("-n", NS_L, "link", "set", MESH_L, "down")  # cut
         try:
             wait_for("left half alone", lambda: _live(a) == _live(b) == {"a", "b"}, 20.0)
             wait_for("right half alone", lambda: _live(c) == _live(d) == {"c", "d"}, 20.0)
@@ -130,7 +111,7 @@ def test_partition_both_sides_serve_then_converge(
             _serve(a, b, left_key, left_data)
             _serve(c, d, right_key, right_data)
         finally:
-            _ip("-n", NS_L, "link", "set", MESH_L, "up")  # heal
+            ip("-n", NS_L, "link", "set", MESH_L, "up")  # heal
 
         wait_converged(everyone, timeout=30.0)
         digests = {x.get_json("/v1/ring?stats=0")["ring"]["digest"] for x in everyone}
