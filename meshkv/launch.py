@@ -41,6 +41,7 @@ from typing import Any
 
 from meshkv.chunk import Namespace
 from meshkv.client import AgentClient
+from meshkv.transport.base import format_address, parse_address
 
 AGENT_START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -324,6 +325,19 @@ def write_secret(directory: Path, name: str = "mesh.secret") -> Path:
     return path
 
 
+def listen_args(listen: str, transport: str = "tcp") -> list[str]:
+    """``--listen`` (and ``--advertise``) for a peer port at ``listen`` (``HOST:PORT``).
+    A UCX listener accepts on every interface and the agent refuses a UCX ``--listen``
+    with one host: for UCX the port is fixed here, the listener takes the wildcard and
+    ``HOST:PORT`` is advertised."""
+    if transport != "ucx":
+        return ["--listen", listen]
+    host, port = parse_address(listen)
+    if port == 0:
+        port = free_port(host)
+    return ["--listen", f"0.0.0.0:{port}", "--advertise", format_address(host, port)]
+
+
 def mesh_args(
     secret: Path,
     *,
@@ -335,7 +349,7 @@ def mesh_args(
 ) -> list[str]:
     """``meshkv agent`` flags that make it a mesh member (``join``: seed addresses)."""
     args = [
-        "--listen", listen,
+        *listen_args(listen, transport),
         "--mesh-secret-file", str(secret),
         "--mesh-preset", preset,
         "--replicas", str(replicas),

@@ -36,7 +36,7 @@ from meshkv.bench.local import running
 from meshkv.bench.report import Report, Result
 from meshkv.chunk import ChunkKey
 from meshkv.client import DEFAULT_NAMESPACE
-from meshkv.launch import AgentProcess, free_port
+from meshkv.launch import AgentProcess, free_port, listen_args
 
 CHUNK_BYTES = 16 << 20
 SECRET = os.urandom(24).hex()
@@ -57,7 +57,7 @@ def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int)
         secret.write_text(SECRET)
         secret.chmod(0o600)
     extra = [
-        "--listen", "127.0.0.1:0", "--mesh-secret-file", str(secret),
+        *listen_args("127.0.0.1:0", transport), "--mesh-secret-file", str(secret),
         "--transport", transport, "--mesh-preset", "local",
     ]  # fmt: skip
     if join:

@@ -55,6 +55,7 @@ from meshkv.launch import (
     free_port,
     http_get,
     http_post_json,
+    listen_args,
     meshkv_kv_transfer_config,
     vllm_server_command,
 )
@@ -166,13 +167,13 @@ def _arm(args: argparse.Namespace, name: str, workdir: Path) -> Iterator[Stack]:
             mesh = ["--mesh-secret-file", str(secret), "--transport", args.transport]
             p_agent = AgentProcess(
                 name="node-p", cpu_bytes=args.agent_cpu_bytes, log_level="warning",
-                args=["--listen", "127.0.0.1:0", *mesh],
+                args=[*listen_args("127.0.0.1:0", args.transport), *mesh],
             ).start()  # fmt: skip
             stack.agents.append(p_agent)
             seed = p_agent.get_json("/v1/status")["mesh"]["address"]
             d_agent = AgentProcess(
                 name="node-d", cpu_bytes=args.agent_cpu_bytes, log_level="warning",
-                args=["--listen", "127.0.0.1:0", "--join", seed, *mesh],
+                args=[*listen_args("127.0.0.1:0", args.transport), "--join", seed, *mesh],
             ).start()  # fmt: skip
             stack.agents.append(d_agent)
             p = stack.server(args, "prefill", p_agent)

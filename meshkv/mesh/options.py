@@ -20,6 +20,8 @@ MIN_SECRET_BYTES = 16
 """Shortest mesh secret accepted (the transport's HMAC handshake needs at least this)."""
 PRESETS = ("lan", "local")
 TRANSPORTS = ("tcp", "ucx")
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+"""Hosts that mean "every interface" (the only ones a UCX listener can honour)."""
 
 
 @dataclass(slots=True)
@@ -82,6 +84,17 @@ class MeshNodeConfig:
             raise ConfigError(f"mesh secret must be at least {MIN_SECRET_BYTES} bytes")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        host, port = parse_address(self.listen)
+        if self.transport == "ucx" and host not in WILDCARD_HOSTS:
+            # ucxx's listener takes a port only and binds every interface: listening "on"
+            # one host would be a promise the node cannot keep.
+            raise ConfigError(
+                f"--transport ucx cannot listen on {host} only: UCX listeners accept on every "
+                f"interface (ucxx takes no bind address). Pass --listen 0.0.0.0:PORT "
+                f"--advertise {host}:PORT to accept that, or use --transport tcp"
+            )
+        if self.transport == "ucx" and port == 0 and self.advertise is None:
+            raise ConfigError("--transport ucx with --listen on port 0 needs --advertise HOST:PORT")
         if self.preset not in PRESETS:
             raise ConfigError(f"--mesh-preset must be one of {PRESETS}, got {self.preset!r}")
         if not isinstance(self.replicas, int) or self.replicas < 1:

@@ -138,6 +138,14 @@ def test_graceful_leave_is_left_not_dead(
         (["--join", "127.0.0.1:1"], "need --listen"),
         (["--listen", "127.0.0.1:0", "--mesh-secret-file", "{shared}"], "chmod 600"),
         (["--admin-token-file", "{shared}"], "accessible by group or others"),
+        (
+            ["--listen", "127.0.0.1:7000", "--mesh-secret-file", "{secret}", "--transport", "ucx"],
+            "cannot listen on 127.0.0.1 only",
+        ),
+        (
+            ["--listen", "0.0.0.0:0", "--mesh-secret-file", "{secret}", "--transport", "ucx"],
+            "needs --advertise",
+        ),
     ],
 )
 def test_bad_mesh_flags_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
