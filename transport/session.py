@@ -160,6 +160,9 @@ class Session(Connection):
                     # Our caller is leaving while the payload still lands in its buffer:
                     # stop the writer before the buffer can be reused (see base.py).
                     self._abort(ConnectionClosed("request ended while its payload was arriving"))
+                # The future holds the exception this frame may be raising, whose traceback
+                # holds this frame: a cycle (with the session) unless the frame lets go.
+                pend = None
         if reply.kind is MsgKind.ERROR:
             code = str(reply.header.get("code", "remote"))
             raise error_from_code(code, f"{self.peer.node_id}: {reply.header.get('message', '')}")
@@ -227,7 +230,7 @@ class Session(Connection):
     def _abort(self, exc: TransportError) -> None:
         """Fail the connection now; the reader's exit releases the rest."""
         if self._error is None:
-            self._error = exc
+            self._error = _detached(exc)
             self._wire.abort()
         if not self._reader.done():
             self._reader.cancel()
@@ -239,7 +242,7 @@ class Session(Connection):
             self._wire.abort()  # a graceful close lets the wire say goodbye instead
         for pend in self._pending.values():
             if not pend.future.done():
-                pend.future.set_exception(error)
+                pend.future.set_exception(_detached(error))
                 # Nobody may be awaiting it if the requester has just left.
                 pend.future.exception()
         self._pending.clear()
@@ -270,7 +273,7 @@ class Session(Connection):
             self._error = self._error or ConnectionClosed(f"protocol error: {exc}")
         except TransportError as exc:
             logger.debug("connection to %s ended: %s", self.peer.node_id, exc)
-            self._error = self._error or exc
+            self._error = self._error or _detached(exc)
         except asyncio.CancelledError:
             pass
         except Exception as exc:
@@ -454,6 +457,19 @@ async def client_session(
     stats.connections_opened += 1
     peer = PeerInfo(result.peer_node_id, wire.remote, result.protocol_version, transport_name)
     return Session(wire, peer, config, stats, handler=handler, on_close=on_close)
+
+
+def _detached(exc: TransportError) -> TransportError:
+    """A copy of ``exc`` without its traceback, to keep or to hand out. A session never
+    holds an exception that was raised: its traceback's frames hold the session, and the
+    cycle (with the wire's buffers) would wait for a full garbage collection, which a
+    long-lived agent seldom runs. Each waiter gets its own copy for the same reason."""
+    try:
+        copy = type(exc)(*exc.args)
+    except TypeError:
+        copy = ConnectionClosed(str(exc))
+    copy.__cause__ = None
+    return copy
 
 
 class SessionSet:
