@@ -1,7 +1,7 @@
 """The 3-minute soak (``meshkv bench soak --minutes 3``): three real agents in a mesh,
 clients storing, reading (peer pulls, SSD promotions), abandoning reservations and leases
 and dropping connections, while the two other agents are killed and restarted. At the end
-the steady agent shows no growth in descriptors or tasks (its heap: see below), no agent
+the steady agent shows no growth in heap, descriptors or tasks, no agent
 holds a lease, reservation or fenced slot, and no read returned a wrong byte. ``make soak``
 runs 30 minutes."""
 
@@ -24,15 +24,12 @@ def test_three_minute_soak_leaks_nothing(tmp_path: Path) -> None:
     )
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["meta"]["checks"]}
-    # The steady agent's anonymous memory still grows under this churn (~2-3 MiB a
-    # minute, native memory: Python objects grow by < 2 MiB, see docs/reliability.md): the
-    # check is reported, and not held against the suite until that is found.
-    rss = checks.pop("rss_anon_growth")
-    assert rss["value"] < 1.0, rss  # but no runaway: not doubled in 3 minutes
+    # Every check, the heap's too (<= 5 % growth after the warm-up): it grew ~2.6 MiB a
+    # minute while dead peer connections waited in reference cycles (docs/reliability.md).
     failed = {n: c for n, c in checks.items() if not c["ok"]}
     assert not failed, failed
     tally = report["meta"]["tally"]
     # The load really ran: stores, verified reads (many from peers), abandoned work, churn.
     assert tally["stores"] > 500 and tally["read_hits"] > 500, tally
     assert tally["abandoned"] > 0 and report["meta"]["churned"] >= 4, report["meta"]
-    assert code == (0 if rss["ok"] else 1)
+    assert code == 0
