@@ -51,6 +51,8 @@ class LocalCounters:
     miss_tokens: int = 0
     connections: int = 0
     protocol_errors: int = 0
+    refused_peers: int = 0
+    """Connections refused because the process at the other end runs as another user."""
 
 
 class AgentMetrics:
@@ -141,6 +143,12 @@ def _local_families(local: LocalCounters) -> Iterator[Metric]:
     )
     errors.add_metric([], local.protocol_errors)
     yield errors
+    refused = CounterMetricFamily(
+        "meshkv_local_refused_connections",
+        "Local connections refused: the peer process runs as another user (SO_PEERCRED)",
+    )
+    refused.add_metric([], local.refused_peers)
+    yield refused
 
 
 def as_mapping(snapshot: Any) -> Mapping[str, Any]:

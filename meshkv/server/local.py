@@ -22,6 +22,8 @@ import dataclasses
 import enum
 import logging
 import os
+import socket
+import struct
 import time
 import typing
 from collections.abc import Awaitable, Callable
@@ -165,6 +167,31 @@ class LocalServer:
             os.unlink(self.config.socket_path)
 
 
+def _stranger(transport: asyncio.BaseTransport) -> str | None:
+    """Why the process at the other end of a local connection may not use this agent
+    (None: it may). The socket is 0600 in a directory only this user can write, so only
+    this user (and root) can connect; ``SO_PEERCRED`` checks it again per connection, in
+    case the socket's mode or directory was loosened by hand: the arena is this user's,
+    and a client of another user could read and damage every cached chunk."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None  # not a Unix socket of this platform: the file mode is the guard
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError as exc:
+        return f"its credentials cannot be read ({exc})"
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    if uid in (os.getuid(), 0):
+        return None
+    return (
+        f"pid {pid} runs as uid {uid}, this agent as uid {os.getuid()} "
+        "(only the same user or root may connect)"
+    )
+
+
+_PEERCRED = struct.Struct("3i")
+
+
 class _Connection(asyncio.Protocol):
     """One engine connection. Per-connection state: namespace, owner id, async tasks."""
 
@@ -201,6 +228,11 @@ class _Connection(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         self.server.connections.add(self)
         self._counters.connections += 1
+        stranger = _stranger(transport)
+        if stranger is not None:
+            self._counters.refused_peers += 1
+            logger.warning("refused a local connection: %s", stranger)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:

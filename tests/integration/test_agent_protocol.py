@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,3 +230,38 @@ def test_chunk_larger_than_any_slot(agent: AgentProcess) -> None:
         with pytest.raises(StoreError, match="exceeds the largest slot"):
             c.reserve([b"b" * 16], [1 << 30])
         assert c.put(b"b" * 16, b"fits")
+
+
+STRANGER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+body = bytes.fromhex(sys.argv[2])
+try:
+    s.sendall(struct.pack(">I", len(body)) + body)
+    print("closed" if s.recv(4) == b"" else "answered")
+except ConnectionError:
+    print("closed")
+"""
+
+
+def test_a_client_of_another_user_is_refused(agent: AgentProcess) -> None:
+    """The socket is 0600 in a private directory; loosened by hand (here: 0666 and a
+    traversable directory), a process of another user can reach it, and the agent's
+    SO_PEERCRED check refuses it before it reads a byte: the arena is this user's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    os.chmod(agent.socket_path, 0o666)
+    os.chmod(os.path.dirname(agent.socket_path), 0o755)
+    hello = msgpack.packb(HELLO, use_bin_type=True).hex()
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", STRANGER, agent.socket_path, hello],
+        capture_output=True, text=True, timeout=30, user=65534, group=65534,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "closed", out.stdout
+    assert agent.metric("meshkv_local_refused_connections_total") == 1
+    assert "refused a local connection: pid" in agent.log()
+    assert "runs as uid 65534" in agent.log()
+    still_serving(agent)  # the agent's own user is served as before
