@@ -138,15 +138,18 @@ class PeerLinks:
         try:
             while True:
                 if self._links.get(link.address) is not link:
-                    # Forgotten (the peer died or left) or replaced. ``forget`` cancels the
-                    # task too, but a cancellation can be lost inside ``wait_for`` on 3.11,
-                    # and an orphan would then wait here forever (found by the soak: one
-                    # leaked task per peer restart).
+                    # Forgotten (the peer died or left) or replaced: ``forget`` wakes the
+                    # task and cancels it. On 3.11 ``asyncio.wait_for`` loses a cancellation
+                    # that arrives in the same tick as its inner future's result (which is
+                    # what ``forget`` does; CPython gh-86296), so the wait below uses
+                    # ``asyncio.timeout``, and this check ends the task either way (the
+                    # soak found one orphaned task per peer restart before both).
                     return
                 if not link.queue:
                     link.wakeup.clear()
                     try:
-                        await asyncio.wait_for(link.wakeup.wait(), IDLE_CLOSE_S)
+                        async with asyncio.timeout(IDLE_CLOSE_S):
+                            await link.wakeup.wait()
                     except TimeoutError:
                         # Idle: retire this link. No await between the emptiness check and
                         # the removal, so a later ``send`` builds a fresh link and task

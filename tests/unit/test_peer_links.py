@@ -1,0 +1,52 @@
+"""``PeerLinks``: a forgotten peer's control link ends its task (no orphan per restart)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshkv.mesh.links import PeerLinks
+from meshkv.transport import (
+    MemoryNetwork,
+    MemoryTransport,
+    Message,
+    MsgKind,
+    PeerInfo,
+    TransportConfig,
+)
+
+SECRET = b"links-test-secret-0123456789abcd"
+
+
+def test_forget_ends_the_idle_link_task_at_once() -> None:
+    async def main() -> None:
+        net = MemoryNetwork()
+        seen: list[Message] = []
+
+        async def handler(peer: PeerInfo, msg: Message) -> Message | None:
+            seen.append(msg)
+            return None
+
+        server = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="b"), "b")
+        listener = await server.listen("b", 7000, handler)
+        client = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="a"), "a")
+        links = PeerLinks(
+            client, handler, connect_timeout_s=1.0, send_timeout_s=1.0,
+            queue_limit=16, connections_per_peer=1,
+        )  # fmt: skip
+        for round_ in range(20):  # the race is per forget: try it many times
+            links.send(listener.address, MsgKind.PING, {"round": round_})
+            async with asyncio.timeout(2.0):
+                while links.stats.sent <= round_:
+                    await asyncio.sleep(0.001)
+            (link,) = links._links.values()
+            task = link.task
+            assert task is not None and not task.done()  # idle, waiting for work
+            links.forget(listener.address)  # wakes and cancels in the same tick
+            async with asyncio.timeout(1.0):
+                await asyncio.wait({task})
+            assert task.done()
+        assert [m.header["round"] for m in seen] == list(range(20))
+        await links.close()
+        await listener.close()
+
+    asyncio.run(main())
