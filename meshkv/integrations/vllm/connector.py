@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from meshkv.errors import ConfigError
 
 from .config import ConnectorConfig, check_vllm_version
+from .events import EventLog, SavedChunks, publishes_kv_events
 from .layout import engine_layout
 from .link import SchedulerLink, WorkerLink
 from .metadata import MeshKVConnectorMetadata
@@ -37,11 +39,13 @@ if TYPE_CHECKING:
     import torch
     from vllm.attention.backends.abstract import AttentionMetadata
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,9 @@ class MeshKVConnector(KVConnectorBase_V1):
                 link,
                 load_enabled=transfer.is_kv_consumer,
                 save_enabled=transfer.is_kv_producer,
+                events=EventLog(vllm_config.parallel_config.tensor_parallel_size)
+                if publishes_kv_events(vllm_config)
+                else None,
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -102,6 +109,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 rank,
                 WorkerLink(self._cfg, self._layout.namespace(rank), self._counters),
             )
+            self._worker.report_saves = publishes_kv_events(vllm_config)
         logger.info(
             "meshkv connector (%s, %s) for %s: %s, chunk %d tokens, agent %s",
             role.name.lower(),
@@ -166,6 +174,10 @@ class MeshKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().get_block_ids_with_load_errors()
 
+    def get_kv_connector_kv_cache_events(self) -> KVConnectorKVEvents | None:
+        """Chunks this worker's agent committed (for vLLM's KV events; see events.py)."""
+        return self._work().take_saved()
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         now = self._counters.as_dict()
         changes = delta(now, self._reported)
@@ -207,6 +219,18 @@ class MeshKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._sched().build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        events = self._sched().events
+        saved = connector_output.kv_cache_events
+        if events is not None and isinstance(saved, SavedChunks):
+            events.confirm(saved)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """``BlockStored`` events (medium ``CPU``, ownership ``meshkv``) of the chunks the
+        agent confirmed since the last call; vLLM publishes them with its own."""
+        events = self._sched().events
+        return events.take() if events is not None else ()
 
     def request_finished(
         self, request: Request, block_ids: list[int]

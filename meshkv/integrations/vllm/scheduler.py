@@ -38,6 +38,7 @@ from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, MeshKVError
 
 from .config import ConnectorConfig
+from .events import EventLog, chunk_event
 from .layout import EngineLayout
 from .metadata import ChunkLoad, ChunkSave, HoldSpec, LoadSpec, MeshKVConnectorMetadata, SaveSpec
 from .stats import ConnectorCounters
@@ -138,8 +139,11 @@ class SchedulerSide:
         *,
         load_enabled: bool,
         save_enabled: bool,
+        events: EventLog | None = None,
     ) -> None:
         self._cfg = cfg
+        self.events = events
+        """vLLM KV events of confirmed saves (None: the engine publishes no KV events)."""
         self._layout = layout
         self._counters = counters
         self._agent = agent
@@ -384,6 +388,10 @@ class SchedulerSide:
             if len(blocks) < bpc:
                 break
             saves.append(ChunkSave(keys[c], tuple(blocks), c, chunk))
+            if self.events is not None:
+                event = chunk_event(state.request, c, chunk, self._layout.block_size)
+                if event is not None:
+                    self.events.plan(req_id, c, event)
         if saves:
             state.saved_chunks = saves[-1].index + 1
         tail = state.tail

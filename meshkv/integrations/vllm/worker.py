@@ -40,6 +40,7 @@ from meshkv.errors import ConfigError, MeshKVError, NoSpace
 from meshkv.kernels import KVCaches, KVLayout, as_byte_tensor
 
 from .config import ConnectorConfig
+from .events import SavedChunk, SavedChunks
 from .layout import EngineLayout
 from .metadata import ChunkLoad, ChunkSave, LoadSpec, MeshKVConnectorMetadata, SaveSpec
 from .stats import ConnectorCounters
@@ -117,6 +118,9 @@ class WorkerSide:
         self._async: dict[str, tuple[Future[list[Lease | None] | None], LoadSpec, int]] = {}
         self._reserving: Future[list[Reservation | None]] | None = None
         self._reserved_for: list[ChunkSave] = []
+        self.report_saves = False
+        """Report committed chunks for vLLM's KV events (``take_saved``)."""
+        self._saved: list[SavedChunk] = []  # committed since the last take_saved
 
     # --- registration ------------------------------------------------------------------
 
@@ -399,6 +403,16 @@ class WorkerSide:
             checksums: list[int | None] = [payload_checksum(v) for v in views]
             try:
                 self._agent.commit(done, tokens, checksums)
+                if self.report_saves:
+                    committed = set(done)
+                    saved = [
+                        (spec.req_id, c.index)
+                        for spec in specs
+                        for c in spec.chunks
+                        if c.keys[self._rank] in committed
+                    ]
+                    with self._lock:
+                        self._saved.extend(saved)
                 self._counters.saved_chunks += len(done)
                 self._counters.saved_bytes += sum(
                     self._block_bytes * -(-n // self._layout.block_size) for n in tokens
@@ -444,6 +458,12 @@ class WorkerSide:
                 with self._lock:
                     self._load_errors |= failed
         return set(done)
+
+    def take_saved(self) -> SavedChunks | None:
+        """Chunks committed since the last call, for the scheduler's KV events."""
+        with self._lock:
+            saved, self._saved = self._saved, []
+        return SavedChunks(saved) if saved else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:

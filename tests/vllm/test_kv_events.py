@@ -1,0 +1,87 @@
+"""vLLM KV events: with ``--kv-events-config`` a real OpenAI server publishes, beside its
+own block events, a ``BlockStored`` for every chunk the meshkv connector saved (medium
+``CPU``, ownership ``meshkv``), decoded here with vLLM's own event classes off a real ZMQ
+subscription."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+from meshkv.launch import AgentProcess, HttpProcess, http_post_json
+from tests.vllm.engines import Prompts
+
+pytestmark = pytest.mark.vllm
+
+
+def _collect(sub: zmq.Socket[bytes], until: Callable[[list[BlockStored]], bool]) -> list[Any]:
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    events: list[Any] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not sub.poll(200):
+            if until([e for e in events if isinstance(e, BlockStored)]):
+                break
+            continue
+        topic, _seq, payload = sub.recv_multipart()
+        assert topic == b"kv"
+        events.extend(decoder.decode(payload).events)
+    return events
+
+
+def test_saved_chunks_are_published_as_vllm_kv_events(
+    openai_server: Callable[..., HttpProcess],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    tmp_path: Path,
+) -> None:
+    agent = agents().start()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    endpoint = f"ipc://{tmp_path}/kv-events"  # vLLM's publisher binds ipc:// (and tcp://*)
+    sub.connect(endpoint)
+    try:
+        config = {
+            "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+            "endpoint": endpoint,
+        }  # fmt: skip
+        server = openai_server(
+            agent, prefix_caching=True, args=["--kv-events-config", json.dumps(config)]
+        )
+        prompt = prompts.a  # 512 tokens: two 256-token chunks
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        http_post_json(server.base_url + "/v1/completions", body, timeout=120)
+
+        def ours(stored: list[BlockStored]) -> list[BlockStored]:
+            return [e for e in stored if e.ownership == "meshkv"]
+
+        events = _collect(sub, lambda stored: len(ours(stored)) >= 2)
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+    stored = [e for e in events if isinstance(e, BlockStored)]
+    mine = ours(stored)
+    engine = [e for e in stored if e.ownership != "meshkv"]
+    assert len(mine) == 2, events
+    first, second = mine
+    block = first.block_size
+    # Each event covers one chunk's vLLM blocks, with the engine's own hashes and tokens.
+    assert first.medium == second.medium == "CPU"
+    assert len(first.block_hashes) == len(second.block_hashes) == 256 // block
+    assert first.token_ids == prompt[:256] and second.token_ids == prompt[256:512]
+    assert first.parent_block_hash is None
+    assert second.parent_block_hash == first.block_hashes[-1]
+    engine_hashes = [h for e in engine for h in e.block_hashes]
+    assert engine_hashes[: 512 // block] == first.block_hashes + second.block_hashes
+    # And the agent holds those two chunks.
+    with agent.client() as client:
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 2
