@@ -1,0 +1,40 @@
+"""``EventLog``: a saved chunk's event is published once every TP rank confirmed it."""
+
+from __future__ import annotations
+
+import pickle
+
+from vllm.distributed.kv_events import BlockStored
+
+from meshkv.integrations.vllm.events import EventLog, SavedChunks
+
+
+def _event(n: int) -> BlockStored:
+    return BlockStored(
+        block_hashes=[n], parent_block_hash=None, token_ids=[n] * 4, block_size=4,
+        lora_id=None, medium="CPU", lora_name=None, ownership="meshkv",
+    )  # fmt: skip
+
+
+def test_published_only_after_every_rank_confirmed_in_any_step() -> None:
+    log = EventLog(ranks=2)
+    log.plan("r", 0, _event(0))
+    log.plan("r", 1, _event(1))
+    log.confirm(SavedChunks([("r", 0)]))  # rank 0, this step
+    assert list(log.take()) == []
+    log.confirm(SavedChunks([("r", 0), ("r", 1), ("x", 9)]))  # rank 1 later; unknown ignored
+    assert [e.block_hashes for e in log.take()] == [[0]]
+    log.confirm(SavedChunks([("r", 1)]))
+    assert [e.block_hashes for e in log.take()] == [[1]]
+    log.confirm(SavedChunks([("r", 1), ("r", 1)]))  # already published: nothing twice
+    assert list(log.take()) == []
+
+
+def test_unconfirmed_plans_are_bounded_and_reports_cross_processes() -> None:
+    log = EventLog()
+    for i in range(EventLog.MAX_PLANNED + 10):
+        log.plan("r", i, _event(i))
+    log.confirm(SavedChunks([("r", 0), ("r", EventLog.MAX_PLANNED + 9)]))
+    assert [e.block_hashes for e in log.take()] == [[EventLog.MAX_PLANNED + 9]]  # oldest gone
+    saved = pickle.loads(pickle.dumps(SavedChunks([("r", 3)], workers=2)))
+    assert saved.get_all_events() == [("r", 3)] and saved.get_number_of_workers() == 2
