@@ -33,6 +33,8 @@ the connector's hits in the next pass are pulled from the holder; before the rec
 this happens once more (the recovery pass counts the chunks pulled):
 
 * ``peer_kill9`` — SIGKILL the holder mid-pull, start it again ``--down-s`` later;
+* ``peer_sigstop`` — SIGSTOP the holder mid-pull for ``--stall-s`` seconds (its sockets
+  stay open and silent: pulls must end at their deadlines, not hang), then SIGCONT;
 * ``peer_bitflip`` — the holder is reached through a relay that flips a byte in every
   chunk payload block it carries, for ``--stall-s`` seconds: every damaged pull must be
   caught by its checksum, counted and recomputed;
@@ -91,7 +93,7 @@ logger = logging.getLogger(__name__)
 
 SCENARIOS = (
     "control", "agent_kill9", "agent_sigstop", "ssd_enospc", "ssd_bitflip",
-    "peer_kill9", "peer_bitflip", "peer_partition",
+    "peer_kill9", "peer_sigstop", "peer_bitflip", "peer_partition",
 )  # fmt: skip
 SERVER_TIMEOUT_S = 420.0
 
@@ -387,6 +389,10 @@ class Holder:
             self.agent.kill()
             time.sleep(args.down_s)
             self.agent.start()
+        elif self.name == "peer_sigstop":
+            self.agent.sigstop()  # connections open, nothing answers
+            time.sleep(args.stall_s)
+            self.agent.sigcont()
         elif self.name == "peer_bitflip":
             assert self.proxy is not None
             self.proxy.active = True
