@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshkv.bench import faults
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def _served_like_the_reference(row: dict[str, Any], requests: int) -> None:
+    """Every request completed with the tokens of the pass without the fault; where an
+    answer parts from it, it does so at a near tie of the model's top two tokens (vLLM on
+    CPU is not batch-invariant), never where a wrong KV load would show."""
+    assert row["failed"] == 0 and row["completed"] == row["compared"] == requests, row
+    for m in row["mismatches"]:
+        assert m["margin"] is not None and m["margin"] < faults.NEAR_TIE, row
+    assert row["identical"] >= row["compared"] - 2, row
+
+
+def _landed_mid_pass(row: dict[str, Any]) -> None:
+    """The fault began while the pass was still sending requests."""
+    window = row["fault_window_s"]
+    assert window is not None and window[0] < max(r["start_s"] for r in row["requests"]), row
 
 
 def test_agent_kill9_and_ssd_bitflip_under_concurrent_load(tiny_model: str, tmp_path: Path) -> None:
@@ -34,16 +51,8 @@ def test_agent_kill9_and_ssd_bitflip_under_concurrent_load(tiny_model: str, tmp_
     kill, flip = rows["agent_kill9"], rows["ssd_bitflip"]
     assert kill["errors"] == [] and flip["errors"] == [], rows
     for row in (kill, flip):
-        assert row["failed"] == 0 and row["completed"] == row["compared"] == 4 * 3, row
-        # Same tokens as the pass without the fault; where an answer parts from it, it does
-        # so at a near tie of the model's top two tokens (vLLM on CPU is not
-        # batch-invariant), never where a wrong KV load would show.
-        for m in row["mismatches"]:
-            assert m["margin"] is not None and m["margin"] < faults.NEAR_TIE, row
-        assert row["identical"] >= row["compared"] - 2, row
-    # The kill landed mid-pass: requests were still being sent after it.
-    window = kill["fault_window_s"]
-    assert window is not None and window[0] < max(r["start_s"] for r in kill["requests"]), kill
+        _served_like_the_reference(row, 4 * 3)
+    _landed_mid_pass(kill)
     # The agent came back on the same SSD directory: the questions load from it again.
     assert kill["connector_tokens_after_recovery"] > 0, kill
     # Every other chunk file was damaged; promotions met them, and none was served.
@@ -69,14 +78,9 @@ def test_peer_faults_under_concurrent_load(tiny_model: str, tmp_path: Path) -> N
         pytest.skip(rows["peer_partition"]["note"])  # no network namespaces on this kernel
     for row in rows.values():
         assert row["errors"] == [], row
-        assert row["failed"] == 0 and row["completed"] == row["compared"] == 3 * 3, row
-        for m in row["mismatches"]:
-            assert m["margin"] is not None and m["margin"] < faults.NEAR_TIE, row
-        assert row["identical"] >= row["compared"] - 2, row
-        # The fault landed while the pass was still sending requests...
-        window = row["fault_window_s"]
-        assert window is not None and window[0] < max(r["start_s"] for r in row["requests"]), row
-        # ...pulls were under way (the fault waits for the first, except the bit flips)...
+        _served_like_the_reference(row, 3 * 3)
+        _landed_mid_pass(row)
+        # Pulls were under way (the fault waits for the first, except the bit flips)...
         assert row["peer_pulls"] + row["peer_pull_failures"] >= 1, row
         # ...and once it was over, the server's agent (started empty) pulled from the holder.
         assert row["peer_pulls_after_recovery"] > 0, row
