@@ -36,9 +36,14 @@ def test_chunk_put_on_a_is_served_on_c(
         for key, data in payloads.items():
             assert ca.put(key, data, num_tokens=256)
     keys = list(payloads)
+    # Homes learn the holder from batched announcements (flush every 50 ms). Wait on the
+    # homes' directories, not on lookups from C: a lookup that finds a prefix on a peer
+    # starts pulling it, so polling with lookups would make the first keys local early.
+    wait_for(
+        "announcements to reach the homes",
+        lambda: sum(metric(x, "meshkv_mesh_directory_keys") for x in agents) == len(keys),
+    )
     with c.client() as cc:
-        # homes learn the holder from batched announcements (flush every 50 ms)
-        wait_for("announcements to reach the homes", lambda: cc.lookup(keys).prefix == len(keys))
         reply = cc.lookup(keys)
         assert reply.tiers == ["peer"] * len(keys)
         leases = cc.read(keys, wait=5.0)
