@@ -38,11 +38,12 @@ from aiohttp import web
 from meshkv import __version__
 from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError, NodeIdConflict
-from meshkv.metrics import AgentMetrics, PullerCollector
+from meshkv.metrics import AgentMetrics, PullerCollector, RemoteCollector
 from meshkv.puller import Puller
 from meshkv.server.http import AdminContext, AdminServer, build_app
 from meshkv.server.local import LocalServer, LocalServerConfig
 from meshkv.store import Store
+from meshkv.tiers.remote import RemoteTier
 from meshkv.transfers import Transfers
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Agent:
         self.transfers = Transfers(self.store)
         self.metrics.register(PullerCollector(self.puller, self.transfers))
         self.mesh: MeshService | None = None
+        self.remote: RemoteTier | None = None
         self._mesh_factory = mesh_factory
         self.local: LocalServer | None = None
         self.http: AdminServer | None = None
@@ -94,6 +96,11 @@ class Agent:
         await self.store.start()
         self._started = True
         try:
+            if cfg.remote is not None:
+                self.remote = RemoteTier(cfg.remote, self.store)
+                await self.remote.start()
+                self.puller.add_remote(self.remote)
+                self.metrics.register(RemoteCollector(self.remote))
             if cfg.mesh is not None:
                 factory = self._mesh_factory or _default_mesh_factory
                 self.mesh = factory(cfg, self.store, self.metrics, self.puller, self.transfers)
@@ -111,6 +118,9 @@ class Agent:
                 self.store, self.metrics, cfg.node_id, admin_token, registry=self.local.registry
             )
             ctx.status_sections.append(self._status_section)
+            if self.remote is not None:
+                remote = self.remote
+                ctx.status_sections.append(lambda: {"remote": remote.status()})
             routes: list[web.RouteDef] = []
             if self.mesh is not None:
                 ctx.status_sections.append(self.mesh.status_section)
@@ -233,6 +243,13 @@ class Agent:
             self.local = None
         await self.puller.close()
         self.transfers.release_all()
+        if self.remote is not None:
+            # What engines stored last is still being copied: let it reach the remote tier
+            # (within the drain budget), so a restart or an upgrade finds it there.
+            if not await self.remote.drain(max(0.0, deadline - loop.time())):
+                logger.warning("shutdown: the remote tier's write-behind queue was not emptied")
+            await self.remote.close()
+            self.remote = None
         if self.mesh is not None:
             await self.mesh.close(deadline)
             self.mesh = None

@@ -20,6 +20,9 @@ flags. Nothing here reads the environment (the CLI does). TOML layout::
 
     [mesh]              # meshkv.mesh.cli's keys (see docs/agent.md); absent = no mesh
 
+    [remote]            # meshkv.tiers.remote.RemoteTierConfig; absent = no remote tier
+    url = "redis://10.0.0.5:6379/0"
+
 Unknown keys and wrongly typed values are rejected with the file, the table and the key
 in the message. The flat ``[store]`` keys of earlier releases (``cpu_bytes``, ``ssd_dir``,
 ...) still work; each one met is reported as deprecated, with its new place.
@@ -42,6 +45,7 @@ from meshkv.mesh.options import MeshNodeConfig
 from meshkv.paths import check_private_file
 from meshkv.store_config import LEGACY_KEYS, StoreConfig
 from meshkv.tiers.cpu import CpuTierConfig
+from meshkv.tiers.remote import RemoteTierConfig
 from meshkv.tiers.ssd import SsdTierConfig
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
@@ -75,6 +79,8 @@ class AgentConfig:
     """One of debug, info, warning, error."""
     mesh: MeshNodeConfig | None = None
     """The mesh's config (owned by ``meshkv.mesh``); None: this agent runs alone."""
+    remote: RemoteTierConfig | None = None
+    """The shared Redis/Valkey tier below this node's own; None: none."""
 
     def __post_init__(self) -> None:
         if not self.node_id or any(c.isspace() for c in self.node_id):
@@ -156,7 +162,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into keyword arguments for ``AgentConfig`` pieces.
 
     Returns ``{"agent": {...}, "store": {"cpu": {...}, "ssd": {...} | None, ...},
-    "mesh": table or None, "deprecations": [message, ...]}`` with every key checked
+    "mesh": table or None, "remote": {...} or None, "deprecations": [message, ...]}`` with
+    every key checked
     against the dataclass fields and their types.
     """
     path = Path(path)
@@ -173,11 +180,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
     store_table = raw.pop("store", {})
     mesh_table = raw.pop("mesh", None)
+    remote_table = raw.pop("remote", None)
     agent: dict[str, Any] = {}
     agent_fields = {
-        f.name for f in dataclasses.fields(AgentConfig) if f.name not in ("store", "mesh")
+        f.name for f in dataclasses.fields(AgentConfig) if f.name not in ("store", "mesh", "remote")
     }
-    known = sorted((agent_fields - {"socket_path"}) | {"socket", "http", "store", "mesh"})
+    known = sorted((agent_fields - {"socket_path"}) | {"socket", "http", "store", "mesh", "remote"})
     hints = typing.get_type_hints(AgentConfig)
     for key, value in raw.items():
         if key == "http":
@@ -197,7 +205,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     store = store_kwargs(path, store_table, deprecations)
     if mesh_table is not None and not isinstance(mesh_table, dict):
         raise ConfigError(f"{path}: 'mesh' must be a table ([mesh])")
-    return {"agent": agent, "store": store, "mesh": mesh_table, "deprecations": deprecations}
+    remote: dict[str, Any] | None = None
+    if remote_table is not None:
+        if not isinstance(remote_table, dict):
+            raise ConfigError(f"{path}: 'remote' must be a table ([remote])")
+        remote = table_kwargs(path, "remote", remote_table, RemoteTierConfig)
+    return {
+        "agent": agent,
+        "store": store,
+        "mesh": mesh_table,
+        "remote": remote,
+        "deprecations": deprecations,
+    }
 
 
 def store_kwargs(path: Path, table: dict[str, Any], deprecations: list[str]) -> dict[str, Any]:

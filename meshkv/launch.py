@@ -493,3 +493,126 @@ class HttpProcess:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class RedisProcess:
+    """A throw-away ``redis-server`` (Debian package) on loopback: no persistence, its files
+    in a private directory. ``tls_dir`` (with ``ca.crt``, ``server.crt``, ``server.key``, as
+    ``make_test_ca`` writes them) serves TLS only; ``password`` requires it."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        tls_dir: Path | None = None,
+        maxmemory: int | None = None,
+    ) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise LaunchError("redis-server not found (apt-get install -y redis-server)")
+        self.port = port or free_port()
+        self.password = password
+        self.tls_dir = tls_dir
+        self.dir = Path(tempfile.mkdtemp(prefix="mkv-redis-", dir="/tmp"))
+        self.log_path = self.dir / "redis.log"
+        cmd = [server, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(self.dir), "--logfile", str(self.log_path)]  # fmt: skip
+        if tls_dir is None:
+            cmd += ["--port", str(self.port)]
+        else:
+            cmd += ["--port", "0", "--tls-port", str(self.port),
+                    "--tls-cert-file", str(tls_dir / "server.crt"),
+                    "--tls-key-file", str(tls_dir / "server.key"),
+                    "--tls-ca-cert-file", str(tls_dir / "ca.crt"),
+                    "--tls-auth-clients", "no"]  # fmt: skip
+        if password is not None:
+            cmd += ["--requirepass", password]
+        if maxmemory is not None:
+            cmd += ["--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru"]
+        self.command = cmd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls_dir else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def client(self) -> Any:
+        """A redis-py client of this server (synchronous)."""
+        import redis
+
+        kwargs: dict[str, Any] = {}
+        if self.tls_dir is not None:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls_dir / "ca.crt")}
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=10, **kwargs
+        )
+
+    def start(self, timeout: float = 10.0) -> RedisProcess:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise LaunchError(f"redis-server exited with {self.proc.returncode}:\n"
+                                      f"{log_tail(self.log_path)}")  # fmt: skip
+                try:
+                    client.ping()
+                    return self
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise LaunchError(
+                            f"redis-server not ready in {timeout} s:\n{log_tail(self.log_path)}"
+                        ) from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def sigstop(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def sigcont(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            kill_group(self.proc)
+            self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+
+def make_test_ca(directory: Path, host: str = "127.0.0.1") -> Path:
+    """A private CA and a server certificate for ``host`` (``openssl``; tests and demos
+    only): ``ca.crt``, ``server.crt``, ``server.key`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=meshkv-test-ca")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", f"/CN={host}")  # fmt: skip
+    (directory / "ext.cnf").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return directory

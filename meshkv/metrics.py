@@ -28,6 +28,7 @@ from meshkv.protocol import Op
 
 if TYPE_CHECKING:
     from meshkv.puller import Puller
+    from meshkv.tiers.remote import RemoteTier
     from meshkv.transfers import Transfers
 
 LOCAL_OP_BUCKETS = (
@@ -35,7 +36,7 @@ LOCAL_OP_BUCKETS = (
 )  # fmt: skip
 """Upper bounds (seconds) of ``meshkv_local_op_seconds``: local ops live in 10-500 µs."""
 
-TIERS = ("cpu", "ssd", "peer")
+TIERS = ("cpu", "ssd", "peer", "remote")
 
 
 @dataclasses.dataclass(slots=True)
@@ -480,3 +481,84 @@ class PullerCollector(Collector):
             ended.add_metric(["expired"], ts.expired)
             ended.add_metric(["evicted"], ts.evicted)
             yield ended
+
+
+class RemoteCollector(Collector):
+    """``meshkv_remote_*``: the shared Redis/Valkey tier (``meshkv.tiers.remote``)."""
+
+    def __init__(self, remote: RemoteTier) -> None:
+        self._remote = remote
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._remote.stats
+        yield GaugeMetricFamily(
+            "meshkv_remote_up", "1 when the last call to the remote tier succeeded, else 0",
+            value=1 if self._remote.up else 0,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_writes", "Chunks copied to the remote tier", value=st.writes
+        )
+        yield CounterMetricFamily(
+            "meshkv_remote_write_bytes", "Bytes copied to the remote tier (headers included)",
+            value=st.write_bytes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_refreshed",
+            "Copies of chunks the remote tier already held (their TTL renewed)",
+            value=st.refreshed,
+        )
+        yield CounterMetricFamily(
+            "meshkv_remote_evicted", "Values the byte cap pushed out for this node's writes",
+            value=st.evicted,
+        )  # fmt: skip
+        dropped = CounterMetricFamily(
+            "meshkv_remote_dropped",
+            "Write-behind copies not made, by reason (queue_full, unavailable, evicted, failed)",
+            labels=["reason"],
+        )
+        for reason in ("queue_full", "unavailable", "evicted", "failed"):
+            dropped.add_metric([reason], st.dropped[reason])
+        yield dropped
+        yield GaugeMetricFamily(
+            "meshkv_remote_queued_bytes", "Bytes waiting in the write-behind queue",
+            value=st.queued_bytes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_found", "Lookup keys the remote tier reported present", value=st.found
+        )
+        yield CounterMetricFamily(
+            "meshkv_remote_reads", "Chunks fetched from the remote tier, verified and stored",
+            value=st.reads,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_read_bytes", "Payload bytes fetched from the remote tier",
+            value=st.read_bytes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_misses", "Fetches that found no value (expired or evicted meanwhile)",
+            value=st.misses,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_remote_corrupt", "Values that failed verification (deleted; a miss)",
+            value=st.corrupt,
+        )  # fmt: skip
+        errors = CounterMetricFamily(
+            "meshkv_remote_errors", "Failed calls to the remote tier by kind", labels=["kind"]
+        )
+        for kind in ("timeout", "connection", "auth", "other"):
+            errors.add_metric([kind], st.errors[kind])
+        yield errors
+        yield CounterMetricFamily(
+            "meshkv_remote_skipped", "Calls not made while the remote tier was backed off",
+            value=st.skipped,
+        )  # fmt: skip
+        for name, hist, what in (
+            ("meshkv_remote_read_seconds", st.read_latency, "fetch (read, verify, store)"),
+            ("meshkv_remote_write_seconds", st.write_latency, "write-behind copy"),
+        ):
+            family = HistogramMetricFamily(name, f"Seconds of one remote-tier {what}")
+            family.add_metric([], hist.cumulative(), sum_value=hist.total)
+            yield family

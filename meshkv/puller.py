@@ -16,11 +16,15 @@ A flight tries, in order, until the chunk is in the arena:
 4. holders known (the lookup found them at the key's home, or a transfer names its
    producer) → pull from them in turn, least loaded first, through the ``ChunkSource``
    (the mesh);
-5. none of that → a miss: the engine recomputes, which is always the last resort.
+5. the shared remote tier (Redis/Valkey, ``meshkv.tiers.remote``) when one is configured:
+   first when the lookup found the chunk only there, else after every holder failed;
+6. none of that → a miss: the engine recomputes, which is always the last resort.
 
-The mesh registers itself as the source (``add_source``); without one the puller still
-promotes from SSD. Lookups report what a flight will bring (``ssd``/``peer``) so the
-engine can load asynchronously; reads wait for the flights of their keys.
+The mesh registers itself as the source (``add_source``), the remote tier with
+``add_remote``; without either the puller still promotes from SSD. Lookups report what a
+flight will bring (``ssd``/``peer``/``remote``) so the engine can load asynchronously;
+reads wait for the flights of their keys. A lookup asks the keys' homes and the remote
+tier at once, so the remote tier adds no round trip to it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,20 @@ class ChunkSource(Protocol):
         ...
 
 
+class RemoteSource(Protocol):
+    """The shared remote tier (``meshkv.tiers.remote.RemoteTier``)."""
+
+    async def contains(
+        self, ns: NamespaceId, keys: Sequence[ChunkKey], deadline: float
+    ) -> list[bool]:
+        """Which of ``keys`` it holds; all False when it cannot say by ``deadline``."""
+        ...
+
+    async def fetch(self, ns: NamespaceId, key: ChunkKey, deadline: float) -> str | None:
+        """Bring ``key`` into the store; None when resident now, else why not."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class TransferHint:
     """A prefill/decode transfer the request names: where its chunks come from."""
@@ -118,10 +136,11 @@ class PullerStats:
     failed: int = 0
     by_way: Counter[str] = field(default_factory=Counter)
     """How flights made chunks resident: ``cpu`` (already), ``settled`` (another writer's
-    commit), ``ssd`` (promotion), ``peer`` (pull)."""
+    commit), ``ssd`` (promotion), ``peer`` (pull), ``remote`` (the remote tier)."""
     failures: Counter[str] = field(default_factory=Counter)
     """Flights that ended without their chunk, by cause: ``full`` (too many flights),
-    ``deadline``, ``no_holder`` (the causes of single pull attempts are the fetcher's)."""
+    ``deadline``, ``no_holder`` (the causes of single pull attempts are the fetcher's),
+    ``remote`` (the remote tier did not have it or failed; its own counters say which)."""
     joined: int = 0
     """Requests that found the chunk already in flight (single-flight saves)."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -174,6 +193,7 @@ class Puller:
         self._store = store
         self.config = config or PullerConfig()
         self._source: ChunkSource | None = None
+        self._remote: RemoteSource | None = None
         self._flights: dict[ChunkKey, Flight] = {}
         self._transfers: dict[str, _TransferWait] = {}
         """Transfer id → the keys still in flight: when none is left, the producer hears
@@ -187,9 +207,14 @@ class Puller:
         """Pull through ``source`` from now on (the mesh registers itself at start)."""
         self._source = source
 
+    def add_remote(self, remote: RemoteSource) -> None:
+        """Read misses from the shared remote tier too."""
+        self._remote = remote
+
     @property
     def has_source(self) -> bool:
-        return self._source is not None
+        """Whether a miss here may be found elsewhere (the mesh or the remote tier)."""
+        return self._source is not None or self._remote is not None
 
     @property
     def in_flight(self) -> int:
@@ -264,15 +289,21 @@ class Puller:
                 if tier is not Tier.CPU:
                     holders[keys[i]] = (transfer.producer,)
                     tiers[i] = tier or Tier.PEER
-        elif missing and self._source is not None:
-            try:
-                async with asyncio.timeout_at(deadline):  # the lookup's budget, enforced
-                    holders = await self._source.locate(ns, [keys[i] for i in missing], deadline)
-            except (MeshKVError, TimeoutError, OSError) as exc:
-                logger.info("locating %d keys failed: %r", len(missing), exc)
-            for i in missing:
+        elif missing:
+            wanted = [keys[i] for i in missing]
+            in_remote: list[bool] = []
+            if self._remote is None:
+                holders = await self._ask_homes(ns, wanted, deadline)
+            else:
+                holders, in_remote = await asyncio.gather(
+                    self._ask_homes(ns, wanted, deadline),
+                    self._remote.contains(ns, wanted, deadline),
+                )
+            for n, i in enumerate(missing):
                 if keys[i] in holders:
                     tiers[i] = Tier.PEER
+                elif in_remote and in_remote[n]:
+                    tiers[i] = Tier.REMOTE
         loop = asyncio.get_running_loop()
         flight_deadline = (
             transfer.deadline if transfer is not None else loop.time() + self.config.pull_timeout_s
@@ -293,6 +324,18 @@ class Puller:
             self.stats.transfer_wait.observe(0.0)
             self._source.transfer_done(transfer.producer, transfer.transfer_id)
         return tiers
+
+    async def _ask_homes(
+        self, ns: NamespaceId, keys: list[ChunkKey], deadline: float
+    ) -> dict[ChunkKey, tuple[str, ...]]:
+        if self._source is None:
+            return {}
+        try:
+            async with asyncio.timeout_at(deadline):  # the lookup's budget, enforced
+                return await self._source.locate(ns, keys, deadline)
+        except (MeshKVError, TimeoutError, OSError) as exc:
+            logger.info("locating %d keys failed: %r", len(keys), exc)
+            return {}
 
     # --- reads --------------------------------------------------------------------------
 
@@ -434,10 +477,32 @@ class Puller:
                 return "settled"
         if store.on_ssd(ns, key) and await store.promote(ns, key, flight.deadline):
             return "ssd"
-        source = self._source
-        holders = flight.holders
-        if source is None or flight.local_only:
+        if flight.local_only:
             return None
+        remote = self._remote
+        if flight.tier is Tier.REMOTE and remote is not None:
+            if await remote.fetch(ns, key, flight.deadline) is None:
+                return "remote"
+            self.stats.failures["remote"] += 1
+            return None
+        way = await self._pull_from_holders(flight)
+        if way is not None or remote is None:
+            return way
+        if store.lookup(ns, [key])[0] == Tier.CPU:
+            return "settled"
+        if await remote.fetch(ns, key, flight.deadline) is None:
+            return "remote"
+        self.stats.failures["remote"] += 1
+        return None
+
+    async def _pull_from_holders(self, flight: Flight) -> str | None:
+        """Try the flight's holders (asking the homes if it has none): ``peer`` when pulled,
+        ``settled`` when the chunk arrived meanwhile, None when not here."""
+        store, ns, key = self._store, flight.ns, flight.key
+        source = self._source
+        if source is None:
+            return None
+        holders = flight.holders
         if not holders:
             found = await source.locate(ns, [key], flight.deadline)
             holders = found.get(key, ())

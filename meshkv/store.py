@@ -58,6 +58,8 @@ class Tier(enum.StrEnum):
     CPU = "cpu"
     SSD = "ssd"
     PEER = "peer"
+    REMOTE = "remote"
+    """The shared Redis/Valkey tier (``meshkv.tiers.remote``)."""
 
 
 _CPU, _SSD = Tier.CPU, Tier.SSD
@@ -435,14 +437,14 @@ class Store:
             await self._verify_pins(out, owner)
         return out
 
-    def pin_now(self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float) -> int | None:
-        """Pin ``key`` if it is in the arena (no verification, no hit counted); the lease id,
-        or None. For holds that protect a chunk from eviction rather than read it."""
+    def pin_now(self, ns: NamespaceId, key: ChunkKey, owner: int, lease_s: float) -> Pin | None:
+        """Pin ``key`` if it is in the arena (no verification, no hit counted), or None.
+        For the agent's own work on a chunk (a transfer's hold, a copy to the remote tier)
+        rather than an engine's read."""
         e = self.cpu.find(ns, key, check_ns=self.namespace_check)
         if e is None:
             return None
-        lease = self.cpu.pin(e, owner, lease_s, count=False)
-        return lease.lease_id
+        return self._pin(e, owner, lease_s, count=False)
 
     def on_ssd(self, ns: NamespaceId, key: ChunkKey) -> bool:
         """Whether ``promote`` could bring ``key`` into the arena (an SSD file or the copy
@@ -453,8 +455,8 @@ class Store:
         """Whether ``key`` is reserved in the arena (a writer's commit is pending)."""
         return self.cpu.is_reserved(key)
 
-    def _pin(self, e: Entry, owner: int, lease_s: float) -> Pin:
-        lease = self.cpu.pin(e, owner, lease_s)
+    def _pin(self, e: Entry, owner: int, lease_s: float, *, count: bool = True) -> Pin:
+        lease = self.cpu.pin(e, owner, lease_s, count=count)
         return Pin(
             lease.lease_id,
             e.key,

@@ -92,11 +92,11 @@ class Transfers:
         ids, deadline = self._held.pop(transfer_id, ([], loop.time() + hold_s))
         before = len(ids)
         for key in keys:
-            lease = store.pin_now(ns, key, TRANSFER_OWNER, max(0.001, deadline - loop.time()))
-            if lease is None:
+            pin = store.pin_now(ns, key, TRANSFER_OWNER, max(0.001, deadline - loop.time()))
+            if pin is None:
                 self.stats.missing += 1
             else:
-                ids.append(lease)
+                ids.append(pin.lease_id)
         self._held[transfer_id] = (ids, deadline)  # re-inserted: newest last
         if before == 0:  # give the hold back at its deadline even if no other hold comes
             loop.call_at(deadline, lambda: self._expire(loop.time()))

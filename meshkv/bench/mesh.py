@@ -10,6 +10,11 @@ Every number is compared with a baseline measured in the same run (this machine 
 * ``pull_ucx`` — the same over ``--transport ucx``; baseline: bare ucxx tag messages.
 * ``pull_vs_redis`` — ``pull_tcp`` against Redis (Debian ``redis-server``, started here on
   loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs.
+* ``remote_read`` — GB/s of reads from the shared Redis tier (``--remote``): an engine on
+  agent C (no mesh, the same Redis) looks up and reads the chunks agent A stored and wrote
+  behind; C fetches each value, verifies it and stores it in its arena (lookup to last
+  lease). Baseline: ``peer_pull``, agent B pulling the very same chunks from A in the same
+  round, right before.
 * ``lookup_home_p50`` / ``lookup_home_p99`` — µs to find the holders of a 64-chunk prompt
   through their homes (one request per home, in parallel) from a third mesh member
   running in this process, over loopback TCP. Target: p99 <= 1 ms.
@@ -25,7 +30,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +40,7 @@ from meshkv.bench.local import running
 from meshkv.bench.report import Report, Result
 from meshkv.chunk import ChunkKey
 from meshkv.client import DEFAULT_NAMESPACE
-from meshkv.launch import AgentProcess, free_port, listen_args
+from meshkv.launch import AgentProcess, RedisProcess, listen_args
 
 CHUNK_BYTES = 16 << 20
 SECRET = os.urandom(24).hex()
@@ -50,7 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-redis", action="store_true", help="no Redis comparison")
 
 
-def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int) -> AgentProcess:
+def _agent(
+    workdir: Path,
+    name: str,
+    transport: str,
+    join: str | None,
+    gib: int,
+    more: list[str] | None = None,
+) -> AgentProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     secret = workdir / "secret"
     if not secret.exists():
@@ -62,6 +73,7 @@ def _agent(workdir: Path, name: str, transport: str, join: str | None, gib: int)
     ]  # fmt: skip
     if join:
         extra += ["--join", join]
+    extra += more or []
     return AgentProcess(name=f"bench-{name}", cpu_bytes=gib << 30, args=extra, log_level="warning")
 
 
@@ -85,14 +97,14 @@ def _wait(what: str, predicate: Any, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def _pair(
-    workdir: Path, transport: str, gib: int, tag: str = ""
+    workdir: Path, transport: str, gib: int, tag: str = "", more: list[str] | None = None
 ) -> Iterator[tuple[AgentProcess, AgentProcess]]:
     workdir = workdir / (tag or transport)
-    a = _agent(workdir, "a", transport, None, gib)
+    a = _agent(workdir, "a", transport, None, gib, more)
     try:
         with running(a):
             seed = _http(a, "/v1/status")["mesh"]["address"]
-            b = _agent(workdir, "b", transport, seed, gib)
+            b = _agent(workdir, "b", transport, seed, gib, more)
             try:
                 with running(b):
                     _wait(
@@ -162,21 +174,8 @@ def measure_pulls(
 
 def measure_redis(chunks: int, rounds: int) -> float:
     """GB/s of redis-py GET of ``chunks`` 16 MiB blobs from a loopback redis-server."""
-    import redis
-
-    server = shutil.which("redis-server")
-    if server is None:
-        raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="meshkv-bench-redis-")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", tmp, "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
-        _wait("redis", lambda: client.ping())
+    with RedisProcess() as server:
+        client = server.client()
         data = os.urandom(CHUNK_BYTES)
         names = [f"blob-{i}" for i in range(chunks)]
         for name in names:
@@ -191,10 +190,63 @@ def measure_redis(chunks: int, rounds: int) -> float:
         elapsed = time.perf_counter() - start
         client.close()
         return chunks * rounds * CHUNK_BYTES / elapsed / 1e9
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_remote(workdir: Path, chunks: int, rounds: int) -> tuple[float, float]:
+    """(remote-tier read GB/s, peer pull GB/s) of the same chunks, round by round: A stores
+    them (and writes them behind to Redis); B pulls them from A; C reads them from Redis."""
+    gib = max(1, (chunks * (rounds + 1) * CHUNK_BYTES >> 30) + 1)
+    data = os.urandom(CHUNK_BYTES)
+    total = {"peer": 0.0, "remote": 0.0}
+    with RedisProcess() as redis:
+        remote = ["--remote", redis.url, "--remote-gb", str(2 * gib + 1)]
+        c = AgentProcess(name="bench-c", cpu_bytes=gib << 30, args=remote, log_level="warning")
+        with (
+            _pair(workdir, "tcp", gib, "remote", remote) as (a, b),
+            running(c),
+            a.client(timeout=30) as ca,
+        ):
+            for round_no in range(rounds + 1):  # round 0 warms connections up; not counted
+                keys = [os.urandom(16) for _ in range(chunks)]
+                written = a.metric("meshkv_remote_writes_total") + chunks
+                for key in keys:
+                    ca.put(key, data)
+                _wait(
+                    "announcements and copies",
+                    lambda ks=keys, n=written: (
+                        a.metric("meshkv_remote_writes_total") >= n
+                        and all(
+                            _http(b, f"/v1/owners/{k.hex()}")["holders"] == ["bench-a"] for k in ks
+                        )
+                    ),
+                    timeout=120.0,
+                )
+                for reader, way in ((b, "peer"), (c, "remote")):
+                    elapsed = _timed_read(reader, keys, data, way)
+                    if round_no:
+                        total[way] += elapsed
+    moved = rounds * chunks * CHUNK_BYTES
+    return moved / total["remote"] / 1e9, moved / total["peer"] / 1e9
+
+
+def _timed_read(agent: AgentProcess, keys: list[bytes], data: bytes, way: str) -> float:
+    """Seconds from the lookup of ``keys`` on ``agent`` to its last lease (checked: every
+    chunk found through ``way`` and its bytes right)."""
+    with agent.client(timeout=60) as client:
+        start = time.perf_counter()
+        reply = client.lookup(keys)
+        leases = client.read(keys, wait=60.0)
+        elapsed = time.perf_counter() - start
+        got = [x for x in leases if x is not None]
+        try:
+            if reply.tiers != [way] * len(keys) or len(got) != len(keys):
+                raise RuntimeError(f"{way}: found {reply.tiers}, read {len(got)} of {len(keys)}")
+            if any(bytes(x.view[-4096:]) != data[-4096:] for x in got):
+                raise RuntimeError(f"{way}: bytes differ")
+        finally:
+            client.release(got)
+            del got, leases  # views into the client's arena mapping
+    return elapsed
 
 
 # --- lookups through the home --------------------------------------------------------------
@@ -289,6 +341,10 @@ def run(args: argparse.Namespace) -> int:
             redis_gbps = measure_redis(args.chunks, args.rounds)
             report.add(
                 Result("pull_vs_redis", pull_tcp, "GB/s", CHUNK_BYTES, "redis_get", redis_gbps)
+            )
+            remote_gbps, peer_gbps = measure_remote(workdir, args.chunks, args.rounds)
+            report.add(
+                Result("remote_read", remote_gbps, "GB/s", CHUNK_BYTES, "peer_pull", peer_gbps)
             )
         p50, p99 = measure_lookups(workdir, args.lookups)
         report.add(Result("lookup_home_p50", p50, "us", None, "target_p99", 1000.0))

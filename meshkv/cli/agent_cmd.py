@@ -29,10 +29,12 @@ from meshkv.mesh import cli as mesh_cli
 from meshkv.mesh.options import MeshNodeConfig
 from meshkv.paths import default_socket_path
 from meshkv.tiers.cpu import CpuTierConfig
+from meshkv.tiers.remote import RemoteTierConfig
 from meshkv.tiers.ssd import SsdTierConfig
 from meshkv.transport.base import parse_address
 
 GB = 1 << 30
+MB = 1 << 20
 EVICTION_POLICIES = ("lru", "s3fifo")
 
 logger = logging.getLogger("meshkv.agent")
@@ -136,7 +138,85 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LEVEL",
         help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
     )
+    remote = RemoteTierConfig.__dataclass_fields__
+    r = p.add_argument_group(
+        "remote tier",
+        "a Redis or Valkey server shared by the mesh, below each node's own tiers "
+        "(docs/tiers.md, 'Remote tier')",
+    )
+    r.add_argument(
+        "--remote",
+        metavar="URL",
+        help="redis://[USER@]HOST[:PORT][/DB], rediss:// for TLS (default: no remote tier)",
+    )
+    r.add_argument(
+        "--remote-password-file",
+        metavar="FILE",
+        help="file (mode 600) holding the server's password (default: none)",
+    )
+    r.add_argument(
+        "--remote-tls-ca",
+        metavar="FILE",
+        help="CA bundle of the server's certificate for rediss:// (default: the system's)",
+    )
+    r.add_argument(
+        "--remote-ttl",
+        type=float,
+        metavar="S",
+        help=f"seconds a value lives after its last write or read "
+        f"(default: {_default(remote, 'ttl_s'):g})",
+    )
+    r.add_argument(
+        "--remote-gb",
+        type=float,
+        metavar="N",
+        help=f"cap in GiB on all values under the key prefix, every node's together "
+        f"(default: {_default(remote, 'max_bytes') / GB:g})",
+    )
+    r.add_argument(
+        "--remote-queue-mb",
+        type=float,
+        metavar="N",
+        help=f"write-behind queue in MiB; chunks beyond it are dropped and counted "
+        f"(default: {_default(remote, 'queue_bytes') / MB:g})",
+    )
+    r.add_argument(
+        "--remote-prefix",
+        metavar="WORD",
+        help=f"prefix of every key meshkv writes (default: {_default(remote, 'key_prefix')})",
+    )
     mesh_cli.add_arguments(p)
+
+
+def remote_config(
+    args: argparse.Namespace, table: dict[str, Any] | None
+) -> RemoteTierConfig | None:
+    """``[remote]`` merged with the ``--remote*`` flags; None when neither names a URL."""
+    values: dict[str, Any] = dict(table or {})
+    if args.remote is not None:
+        values["url"] = args.remote
+    flags = {
+        "remote_password_file": "password_file",
+        "remote_tls_ca": "tls_ca_file",
+        "remote_ttl": "ttl_s",
+        "remote_prefix": "key_prefix",
+    }
+    for flag, name in flags.items():
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    if args.remote_gb is not None:
+        values["max_bytes"] = _size_flag("--remote-gb", args.remote_gb * GB)
+    if args.remote_queue_mb is not None:
+        values["queue_bytes"] = _size_flag("--remote-queue-mb", args.remote_queue_mb * MB)
+    if "url" not in values:
+        if values:
+            given = ", ".join(sorted(values))
+            raise ConfigError(f"remote tier settings ({given}) need a URL: give --remote URL")
+        return None
+    config = RemoteTierConfig(**values)
+    config.password()  # an unreadable or public password file fails here, not at start
+    config.check_ca()
+    return config
 
 
 def _default(fields: dict[str, Any], name: str) -> Any:
@@ -152,6 +232,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         "agent": {},
         "store": {"cpu": {}, "ssd": None},
         "mesh": None,
+        "remote": None,
         "deprecations": [],
     }
     if args.config:
@@ -211,7 +292,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError(f"bad store settings: {exc}") from exc
     except ConfigError as exc:
         raise ConfigError(f"store settings (--cpu-gb, --ssd-gb, [store]): {exc}") from exc
-    config = AgentConfig(store=store_config, mesh=mesh, **agent)
+    remote = remote_config(args, toml["remote"])
+    config = AgentConfig(store=store_config, mesh=mesh, remote=remote, **agent)
     config.admin_token()  # an unreadable or weak token file fails here, not at start
     return config
 

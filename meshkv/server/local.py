@@ -470,7 +470,7 @@ class _Connection(asyncio.Protocol):
             counters.hit_tokens["cpu"] += in_cpu * per_chunk
             counters.miss_tokens += (len(tiers) - prefix) * per_chunk
         if in_cpu != prefix:
-            for tier in (Tier.SSD, Tier.PEER):
+            for tier in (Tier.SSD, Tier.PEER, Tier.REMOTE):
                 n = head.count(tier)
                 counters.hit_chunks[tier] += n
                 counters.hit_tokens[tier] += n * per_chunk

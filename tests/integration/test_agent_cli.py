@@ -39,6 +39,29 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--log-level", "loud"], "log level must be one of"),
         (["--admin-token-file", "/nonexistent/token"], "cannot read admin token file"),
         (["--socket", "/tmp/" + "x" * 120], "Unix sockets allow at most 107"),
+        (["--remote", "http://127.0.0.1:6379"], "URL scheme must be one of redis, rediss"),
+        (["--remote", "redis://"], "no host in"),
+        (["--remote", "redis://127.0.0.1:99999"], "port is not a number in 1..65535"),
+        (["--remote", "redis://127.0.0.1:6379/zero"], "the database must be a number"),
+        (["--remote", "redis://h:6379/0?ssl=true"], "URL options (?ssl=true) are not read"),
+        (["--remote", "redis://h", "--remote-ttl", "0"], "ttl must be > 0 seconds"),
+        (["--remote", "redis://h", "--remote-gb", "-1"], "--remote-gb must be positive"),
+        (["--remote", "redis://h", "--remote-queue-mb", "0"], "--remote-queue-mb must be"),
+        (["--remote", "redis://h", "--remote-prefix", "a b"], "key prefix must be a word"),
+        (["--remote-ttl", "60"], "remote tier settings (ttl_s) need a URL"),
+        (["--remote", "redis://h", "--remote-tls-ca", "/x.pem"], "needs a rediss:// (or"),
+        (
+            ["--remote", "redis://:pw@h", "--remote-password-file", "/etc/hostname"],
+            "the URL has a password and a password file is given",
+        ),
+        (
+            ["--remote", "redis://h", "--remote-password-file", "/nonexistent/pw"],
+            "cannot read remote password file /nonexistent/pw",
+        ),
+        (
+            ["--remote", "rediss://h", "--remote-tls-ca", "/etc/hostname"],
+            "cannot load TLS CA file /etc/hostname",
+        ),
     ],
 )
 def test_bad_flags_are_rejected(
@@ -89,6 +112,21 @@ def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not valid TOML" in out.stderr
     out = agent_cli("--config", str(tmp_path / "missing.toml"))
     assert "does not exist" in out.stderr
+    cfg.write_text('[remote]\nurl = "redis://h"\nttl = 60\n')
+    out = agent_cli("--config", str(cfg))
+    assert "unknown key 'ttl' in [remote]" in out.stderr and "ttl_s" in out.stderr
+    cfg.write_text('[remote]\nurl = "redis://h"\nmax_bytes = "8G"\n')
+    out = agent_cli("--config", str(cfg))
+    assert "[remote] max_bytes must be int, got str '8G'" in out.stderr
+    cfg.write_text("remote = 3\n")
+    out = agent_cli("--config", str(cfg))
+    assert "'remote' must be a table ([remote])" in out.stderr
+    public = tmp_path / "public.pass"
+    public.write_text("pw")
+    public.chmod(0o644)
+    cfg.write_text(f'[remote]\nurl = "redis://h"\npassword_file = "{public}"\n')
+    out = agent_cli("--config", str(cfg))
+    assert "remote password file" in out.stderr and "chmod 600" in out.stderr
 
 
 def test_toml_tree_flags_and_legacy_keys(
