@@ -116,6 +116,15 @@ def test_chunks_written_behind_are_read_on_another_node(
     # a key nobody stored is a plain miss
     with b.client() as cb:
         assert cb.lookup([os.urandom(16)]).prefix == 0
+    # a third node computing the same chunks renews them and stores nothing twice
+    c = agent_factory(name="c", args=["--remote", redis.url]).start()
+    _put(c, payloads)
+    wait_for("renewals", lambda: metric(c, "meshkv_remote_refreshed_total") == 4)
+    assert metric(c, "meshkv_remote_writes_total") == 0
+    assert int(r.get("meshkv:bytes")) == sum(
+        RECORD_HEADER_BYTES + len(v) for v in payloads.values()
+    )
+    assert r.keys("meshkv:tmp:*") == []  # every temporary name was renamed or deleted
 
 
 def test_a_damaged_value_is_never_served(
