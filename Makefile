@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
+.PHONY: venv system-deps demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -38,6 +38,12 @@ $(SRC_STAMP): $(DEPS_STAMP) pyproject.toml
 	$(PY) -m pip install -q -e .
 	@rm -f $(VENV)/.src-*
 	@touch $@
+
+# Debian packages the tests and benchmarks start: redis-server (the remote tier's tests,
+# bench mesh's Redis comparison); openssl makes the test CA for TLS.
+system-deps:
+	@command -v redis-server >/dev/null && command -v openssl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server openssl)
 
 demo: venv
 	$(PY) -m benchmarks.demo
@@ -59,21 +65,19 @@ typecheck: venv
 	cd $(TYPETREE) && $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CACHE)/mypy-cache -p meshkv -p benchmarks -p simulations
 
-unit: venv
+unit: venv system-deps
 	$(PY) -m pytest -q tests -m "not vllm"
 
 # tests/vllm/test_pd_ucx.py runs in its own target: on this 2-core machine it failed in 4
 # of 10 runs on 2026-12-04 (the first P/D transfer over UCX, or the release of its pins,
 # took longer than the test allows); see docs/disaggregation.md. TCP P/D stays in here.
-test: lint typecheck
+test: lint typecheck system-deps
 	$(PY) -m pytest -q tests --ignore=tests/vllm/test_pd_ucx.py
 
 test-pd-ucx: venv
 	$(PY) -m pytest -q tests/vllm/test_pd_ucx.py
 
-bench: venv
-	@# the mesh benchmark compares against a loopback redis-server (Debian package)
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+bench: venv system-deps
 	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
 	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
 	$(PY) -m benchmarks.sim_wall --json $(CACHE)/bench-sim-wall.json
