@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from meshkv.launch import AgentProcess, free_port, http_get
+from meshkv.launch import AgentProcess, RedisProcess, free_port, http_get
 from tests.helpers.mesh import mesh_args, write_secret
 
 DASHBOARD = Path(__file__).parents[2] / "docs" / "deploy" / "grafana" / "meshkv-dashboard.json"
@@ -48,8 +48,9 @@ def test_every_query_names_a_metric_that_exists(
         for name in METRIC.findall(str(var.get("query", ""))):
             wanted.setdefault(name, f"variable {var['name']}")
 
-    agent = agent_factory(args=mesh_args(write_secret(tmp_path))).start()
-    names = exposed(http_get(agent.url + "/metrics").decode())
+    with RedisProcess() as redis:  # the remote tier's panels need an agent that has one
+        agent = agent_factory(args=[*mesh_args(write_secret(tmp_path)), "--remote", redis.url])
+        names = exposed(http_get(agent.start().url + "/metrics").decode())
     port = free_port()
     proxy = subprocess.Popen(
         [sys.executable, "-m", "meshkv", "proxy", "--engines", "http://127.0.0.1:9",
