@@ -1,11 +1,13 @@
-"""``EventLog``: a saved chunk's event is published once every TP rank confirmed it."""
+"""``EventLog``: a saved chunk's event is published once every TP rank confirmed it; a
+published chunk a lookup finds gone is published as removed, once."""
 
 from __future__ import annotations
 
 import pickle
 
-from vllm.distributed.kv_events import BlockStored
+from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
+from meshkv.chunk import ChunkKey
 from meshkv.integrations.vllm.events import EventLog, SavedChunks
 
 
@@ -16,10 +18,14 @@ def _event(n: int) -> BlockStored:
     )  # fmt: skip
 
 
+def _key(n: int) -> ChunkKey:
+    return ChunkKey(n.to_bytes(16, "big"))
+
+
 def test_published_only_after_every_rank_confirmed_in_any_step() -> None:
     log = EventLog(ranks=2)
-    log.plan("r", 0, _event(0))
-    log.plan("r", 1, _event(1))
+    log.plan("r", 0, _event(0), _key(0))
+    log.plan("r", 1, _event(1), _key(1))
     log.confirm(SavedChunks([("r", 0)]))  # rank 0, this step
     assert list(log.take()) == []
     log.confirm(SavedChunks([("r", 0), ("r", 1), ("x", 9)]))  # rank 1 later; unknown ignored
@@ -33,8 +39,31 @@ def test_published_only_after_every_rank_confirmed_in_any_step() -> None:
 def test_unconfirmed_plans_are_bounded_and_reports_cross_processes() -> None:
     log = EventLog()
     for i in range(EventLog.MAX_PLANNED + 10):
-        log.plan("r", i, _event(i))
+        log.plan("r", i, _event(i), _key(i))
     log.confirm(SavedChunks([("r", 0), ("r", EventLog.MAX_PLANNED + 9)]))
     assert [e.block_hashes for e in log.take()] == [[EventLog.MAX_PLANNED + 9]]  # oldest gone
     saved = pickle.loads(pickle.dumps(SavedChunks([("r", 3)], workers=2)))
     assert saved.get_all_events() == [("r", 3)] and saved.get_number_of_workers() == 2
+
+
+def test_a_published_chunk_found_gone_is_reported_removed_once() -> None:
+    log = EventLog()
+    log.plan("r", 0, _event(0), _key(0))
+    log.plan("r", 1, _event(1), _key(1))
+    log.gone([_key(0)])  # not published yet: nothing to take back
+    assert list(log.take()) == []
+    log.confirm(SavedChunks([("r", 0), ("r", 1)]))
+    assert len(list(log.take())) == 2
+    log.gone([_key(1), _key(7)])  # 7: never published here
+    (removed,) = log.take()
+    assert isinstance(removed, BlockRemoved)
+    assert removed.block_hashes == [1] and removed.medium == "CPU"
+    assert removed.ownership == "meshkv"
+    log.gone([_key(1)])  # reported once
+    assert list(log.take()) == []
+    for i in range(2, EventLog.MAX_PUBLISHED + 3):  # the memory of published chunks is bounded
+        log.plan("r", i, _event(i), _key(i))
+        log.confirm(SavedChunks([("r", i)]))
+    list(log.take())
+    log.gone([_key(0), _key(EventLog.MAX_PUBLISHED + 2)])
+    assert [e.block_hashes for e in log.take()] == [[EventLog.MAX_PUBLISHED + 2]]

@@ -1,12 +1,14 @@
 """vLLM KV events: with ``--kv-events-config`` a real OpenAI server publishes, beside its
 own block events, a ``BlockStored`` for every chunk the meshkv connector saved (medium
-``CPU``, ownership ``meshkv``), decoded here with vLLM's own event classes off a real ZMQ
-subscription."""
+``CPU``, ownership ``meshkv``), and a ``BlockRemoved`` for those a later lookup finds gone,
+decoded here with vLLM's own event classes off a real ZMQ subscription."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
-from vllm.distributed.kv_events import BlockStored, KVEventBatch
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
 
 from meshkv.launch import AgentProcess, HttpProcess, http_post_json
 from tests.vllm.engines import Prompts
@@ -22,13 +24,13 @@ from tests.vllm.engines import Prompts
 pytestmark = pytest.mark.vllm
 
 
-def _collect(sub: zmq.Socket[bytes], until: Callable[[list[BlockStored]], bool]) -> list[Any]:
+def _collect(sub: zmq.Socket[bytes], until: Callable[[list[Any]], bool]) -> list[Any]:
     decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
     events: list[Any] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not sub.poll(200):
-            if until([e for e in events if isinstance(e, BlockStored)]):
+            if until(events):
                 break
             continue
         topic, _seq, payload = sub.recv_multipart()
@@ -43,7 +45,11 @@ def test_saved_chunks_are_published_as_vllm_kv_events(
     prompts: Prompts,
     tmp_path: Path,
 ) -> None:
-    agent = agents().start()
+    token = os.urandom(16).hex()
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    agent = agents(args=["--admin-token-file", str(token_file)]).start()
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv")
@@ -61,10 +67,22 @@ def test_saved_chunks_are_published_as_vllm_kv_events(
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
         http_post_json(server.base_url + "/v1/completions", body, timeout=120)
 
-        def ours(stored: list[BlockStored]) -> list[BlockStored]:
-            return [e for e in stored if e.ownership == "meshkv"]
+        def ours(events: list[Any], kind: type = BlockStored) -> list[Any]:
+            return [e for e in events if isinstance(e, kind) and e.ownership == "meshkv"]
 
-        events = _collect(sub, lambda stored: len(ours(stored)) >= 2)
+        events = _collect(sub, lambda events: len(ours(events)) >= 2)
+        with agent.client() as client:
+            assert client.stats()["tiers"]["cpu"]["chunks"] == 2  # the agent holds them
+        # The agent loses them (an admin clear): the next request for the prompt finds
+        # them gone, and the router hears it.
+        clear = urllib.request.Request(
+            agent.url + "/v1/clear", method="POST", data=b"",
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        with urllib.request.urlopen(clear, timeout=5) as response:
+            assert response.status == 200
+        http_post_json(server.base_url + "/v1/completions", body, timeout=120)
+        later = _collect(sub, lambda events: len(ours(events, BlockRemoved)) >= 2)
     finally:
         sub.close(linger=0)
         ctx.term()
@@ -82,6 +100,7 @@ def test_saved_chunks_are_published_as_vllm_kv_events(
     assert second.parent_block_hash == first.block_hashes[-1]
     engine_hashes = [h for e in engine for h in e.block_hashes]
     assert engine_hashes[: 512 // block] == first.block_hashes + second.block_hashes
-    # And the agent holds those two chunks.
-    with agent.client() as client:
-        assert client.stats()["tiers"]["cpu"]["chunks"] == 2
+    # The removals name exactly the blocks of the two chunks, in the same medium.
+    removed = ours(later, BlockRemoved)
+    assert [e.block_hashes for e in removed] == [first.block_hashes, second.block_hashes]
+    assert all(e.medium == "CPU" for e in removed)

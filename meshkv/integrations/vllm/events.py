@@ -13,9 +13,16 @@ Each event describes the vLLM blocks of one saved chunk the way vLLM's block poo
 with ``medium="CPU"`` (the agent's arena) and ``ownership="meshkv"``. It is published only
 once the agent has confirmed the chunk (the commit answered, on every tensor-parallel
 rank): the worker reports committed chunks in ``KVConnectorOutput.kv_cache_events`` and the
-scheduler turns them into events. Removals are not published: the connector does not see
-the agent's evictions, so a router may send a request whose chunk has since left
-meshkv; the lookup then misses and the engine computes it, as without events.
+scheduler turns them into events.
+
+Removals: the connector does not see the agent's evictions as they happen, but it sees
+their effect. When a lookup finds that a chunk it published is no longer anywhere the
+node can load from (not in its tiers, on no peer, not in the remote tier), the scheduler
+publishes a ``BlockRemoved`` for that chunk's blocks (same hashes, medium, ownership), so
+the router stops counting on them. A router that sent a request here because of a stale
+``BlockStored`` learns of it from that very request; a chunk never asked for again is
+never reported removed (the connector remembers the last ``MAX_PUBLISHED`` chunks it
+published).
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ from typing import Any
 
 from vllm.distributed.kv_events import (
     MEDIUM_CPU,
+    BlockRemoved,
     BlockStored,
     KVCacheEvent,
     KVConnectorKVEvents,
 )
+
+from meshkv.chunk import ChunkKey
 
 OWNERSHIP = "meshkv"
 """``ownership`` of meshkv's events: "secondary offloading tier identifier"."""
@@ -80,22 +90,27 @@ def publishes_kv_events(vllm_config: Any) -> bool:
 
 class EventLog:
     """Scheduler side: the ``BlockStored`` event of every chunk planned for saving, held
-    until the workers confirm its commit, then handed to ``take_events``."""
+    until the workers confirm its commit, then handed to ``take_events``; and the
+    ``BlockRemoved`` of a published chunk a lookup found gone."""
 
     MAX_PLANNED = 65536
     """Planned events kept (oldest dropped first); a chunk whose commit never comes (the
     save was skipped) must not be kept for ever."""
+    MAX_PUBLISHED = 65536
+    """Published chunks remembered (key → block hashes) to report their removal."""
 
     def __init__(self, ranks: int = 1) -> None:
         self.ranks = ranks
         """Tensor-parallel ranks that must each confirm a chunk."""
         self._planned: collections.OrderedDict[SavedChunk, list[Any]] = (
             collections.OrderedDict()
-        )  # chunk -> [event, confirmations so far]
+        )  # chunk -> [event, confirmations so far, rank-0 key]
+        self._published: collections.OrderedDict[ChunkKey, BlockStored] = collections.OrderedDict()
         self._ready: list[KVCacheEvent] = []
 
-    def plan(self, req_id: str, index: int, event: BlockStored) -> None:
-        self._planned[(req_id, index)] = [event, 0]
+    def plan(self, req_id: str, index: int, event: BlockStored, key: ChunkKey) -> None:
+        """``event`` describes chunk ``index`` of ``req_id``, whose rank-0 key is ``key``."""
+        self._planned[(req_id, index)] = [event, 0, key]
         while len(self._planned) > self.MAX_PLANNED:
             self._planned.popitem(last=False)
 
@@ -107,7 +122,28 @@ class EventLog:
             entry[1] += 1
             if entry[1] >= self.ranks:
                 del self._planned[(req_id, index)]
-                self._ready.append(entry[0])
+                event, _, key = entry
+                self._ready.append(event)
+                self._published[key] = event
+                self._published.move_to_end(key)
+                while len(self._published) > self.MAX_PUBLISHED:
+                    self._published.popitem(last=False)
+
+    def gone(self, keys: Iterable[ChunkKey]) -> None:
+        """A lookup found ``keys`` (rank-0) nowhere: report the published ones removed."""
+        published = self._published
+        if not published:
+            return
+        for key in keys:
+            event = published.pop(key, None)
+            if event is not None:
+                self._ready.append(
+                    BlockRemoved(
+                        block_hashes=list(event.block_hashes),
+                        medium=event.medium,
+                        ownership=event.ownership,
+                    )
+                )
 
     def take(self) -> Iterator[KVCacheEvent]:
         ready, self._ready = self._ready, []

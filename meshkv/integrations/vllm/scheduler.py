@@ -258,6 +258,13 @@ class SchedulerSide:
         finally:
             self._counters.call_seconds += time.perf_counter() - started
         prefix = min(int(reply.prefix), len(rank0))
+        if self.events is not None and prefix < len(rank0):
+            found = list(reply.tiers)
+            self.events.gone(
+                key
+                for i, key in enumerate(rank0)
+                if i >= prefix and i < len(found) and found[i] is None
+            )
         tiers = list(reply.tiers)[:prefix]
         state.hit_chunks = prefix
         state.all_local = all(tier == _LOCAL_TIER for tier in tiers)
@@ -391,7 +398,7 @@ class SchedulerSide:
             if self.events is not None:
                 event = chunk_event(state.request, c, chunk, self._layout.block_size)
                 if event is not None:
-                    self.events.plan(req_id, c, event)
+                    self.events.plan(req_id, c, event, keys[c][0])
         if saves:
             state.saved_chunks = saves[-1].index + 1
         tail = state.tail
