@@ -19,9 +19,10 @@ its requests in flight. The unit is one prompt's prefill: a request in flight is
 about one prompt of work ahead of this one, so with ``load_weight`` 1 a full cache hit is
 worth exactly one queued request. This is Dynamo's KV router cost (``overlap weight x
 prefill blocks + active blocks``) with both terms in prompts instead of blocks. **Bounded
-load**: only engines with ``L_i <= ceil((1 + balance_slack) * (sum(L) + 1) / n)`` are
-candidates (consistent hashing with bounded loads, Mirrokni et al.), so one hot prefix cannot
-pin every request to one engine; SGLang's router gets the same effect with its absolute and
+load**: only engines with ``L_i + 1 <= ceil((1 + balance_slack) * (sum(L) + 1) / n)`` are
+candidates, i.e. whose load with this request stays within the bound (consistent hashing
+with bounded loads, Mirrokni et al.), so one hot prefix cannot pin every request to one
+engine; SGLang's router gets the same effect with its absolute and
 relative balance thresholds, switching to least-loaded when load is skewed. Ties go to the
 conversation's previous engine (session affinity), then round robin.
 """
@@ -136,8 +137,8 @@ class Router:
         best: list[tuple[Upstream, float]] = []
         best_cost = math.inf
         for upstream, h in zip(healthy, held, strict=True):
-            if upstream.inflight > bound:
-                continue  # bounded load: never pile onto one engine
+            if upstream.inflight + 1 > bound:
+                continue  # bounded load: its load with this request must stay within the bound
             cost = (1.0 - min(h, prompt) / prompt) + cfg.load_weight * upstream.inflight
             if cost < best_cost - 1e-9:
                 best, best_cost = [(upstream, h)], cost

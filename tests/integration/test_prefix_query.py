@@ -173,10 +173,10 @@ def test_cache_aware_routing_bounds_the_load_of_a_hot_prefix() -> None:
                         *(post(url + "/v1/completions", {"prompt": hot}) for _ in range(8))
                     )
                     served = [out["choices"][0]["text"] for _, out in replies]
-                    # Every request wants b; no more than its bounded share may get it.
-                    assert served.count("b-answer") >= 4
-                    assert served.count("a-answer") >= 2
-                    assert served.count("b-answer") <= 6
+                    # Every request wants b; no more than its bounded share may get it:
+                    # with 8 in flight, ceil(1.25 * 8 / 2) = 5 (the 8 are routed within
+                    # milliseconds, none finishes before the last is placed).
+                    assert 4 <= served.count("b-answer") <= 5, served
             finally:
                 await a.stop()
                 await b.stop()
