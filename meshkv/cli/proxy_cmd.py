@@ -39,7 +39,11 @@ def register(sub: Any) -> None:
                    "(default: 1)")  # fmt: skip
     p.add_argument("--balance-slack", type=float, default=0.25, metavar="E",
                    help="cache_aware: no engine takes more than (1+E) x its fair share of the "
-                   "requests in flight (default: 0.25)")  # fmt: skip
+                   "requests in flight, nor of the last --balance-window requests "
+                   "(default: 0.25)")  # fmt: skip
+    p.add_argument("--balance-window", type=int, default=64, metavar="N",
+                   help="cache_aware: the recent requests whose share is bounded too; 0 bounds "
+                   "only requests in flight (default: 64)")  # fmt: skip
     p.add_argument("--prefix-timeout", type=float, default=0.05, metavar="S",
                    help="cache_aware: longest wait for an agent's prefix answer "
                    "(default: 0.05)")  # fmt: skip
@@ -73,6 +77,7 @@ def build_config(args: argparse.Namespace) -> Any:
         agents=tuple(a.rstrip("/") for a in args.agents),
         load_weight=args.load_weight,
         balance_slack=args.balance_slack,
+        balance_window=args.balance_window,
         prefix_timeout_s=args.prefix_timeout,
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,

@@ -91,6 +91,9 @@ class ProxyConfig:
     balance_slack: float = 0.25
     """cache_aware: an engine takes no request while it has more than ``(1 + slack)`` times
     its fair share of the requests in flight (plus this one)."""
+    balance_window: int = 64
+    """cache_aware: also bound each engine's share of the last this many routed requests
+    to ``(1 + balance_slack)`` times the fair share (0: bound only requests in flight)."""
     ssd_weight: float = 0.75
     """cache_aware: an SSD-held token counts as this fraction of a CPU-held one."""
     prefix_timeout_s: float = 0.05
@@ -141,6 +144,8 @@ class ProxyConfig:
                 raise ConfigError(f"proxy: {name} must be > 0")
         if self.affinity_slack < 0:
             raise ConfigError("proxy: affinity_slack must be >= 0")
+        if self.balance_window < 0:
+            raise ConfigError(f"--balance-window must be >= 0, got {self.balance_window}")
         if self.routing == "cache_aware" and not self.agents:
             raise ConfigError(
                 "--routing cache_aware needs --agents URL... (each engine's meshkv agent "

@@ -184,6 +184,41 @@ def test_cache_aware_routing_bounds_the_load_of_a_hot_prefix() -> None:
         run(main)
 
 
+@pytest.mark.parametrize(("window", "most"), [(64, 10), (0, 16)])
+def test_cache_aware_routing_bounds_the_share_of_recent_requests(window: int, most: int) -> None:
+    """One request at a time never trips the bound on requests in flight; the window bound
+    still keeps the engine that holds the hot prefix to its share: with 16 requests,
+    ceil(1.25 * 16 / 2) = 10. Without the window (0) it takes all 16."""
+    with (
+        AgentProcess(name="win-a", log_level="warning") as agent_a,
+        AgentProcess(name="win-b", log_level="warning") as agent_b,
+        AgentClient(agent_b.socket_path, namespace=NS, chunk_tokens=CHUNK) as client_b,
+    ):
+        hot = list(range(300, 300 + 8 * CHUNK))
+        store_prefix(client_b, NS, hot)
+
+        async def main() -> None:
+            a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
+            try:
+                async with proxy(
+                    engines=(a.url, b.url),
+                    agents=(agent_a.url, agent_b.url),
+                    routing="cache_aware",
+                    balance_window=window,
+                ) as url:
+                    served = []
+                    for _ in range(16):
+                        status, out = await post(url + "/v1/completions", {"prompt": hot})
+                        assert status == 200, out
+                        served.append(out["choices"][0]["text"])
+                    assert served.count("b-answer") == most, served
+            finally:
+                await a.stop()
+                await b.stop()
+
+        run(main)
+
+
 def test_cache_aware_routing_survives_an_agent_that_does_not_answer() -> None:
     with AgentProcess(name="alive", log_level="warning") as alive:
 
@@ -216,6 +251,10 @@ def test_cache_aware_routing_survives_an_agent_that_does_not_answer() -> None:
         (
             {"engines": ("http://a",), "agents": ("http://x",), "load_weight": -1.0},
             "load_weight must be >= 0",
+        ),
+        (
+            {"engines": ("http://a",), "agents": ("http://x",), "balance_window": -1},
+            "--balance-window must be >= 0",
         ),
     ],
 )
