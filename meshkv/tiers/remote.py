@@ -19,15 +19,17 @@ no mesh at all) can use one server as a common tier under its CPU and SSD tiers.
 * **TTL and a byte cap,** kept by the server atomically (Lua scripts): each value expires
   ``ttl_s`` after it was last written or read, and the values under ``key_prefix``
   together stay below ``max_bytes`` (the least recently used go first). The accounting
-  lives in two keys beside the values (``PREFIX:index``, a sorted set by last use;
-  ``PREFIX:sizes``, a hash), so the cap is shared by every node that writes there.
+  lives in three keys beside the values (``PREFIX:index``, a sorted set by last use;
+  ``PREFIX:sizes``, a hash; ``PREFIX:bytes``, the total), so the cap is shared by every
+  node that writes there.
 * **Never in the way.** Every call has a deadline; after a failure the tier is skipped
   (lookups report no ``remote`` hits, writes are dropped) for a back-off that doubles from
   0.5 s up to 30 s, then tried again.
 
 Keys: ``PREFIX:c:NAMESPACE:KEY`` (hex). The scripts touch keys they do not declare
-(evicted values), so a Redis Cluster is not supported; a standalone server, a replica
-set behind one address, or Valkey are.
+(evicted values), so a Redis Cluster is not supported; a standalone server is (tested:
+Redis 7.0; Valkey speaks the same protocol and scripting but is not packaged for Debian 12,
+so it is untested here).
 """
 
 from __future__ import annotations
@@ -354,8 +356,8 @@ class RemoteTier:
         self._queue: asyncio.Queue[_Copy] = asyncio.Queue()
         self._writers: list[asyncio.Task[None]] = []
         self._copying = 0
-        self._fetches = asyncio.Semaphore(FETCHES_AT_ONCE)
         """Copies the writers are making right now."""
+        self._fetches = asyncio.Semaphore(FETCHES_AT_ONCE)
         self._down_until = 0.0
         self._backoff = 0.0
         self.up = False
