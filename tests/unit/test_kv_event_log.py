@@ -67,3 +67,30 @@ def test_a_published_chunk_found_gone_is_reported_removed_once() -> None:
     list(log.take())
     log.gone([_key(0), _key(EventLog.MAX_PUBLISHED + 2)])
     assert [e.block_hashes for e in log.take()] == [[EventLog.MAX_PUBLISHED + 2]]
+
+
+def test_a_published_chunk_that_moves_tier_is_republished_in_its_new_medium() -> None:
+    log = EventLog()
+    log.plan("r", 0, _event(0), _key(0))
+    log.confirm(SavedChunks([("r", 0)]))
+    assert [e.medium for e in log.take()] == ["CPU"]
+    log.seen(_key(0), "cpu")  # where it was published: nothing to say
+    log.seen(_key(0), "peer")  # on a peer or in the remote tier: keeps its medium
+    log.seen(_key(0), "remote")
+    log.seen(_key(9), "ssd")  # never published here
+    assert list(log.take()) == []
+    log.seen(_key(0), "ssd")  # demoted to SSD
+    removed, stored = log.take()
+    assert isinstance(removed, BlockRemoved) and removed.medium == "CPU"
+    assert isinstance(stored, BlockStored) and stored.medium == "STORAGE"
+    assert removed.block_hashes == stored.block_hashes == [0]
+    assert stored.token_ids == [0] * 4 and stored.ownership == "meshkv"
+    log.seen(_key(0), "ssd")
+    assert list(log.take()) == []
+    log.seen(_key(0), "cpu")  # promoted back
+    assert [(type(e).__name__, e.medium) for e in log.take()] == [
+        ("BlockRemoved", "STORAGE"),
+        ("BlockStored", "CPU"),
+    ]
+    log.gone([_key(0)])  # and its removal names the medium it was last published in
+    assert [e.medium for e in log.take()] == ["CPU"]

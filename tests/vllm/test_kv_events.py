@@ -1,6 +1,7 @@
 """vLLM KV events: with ``--kv-events-config`` a real OpenAI server publishes, beside its
 own block events, a ``BlockStored`` for every chunk the meshkv connector saved (medium
-``CPU``, ownership ``meshkv``), and a ``BlockRemoved`` for those a later lookup finds gone,
+``CPU``, ownership ``meshkv``), the move of those a later lookup finds on SSD (medium
+``STORAGE``), and a ``BlockRemoved`` for those a later lookup finds gone,
 decoded here with vLLM's own event classes off a real ZMQ subscription."""
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tests.vllm.engines import Prompts
 pytestmark = pytest.mark.vllm
 
 
-def _collect(sub: zmq.Socket[bytes], until: Callable[[list[Any]], bool]) -> list[Any]:
+def _collect(
+    sub: zmq.Socket[bytes], until: Callable[[list[Any]], bool], timeout: float = 30.0
+) -> list[Any]:
     decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
     events: list[Any] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not sub.poll(200):
             if until(events):
@@ -73,6 +76,20 @@ def test_saved_chunks_are_published_as_vllm_kv_events(
         events = _collect(sub, lambda events: len(ours(events)) >= 2)
         with agent.client() as client:
             assert client.stats()["tiers"]["cpu"]["chunks"] == 2  # the agent holds them
+        # The agent restarts: its chunks are on SSD now (written at the stop). The next
+        # lookup finds them there, and the router hears that they moved.
+        agent.restart()
+
+        def on_storage(events: list[Any]) -> list[Any]:
+            return [e for e in ours(events) if e.medium == "STORAGE"]
+
+        moved: list[Any] = []
+        for _ in range(5):  # the engine's first call after the restart may still fail
+            http_post_json(server.base_url + "/v1/completions", body, timeout=120)
+            seen = list(moved)
+            moved += _collect(sub, lambda ev, seen=seen: len(on_storage(seen + ev)) >= 2, 10)
+            if len(on_storage(moved)) >= 2:
+                break
         # The agent loses them (an admin clear): the next request for the prompt finds
         # them gone, and the router hears it.
         clear = urllib.request.Request(
@@ -100,7 +117,12 @@ def test_saved_chunks_are_published_as_vllm_kv_events(
     assert second.parent_block_hash == first.block_hashes[-1]
     engine_hashes = [h for e in engine for h in e.block_hashes]
     assert engine_hashes[: 512 // block] == first.block_hashes + second.block_hashes
-    # The removals name exactly the blocks of the two chunks, in the same medium.
+    # The move to SSD: removed from CPU, stored in STORAGE, the very same blocks.
+    hashes = [first.block_hashes, second.block_hashes]
+    assert [e.block_hashes for e in ours(moved, BlockRemoved)] == hashes
+    assert all(e.medium == "CPU" for e in ours(moved, BlockRemoved))
+    assert [e.block_hashes for e in on_storage(moved)] == hashes
+    # The removals name exactly the blocks of the two chunks, in the medium last published.
     removed = ours(later, BlockRemoved)
-    assert [e.block_hashes for e in removed] == [first.block_hashes, second.block_hashes]
-    assert all(e.medium == "CPU" for e in removed)
+    assert [e.block_hashes for e in removed] == hashes
+    assert all(e.medium in ("CPU", "STORAGE") for e in removed)

@@ -15,6 +15,11 @@ once the agent has confirmed the chunk (the commit answered, on every tensor-par
 rank): the worker reports committed chunks in ``KVConnectorOutput.kv_cache_events`` and the
 scheduler turns them into events.
 
+Tier moves: when a lookup finds a published chunk in another of the node's tiers than
+the one it was published in (demoted to SSD, promoted back), the move is published as
+vLLM's block pool would: ``BlockRemoved`` from the old medium, ``BlockStored`` in the new
+(``CPU`` for the arena, ``STORAGE`` for the SSD tier).
+
 Removals: the connector does not see the agent's evictions as they happen, but it sees
 their effect. When a lookup finds that a chunk it published is no longer anywhere the
 node can load from (not in its tiers, on no peer, not in the remote tier), the scheduler
@@ -31,8 +36,10 @@ import collections
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgspec
 from vllm.distributed.kv_events import (
     MEDIUM_CPU,
+    MEDIUM_STORAGE,
     BlockRemoved,
     BlockStored,
     KVCacheEvent,
@@ -40,6 +47,9 @@ from vllm.distributed.kv_events import (
 )
 
 from meshkv.chunk import ChunkKey
+
+TIER_MEDIUM = {"cpu": MEDIUM_CPU, "ssd": MEDIUM_STORAGE}
+"""The vLLM event medium of a chunk in each of the node's own tiers."""
 
 OWNERSHIP = "meshkv"
 """``ownership`` of meshkv's events: "secondary offloading tier identifier"."""
@@ -144,6 +154,26 @@ class EventLog:
                         ownership=event.ownership,
                     )
                 )
+
+    def seen(self, key: ChunkKey, tier: str) -> None:
+        """A lookup found published chunk ``key`` (rank-0) in ``tier``: when that is another
+        medium than the one published (demoted to SSD, promoted back), publish the move as
+        vLLM's block pool would: ``BlockRemoved`` from the old medium, ``BlockStored`` in
+        the new one. Chunks found on a peer or in the remote tier keep their medium."""
+        medium = TIER_MEDIUM.get(tier)
+        event = self._published.get(key) if medium is not None else None
+        if event is None or event.medium == medium:
+            return
+        self._ready.append(
+            BlockRemoved(
+                block_hashes=list(event.block_hashes),
+                medium=event.medium,
+                ownership=event.ownership,
+            )
+        )
+        moved = msgspec.structs.replace(event, medium=medium)
+        self._published[key] = moved
+        self._ready.append(moved)
 
     def take(self) -> Iterator[KVCacheEvent]:
         ready, self._ready = self._ready, []

@@ -266,6 +266,9 @@ class SchedulerSide:
                 if i >= prefix and i < len(found) and found[i] is None
             )
         tiers = list(reply.tiers)[:prefix]
+        if self.events is not None:
+            for key, tier in zip(rank0, tiers, strict=False):
+                self.events.seen(key, tier)
         state.hit_chunks = prefix
         state.all_local = all(tier == _LOCAL_TIER for tier in tiers)
 
