@@ -155,12 +155,12 @@ class EventLog:
                     )
                 )
 
-    def seen(self, key: ChunkKey, tier: str) -> None:
+    def seen(self, key: ChunkKey, tier: str | None) -> None:
         """A lookup found published chunk ``key`` (rank-0) in ``tier``: when that is another
         medium than the one published (demoted to SSD, promoted back), publish the move as
         vLLM's block pool would: ``BlockRemoved`` from the old medium, ``BlockStored`` in
         the new one. Chunks found on a peer or in the remote tier keep their medium."""
-        medium = TIER_MEDIUM.get(tier)
+        medium = TIER_MEDIUM.get(tier) if tier is not None else None
         event = self._published.get(key) if medium is not None else None
         if event is None or event.medium == medium:
             return
