@@ -214,12 +214,14 @@ class Agent:
             finally:
                 # Stopping is done, but the interpreter still has to exit: a signal that
                 # arrives now must not turn a clean stop into death by SIGTERM (exit -15).
-                # remove_signal_handler restores the default action before SIG_IGN can be
-                # set: block both signals first (a signal that arrives stays pending, then
-                # is discarded under SIG_IGN), so no instant is left where one kills us.
+                # The handler goes straight to SIG_IGN. Not through remove_signal_handler:
+                # that restores the default action first, and blocking the signals here
+                # covers only this thread; the others (thread pools, libuv's workers) would
+                # take the signal in that instant and the default action kills the process
+                # (seen once in CI: exit -15 under a SIGTERM every millisecond). uvloop
+                # leaves the disposition alone when it closes a loop that is not running.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
                 for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
                     signal.signal(sig, signal.SIG_IGN)
 
     def _already_stopping(self) -> None:
