@@ -39,7 +39,7 @@ from typing import Any
 from meshkv.bench.local import running
 from meshkv.bench.report import Report, Result
 from meshkv.chunk import ChunkKey
-from meshkv.client import DEFAULT_NAMESPACE
+from meshkv.client import DEFAULT_NAMESPACE, AgentClient
 from meshkv.launch import AgentProcess, RedisProcess, listen_args
 
 CHUNK_BYTES = 16 << 20
@@ -149,19 +149,7 @@ def measure_pulls(
                 ),
             )
             base_gbps = baseline(CHUNK_BYTES, chunks) if round_no else 0.0
-            start = time.perf_counter()
-            reply = cb.lookup(keys)
-            leases = cb.read(keys, wait=60.0)
-            elapsed = time.perf_counter() - start
-            got = [x for x in leases if x is not None]
-            try:
-                if reply.prefix != chunks or len(got) != chunks:
-                    raise RuntimeError(f"pulled {len(got)} of {chunks} chunks over {transport}")
-                if bytes(got[0].view[:4096]) != data[:4096]:
-                    raise RuntimeError("pulled bytes differ")
-            finally:
-                cb.release(got)
-                del got, leases  # views into the client's arena mapping
+            elapsed = _timed_read(cb, keys, data, "peer")
             if round_no:
                 pull_s += elapsed
                 base_s += round_bytes / (base_gbps * 1e9)
@@ -205,6 +193,8 @@ def measure_remote(workdir: Path, chunks: int, rounds: int) -> tuple[float, floa
             _pair(workdir, "tcp", gib, "remote", remote) as (a, b),
             running(c),
             a.client(timeout=30) as ca,
+            b.client(timeout=60) as cb,
+            c.client(timeout=60) as cc,
         ):
             for round_no in range(rounds + 1):  # round 0 warms connections up; not counted
                 keys = [os.urandom(16) for _ in range(chunks)]
@@ -221,7 +211,7 @@ def measure_remote(workdir: Path, chunks: int, rounds: int) -> tuple[float, floa
                     ),
                     timeout=120.0,
                 )
-                for reader, way in ((b, "peer"), (c, "remote")):
+                for reader, way in ((cb, "peer"), (cc, "remote")):
                     elapsed = _timed_read(reader, keys, data, way)
                     if round_no:
                         total[way] += elapsed
@@ -229,23 +219,22 @@ def measure_remote(workdir: Path, chunks: int, rounds: int) -> tuple[float, floa
     return moved / total["remote"] / 1e9, moved / total["peer"] / 1e9
 
 
-def _timed_read(agent: AgentProcess, keys: list[bytes], data: bytes, way: str) -> float:
-    """Seconds from the lookup of ``keys`` on ``agent`` to its last lease (checked: every
-    chunk found through ``way`` and its bytes right)."""
-    with agent.client(timeout=60) as client:
-        start = time.perf_counter()
-        reply = client.lookup(keys)
-        leases = client.read(keys, wait=60.0)
-        elapsed = time.perf_counter() - start
-        got = [x for x in leases if x is not None]
-        try:
-            if reply.tiers != [way] * len(keys) or len(got) != len(keys):
-                raise RuntimeError(f"{way}: found {reply.tiers}, read {len(got)} of {len(keys)}")
-            if any(bytes(x.view[-4096:]) != data[-4096:] for x in got):
-                raise RuntimeError(f"{way}: bytes differ")
-        finally:
-            client.release(got)
-            del got, leases  # views into the client's arena mapping
+def _timed_read(client: AgentClient, keys: list[bytes], data: bytes, way: str) -> float:
+    """Seconds from the lookup of ``keys`` to the last lease (checked: every chunk found
+    through ``way``, its bytes right)."""
+    start = time.perf_counter()
+    reply = client.lookup(keys)
+    leases = client.read(keys, wait=60.0)
+    elapsed = time.perf_counter() - start
+    got = [x for x in leases if x is not None]
+    try:
+        if reply.tiers != [way] * len(keys) or len(got) != len(keys):
+            raise RuntimeError(f"{way}: found {reply.tiers}, read {len(got)} of {len(keys)}")
+        if any(bytes(x.view[-4096:]) != data[-4096:] for x in got):
+            raise RuntimeError(f"{way}: bytes differ")
+    finally:
+        client.release(got)
+        del got, leases  # views into the client's arena mapping
     return elapsed
 
 

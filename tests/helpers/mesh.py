@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from meshkv.client import AgentClient
 from meshkv.launch import AgentProcess, mesh_args, write_secret  # noqa: F401 (re-exported)
 
 CONVERGE_TIMEOUT_S = 20.0
@@ -98,3 +99,17 @@ def ring_status_json(agent: AgentProcess) -> dict[str, Any]:
 def metric(agent: AgentProcess, name: str, labels: str = "") -> float:
     """Sum of a Prometheus sample from ``/metrics`` (0.0 when absent)."""
     return agent.metric(name, labels)
+
+
+def read_verified(
+    agent: AgentProcess, client: AgentClient, payloads: dict[bytes, bytes], wait: float
+) -> None:
+    """Read every key of ``payloads`` through ``client`` (waiting up to ``wait`` seconds
+    for pulls and fetches), check each chunk's bytes, and release the leases."""
+    leases = client.read(list(payloads), wait=wait)
+    try:
+        assert all(x is not None for x in leases), agent.log()[-4000:]
+        for lease in leases:
+            assert lease is not None and bytes(lease.view) == payloads[lease.key]
+    finally:
+        client.release([x for x in leases if x is not None])

@@ -14,6 +14,7 @@ from meshkv.client import AgentClient
 from meshkv.launch import AgentProcess
 from tests.helpers.mesh import (
     metric,
+    read_verified,
     ring,
     ring_status_json,
     start_mesh,
@@ -46,14 +47,7 @@ def test_chunk_put_on_a_is_served_on_c(
     with c.client() as cc:
         reply = cc.lookup(keys)
         assert reply.tiers == ["peer"] * len(keys)
-        leases = cc.read(keys, wait=5.0)
-        try:
-            assert all(lease is not None for lease in leases), c.log()[-4000:]
-            for lease in leases:
-                assert lease is not None
-                assert bytes(lease.view) == payloads[lease.key]
-        finally:
-            cc.release([x for x in leases if x is not None])
+        read_verified(c, cc, payloads, wait=5.0)
         # now local on C: a second lookup reports the CPU tier
         assert cc.lookup(keys).tiers == ["cpu"] * len(keys)
     assert metric(c, "meshkv_peer_pulls_total") == len(keys)

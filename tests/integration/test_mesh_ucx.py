@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from meshkv.launch import AgentProcess
-from tests.helpers.mesh import metric, start_mesh, wait_converged, wait_for, write_secret
+from tests.helpers.mesh import (
+    metric,
+    read_verified,
+    start_mesh,
+    wait_converged,
+    wait_for,
+    write_secret,
+)
 
 pytestmark = pytest.mark.ucx
 
@@ -29,13 +36,7 @@ def test_pull_over_ucx(agent_factory: Callable[..., AgentProcess], tmp_path: Pat
     keys = list(payloads)
     with b.client() as cb:
         wait_for("holders announced over UCX", lambda: cb.lookup(keys).prefix == len(keys))
-        leases = cb.read(keys, wait=10.0)
-        try:
-            assert all(x is not None for x in leases), b.log()[-3000:]
-            for lease in leases:
-                assert lease is not None and bytes(lease.view) == payloads[lease.key]
-        finally:
-            cb.release([x for x in leases if x is not None])
+        read_verified(b, cb, payloads, wait=10.0)
     assert metric(b, "meshkv_peer_pull_bytes_total") == 4 * (4 << 20)
     status = b.get_json("/v1/status")["mesh"]
     assert status["transport"] == "ucx"

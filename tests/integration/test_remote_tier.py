@@ -22,7 +22,7 @@ from meshkv.launch import (
     mesh_args,
     write_secret,
 )
-from tests.helpers.mesh import metric, peer_address, wait_converged, wait_for
+from tests.helpers.mesh import metric, peer_address, read_verified, wait_converged, wait_for
 
 MiB = 1 << 20
 
@@ -98,13 +98,7 @@ def test_chunks_written_behind_are_read_on_another_node(
 
     with b.client() as cb:
         assert cb.lookup(keys).tiers == ["remote"] * 4
-        leases = cb.read(keys, wait=5.0)
-        try:
-            assert all(x is not None for x in leases), b.log()[-3000:]
-            for lease in leases:
-                assert lease is not None and bytes(lease.view) == payloads[lease.key]
-        finally:
-            cb.release([x for x in leases if x is not None])
+        read_verified(b, cb, payloads, wait=5.0)
         assert cb.lookup(keys).tiers == ["cpu"] * 4
     assert metric(b, "meshkv_remote_reads_total") == 4
     assert metric(b, "meshkv_remote_read_bytes_total") == sum(len(v) for v in payloads.values())
@@ -296,13 +290,7 @@ def test_in_a_mesh_peers_come_first_and_the_remote_tier_outlives_a_dead_holder(
         keys = list(payloads)
         with b.client() as cb:
             tiers = cb.lookup(keys).tiers
-            leases = cb.read(keys, wait=10.0)
-            try:
-                assert all(x is not None for x in leases), b.log()[-3000:]
-                for lease in leases:
-                    assert lease is not None and bytes(lease.view) == payloads[lease.key]
-            finally:
-                cb.release([x for x in leases if x is not None])
+            read_verified(b, cb, payloads, wait=10.0)
         return tiers
 
     # both hold it: the peer is asked first (one hop, no shared server in the way)
