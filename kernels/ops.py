@@ -13,12 +13,13 @@ device). ``backend="triton"`` on CPU tensors runs the Triton interpreter (slow; 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import operator
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -29,6 +30,10 @@ from .layouts import KVLayout, LayoutKind, page_order
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "numpy", "torch", "triton"]
+LAYER_JOB_PROGRAMS = 8
+"""Programs along the block axis of a layered load's launches (each loops over its share
+of the blocks): enough bytes in flight for the bus, few enough that the attention kernels
+running beside the load find free multiprocessors."""
 BlockIds = Sequence[int] | torch.Tensor
 
 
@@ -51,18 +56,40 @@ def pin_host_memory(buffer: torch.Tensor) -> bool:
     nbytes = buffer.numel() * buffer.element_size()
     rc = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)  # cudaHostRegisterDefault
     if int(rc) != 0:
+        _clear_last_cuda_error()
         logger.warning(
             "cudaHostRegister of %d bytes failed (%s): copies will be staged", nbytes, rc
         )
         return False
-    return bool(buffer.is_pinned())
+    # not buffer.is_pinned(): torch asks about the storage's start, which a view into a
+    # larger allocation does not share
+    return True
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused ``cudaHostRegister``.
+
+    The runtime keeps the refusal as its "last error", and torch's check after its next
+    kernel launch raises it, so a registration that merely failed (the copies would only
+    have been staged) took down whatever ran next (seen on an H200: "part or all of the
+    requested memory range is already mapped" raised by an unrelated ``torch.tensor``).
+    torch binds no ``cudaGetLastError``; the runtime it loaded is found in this process's
+    mappings and called directly."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError) as exc:
+        logger.debug("could not reset the CUDA runtime's last error: %s", exc)
 
 
 def unpin_host_memory(buffer: torch.Tensor) -> None:
     """Undo ``pin_host_memory`` (before the mapping goes away)."""
-    if buffer.device.type == "cpu" and torch.cuda.is_available() and buffer.is_pinned():
+    if buffer.device.type == "cpu" and torch.cuda.is_available():
         cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]  # torch ships it untyped
-        cudart.cudaHostUnregister(buffer.data_ptr())
+        if int(cudart.cudaHostUnregister(buffer.data_ptr())) != 0:
+            _clear_last_cuda_error()  # it was not registered: nothing to undo
 
 
 _readonly_lock = threading.Lock()
@@ -406,15 +433,7 @@ class KVCaches:
 
         ``positions[c]`` (optional, per chunk) as in ``scatter``. A block id may appear
         only once in the whole batch (two writers, one block)."""
-        ids, views = self._batch(block_table, srcs, "src", positions=positions)
-        total = sum(len(i) for i in ids)
-        if len({b for i in ids for b in i}) != total:
-            raise ValueError("scatter: a block id appears more than once in the batch")
-        pos: list[list[int] | None] = [None] * len(ids)
-        if positions is not None:
-            for c, p in enumerate(positions):
-                if p is not None:
-                    pos[c] = self._positions(p, len(ids[c]), views[c].shape[1], f"chunk {c}")
+        ids, views, pos = self._scatter_args(srcs, block_table, positions)
         if self.backend == "triton":
             self._triton(ids, pos, views, to_buffer=False)
             return
@@ -425,6 +444,54 @@ class KVCaches:
                 host.scatter(view.numpy(), self._host_groups, chunk_ids, chunk_pos)
             else:
                 reference.scatter(view, self._groups, chunk_ids, chunk_pos)
+
+    def scatter_layers(
+        self,
+        srcs: Sequence[torch.Tensor],
+        block_table: Sequence[BlockIds],
+        *,
+        positions: Sequence[Sequence[int] | None] | None = None,
+        job_programs: int | None = None,
+    ) -> Callable[[int], None]:
+        """``scatter_chunks`` one layer at a time: checks the batch and builds its job
+        table once, and returns ``copy(layer)``, which enqueues that layer's copies on the
+        current stream (a layered load calls it per layer, each on the stream and after the
+        event it wants). ``job_programs`` narrows each launch (default
+        ``LAYER_JOB_PROGRAMS``; 0: one program per block and tile, as ``scatter_chunks``).
+        Triton backend only."""
+        if self.backend != "triton":
+            raise ValueError(f"scatter_layers needs the Triton backend, not {self.backend}")
+        if job_programs is None:
+            job_programs = LAYER_JOB_PROGRAMS
+        if job_programs < 0:
+            raise ValueError(f"job_programs must be >= 0, got {job_programs}")
+        ids, views, pos = self._scatter_args(srcs, block_table, positions)
+        launch = self._triton_plan(ids, pos, views, to_buffer=False, job_programs=job_programs)
+        layers = self.layout.num_layers
+
+        def copy(layer: int) -> None:
+            if not 0 <= layer < layers:
+                raise IndexError(f"layer {layer} is not one of the cache's {layers} layers")
+            launch(layer, 1)
+
+        return copy
+
+    def _scatter_args(
+        self,
+        srcs: Sequence[torch.Tensor],
+        block_table: Sequence[BlockIds],
+        positions: Sequence[Sequence[int] | None] | None,
+    ) -> tuple[list[list[int]], list[torch.Tensor], list[list[int] | None]]:
+        ids, views = self._batch(block_table, srcs, "src", positions=positions)
+        total = sum(len(i) for i in ids)
+        if len({b for i in ids for b in i}) != total:
+            raise ValueError("scatter: a block id appears more than once in the batch")
+        pos: list[list[int] | None] = [None] * len(ids)
+        if positions is not None:
+            for c, p in enumerate(positions):
+                if p is not None:
+                    pos[c] = self._positions(p, len(ids[c]), views[c].shape[1], f"chunk {c}")
+        return ids, views, pos
 
     def _batch(
         self,
@@ -456,6 +523,21 @@ class KVCaches:
         *,
         to_buffer: bool,
     ) -> None:
+        launch = self._triton_plan(ids, positions, views, to_buffer=to_buffer)
+        launch(0, self.layout.num_layers)
+
+    def _triton_plan(
+        self,
+        ids: list[list[int]],
+        positions: list[list[int] | None] | None,
+        views: list[torch.Tensor],
+        *,
+        to_buffer: bool,
+        job_programs: int = 0,
+    ) -> Callable[[int, int], None]:
+        """Everything a batch's kernel launches share (staging, word size, job table);
+        returns ``launch(first_layer, num_layers)``. A staged gather copies back to the
+        host after the launch that covers the last layer."""
         from . import triton_kernels
 
         lay = self.layout
@@ -506,20 +588,27 @@ class KVCaches:
                 offsets.append(start + (j if chunk_pos is None else chunk_pos[j]) * block_words)
                 strides.append(layer_stride)
         jobs = torch.tensor([blocks, offsets, strides], dtype=torch.int64, device=self.device)
-        triton_kernels.copy_blocks(
-            self._layers[0],
-            table,
-            bufs[0],
-            jobs,
-            num_layers=lay.num_layers,
-            planes=lay.planes,
-            piece=self._piece * isz // word,
-            to_buffer=to_buffer,
-            word=word,
-        )
-        if to_buffer and not local and not direct:
-            for v, part in zip(views, bufs, strict=True):
-                v.copy_(part)
+
+        def launch(first_layer: int, num_layers: int) -> None:
+            triton_kernels.copy_blocks(
+                self._layers[0],
+                table,
+                bufs[0],
+                jobs,
+                num_layers=num_layers,
+                planes=lay.planes,
+                piece=self._piece * isz // word,
+                to_buffer=to_buffer,
+                word=word,
+                first_layer=first_layer,
+                job_programs=job_programs,
+            )
+            staged = to_buffer and not local and not direct
+            if staged and first_layer + num_layers == lay.num_layers:
+                for v, part in zip(views, bufs, strict=True):
+                    v.copy_(part)
+
+        return launch
 
 
 def _word_size(*values: int) -> int:

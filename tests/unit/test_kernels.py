@@ -405,6 +405,69 @@ def test_triton_narrow_words_for_unaligned_buffers(device: str) -> None:
         assert_same(naive_payload(lay, fresh, ids), naive_payload(lay, caches, ids))
 
 
+@triton_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("programs", [0, 1, 3])
+def test_scatter_layers_moves_one_layer_per_call(
+    kind: LayoutKind, device: str, programs: int
+) -> None:
+    """A layered load: the batch is prepared once, each call moves exactly one layer
+    (the others stay untouched until their call), whole and partial chunks alike, with
+    one program per block or a few looping over the blocks."""
+    lay = make_layout(kind, torch.bfloat16, 16)
+    caches = make_caches(lay, device, shared=False)
+    table = [[5, 6], [11, 0, 3]]
+    bufs = [torch.empty(lay.chunk_nbytes(len(t)), dtype=torch.uint8, device=device) for t in table]
+    KVCaches(caches, lay).gather_chunks(table, bufs)
+    fresh = [torch.zeros_like(c) for c in caches]
+    dst = KVCaches(fresh, lay, backend="triton")
+    # chunk 1 partly computed by the engine: only its blocks 0 and 2 are loaded, to 8 and 9
+    copy = dst.scatter_layers(
+        bufs, [[1, 2], [8, 9]], positions=[None, [0, 2]], job_programs=programs
+    )
+    for layer in range(lay.num_layers):
+        copy(layer)
+        for i, t in enumerate(fresh):
+            loaded = i <= layer
+            for got, src in ((1, 5), (2, 6), (8, 11), (9, 3)):
+                want = block_of(lay, caches[i], src)
+                if loaded:
+                    assert_same(block_of(lay, t, got), want)
+                else:
+                    assert not block_of(lay, t, got).view(torch.uint8).any()
+    with pytest.raises(IndexError, match="layer 3 is not one of the cache's 3 layers"):
+        copy(3)
+    with pytest.raises(ValueError, match="needs the Triton backend, not torch"):
+        KVCaches(fresh, lay, backend="torch").scatter_layers(bufs, table)
+
+
+def test_launch_shape_keeps_lanes_busy() -> None:
+    pytest.importorskip("triton")
+    from meshkv.kernels.triton_kernels import launch_shape
+
+    assert launch_shape(2304) == (256, 1)  # an MLA block of 16 x 576 bf16: 9 full tiles
+    assert launch_shape(4096) == (256, 1)
+    assert launch_shape(100) == (128, 1)  # fewest idle lanes when no tile fits well
+    with pytest.raises(ValueError, match="piece must be positive"):
+        launch_shape(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_refused_pin_leaves_cuda_usable() -> None:
+    """cudaHostRegister of a range that overlaps a registered one fails; the failure must
+    not surface as an error of the next, unrelated CUDA call (seen on an H200)."""
+    big = torch.zeros(1 << 21, dtype=torch.uint8)
+    inner = big[1 << 20 :]
+    assert pin_host_memory(inner)
+    try:
+        assert not pin_host_memory(big)  # overlaps: refused, copies would be staged
+        x = torch.tensor([1, 2, 3], device="cuda") + 1  # raised the refusal before the fix
+        assert x.tolist() == [2, 3, 4]
+    finally:
+        unpin_host_memory(inner)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_cache_with_host_buffers() -> None:
     """Device-to-host gather and host-to-device scatter through the staging buffer."""
