@@ -345,6 +345,15 @@ def worker(
     return side, kv
 
 
+def share(side: WorkerSide, agent: FakeWorkerAgent) -> None:
+    """Point ``side`` at ``agent``'s arena, closing (unpinning) the one it was built with:
+    a pinned bytearray freed while still registered made the next registration at that
+    address fail on a GPU."""
+    own = side._agent
+    side._agent = agent
+    own.close()
+
+
 def key(i: int) -> ChunkKey:
     return ChunkKey(i.to_bytes(16, "big"))
 
@@ -421,7 +430,7 @@ def test_async_load_of_a_tail_chunk_and_a_missing_one(device: str) -> None:
     src.wait_for_save(meta)
     drain(src)
     dst, kv_dst = worker(FakeWorkerAgent(), device)
-    dst._agent = agent  # the decode side reads the same arena
+    share(dst, agent)  # the decode side reads the same arena
     load = LoadSpec(
         "d",
         (
@@ -470,9 +479,10 @@ def test_worker_reads_the_layout_off_the_registered_views_and_refuses_what_it_ca
         engine_kv_layout([flash, flash], LAYOUT)
 
 
-def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported(device: str) -> None:
     agent = FakeWorkerAgent()
-    src, kv_src = worker(agent)
+    src, kv_src = worker(agent, device)
     saves = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
     meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
     src.prepare(meta)
@@ -480,8 +490,8 @@ def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported() 
     drain(src)
     offset, size = agent.slots[key(2)]
     agent.arena[offset + size // 2] ^= 0xFF  # one flipped byte in the second chunk
-    dst, kv_dst = worker(FakeWorkerAgent())
-    dst._agent = agent
+    dst, kv_dst = worker(FakeWorkerAgent(), device)
+    share(dst, agent)
     load = LoadSpec(
         "d",
         (
@@ -499,12 +509,58 @@ def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported() 
     counters = dst._counters
     assert counters.corrupt_chunks == 1 and counters.loaded_chunks == 1
     # with verify_loads off the damaged bytes are used as they are (the negative control)
-    off, _ = worker(FakeWorkerAgent(), verify_loads=False)
-    off._agent = agent
+    off, _ = worker(FakeWorkerAgent(), device, verify_loads=False)
+    share(off, agent)
     off.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[load]))
     assert off.get_block_ids_with_load_errors() == set()
     for side in (src, dst, off):
         side.close()
+    agent.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layered_loads_wait_per_layer_and_release_the_leases_after_the_copies(
+    device: str,
+) -> None:
+    agent = FakeWorkerAgent()
+    src, kv_src = worker(agent, device)
+    saves = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
+    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
+    src.prepare(meta)
+    src.wait_for_save(meta)
+    drain(src)
+    dst, kv_dst = worker(FakeWorkerAgent(), device, layer_loads=True)
+    share(dst, agent)
+    load = LoadSpec(
+        "d",
+        (
+            ChunkLoad((key(1),), tuple((j, 10 + j) for j in range(4)), 4),
+            ChunkLoad((key(2),), ((1, 15), (3, 16)), 4),  # vLLM computed blocks 0 and 2
+        ),
+        is_async=False,
+    )
+    dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[load]))
+    names = LAYOUT.layer_names
+    # on a GPU each layer has its own event; on CPU the copy is done already
+    assert set(dst._layer_ready) == (set(names) if device == "cuda" else set())
+    dst.wait_for_layer_load(names[0])
+    assert torch.equal(kv_dst[names[0]][10:14], kv_src[names[0]][0:4])
+    # vLLM did not wait for the other layers: the end of the step does
+    dst.wait_for_save(MeshKVConnectorMetadata(CHUNK))
+    assert dst._layer_ready == {}
+    for name in names:
+        assert torch.equal(kv_dst[name][10:14], kv_src[name][0:4])
+        assert torch.equal(kv_dst[name][15], kv_src[name][5])
+        assert torch.equal(kv_dst[name][16], kv_src[name][7])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    # settles the hashes, then releases what is done, on the engine's thread (lane 0)
+    assert dst.get_block_ids_with_load_errors() == set()
+    assert sorted(agent.released) == [1, 2]
+    assert dst._counters.loaded_chunks == 2
+    src.close()
+    dst.close()
+    agent.close()
 
 
 def test_revision_and_quantization_isolate_the_namespace() -> None:

@@ -66,3 +66,14 @@ def test_version_gate() -> None:
     with pytest.raises(ConfigError, match="allow_untested_vllm"):
         check_vllm_version("0.40.1", allow_untested=False)
     check_vllm_version("0.40.1", allow_untested=True)  # warns, does not raise
+
+
+def test_layer_loads_asks_vllm_for_piecewise_cuda_graphs() -> None:
+    """vLLM's own config code asks the connector class; full graphs would skip the
+    per-layer waits that layered loads depend on."""
+    from meshkv.integrations.vllm.connector import MeshKVConnector
+
+    assert MeshKVConnector.requires_piecewise_for_cudagraph({"layer_loads": True}) is True
+    assert MeshKVConnector.requires_piecewise_for_cudagraph({}) is False
+    with pytest.raises(ConfigError, match="layer_loads must be true or false"):
+        MeshKVConnector.requires_piecewise_for_cudagraph({"layer_loads": "on"})

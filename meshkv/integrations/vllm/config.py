@@ -35,12 +35,19 @@ class ConnectorConfig:
     """After the agent is found gone (or ``breaker_failures`` calls in a row missed their
     deadline), skip it for this long: zero hits, no saves, no waiting."""
     breaker_failures: int = 3
-    verify_loads: bool = True
-    """Hash every chunk after it was copied into the engine and compare with the checksum
-    taken when it was committed: bytes damaged in the shared arena (or overwritten during
-    the copy) are reported as load errors, recomputed by vLLM, and dropped by the agent."""
     """Consecutive calls past their deadline before the agent counts as down. One slow
     answer is a miss for that request only; a socket that refuses opens the breaker at once."""
+    verify_loads: bool = True
+    """Hash every loaded chunk and compare with the checksum taken when it was committed:
+    bytes damaged in the shared arena are reported as load errors, recomputed by vLLM, and
+    dropped by the agent. On CPU the hash runs after the copy (it also catches bytes
+    overwritten during it); on a GPU before the copy, which is asynchronous."""
+    layer_loads: bool = False
+    """GPU only: copy a step's loaded chunks layer by layer on a side stream, so attention
+    on layer 0 starts while later layers still copy (``wait_for_layer_load`` orders each
+    layer). vLLM then runs CUDA graphs piecewise only (``requires_piecewise_for_cudagraph``),
+    since a full graph would skip the per-layer waits. Off: one copy of all layers on the
+    compute stream before the forward pass, full graphs allowed."""
     transfer_timeout_s: float = 5.0
     """Decode side of prefill/decode: how long a request waits for its prompt's KV from the
     producer before it is computed here instead."""

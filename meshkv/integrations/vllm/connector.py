@@ -185,6 +185,12 @@ class MeshKVConnector(KVConnectorBase_V1):
         return MeshKVConnectorStats(data=changes) if changes else None
 
     @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """``layer_loads`` needs vLLM's per-layer ``wait_for_layer_load`` calls, which a
+        full CUDA graph would skip on replay: vLLM then captures piecewise graphs only."""
+        return ConnectorConfig.from_extra_config(extra_config, os.environ).layer_loads
+
+    @classmethod
     def build_kv_connector_stats(
         cls, data: dict[str, Any] | None = None
     ) -> KVConnectorStats | None:

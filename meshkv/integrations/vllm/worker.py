@@ -9,7 +9,10 @@ then happens on the engine's own thread in ``get_finished`` (a background thread
 fight the engine's busy loop for the GIL on every block: measured ~110 ms for 24 MiB
 against ~3 ms on the engine thread), and the request is reported finished there. A chunk
 that does not arrive, or arrives with the wrong size, is never copied: its blocks go to
-``get_block_ids_with_load_errors`` and vLLM recomputes from the first of them.
+``get_block_ids_with_load_errors`` and vLLM recomputes from the first of them. On a GPU
+the engine thread never waits for a load's copy (``DeviceCopies``): the copies are
+enqueued, layer by layer with ``layer_loads``, the chunks are hashed beside them and the
+leases released once both are done.
 
 Saves keep the agent off the engine's critical path. Only the copy out of the engine's
 blocks happens inside the step (``wait_for_save``: a gather into reserved arena slots, which
@@ -25,11 +28,13 @@ skipped and counted.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -50,9 +55,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_Pending = tuple["torch.cuda.Event | None", "list[Future[int]]", "list[Lease]", int]
+
 
 LOAD_LANES = 4
 """Background lanes for asynchronous loads (threads, each with its own agent connection)."""
+HASH_THREADS = min(8, os.cpu_count() or 1)
+"""GPU engines: threads hashing loaded chunks (``verify_loads``) while they copy."""
 
 
 class WorkerAgent(Protocol):
@@ -103,6 +112,15 @@ class WorkerSide:
         self._device: DeviceCopies | None = None
         self._blocks_per_chunk = cfg.chunk_tokens // layout.block_size
         self._caches: KVCaches | None = None
+        self._layer_ready: dict[str, torch.cuda.Event] = {}  # this step's layered loads
+        # GPU: loaded chunks being hashed while they copy, settled before the step's errors
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._checks: list[tuple[ChunkLoad, Lease, Future[int]]] = []
+        # leases whose copies or hashes may still run: (event after the copies, hashes,
+        # leases, lane that read them)
+        self._pending: list[
+            tuple[torch.cuda.Event | None, list[Future[int]], list[Lease], int]
+        ] = []
         self._block_bytes = 0
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
@@ -133,6 +151,12 @@ class WorkerSide:
         self._caches = KVCaches(tensors, kv_layout)
         if self._caches.device.type == "cuda":
             self._device = DeviceCopies(self._caches.device)
+            self._hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="meshkv-hash")
+            if self._cfg.layer_loads and self._caches.backend != "triton":
+                logger.warning(
+                    "meshkv layer_loads needs Triton (backend is %s): loads copy all layers "
+                    "at once", self._caches.backend,
+                )  # fmt: skip
             self._agent.pin_arenas()  # mapped from now on page-locked: direct kernel copies
         self._block_bytes = self._caches.chunk_nbytes(1)
         logger.info(
@@ -151,6 +175,8 @@ class WorkerSide:
         self._start_reserve(meta)
 
     def start_load_kv(self, meta: MeshKVConnectorMetadata) -> None:
+        self._settle_layers()
+        self._reap()
         for spec in meta.loads:
             if spec.is_async:
                 lane = min(range(LOAD_LANES), key=self._lane_busy.__getitem__)
@@ -189,83 +215,163 @@ class WorkerSide:
 
     def _copy(self, spec: LoadSpec, leases: list[Lease | None] | None, lane: int) -> set[int]:
         """Copy pinned chunks into the engine's blocks (on the engine's thread); release
-        them on ``lane``; return the block ids that could not be loaded."""
+        them on ``lane`` once the copies are done; return the block ids that could not be
+        loaded."""
         caches = self._caches
         if leases is None or caches is None:
             self._counters.load_errors += len(spec.chunks)
             return set(spec.block_ids())
         started = time.perf_counter()
         failed: set[int] = set()
-        copied: list[tuple[ChunkLoad, Lease]] = []
-        device = self._device
+        done: torch.cuda.Event | None = None
+        hashes: list[Future[int]] = []
         try:
-            for chunk, lease in zip(spec.chunks, leases, strict=True):
-                expected = chunk.num_blocks * self._block_bytes
-                if failed or lease is None or lease.view.nbytes != expected:
-                    # Everything after the first missing chunk is recomputed anyway.
-                    if lease is not None and lease.view.nbytes != expected:
-                        logger.warning(
-                            "meshkv chunk %s has %d bytes, expected %d; recomputing",
-                            lease.key.hex(), lease.view.nbytes, expected,
-                        )  # fmt: skip
-                    self._counters.load_errors += 1
-                    failed.update(block for _, block in chunk.blocks)
-                    continue
-                self._scatter(caches, chunk, lease)
-                copied.append((chunk, lease))
-                self._counters.loaded_chunks += 1
-                self._counters.loaded_bytes += expected
-            if device is not None:
-                # the scatters read the leased slots until they finish: hash and let go after
-                device.wait_loads()
-                device = None
-            if self._cfg.verify_loads:
-                failed |= self._verify(copied)
+            usable = self._usable(spec, leases, failed)
+            if self._device is None:
+                self._scatter(caches, usable)
+                if self._cfg.verify_loads:  # after the copy: also what changed during it
+                    usable = self._verified(usable, failed)
+            else:
+                done = self._scatter_device(caches, usable, layered=not spec.is_async)
+                if self._cfg.verify_loads:
+                    hashes = self._hash_while_copying(usable)
+            self._counters.loaded_chunks += len(usable)
+            self._counters.loaded_bytes += sum(c.num_blocks for c, _ in usable) * self._block_bytes
+        except BaseException:
+            if self._device is not None:  # a copy may have been enqueued before the error
+                torch.cuda.synchronize(self._device.device)
+            raise
         finally:
-            if device is not None:  # an error cut the loop short: still wait before release
-                device.wait_loads()
             elapsed = time.perf_counter() - started
             self._counters.call_seconds += elapsed
             if spec.is_async:
                 self._counters.async_copy_seconds += elapsed
             held = [lease for lease in leases if lease is not None]
-            if held and lane == 0:
-                self._release(held, 0)
-            elif held:
-                self._lanes[lane - 1].submit(self._release, held, lane)
+            if held:
+                # the copies and the hashes read the leased slots until they finish
+                self._pending.append((done, hashes, held, lane))
+                self._reap()
         return failed
 
-    def _verify(self, copied: list[tuple[ChunkLoad, Lease]]) -> set[int]:
-        """Hash each chunk's arena bytes after its copy into the engine finished and compare
-        with the checksum taken at commit: a chunk damaged in the shared arena, or
-        overwritten while it was copied, is never used (its blocks are recomputed) and the
-        agent is told to drop it. Returns the blocks to recompute."""
+    def _usable(
+        self, spec: LoadSpec, leases: list[Lease | None], failed: set[int]
+    ) -> list[tuple[ChunkLoad, Lease]]:
+        """The chunks to copy: each leased with the expected size, up to the first that is
+        not (everything after it is recomputed anyway); the others' blocks go to ``failed``."""
+        usable: list[tuple[ChunkLoad, Lease]] = []
+        for chunk, lease in zip(spec.chunks, leases, strict=True):
+            expected = chunk.num_blocks * self._block_bytes
+            if failed or lease is None or lease.view.nbytes != expected:
+                if lease is not None and lease.view.nbytes != expected:
+                    logger.warning(
+                        "meshkv chunk %s has %d bytes, expected %d; recomputing",
+                        lease.key.hex(), lease.view.nbytes, expected,
+                    )  # fmt: skip
+                self._counters.load_errors += 1
+                failed.update(block for _, block in chunk.blocks)
+                continue
+            usable.append((chunk, lease))
+        return usable
+
+    def _verified(
+        self, chunks: list[tuple[ChunkLoad, Lease]], failed: set[int]
+    ) -> list[tuple[ChunkLoad, Lease]]:
+        """The chunks whose arena bytes still hash to the checksum taken at commit. A chunk
+        damaged in the shared arena is never used: its blocks go to ``failed`` (vLLM
+        recomputes them) and the agent is told to drop it."""
+        started = time.perf_counter()
+        good: list[tuple[ChunkLoad, Lease]] = []
+        bad: list[ChunkKey] = []
+        for chunk, lease in chunks:
+            # no checksum yet: it is being computed from these very bytes
+            if lease.checksum is not None and self._damaged(lease, payload_checksum(lease.view)):
+                bad.append(lease.key)
+                failed.update(block for _, block in chunk.blocks)
+            else:
+                good.append((chunk, lease))
+        self._counters.verify_seconds += time.perf_counter() - started
+        self._count_damaged(bad, loaded=False)
+        return good
+
+    def _damaged(self, lease: Lease, digest: int | None) -> bool:
+        """Whether a loaded chunk's hash (None: could not be taken) betrays damage."""
+        if digest is not None and digest == lease.checksum:
+            return False
+        logger.error(
+            "meshkv chunk %s changed after it was committed; recomputing it", lease.key.hex()
+        )
+        return True
+
+    def _count_damaged(self, keys: list[ChunkKey], *, loaded: bool) -> None:
+        """Count damaged chunks (``loaded``: already counted as loaded) and tell the agent."""
+        if keys:
+            self._counters.corrupt_chunks += len(keys)
+            self._counters.load_errors += len(keys)
+            if loaded:
+                self._counters.loaded_chunks -= len(keys)
+            self._save_pool.submit(self._report, keys)
+
+    def _hash_while_copying(self, chunks: list[tuple[ChunkLoad, Lease]]) -> list[Future[int]]:
+        """GPU: hash the chunks' arena bytes on the hash threads while the device copies
+        them (xxhash releases the GIL), so the engine thread never hashes; the results are
+        settled in ``get_block_ids_with_load_errors``, which vLLM calls after the forward
+        pass: a damaged chunk's blocks are reported there and vLLM discards that step's
+        output of the requests that read them and recomputes (as for any failed load)."""
+        pool = self._hash_pool
+        assert pool is not None
+        checks = [
+            (chunk, lease, pool.submit(payload_checksum, lease.view))
+            for chunk, lease in chunks
+            if lease.checksum is not None  # none yet: being computed from these bytes
+        ]
+        self._checks.extend(checks)
+        return [future for _, _, future in checks]
+
+    def _settle_checks(self) -> None:
+        """Wait for the hashes of the chunks loaded so far; count and report the damaged."""
+        checks, self._checks = self._checks, []
+        if not checks:
+            return
         started = time.perf_counter()
         bad: list[ChunkKey] = []
-        blocks: set[int] = set()
-        for chunk, lease in copied:
-            if lease.checksum is None:
-                continue  # its checksum is being computed from these very bytes
-            if payload_checksum(lease.view) != lease.checksum:
-                logger.error(
-                    "meshkv chunk %s changed after it was committed; recomputing it",
-                    lease.key.hex(),
-                )
+        for chunk, lease, future in checks:
+            try:
+                digest: int | None = future.result()
+            except Exception:  # cannot hash: do not trust it
+                logger.exception("meshkv could not hash loaded chunk %s", lease.key.hex())
+                digest = None
+            if self._damaged(lease, digest):
                 bad.append(lease.key)
-                blocks.update(block for _, block in chunk.blocks)
+                with self._lock:
+                    self._load_errors.update(block for _, block in chunk.blocks)
         self._counters.verify_seconds += time.perf_counter() - started
-        if bad:
-            self._counters.corrupt_chunks += len(bad)
-            self._counters.load_errors += len(bad)
-            self._counters.loaded_chunks -= len(bad)
-            self._save_pool.submit(self._report, bad)
-        return blocks
+        self._count_damaged(bad, loaded=True)
 
     def _report(self, keys: list[ChunkKey]) -> None:
         try:
             self._agent.report_corrupt(keys)
         except MeshKVError as exc:
             logger.debug("meshkv could not report corrupt chunks: %s", exc)
+
+    def _reap(self, *, wait: bool = False) -> None:
+        """Release the leases whose copies are done (all of them with ``wait``), each on the
+        connection that read it: the agent ties a lease to its connection. Runs on the
+        engine's thread, which owns lane 0."""
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            done, hashes, held, lane = entry
+            busy = done is not None and not done.query()  # type: ignore[no-untyped-call]
+            if not wait and (busy or not all(h.done() for h in hashes)):
+                self._pending.append(entry)
+                continue
+            if done is not None:
+                done.synchronize()
+            for h in hashes:
+                h.exception()  # waits; a failed hash is settled (and logged) elsewhere
+            if lane == 0:
+                self._release(held, 0)
+            else:
+                self._lanes[lane - 1].submit(self._release, held, lane)
 
     def _release(self, leases: list[Lease], lane: int) -> None:
         try:
@@ -274,20 +380,64 @@ class WorkerSide:
             # A dead connection releases its pins on the agent side; leases also expire.
             logger.debug("meshkv release failed: %s", exc)
 
-    def _scatter(self, caches: KVCaches, chunk: ChunkLoad, lease: Lease) -> None:
-        src = as_byte_tensor(lease.view)
-        offsets = [j for j, _ in chunk.blocks]
-        block_ids = [block for _, block in chunk.blocks]
-        if len(offsets) == chunk.num_blocks:
-            caches.scatter(src, block_ids)
-            return
-        # vLLM already computed the first blocks of this chunk: copy only the rest.
-        per_layer = src.view(len(self._layout.layer_names), chunk.num_blocks, -1)
-        part = per_layer[:, offsets].contiguous().view(-1)
-        caches.scatter(part, block_ids)
+    @staticmethod
+    def _batch(
+        chunks: list[tuple[ChunkLoad, Lease]],
+    ) -> tuple[list[torch.Tensor], list[list[int]], list[list[int] | None]]:
+        """Sources, block ids and (for chunks vLLM partly computed) positions of a batch."""
+        srcs = [as_byte_tensor(lease.view) for _, lease in chunks]
+        ids = [[block for _, block in chunk.blocks] for chunk, _ in chunks]
+        positions: list[list[int] | None] = [
+            None if len(chunk.blocks) == chunk.num_blocks else [j for j, _ in chunk.blocks]
+            for chunk, _ in chunks
+        ]
+        return srcs, ids, positions
+
+    def _scatter(self, caches: KVCaches, chunks: list[tuple[ChunkLoad, Lease]]) -> None:
+        if chunks:
+            srcs, ids, positions = self._batch(chunks)
+            caches.scatter_chunks(srcs, ids, positions=positions)
+
+    def _scatter_device(
+        self, caches: KVCaches, chunks: list[tuple[ChunkLoad, Lease]], *, layered: bool
+    ) -> torch.cuda.Event | None:
+        """Enqueue the copies on the GPU; the event after them (None: nothing to copy).
+        Layered (``layer_loads``, synchronous loads): one launch per layer on the load
+        stream, sharing one job table, and an event per layer that ``wait_for_layer_load``
+        makes attention wait on."""
+        device = self._device
+        assert device is not None
+        if not chunks:
+            return None
+        srcs, ids, positions = self._batch(chunks)
+        if not (layered and self._cfg.layer_loads and caches.backend == "triton"):
+            return device.load(lambda: caches.scatter_chunks(srcs, ids, positions=positions))
+        names = self._layout.layer_names
+        events = device.load_layers(
+            partial(caches.scatter_layers, srcs, ids, positions=positions), len(names)
+        )
+        self._layer_ready.update(zip(names, events, strict=True))
+        return events[-1]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Everything a step needs is loaded in ``start_load_kv``."""
+        """With ``layer_loads`` on a GPU: attention on this layer waits for its copy only.
+        Otherwise everything a step needs was loaded in ``start_load_kv``."""
+        event = self._layer_ready.pop(layer_name, None)
+        if event is not None and self._device is not None:
+            self._device.wait(event)
+
+    def _settle_layers(self) -> None:
+        """After the forward pass: layers that vLLM never waited for (it calls
+        ``wait_for_layer_load`` per attention layer) are waited for now, so no later work
+        reads a block before its copy."""
+        if self._layer_ready and self._device is not None:
+            logger.warning(
+                "meshkv: vLLM did not wait for the load of %d layer(s) (%s, ...) in this step",
+                len(self._layer_ready), next(iter(self._layer_ready)),
+            )  # fmt: skip
+            for event in self._layer_ready.values():
+                self._device.wait(event)
+        self._layer_ready.clear()
 
     # --- saves -------------------------------------------------------------------------
 
@@ -312,6 +462,7 @@ class WorkerSide:
         self._reserving = self._save_pool.submit(self._agent.reserve, keys, sizes)
 
     def wait_for_save(self, meta: MeshKVConnectorMetadata) -> None:
+        self._settle_layers()
         caches = self._caches
         if not meta.saves or caches is None:
             return
@@ -444,6 +595,7 @@ class WorkerSide:
     def get_finished(self) -> set[str]:
         """Requests whose asynchronous load ended (successfully or not) since last call;
         their chunks are copied into the engine's blocks here, on the engine's thread."""
+        self._reap()
         done = [req_id for req_id, (fut, _, _) in self._async.items() if fut.done()]
         for req_id in done:
             fut, spec, lane = self._async.pop(req_id)
@@ -466,12 +618,18 @@ class WorkerSide:
         return SavedChunks(saved) if saved else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._settle_checks()
+        self._reap()
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
             self._failed_reqs.clear()
         return errors
 
     def close(self) -> None:
+        self._settle_checks()
+        self._reap(wait=True)
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
         for lane in self._lanes:
             lane.shutdown(wait=True, cancel_futures=True)
         self._save_pool.shutdown(wait=True)  # pending commits are short; let them land
@@ -515,13 +673,16 @@ class DeviceCopies:
     them is what the save thread waits on before it checksums and commits, and the compute
     stream waits on that event before its next step (``begin_saves``), so a block that
     vLLM reuses is never overwritten while it is still being read. Loads: the scatters run
-    on the compute stream (attention reads the blocks after them, in stream order); the
-    leased arena slots are released only after ``wait_loads``.
+    on the compute stream before the forward pass (``load``), or layer by layer on the load
+    stream with an event per layer that the compute stream waits on just before that
+    layer's attention (``load_layers``, ``wait``). Either way the engine thread never waits
+    for a copy: the leased arena slots are released once the event after them has passed.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.loads = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
     def _compute(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
@@ -538,7 +699,30 @@ class DeviceCopies:
         self._compute().wait_event(event)  # the next step's writes come after the reads
         return event
 
-    def wait_loads(self) -> None:
+    def load(self, copy: Callable[[], None]) -> torch.cuda.Event:
+        """``copy`` on the compute stream; the event after it."""
+        copy()
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(self._compute())
-        event.synchronize()
+        return event
+
+    def load_layers(
+        self, prepare: Callable[[], Callable[[int], None]], layers: int
+    ) -> list[torch.cuda.Event]:
+        """On the load stream, after the work already on the compute stream (the blocks'
+        previous users): ``prepare()`` (its device tensors then belong to this stream) and
+        the copy of each layer, with the event after each."""
+        self.loads.wait_stream(self._compute())
+        events = []
+        with torch.cuda.stream(self.loads):
+            copy = prepare()
+            for layer in range(layers):
+                copy(layer)
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(self.loads)
+                events.append(event)
+        return events
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Work enqueued on the compute stream from now on runs after ``event``."""
+        self._compute().wait_event(event)
