@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv system-deps demo test test-pd-ucx lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
+.PHONY: venv system-deps demo test test-pd-ucx test-gpu lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -76,6 +76,12 @@ test: lint typecheck system-deps
 
 test-pd-ucx: venv
 	$(PY) -m pytest -q tests/vllm/test_pd_ucx.py
+
+# On a GPU machine (python3 with torch and Triton; no venv, no network, no vLLM needed):
+# the CUDA kernel and worker tests, the layered-load and launch-shape benchmarks.
+GPU_OUT ?= /tmp/meshkv-gpu
+test-gpu:
+	bash tests/gpu/run.sh $(GPU_OUT)
 
 bench: venv system-deps
 	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
