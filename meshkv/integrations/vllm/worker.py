@@ -232,9 +232,9 @@ class WorkerSide:
                 if self._cfg.verify_loads:  # after the copy: also what changed during it
                     usable = self._verified(usable, failed)
             else:
-                done = self._scatter_device(caches, usable, layered=not spec.is_async)
-                if self._cfg.verify_loads:
+                if self._cfg.verify_loads:  # first: the hashes start while the copies launch
                     hashes = self._hash_while_copying(usable)
+                done = self._scatter_device(caches, usable, layered=not spec.is_async)
             self._counters.loaded_chunks += len(usable)
             self._counters.loaded_bytes += sum(c.num_blocks for c, _ in usable) * self._block_bytes
         except BaseException:
