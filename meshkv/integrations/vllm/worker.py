@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_Pending = tuple["torch.cuda.Event | None", "list[Future[int]]", "list[Lease]", int]
-
 
 LOAD_LANES = 4
 """Background lanes for asynchronous loads (threads, each with its own agent connection)."""
