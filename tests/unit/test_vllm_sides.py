@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -516,6 +517,77 @@ def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported(de
     for side in (src, dst, off):
         side.close()
     agent.close()
+
+
+def _damaged_arena(device: str) -> FakeWorkerAgent:
+    """An agent holding chunk key(1) (blocks 0-3 of a source engine), one byte flipped."""
+    agent = FakeWorkerAgent()
+    src, _ = worker(agent, device)
+    meta = MeshKVConnectorMetadata(
+        CHUNK, saves=[SaveSpec("p", (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64),))]
+    )
+    src.prepare(meta)
+    src.wait_for_save(meta)
+    drain(src)
+    src.close()
+    offset, size = agent.slots[key(1)]
+    agent.arena[offset + size // 3] ^= 0xFF
+    return agent
+
+
+def _load_and_save(request: str) -> MeshKVConnectorMetadata:
+    """One step of ``request``: load key(1) into blocks 10-13, save key(5) from 14-17."""
+    return MeshKVConnectorMetadata(
+        CHUNK,
+        loads=[
+            LoadSpec(
+                request,
+                (ChunkLoad((key(1),), tuple((j, 10 + j) for j in range(4)), 4),),
+                is_async=False,
+            )
+        ],
+        saves=[SaveSpec(request, (ChunkSave((key(5),), (14, 15, 16, 17), 1, 64),))],
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_request_that_read_a_damaged_chunk_saves_nothing_in_that_step(device: str) -> None:
+    """What the step computed from damaged KV is never committed (it would be served)."""
+    agent = _damaged_arena(device)
+    dst, _ = worker(FakeWorkerAgent(), device)
+    share(dst, agent)
+    meta = _load_and_save("d")
+    dst.prepare(meta)
+    dst.start_load_kv(meta)
+    dst.wait_for_save(meta)
+    drain(dst)
+    assert key(5) not in agent.committed and key(5) in agent.aborted
+    assert dst.get_block_ids_with_load_errors() == {10, 11, 12, 13}
+    dst.close()
+    agent.close()
+
+
+def test_hashes_taken_beside_a_gpu_copy_are_settled_before_the_steps_saves() -> None:
+    """The GPU path's settling, driven on CPU: a hash result that does not match, injected
+    as the hash thread would deliver it, fails the request before ``wait_for_save`` picks
+    what to save, and its blocks are reported."""
+    agent = _damaged_arena("cpu")
+    dst, _ = worker(FakeWorkerAgent(), verify_loads=False)  # the CPU path does not look
+    share(dst, agent)
+    meta = _load_and_save("d")
+    dst.prepare(meta)
+    dst.start_load_kv(meta)
+    (lease,) = agent.read([key(1)], 0.0, lane=0)
+    assert lease is not None
+    digest: Future[int] = Future()
+    digest.set_result(payload_checksum(lease.view))  # the damaged bytes' hash
+    dst._checks.append(("d", meta.loads[0].chunks[0], lease, digest))
+    dst.wait_for_save(meta)
+    drain(dst)
+    assert key(5) not in agent.committed and key(5) in agent.aborted
+    assert dst.get_block_ids_with_load_errors() == {10, 11, 12, 13}
+    assert agent.reported == [key(1)] and dst._counters.corrupt_chunks == 1
+    dst.close()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -113,7 +113,7 @@ class WorkerSide:
         self._layer_ready: dict[str, torch.cuda.Event] = {}  # this step's layered loads
         # GPU: loaded chunks being hashed while they copy, settled before the step's errors
         self._hash_pool: ThreadPoolExecutor | None = None
-        self._checks: list[tuple[ChunkLoad, Lease, Future[int]]] = []
+        self._checks: list[tuple[str, ChunkLoad, Lease, Future[int]]] = []  # (request, ...)
         # leases whose copies or hashes may still run: (event after the copies, hashes,
         # leases, lane that read them)
         self._pending: list[
@@ -231,7 +231,7 @@ class WorkerSide:
                     usable = self._verified(usable, failed)
             else:
                 if self._cfg.verify_loads:  # first: the hashes start while the copies launch
-                    hashes = self._hash_while_copying(usable)
+                    hashes = self._hash_while_copying(spec.req_id, usable)
                 done = self._scatter_device(caches, usable, layered=not spec.is_async)
             self._counters.loaded_chunks += len(usable)
             self._counters.loaded_bytes += sum(c.num_blocks for c, _ in usable) * self._block_bytes
@@ -309,21 +309,25 @@ class WorkerSide:
                 self._counters.loaded_chunks -= len(keys)
             self._save_pool.submit(self._report, keys)
 
-    def _hash_while_copying(self, chunks: list[tuple[ChunkLoad, Lease]]) -> list[Future[int]]:
+    def _hash_while_copying(
+        self, req_id: str, chunks: list[tuple[ChunkLoad, Lease]]
+    ) -> list[Future[int]]:
         """GPU: hash the chunks' arena bytes on the hash threads while the device copies
-        them (xxhash releases the GIL), so the engine thread never hashes; the results are
-        settled in ``get_block_ids_with_load_errors``, which vLLM calls after the forward
-        pass: a damaged chunk's blocks are reported there and vLLM discards that step's
-        output of the requests that read them and recomputes (as for any failed load)."""
+        them (xxhash releases the GIL), so the engine thread never hashes. The results are
+        settled after the forward pass, in ``wait_for_save`` (before the step's saves: a
+        request that read a damaged chunk saves nothing computed from it) or at the latest
+        in ``get_block_ids_with_load_errors``: a damaged chunk's blocks are reported there,
+        and vLLM discards that step's output of the requests that read them and recomputes
+        (as for any failed load)."""
         pool = self._hash_pool
         assert pool is not None
         checks = [
-            (chunk, lease, pool.submit(payload_checksum, lease.view))
+            (req_id, chunk, lease, pool.submit(payload_checksum, lease.view))
             for chunk, lease in chunks
             if lease.checksum is not None  # none yet: being computed from these bytes
         ]
         self._checks.extend(checks)
-        return [future for _, _, future in checks]
+        return [future for _, _, _, future in checks]
 
     def _settle_checks(self) -> None:
         """Wait for the hashes of the chunks loaded so far; count and report the damaged."""
@@ -332,7 +336,7 @@ class WorkerSide:
             return
         started = time.perf_counter()
         bad: list[ChunkKey] = []
-        for chunk, lease, future in checks:
+        for req_id, chunk, lease, future in checks:
             try:
                 digest: int | None = future.result()
             except Exception:  # cannot hash: do not trust it
@@ -342,6 +346,7 @@ class WorkerSide:
                 bad.append(lease.key)
                 with self._lock:
                     self._load_errors.update(block for _, block in chunk.blocks)
+                    self._failed_reqs.add(req_id)  # its blocks of this step are not valid
         self._counters.verify_seconds += time.perf_counter() - started
         self._count_damaged(bad, loaded=True)
 
@@ -461,6 +466,7 @@ class WorkerSide:
 
     def wait_for_save(self, meta: MeshKVConnectorMetadata) -> None:
         self._settle_layers()
+        self._settle_checks()  # before choosing what to save (``_save_chunks``)
         caches = self._caches
         if not meta.saves or caches is None:
             return
