@@ -2,7 +2,9 @@
 # The checks that need a GPU, in one run, for a lent GPU machine: python3 with torch and
 # Triton, no network, no vLLM (docs/vllm.md section 9, docs/kernels.md). From the repo root:
 #   tests/gpu/run.sh [OUT_DIR]        (make test-gpu)
-# Wheels in .whl/ (msgspec, which the connector's events module imports) are installed first.
+# Wheels in .whl/ are installed first: msgspec, which the connector's events module imports
+# and the GPU image lacks; fetch it where pip works, e.g. `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl msgspec`.
 # The worker's CUDA cases import the connector's modules with tests/gpu/vllm_stand_in on the
 # path in place of vLLM; the kernel tests and benches need no vLLM. Only the CUDA cases run
 # here: the CPU (Triton interpreter) cases are CI's, and the interpreter of the image's
