@@ -14,7 +14,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -151,37 +151,53 @@ def test_cache_aware_routing_sends_a_prompt_where_its_prefix_is() -> None:
         run(main)
 
 
-def test_cache_aware_routing_bounds_the_load_of_a_hot_prefix() -> None:
+def answers_with_a_hot_prefix(
+    tag: str, first: int, send: Callable[[str, list[int]], Awaitable[list[str]]], **kw: Any
+) -> list[str]:
+    """Engines a and b behind a cache_aware proxy (``kw``: the engines' ``delay``, proxy
+    settings), an 8-chunk prefix starting at token ``first`` held by b's agent only;
+    ``send(url, prefix)`` sends the requests and returns the engines' answers."""
+    delay = kw.pop("delay", 0.0)
     with (
-        AgentProcess(name="hot-a", log_level="warning") as agent_a,
-        AgentProcess(name="hot-b", log_level="warning") as agent_b,
+        AgentProcess(name=f"{tag}-a", log_level="warning") as agent_a,
+        AgentProcess(name=f"{tag}-b", log_level="warning") as agent_b,
         AgentClient(agent_b.socket_path, namespace=NS, chunk_tokens=CHUNK) as client_b,
     ):
-        hot = list(range(200, 200 + 8 * CHUNK))
+        hot = list(range(first, first + 8 * CHUNK))
         store_prefix(client_b, NS, hot)
+        answers: list[str] = []
 
         async def main() -> None:
-            a = await FakeEngine("a", delay=0.5).start()
-            b = await FakeEngine("b", delay=0.5).start()
+            a = await FakeEngine("a", delay=delay).start()
+            b = await FakeEngine("b", delay=delay).start()
             try:
                 async with proxy(
                     engines=(a.url, b.url),
                     agents=(agent_a.url, agent_b.url),
                     routing="cache_aware",
+                    **kw,
                 ) as url:
-                    replies = await asyncio.gather(
-                        *(post(url + "/v1/completions", {"prompt": hot}) for _ in range(8))
-                    )
-                    served = [out["choices"][0]["text"] for _, out in replies]
-                    # Every request wants b; no more than its bounded share may get it:
-                    # with 8 in flight, ceil(1.25 * 8 / 2) = 5 (the 8 are routed within
-                    # milliseconds, none finishes before the last is placed).
-                    assert 4 <= served.count("b-answer") <= 5, served
+                    answers.extend(await send(url, hot))
             finally:
                 await a.stop()
                 await b.stop()
 
         run(main)
+        return answers
+
+
+def test_cache_aware_routing_bounds_the_load_of_a_hot_prefix() -> None:
+    async def eight_at_once(url: str, hot: list[int]) -> list[str]:
+        replies = await asyncio.gather(
+            *(post(url + "/v1/completions", {"prompt": hot}) for _ in range(8))
+        )
+        return [out["choices"][0]["text"] for _, out in replies]
+
+    served = answers_with_a_hot_prefix("hot", 200, eight_at_once, delay=0.5)
+    # Every request wants b; no more than its bounded share may get it: with 8 in flight,
+    # ceil(1.25 * 8 / 2) = 5 (the 8 are routed within milliseconds, none finishes before
+    # the last is placed).
+    assert 4 <= served.count("b-answer") <= 5, served
 
 
 @pytest.mark.parametrize(("window", "most"), [(64, 10), (0, 16)])
@@ -189,34 +205,17 @@ def test_cache_aware_routing_bounds_the_share_of_recent_requests(window: int, mo
     """One request at a time never trips the bound on requests in flight; the window bound
     still keeps the engine that holds the hot prefix to its share: with 16 requests,
     ceil(1.25 * 16 / 2) = 10. Without the window (0) it takes all 16."""
-    with (
-        AgentProcess(name="win-a", log_level="warning") as agent_a,
-        AgentProcess(name="win-b", log_level="warning") as agent_b,
-        AgentClient(agent_b.socket_path, namespace=NS, chunk_tokens=CHUNK) as client_b,
-    ):
-        hot = list(range(300, 300 + 8 * CHUNK))
-        store_prefix(client_b, NS, hot)
 
-        async def main() -> None:
-            a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
-            try:
-                async with proxy(
-                    engines=(a.url, b.url),
-                    agents=(agent_a.url, agent_b.url),
-                    routing="cache_aware",
-                    balance_window=window,
-                ) as url:
-                    served = []
-                    for _ in range(16):
-                        status, out = await post(url + "/v1/completions", {"prompt": hot})
-                        assert status == 200, out
-                        served.append(out["choices"][0]["text"])
-                    assert served.count("b-answer") == most, served
-            finally:
-                await a.stop()
-                await b.stop()
+    async def one_at_a_time(url: str, hot: list[int]) -> list[str]:
+        served = []
+        for _ in range(16):
+            status, out = await post(url + "/v1/completions", {"prompt": hot})
+            assert status == 200, out
+            served.append(out["choices"][0]["text"])
+        return served
 
-        run(main)
+    served = answers_with_a_hot_prefix("win", 300, one_at_a_time, balance_window=window)
+    assert served.count("b-answer") == most, served
 
 
 def test_cache_aware_routing_survives_an_agent_that_does_not_answer() -> None:

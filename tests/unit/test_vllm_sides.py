@@ -355,12 +355,30 @@ def share(side: WorkerSide, agent: FakeWorkerAgent) -> None:
     own.close()
 
 
+def saved(
+    device: str, *saves: ChunkSave
+) -> tuple[FakeWorkerAgent, WorkerSide, dict[str, torch.Tensor]]:
+    """A source engine's worker that saved ``saves`` (request "p") into a fresh fake agent:
+    the agent, the worker and its caches."""
+    agent = FakeWorkerAgent()
+    src, kv_src = worker(agent, device)
+    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
+    src.prepare(meta)
+    src.wait_for_save(meta)
+    drain(src)
+    return agent, src, kv_src
+
+
 def key(i: int) -> ChunkKey:
     return ChunkKey(i.to_bytes(16, "big"))
 
 
 def drain(side: WorkerSide) -> None:
     side._save_pool.submit(lambda: None).result(5)
+
+
+TWO_CHUNKS = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
+"""Blocks 0-3 as chunk key(1), 4-7 as key(2)."""
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -416,20 +434,9 @@ def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_async_load_of_a_tail_chunk_and_a_missing_one(device: str) -> None:
-    agent = FakeWorkerAgent()
-    src, kv_src = worker(agent, device)
-    meta = MeshKVConnectorMetadata(
-        CHUNK,
-        saves=[
-            SaveSpec(
-                "p",
-                (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5), 1, 30)),
-            )
-        ],
+    agent, src, kv_src = saved(
+        device, ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5), 1, 30)
     )
-    src.prepare(meta)
-    src.wait_for_save(meta)
-    drain(src)
     dst, kv_dst = worker(FakeWorkerAgent(), device)
     share(dst, agent)  # the decode side reads the same arena
     load = LoadSpec(
@@ -482,13 +489,7 @@ def test_worker_reads_the_layout_off_the_registered_views_and_refuses_what_it_ca
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported(device: str) -> None:
-    agent = FakeWorkerAgent()
-    src, kv_src = worker(agent, device)
-    saves = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
-    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
-    src.prepare(meta)
-    src.wait_for_save(meta)
-    drain(src)
+    agent, src, kv_src = saved(device, *TWO_CHUNKS)
     offset, size = agent.slots[key(2)]
     agent.arena[offset + size // 2] ^= 0xFF  # one flipped byte in the second chunk
     dst, kv_dst = worker(FakeWorkerAgent(), device)
@@ -521,14 +522,7 @@ def test_a_chunk_damaged_in_the_arena_after_commit_is_recomputed_and_reported(de
 
 def _damaged_arena(device: str) -> FakeWorkerAgent:
     """An agent holding chunk key(1) (blocks 0-3 of a source engine), one byte flipped."""
-    agent = FakeWorkerAgent()
-    src, _ = worker(agent, device)
-    meta = MeshKVConnectorMetadata(
-        CHUNK, saves=[SaveSpec("p", (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64),))]
-    )
-    src.prepare(meta)
-    src.wait_for_save(meta)
-    drain(src)
+    agent, src, _ = saved(device, ChunkSave((key(1),), (0, 1, 2, 3), 0, 64))
     src.close()
     offset, size = agent.slots[key(1)]
     agent.arena[offset + size // 3] ^= 0xFF
@@ -594,13 +588,7 @@ def test_hashes_taken_beside_a_gpu_copy_are_settled_before_the_steps_saves() -> 
 def test_layered_loads_wait_per_layer_and_release_the_leases_after_the_copies(
     device: str,
 ) -> None:
-    agent = FakeWorkerAgent()
-    src, kv_src = worker(agent, device)
-    saves = (ChunkSave((key(1),), (0, 1, 2, 3), 0, 64), ChunkSave((key(2),), (4, 5, 6, 7), 1, 64))
-    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("p", saves)])
-    src.prepare(meta)
-    src.wait_for_save(meta)
-    drain(src)
+    agent, src, kv_src = saved(device, *TWO_CHUNKS)
     dst, kv_dst = worker(FakeWorkerAgent(), device, layer_loads=True)
     share(dst, agent)
     load = LoadSpec(
