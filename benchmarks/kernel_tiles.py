@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (this machine has none); make test-gpu runs it")
     rows = [r for case in CASES for r in _case(case, args)]
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     if args.json:

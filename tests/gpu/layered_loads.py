@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (this machine has none); make test-gpu runs it")
     results: dict[str, object] = {"baselines": _baselines(args)}
     print(results["baselines"], flush=True)
     default = ops.LAYER_JOB_PROGRAMS

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
@@ -438,6 +441,8 @@ def test_scatter_layers_moves_one_layer_per_call(
                     assert not block_of(lay, t, got).view(torch.uint8).any()
     with pytest.raises(IndexError, match="layer 3 is not one of the cache's 3 layers"):
         copy(3)
+    with pytest.raises(ValueError, match="job_programs must be >= 0, got -1"):
+        dst.scatter_layers(bufs, [[1, 2], [8, 9]], job_programs=-1)
     with pytest.raises(ValueError, match="needs the Triton backend, not torch"):
         KVCaches(fresh, lay, backend="torch").scatter_layers(bufs, table)
 
@@ -592,3 +597,14 @@ def test_cuda_cache_with_pinned_host_arena_is_direct(kind: LayoutKind) -> None:
         assert_same(naive_payload(lay, fresh, [7, 4]), naive_payload(lay, caches, [7, 4]))
     finally:
         unpin_host_memory(arena)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("module", ["benchmarks.kernel_tiles", "tests.gpu.layered_loads"])
+def test_gpu_benchmarks_refuse_clearly_without_cuda(module: str) -> None:
+    env = {**os.environ, "PYTHONPATH": "tests/gpu/vllm_stand_in"}
+    done = subprocess.run(
+        [sys.executable, "-m", module], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "needs a CUDA device (this machine has none)" in done.stderr
