@@ -217,6 +217,11 @@ _STORE_SCALARS: dict[str, tuple[str, str, bool]] = {
     "ssd_write_errors": ("meshkv_ssd_write_errors", "SSD write errors", True),
     "ssd_read_errors": ("meshkv_ssd_read_errors", "SSD read errors", True),
     "ssd_writes_refused": ("meshkv_ssd_writes_refused", "SSD writes refused (cap/degraded)", True),
+    "ssd_direct_writes": (
+        "meshkv_ssd_direct_writes",
+        "SSD chunk files written with O_DIRECT (the rest went through the page cache)",
+        True,
+    ),
     "ssd_partial_removed": (
         "meshkv_ssd_partial_files_removed",
         "Partial chunk files removed by the start-up scan",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,9 @@ class _Staged:
     ns: NamespaceId
     num_tokens: int
     checksum: int | None
-    buf: bytearray
+    buf: bytearray | mmap.mmap
+    """Page-aligned (an anonymous mapping) unless empty: the SSD tier writes it with
+    O_DIRECT."""
 
 
 class SsdPath:
@@ -133,7 +136,7 @@ class SsdPath:
             return True  # already on SSD, or on its way there (a staged copy)
         if not ssd.admit(e.key, e.size):
             return False
-        staged = _Staged(e.ns, e.num_tokens, e.checksum, bytearray(self.cpu.view(e)))
+        staged = _Staged(e.ns, e.num_tokens, e.checksum, _page_copy(self.cpu.view(e)))
         self._staged[e.key] = staged
         self._spawn(self._write_copy(e.key, staged))
         return True
@@ -283,3 +286,13 @@ class SsdPath:
         self._counters.promotions += 1
         self._counters.hits_ssd += 1
         self._committed(key, False)
+
+
+def _page_copy(view: memoryview) -> bytearray | mmap.mmap:
+    """A copy of ``view`` in fresh page-aligned memory (O_DIRECT can write from it)."""
+    with view:
+        if not len(view):
+            return bytearray()
+        buf = mmap.mmap(-1, len(view))
+        buf[:] = view
+        return buf

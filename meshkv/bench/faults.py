@@ -73,7 +73,6 @@ from meshkv.bench import openai_load as load
 from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
 from meshkv.bench.report import text_table
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
-from meshkv.chunk import RECORD_HEADER_BYTES
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -88,6 +87,7 @@ from meshkv.launch import (
     vllm_server_command,
     write_secret,
 )
+from meshkv.tiers.ssd import payload_span
 
 logger = logging.getLogger(__name__)
 
@@ -227,11 +227,11 @@ def flip_payload_bytes(ssd: Path, every: int = 2) -> int:
     for i, path in enumerate(files):
         if i % every:
             continue
-        size = path.stat().st_size
-        if size <= RECORD_HEADER_BYTES:
+        offset, length = payload_span(str(path))
+        if not length:
             continue
         with path.open("r+b") as f:
-            at = RECORD_HEADER_BYTES + (size - RECORD_HEADER_BYTES) // 2
+            at = offset + length // 2
             f.seek(at)
             byte = f.read(1)
             f.seek(at)

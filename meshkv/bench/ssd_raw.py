@@ -3,8 +3,11 @@
 What is measured, per chunk size, in the directory the SSD tier will use: write
 ``count`` files of that size, one file per chunk like the tier (``os.open`` +
 ``os.pwrite`` + ``os.fsync`` + ``os.close``, no temp file, no rename, no header, no
-checksum), then read each back with ``os.preadv`` into one preallocated buffer. O_DIRECT is
-not used (the tier does not use it either), so both sides go through the page cache; with
+checksum), then read each back with ``os.preadv`` into one preallocated buffer. Writes go
+through the page cache, or with ``direct`` by ``O_DIRECT`` from page-aligned memory (the
+tier's default write path; sizes must then be multiples of 4 KiB). Files are removed after
+each call, so buffered writes here reuse the page-cache pages of the last call's files,
+which the tier (whose files stay) cannot: the buffered baseline is the harder one. With
 ``drop_cache`` each file's clean pages are dropped (``POSIX_FADV_DONTNEED``) after its
 fsync, so reads come from the device and not from memory. The tier's write path adds a
 header, a temp file and a rename; its read path adds a header read and an xxh3 check. The
@@ -19,6 +22,7 @@ in flight on the device, so neither is faster for a reason the other could also 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import time
@@ -26,6 +30,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+
+BLOCK = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,8 @@ class RawResult:
     """GB/s of open + pread + close."""
     workers: int = 1
     """Threads that shared the files."""
+    direct: bool = False
+    """Written with O_DIRECT."""
 
 
 def drop_file_cache(path: str) -> None:
@@ -53,8 +61,9 @@ def drop_file_cache(path: str) -> None:
         os.close(fd)
 
 
-def _write_file(path: str, data: memoryview, fsync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _write_file(path: str, data: memoryview, fsync: bool, direct: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
     try:
         done = 0
         while done < len(data):
@@ -97,14 +106,17 @@ def measure_raw(
     fsync: bool = True,
     drop_cache: bool = True,
     workers: int = 1,
+    direct: bool = False,
 ) -> list[RawResult]:
     """Measure plain pwrite/pread GB/s of files of each size in ``directory``, with
-    ``workers`` threads.
+    ``workers`` threads (writes by O_DIRECT with ``direct``).
 
     The files are removed afterwards. ``count`` files of each size are written, then read.
     """
     if count <= 0 or not sizes or min(sizes) <= 0 or workers <= 0:
         raise ValueError("count, workers and every size must be positive")
+    if direct and any(size % BLOCK for size in sizes):
+        raise ValueError(f"O_DIRECT writes need sizes in multiples of {BLOCK} bytes")
     os.makedirs(directory, exist_ok=True)
     tag = secrets.token_hex(4)
     results: list[RawResult] = []
@@ -112,10 +124,14 @@ def measure_raw(
     try:
         for size in sizes:
             block = os.urandom(1 << 16)
-            data = memoryview((block * (size // len(block) + 1))[:size])
+            source = mmap.mmap(-1, size)  # page-aligned, as an arena slot
+            source[:] = (block * (size // len(block) + 1))[:size]
+            data = memoryview(source)
             paths = [os.path.join(directory, f".raw-{tag}-{size}-{i}") for i in range(count)]
             try:
-                write_s = _timed(pool, [partial(_write_file, p, data, fsync) for p in paths])
+                write_s = _timed(
+                    pool, [partial(_write_file, p, data, fsync, direct) for p in paths]
+                )
                 if drop_cache:
                     for path in paths:
                         drop_file_cache(path)
@@ -131,7 +147,7 @@ def measure_raw(
                         os.unlink(path)
             total = size * count
             results.append(
-                RawResult(size, count, total / write_s / 1e9, total / read_s / 1e9, workers)
+                RawResult(size, count, total / write_s / 1e9, total / read_s / 1e9, workers, direct)
             )
     finally:
         if pool is not None:

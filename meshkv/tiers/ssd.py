@@ -1,7 +1,16 @@
 """The SSD tier: one directory of chunk files with byte-accurate capacity accounting.
 
 Each chunk is one file ``<dir>/<kk>/<key hex>.mkv`` (``kk`` = first key byte, 256 fan-out
-directories keep directories small): ``RecordHeader.pack()`` followed by the payload. A
+directories keep directories small): ``RecordHeader.pack()`` zero-padded to a 4 KiB block,
+then the payload, zero-padded to a whole 4 KiB block (the header's ``FLAG_ALIGNED``; files
+of releases before it, without the flag, have the payload right after the 68-byte header
+and no padding, and are still read). The aligned layout lets the tier write with
+``O_DIRECT`` straight from the arena slot (``direct_io``, on by default): no copy into the
+page cache. That copy was the write path's cost here, not the disk: buffered writes of
+files that stay (a cache keeps its files) need fresh page-cache pages for every byte and
+ran at ~0.3-0.6 GB/s with or without fsync, O_DIRECT writes at 1.2-1.6 GB/s on the same
+disk. Where the filesystem refuses ``O_DIRECT`` (or a source is not 4 KiB-aligned) the
+same layout is written through the page cache. A
 file is written to ``<key hex>.<random>.tmp`` in the same directory, fsynced (unless
 ``fsync=False``) and renamed into place, so a crash leaves either a complete file or a
 temp file, never a partial ``.mkv``. The start-up scan removes temp files and files whose
@@ -9,7 +18,7 @@ header is damaged or whose size disagrees with the header, and rebuilds the inde
 rest (oldest modification time = least recently used). The payload checksum is verified
 on every read; a file that fails is removed, counted, and never served.
 
-Usage is the sum of file sizes (header + payload) of indexed files plus the bytes of
+Usage is the sum of file sizes (header, payload and padding) of indexed files plus the bytes of
 admitted writes, and never exceeds ``capacity_bytes``: a write is admitted only after
 least-recently-used files have been evicted to fit, and evicted files are unlinked before
 the new file is written.
@@ -25,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import fcntl
 import logging
+import mmap
 import os
 import secrets
 import time
@@ -50,6 +62,12 @@ SUFFIX = ".mkv"
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".meshkv.lock"
 
+BLOCK = 4096
+"""Alignment of the aligned layout: O_DIRECT needs buffer addresses, file offsets and
+lengths in multiples of the device's logical block (512 B or 4 KiB); 4 KiB covers both."""
+FLAG_ALIGNED = 1
+"""``RecordHeader.flags`` bit of a chunk file in the aligned layout (payload at ``BLOCK``)."""
+
 FaultHook = Callable[[str, str], None]
 """``hook(op, path)`` runs in the I/O thread before each ``write``/``read``; tests raise
 ``OSError`` from it to inject faults."""
@@ -69,6 +87,9 @@ class SsdTierConfig:
     """Writes admitted at once; a demotion beyond this is dropped (counted)."""
     fsync: bool = True
     """fsync each file before the rename that publishes it (crash-safe contents)."""
+    direct_io: bool = True
+    """Write chunk files with O_DIRECT in the 4 KiB-aligned layout (no page-cache copy);
+    False writes the compact layout through the page cache (smallest files)."""
     retry_initial_s: float = 1.0
     """First back-off after a failed write before a probe write is tried."""
     retry_max_s: float = 60.0
@@ -91,10 +112,27 @@ class SsdEntry:
     num_tokens: int
     payload_len: int
     checksum: int
+    aligned: bool = False
+    """The file is in the aligned layout (``FLAG_ALIGNED``)."""
 
     @property
     def file_bytes(self) -> int:
-        return RECORD_HEADER_BYTES + self.payload_len
+        return file_bytes(self.payload_len, self.aligned)
+
+
+def file_bytes(payload_len: int, aligned: bool) -> int:
+    """Size of the chunk file of a ``payload_len``-byte payload in either layout."""
+    if not aligned:
+        return RECORD_HEADER_BYTES + payload_len
+    return BLOCK + -(-payload_len // BLOCK) * BLOCK
+
+
+def payload_span(path: str) -> tuple[int, int]:
+    """(offset, length) of the payload in the chunk file ``path`` (read from its header)."""
+    with open(path, "rb") as f:
+        header = RecordHeader.unpack(f.read(RECORD_HEADER_BYTES))
+    offset = BLOCK if header.flags & FLAG_ALIGNED else RECORD_HEADER_BYTES
+    return offset, header.payload_len
 
 
 @dataclass(slots=True)
@@ -117,6 +155,8 @@ class SsdCounters:
     read_errors: int = 0
     writes_refused: int = 0
     """Writes not admitted: queue full, degraded, or no room."""
+    direct_writes: int = 0
+    """Files written with O_DIRECT (the rest went through the page cache)."""
 
 
 class SsdTier:
@@ -148,6 +188,7 @@ class SsdTier:
         self._backoff = config.retry_initial_s
         self._probing = False
         self._lock_fd = -1
+        self._direct = config.direct_io  # cleared for good if the filesystem refuses it
 
     # ------------------------------------------------------------------ start / stop
 
@@ -300,7 +341,7 @@ class SsdTier:
 
         On True the caller must call :meth:`write` (which releases the admission).
         """
-        need = RECORD_HEADER_BYTES + payload_len
+        need = file_bytes(payload_len, self.config.direct_io)
         if key in self._index or key in self._writing:
             return False
         if len(self._writing) >= self.config.write_queue_depth or need > self.capacity_bytes:
@@ -340,12 +381,15 @@ class SsdTier:
 
         ``payload`` must stay valid until this returns (the caller holds the slot).
         """
-        header = RecordHeader(ns, key, num_tokens, len(payload), checksum)
-        entry = SsdEntry(ns, num_tokens, len(payload), checksum)
+        aligned = self.config.direct_io
+        header = RecordHeader(
+            ns, key, num_tokens, len(payload), checksum, FLAG_ALIGNED if aligned else 0
+        )
+        entry = SsdEntry(ns, num_tokens, len(payload), checksum, aligned)
         victims = self._victims.pop(key, [])
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(
+            direct = await loop.run_in_executor(
                 self._pool,
                 self._write_file,
                 self.path(key),
@@ -373,6 +417,7 @@ class SsdTier:
             log.warning("ssd tier %s recovered: writes resumed", self.config.directory)
         self._index[key] = entry
         self.counters.stored_bytes += entry.file_bytes
+        self.counters.direct_writes += direct
         return True
 
     def _degrade(self, exc: OSError) -> None:
@@ -390,19 +435,26 @@ class SsdTier:
 
     def _write_file(
         self, path: str, header: bytes, payload: memoryview, victims: list[str]
-    ) -> None:
+    ) -> bool:
+        """Write and publish one chunk file (in the pool); True if it went by O_DIRECT."""
         _unlink_all(victims)
         tmp = f"{path[: -len(SUFFIX)]}.{secrets.token_hex(4)}{TMP_SUFFIX}"
         if self.fault_hook is not None:
             self.fault_hook("write", tmp)
+        aligned = self.config.direct_io
+        direct = self._direct and _block_aligned(payload)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, direct = self._open_tmp(tmp, direct)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, direct = self._open_tmp(tmp, direct)
         try:
             try:
-                _pwrite_all(fd, header, payload)
+                if not aligned:
+                    _pwritev_all(fd, [memoryview(header), payload])
+                    direct = False
+                else:
+                    direct = self._write_aligned(fd, header, payload, direct)
                 if self.config.fsync:
                     os.fsync(fd)
             finally:
@@ -411,6 +463,59 @@ class SsdTier:
         except BaseException:
             _unlink(tmp)
             raise
+        return direct
+
+    def _open_tmp(self, tmp: str, direct: bool) -> tuple[int, bool]:
+        """(fd, whether it has O_DIRECT) of a new temp file."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if direct:
+            try:
+                return os.open(tmp, flags | os.O_DIRECT, 0o600), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct(exc)
+        return os.open(tmp, flags, 0o600), False
+
+    def _no_direct(self, exc: OSError) -> None:
+        """The filesystem refused O_DIRECT: this and every later file go through the
+        page cache (same layout)."""
+        if self._direct:
+            self._direct = False
+            log.warning(
+                "ssd tier %s: the filesystem refused O_DIRECT (%s); writing through the page cache",
+                self.config.directory,
+                exc,
+            )
+
+    def _write_aligned(self, fd: int, header: bytes, payload: memoryview, direct: bool) -> bool:
+        """Header block, the payload's whole blocks straight from ``payload``, its last
+        partial block from a bounce page; O_DIRECT when ``fd`` has it (True if it did)."""
+        body = len(payload) - len(payload) % BLOCK
+        tail = len(payload) - body
+        # Page-aligned and zeroed; freed with its last view (not closed here: a failed
+        # write's traceback may still hold views of it).
+        bounce = mmap.mmap(-1, 2 * BLOCK if tail else BLOCK)
+        bounce[: len(header)] = header
+        if tail:
+            bounce[BLOCK : BLOCK + tail] = payload[body:]
+        pages = memoryview(bounce)
+        iov = [pages[:BLOCK]]
+        if body:
+            iov.append(payload[:body])
+        if tail:
+            iov.append(pages[BLOCK:])
+        try:
+            _pwritev_all(fd, iov)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            # Taken at open but refused at the write (some filesystems do that).
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self._no_direct(exc)
+            _pwritev_all(fd, iov)
+            return False
+        return direct
 
     # ------------------------------------------------------------------ reads
 
@@ -470,27 +575,47 @@ class SsdTier:
             header = RecordHeader.unpack(os.pread(fd, RECORD_HEADER_BYTES, 0))
             if header.key != key or header.payload_len != len(dest):
                 raise ChecksumMismatch("record header does not match the index")
+            aligned = bool(header.flags & FLAG_ALIGNED)
+            offset = BLOCK if aligned else RECORD_HEADER_BYTES
             got = 0
             while got < len(dest):
-                n = os.preadv(fd, [dest[got:]], RECORD_HEADER_BYTES + got)
+                n = os.preadv(fd, [dest[got:]], offset + got)
                 if n == 0:
                     raise ChecksumMismatch(f"chunk file truncated: {got} of {len(dest)} bytes")
                 got += n
-            if os.fstat(fd).st_size != RECORD_HEADER_BYTES + len(dest):
-                raise ChecksumMismatch("chunk file has trailing bytes")
+            if os.fstat(fd).st_size != file_bytes(len(dest), aligned):
+                raise ChecksumMismatch("chunk file has the wrong size for its header")
         finally:
             os.close(fd)
         header.verify(dest, ns)
 
 
-def _pwrite_all(fd: int, header: bytes, payload: memoryview) -> None:
-    total = len(header) + len(payload)
-    done = os.pwritev(fd, [header, payload], 0)
-    while done < total:
-        if done < len(header):
-            done += os.pwritev(fd, [header[done:], payload], done)
-        else:
-            done += os.pwrite(fd, payload[done - len(header) :], done)
+def _pwritev_all(fd: int, iov: list[memoryview]) -> None:
+    """Write ``iov`` at offset 0 of ``fd``, going on after short writes."""
+    offset = 0
+    while iov:
+        done = os.pwritev(fd, iov, offset)
+        if done <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += done
+        while iov and done >= len(iov[0]):
+            done -= len(iov[0])
+            iov = iov[1:]
+        if done:
+            iov = [iov[0][done:], *iov[1:]]
+
+
+def _block_aligned(buf: memoryview) -> bool:
+    """Whether ``buf`` starts on a ``BLOCK`` boundary (O_DIRECT reads from it directly)."""
+    if len(buf) < BLOCK:
+        return True  # only the bounce pages are written
+    try:
+        ref = ctypes.c_char.from_buffer(buf)
+    except TypeError:  # read-only: its address is not reachable from here
+        return False
+    address = ctypes.addressof(ref)
+    del ref
+    return address % BLOCK == 0
 
 
 def _check_file(path: str, stem: str) -> tuple[int, ChunkKey, SsdEntry] | None:
@@ -514,9 +639,12 @@ def _check_file(path: str, stem: str) -> tuple[int, ChunkKey, SsdEntry] | None:
         header = RecordHeader.unpack(raw)
     except ChecksumMismatch:
         return None
-    if header.key != key or st.st_size != RECORD_HEADER_BYTES + header.payload_len:
+    aligned = bool(header.flags & FLAG_ALIGNED)
+    if header.key != key or st.st_size != file_bytes(header.payload_len, aligned):
         return None
-    entry = SsdEntry(header.namespace, header.num_tokens, header.payload_len, header.checksum)
+    entry = SsdEntry(
+        header.namespace, header.num_tokens, header.payload_len, header.checksum, aligned
+    )
     return st.st_mtime_ns, key, entry
 
 

@@ -308,7 +308,7 @@ def ssd_file(data: bytes) -> None:
         found = _check_file(str(path), stem)
         if found is not None:
             _, key, entry = found
-            if entry.payload_len != len(data) - RECORD_HEADER_BYTES:
+            if entry.file_bytes != len(data):
                 raise Finding("a file whose size disagrees with its header was accepted")
 
 

@@ -211,9 +211,15 @@ def test_record_header(data: bytes) -> None:
 @st.composite
 def ssd_files(draw: st.DrawFn) -> bytes:
     payload = draw(st.binary(max_size=96))
-    header = bytearray(RecordHeader(b"\x02" * 16, b"\x00" * 16, 4, len(payload), 9).pack())
+    aligned = draw(st.booleans())  # both layouts: FLAG_ALIGNED pads header and payload
+    header = bytearray(
+        RecordHeader(b"\x02" * 16, b"\x00" * 16, 4, len(payload), 9, int(aligned)).pack()
+    )
     for _ in range(draw(st.integers(0, 2))):
         header[draw(st.integers(0, len(header) - 1))] ^= draw(st.integers(1, 255))
+    if aligned:
+        header += bytes(4096 - len(header))
+        payload += bytes(-len(payload) % 4096)
     cut = draw(st.integers(0, len(header) + len(payload) + 4))
     return (bytes(header) + payload + draw(st.binary(max_size=4)))[:cut]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import mmap
 import os
 import signal
 import subprocess
@@ -17,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.chunk import ChunkKey, NamespaceId, payload_checksum
 from meshkv.errors import ConfigError
-from meshkv.tiers.ssd import SsdTier, SsdTierConfig
+from meshkv.tiers.ssd import BLOCK, SsdTier, SsdTierConfig, file_bytes, payload_span
 
 NS = NamespaceId(b"n" * 16)
 SIZE = 64 << 10
-FILE = RECORD_HEADER_BYTES + SIZE
+FILE = file_bytes(SIZE, aligned=True)
 
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -104,10 +105,11 @@ async def test_flipped_byte_detected_removed_counted(tmp_path: Path) -> None:
     t = await started(tmp_path)
     await put(t, 1)
     path = t.path(key(1))
+    at = payload_span(path)[0] + 1000
     with open(path, "r+b") as f:
-        f.seek(RECORD_HEADER_BYTES + 1000)
+        f.seek(at)
         b = f.read(1)
-        f.seek(RECORD_HEADER_BYTES + 1000)
+        f.seek(at)
         f.write(bytes([b[0] ^ 0x01]))
     assert await get(t, 1) is None
     assert t.counters.checksum_failures == 1
@@ -216,7 +218,7 @@ async def test_real_enospc_on_tiny_tmpfs(tmp_path: Path) -> None:
 async def test_crash_mid_write_leaves_only_complete_chunks(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
-        import asyncio
+        import asyncio, mmap
         from meshkv.chunk import payload_checksum
         from meshkv.tiers.ssd import SsdTier, SsdTierConfig
         async def main():
@@ -224,7 +226,8 @@ async def test_crash_mid_write_leaves_only_complete_chunks(tmp_path: Path) -> No
             await t.start()
             i = 0
             while True:
-                data = bytes([i % 251]) * (1 << 20)
+                data = mmap.mmap(-1, 1 << 20)  # page-aligned: written with O_DIRECT
+                data[:] = bytes([i % 251]) * (1 << 20)
                 k = i.to_bytes(16, "big")
                 assert t.admit(k, len(data))
                 await t.write(b"n" * 16, k, 16, payload_checksum(data), memoryview(data))
@@ -251,6 +254,97 @@ async def test_crash_mid_write_leaves_only_complete_chunks(tmp_path: Path) -> No
         assert await t.read_into(NS, k, memoryview(buf)) is not None
         assert buf == bytes([i % 251]) * (1 << 20)
     assert list(tmp_path.rglob("*.tmp")) == []
+    t.close()
+
+
+def aligned_payload(i: int, size: int) -> mmap.mmap:
+    """``payload(i, size)`` in page-aligned memory, as an arena slot holds it."""
+    buf = mmap.mmap(-1, size)
+    buf[:] = payload(i, size)
+    return buf
+
+
+@pytest.mark.parametrize("size", [SIZE, SIZE + 100, 100])
+@run_async
+async def test_an_aligned_payload_is_written_with_o_direct(tmp_path: Path, size: int) -> None:
+    t = await started(tmp_path)
+    data = aligned_payload(7, size)
+    assert t.admit(key(7), size)
+    assert await t.write(NS, key(7), 16, payload_checksum(data), memoryview(data))
+    assert t.counters.direct_writes == 1
+    path = t.path(key(7))
+    # header block, the payload, zeros to the end of its last block
+    assert os.path.getsize(path) == file_bytes(size, aligned=True) == t.used_bytes
+    assert os.path.getsize(path) % BLOCK == 0
+    assert payload_span(path) == (BLOCK, size)
+    raw = Path(path).read_bytes()
+    assert raw[BLOCK : BLOCK + size] == payload(7, size)
+    assert raw[BLOCK + size :] == bytes(len(raw) - BLOCK - size)
+    assert await get(t, 7, size) == payload(7, size)
+    t.close()
+    t2 = await started(tmp_path)  # the scan accepts the aligned layout
+    assert len(t2) == 1 and t2.used_bytes == file_bytes(size, aligned=True)
+    assert await get(t2, 7, size) == payload(7, size)
+    t2.close()
+
+
+@run_async
+async def test_an_unaligned_payload_is_written_through_the_page_cache(tmp_path: Path) -> None:
+    t = await started(tmp_path)
+    data = aligned_payload(3, SIZE + 1)
+    view = memoryview(data)[1:]  # one byte off a page boundary
+    assert t.admit(key(3), SIZE)
+    assert await t.write(NS, key(3), 16, payload_checksum(view), view)
+    assert t.counters.direct_writes == 0
+    assert os.path.getsize(t.path(key(3))) == FILE
+    assert await get(t, 3) == bytes(view)
+    del view
+    t.close()
+
+
+@run_async
+async def test_compact_files_of_older_releases_are_still_read(tmp_path: Path) -> None:
+    old = SsdTier(SsdTierConfig(str(tmp_path), 100 * FILE, fsync=False, direct_io=False))
+    await old.start()
+    for i in range(3):
+        assert await put(old, i)
+    assert old.counters.direct_writes == 0
+    assert os.path.getsize(old.path(key(1))) == file_bytes(SIZE, aligned=False)
+    assert payload_span(old.path(key(1))) == (file_bytes(0, aligned=False), SIZE)
+    old.close()
+    t = await started(tmp_path)  # direct_io on (the default)
+    assert len(t) == 3 and t.used_bytes == 3 * file_bytes(SIZE, aligned=False)
+    for i in range(3):
+        assert await get(t, i) == payload(i)
+    assert await put(t, 5)  # new files in the aligned layout beside them
+    assert t.used_bytes == 3 * file_bytes(SIZE, aligned=False) + FILE
+    t.close()
+
+
+@run_async
+async def test_a_filesystem_that_refuses_o_direct_gets_page_cache_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fake: every filesystem on this kernel (ext4, tmpfs) accepts O_DIRECT; some FUSE
+    # filesystems and older tmpfs refuse it at open with EINVAL, as this stand-in does.
+    real_open = os.open
+
+    def refusing_open(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, mode)
+
+    t = await started(tmp_path)
+    monkeypatch.setattr(os, "open", refusing_open)
+    for i in range(2):
+        data = aligned_payload(i, SIZE)
+        assert t.admit(key(i), SIZE)
+        assert await t.write(NS, key(i), 16, payload_checksum(data), memoryview(data))
+    monkeypatch.undo()
+    assert t.counters.direct_writes == 0 and t.counters.write_errors == 0
+    assert not t.degraded and t.used_bytes == 2 * FILE
+    assert await get(t, 0) == payload(0) and await get(t, 1) == payload(1)
+    assert sum("O_DIRECT" in r.getMessage() for r in caplog.records) == 1  # said once
     t.close()
 
 

@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from meshkv.chunk import RECORD_HEADER_BYTES, ChunkKey, NamespaceId, payload_checksum
+from meshkv.chunk import ChunkKey, NamespaceId, payload_checksum
 from meshkv.errors import ConfigError, NoSpace, NotPinned
 from meshkv.puller import Puller
 from meshkv.store import Pin, Slot, Store, StoreConfig, Tier
 from meshkv.tiers.arena import SHM_DIR
 from meshkv.tiers.cpu import Entry
+from meshkv.tiers.ssd import file_bytes
 from tests.helpers.stores import Recorder, store_config
 
 KiB = 1 << 10
@@ -257,7 +258,7 @@ async def test_corrupt_ssd_chunk_is_a_miss_through_the_store(tmp_path: Path) -> 
     await s.start()
     put(s, 1)
     await s.close(asyncio.get_running_loop().time() + 5)
-    path = next(tmp_path.rglob("*.mkv"))
+    (path,) = tmp_path.rglob("*.mkv")  # the whole walk: a dropped scandir iterator warns
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x40
     path.write_bytes(raw)
@@ -374,7 +375,7 @@ async def test_random_workload_serves_only_exact_bytes(
         if slow_disk:
             time.sleep(disk_rng.random() * 0.02)
 
-    cap = 10 * (SLOT + RECORD_HEADER_BYTES)
+    cap = 10 * file_bytes(SLOT, aligned=True)
     cfg = store_config(
         cpu_bytes=8 * SLOT,
         segment_bytes=SLOT,
@@ -448,7 +449,7 @@ async def test_random_workload_serves_only_exact_bytes(
 
 @run_async
 async def test_listener_sees_drops_only_when_a_key_leaves_every_tier(tmp_path: Path) -> None:
-    cap = 3 * (SLOT + RECORD_HEADER_BYTES)
+    cap = 3 * file_bytes(SLOT, aligned=True)
     s = Store(_cfg(tmp_path, cap))
     await s.start()
     seen = Recorder()

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from meshkv.chunk import RECORD_HEADER_BYTES, Namespace, chunk_keys
+from meshkv.chunk import Namespace, chunk_keys
 from meshkv.launch import AgentProcess
-from meshkv.tiers.ssd import SUFFIX
+from meshkv.tiers.ssd import SUFFIX, payload_span
 from tests.vllm.engines import EngineRun, Prompts, wait_until
 
 pytestmark = pytest.mark.vllm
@@ -39,10 +39,11 @@ def test_corrupted_ssd_chunks_are_detected_and_recomputed(
     files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
     assert len(files) == 2
     for path in files:  # flip payload bytes, leave the header intact
+        at = payload_span(str(path))[0] + 1000
         with path.open("r+b") as f:
-            f.seek(RECORD_HEADER_BYTES + 1000)
+            f.seek(at)
             byte = f.read(1)
-            f.seek(RECORD_HEADER_BYTES + 1000)
+            f.seek(at)
             f.write(bytes([byte[0] ^ 0xFF]))
     agent.start()  # fresh CPU tier: the chunks now exist only as damaged SSD files
     run.go(1)
