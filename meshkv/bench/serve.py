@@ -5,6 +5,11 @@ on in every arm, as deployed), driven over HTTP by a concurrent client that stre
 every token (:mod:`meshkv.bench.openai_load`):
 
 * ``prefix``     — vLLM's own prefix cache only (no connector);
+* ``prefix_all`` — the same with an engine KV cache as large as ``meshkv_cpu``'s tier (it
+  holds every run's working set): every reusable token is a hit in the engine's own memory,
+  with no lookup, no copy and no save. No external cache can serve the same hits faster, so
+  this arm is the floor for ``meshkv_cpu`` and ``lmcache`` (``..._vs_prefix_all`` rows): how
+  far each is from it is all a cache could still win on this engine;
 * ``meshkv_cpu`` — the meshkv connector and a local agent whose CPU tier holds the working set;
 * ``meshkv_ssd`` — the same with a CPU tier half the working set (``--ssd-cpu-fraction``)
   and the SSD tier below it, written through (``--write-through``: every commit goes to
@@ -75,7 +80,7 @@ from meshkv.launch import (
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("prefix", "meshkv_cpu", "meshkv_ssd", "lmcache")
+ARMS = ("prefix", "prefix_all", "meshkv_cpu", "meshkv_ssd", "lmcache")
 WORKLOADS = ("chat", "longdoc")
 SERVER_TIMEOUT_S = 420.0
 FIRST_TOKEN = 3
@@ -331,12 +336,13 @@ def start_arm(
             gb = size.cpu_tier / (1 << 30)
             stack.lmcache = LMCacheServer(workdir, venv, round(gb + 0.05, 2)).start(env)
             transfer = stack.lmcache.connector_config()
-        elif arm != "prefix":
+        elif arm not in ("prefix", "prefix_all"):
             raise ValueError(f"unknown arm {arm!r}")
         port = free_port()
+        engine_kv = size.cpu_tier if arm == "prefix_all" else size.engine_kv
         cmd = vllm_server_command(
             python, model, port, kv_transfer_config=transfer, prefix_caching=True,
-            kv_cache_memory_bytes=size.engine_kv, max_model_len=size.max_model_len,
+            kv_cache_memory_bytes=engine_kv, max_model_len=size.max_model_len,
             extra=["--max-num-batched-tokens", str(max(size.max_model_len, 2048))],
         )  # fmt: skip
         stack.server = HttpProcess(
@@ -492,6 +498,18 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
             "meshkv cpu tier",
             mk,
             "ttft_p50",
+        )
+        floor = _find(runs, "prefix_all", w, "closed", c)
+        lm = _find(runs, "lmcache", w, "closed", c)
+        add(f"ttft_p50_{w}_vs_prefix_all", mk, "engine holds all", floor, "ttft_p50")
+        add(f"ttft_p50_{w}_lmcache_vs_prefix_all", lm, "engine holds all", floor, "ttft_p50")
+        add(f"throughput_{w}_vs_prefix_all", mk, "engine holds all", floor, "requests_per_s")
+        add(
+            f"throughput_{w}_lmcache_vs_prefix_all",
+            lm,
+            "engine holds all",
+            floor,
+            "requests_per_s",
         )
         add(f"ttft_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "ttft_p99")
         add(f"itl_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "itl_p99")

@@ -6,6 +6,7 @@ servers is ``tests/vllm/test_bench_serve.py``."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -164,3 +165,43 @@ def test_raw_ssd_baseline_uses_the_threads_it_is_given(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # its files are removed
     with pytest.raises(ValueError, match="positive"):
         measure_raw(str(tmp_path), [1 << 20], 4, workers=0)
+
+
+def test_raw_ssd_baseline_writes_by_o_direct_when_asked(tmp_path: Path) -> None:
+    (direct,) = measure_raw(str(tmp_path), [1 << 20], 4, workers=2, direct=True)
+    assert direct.direct and direct.write_gbps > 0 and direct.read_gbps > 0
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="multiples of 4096"):
+        measure_raw(str(tmp_path), [(1 << 20) + 1], 4, direct=True)
+
+
+def _summary(ttft_p50: float, requests_per_s: float) -> load.Summary:
+    return load.Summary(
+        completed=24, failed=0, seconds=10.0, requests_per_s=requests_per_s,
+        output_tokens_per_s=16 * requests_per_s, ttft_p50=ttft_p50, ttft_p90=ttft_p50,
+        ttft_p99=ttft_p50, ttft_mean=ttft_p50, itl_p50=0.02, itl_p99=0.4, tpot_p50=0.02,
+        tpot_p99=0.03, e2e_p50=ttft_p50 + 0.3, cached_tokens=0, prompt_tokens=80000, errors=[],
+    )  # fmt: skip
+
+
+def test_report_sets_each_cache_against_an_engine_that_holds_everything() -> None:
+    runs = [
+        serve.Run(arm, "longdoc", "closed", 4.0, _summary(ttft, rps), None)
+        for arm, ttft, rps in (
+            ("prefix_all", 0.9, 2.8),
+            ("meshkv_cpu", 1.2, 2.4),
+            ("lmcache", 1.5, 2.0),
+        )
+    ]
+    args = argparse.Namespace(
+        workloads=["longdoc"], concurrency=4, rates=[], arms=list(serve.ARMS), shape=SHAPE
+    )
+    rows = {r.name: r for r in serve.build_report(runs, args, {}).results}
+    assert rows["ttft_p50_longdoc"].value == pytest.approx(1200.0)
+    assert rows["ttft_p50_longdoc"].baseline_value == pytest.approx(1500.0)
+    floor = rows["ttft_p50_longdoc_vs_prefix_all"]
+    assert (floor.value, floor.baseline_value) == (pytest.approx(1200.0), pytest.approx(900.0))
+    assert rows["ttft_p50_longdoc_lmcache_vs_prefix_all"].value == pytest.approx(1500.0)
+    assert rows["throughput_longdoc_vs_prefix_all"].baseline_value == pytest.approx(2.8)
+    assert rows["throughput_longdoc_lmcache_vs_prefix_all"].value == pytest.approx(2.0)
+    assert "ttft_p50_longdoc_vs_prefix_cache" not in rows  # that arm did not run: no row
