@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import mmap
 import os
 import signal
@@ -334,6 +335,8 @@ async def test_a_filesystem_that_refuses_o_direct_gets_page_cache_writes(
             raise OSError(errno.EINVAL, "Invalid argument", path)
         return real_open(path, flags, mode)
 
+    # Other tests of the session may leave the root logger above WARNING: ask for it here.
+    caplog.set_level(logging.WARNING, logger="meshkv.tiers.ssd")
     t = await started(tmp_path)
     monkeypatch.setattr(os, "open", refusing_open)
     for i in range(2):
