@@ -15,8 +15,9 @@ and output tokens/s, failed requests. Then, on the ``pd`` stack:
 * **transfer** — prompts sent the way vLLM's toy proxy sends them (prefill, then decode with
   the prefill's parameters; no push target, so the decode agent pulls): the decode agent's
   wait from the lookup to the last chunk (``meshkv_transfer_wait_seconds``) and the bytes it
-  received, against the same bytes at the raw loopback TCP rate measured in the same run
-  (``transfer_over_raw_socket``; target <= 1.25), and the transfer's share of the decode-side
+  received, against the same bytes at the raw loopback TCP rate measured in the same run,
+  alternating with the transfers while the servers are up (``transfer_over_raw_socket``;
+  target <= 1.25), and the transfer's share of the decode-side
   TTFT;
 * **mesh-warm vs local-warm** — a document prefilled on the prefill engine, then asked about
   again on the same engine (its agent has the chunks: local-warm) and on the decode engine
@@ -48,6 +49,7 @@ from typing import Any
 
 from meshkv.bench import openai_load as load
 from meshkv.bench.report import Report, Result
+from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -62,6 +64,10 @@ from meshkv.launch import (
 
 ARMS = ("agg1", "agg2", "pd")
 SERVER_TIMEOUT_S = 300.0
+TRANSFER_TOKENS = 3072
+"""Prompt length of the toy-flow transfers (24 MiB of KV with the bench model)."""
+RAW_ROUNDS = 3
+"""Raw-socket rounds of the transfer's size before each transfer."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,8 +233,15 @@ def _metric(agent: AgentProcess, name: str) -> float:
     return agent.metric(name)
 
 
-def measure_transfers(stack: Stack, prompts: list[list[int]]) -> dict[str, float]:
-    """The toy proxy's flow, one request at a time; the decode agent's transfer counters."""
+def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) -> dict[str, float]:
+    """The toy proxy's flow, one request at a time; the decode agent's transfer counters.
+    Before each transfer, the raw-socket baseline moves ``raw_bytes`` over loopback TCP
+    with the same servers up (ABAB: the engines' idle loops and the agents cost the
+    baseline what they cost the transfer; measured on a quiet machine after the stack was
+    stopped, it was up to 2x faster)."""
+    from meshkv.bench.transport_baselines import raw_tcp_baseline
+
+    raw_seconds = 0.0
     p, d = stack.servers[0], stack.servers[1]
     d_agent = stack.agents[1]
     names = ("meshkv_transfer_wait_seconds_sum", "meshkv_transfer_wait_seconds_count",
@@ -238,6 +251,7 @@ def measure_transfers(stack: Stack, prompts: list[list[int]]) -> dict[str, float
            "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
     ttfts = []
     for prompt in prompts:
+        raw_seconds += raw_bytes * RAW_ROUNDS / (raw_tcp_baseline(raw_bytes, RAW_ROUNDS) * 1e9)
         body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
         first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
         params = first.get("kv_transfer_params")
@@ -251,6 +265,7 @@ def measure_transfers(stack: Stack, prompts: list[list[int]]) -> dict[str, float
         "wait_s": (after[names[0]] - before[names[0]]) / max(1.0, count),
         "bytes": (after[names[2]] - before[names[2]]) / max(1.0, count),
         "decode_ttft_s": statistics.median(ttfts),
+        "raw_gbps": raw_bytes * RAW_ROUNDS * len(prompts) / raw_seconds / 1e9,
     }
 
 
@@ -306,7 +321,9 @@ def run(args: argparse.Namespace) -> int:
             ttfts[arm] = [r.ttft_s for r in results if r.ok and r.ttft_s is not None]
             if arm == "pd":
                 extra["transfer"] = measure_transfers(
-                    stack, _prompts(rng, args.transfers, (3072, 3072), vocab)
+                    stack,
+                    _prompts(rng, args.transfers, (TRANSFER_TOKENS, TRANSFER_TOKENS), vocab),
+                    TRANSFER_TOKENS * kv_bytes_per_token(args.model),
                 )
                 extra["warm"] = measure_warm(stack, rng, args.warm_docs, vocab)
     _report(report, summaries, extra)
@@ -342,10 +359,7 @@ def _report(
     report.add(Result("failed_requests", failed, "requests", None, "target", 0.0))
     transfer = extra.get("transfer")
     if transfer and transfer["transfers"]:
-        from meshkv.bench.transport_baselines import raw_tcp_baseline
-
-        size = max(1 << 20, int(transfer["bytes"]))
-        raw = raw_tcp_baseline(size, rounds=10)
+        raw = transfer["raw_gbps"]
         ideal = transfer["bytes"] / (raw * 1e9)
         report.add(Result("transfer_s", transfer["wait_s"], "s", int(transfer["bytes"]),
                           "bytes_at_raw_tcp", ideal))  # fmt: skip
