@@ -222,6 +222,11 @@ _STORE_SCALARS: dict[str, tuple[str, str, bool]] = {
         "SSD chunk files written with O_DIRECT (the rest went through the page cache)",
         True,
     ),
+    "ssd_direct_reads": (
+        "meshkv_ssd_direct_reads",
+        "SSD reads whose whole blocks came by O_DIRECT straight into the arena slot",
+        True,
+    ),
     "ssd_partial_removed": (
         "meshkv_ssd_partial_files_removed",
         "Partial chunk files removed by the start-up scan",

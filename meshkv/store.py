@@ -654,6 +654,7 @@ class Store:
             stats.ssd_read_errors = sc.read_errors
             stats.ssd_writes_refused = sc.writes_refused
             stats.ssd_direct_writes = sc.direct_writes
+            stats.ssd_direct_reads = sc.direct_reads
             stats.ssd_partial_removed = sc.partial_removed
             stats.ssd_corrupt_removed = sc.corrupt_removed
         return stats

@@ -56,5 +56,6 @@ class StoreStats:
     ssd_read_errors: int = 0
     ssd_writes_refused: int = 0
     ssd_direct_writes: int = 0
+    ssd_direct_reads: int = 0
     ssd_partial_removed: int = 0
     ssd_corrupt_removed: int = 0

@@ -290,6 +290,34 @@ async def test_an_aligned_payload_is_written_with_o_direct(tmp_path: Path, size:
 
 
 @run_async
+async def test_an_aligned_slot_reads_by_o_direct_and_damage_is_still_caught(
+    tmp_path: Path,
+) -> None:
+    t = await started(tmp_path)
+    size = SIZE + 100  # whole blocks by O_DIRECT, the last 100 bytes through the page cache
+    for i in range(3):
+        data = aligned_payload(i, size)
+        assert t.admit(key(i), size)
+        assert await t.write(NS, key(i), 16, payload_checksum(data), memoryview(data))
+    dest = mmap.mmap(-1, size)  # page-aligned, as an arena slot
+    assert await t.read_into(NS, key(0), memoryview(dest)) is not None
+    assert dest[:] == payload(0, size) and t.counters.direct_reads == 1
+    offset, _ = payload_span(t.path(key(1)))
+    with open(t.path(key(1)), "r+b") as f:  # one flipped byte inside the direct-read blocks
+        f.seek(offset + 5000)
+        b = f.read(1)
+        f.seek(offset + 5000)
+        f.write(bytes([b[0] ^ 0x10]))
+    assert await t.read_into(NS, key(1), memoryview(dest)) is None
+    assert t.counters.checksum_failures == 1 and key(1) not in t
+    os.truncate(t.path(key(2)), offset + 3 * BLOCK + 17)  # cut inside the direct-read blocks
+    assert await t.read_into(NS, key(2), memoryview(dest)) is None
+    assert t.counters.checksum_failures == 2 and key(2) not in t
+    assert t.counters.direct_reads == 1  # only the good read counts
+    t.close()
+
+
+@run_async
 async def test_an_unaligned_payload_is_written_through_the_page_cache(tmp_path: Path) -> None:
     t = await started(tmp_path)
     data = aligned_payload(3, SIZE + 1)
