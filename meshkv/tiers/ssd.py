@@ -9,8 +9,9 @@ and no padding, and are still read). The aligned layout lets the tier write with
 page cache. That copy was the write path's cost here, not the disk: buffered writes of
 files that stay (a cache keeps its files) need fresh page-cache pages for every byte and
 ran at ~0.3-0.6 GB/s with or without fsync, O_DIRECT writes at 1.2-1.6 GB/s on the same
-disk. Where the filesystem refuses ``O_DIRECT`` (or a source is not 4 KiB-aligned) the
-same layout is written through the page cache. A
+disk. Reads bring the payload's whole blocks back the same way, straight into the slot.
+Where the filesystem refuses ``O_DIRECT`` (or a buffer is not 4 KiB-aligned) the same
+layout goes through the page cache. A
 file is written to ``<key hex>.<random>.tmp`` in the same directory, fsynced (unless
 ``fsync=False``) and renamed into place, so a crash leaves either a complete file or a
 temp file, never a partial ``.mkv``. The start-up scan removes temp files and files whose
