@@ -237,8 +237,8 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     """The toy proxy's flow, one request at a time; the decode agent's transfer counters.
     Before each transfer, the raw-socket baseline moves ``raw_bytes`` over loopback TCP
     with the same servers up (ABAB: the engines' idle loops and the agents cost the
-    baseline what they cost the transfer; measured on a quiet machine after the stack was
-    stopped, it was up to 2x faster)."""
+    baseline what they cost the transfer; measured once after the stack had stopped, it
+    came out anywhere from 1.37 to 3.46 GB/s between runs)."""
     from meshkv.bench.transport_baselines import raw_tcp_baseline
 
     raw_seconds = 0.0
