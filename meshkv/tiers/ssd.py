@@ -128,12 +128,17 @@ def file_bytes(payload_len: int, aligned: bool) -> int:
     return BLOCK + -(-payload_len // BLOCK) * BLOCK
 
 
+def _layout(header: RecordHeader) -> tuple[bool, int]:
+    """(aligned layout?, payload offset) of the chunk file with ``header``."""
+    aligned = bool(header.flags & FLAG_ALIGNED)
+    return aligned, BLOCK if aligned else RECORD_HEADER_BYTES
+
+
 def payload_span(path: str) -> tuple[int, int]:
     """(offset, length) of the payload in the chunk file ``path`` (read from its header)."""
     with open(path, "rb") as f:
         header = RecordHeader.unpack(f.read(RECORD_HEADER_BYTES))
-    offset = BLOCK if header.flags & FLAG_ALIGNED else RECORD_HEADER_BYTES
-    return offset, header.payload_len
+    return _layout(header)[1], header.payload_len
 
 
 @dataclass(slots=True)
@@ -486,7 +491,8 @@ class SsdTier:
         if self._direct:
             self._direct = False
             log.warning(
-                "ssd tier %s: the filesystem refused O_DIRECT (%s); writing through the page cache",
+                "ssd tier %s: the filesystem refused O_DIRECT (%s); reads and writes go "
+                "through the page cache",
                 self.config.directory,
                 exc,
             )
@@ -581,12 +587,11 @@ class SsdTier:
             header = RecordHeader.unpack(os.pread(fd, RECORD_HEADER_BYTES, 0))
             if header.key != key or header.payload_len != len(dest):
                 raise ChecksumMismatch("record header does not match the index")
-            aligned = bool(header.flags & FLAG_ALIGNED)
-            offset = BLOCK if aligned else RECORD_HEADER_BYTES
+            aligned, offset = _layout(header)
             got = 0
             body = len(dest) - len(dest) % BLOCK
             if aligned and body and self._direct and _block_aligned(dest):
-                got = _read_direct(path, dest, body)
+                got = self._read_direct(path, dest, body)
             direct = got > 0
             while got < len(dest):
                 n = os.preadv(fd, [dest[got:]], offset + got)
@@ -600,27 +605,28 @@ class SsdTier:
         header.verify(dest, ns)
         return direct
 
-
-def _read_direct(path: str, dest: memoryview, body: int) -> int:
-    """Read the payload's first ``body`` bytes (whole blocks) into ``dest`` by O_DIRECT;
-    the bytes read, a multiple of ``BLOCK`` (0 where the filesystem refuses: the caller
-    reads them through the page cache; short at a truncated file: the caller finds it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        return 0
-    try:
-        got = 0
-        while got < body:
-            n = os.preadv(fd, [dest[got:body]], BLOCK + got)
-            if n <= 0:
-                break  # truncated: the caller's read finds it
-            got += n
-        return got - got % BLOCK
-    finally:
-        os.close(fd)
+    def _read_direct(self, path: str, dest: memoryview, body: int) -> int:
+        """Read the payload's first ``body`` bytes (whole blocks) into ``dest`` by O_DIRECT;
+        the bytes read, a multiple of ``BLOCK`` (0 where the filesystem refuses, which stops
+        the tier trying: the caller reads them through the page cache; short at a
+        truncated file: the caller finds it)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct(exc)
+            return 0
+        try:
+            got = 0
+            while got < body:
+                n = os.preadv(fd, [dest[got:body]], BLOCK + got)
+                if n <= 0:
+                    break
+                got += n
+            return got - got % BLOCK
+        finally:
+            os.close(fd)
 
 
 def _pwritev_all(fd: int, iov: list[memoryview]) -> None:
@@ -672,7 +678,7 @@ def _check_file(path: str, stem: str) -> tuple[int, ChunkKey, SsdEntry] | None:
         header = RecordHeader.unpack(raw)
     except ChecksumMismatch:
         return None
-    aligned = bool(header.flags & FLAG_ALIGNED)
+    aligned = _layout(header)[0]
     if header.key != key or st.st_size != file_bytes(header.payload_len, aligned):
         return None
     entry = SsdEntry(

@@ -380,6 +380,33 @@ async def test_a_filesystem_that_refuses_o_direct_gets_page_cache_writes(
 
 
 @run_async
+async def test_reads_stop_trying_o_direct_once_the_filesystem_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = await started(tmp_path)
+    for i in range(2):
+        data = aligned_payload(i, SIZE)
+        assert t.admit(key(i), SIZE)
+        assert await t.write(NS, key(i), 16, payload_checksum(data), memoryview(data))
+    real_open, tries = os.open, []
+
+    def refusing_open(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:  # fake, as in the write test above
+            tries.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    dest = mmap.mmap(-1, SIZE)
+    for i in range(2):
+        assert await t.read_into(NS, key(i), memoryview(dest)) is not None
+        assert dest[:] == payload(i)
+    monkeypatch.undo()
+    assert len(tries) == 1 and t.counters.direct_reads == 0
+    t.close()
+
+
+@run_async
 async def test_two_tiers_cannot_share_a_directory(tmp_path: Path) -> None:
     t = await started(tmp_path)
     other = make(tmp_path)
