@@ -107,6 +107,10 @@ def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg.write_text("[store.ssd]\nworkers = 2\n")
     out = agent_cli("--config", str(cfg))
     assert "[store.ssd] needs a directory" in out.stderr
+    cfg.write_text(f'[store.ssd]\ndirectory = "{tmp_path}"\ndirect_io = "yes"\n')
+    out = agent_cli("--config", str(cfg))
+    assert out.returncode == 2
+    assert "[store.ssd] direct_io must be bool, got str 'yes'" in out.stderr
     cfg.write_text("node_id = \n")
     out = agent_cli("--config", str(cfg))
     assert "is not valid TOML" in out.stderr
