@@ -105,14 +105,129 @@ def _init_ucx(ucxx: Any, options: UcxOptions) -> None:
         logger.debug("UCX already initialised; keeping its options")
 
 
+BACKSTOP_S = 0.05
+"""The progress driver also progresses the worker this often, whatever its descriptor says
+(UCX work that raises no event, e.g. a retry of a queued operation)."""
+
+
+class BlockingProgress:
+    """Drives a ucxx worker from the event loop: sleep on the worker's epoll descriptor,
+    progress when it fires, re-arm it, sleep again; and lets a receiver wait for the next
+    progress instead of polling.
+
+    It replaces two busy loops of ucxx 0.52 outside its thread modes, each of which kept an
+    idle agent at 100 % of a core (measured; bare ucxx beside two idle agents moved 1-3 GB/s
+    instead of 9-13):
+
+    * its ``BlockingMode`` re-arms the worker only once: after the first event the
+      descriptor stays readable and the loop calls the reader on every turn;
+    * an awaited request polls for completion with ``asyncio.sleep(0)``, so a connection's
+      standing receive for the next control message spins the loop until one arrives.
+      ``next_event`` lets that receive be posted only once a message is there.
+
+    The order of calls is UCX's (``ucp_worker_arm``): progress, then arm; a busy answer
+    means events are pending, so progress again before arming."""
+
+    def __init__(
+        self, worker: Any, loop: asyncio.AbstractEventLoop, *, keep: object = None
+    ) -> None:
+        self._worker = worker
+        self._loop = loop
+        self._keep = keep
+        """ucxx's own progress object this one replaced: kept alive, because collecting it
+        would remove the reader of the same descriptor (its finalizer does)."""
+        worker.init_blocking_progress_mode()  # idempotent: returns the existing descriptor
+        self._fd: int = worker.epoll_file_descriptor
+        self._waiters: list[asyncio.Future[None]] = []
+        self._arming: asyncio.Task[None] | None = None
+        self.wakeups = 0
+        """Times the descriptor fired (tests read it to see an idle worker sleep)."""
+        loop.add_reader(self._fd, self._on_event)
+        self._arm_soon()
+        self._backstop = loop.create_task(self._progress_backstop())
+
+    async def next_event(self) -> None:
+        """Return after the worker's next progress (an event, or the backstop's tick)."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _progress(self) -> None:
+        self._worker.progress()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_event(self) -> None:
+        self.wakeups += 1
+        self._progress()
+        self._arm_soon()
+
+    def _arm_soon(self) -> None:
+        if self._arming is None or self._arming.done():
+            self._arming = self._loop.create_task(self._arm())
+
+    async def _arm(self) -> None:
+        while True:
+            self._progress()
+            # Let the callbacks that progress made ready run first: they may post sends
+            # and receives, which must reach UCX before the worker sleeps.
+            await asyncio.sleep(0)
+            self._progress()
+            if self._worker.arm():
+                return
+
+    async def _progress_backstop(self) -> None:
+        while True:
+            await asyncio.sleep(BACKSTOP_S)
+            self._progress()
+
+
+def _drive_progress(ucxx: Any) -> BlockingProgress | None:
+    """The progress driver of the running loop in "blocking" mode, installed on first use
+    in place of ucxx's own (see ``BlockingProgress``); None in ucxx's other modes."""
+    loop = asyncio.get_running_loop()
+    try:
+        from ucxx._lib_async import application_context as app
+        from ucxx._lib_async.continuous_ucx_progress import BlockingMode
+    except ImportError:  # another ucxx layout: keep its own progress
+        return None
+    ctx = ucxx.core._get_ctx()
+    tasks = getattr(app, "ProgressTasks", None)
+    if ctx.progress_mode != "blocking" or not isinstance(tasks, dict):
+        return None
+    current = tasks.get(loop)
+    if isinstance(current, BlockingProgress):
+        return current
+    if isinstance(current, BlockingMode):  # ucxx started it when it initialised
+        loop.remove_reader(ctx.worker.epoll_file_descriptor)
+        for task in current._tasks:
+            if task is not None:
+                task.cancel()
+    elif current is not None:
+        return None
+    driver = BlockingProgress(ctx.worker, loop, keep=current)
+    tasks[loop] = driver
+    return driver
+
+
 class UcxWire(Wire):
     """One ucxx endpoint."""
 
     inline_payload = False
 
-    def __init__(self, ep: Any, remote: str, max_header_bytes: int, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        ep: Any,
+        remote: str,
+        max_header_bytes: int,
+        max_payload_bytes: int,
+        progress: BlockingProgress | None = None,
+    ) -> None:
         self.remote = remote
         self._ep = ep
+        self._progress = progress
         self._max_header = max_header_bytes
         self._max_payload = max_payload_bytes
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(CONTROL_QUEUE)
@@ -129,7 +244,7 @@ class UcxWire(Wire):
     async def _pump_control(self) -> None:
         try:
             while True:
-                data = bytes(memoryview(await self._ep.am_recv()).cast("B"))
+                data = await self._recv_control()
                 if data == _BYE:
                     with contextlib.suppress(Exception):
                         await self._ep.am_send(_BYE_ACK)
@@ -145,6 +260,19 @@ class UcxWire(Wire):
         except Exception as exc:  # any ucxx failure ends the link
             self._ended = ConnectionClosed(f"UCX link to {self.remote} failed: {exc}")
         await self._queue.put(None)
+
+    async def _recv_control(self) -> bytes:
+        """The next control message. With our progress driver the receive is waited for
+        by progress events, not by ucxx's completion polling (see ``BlockingProgress``)."""
+        if self._progress is None:
+            return bytes(memoryview(await self._ep.am_recv()).cast("B"))
+        handle = self._ep._ep  # ucxx's endpoint handle (the wrapper would poll)
+        request = handle.am_recv()
+        while not request.completed:
+            handle.raise_on_error()
+            await self._progress.next_event()
+        request.check_error()
+        return bytes(memoryview(request.recv_buffer).cast("B"))
 
     async def recv_head(self) -> tuple[FrameHead, bytes]:
         if self._aborted:
@@ -228,6 +356,7 @@ class _UcxListener(SessionListener):
         handler: Handler,
         alloc: Alloc | None,
     ) -> None:
+        self._progress = _drive_progress(transport.ucxx)
         self._ucx = transport.ucxx.create_listener(
             self._on_endpoint, port=port, connect_timeout=transport.options.connect_timeout
         )
@@ -245,7 +374,13 @@ class _UcxListener(SessionListener):
         self._count += 1
         remote = f"{self.address}#in{self._count}"
         self.accept(
-            UcxWire(ep, remote, self._config.max_header_bytes, self._config.max_payload_bytes)
+            UcxWire(
+                ep,
+                remote,
+                self._config.max_header_bytes,
+                self._config.max_payload_bytes,
+                self._progress,
+            )
         )
 
     async def _stop_accepting(self) -> None:
@@ -279,6 +414,7 @@ class UcxTransport(Transport):
     ) -> Connection:
         host, port = parse_address(address)
         try:
+            progress = _drive_progress(self.ucxx)
             async with asyncio.timeout_at(deadline):
                 ep = await self.ucxx.create_endpoint(
                     host, port, connect_timeout=self.options.connect_timeout
@@ -287,7 +423,9 @@ class UcxTransport(Transport):
             raise DeadlineExceeded(f"connecting to {address} passed its deadline") from None
         except Exception as exc:
             raise TransportError(f"cannot connect to {address} over UCX: {exc}") from exc
-        wire = UcxWire(ep, address, self.config.max_header_bytes, self.config.max_payload_bytes)
+        wire = UcxWire(
+            ep, address, self.config.max_header_bytes, self.config.max_payload_bytes, progress
+        )
         return await self._sessions.open_client(
             wire, self.name, self.config, self.stats, deadline, handler
         )

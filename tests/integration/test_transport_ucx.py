@@ -100,6 +100,41 @@ def test_round_trip_into_caller_buffer(loop: str) -> None:
     run(main, loop)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_idle_connection_sleeps(loop: str) -> None:
+    # ucxx 0.52's own "blocking" progress re-armed the worker once and polled a standing
+    # receive with sleep(0): an idle connection kept this process at ~100 % of a core.
+    from meshkv.transport.ucx import BlockingProgress
+
+    async def main() -> None:
+        server = UcxTransport(config("srv"))
+        client = UcxTransport(config("cli"))
+        listener = await server.listen("127.0.0.1", 0, data_handler)
+        conn = await client.connect(listener.address, deadline())
+
+        async def round_trip(size: int) -> None:
+            reply = await conn.request(
+                MsgKind.CHUNK_GET, {"size": size, "seed": 3}, deadline=deadline()
+            )
+            assert bytes(reply.payload or b"") == pattern(size, 3)
+
+        await round_trip(1 << 20)
+        from ucxx._lib_async import application_context as app
+
+        driver = app.ProgressTasks[asyncio.get_running_loop()]
+        assert isinstance(driver, BlockingProgress)
+        cpu, wakeups = time.process_time(), driver.wakeups
+        await asyncio.sleep(1.0)
+        idle_cpu = time.process_time() - cpu
+        assert idle_cpu < 0.25, f"idle UCX connection used {idle_cpu:.2f} s of CPU in 1 s"
+        assert driver.wakeups - wakeups < 50
+        await round_trip(3 << 20)  # still serving after sleeping
+        await conn.close()
+        await listener.close()
+
+    run(main, loop)
+
+
 def test_push_into_alloc_buffer_and_concurrent_requests() -> None:
     async def main() -> None:
         arena = bytearray(4 << 20)
