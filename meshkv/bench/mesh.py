@@ -9,7 +9,10 @@ Every number is compared with a baseline measured in the same run (this machine 
   right before every pull round so both sides see the same load.
 * ``pull_ucx`` — the same over ``--transport ucx``; baseline: bare ucxx tag messages.
 * ``pull_vs_redis`` — ``pull_tcp`` against Redis (Debian ``redis-server``, started here on
-  loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs.
+  loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs, timed
+  right before every pull round like the raw baseline. ``pull_ucx_vs_redis``: ``pull_ucx``
+  against the same (on one host UCX moves the bytes through shared memory, Redis through
+  loopback TCP: what a user of each gets here, not the same wire).
 * ``remote_read`` — GB/s of reads from the shared Redis tier (``--remote``): an engine on
   agent C (no mesh, the same Redis) looks up and reads the chunks agent A stored and wrote
   behind; C fetches each value, verifies it and stores it in its arena (lookup to last
@@ -120,19 +123,24 @@ def _pair(
         a.cleanup()
 
 
-def measure_pulls(
-    workdir: Path, transport: str, chunks: int, rounds: int, baseline: Callable[[int, int], float]
-) -> tuple[float, float]:
-    """(pull GB/s, baseline GB/s) over ``rounds`` rounds of ``chunks`` chunks each.
+Baseline = Callable[[int, int], float]
+"""GB/s of moving ``count`` blobs of ``nbytes`` (called as ``baseline(nbytes, count)``)."""
 
-    Every round times the baseline moving the same bytes right before the pull (lookup,
-    pull into B's arena, read), so both see the same machine load; each side's GB/s is
-    its total bytes over its total time.
+
+def measure_pulls(
+    workdir: Path, transport: str, chunks: int, rounds: int, baselines: dict[str, Baseline]
+) -> tuple[float, dict[str, float]]:
+    """(pull GB/s, GB/s per baseline) over ``rounds`` rounds of ``chunks`` chunks each.
+
+    Every round times each baseline moving the same bytes right before the pull (lookup,
+    pull into B's arena, read), so all see the same machine load (ABAB); each side's GB/s
+    is its total bytes over its total time.
     """
     gib = max(1, (chunks * (rounds + 1) * CHUNK_BYTES >> 30) + 1)
     data = os.urandom(CHUNK_BYTES)
     round_bytes = chunks * CHUNK_BYTES
-    pull_s = base_s = 0.0
+    pull_s = 0.0
+    base_s = dict.fromkeys(baselines, 0.0)
     with (
         _pair(workdir, transport, gib) as (a, b),
         a.client(timeout=30) as ca,
@@ -148,36 +156,44 @@ def measure_pulls(
                     _http(b, f"/v1/owners/{k.hex()}")["holders"] == ["bench-a"] for k in ks
                 ),
             )
-            base_gbps = baseline(CHUNK_BYTES, chunks) if round_no else 0.0
+            for name, baseline in baselines.items():
+                gbps = baseline(CHUNK_BYTES, chunks)
+                if round_no:
+                    base_s[name] += round_bytes / (gbps * 1e9)
             elapsed = _timed_read(cb, keys, data, "peer")
             if round_no:
                 pull_s += elapsed
-                base_s += round_bytes / (base_gbps * 1e9)
     total = rounds * round_bytes
-    return total / pull_s / 1e9, total / base_s / 1e9
+    return total / pull_s / 1e9, {name: total / t / 1e9 for name, t in base_s.items()}
 
 
 # --- Redis -------------------------------------------------------------------------------
 
 
-def measure_redis(chunks: int, rounds: int) -> float:
-    """GB/s of redis-py GET of ``chunks`` 16 MiB blobs from a loopback redis-server."""
-    with RedisProcess() as server:
-        client = server.client()
+class RedisGets:
+    """The Redis baseline: redis-py ``GET`` of 16 MiB blobs from a loopback
+    ``redis-server``, one blob at a time, as a ``Baseline`` the pull rounds interleave."""
+
+    def __init__(self, server: RedisProcess, chunks: int) -> None:
+        self._client = server.client()
         data = os.urandom(CHUNK_BYTES)
-        names = [f"blob-{i}" for i in range(chunks)]
-        for name in names:
-            client.set(name, data)
-        for name in names:  # warm-up
-            client.get(name)
+        self._names = [f"blob-{i}" for i in range(chunks)]
+        for name in self._names:
+            self._client.set(name, data)
+        for name in self._names:  # warm-up
+            self._client.get(name)
+
+    def __call__(self, nbytes: int, count: int) -> float:
+        if nbytes != CHUNK_BYTES or count != len(self._names):
+            raise ValueError(f"stored {len(self._names)} blobs of {CHUNK_BYTES} bytes")
         start = time.perf_counter()
-        for _ in range(rounds):
-            for name in names:
-                if len(client.get(name) or b"") != CHUNK_BYTES:
-                    raise RuntimeError("redis returned a short blob")
-        elapsed = time.perf_counter() - start
-        client.close()
-        return chunks * rounds * CHUNK_BYTES / elapsed / 1e9
+        for name in self._names:
+            if len(self._client.get(name) or b"") != CHUNK_BYTES:
+                raise RuntimeError("redis returned a short blob")
+        return count * nbytes / (time.perf_counter() - start) / 1e9
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def measure_remote(workdir: Path, chunks: int, rounds: int) -> tuple[float, float]:
@@ -309,28 +325,47 @@ def run(args: argparse.Namespace) -> int:
     report.meta.update(chunk_bytes=CHUNK_BYTES, chunks=args.chunks, rounds=args.rounds)
     with tempfile.TemporaryDirectory(prefix="meshkv-bench-mesh-") as tmp:
         workdir = Path(tmp)
-        pull_tcp, raw_tcp = measure_pulls(
-            workdir, "tcp", args.chunks, args.rounds, tb.raw_tcp_baseline
-        )
-        report.add(Result("pull_tcp", pull_tcp, "GB/s", CHUNK_BYTES, "raw_tcp_blocking", raw_tcp))
-        print(report.table(), flush=True)
-        if not args.skip_ucx:
-            pull_ucx, raw_ucx = measure_pulls(
-                workdir, "ucx", args.chunks, args.rounds, tb.raw_ucx_baseline
-            )
-            report.add(Result("pull_ucx", pull_ucx, "GB/s", CHUNK_BYTES, "raw_ucxx", raw_ucx))
-        if not args.skip_redis and shutil.which("redis-server") is None:
-            # a fresh machine: say so and go on with the rest (make bench installs it)
-            print(
-                "pull_vs_redis skipped: redis-server is not installed "
-                "(apt-get install -y redis-server, or make bench, which installs it)",
-                flush=True,
-            )
-        elif not args.skip_redis:
-            redis_gbps = measure_redis(args.chunks, args.rounds)
+        with contextlib.ExitStack() as stack:
+            tcp_bases: dict[str, Baseline] = {"raw_tcp": tb.raw_tcp_baseline}
+            ucx_bases: dict[str, Baseline] = {"raw_ucx": tb.raw_ucx_baseline}
+            redis = not args.skip_redis
+            if redis and shutil.which("redis-server") is None:
+                # a fresh machine: say so and go on with the rest (make bench installs it)
+                print(
+                    "pull_vs_redis skipped: redis-server is not installed "
+                    "(apt-get install -y redis-server, or make bench, which installs it)",
+                    flush=True,
+                )
+                redis = False
+            if redis:
+                gets = RedisGets(stack.enter_context(RedisProcess()), args.chunks)
+                stack.callback(gets.close)
+                tcp_bases["redis"] = ucx_bases["redis"] = gets
+            pull_tcp, tcp_base = measure_pulls(workdir, "tcp", args.chunks, args.rounds, tcp_bases)
             report.add(
-                Result("pull_vs_redis", pull_tcp, "GB/s", CHUNK_BYTES, "redis_get", redis_gbps)
-            )
+                Result("pull_tcp", pull_tcp, "GB/s", CHUNK_BYTES, "raw_tcp_blocking",
+                       tcp_base["raw_tcp"])
+            )  # fmt: skip
+            if redis:
+                report.add(
+                    Result("pull_vs_redis", pull_tcp, "GB/s", CHUNK_BYTES, "redis_get",
+                           tcp_base["redis"])
+                )  # fmt: skip
+            print(report.table(), flush=True)
+            if not args.skip_ucx:
+                pull_ucx, ucx_base = measure_pulls(
+                    workdir, "ucx", args.chunks, args.rounds, ucx_bases
+                )
+                report.add(
+                    Result("pull_ucx", pull_ucx, "GB/s", CHUNK_BYTES, "raw_ucxx",
+                           ucx_base["raw_ucx"])
+                )  # fmt: skip
+                if redis:
+                    report.add(
+                        Result("pull_ucx_vs_redis", pull_ucx, "GB/s", CHUNK_BYTES, "redis_get",
+                               ucx_base["redis"])
+                    )  # fmt: skip
+        if not args.skip_redis and shutil.which("redis-server") is not None:
             remote_gbps, peer_gbps = measure_remote(workdir, args.chunks, args.rounds)
             report.add(
                 Result("remote_read", remote_gbps, "GB/s", CHUNK_BYTES, "peer_pull", peer_gbps)
