@@ -123,7 +123,7 @@ class BlockingProgress:
       descriptor stays readable and the loop calls the reader on every turn;
     * an awaited request polls for completion with ``asyncio.sleep(0)``, so a connection's
       standing receive for the next control message spins the loop until one arrives.
-      ``next_event`` lets that receive be posted only once a message is there.
+      ``next_event`` lets that receive wait for progress events instead.
 
     The order of calls is UCX's (``ucp_worker_arm``): progress, then arm; a busy answer
     means events are pending, so progress again before arming."""

@@ -236,8 +236,8 @@ class Fetcher:
         return None
 
     async def _checksum(self, payload: memoryview) -> int:
-        """A large payload is verified in the store's hash pool: on the loop, 8 chunks of
-        16 MiB took it ~8 ms, during which no other pull's bytes were received."""
+        """A large payload is verified in the store's hash pool: on the loop, the xxh3 of 8
+        chunks of 16 MiB (5.4-5.8 ms here) held up every other pull's bytes."""
         if payload.nbytes < INLINE_CHECKSUM_BYTES:
             return payload_checksum(payload)
         return await self._store.hash(payload)
