@@ -191,18 +191,20 @@ def _drive_progress(ucxx: Any) -> BlockingProgress | None:
     try:
         from ucxx._lib_async import application_context as app
         from ucxx._lib_async.continuous_ucx_progress import BlockingMode
-    except ImportError:  # another ucxx layout: keep its own progress
+
+        ctx = ucxx.core._get_ctx()
+        mode, tasks = ctx.progress_mode, app.ProgressTasks
+    except (ImportError, AttributeError) as exc:  # another ucxx layout: keep its progress
+        logger.warning("UCX progress left to ucxx (it may busy-poll): %r", exc)
         return None
-    ctx = ucxx.core._get_ctx()
-    tasks = getattr(app, "ProgressTasks", None)
-    if ctx.progress_mode != "blocking" or not isinstance(tasks, dict):
+    if mode != "blocking" or not isinstance(tasks, dict):
         return None
     current = tasks.get(loop)
     if isinstance(current, BlockingProgress):
         return current
     if isinstance(current, BlockingMode):  # ucxx started it when it initialised
         loop.remove_reader(ctx.worker.epoll_file_descriptor)
-        for task in current._tasks:
+        for task in getattr(current, "_tasks", ()):
             if task is not None:
                 task.cancel()
     elif current is not None:
