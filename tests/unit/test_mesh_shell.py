@@ -237,6 +237,34 @@ def test_fetcher_rejects_corrupt_bytes() -> None:
     run(main)
 
 
+def test_fetcher_cancelled_while_verifying_gives_its_slot_back() -> None:
+    # A large payload is verified in the hash pool, an await during which the pull can be
+    # cancelled (its flight's deadline): the reserved slot must not stay reserved.
+    async def main() -> None:
+        async with world() as w:
+            key = put(w.b.store, os.urandom(1 << 20))
+            fetcher = Fetcher(w.view, w.a_store, holder_timeout_s=1.0)
+            verifying = asyncio.Event()
+
+            async def hash_never_answers(payload: memoryview) -> int:
+                verifying.set()
+                await asyncio.Event().wait()
+                raise AssertionError("unreachable")
+
+            w.a_store.hash = hash_never_answers  # type: ignore[method-assign]
+            task = asyncio.create_task(fetcher.pull(NS, key, "b", soon(), last=True))
+            async with asyncio.timeout(5):
+                await verifying.wait()
+            assert w.a_store.snapshot().reservations_open == 1  # received, being verified
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert w.a_store.snapshot().reservations_open == 0
+            assert w.a_store.lookup(NS, [key]) == [None]  # never visible unverified
+
+    run(main)
+
+
 def test_fetcher_locate_asks_the_home_and_drops_self_and_the_dead() -> None:
     async def main() -> None:
         async with world() as w:
