@@ -325,47 +325,37 @@ def run(args: argparse.Namespace) -> int:
     report.meta.update(chunk_bytes=CHUNK_BYTES, chunks=args.chunks, rounds=args.rounds)
     with tempfile.TemporaryDirectory(prefix="meshkv-bench-mesh-") as tmp:
         workdir = Path(tmp)
+        redis = not args.skip_redis
+        if redis and shutil.which("redis-server") is None:
+            # a fresh machine: say so and go on with the rest (make bench installs it)
+            print(
+                "pull_vs_redis skipped: redis-server is not installed "
+                "(apt-get install -y redis-server, or make bench, which installs it)",
+                flush=True,
+            )
+            redis = False
+        # (transport, raw baseline, its result name, the pull's name against Redis)
+        arms = [("tcp", tb.raw_tcp_baseline, "raw_tcp_blocking", "pull_vs_redis")]
+        if not args.skip_ucx:
+            arms.append(("ucx", tb.raw_ucx_baseline, "raw_ucxx", "pull_ucx_vs_redis"))
         with contextlib.ExitStack() as stack:
-            tcp_bases: dict[str, Baseline] = {"raw_tcp": tb.raw_tcp_baseline}
-            ucx_bases: dict[str, Baseline] = {"raw_ucx": tb.raw_ucx_baseline}
-            redis = not args.skip_redis
-            if redis and shutil.which("redis-server") is None:
-                # a fresh machine: say so and go on with the rest (make bench installs it)
-                print(
-                    "pull_vs_redis skipped: redis-server is not installed "
-                    "(apt-get install -y redis-server, or make bench, which installs it)",
-                    flush=True,
-                )
-                redis = False
+            gets = None
             if redis:
                 gets = RedisGets(stack.enter_context(RedisProcess()), args.chunks)
                 stack.callback(gets.close)
-                tcp_bases["redis"] = ucx_bases["redis"] = gets
-            pull_tcp, tcp_base = measure_pulls(workdir, "tcp", args.chunks, args.rounds, tcp_bases)
-            report.add(
-                Result("pull_tcp", pull_tcp, "GB/s", CHUNK_BYTES, "raw_tcp_blocking",
-                       tcp_base["raw_tcp"])
-            )  # fmt: skip
-            if redis:
-                report.add(
-                    Result("pull_vs_redis", pull_tcp, "GB/s", CHUNK_BYTES, "redis_get",
-                           tcp_base["redis"])
-                )  # fmt: skip
-            print(report.table(), flush=True)
-            if not args.skip_ucx:
-                pull_ucx, ucx_base = measure_pulls(
-                    workdir, "ucx", args.chunks, args.rounds, ucx_bases
-                )
-                report.add(
-                    Result("pull_ucx", pull_ucx, "GB/s", CHUNK_BYTES, "raw_ucxx",
-                           ucx_base["raw_ucx"])
-                )  # fmt: skip
-                if redis:
+            for transport, raw, raw_name, vs_redis in arms:
+                bases: dict[str, Baseline] = {"raw": raw}
+                if gets is not None:
+                    bases["redis"] = gets
+                pull, base = measure_pulls(workdir, transport, args.chunks, args.rounds, bases)
+                name = f"pull_{transport}"
+                report.add(Result(name, pull, "GB/s", CHUNK_BYTES, raw_name, base["raw"]))
+                if gets is not None:
                     report.add(
-                        Result("pull_ucx_vs_redis", pull_ucx, "GB/s", CHUNK_BYTES, "redis_get",
-                               ucx_base["redis"])
-                    )  # fmt: skip
-        if not args.skip_redis and shutil.which("redis-server") is not None:
+                        Result(vs_redis, pull, "GB/s", CHUNK_BYTES, "redis_get", base["redis"])
+                    )
+                print(report.table(), flush=True)
+        if redis:
             remote_gbps, peer_gbps = measure_remote(workdir, args.chunks, args.rounds)
             report.add(
                 Result("remote_read", remote_gbps, "GB/s", CHUNK_BYTES, "peer_pull", peer_gbps)
