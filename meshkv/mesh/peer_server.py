@@ -57,6 +57,8 @@ SERVE_LEASE_S = 30.0
 """Longest a pin may be held for a send (the transport releases it when the send ends)."""
 MAX_GET_WAIT_S = 2.0
 """Longest a ``CHUNK_GET`` waits for a commit in progress here."""
+MISS_LOG_INTERVAL_S = 1.0
+"""A chunk asked for and not here is logged at most once per this many seconds."""
 MAX_PENDING_PUSHES = 256
 """Most pushed payloads being received at once; more land in the scratch sink and are
 dropped (the pusher sees ``stored: false``)."""
@@ -93,6 +95,7 @@ class PeerServer:
         self._sink = bytearray()
         """Where pushed payloads that will be dropped land: one buffer shared by all of
         them (nobody reads it), so a peer cannot make this node allocate per frame."""
+        self._miss_logged = -float("inf")
         self.stats = PeerServerStats()
 
     async def handle(self, peer: PeerInfo, msg: Message) -> Message | None:
@@ -152,10 +155,20 @@ class PeerServer:
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
             raise ProtocolError(f"CHUNK_GET 'wait' must be a number of seconds >= 0, got {wait!r}")
         store = self._store
+        writing = store.being_written(key)
+        started = self._node.now()
         await self._residency.resident(ns, [key], min(float(wait), MAX_GET_WAIT_S), peers=False)
         (pin,) = await store.read(ns, [key], SERVE_OWNER, SERVE_LEASE_S)
         if pin is None:
             self.stats.chunk_misses += 1
+            now = self._node.now()
+            if now - self._miss_logged >= MISS_LOG_INTERVAL_S:  # a stale directory: many
+                self._miss_logged = now
+                logger.info(
+                    "asked for chunk %s, not here (%s; answered after %.3f s; %d misses so far)",
+                    key.hex(), "its commit did not come in time" if writing
+                    else "not being written", now - started, self.stats.chunk_misses,
+                )  # fmt: skip
             if store.describe(key) is None:  # not here in any namespace: correct the home
                 self._node.not_held(key)
             return Message(MsgKind.CHUNK_DATA, {"found": False})

@@ -8,6 +8,7 @@ CPU-layout KV tensors with the real kernels.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from meshkv.chunk import ChunkKey, payload_checksum
 from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
 from meshkv.errors import AgentUnavailable
 from meshkv.integrations.vllm.config import ConnectorConfig
+from meshkv.integrations.vllm.connector import share_vllm_logging
 from meshkv.integrations.vllm.layout import EngineLayout
 from meshkv.integrations.vllm.metadata import (
     ChunkLoad,
@@ -34,7 +36,7 @@ from meshkv.integrations.vllm.metadata import (
 from meshkv.integrations.vllm.scheduler import SchedulerSide
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
-from meshkv.integrations.vllm.worker import WorkerSide
+from meshkv.integrations.vllm.worker import SkipLog, WorkerSide
 from meshkv.kernels import pin_host_memory, unpin_host_memory
 
 BS = 16  # engine block size
@@ -414,7 +416,9 @@ def test_save_copies_blocks_then_commits_and_holds_off_the_step(device: str) -> 
     agent.close()
 
 
-def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
+def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     agent = FakeWorkerAgent()
     agent.reserve_delay = 0.3
     side, _ = worker(agent, save_timeout_s=0.05)
@@ -423,13 +427,50 @@ def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back() -> None:
     )
     side.prepare(meta)
     started = time.perf_counter()
-    side.wait_for_save(meta)
+    with caplog.at_level(logging.WARNING, logger="meshkv"):
+        side.wait_for_save(meta)
     assert time.perf_counter() - started < 0.25  # the step did not wait for the agent
     time.sleep(0.4)
     drain(side)
     assert agent.committed == {} and agent.aborted == [key(1)]
     assert side._counters.save_skipped == 1
+    # The engine's log says so (a skipped transfer save is otherwise invisible).
+    assert [r.getMessage() for r in caplog.records] == [
+        "meshkv skipped saving 1 chunk(s): the agent did not answer the reserve within 0.05 s"
+    ]
     side.close()
+
+
+def test_skipped_saves_are_logged_once_per_interval_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    skips = SkipLog(interval_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="meshkv"):
+        skips.skipped(2, "agent down")
+        skips.skipped(3, "agent down")  # within the interval: counted, not logged
+        time.sleep(0.25)
+        skips.skipped(1, "no space")
+    assert [r.getMessage() for r in caplog.records] == [
+        "meshkv skipped saving 2 chunk(s): agent down",
+        "meshkv skipped saving 4 chunk(s): no space",
+    ]
+
+
+def test_connector_logs_go_through_vllms_handlers_unless_meshkv_has_its_own() -> None:
+    ours, theirs = logging.getLogger("meshkv"), logging.getLogger("vllm")
+    saved = (ours.handlers[:], ours.level, ours.propagate, theirs.handlers[:])
+    handler = logging.StreamHandler()
+    try:
+        ours.handlers = []
+        theirs.handlers = [handler]
+        share_vllm_logging()
+        assert ours.handlers == [handler] and not ours.propagate
+        own = logging.NullHandler()
+        ours.handlers = [own]
+        share_vllm_logging()  # the user's own configuration is left alone
+        assert ours.handlers == [own]
+    finally:
+        ours.handlers, ours.level, ours.propagate, theirs.handlers = saved
 
 
 @pytest.mark.parametrize("device", DEVICES)

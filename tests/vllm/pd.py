@@ -222,12 +222,24 @@ def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
                 proc.stop()
 
 
+ENGINE_LINES = ("meshkv", "KV Transfer", "KV load failure", "Traceback", "Error")
+"""What a failure's message quotes from the engines' logs: the connector's own lines."""
+
+
 def logs(stack: Stack) -> str:
-    """The agents' recent log lines (for a failure's message)."""
+    """The agents' recent log lines, the connector's lines from both engines' logs and the
+    prefill agent's store counters (for a failure's message)."""
     out = []
     for agent in (stack.prefill_agent, stack.decode_agent):
         lines = [x for x in agent.log().splitlines() if "links" not in x and "lease" not in x]
         out.append(f"--- {agent.name}\n" + "\n".join(lines[-40:]))
+    for server in (stack.prefill, stack.decode):
+        text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
+        lines = [x[-600:] for x in text.splitlines() if any(w in x for w in ENGINE_LINES)]
+        out.append(f"--- {server.name} engine\n" + "\n".join(lines[-15:]))
+    with contextlib.suppress(Exception):
+        store = stack.prefill_agent.get_json("/v1/status")["store"]
+        out.append(f"--- node-p store\n{json.dumps(store, sort_keys=True)[:3000]}")
     return "\n".join(out)
 
 

@@ -51,6 +51,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def share_vllm_logging() -> None:
+    """Send meshkv's log records through vLLM's handlers (its format, its level), unless
+    the user's logging configuration already gives ``meshkv`` a handler. Without this the
+    connector's INFO and WARNING lines (a save skipped, a transfer ignored) never appear
+    in an engine's log: vLLM configures only its own logger."""
+    ours, theirs = logging.getLogger("meshkv"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = False
+
+
 class MeshKVConnector(KVConnectorBase_V1):
     """KV connector that stores and loads prompt chunks through the local meshkv agent."""
 
@@ -63,6 +77,7 @@ class MeshKVConnector(KVConnectorBase_V1):
         kv_cache_config: KVCacheConfig,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        share_vllm_logging()
         transfer = self._kv_transfer_config
         # The connector is this process's edge into meshkv: the environment is read here.
         self._cfg = ConnectorConfig.from_extra_config(

@@ -55,6 +55,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SKIP_LOG_INTERVAL_S = 10.0
+"""Skipped saves are logged at most once per this many seconds (with the count since)."""
+
+
+class SkipLog:
+    """A warning for saves that did not happen, at most once per interval: a dead agent
+    skips every step's save, and the engine's log must not fill with that."""
+
+    def __init__(self, interval_s: float = SKIP_LOG_INTERVAL_S) -> None:
+        self._interval = interval_s
+        self._last = -float("inf")
+        self._unlogged = 0
+        self._lock = threading.Lock()
+
+    def skipped(self, chunks: int, why: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged += chunks
+            if now - self._last < self._interval:
+                return
+            count, self._unlogged, self._last = self._unlogged, 0, now
+        logger.warning("meshkv skipped saving %d chunk(s): %s", count, why)
+
 
 LOAD_LANES = 4
 """Background lanes for asynchronous loads (threads, each with its own agent connection)."""
@@ -131,6 +154,7 @@ class WorkerSide:
         ]
         self._lane_busy = [0] * LOAD_LANES
         self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshkv-save")
+        self._skips = SkipLog()
         self._async: dict[str, tuple[Future[list[Lease | None] | None], LoadSpec, int]] = {}
         self._reserving: Future[list[Reservation | None]] | None = None
         self._reserved_for: list[ChunkSave] = []
@@ -521,12 +545,13 @@ class WorkerSide:
         try:
             return future.result(timeout=self._cfg.save_timeout_s)
         except FutureTimeout:
-            logger.debug("meshkv reserve not answered in time; save skipped")
+            why = f"the agent did not answer the reserve within {self._cfg.save_timeout_s} s"
             future.add_done_callback(self._abort_late)  # give it back once it lands
         except NoSpace:
-            pass
+            why = "no space in the agent's arena"
         except MeshKVError as exc:
-            logger.debug("meshkv save skipped: %s", exc)
+            why = str(exc)
+        self._skips.skipped(len(chunks), why)
         self._counters.save_skipped += len(chunks)
         return None
 
@@ -573,7 +598,7 @@ class WorkerSide:
                     self._block_bytes * -(-n // self._layout.block_size) for n in tokens
                 )
             except MeshKVError as exc:
-                logger.debug("meshkv commit failed: %s", exc)
+                self._skips.skipped(len(done), f"commit failed: {exc}")
                 self._counters.save_skipped += len(done)
                 self._quiet_abort(done)
         for spec in specs:
