@@ -258,12 +258,17 @@ class AgentClient:
         reply = self._call(Op.LOOKUP, fields)
         return LookupReply(prefix=reply["prefix"], tiers=reply["tiers"])
 
-    def reserve(self, keys: Sequence[bytes], sizes: Sequence[int]) -> list[Reservation | None]:
-        """Reserve one slot per key (None: the agent already stores that key)."""
+    def reserve(
+        self, keys: Sequence[bytes], sizes: Sequence[int], *, budget: float | None = None
+    ) -> list[Reservation | None]:
+        """Reserve one slot per key (None: the agent already stores that key). ``budget``:
+        this call's deadline in seconds (default: the client's timeout)."""
         if len(keys) != len(sizes):
             raise ValueError("reserve: one size per key")
         with self._lock:
-            reply = self._call_locked(Op.RESERVE, {"keys": _keys(keys), "sizes": list(sizes)})
+            reply = self._call_locked(
+                Op.RESERVE, {"keys": _keys(keys), "sizes": list(sizes)}, budget
+            )
             arena = self._arena_buffer()
             out: list[Reservation | None] = []
             for key, slot in zip(keys, reply["slots"], strict=True):

@@ -173,6 +173,7 @@ def test_prefill_saves_the_partial_tail_holds_and_returns_params() -> None:
     meta = side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
     (spec,) = meta.saves
     assert [c.num_tokens for c in spec.chunks] == [64, 64, 22]
+    assert spec.transfer  # the worker waits transfer_save_timeout_s for its reserve
     assert spec.chunks[2].block_ids == (18, 19)
     every = keys_of(side, req, partial=True)
     assert [c.keys[0] for c in spec.chunks] == every
@@ -259,6 +260,7 @@ class FakeWorkerAgent:
         self.holds: list[tuple[list[bytes], TransferHold]] = []
         self.released: list[int] = []
         self.reserve_delay = 0.0
+        self.budgets: list[float | None] = []
         self.lock = threading.Lock()
         self.pinned: torch.Tensor | None = None
         self.checksums: dict[bytes, int | None] = {}
@@ -271,7 +273,10 @@ class FakeWorkerAgent:
         if pin_host_memory(tensor):
             self.pinned = tensor
 
-    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
+    def reserve(
+        self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
+    ) -> list[Reservation | None]:
+        self.budgets.append(budget)
         time.sleep(self.reserve_delay)
         out: list[Reservation | None] = []
         with self.lock:
@@ -438,6 +443,30 @@ def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back(
     assert [r.getMessage() for r in caplog.records] == [
         "meshkv skipped saving 1 chunk(s): the agent did not answer the reserve within 0.05 s"
     ]
+    side.close()
+
+
+def test_a_transfers_save_waits_longer_for_a_slow_reserve() -> None:
+    """A prefill step that saves a transfer's chunks waits ``transfer_save_timeout_s`` for
+    the reserve: skipped, the whole prompt would be computed again on the decode engine."""
+    agent = FakeWorkerAgent()
+    agent.reserve_delay = 0.3
+    side, _ = worker(agent, save_timeout_s=0.05, transfer_save_timeout_s=2.0)
+    chunk = ChunkSave((key(1),), (0, 1, 2, 3), 0, 64)
+    plain = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("a", (chunk,))])
+    side.prepare(plain)
+    side.wait_for_save(plain)  # an ordinary save still gives up at save_timeout_s
+    time.sleep(0.4)
+    drain(side)
+    assert agent.committed == {} and side._counters.save_skipped == 1
+    spec = SaveSpec("p", (chunk,), transfer=True)
+    meta = MeshKVConnectorMetadata(CHUNK, saves=[spec])
+    side.prepare(meta)
+    side.wait_for_save(meta)
+    drain(side)
+    assert agent.committed == {key(1): 64}
+    assert side._counters.save_skipped == 1
+    assert agent.budgets == [0.05, 2.0]  # the reserve call's own deadline is longer too
     side.close()
 
 

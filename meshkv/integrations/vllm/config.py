@@ -31,6 +31,11 @@ class ConnectorConfig:
     """How long a load waits for chunks that come from SSD or peers."""
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
+    transfer_save_timeout_s: float = 2.0
+    """Prefill side of prefill/decode: how long a step that saves a transfer's chunks waits
+    for the agent's reserve (instead of ``save_timeout_s``). A skipped save there makes the
+    decode engine compute the whole prompt again, which costs it far more than this step's
+    wait costs the prefill engine; the wait happens only when the agent is slow."""
     retry_interval_s: float = 1.0
     """After the agent is found gone (or ``breaker_failures`` calls in a row missed their
     deadline), skip it for this long: zero hits, no saves, no waiting."""
@@ -74,6 +79,7 @@ class ConnectorConfig:
             "lookup_timeout_s",
             "load_timeout_s",
             "save_timeout_s",
+            "transfer_save_timeout_s",
             "transfer_timeout_s",
             "transfer_hold_s",
         ):

@@ -275,8 +275,10 @@ class WorkerLink:
     def release(self, leases: Sequence[Lease], *, lane: int) -> None:
         self._lanes[lane].call(lambda client: client.release(leases))
 
-    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]:
-        return self._saves.call(lambda client: client.reserve(keys, sizes))
+    def reserve(
+        self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
+    ) -> list[Reservation | None]:
+        return self._saves.call(lambda client: client.reserve(keys, sizes, budget=budget))
 
     def commit(self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]) -> None:
         self._saves.call(lambda client: client.commit(keys, tokens, checksums=checksums))

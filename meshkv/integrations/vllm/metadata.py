@@ -76,6 +76,8 @@ class SaveSpec:
     chunks: tuple[ChunkSave, ...]
     hold: HoldSpec | None = None
     """Set on the prefill of a transfer once its whole prompt is saved."""
+    transfer: bool = False
+    """The chunks are a prefill/decode transfer's (the worker waits longer for them)."""
 
 
 @dataclass(slots=True)

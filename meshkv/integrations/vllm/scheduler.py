@@ -433,7 +433,7 @@ class SchedulerSide:
                 state.producer.push_to,
             )
         if saves or hold is not None:
-            meta.saves.append(SaveSpec(req_id, tuple(saves), hold))
+            meta.saves.append(SaveSpec(req_id, tuple(saves), hold, state.producer is not None))
 
     def _decode_keys(self, state: _RequestState, full_chunks: int) -> list[tuple[ChunkKey, ...]]:
         tokens = list(state.request.all_token_ids[: full_chunks * self._cfg.chunk_tokens])

@@ -94,7 +94,9 @@ class WorkerAgent(Protocol):
 
     def release(self, leases: Sequence[Lease], *, lane: int) -> None: ...
 
-    def reserve(self, keys: list[ChunkKey], sizes: list[int]) -> list[Reservation | None]: ...
+    def reserve(
+        self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
+    ) -> list[Reservation | None]: ...
 
     def commit(
         self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]
@@ -158,6 +160,7 @@ class WorkerSide:
         self._async: dict[str, tuple[Future[list[Lease | None] | None], LoadSpec, int]] = {}
         self._reserving: Future[list[Reservation | None]] | None = None
         self._reserved_for: list[ChunkSave] = []
+        self._reserve_budget = cfg.save_timeout_s
         self.report_saves = False
         """Report committed chunks for vLLM's KV events (``take_saved``)."""
         self._saved: list[SavedChunk] = []  # committed since the last take_saved
@@ -486,7 +489,12 @@ class WorkerSide:
         keys = [c.keys[self._rank] for c in chunks]
         sizes = [len(c.block_ids) * self._block_bytes for c in chunks]
         self._reserved_for = chunks
-        self._reserving = self._save_pool.submit(self._agent.reserve, keys, sizes)
+        self._reserve_budget = self._cfg.save_timeout_s
+        if any(spec.transfer and spec.chunks for spec in meta.saves):
+            self._reserve_budget = max(self._cfg.save_timeout_s, self._cfg.transfer_save_timeout_s)
+        self._reserving = self._save_pool.submit(
+            self._agent.reserve, keys, sizes, self._reserve_budget
+        )
 
     def wait_for_save(self, meta: MeshKVConnectorMetadata) -> None:
         self._settle_layers()
@@ -543,9 +551,9 @@ class WorkerSide:
         if future is None:
             return None
         try:
-            return future.result(timeout=self._cfg.save_timeout_s)
+            return future.result(timeout=self._reserve_budget)
         except FutureTimeout:
-            why = f"the agent did not answer the reserve within {self._cfg.save_timeout_s} s"
+            why = f"the agent did not answer the reserve within {self._reserve_budget} s"
             future.add_done_callback(self._abort_late)  # give it back once it lands
         except NoSpace:
             why = "no space in the agent's arena"
