@@ -23,8 +23,8 @@ from meshkv.chunk import ChunkKey, payload_checksum
 from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
 from meshkv.errors import AgentUnavailable
 from meshkv.integrations.vllm.config import ConnectorConfig
-from meshkv.integrations.vllm.connector import share_vllm_logging
 from meshkv.integrations.vllm.layout import EngineLayout
+from meshkv.integrations.vllm.logs import share_vllm_logging
 from meshkv.integrations.vllm.metadata import (
     ChunkLoad,
     ChunkSave,

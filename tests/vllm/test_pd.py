@@ -8,6 +8,9 @@ Every output is compared with one plain engine's (no connector, same thread bind
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -22,6 +25,7 @@ from tests.vllm.pd import (
     check_outputs_and_decode_work,
     check_pins_released,
     computed,
+    logs,
     pd_stack,
     post,
     settle_metrics,
@@ -97,6 +101,35 @@ def test_next_turn_prefill_reuses_what_the_decode_node_made(stack: Stack) -> Non
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]  # the prefill side's
     assert cached == 768, cached  # its own 2 chunks + the one the decode node made
     assert stack.prefill_agent.metric("meshkv_peer_pulls_total") >= pulls + 1
+
+
+def test_prefill_agent_stalled_across_the_prefill_still_transfers(stack: Stack) -> None:
+    """The producer's agent answers nothing for 1 s while the prefill runs (SIGSTOP): the
+    prefill's lookup misses (zero hits), its reserve is answered late but within
+    ``transfer_save_timeout_s``, so the save happens and the decode engine loads the prompt.
+    (With the ordinary 0.5 s save deadline the save was skipped and the decode engine
+    computed all 333 tokens.)"""
+    route, body = stack.requests["p333"]
+    body = {**body, "prompt": [23] + PROMPTS["p333"][1:]}  # no chunk of it prefilled before
+    toy = {"do_remote_decode": True, "do_remote_prefill": False}
+    agent = stack.prefill_agent.proc
+    assert agent is not None
+    os.kill(agent.pid, signal.SIGSTOP)
+    resume = threading.Timer(1.0, os.kill, (agent.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        first = post(
+            stack.prefill.base_url + route,
+            {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": toy},
+        )
+    finally:
+        resume.join()
+        os.kill(agent.pid, signal.SIGCONT)
+    params = first["kv_transfer_params"]
+    before = computed(stack.decode)
+    answer = post(stack.decode.base_url + route, {**body, "kv_transfer_params": params})
+    assert settle_metrics(stack.decode, before) <= BLOCK, logs(stack)
+    assert text_of(answer) == text_of(post(stack.prefill.base_url + route, body))
 
 
 def test_prefill_agent_killed_between_prefill_and_decode(stack: Stack) -> None:

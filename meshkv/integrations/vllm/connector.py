@@ -30,6 +30,7 @@ from .config import ConnectorConfig, check_vllm_version
 from .events import EventLog, SavedChunks, publishes_kv_events
 from .layout import engine_layout
 from .link import SchedulerLink, WorkerLink
+from .logs import share_vllm_logging
 from .metadata import MeshKVConnectorMetadata
 from .scheduler import SchedulerSide
 from .stats import MeshKVConnectorStats, delta, new_counters, note_namespace, retire
@@ -49,20 +50,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
-
-
-def share_vllm_logging() -> None:
-    """Send meshkv's log records through vLLM's handlers (its format, its level), unless
-    the user's logging configuration already gives ``meshkv`` a handler. Without this the
-    connector's INFO and WARNING lines (a save skipped, a transfer ignored) never appear
-    in an engine's log: vLLM configures only its own logger."""
-    ours, theirs = logging.getLogger("meshkv"), logging.getLogger("vllm")
-    if ours.handlers or not theirs.handlers:
-        return
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(theirs.getEffectiveLevel())
-    ours.propagate = False
 
 
 class MeshKVConnector(KVConnectorBase_V1):
