@@ -3,7 +3,10 @@
 One ``python -m vllm.entrypoints.openai.api_server`` with the meshkv connector and one
 agent (CPU tier + SSD tier, written through) on this node; a closed-loop client keeps
 ``--concurrency`` long-document questions in flight (:mod:`meshkv.bench.openai_load`,
-every request streamed and timed). Each scenario runs three passes over the same requests:
+every request streamed and timed). Each scenario starts the agent afresh and first waits
+(at most 30 s, ``reconnect_s`` in the JSON) until a throwaway request has been saved through
+it: the engine's connector reconnects by itself, and a pass that started before then would
+save nothing. Then three passes over the same requests:
 
 1. **reference**: documents read once, then every question; nothing goes wrong. Its token
    ids are the reference, and its KV is what the second pass can reuse.
@@ -59,6 +62,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -96,6 +100,8 @@ SCENARIOS = (
     "peer_kill9", "peer_sigstop", "peer_bitflip", "peer_partition",
 )  # fmt: skip
 SERVER_TIMEOUT_S = 420.0
+SAVING_TIMEOUT_S = 30.0
+"""Longest the engine may take to save through a restarted agent before a pass."""
 
 
 @dataclass(slots=True)
@@ -110,6 +116,8 @@ class FaultRun:
     ttft_p50_s: float | None = None
     ttft_max_s: float | None = None
     reference_ttft_p50_s: float | None = None
+    reconnect_s: float | None = None
+    """Seconds from the server's agent being up to the engine's first save through it."""
     connector_tokens_after_recovery: float = 0.0
     """Prompt tokens the connector loaded in the recovery pass."""
     peer_pulls: float = 0.0
@@ -160,6 +168,31 @@ class Node:
         ssd.mkdir(parents=True, exist_ok=True)
         self.agent.ssd_dir = str(ssd)
         self.agent.start()
+
+    def wait_saving(self, tag: str, timeout_s: float = SAVING_TIMEOUT_S) -> float:
+        """Seconds until the engine saved through the agent that just (re)started (or
+        raise): its connector reconnects by itself, within a retry interval or when its
+        probe hears the agent, and a pass that starts before then saves nothing (a peer
+        scenario's holder would then hold nothing). One throwaway request per try."""
+        assert self.server is not None
+        started = time.monotonic()
+        rng = random.Random(tag)
+        vocab = vocab_size(self.args.model)
+        n = 0
+        while True:
+            chunks = self.agent.metric("meshkv_tier_chunks", 'tier="cpu"')
+            if chunks > 0:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise LaunchError(
+                    f"the engine saved nothing through its restarted agent within {timeout_s} s"
+                )
+            prompt = [rng.randrange(3, min(vocab, 32000)) for _ in range(CHUNK_TOKENS + 8)]
+            body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+            spec = load.RequestSpec(f"saving-{tag}-{n}", "/v1/completions", body, tag="probe")
+            asyncio.run(load.drive(self.server.base_url, [load.User("probe", spec)], concurrency=1))
+            n += 1
+            time.sleep(0.2)
 
     def start_server(self) -> None:
         port = free_port()
@@ -441,6 +474,12 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
             node.agent.stop()
         node.start_agent(ssd)
         assert node.server is not None
+        try:
+            out.reconnect_s = node.wait_saving(name)
+        except LaunchError as exc:
+            out.note = str(exc)
+            out.errors.append(str(exc))
+            return out
         url = node.server.base_url
         vocab = vocab_size(args.model)
         warm, questions = longdoc_users(args.shape, seed, vocab)

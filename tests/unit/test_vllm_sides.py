@@ -479,9 +479,12 @@ def test_skipped_saves_are_logged_once_per_interval_with_their_count(
         skips.skipped(3, "agent down")  # within the interval: counted, not logged
         time.sleep(0.25)
         skips.skipped(1, "no space")
+        time.sleep(0.25)
+        skips.skipped(1, "no space")
     assert [r.getMessage() for r in caplog.records] == [
         "meshkv skipped saving 2 chunk(s): agent down",
-        "meshkv skipped saving 4 chunk(s): no space",
+        "meshkv skipped saving 4 chunk(s): 3 because agent down; 1 because no space",
+        "meshkv skipped saving 1 chunk(s): no space",
     ]
 
 

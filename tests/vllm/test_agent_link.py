@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from meshkv.chunk import Namespace
+from meshkv.client import AgentClient
 from meshkv.errors import MeshKVError
 from meshkv.integrations.vllm.link import AgentLink
 from meshkv.integrations.vllm.stats import ConnectorCounters
@@ -51,5 +52,38 @@ def test_a_hung_agent_costs_the_first_deadlines_only(
             except MeshKVError:
                 assert time.monotonic() < deadline, "the link never came back"
                 time.sleep(0.05)
+    finally:
+        link.close()
+
+
+def test_a_link_left_hung_without_a_probe_heals_itself(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    """The breaker is open "until the probe hears the agent", but no probe runs (the last
+    one was exiting when the agent hung again; or one attempt raised something odd): the
+    next call starts a probe, and the probe survives an attempt that raises."""
+    agent = agent_factory().start()
+    link = AgentLink(agent.socket_path, Namespace("m"), 0.2, 0.2, ConnectorCounters(), 3)
+    real = link._new_client
+    odd = [RuntimeError("one odd attempt")]
+
+    def flaky() -> AgentClient:
+        if odd:
+            raise odd.pop()
+        return real()
+
+    try:
+        assert link.call(lambda c: c.lookup([KEY])).prefix == 0
+        link._new_client = flaky  # type: ignore[method-assign]
+        link._down_until = float("inf")
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                assert link.call(lambda c: c.lookup([KEY])).prefix == 0
+                break
+            except MeshKVError:
+                assert time.monotonic() < deadline, "the link stayed down"
+                time.sleep(0.05)
+        assert not odd  # the probe's first attempt raised, and it went on
     finally:
         link.close()

@@ -77,6 +77,7 @@ class AgentLink:
         self._counters = counters
         self._client: AgentClient | None = None
         self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
         self._breaker_failures = breaker_failures
         self._down_until = 0.0
         self._was_down = False
@@ -105,6 +106,8 @@ class AgentLink:
     def call(self, fn: Callable[[AgentClient], T]) -> T:
         """Run ``fn(client)``; raise ``AgentUnavailable`` fast while the agent is down."""
         if time.monotonic() < self._down_until:
+            if self._down_until == float("inf"):
+                self._start_probe(None)  # hung: make sure a probe is running (no-op if so)
             self._counters.agent_unavailable += 1
             raise AgentUnavailable("meshkv agent marked down; retrying later")
         started = time.monotonic()
@@ -152,20 +155,26 @@ class AgentLink:
         self._was_down = True
 
     def _start_probe(self, stale: AgentClient | None) -> None:
-        if self._probe is not None and self._probe.is_alive():
-            return
-        self._probe = threading.Thread(
-            target=self._probe_loop, args=(stale,), name="meshkv-agent-probe", daemon=True
-        )
-        self._probe.start()
+        with self._probe_lock:
+            if self._probe is not None and self._probe.is_alive():
+                if stale is not None:
+                    _close_quietly(stale)
+                return
+            self._probe = threading.Thread(
+                target=self._probe_loop, args=(stale,), name="meshkv-agent-probe", daemon=True
+            )
+            self._probe.start()
 
     def _probe_loop(self, stale: AgentClient | None) -> None:
         _close_quietly(stale)  # its stream may be stuck mid-reply: never reuse it
         while not self._closed.wait(self._retry_interval):
-            client = self._new_client()
+            client: AgentClient | None = None
             try:
+                client = self._new_client()
                 client.hello()
-            except (MeshKVError, OSError):
+            except Exception as exc:  # the probe must outlive anything one attempt raises
+                if not isinstance(exc, MeshKVError | OSError):
+                    logger.warning("meshkv agent probe: %r", exc)
                 _close_quietly(client)
                 continue
             with self._lock:

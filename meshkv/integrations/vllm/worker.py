@@ -60,23 +60,29 @@ SKIP_LOG_INTERVAL_S = 10.0
 
 
 class SkipLog:
-    """A warning for saves that did not happen, at most once per interval: a dead agent
-    skips every step's save, and the engine's log must not fill with that."""
+    """A warning for saves that did not happen, at most once per interval, with the count
+    per reason since the last one: a dead agent skips every step's save, and the engine's
+    log must not fill with that."""
 
     def __init__(self, interval_s: float = SKIP_LOG_INTERVAL_S) -> None:
         self._interval = interval_s
         self._last = -float("inf")
-        self._unlogged = 0
+        self._unlogged: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def skipped(self, chunks: int, why: str) -> None:
         now = time.monotonic()
         with self._lock:
-            self._unlogged += chunks
+            self._unlogged[why] = self._unlogged.get(why, 0) + chunks
             if now - self._last < self._interval:
                 return
-            count, self._unlogged, self._last = self._unlogged, 0, now
-        logger.warning("meshkv skipped saving %d chunk(s): %s", count, why)
+            counts, self._unlogged, self._last = self._unlogged, {}, now
+        total = sum(counts.values())
+        if len(counts) == 1:
+            reasons = why
+        else:
+            reasons = "; ".join(f"{n} because {w}" for w, n in counts.items())
+        logger.warning("meshkv skipped saving %d chunk(s): %s", total, reasons)
 
 
 LOAD_LANES = 4
