@@ -432,6 +432,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> int:
+    # Ctrl-C and SIGTERM both stop the demo and clean up. SIGINT explicitly too: a shell
+    # without job control starts background commands with SIGINT ignored, and Python then
+    # keeps it ignored (a CI run launched that way made the Ctrl-C test fail: the demo ran
+    # to its end).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     print("meshkv demo: a three-agent mesh and real vLLM engines (about a minute on 2 cores)")
     demo = Demo()
