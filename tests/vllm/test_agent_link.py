@@ -20,6 +20,18 @@ pytestmark = pytest.mark.vllm  # imports vllm (the connector's counters)
 KEY = b"k" * 16
 
 
+def wait_until_back(link: AgentLink, timeout: float = 5.0) -> None:
+    """Call until the link answers again (its probe heard the agent)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert link.call(lambda c: c.lookup([KEY])).prefix == 0
+            return
+        except MeshKVError:
+            assert time.monotonic() < deadline, "the link never came back"
+            time.sleep(0.05)
+
+
 def test_a_hung_agent_costs_the_first_deadlines_only(
     agent_factory: Callable[..., AgentProcess],
 ) -> None:
@@ -44,14 +56,7 @@ def test_a_hung_agent_costs_the_first_deadlines_only(
         # would have blocked ~2 s of these 4).
         assert blocked < 1.0, (blocked, calls)
         agent.sigcont()
-        deadline = time.monotonic() + 5.0
-        while True:  # the probe hears the agent and calls go through again
-            try:
-                assert link.call(lambda c: c.lookup([KEY])).prefix == 0
-                break
-            except MeshKVError:
-                assert time.monotonic() < deadline, "the link never came back"
-                time.sleep(0.05)
+        wait_until_back(link)  # the probe hears the agent and calls go through again
     finally:
         link.close()
 
@@ -76,14 +81,7 @@ def test_a_link_left_hung_without_a_probe_heals_itself(
         assert link.call(lambda c: c.lookup([KEY])).prefix == 0
         link._new_client = flaky  # type: ignore[method-assign]
         link._down_until = float("inf")
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                assert link.call(lambda c: c.lookup([KEY])).prefix == 0
-                break
-            except MeshKVError:
-                assert time.monotonic() < deadline, "the link stayed down"
-                time.sleep(0.05)
+        wait_until_back(link)
         assert not odd  # the probe's first attempt raised, and it went on
     finally:
         link.close()
