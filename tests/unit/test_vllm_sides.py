@@ -21,7 +21,7 @@ import torch
 
 from meshkv.chunk import ChunkKey, payload_checksum
 from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
-from meshkv.errors import AgentUnavailable
+from meshkv.errors import AgentUnavailable, ConfigError
 from meshkv.integrations.vllm.config import ConnectorConfig
 from meshkv.integrations.vllm.layout import EngineLayout
 from meshkv.integrations.vllm.logs import share_vllm_logging
@@ -702,3 +702,9 @@ def test_revision_and_quantization_isolate_the_namespace() -> None:
     other_rev = replace(LAYOUT, revision="abc123").namespace(0).digest()
     quantized = replace(LAYOUT, quantization="awq").namespace(0).digest()
     assert len({base, other_rev, quantized}) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "2s", True])
+def test_transfer_save_timeout_must_be_positive_seconds(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="transfer_save_timeout_s"):
+        config(transfer_save_timeout_s=bad)
