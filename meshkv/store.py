@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
 """How often expired leases and reservations are reclaimed when nothing else does it."""
+INLINE_HASH_BYTES = 4 << 20
+"""Chunks moving between nodes up to this size are hashed on the event loop (``Store.hash``
+with ``inline``; xxh3: ~0.1 ms per 2 MiB here).
+A hash-pool thread returns its result only once it gets the GIL back from a busy loop
+thread: measured 1.3 ms median (p90 2.9 ms) from payload received to chunk committed for
+2 MiB pulls, against ~0.1 ms inline. Larger payloads still go to the pool, so one 16 MiB
+hash (~0.75 ms) does not hold up every other connection's bytes."""
 
 
 class Tier(enum.StrEnum):
@@ -518,15 +525,20 @@ class Store:
         """Writable view of a slot's bytes in the arena."""
         return self.cpu.arena.view(slot.offset, slot.length)
 
-    async def hash(self, payload: memoryview) -> int:
+    async def hash(self, payload: memoryview, *, inline: bool = False) -> int:
         """xxh3-64 of ``payload``, computed in the hash pool (xxhash releases the GIL), so
-        the event loop keeps serving while a received chunk is verified."""
+        the event loop keeps serving meanwhile. ``inline``: a payload of at most
+        ``INLINE_HASH_BYTES`` is hashed right here instead (a chunk on its way between
+        nodes, where the hop back from the pool is most of the cost); background work
+        (SSD writes) keeps the default, so its bursts never hold up the loop."""
+        if inline and payload.nbytes <= INLINE_HASH_BYTES:
+            return payload_checksum(payload)
         assert self._loop is not None
         return await self._loop.run_in_executor(self._hash_pool, payload_checksum, payload)
 
     async def checksum_for(self, pin: Pin) -> int:
-        """xxh3-64 of a pinned chunk (a peer send): the known value, else hashed now in the
-        hash pool (off the event loop) from the pinned slot and remembered."""
+        """xxh3-64 of a pinned chunk (a peer send): the known value, else hashed now from
+        the pinned slot (``hash``, inline when small) and remembered."""
         if pin.checksum is not None:
             return pin.checksum
         assert self._loop is not None
@@ -536,7 +548,7 @@ class Store:
         gen = e.gen if e is not None else -1
         view = self.payload(pin.slot)
         try:
-            value = await self._loop.run_in_executor(self._hash_pool, payload_checksum, view)
+            value = await self.hash(view, inline=True)
         finally:
             with contextlib.suppress(BufferError):
                 view.release()

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshkv.chunk import ChunkKey, NamespaceId, RecordHeader, payload_checksum
+from meshkv.chunk import ChunkKey, NamespaceId, RecordHeader
 from meshkv.errors import (
     ChecksumMismatch,
     DeadlineExceeded,
@@ -49,8 +49,6 @@ MESH_OWNER = (1 << 62) + 1
 """Store owner id of reservations made by pulls (never a local connection id)."""
 DONE_TIMEOUT_S = 2.0
 """Deadline of one ``TRANSFER_DONE`` attempt (it is tried twice)."""
-INLINE_CHECKSUM_BYTES = 256 << 10
-"""Payloads below this are verified on the event loop (a thread hop costs more)."""
 MAX_DONE_TASKS = 1024
 """``TRANSFER_DONE`` messages in flight at once; beyond it they are dropped (the producer's
 hold then ends at its deadline instead)."""
@@ -236,11 +234,10 @@ class Fetcher:
         return None
 
     async def _checksum(self, payload: memoryview) -> int:
-        """A large payload is verified in the store's hash pool: on the loop, the xxh3 of 8
-        chunks of 16 MiB (5.4-5.8 ms here) held up every other pull's bytes."""
-        if payload.nbytes < INLINE_CHECKSUM_BYTES:
-            return payload_checksum(payload)
-        return await self._store.hash(payload)
+        """Verified by the store's ``hash``: a large payload in its hash pool (on the loop,
+        the xxh3 of 8 chunks of 16 MiB, 5.4-5.8 ms here, held up every other pull's bytes),
+        a small one inline (``INLINE_HASH_BYTES``)."""
+        return await self._store.hash(payload, inline=True)
 
     def transfer_done(self, producer: str, transfer_id: str) -> None:
         """Tell the producer, with an acknowledged request on a data connection (a one-way

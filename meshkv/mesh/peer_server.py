@@ -172,7 +172,7 @@ class PeerServer:
             if store.describe(key) is None:  # not here in any namespace: correct the home
                 self._node.not_held(key)
             return Message(MsgKind.CHUNK_DATA, {"found": False})
-        checksum = await store.checksum_for(pin)  # hashed off the loop if deferred
+        checksum = await store.checksum_for(pin)  # hashed now if deferred (store.hash)
         record = RecordHeader(ns, key, pin.num_tokens, pin.slot.length, checksum)
         lease = pin.lease_id
 

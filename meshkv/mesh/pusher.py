@@ -173,7 +173,7 @@ class Pusher:
         self._push_id += 1
         push_id = self._push_id
         try:
-            checksum = await store.checksum_for(pin)  # hashed off the loop if deferred
+            checksum = await store.checksum_for(pin)  # hashed now if deferred (store.hash)
             record = RecordHeader(ns, key, pin.num_tokens, pin.slot.length, checksum)
             deadline = loop.time() + self._timeout
             conn = await node.connection(address, deadline)

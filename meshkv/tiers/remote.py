@@ -634,7 +634,7 @@ class RemoteTier:
                 raise ChecksumMismatch(
                     f"payload length {payload.nbytes} != header's {record.payload_len}"
                 )
-            if await store.hash(payload) != record.checksum:
+            if await store.hash(payload, inline=True) != record.checksum:
                 raise ChecksumMismatch("payload checksum mismatch")
         except ChecksumMismatch as exc:
             st.corrupt += 1

@@ -246,7 +246,7 @@ def test_fetcher_cancelled_while_verifying_gives_its_slot_back() -> None:
             fetcher = Fetcher(w.view, w.a_store, holder_timeout_s=1.0)
             verifying = asyncio.Event()
 
-            async def hash_never_answers(payload: memoryview) -> int:
+            async def hash_never_answers(payload: memoryview, *, inline: bool = False) -> int:
                 verifying.set()
                 await asyncio.Event().wait()
                 raise AssertionError("unreachable")
