@@ -128,17 +128,23 @@ Baseline = Callable[[int, int], float]
 
 
 def measure_pulls(
-    workdir: Path, transport: str, chunks: int, rounds: int, baselines: dict[str, Baseline]
+    workdir: Path,
+    transport: str,
+    chunks: int,
+    rounds: int,
+    baselines: dict[str, Baseline],
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> tuple[float, dict[str, float]]:
-    """(pull GB/s, GB/s per baseline) over ``rounds`` rounds of ``chunks`` chunks each.
+    """(pull GB/s, GB/s per baseline) over ``rounds`` rounds of ``chunks`` chunks of
+    ``chunk_bytes`` each.
 
     Every round times each baseline moving the same bytes right before the pull (lookup,
     pull into B's arena, read), so all see the same machine load (ABAB); each side's GB/s
     is its total bytes over its total time.
     """
-    gib = max(1, (chunks * (rounds + 1) * CHUNK_BYTES >> 30) + 1)
-    data = os.urandom(CHUNK_BYTES)
-    round_bytes = chunks * CHUNK_BYTES
+    gib = max(1, (chunks * (rounds + 1) * chunk_bytes >> 30) + 1)
+    data = os.urandom(chunk_bytes)
+    round_bytes = chunks * chunk_bytes
     pull_s = 0.0
     base_s = dict.fromkeys(baselines, 0.0)
     with (
@@ -157,7 +163,7 @@ def measure_pulls(
                 ),
             )
             for name, baseline in baselines.items():
-                gbps = baseline(CHUNK_BYTES, chunks)
+                gbps = baseline(chunk_bytes, chunks)
                 if round_no:
                     base_s[name] += round_bytes / (gbps * 1e9)
             elapsed = _timed_read(cb, keys, data, "peer")

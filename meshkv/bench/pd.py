@@ -17,12 +17,14 @@ and output tokens/s, failed requests. Then, on the ``pd`` stack:
   wait from the lookup to the last chunk (``meshkv_transfer_wait_seconds``) and the bytes it
   received, against the same bytes at the raw loopback TCP rate measured in the same run,
   alternating with the transfers while the servers are up (``transfer_over_raw_socket``;
-  target <= 1.25), and the transfer's share of the decode-side
-  TTFT;
+  target <= 1.25; both are means over the transfers), and the transfer's share of the
+  decode-side TTFT (mean wait over mean TTFT; the median and the slowest TTFT are in the
+  JSON's ``meta.extra.transfer``);
 * **mesh-warm vs local-warm** — a document prefilled on the prefill engine, then asked about
   again on the same engine (its agent has the chunks: local-warm) and on the decode engine
   (its agent pulls them through the mesh: mesh-warm); ``mesh_warm_over_local_warm`` is the
-  ratio of median TTFTs (target <= 1.3).
+  ratio of median TTFTs (target <= 1.3); ``mesh_warm_recomputed_docs`` counts documents the
+  decode engine computed instead (vLLM's own counter), which explains a slow median.
 
 Needs a model vLLM can load (``--model``); ``python -m benchmarks.pd`` in the source tree
 runs it on a small random Llama. On a 2-core machine both engines of ``agg2`` and ``pd``
@@ -59,6 +61,7 @@ from meshkv.launch import (
     http_post_json,
     listen_args,
     meshkv_kv_transfer_config,
+    prometheus_sum,
     vllm_server_command,
 )
 
@@ -68,6 +71,9 @@ TRANSFER_TOKENS = 3072
 """Prompt length of the toy-flow transfers (24 MiB of KV with the bench model)."""
 RAW_ROUNDS = 3
 """Raw-socket rounds of the transfer's size before each transfer."""
+WARM_CHUNK_TOKENS = 256
+"""A mesh-warm request whose decode engine computed more than this (one chunk of the
+connector's default size) did not load the document: counted as recomputed."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -249,7 +255,8 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     before = {n: _metric(d_agent, n) for n in names}
     toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
            "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
-    ttfts = []
+    ttfts, waits = [], []
+    waited = before[names[0]]
     for prompt in prompts:
         raw_seconds += raw_bytes * RAW_ROUNDS / (raw_tcp_baseline(raw_bytes, RAW_ROUNDS) * 1e9)
         body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
@@ -257,6 +264,9 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
         params = first.get("kv_transfer_params")
         _, ttft = _post(d.base_url + "/v1/completions", {**body, "kv_transfer_params": params})
         ttfts.append(ttft)
+        # this transfer's wait (it ended before the decode engine answered); off the clock
+        waits.append(_metric(d_agent, names[0]) - waited)
+        waited += waits[-1]
     time.sleep(0.2)
     after = {n: _metric(d_agent, n) for n in names}
     count = after[names[1]] - before[names[1]]
@@ -265,14 +275,28 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
         "wait_s": (after[names[0]] - before[names[0]]) / max(1.0, count),
         "bytes": (after[names[2]] - before[names[2]]) / max(1.0, count),
         "decode_ttft_s": statistics.median(ttfts),
+        "decode_ttft_mean_s": statistics.fmean(ttfts),
+        "decode_ttft_max_s": max(ttfts),
+        "wait_p50_s": statistics.median(waits),
+        "wait_max_s": max(waits),
         "raw_gbps": raw_bytes * RAW_ROUNDS * len(prompts) / raw_seconds / 1e9,
     }
 
 
+def _computed(server: HttpProcess) -> float:
+    """Prompt tokens the engine computed itself so far (vLLM's own counter)."""
+    page = http_get(server.base_url + "/metrics").decode()
+    return prometheus_sum(page, "vllm:prompt_tokens_by_source_total", 'source="local_compute"')
+
+
 def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dict[str, float]:
-    """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one."""
+    """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one.
+    Also counts the documents the decode engine computed instead of loading (more than one
+    chunk of the prompt: its lookup found no holder, e.g. the announcement had not reached
+    the keys' home yet), read from vLLM's counter after each request (off the clock)."""
     p, d = stack.servers[0], stack.servers[1]
     local, mesh = [], []
+    recomputed = 0
     for i in range(docs):
         doc = _prompts(rng, 1, (3072, 3072), vocab)[0]
 
@@ -284,8 +308,18 @@ def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dic
         ask(p, 3 * i)  # cold: computed and stored on node-p
         time.sleep(0.3)  # holders are announced to their homes in 50 ms batches
         local.append(ask(p, 3 * i + 1))
+        before = _computed(d)
         mesh.append(ask(d, 3 * i + 2))
-    return {"local_warm_s": statistics.median(local), "mesh_warm_s": statistics.median(mesh)}
+        time.sleep(0.3)  # vLLM updates its counters after the step
+        recomputed += _computed(d) - before > WARM_CHUNK_TOKENS
+    return {
+        "local_warm_s": statistics.median(local),
+        "mesh_warm_s": statistics.median(mesh),
+        "local_warm_max_s": max(local),
+        "mesh_warm_max_s": max(mesh),
+        "mesh_warm_recomputed": float(recomputed),
+        "docs": float(docs),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,8 +399,11 @@ def _report(
                           "bytes_at_raw_tcp", ideal))  # fmt: skip
         report.add(Result("transfer_over_raw_socket", transfer["wait_s"] / ideal, "x",
                           int(transfer["bytes"]), "target", 1.25))  # fmt: skip
-        report.add(Result("transfer_share_of_decode_ttft",
-                          transfer["wait_s"] / transfer["decode_ttft_s"], "fraction"))  # fmt: skip
+        for stat in ("p50", "max"):  # one slow transfer moves the mean: show the spread
+            report.add(Result(f"transfer_{stat}_s", transfer[f"wait_{stat}_s"], "s",
+                              int(transfer["bytes"]), "bytes_at_raw_tcp", ideal))  # fmt: skip
+        share = transfer["wait_s"] / transfer["decode_ttft_mean_s"]
+        report.add(Result("transfer_share_of_decode_ttft", share, "fraction"))
         report.meta["raw_tcp_gbps"] = raw
     warm = extra.get("warm")
     if warm:
@@ -375,6 +412,8 @@ def _report(
                           warm["local_warm_s"]))  # fmt: skip
         ratio = warm["mesh_warm_s"] / warm["local_warm_s"]
         report.add(Result("mesh_warm_over_local_warm", ratio, "x", None, "target", 1.3))
+        report.add(Result("mesh_warm_recomputed_docs", warm["mesh_warm_recomputed"], "docs",
+                          None, "docs", warm["docs"]))  # fmt: skip
 
 
 def plot_cdfs(series: dict[str, list[float]], path: str, title: str) -> None:
