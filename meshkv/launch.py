@@ -495,6 +495,13 @@ class HttpProcess:
         self.stop()
 
 
+def computed_prompt_tokens(server: HttpProcess) -> float:
+    """Prompt tokens a vLLM server computed itself so far (its own counter: not those from
+    its prefix cache or a KV connector)."""
+    page = http_get(server.base_url + "/metrics").decode()
+    return prometheus_sum(page, "vllm:prompt_tokens_by_source_total", 'source="local_compute"')
+
+
 class RedisProcess:
     """A throw-away ``redis-server`` (Debian package) on loopback: no persistence, its files
     in a private directory. ``tls_dir`` (with ``ca.crt``, ``server.crt``, ``server.key``, as

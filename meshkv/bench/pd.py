@@ -55,13 +55,13 @@ from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
+    computed_prompt_tokens,
     engine_env,
     free_port,
     http_get,
     http_post_json,
     listen_args,
     meshkv_kv_transfer_config,
-    prometheus_sum,
     vllm_server_command,
 )
 
@@ -283,12 +283,6 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     }
 
 
-def _computed(server: HttpProcess) -> float:
-    """Prompt tokens the engine computed itself so far (vLLM's own counter)."""
-    page = http_get(server.base_url + "/metrics").decode()
-    return prometheus_sum(page, "vllm:prompt_tokens_by_source_total", 'source="local_compute"')
-
-
 def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dict[str, float]:
     """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one.
     Also counts the documents the decode engine computed instead of loading (more than one
@@ -308,10 +302,10 @@ def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dic
         ask(p, 3 * i)  # cold: computed and stored on node-p
         time.sleep(0.3)  # holders are announced to their homes in 50 ms batches
         local.append(ask(p, 3 * i + 1))
-        before = _computed(d)
+        before = computed_prompt_tokens(d)
         mesh.append(ask(d, 3 * i + 2))
         time.sleep(0.3)  # vLLM updates its counters after the step
-        recomputed += _computed(d) - before > WARM_CHUNK_TOKENS
+        recomputed += computed_prompt_tokens(d) - before > WARM_CHUNK_TOKENS
     return {
         "local_warm_s": statistics.median(local),
         "mesh_warm_s": statistics.median(mesh),

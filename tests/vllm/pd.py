@@ -24,10 +24,10 @@ from typing import Any
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
+    computed_prompt_tokens,
     free_port,
     http_get,
     meshkv_kv_transfer_config,
-    prometheus_sum,
     vllm_server_command,
 )
 from tests.conftest import child_env
@@ -111,10 +111,8 @@ def text_of(answer: dict[str, Any]) -> str:
     return str(choice.get("text") if "text" in choice else choice["message"]["content"])
 
 
-def computed(server: HttpProcess) -> float:
-    """Prompt tokens the engine computed itself, so far."""
-    page = http_get(server.base_url + "/metrics").decode()
-    return prometheus_sum(page, "vllm:prompt_tokens_by_source_total", 'source="local_compute"')
+computed = computed_prompt_tokens
+"""Prompt tokens the engine computed itself, so far."""
 
 
 def settle_metrics(server: HttpProcess, before: float) -> float:
