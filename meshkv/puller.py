@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,8 @@ class _TransferWait:
     producer: str
     keys: set[ChunkKey]
     started: float
-    """``loop.time()`` of the lookup that named the transfer."""
+    """``time.perf_counter()`` at the lookup that named the transfer (not ``loop.time()``:
+    uvloop's clock moves in whole milliseconds, the size of a whole transfer here)."""
     pulled_bytes: int = 0
     """Bytes of its chunks that had to come over the network after the lookup."""
     failed: int = 0
@@ -399,7 +401,7 @@ class Puller:
             wait = self._transfers.get(transfer.transfer_id)
             if wait is None:
                 wait = self._transfers[transfer.transfer_id] = _TransferWait(
-                    transfer.producer, set(), asyncio.get_running_loop().time()
+                    transfer.producer, set(), time.perf_counter()
                 )
             wait.keys.add(key)
         flight.task = asyncio.get_running_loop().create_task(
@@ -437,13 +439,12 @@ class Puller:
         st.transfers += 1
         st.transfers_incomplete += 1 if wait.failed else 0
         st.transfer_bytes += wait.pulled_bytes
-        st.transfer_wait.observe(asyncio.get_running_loop().time() - wait.started)
+        st.transfer_wait.observe(time.perf_counter() - wait.started)
         if self._source is not None:
             self._source.transfer_done(wait.producer, transfer_id)
 
     async def _fly(self, flight: Flight) -> bool:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         try:
             async with asyncio.timeout_at(flight.deadline + DEADLINE_GRACE_S):
                 way = await self._steps(flight)
@@ -460,7 +461,7 @@ class Puller:
             return False
         self.stats.resident += 1
         self.stats.by_way[way] += 1
-        self.stats.latency.observe(loop.time() - started)
+        self.stats.latency.observe(time.perf_counter() - started)
         return True
 
     async def _steps(self, flight: Flight) -> str | None:

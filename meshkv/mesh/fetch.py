@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class Fetcher:
             return store.payload(slot)
 
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()  # uvloop's loop.time() moves in whole ms
         attempt_deadline = deadline if last else min(deadline, loop.time() + self._holder_timeout)
         # A producer may still be committing what it prefilled: let it wait for that.
         wait = max(0.0, min(1.0, attempt_deadline - loop.time() - 0.05))
@@ -230,7 +231,7 @@ class Fetcher:
         except NotReserved as exc:  # voided: the pull outlived the reservation's deadline
             logger.warning("pull of %s from %s: %s", key.hex(), holder, exc)
             return "expired"
-        self.stats.latency.observe(loop.time() - started)
+        self.stats.latency.observe(time.perf_counter() - started)
         self.stats.pulls_ok += 1
         self.stats.pull_bytes += record.payload_len
         return None

@@ -52,6 +52,12 @@ def test_chunk_put_on_a_is_served_on_c(
         assert cc.lookup(keys).tiers == ["cpu"] * len(keys)
     assert metric(c, "meshkv_peer_pulls_total") == len(keys)
     assert metric(c, "meshkv_peer_pull_bytes_total") == sum(len(v) for v in payloads.values())
+    # Durations are timed with perf_counter: uvloop's loop.time() moves in whole
+    # milliseconds, which made every sum below a whole number of ms (a 1 MiB pull takes
+    # less than one here).
+    for name in ("meshkv_peer_pull_seconds_sum", "meshkv_flight_seconds_sum"):
+        ms = metric(c, name) * 1e3
+        assert ms > 0 and abs(ms - round(ms)) > 1e-6, (name, ms)
     # a key nobody holds is a clean miss, quickly
     with b.client() as cb:
         assert cb.lookup([os.urandom(16)]).prefix == 0
