@@ -22,8 +22,9 @@ and output tokens/s, failed requests. Then, on the ``pd`` stack:
   JSON's ``meta.extra.transfer``);
 * **mesh-warm vs local-warm** — a document prefilled on the prefill engine, then asked about
   again on the same engine (its agent has the chunks: local-warm) and on the decode engine
-  (its agent pulls them through the mesh: mesh-warm); ``mesh_warm_over_local_warm`` is the
-  ratio of median TTFTs (target <= 1.3); ``mesh_warm_recomputed_docs`` counts documents the
+  (its agent pulls them through the mesh: mesh-warm), each after a 1.3 s pause that lets
+  the engine asked before stop spinning (``SETTLE_S``); ``mesh_warm_over_local_warm`` is
+  the ratio of median TTFTs (target <= 1.3); ``mesh_warm_recomputed_docs`` counts documents the
   decode engine computed instead (vLLM's own counter), which explains a slow median.
 
 Needs a model vLLM can load (``--model``); ``python -m benchmarks.pd`` in the source tree
@@ -71,6 +72,14 @@ TRANSFER_TOKENS = 3072
 """Prompt length of the toy-flow transfers (24 MiB of KV with the bench model)."""
 RAW_ROUNDS = 3
 """Raw-socket rounds of the transfer's size before each transfer."""
+SETTLE_S = 1.3
+"""Pause before each timed warm request: vLLM's shared-memory queue readers (worker and
+engine core) busy-loop with ``sched_yield`` for 1 s after every read (``SpinCondition``,
+``busy_loop_s=1``). On a 2-core machine the engine that answered last thus takes a core
+for a second from the engine asked next: a mesh-warm request sent right after the
+local-warm one on the other engine took 1.02-1.04 s instead of 0.1 s (3 of 10 documents),
+with the prefill worker burning 0.84-0.89 s of CPU meanwhile. Nothing of meshkv's is
+pending during the pause: the chunks are committed and announced before it."""
 WARM_CHUNK_TOKENS = 256
 """A mesh-warm request whose decode engine computed more than this (one chunk of the
 connector's default size) did not load the document: counted as recomputed."""
@@ -284,10 +293,12 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
 
 
 def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dict[str, float]:
-    """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one.
-    Also counts the documents the decode engine computed instead of loading (more than one
-    chunk of the prompt: its lookup found no holder, e.g. the announcement had not reached
-    the keys' home yet), read from vLLM's counter after each request (off the clock)."""
+    """Cold on the prefill engine, then local-warm there, then mesh-warm on the decode one,
+    each timed request after ``SETTLE_S`` (so that it starts with the other engine idle:
+    both see the same machine). Also counts the documents the decode engine computed
+    instead of loading (more than one chunk of the prompt: its lookup found no holder, e.g.
+    the announcement had not reached the keys' home yet), read from vLLM's counter after
+    each request (off the clock)."""
     p, d = stack.servers[0], stack.servers[1]
     local, mesh = [], []
     recomputed = 0
@@ -300,9 +311,10 @@ def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dic
             return _post(server.base_url + "/v1/completions", body)[1]
 
         ask(p, 3 * i)  # cold: computed and stored on node-p
-        time.sleep(0.3)  # holders are announced to their homes in 50 ms batches
+        time.sleep(SETTLE_S)  # also lets the holders' 50 ms announcement batches go out
         local.append(ask(p, 3 * i + 1))
         before = computed_prompt_tokens(d)
+        time.sleep(SETTLE_S)
         mesh.append(ask(d, 3 * i + 2))
         time.sleep(0.3)  # vLLM updates its counters after the step
         recomputed += computed_prompt_tokens(d) - before > WARM_CHUNK_TOKENS
