@@ -6,7 +6,9 @@ buffer and receive each payload straight into its destination buffer:
 
 * ``SocketWire`` — ``loop.sock_recv_into`` / ``loop.sock_sendall`` on the non-blocking
   socket (the default: fastest here under uvloop and stock asyncio alike, see
-  ``meshkv/bench/transport_baselines.py``).
+  ``meshkv/bench/transport_baselines.py``). A frame with a large payload leaves with one
+  ``sendmsg`` of its head and payload (the rest, if the socket took only part, by
+  ``sock_sendall``): 12 x 2 MiB responses went 2.9 -> 3.6 GB/s on loopback.
 * ``ProtocolWire`` — an ``asyncio.BufferedProtocol`` whose ``get_buffer`` hands out the
   destination buffer; used for TLS, where the event loop owns the socket.
 """
@@ -55,6 +57,11 @@ class StreamWire(Wire):
     @abc.abstractmethod
     async def _send_all(self, data: bytes | memoryview) -> None:
         """Write all of ``data``; return once it is no longer referenced."""
+
+    async def _send_two(self, first: bytes, payload: memoryview) -> None:
+        """Write ``first`` then ``payload``."""
+        await self._send_all(first)
+        await self._send_all(payload)
 
     async def _fill(self, count: int, what: str) -> None:
         while self._end - self._start < count:
@@ -132,8 +139,7 @@ class StreamWire(Wire):
                 elif payload.nbytes <= COALESCE_BYTES:
                     await self._send_all(b"".join((head, header, payload)))
                 else:
-                    await self._send_all(head + header)
-                    await self._send_all(payload)
+                    await self._send_two(head + header, payload)
             except BaseException:
                 # Part of a frame may have left; the stream cannot be resumed.
                 self.abort()
@@ -164,6 +170,21 @@ class SocketWire(StreamWire):
             await self._loop.sock_sendall(self._sock, data)
         except OSError as exc:
             raise ConnectionClosed(f"send to {self.remote} failed: {exc}") from exc
+
+    async def _send_two(self, first: bytes, payload: memoryview) -> None:
+        # One sendmsg for the head and as much of the payload as the socket takes: the
+        # head does not leave as a segment of its own, and one system call is saved.
+        try:
+            sent = self._sock.sendmsg([first, payload])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise ConnectionClosed(f"send to {self.remote} failed: {exc}") from exc
+        if sent < len(first):
+            await self._send_all(memoryview(first)[sent:])
+            sent = len(first)
+        if sent - len(first) < payload.nbytes:
+            await self._send_all(payload[sent - len(first) :])
 
     def abort(self) -> None:
         if not self._aborted:
