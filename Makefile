@@ -86,6 +86,7 @@ bench: venv system-deps
 	$(PY) -m meshkv bench local --json $(CACHE)/bench-local.json
 	$(PY) -m meshkv bench mesh --json $(CACHE)/bench-mesh.json
 	$(PY) -m benchmarks.pull_sizes --json $(CACHE)/bench-pull-sizes.json
+	$(PY) -m benchmarks.transport_frames --json $(CACHE)/bench-transport-frames.json
 	$(PY) -m benchmarks.sim_wall --json $(CACHE)/bench-sim-wall.json
 	$(PY) -m benchmarks.vllm_ttft --json $(CACHE)/bench-vllm.json
 

@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from meshkv.bench.report import Report, Result
@@ -73,8 +73,11 @@ def _rate(nbytes: int, rounds: int, seconds: float) -> float:
 # --- raw TCP -------------------------------------------------------------------------------
 
 
-def raw_tcp_baseline(nbytes: int = DEFAULT_SIZE, rounds: int = 20) -> float:
-    """GB/s of blocking loopback TCP, server in a subprocess."""
+@contextlib.contextmanager
+def raw_tcp_session(nbytes: int) -> Iterator[Callable[[int], float]]:
+    """A blocking loopback TCP connection to a server subprocess that answers every request
+    with ``nbytes``; yields ``transfer(count)``: seconds to fetch ``count`` blobs, one
+    request after the other (the first transfer is made, and checked, before the yield)."""
     with _server("serve-raw-tcp", str(nbytes)) as port:
         sock = socket.create_connection(("127.0.0.1", port), timeout=_START_TIMEOUT)
         with sock:
@@ -90,13 +93,22 @@ def raw_tcp_baseline(nbytes: int = DEFAULT_SIZE, rounds: int = 20) -> float:
                         raise ConnectionError("raw TCP server closed")
                     got += n
 
+            def transfer(count: int) -> float:
+                start = time.perf_counter()
+                for _ in range(count):
+                    one()
+                return time.perf_counter() - start
+
             one()
             if buf[:256] != bytes(range(256)):
                 raise RuntimeError("raw TCP baseline received wrong bytes")
-            start = time.perf_counter()
-            for _ in range(rounds):
-                one()
-            return _rate(nbytes, rounds, time.perf_counter() - start)
+            yield transfer
+
+
+def raw_tcp_baseline(nbytes: int = DEFAULT_SIZE, rounds: int = 20) -> float:
+    """GB/s of blocking loopback TCP, server in a subprocess (started for this call)."""
+    with raw_tcp_session(nbytes) as transfer:
+        return _rate(nbytes, rounds, transfer(rounds))
 
 
 def _serve_raw_tcp(nbytes: int) -> None:
