@@ -5,7 +5,8 @@
 Two real agents over TCP; per size, rounds of ``--bytes-mib`` MiB in chunks of that size:
 agent A stores them, an engine client on agent B looks them up and reads them (B pulls
 them from A), lookup to last lease timed (``meshkv.bench.mesh.measure_pulls``), with the
-raw blocking-socket baseline moving the same chunks right before each round. 2 MiB is the
+raw blocking-socket baseline moving the same chunks right before each round (one server
+process and connection for the whole run, ``transport_baselines.RawTcpRounds``). 2 MiB is the
 chunk of the P/D benchmark's model (256 tokens x 8 KiB), whose transfer this isolates from
 the engines; 16 MiB is ``meshkv bench mesh``'s size.
 """
@@ -13,6 +14,7 @@ the engines; 16 MiB is ``meshkv bench mesh``'s size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -40,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("pull_sizes")
     for size in sizes:
         chunks = max(1, args.bytes_mib // size)
-        with tempfile.TemporaryDirectory(prefix="mkv-pull-sizes-") as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix="mkv-pull-sizes-") as tmp,
+            contextlib.closing(tb.RawTcpRounds()) as raw,
+        ):
             pull, base = measure_pulls(
-                Path(tmp), "tcp", chunks, args.rounds, {"raw": tb.raw_tcp_baseline}, size * MIB
+                Path(tmp), "tcp", chunks, args.rounds, {"raw": raw}, size * MIB
             )
         report.add(
             Result(f"pull_{size}mib", pull, "GB/s", size * MIB, "raw_tcp_blocking", base["raw"])

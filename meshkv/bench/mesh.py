@@ -6,7 +6,8 @@ Every number is compared with a baseline measured in the same run (this machine 
   looks up ``--chunks`` 16 MiB chunks that agent A holds, the mesh pulls them into B's
   arena, and the engine reads them (lookup to last lease). Baseline: blocking
   ``sendall``/``recv_into`` of the same bytes on loopback (``transport_baselines``), timed
-  right before every pull round so both sides see the same load.
+  right before every pull round so both sides see the same load, over one server process
+  and connection kept for the whole run as the agents are (``RawTcpRounds``).
 * ``pull_ucx`` — the same over ``--transport ucx``; baseline: bare ucxx tag messages.
 * ``pull_vs_redis`` — ``pull_tcp`` against Redis (Debian ``redis-server``, started here on
   loopback with a temp dir): redis-py ``GET`` of the same number of 16 MiB blobs, timed
@@ -340,11 +341,14 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             redis = False
-        # (transport, raw baseline, its result name, the pull's name against Redis)
-        arms = [("tcp", tb.raw_tcp_baseline, "raw_tcp_blocking", "pull_vs_redis")]
-        if not args.skip_ucx:
-            arms.append(("ucx", tb.raw_ucx_baseline, "raw_ucxx", "pull_ucx_vs_redis"))
         with contextlib.ExitStack() as stack:
+            raw_tcp = stack.enter_context(contextlib.closing(tb.RawTcpRounds()))
+            # (transport, raw baseline, its result name, the pull's name against Redis)
+            arms: list[tuple[str, Baseline, str, str]] = [
+                ("tcp", raw_tcp, "raw_tcp_blocking", "pull_vs_redis")
+            ]
+            if not args.skip_ucx:
+                arms.append(("ucx", tb.raw_ucx_baseline, "raw_ucxx", "pull_ucx_vs_redis"))
             gets = None
             if redis:
                 gets = RedisGets(stack.enter_context(RedisProcess()), args.chunks)

@@ -5,11 +5,13 @@ flags are refused by name."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from benchmarks.transport_frames import main
+from meshkv.bench.transport_baselines import RawTcpRounds
 
 
 def test_a_tiny_run_reports_each_connection_count_against_the_raw_socket(
@@ -45,3 +47,30 @@ def test_bad_flags_are_refused_with_a_message(
         main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _raw_servers() -> int:
+    """This process's children serving the raw TCP baseline."""
+    me, count = os.getpid(), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"serve-raw-tcp" in cmdline:
+            count += 1
+    return count
+
+
+def test_raw_rounds_keep_one_server_per_size_for_the_whole_run() -> None:
+    """The raw baseline of interleaved rounds keeps its server and connection (a server
+    started before every round slowed the measured side's round after it)."""
+    raw = RawTcpRounds()
+    try:
+        rates = [raw(1 << 20, 3) for _ in range(3)]
+        assert min(rates) > 0 and _raw_servers() == 1
+        assert raw(1 << 16, 2) > 0 and _raw_servers() == 2
+    finally:
+        raw.close()
+    assert _raw_servers() == 0
