@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -253,9 +253,22 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     Before each transfer, the raw-socket baseline moves ``raw_bytes`` over loopback TCP
     with the same servers up (ABAB: the engines' idle loops and the agents cost the
     baseline what they cost the transfer; measured once after the stack had stopped, it
-    came out anywhere from 1.37 to 3.46 GB/s between runs)."""
-    from meshkv.bench.transport_baselines import raw_tcp_baseline
+    came out anywhere from 1.37 to 3.46 GB/s between runs). Its server and connection last
+    the whole measurement (``RawTcpRounds``), as the agents' do: a fresh server per
+    transfer gave the baseline a warm-up right before its timed part that the transfer,
+    seconds after the last one, never gets."""
+    from meshkv.bench.transport_baselines import RawTcpRounds
 
+    raw = RawTcpRounds()
+    try:
+        return _transfers(stack, prompts, raw_bytes, raw)
+    finally:
+        raw.close()
+
+
+def _transfers(
+    stack: Stack, prompts: list[list[int]], raw_bytes: int, raw: Callable[[int, int], float]
+) -> dict[str, float]:
     raw_seconds = 0.0
     p, d = stack.servers[0], stack.servers[1]
     d_agent = stack.agents[1]
@@ -267,7 +280,7 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     ttfts, waits = [], []
     waited = before[names[0]]
     for prompt in prompts:
-        raw_seconds += raw_bytes * RAW_ROUNDS / (raw_tcp_baseline(raw_bytes, RAW_ROUNDS) * 1e9)
+        raw_seconds += raw_bytes * RAW_ROUNDS / (raw(raw_bytes, RAW_ROUNDS) * 1e9)
         body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
         first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
         params = first.get("kv_transfer_params")
