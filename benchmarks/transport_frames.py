@@ -121,8 +121,13 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        _serve(int(argv[1]), bytes.fromhex(os.environ["MESHKV_FRAMES_SECRET"]))
+    if argv[:1] == ["serve"]:  # the server process this benchmark starts for itself
+        secret = os.environ.get("MESHKV_FRAMES_SECRET", "")
+        if len(argv) != 2 or not argv[1].isdigit() or len(secret) < 32:
+            print("serve is started by the benchmark itself: serve BYTES, with "
+                  "MESHKV_FRAMES_SECRET set (hex, 16+ bytes)", file=sys.stderr)  # fmt: skip
+            return 2
+        _serve(int(argv[1]), bytes.fromhex(secret))
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transport_frames")
     parser.add_argument("--chunk-mib", type=int, default=2, help="payload of each response")

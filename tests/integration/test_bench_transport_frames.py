@@ -74,3 +74,12 @@ def test_raw_rounds_keep_one_server_per_size_for_the_whole_run() -> None:
     finally:
         raw.close()
     assert _raw_servers() == 0
+
+
+def test_the_internal_server_command_refuses_bad_arguments(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESHKV_FRAMES_SECRET", raising=False)
+    for argv in (["serve"], ["serve", "x"], ["serve", "1024"]):
+        assert main(argv) == 2
+        assert "started by the benchmark itself" in capsys.readouterr().err
