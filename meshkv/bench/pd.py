@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -259,16 +259,6 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     seconds after the last one, never gets."""
     from meshkv.bench.transport_baselines import RawTcpRounds
 
-    raw = RawTcpRounds()
-    try:
-        return _transfers(stack, prompts, raw_bytes, raw)
-    finally:
-        raw.close()
-
-
-def _transfers(
-    stack: Stack, prompts: list[list[int]], raw_bytes: int, raw: Callable[[int, int], float]
-) -> dict[str, float]:
     raw_seconds = 0.0
     p, d = stack.servers[0], stack.servers[1]
     d_agent = stack.agents[1]
@@ -279,16 +269,17 @@ def _transfers(
            "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
     ttfts, waits = [], []
     waited = before[names[0]]
-    for prompt in prompts:
-        raw_seconds += raw_bytes * RAW_ROUNDS / (raw(raw_bytes, RAW_ROUNDS) * 1e9)
-        body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
-        first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
-        params = first.get("kv_transfer_params")
-        _, ttft = _post(d.base_url + "/v1/completions", {**body, "kv_transfer_params": params})
-        ttfts.append(ttft)
-        # this transfer's wait (it ended before the decode engine answered); off the clock
-        waits.append(_metric(d_agent, names[0]) - waited)
-        waited += waits[-1]
+    with contextlib.closing(RawTcpRounds()) as raw:
+        for prompt in prompts:
+            raw_seconds += raw_bytes * RAW_ROUNDS / (raw(raw_bytes, RAW_ROUNDS) * 1e9)
+            body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+            first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
+            params = first.get("kv_transfer_params")
+            _, ttft = _post(d.base_url + "/v1/completions", {**body, "kv_transfer_params": params})
+            ttfts.append(ttft)
+            # this transfer's wait (it ended before the decode engine answered); off the clock
+            waits.append(_metric(d_agent, names[0]) - waited)
+            waited += waits[-1]
     time.sleep(0.2)
     after = {n: _metric(d_agent, n) for n in names}
     count = after[names[1]] - before[names[1]]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.pull_sizes import main
+from tests.helpers.cli import assert_refused
 
 
 def test_a_tiny_run_reports_each_size_against_the_raw_socket(tmp_path: Path) -> None:
@@ -37,7 +38,4 @@ def test_a_tiny_run_reports_each_size_against_the_raw_socket(tmp_path: Path) -> 
 def test_bad_flags_are_refused_with_a_message(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    assert exited.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(main, argv, message, capsys)

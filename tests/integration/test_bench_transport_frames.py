@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.transport_frames import main
 from meshkv.bench.transport_baselines import RawTcpRounds
+from tests.helpers.cli import assert_refused
 
 
 def test_a_tiny_run_reports_each_connection_count_against_the_raw_socket(
@@ -43,10 +44,7 @@ def test_a_tiny_run_reports_each_connection_count_against_the_raw_socket(
 def test_bad_flags_are_refused_with_a_message(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    assert exited.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(main, argv, message, capsys)
 
 
 def _raw_servers() -> int:
