@@ -122,12 +122,15 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the server process this benchmark starts for itself
-        secret = os.environ.get("MESHKV_FRAMES_SECRET", "")
-        if len(argv) != 2 or not argv[1].isdigit() or len(secret) < 32:
+        try:
+            secret = bytes.fromhex(os.environ.get("MESHKV_FRAMES_SECRET", ""))
+        except ValueError:
+            secret = b""
+        if len(argv) != 2 or not argv[1].isdigit() or len(secret) < 16:
             print("serve is started by the benchmark itself: serve BYTES, with "
                   "MESHKV_FRAMES_SECRET set (hex, 16+ bytes)", file=sys.stderr)  # fmt: skip
             return 2
-        _serve(int(argv[1]), bytes.fromhex(secret))
+        _serve(int(argv[1]), secret)
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transport_frames")
     parser.add_argument("--chunk-mib", type=int, default=2, help="payload of each response")

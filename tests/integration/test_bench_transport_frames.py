@@ -81,3 +81,6 @@ def test_the_internal_server_command_refuses_bad_arguments(
     for argv in (["serve"], ["serve", "x"], ["serve", "1024"]):
         assert main(argv) == 2
         assert "started by the benchmark itself" in capsys.readouterr().err
+    monkeypatch.setenv("MESHKV_FRAMES_SECRET", "zz" * 16)  # not hex: no traceback either
+    assert main(["serve", "1024"]) == 2
+    assert "started by the benchmark itself" in capsys.readouterr().err
