@@ -297,6 +297,8 @@ class CpuTier:
             self.sweep(now)  # checked inline: a call per key cost more than the sweep
         slot = self.alloc.alloc(c)
         if slot < 0:
+            slot = self.alloc.alloc_larger(c, size)
+        if slot < 0:
             slot = self._make_room(c, size)
         e = self._entries[slot]
         if e is None:
@@ -341,6 +343,8 @@ class CpuTier:
             self._evict(e)
             evicted += 1
             slot = self.alloc.alloc(c)
+            if slot < 0:  # e.g. the victim's slot, if its class is larger
+                slot = self.alloc.alloc_larger(c, size)
             if slot >= 0:
                 return slot
         inflight = sum(1 for e in self._index.values() if e.doomed)

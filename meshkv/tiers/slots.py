@@ -14,6 +14,13 @@ to a half of the arena. Why not one exact class per chunk size: tails of partial
 (P/D) have arbitrary sizes and would each create a class. With this spacing at most 20 %
 of a slot is padding, and the common power-of-two and x.25/x.5/x.75 sizes fit exactly.
 
+A chunk whose class has no free slot when no segment is free takes a free slot of a larger
+class (``alloc_larger``) before anything is evicted for it: the connector's partial chunks
+(P/D tails, ``block_hits`` cuts) in an arena carved for whole chunks then cost one evicted
+chunk each, not a whole segment emptied for their class — for chunks at least half the
+size of the slot they borrow (a smaller one would hold on to a mostly empty slot; it waits
+for a segment of its own class).
+
 Everything is O(1) and allocation-free per operation: a segment's free slots are a stack
 in one preallocated flat array plus a bump pointer for never-used slots (carving is O(1)),
 and the segments of a class that still have a free slot are an intrusive list.
@@ -151,6 +158,23 @@ class SlotAllocator:
             lists.unlink(s)
         self.free_bytes -= self.classes[c]
         return base + j
+
+    def alloc_larger(self, c: int, size: int) -> int:
+        """A free slot of the smallest class above ``c`` that has one and is at most twice
+        ``size``, or -1. For when ``alloc(c)`` failed (no slot of class ``c`` and no free
+        segment): a chunk then takes a roomier slot instead of evicting others, or instead
+        of waiting until a whole segment empties for its own class, which in an arena
+        carved for one chunk size may take evicting much of it (the connector's partial
+        chunks are smaller than its whole ones). At most twice: a small class would
+        otherwise live in large slots for good (eight 16 KiB chunks holding an arena of
+        128 KiB slots). Walks the classes: only on this slow path."""
+        head, classes = self._lists.head, self.classes
+        for k in range(c + 1, len(classes)):
+            if classes[k] > 2 * size:
+                break
+            if head(k) >= 0:
+                return self.alloc(k)
+        return -1
 
     def free(self, slot: int) -> None:
         s, j = divmod(slot, self.per_segment)

@@ -229,6 +229,29 @@ def test_clear_keeps_pinned_bytes_until_release(tier: CpuTier) -> None:
     assert tier.used_bytes == 0
 
 
+def test_a_half_size_chunk_in_a_full_tier_evicts_one_chunk_not_a_segment(clock: Clock) -> None:
+    # Two segments of four whole-chunk slots, all stored: a chunk of half the size (the
+    # connector's cut of a partial chunk) has no class of its own yet. It takes the slot
+    # of the one least recently used chunk instead of emptying a segment for its class.
+    cfg = CpuTierConfig(
+        capacity_bytes=8 * SLOT, segment_bytes=4 * SLOT, min_slot_bytes=SLOT // 4,
+        eviction="lru", reserve_timeout_s=10.0,
+    )  # fmt: skip
+    t = CpuTier(cfg, clock=clock)
+    try:
+        for i in range(8):
+            store(t, i)
+        e = t.reserve(NS, key(100), SLOT // 2, 1)
+        assert e is not None and e.size == SLOT // 2
+        t.commit(NS, key(100), 1, 8, None)
+        assert sum(t.counters.evictions.values()) == 1
+        assert not t.contains(key(0))  # the least recently used one went
+        assert all(t.contains(key(i)) for i in range(1, 8))
+        assert t.contains(key(100)) and t.alloc.slot_bytes(e.slot) == SLOT
+    finally:
+        t.close()
+
+
 @pytest.mark.parametrize("eviction", ["lru", "s3fifo"])
 def test_random_ops_never_evict_a_pinned_slot(clock: Clock, eviction: str) -> None:
     rng = random.Random(1234)

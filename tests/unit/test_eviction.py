@@ -114,6 +114,24 @@ def test_allocator_shares_segments_between_classes() -> None:
         alloc.class_of(5 * MiB)
 
 
+def test_a_small_chunk_takes_a_larger_free_slot_when_its_class_has_no_room() -> None:
+    alloc = SlotAllocator(8 * MiB, 4 * MiB, 64 << 10)
+    c1, c2 = alloc.class_of(1 * MiB), alloc.class_of(2 * MiB)
+    slots = [alloc.alloc(c2) for _ in range(4)]  # both segments carved for 2 MiB
+    assert min(slots) >= 0 and alloc.alloc(c2) == -1
+    assert alloc.alloc(c1) == -1  # no 1 MiB slot, no free segment
+    assert alloc.alloc_larger(c1, 1 * MiB) == -1  # and no larger slot free either
+    alloc.free(slots[1])
+    assert alloc.alloc(c1) == -1  # still no segment for the 1 MiB class
+    small = 512 << 10
+    assert alloc.alloc_larger(alloc.class_of(small), small) == -1  # 4x: not lent
+    roomy = alloc.alloc_larger(c1, 1 * MiB)
+    assert roomy == slots[1] and alloc.slot_bytes(roomy) == 2 * MiB
+    alloc.free(roomy)
+    big = 3 * MiB
+    assert alloc.alloc_larger(alloc.class_of(big), big) == -1  # never a smaller slot
+
+
 def test_allocator_random_ops_never_overlap() -> None:
     rng = random.Random(7)
     alloc = SlotAllocator(16 * MiB, 2 * MiB, 64 << 10)
