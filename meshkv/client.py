@@ -241,14 +241,21 @@ class AgentClient:
     def ping(self) -> None:
         self._call(Op.PING, {})
 
-    def lookup(self, keys: Sequence[bytes], *, transfer: TransferRef | None = None) -> LookupReply:
+    def lookup(
+        self, keys: Sequence[bytes], *, transfer: TransferRef | None = None, probe: bool = False
+    ) -> LookupReply:
         """Longest stored prefix and the tier of each key; also starts SSD/peer pulls.
 
         The agent answers within half of this client's timeout (it spends at most that
         asking the mesh), so a slow mesh never looks like a dead agent. ``transfer``:
         the chunks come from a prefill/decode transfer's producer (pulled from it, or
-        pushed here by it), so they count as ``peer`` without asking the directory."""
+        pushed here by it), so they count as ``peer`` without asking the directory.
+        ``probe``: the keys are alternatives for one position (a partial chunk cut at each
+        block), not a request's chunks; the agent does not count them in its lookup
+        metrics."""
         fields: dict[str, Any] = {"keys": _keys(keys), "budget": self.timeout}
+        if probe:
+            fields["probe"] = True
         if transfer is not None:
             fields["transfer"] = {
                 "id": transfer.transfer_id,

@@ -151,7 +151,7 @@ def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]
 def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
     """Greedy outputs of every prompt from an engine with no connector."""
     workdir = tmp_path_factory.mktemp("baseline")
-    names = ("a", "b", "c", "d")
+    names = ("a", "b", "c", "d", "e")
     job = {
         "model": tiny_model,
         "prompts": [getattr(PROMPTS, n) for n in names],

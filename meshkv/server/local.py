@@ -423,15 +423,18 @@ class _Connection(asyncio.Protocol):
         assert ns is not None
         keys = parse_keys(message)
         transfer = parse_transfer_hint(message.get("transfer"))
+        probe = message.get("probe", False)
+        if type(probe) is not bool:
+            raise ProtocolError(f"lookup: 'probe' must be true or false, got {probe!r}")
         tiers = self.store.lookup(ns, keys)
         if transfer is not None:  # the puller answers the producer even when all is local
-            return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"))
+            return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"), probe)
         if None in tiers:
             puller = self.server.puller
             puller.fill_in_flight(keys, tiers)
             if None in tiers and puller.has_source:
-                return self._lookup_remote(ns, keys, tiers, None, message.get("budget"))
-        return self._lookup_reply(ns, keys, tiers)
+                return self._lookup_remote(ns, keys, tiers, None, message.get("budget"), probe)
+        return self._lookup_reply(ns, keys, tiers, probe=probe)
 
     async def _lookup_remote(
         self,
@@ -440,13 +443,14 @@ class _Connection(asyncio.Protocol):
         tiers: list[Tier | None],
         transfer: TransferHint | None,
         budget: object,
+        probe: bool,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         limit = self.server.config.remote_lookup_timeout_s
         if isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0:
             limit = min(limit, budget * LOOKUP_BUDGET_SHARE)
         tiers = await self.server.puller.locate(ns, keys, tiers, loop.time() + limit, transfer)
-        return self._lookup_reply(ns, keys, tiers, started=False)
+        return self._lookup_reply(ns, keys, tiers, started=False, probe=probe)
 
     def _lookup_reply(
         self,
@@ -455,10 +459,18 @@ class _Connection(asyncio.Protocol):
         tiers: list[Tier | None],
         *,
         started: bool = True,
+        probe: bool = False,
     ) -> Reply:
         # Hot path (measured, 64 keys): list.count and handing the StrEnum members to
         # msgpack as they are cost ~7 µs, where per-key loops and `.value` cost ~37 µs.
         prefix = prefix_length(tiers)
+        if probe:
+            # Alternative keys for one position (a partial chunk cut at each block): not a
+            # request's chunks, so not counted as lookups, hits or misses.
+            head = tiers[:prefix]
+            if started and head.count(Tier.CPU) != prefix:
+                self.server.puller.start_local(ns, keys[:prefix], head)
+            return {"prefix": prefix, "tiers": tiers}
         counters = self._counters
         counters.lookups += 1
         counters.miss_chunks += len(tiers) - prefix

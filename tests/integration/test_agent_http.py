@@ -80,6 +80,21 @@ def test_healthz_status_and_metrics(agent: AgentProcess) -> None:
     }
     assert metrics['meshkv_lookup_hit_tokens_total{tier="cpu"}'] == 256
     assert metrics["meshkv_lookup_miss_tokens_total"] == 512
+    # A probe (a partial chunk cut at each block) answers like a lookup, counted nowhere.
+    with agent.client(chunk_tokens=256) as c:
+        reply = c.lookup([b"m" * 16, b"h" * 16], probe=True)
+    assert (reply.prefix, reply.tiers) == (0, [None, "cpu"])
+    _, text = http(agent.url + "/metrics")
+    after = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    for name in ("meshkv_lookups_total", "meshkv_lookup_miss_chunks_total",
+                 'meshkv_lookup_hit_chunks_total{tier="cpu"}',
+                 'meshkv_lookup_hit_tokens_total{tier="cpu"}',
+                 "meshkv_lookup_miss_tokens_total"):  # fmt: skip
+        assert after[name] == metrics[name], name
 
 
 def test_chunk_endpoint(agent: AgentProcess) -> None:

@@ -110,6 +110,15 @@ def test_read_verify_flag_must_be_a_bool(agent: AgentProcess, raw: Raw) -> None:
     still_serving(agent)
 
 
+def test_lookup_probe_flag_must_be_a_bool(agent: AgentProcess, raw: Raw) -> None:
+    reply = raw.call({"op": "lookup", "id": 13, "keys": [b"k" * 16], "probe": 1})
+    code, message = error_of(reply)
+    assert code == "protocol" and "'probe' must be true or false" in message
+    reply = raw.call({"op": "lookup", "id": 14, "keys": [b"k" * 16], "probe": True})
+    assert reply == {"id": 14, "prefix": 0, "tiers": [None]}
+    still_serving(agent)
+
+
 def test_unknown_op(agent: AgentProcess, raw: Raw) -> None:
     reply = raw.call({"op": "frobnicate", "id": 2})
     code, message = error_of(reply)

@@ -77,11 +77,17 @@ class FakeSchedulerAgent:
     tiers: dict[bytes, str] = field(default_factory=dict)
     down: bool = False
     lookups: list[tuple[list[ChunkKey], TransferRef | None]] = field(default_factory=list)
+    probes: list[list[ChunkKey]] = field(default_factory=list)
 
-    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply:
+    def lookup(
+        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
+    ) -> LookupReply:
         if self.down:
             raise AgentUnavailable("agent gone")
-        self.lookups.append((keys, transfer))
+        if probe:
+            self.probes.append(keys)
+        else:
+            self.lookups.append((keys, transfer))
         found = [self.tiers.get(k) for k in keys]
         if transfer is not None:
             found = [t or "peer" for t in found]
@@ -221,6 +227,75 @@ def test_decode_of_another_prompt_ignores_the_transfer() -> None:
     other = Request("d1", tokens(149) + [5], params)  # same length, last token differs
     assert side.get_num_new_matched_tokens(other, 0) == (0, False)  # type: ignore[arg-type]
     assert agent.lookups[-1][1] is None  # a plain lookup of its own full chunks
+
+
+def test_block_hits_save_a_tail_cut_to_blocks_that_a_longer_prompt_loads() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    doc = Request("a", tokens(170))  # 2 full chunks + 42 tokens: 2 whole blocks (32)
+    assert side.get_num_new_matched_tokens(doc, 0) == (0, False)  # type: ignore[arg-type]
+    assert agent.probes == []  # nothing hit: no second round trip
+    manager.blocks["a"] = list(range(10, 21))
+    (spec,) = side.build_connector_meta(step_output([("a", 0, 170)])).saves  # type: ignore[arg-type]
+    assert [c.num_tokens for c in spec.chunks] == [64, 64, 32]
+    assert spec.chunks[2].block_ids == (18, 19) and spec.chunks[2].index == 2
+    cut = Request("cut", tokens(160))  # the same start, ending on the tail's last block
+    assert [c.keys[0] for c in spec.chunks] == keys_of(side, cut, partial=True)
+    # Saved once: the next step of the same request plans nothing more.
+    assert side.build_connector_meta(step_output([("a", 170, 1)])).saves == []  # type: ignore[arg-type]
+    agent.tiers = dict.fromkeys((c.keys[0] for c in spec.chunks), "cpu")
+
+    # A question about the same document: its third chunk is full of other tokens, so
+    # whole chunks hit two; the probe finds the document's two blocks after them.
+    question = Request("q", tokens(170) + tokens(30, seed=2))  # 200 tokens
+    assert side.get_num_new_matched_tokens(question, 0) == (160, False)  # type: ignore[arg-type]
+    (probe,) = agent.probes
+    # Cut at 3 and 2 blocks: a cut holds at least half a chunk.
+    assert len(probe) == 2 and probe[1] == spec.chunks[2].keys[0]
+    side.update_state_after_alloc(question, Blocks(list(range(100, 113))), 160)  # type: ignore[arg-type]
+    manager.blocks["q"] = list(range(100, 113))
+    meta = side.build_connector_meta(step_output([("q", 160, 40)]))  # type: ignore[arg-type]
+    (load,) = meta.loads
+    assert [c.num_blocks for c in load.chunks] == [4, 4, 2]  # the tail holds two
+    assert load.chunks[2].blocks == ((0, 108), (1, 109)) and not load.is_async
+    # It saves its own third chunk (now computed), and no tail: 8 tokens are not a block.
+    (save,) = meta.saves
+    assert [(c.index, c.num_tokens) for c in save.chunks] == [(2, 64)]
+    assert save.chunks[0].block_ids == (108, 109, 110, 111)
+
+
+def test_block_hits_leave_a_token_to_compute_and_can_be_turned_off() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    doc = Request("a", tokens(170))
+    side.get_num_new_matched_tokens(doc, 0)  # type: ignore[arg-type]
+    manager.blocks["a"] = list(range(11))
+    (spec,) = side.build_connector_meta(step_output([("a", 0, 170)])).saves  # type: ignore[arg-type]
+    agent.tiers = dict.fromkeys((c.keys[0] for c in spec.chunks), "cpu")
+    # The same prompt again: 128 + 32 tokens hit, 10 are computed.
+    assert side.get_num_new_matched_tokens(Request("again", tokens(170)), 0) == (160, False)  # type: ignore[arg-type]
+    # A prompt that ends on the tail's last block: at most one block may be promised
+    # there, less than half a chunk: not asked for.
+    probes = len(agent.probes)
+    assert side.get_num_new_matched_tokens(Request("cut", tokens(160)), 0) == (128, False)  # type: ignore[arg-type]
+    assert len(agent.probes) == probes
+    # Nor saved: 22 tokens after two chunks make one block, less than half a chunk.
+    manager.blocks["short"] = list(range(10))
+    side.get_num_new_matched_tokens(Request("short", tokens(150, seed=5)), 0)  # type: ignore[arg-type]
+    (short,) = side.build_connector_meta(step_output([("short", 0, 150)])).saves  # type: ignore[arg-type]
+    assert [c.num_tokens for c in short.chunks] == [64, 64]
+    # A tail on SSD makes the load asynchronous.
+    agent.tiers[spec.chunks[2].keys[0]] = "ssd"
+    assert side.get_num_new_matched_tokens(Request("s", tokens(190)), 0) == (160, True)  # type: ignore[arg-type]
+
+    off = FakeSchedulerAgent(tiers=dict(agent.tiers))
+    plain, manager = scheduler(off, block_hits=False)
+    assert plain.get_num_new_matched_tokens(Request("q", tokens(190)), 0) == (128, False)  # type: ignore[arg-type]
+    assert off.probes == []
+    manager.blocks["b"] = list(range(11))
+    plain.get_num_new_matched_tokens(Request("b", tokens(170, seed=3)), 0)  # type: ignore[arg-type]
+    (spec,) = plain.build_connector_meta(step_output([("b", 0, 170)])).saves  # type: ignore[arg-type]
+    assert [c.num_tokens for c in spec.chunks] == [64, 64]
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,9 @@ class Prompts:
     """Unrelated to A, 700 tokens."""
     d: list[int]
     """Unrelated, 400 tokens."""
+    e: list[int]
+    """A's 700 tokens and 40 more (a question about A): whole chunks hit two; with
+    ``block_hits`` also A's 128-token cut of its third chunk."""
 
 
 PROMPTS = Prompts(
@@ -39,6 +42,7 @@ PROMPTS = Prompts(
     b=a[:300] + _tokens(300),
     c=_tokens(700),
     d=_tokens(400),
+    e=a + _tokens(40),
 )
 
 

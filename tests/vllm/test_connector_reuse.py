@@ -23,23 +23,26 @@ def test_same_prompt_and_shared_prefix_hit_with_identical_output(
         [prompts.a, prompts.a, prompts.b], connector={"socket_path": agent.socket_path}
     ).result()
     first, second, shared = result["outputs"]
-    # Cold: nothing stored yet. Warm: both full chunks of A (never the whole prompt).
+    # Cold: nothing stored yet. Warm: both full chunks of A and the first block of its
+    # third chunk, the cut A saved (block_hits; never the whole prompt).
     assert first["cached_tokens"] == 0
-    assert second["cached_tokens"] == 512
-    # B shares 300 tokens with A: exactly one full 256-token chunk.
+    assert second["cached_tokens"] == 640
+    # B shares 300 tokens with A: exactly one full 256-token chunk (no cut of B's second
+    # chunk was ever saved).
     assert shared["cached_tokens"] == 256
     assert first["tokens"] == baseline["a"]
     assert second["tokens"] == baseline["a"]
     assert shared["tokens"] == baseline["b"]
     counters = result["counters"]
     assert counters["lookups"] == 3
-    assert counters["hit_tokens"] == 512 + 256
-    assert counters["loaded_chunks"] == 3
+    assert counters["hit_tokens"] == 640 + 256
+    assert counters["loaded_chunks"] == 4
     assert counters["load_errors"] == 0
-    # A's two chunks, then B's second chunk (its first is A's).
-    assert counters["saved_chunks"] == 3
+    # A's two chunks and its cut, then B's second chunk (its first is A's; its last 88
+    # tokens make no whole block).
+    assert counters["saved_chunks"] == 4
     with agent.client() as client:
-        assert client.stats()["tiers"]["cpu"]["chunks"] == 3
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 4
 
 
 def test_fresh_consumer_process_loads_what_a_producer_stored(
@@ -54,13 +57,13 @@ def test_fresh_consumer_process_loads_what_a_producer_stored(
     producer = engine([prompts.c, prompts.c], connector=conn, kv_role="kv_producer").result()
     assert [o["cached_tokens"] for o in producer["outputs"]] == [0, 0]
     assert producer["counters"]["lookups"] == 0
-    assert producer["counters"]["saved_chunks"] == 2
+    assert producer["counters"]["saved_chunks"] == 3  # two chunks and the cut of the third
     # The producer's process has exited; a fresh consumer process finds its chunks.
     consumer = engine([prompts.c], connector=conn, kv_role="kv_consumer").result()
     (out,) = consumer["outputs"]
-    assert out["cached_tokens"] == 512
+    assert out["cached_tokens"] == 640
     assert out["tokens"] == baseline["c"]
-    assert consumer["counters"]["loaded_chunks"] == 2
+    assert consumer["counters"]["loaded_chunks"] == 3
     assert consumer["counters"]["saved_chunks"] == 0
 
 
@@ -78,7 +81,7 @@ def test_agent_killed_while_serving_then_restarted(
     )
     run.wait_ready(2)
     with agent.client() as client:
-        wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] >= 2, what="write-through")
+        wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] >= 3, what="write-through")
     agent.sigstop()  # hung agent: the socket accepts, nothing answers
     run.go(2)
 
@@ -92,12 +95,12 @@ def test_agent_killed_while_serving_then_restarted(
     run.go(5)
     result = run.result()
     outs = result["outputs"]
-    assert [o["cached_tokens"] for o in outs[:2]] == [0, 512]
+    assert [o["cached_tokens"] for o in outs[:2]] == [0, 640]
     # Agent hung, then gone: requests complete, computed locally, with zero hits.
     assert [o["cached_tokens"] for o in outs[2:5]] == [0, 0, 0]
     assert outs[2]["seconds"] < 15.0  # generous: two cores shared with other engines
     # Agent back on the same SSD: the client reconnects and hits resume (from SSD).
-    assert outs[5]["cached_tokens"] == 512
+    assert outs[5]["cached_tokens"] == 640
     for i in (0, 1, 2, 3, 5):
         assert outs[i]["tokens"] == baseline["a"]
     assert outs[4]["tokens"] == baseline["d"]
@@ -127,11 +130,12 @@ def test_vllm_prefix_cache_hits_come_first_and_meshkv_loads_the_rest(
     ).result()
     cold, _, warm = result["outputs"]
     assert cold["cached_tokens"] == 0
-    # 128 tokens from vLLM's own cache (the sibling's first block) + 384 loaded by meshkv:
-    # the rest of chunk 0 (one block) and all of chunk 1 (two blocks).
-    assert warm["cached_tokens"] == 512
+    # 128 tokens from vLLM's own cache (the sibling's first block) + 512 loaded by meshkv:
+    # the rest of chunk 0 (one block), all of chunk 1 (two blocks) and A's cut of chunk 2
+    # (one block).
+    assert warm["cached_tokens"] == 640
     assert warm["tokens"] == baseline["a"]
     counters = result["counters"]
-    assert counters["hit_tokens"] == 384
-    assert counters["loaded_chunks"] == 2
+    assert counters["hit_tokens"] == 512
+    assert counters["loaded_chunks"] == 3
     assert counters["load_errors"] == 0

@@ -56,13 +56,16 @@ def test_engine_on_b_loads_what_an_engine_on_a_stored_through_the_mesh(
     (cold,) = producer["outputs"]
     assert cold["cached_tokens"] == 0
     assert cold["tokens"] == baseline["a"]
-    assert producer["counters"]["saved_chunks"] == 2
+    assert producer["counters"]["saved_chunks"] == 3
 
     namespace = Namespace(**producer["namespaces"]["scheduler"])
-    keys = chunk_keys(namespace.digest(), prompts.a, CHUNK_TOKENS)[:2]
+    # Two full chunks and the first block of the third, cut (block_hits).
+    cut = 2 * CHUNK_TOKENS + 128
+    keys = chunk_keys(namespace.digest(), prompts.a[:cut], CHUNK_TOKENS, include_partial=True)
+    assert len(keys) == 3
     with a.client(namespace=namespace) as client:
-        assert client.lookup(keys).tiers == ["cpu", "cpu"]
-        assert client.stats()["tiers"]["cpu"]["chunks"] == 2
+        assert client.lookup(keys).tiers == ["cpu", "cpu", "cpu"]
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 3
     # The keys' homes learn that A holds them (announcements are batched, flushed every
     # 50 ms). Asked through B's admin API: a directory query, it pulls nothing (a lookup
     # on B would already start the pulls).
@@ -77,20 +80,21 @@ def test_engine_on_b_loads_what_an_engine_on_a_stored_through_the_mesh(
 
     consumer = engine([prompts.a], connector={"socket": b.socket_path}).result()
     (warm,) = consumer["outputs"]
-    # Both full chunks came from agent A through agent B (never the whole prompt).
-    assert warm["cached_tokens"] == 2 * CHUNK_TOKENS
+    # Both full chunks and the cut came from agent A through agent B (never the whole
+    # prompt).
+    assert warm["cached_tokens"] == cut
     assert warm["tokens"] == baseline["a"]
     counters = consumer["counters"]
-    assert counters["hit_tokens"] == 2 * CHUNK_TOKENS
-    assert counters["loaded_chunks"] == 2
+    assert counters["hit_tokens"] == cut
+    assert counters["loaded_chunks"] == 3
     assert counters["async_loads"] >= 1  # peer chunks are loaded asynchronously
     assert counters["load_errors"] == 0
     assert counters["saved_chunks"] == 0  # already in B's arena: nothing new to store
-    # The bytes crossed the mesh: B pulled both chunks from a peer and now holds them.
-    assert metric(b, "meshkv_peer_pulls_total") == 2
+    # The bytes crossed the mesh: B pulled all three from a peer and now holds them.
+    assert metric(b, "meshkv_peer_pulls_total") == 3
     assert metric(b, "meshkv_peer_pull_bytes_total") > 0
     assert metric(b, "meshkv_peer_pull_failures_total") == 0
     assert metric(a, "meshkv_peer_pulls_total") == 0
     with b.client(namespace=namespace) as client:
-        assert client.lookup(keys).tiers == ["cpu", "cpu"]
-        assert client.stats()["tiers"]["cpu"]["chunks"] == 2
+        assert client.lookup(keys).tiers == ["cpu", "cpu", "cpu"]
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 3

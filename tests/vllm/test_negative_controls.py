@@ -33,11 +33,12 @@ def test_corrupted_ssd_chunks_are_detected_and_recomputed(
     )
     run.wait_ready(1)
     with agent.client() as client:
-        wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 2, what="write-through")
+        # Two chunks and the cut of the third (block_hits).
+        wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 3, what="write-through")
     agent.stop()
     assert agent.ssd_dir is not None
     files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
-    assert len(files) == 2
+    assert len(files) == 3
     for path in files:  # flip payload bytes, leave the header intact
         at = payload_span(str(path))[0] + 1000
         with path.open("r+b") as f:
@@ -106,7 +107,7 @@ def test_wrong_but_valid_kv_changes_the_output(
     assert outs[0]["tokens"] == baseline["a"]
     assert outs[1]["tokens"] == baseline["c"]
     # A's first chunk now holds C's KV: the engine loads it and its output changes.
-    assert outs[2]["cached_tokens"] == 512
+    assert outs[2]["cached_tokens"] == 640
     assert outs[2]["tokens"] != baseline["a"]
 
 

@@ -59,6 +59,13 @@ class ConnectorConfig:
     transfer_hold_s: float = 60.0
     """Prefill side: how long the agent keeps a transfer's chunks pinned if the decode side
     never says it is done."""
+    block_hits: bool = True
+    """Hit every full engine block of a prompt, not only whole chunks: each prompt's last
+    partial chunk is also saved cut to whole blocks (when that is at least half a chunk),
+    and a lookup that hits asks for the next chunk cut at each block. A question about a
+    document read before, or the next turn of a chat, then computes what vLLM's own prefix
+    cache would (with 256-token chunks and vLLM CPU's 128-token blocks), instead of up to a
+    chunk more."""
     save_decode_tokens: bool = False
     """Also save chunks that fill up during decoding (not only prompt chunks)."""
     namespace_salt: str = ""

@@ -230,8 +230,10 @@ class SchedulerLink:
     def warm_up(self) -> bool:
         return self._link.warm_up()
 
-    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply:
-        return self._link.call(lambda client: client.lookup(keys, transfer=transfer))
+    def lookup(
+        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
+    ) -> LookupReply:
+        return self._link.call(lambda client: client.lookup(keys, transfer=transfer, probe=probe))
 
     def node_id(self) -> str | None:
         try:

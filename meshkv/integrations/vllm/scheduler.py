@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from meshkv.chunk import ChunkKey, NamespaceId, chunk_keys
+from meshkv.chunk import ROOT_KEY, ChunkKey, NamespaceId, chunk_keys, next_key
 from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, MeshKVError
 
@@ -67,7 +67,9 @@ class SchedulerAgent(Protocol):
     """What the scheduler side needs of its agent link (``link.AgentLink`` in an engine, a
     fake in unit tests)."""
 
-    def lookup(self, keys: list[ChunkKey], transfer: TransferRef | None) -> LookupReply: ...
+    def lookup(
+        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
+    ) -> LookupReply: ...
 
     def node_id(self) -> str | None:
         """The agent's node id (None while it cannot be reached)."""
@@ -106,6 +108,13 @@ class _RequestState:
     saved_chunks: int = 0
     """Full chunks already handed to the worker for saving (or skipped for good)."""
     tail_saved: bool = False
+    block_tail: _Chunk | None = None
+    """``block_hits``: the prompt's last partial chunk cut to whole blocks, saved so that a
+    longer prompt with the same start (the next turn, a question about the same document)
+    hits every full block of it, as vLLM's own prefix cache would."""
+    block_tail_saved: bool = False
+    hit_tail: _Chunk | None = None
+    """``block_hits``: a partial chunk found right after the last whole-chunk hit."""
     pending_load: LoadSpec | None = None
     load_issued: bool = False
     """A load was planned once; vLLM asks again only after it failed (then: recompute)."""
@@ -125,6 +134,14 @@ class _RequestState:
         if self.tail is not None:
             out.append(self.tail)
         return out
+
+    def load_chunks(self, chunk_tokens: int, blocks_per_chunk: int) -> list[_Chunk]:
+        """The chunks a load may cover: ``chunks()``, or with a partial hit the whole-chunk
+        hits followed by it."""
+        if self.hit_tail is None:
+            return self.chunks(chunk_tokens, blocks_per_chunk)
+        head = self.keys[: self.hit_chunks]
+        return [_Chunk(k, chunk_tokens, blocks_per_chunk) for k in head] + [self.hit_tail]
 
 
 class SchedulerSide:
@@ -150,6 +167,10 @@ class SchedulerSide:
         self._load_enabled = load_enabled
         self._save_enabled = save_enabled
         self._blocks_per_chunk = cfg.chunk_tokens // layout.block_size
+        # block_hits cuts hold at least half a chunk: the agent stores them in whole-chunk
+        # slots when it has no smaller ones (at most twice their size), so they never make
+        # it empty an arena segment for a class of their own.
+        self._min_cut_blocks = max(1, -(-self._blocks_per_chunk // 2))
         self._requests: dict[str, _RequestState] = {}
         self._namespaces: dict[tuple[str, int], NamespaceId] = {}
         self._kv_cache_manager: KVCacheManager | None = None
@@ -218,6 +239,11 @@ class SchedulerSide:
         state.producer, state.consumer = producer, consumer
         if producer is not None:
             state.transfer_id = uuid.uuid4().hex
+        elif consumer is None and self._cfg.block_hits and self._save_enabled:
+            rest = len(tokens) - len(state.keys) * self._cfg.chunk_tokens
+            blocks = rest // self._layout.block_size
+            if blocks >= self._min_cut_blocks:
+                state.block_tail = self._partial(state, len(state.keys), blocks)
         self._requests[request.request_id] = state
         if self._load_enabled and (state.keys or state.tail is not None):
             self._lookup(state)
@@ -230,6 +256,51 @@ class SchedulerSide:
             return None
         keys = self._keys_for(request, tokens, partial=True)[-1]
         return _Chunk(keys, rest, -(-rest // bs))
+
+    def _partial(self, state: _RequestState, position: int, blocks: int) -> _Chunk:
+        """The first ``blocks`` blocks of chunk ``position`` of the prompt, as a chunk of its
+        own (chained like a full one, so it can only meet the same prompt start)."""
+        chunk, bs = self._cfg.chunk_tokens, self._layout.block_size
+        start = position * chunk
+        tokens = (state.request.prompt_token_ids or [])[start : start + blocks * bs]
+        salt = self._request_salt(state.request)
+        keys = tuple(
+            next_key(
+                self._namespace_id(salt, rank),
+                state.keys[position - 1][rank] if position else ROOT_KEY,
+                tokens,
+            )
+            for rank in range(self._layout.tp_size)
+        )
+        return _Chunk(keys, blocks * bs, blocks)
+
+    def _probe_partial(self, state: _RequestState, position: int) -> None:
+        """``block_hits``: after ``position`` whole-chunk hits, ask for the same chunk cut at
+        each block (longest first, down to half a chunk): another prompt that ended inside
+        it saved its whole blocks there. One more round trip, only for requests that hit
+        something."""
+        bs, chunk = self._layout.block_size, self._cfg.chunk_tokens
+        prompt_len = len(state.request.prompt_token_ids or [])
+        # Leave at least one prompt token to compute: vLLM needs its logits.
+        most = min(self._blocks_per_chunk - 1, (prompt_len - 1 - position * chunk) // bs)
+        if most < self._min_cut_blocks:
+            return
+        low = self._min_cut_blocks - 1
+        candidates = [self._partial(state, position, n) for n in range(most, low, -1)]
+        started = time.perf_counter()
+        try:
+            reply = self._agent.lookup([c.keys[0] for c in candidates], None, probe=True)
+        except (AgentUnavailable, MeshKVError) as exc:
+            self._counters.lookup_errors += 1
+            logger.debug("meshkv partial lookup failed for %s: %s", state.request.request_id, exc)
+            return
+        finally:
+            self._counters.call_seconds += time.perf_counter() - started
+        for candidate, tier in zip(candidates, reply.tiers, strict=False):
+            if tier is not None:
+                state.hit_tail = candidate
+                state.all_local = state.all_local and tier == _LOCAL_TIER
+                return
 
     def _consumer_usable(self, consumer: ConsumerRequest, prompt_len: int) -> bool:
         if consumer.chunk_tokens != self._cfg.chunk_tokens:
@@ -271,6 +342,14 @@ class SchedulerSide:
                 self.events.seen(key, tier)
         state.hit_chunks = prefix
         state.all_local = all(tier == _LOCAL_TIER for tier in tiers)
+        if (
+            prefix > 0
+            and self._cfg.block_hits
+            and state.consumer is None
+            and state.producer is None
+            and prefix <= len(state.keys)
+        ):
+            self._probe_partial(state, prefix)
 
     # --- vLLM hooks ----------------------------------------------------------------------
 
@@ -286,6 +365,7 @@ class SchedulerSide:
             # second promise of the same chunks could fail the same way, forever. What
             # it computes again is saved again.
             state.saved_chunks = 0
+            state.block_tail_saved = False
             return 0, False
         prompt_len = len(request.prompt_token_ids or [])
         if state.consumer is not None:
@@ -300,6 +380,8 @@ class SchedulerSide:
         # Leave at least one prompt token to compute: vLLM needs its logits.
         usable_chunks = min(state.hit_chunks, max(0, (prompt_len - 1) // chunk))
         hit_tokens = usable_chunks * chunk
+        if state.hit_tail is not None and usable_chunks == state.hit_chunks:
+            hit_tokens += state.hit_tail.num_tokens  # probed to leave one token to compute
         if hit_tokens <= num_computed_tokens:
             return 0, False
         new_tokens = hit_tokens - num_computed_tokens
@@ -317,7 +399,7 @@ class SchedulerSide:
         bs, bpc = self._layout.block_size, self._blocks_per_chunk
         first_block = state.local_computed // bs
         end_block = -(-(state.local_computed + num_external_tokens) // bs)  # ceiling
-        chunks = state.chunks(self._cfg.chunk_tokens, bpc)
+        chunks = state.load_chunks(self._cfg.chunk_tokens, bpc)
         loads: list[ChunkLoad] = []
         for c in range(first_block // bpc, len(chunks)):
             n = chunks[c].num_blocks
@@ -340,6 +422,8 @@ class SchedulerSide:
         state.saved_chunks = max(state.saved_chunks, min(hit_full, loaded_chunks))
         if state.tail is not None and state.hit_chunks > len(state.keys):
             state.tail_saved = True
+        if state.hit_tail is not None and state.hit_tail == state.block_tail:
+            state.block_tail_saved = True  # loaded, hence stored already
         state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async, wait)
         self._counters.hit_tokens += num_external_tokens
         if is_async:
@@ -389,8 +473,15 @@ class SchedulerSide:
                 keys = self._decode_keys(state, full_chunks)
         saves: list[ChunkSave] = []
         block_ids: list[int] = []
-        if full_chunks > state.saved_chunks or (
-            state.producer is not None and not state.tail_saved and done_tokens >= prompt_len
+        block_tail = state.block_tail
+        if block_tail is not None and (
+            state.block_tail_saved or done_tokens < len(state.keys) * chunk + block_tail.num_tokens
+        ):
+            block_tail = None  # saved, or its blocks are not all computed yet
+        if (
+            full_chunks > state.saved_chunks
+            or (state.producer is not None and not state.tail_saved and done_tokens >= prompt_len)
+            or block_tail is not None
         ):
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
         for c in range(state.saved_chunks, min(full_chunks, len(keys))):
@@ -404,6 +495,13 @@ class SchedulerSide:
                     self.events.plan(req_id, c, event, keys[c][0])
         if saves:
             state.saved_chunks = saves[-1].index + 1
+        if block_tail is not None and state.saved_chunks >= len(state.keys):
+            first = len(state.keys) * bpc
+            blocks = block_ids[first : first + block_tail.num_blocks]
+            if len(blocks) == block_tail.num_blocks:
+                index, size = len(state.keys), block_tail.num_tokens
+                saves.append(ChunkSave(block_tail.keys, tuple(blocks), index, size))
+                state.block_tail_saved = True
         tail = state.tail
         if (
             state.producer is not None
