@@ -164,10 +164,13 @@ class LMCacheServer(_Service):
 
     name = "lmcache-server"
 
-    def __init__(self, workdir: Path, venv: Path, l1_size_gb: float) -> None:
+    def __init__(
+        self, workdir: Path, venv: Path, l1_size_gb: float, chunk_tokens: int = 256
+    ) -> None:
         super().__init__(workdir)
         self.venv = venv
         self.l1_size_gb = l1_size_gb
+        self.chunk_tokens = chunk_tokens
         self.port = 0
         self.http_port = 0
         self.shm_name = f"lmcache_meshkvbench_{os.getpid()}_{os.urandom(3).hex()}"
@@ -191,6 +194,7 @@ class LMCacheServer(_Service):
             "--host", "127.0.0.1", "--port", str(self.port),
             "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
             "--l1-size-gb", f"{self.l1_size_gb:g}",
+            "--chunk-size", str(self.chunk_tokens),
             "--eviction-policy", "LRU",
             # Without it the engine hangs at KV registration for up to 300 s (FACTS.md).
             "--supported-transfer-mode", "auto",

@@ -38,7 +38,15 @@ open loop (Poisson arrivals at each ``--rates`` value, requests/s; a chat arriva
 next ready user and waits for one when none is). Each run uses fresh content, so it starts
 cold. Per run: completed/failed, requests/s, output tokens/s, TTFT p50/p90/p99, ITL p50/p99,
 and where the prompt tokens came from (computed, vLLM's prefix cache, the connector; for
-meshkv split by tier from the agent's counters). Results named as the issue defines them
+meshkv split by tier from the agent's counters), and what the engine held meanwhile
+(:class:`Occupancy`: requests running and waiting, KV cache use, preemptions — an engine
+whose KV cache cannot hold ``--concurrency`` prompts runs fewer side by side, whatever the
+cache serves). ``--chunk-tokens`` sets the chunk size of both caches (default 256, both
+caches' default). LMCache serves whole chunks only, so a question about a document computes
+the tokens of the document's last partial chunk again, where vLLM's own prefix cache hits
+every full block (128 tokens on CPU); meshkv hits every full block too (the connector's
+``block_hits``, on by default; ``--no-block-hits`` for whole chunks only). Results named as
+the issue defines them
 (``ttft_p50_<w>`` vs LMCache, ``ttft_p50_<w>_vs_prefix_cache``, ``throughput_<w>``,
 ``ttft_p50_<w>_ssd_vs_cpu``, ``failed_requests``) come from the closed-loop runs; the
 open-loop ones add ``..._open<rate>`` rows. ``--plot-dir`` writes one PNG per workload: the
@@ -58,6 +66,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,7 +235,9 @@ def vocab_size(model: str) -> int:
     return 32000
 
 
-def sizes(shape: Shape, workload: str, per_token: int, runs: int) -> ArmSizes:
+def sizes(
+    shape: Shape, workload: str, per_token: int, runs: int, chunk_tokens: int = CHUNK_TOKENS
+) -> ArmSizes:
     """The engine holds a quarter of one run's working set; a cache that "holds the working
     set" holds every run's (each run brings fresh content) with a quarter to spare."""
     ws = shape.working_set(workload)
@@ -244,7 +255,7 @@ def sizes(shape: Shape, workload: str, per_token: int, runs: int) -> ArmSizes:
         engine_kv=engine_tokens * per_token,
         cpu_tier=int(ws * runs * per_token * 1.25) + (64 << 20),
         max_model_len=max_len,
-        chunk_bytes=CHUNK_TOKENS * per_token,
+        chunk_bytes=chunk_tokens * per_token,
         working_set=ws * per_token,
     )
 
@@ -329,12 +340,16 @@ def start_arm(
             stack.agent = AgentProcess(
                 name=f"serve-{arm}", cpu_bytes=cpu, ssd_dir=ssd, log_level="warning", args=extra
             ).start()
-            transfer = meshkv_kv_transfer_config(stack.agent.socket_path, chunk_tokens=CHUNK_TOKENS)
+            transfer = meshkv_kv_transfer_config(
+                stack.agent.socket_path, chunk_tokens=args.chunk_tokens, block_hits=args.block_hits
+            )
         elif arm == "lmcache":
             venv = Path(args.lmcache_venv)
             python = ensure_lmcache_venv(venv, env, install=not args.no_install_lmcache)
             gb = size.cpu_tier / (1 << 30)
-            stack.lmcache = LMCacheServer(workdir, venv, round(gb + 0.05, 2)).start(env)
+            stack.lmcache = LMCacheServer(
+                workdir, venv, round(gb + 0.05, 2), chunk_tokens=args.chunk_tokens
+            ).start(env)
             transfer = stack.lmcache.connector_config()
         elif arm not in ("prefix", "prefix_all"):
             raise ValueError(f"unknown arm {arm!r}")
@@ -373,6 +388,8 @@ class Run:
     (meshkv: cpu, ssd, peer)."""
     load_avg: float = 0.0
     ttfts: list[float] = field(default_factory=list)
+    engine: dict[str, float] = field(default_factory=dict)
+    """What the engine held while the run lasted (:class:`Occupancy`)."""
 
 
 def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -396,6 +413,73 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
     return out
 
 
+PREEMPTIONS = "vllm:num_preemptions_total"
+
+
+class Occupancy:
+    """Samples the server's scheduler gauges while a run lasts: how many requests the engine
+    ran at once, how many waited, how full its KV cache was, and how often it preempted.
+
+    An arm whose engine cannot hold ``--concurrency`` prompts at once runs fewer of them
+    side by side whatever its cache serves; these numbers tell that apart from what a hit
+    costs. One scrape of ``/metrics`` every ``period_s`` (a few ms of the API server's
+    time, the same in every arm)."""
+
+    GAUGES = {
+        "running": "vllm:num_requests_running",
+        "waiting": "vllm:num_requests_waiting",
+        "kv_usage": "vllm:kv_cache_usage_perc",
+    }
+
+    def __init__(self, url: str, period_s: float = 0.5) -> None:
+        self._url = url + "/metrics"
+        self._period = period_s
+        self._samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="occupancy", daemon=True)
+        self._preemptions = 0.0
+        self.preemptions = float("nan")
+
+    def _scrape(self) -> str | None:
+        try:
+            return http_get(self._url, timeout=5).decode()
+        except OSError:
+            return None  # a missed sample; the run itself reports what failed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            text = self._scrape()
+            if text is not None:
+                self._samples.append(
+                    {k: prometheus_sum(text, name) for k, name in self.GAUGES.items()}
+                )
+
+    def __enter__(self) -> Occupancy:
+        text = self._scrape()
+        self._preemptions = prometheus_sum(text or "", PREEMPTIONS)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        text = self._scrape()
+        total = float("nan") if text is None else prometheus_sum(text, PREEMPTIONS)
+        self.preemptions = total - self._preemptions
+
+    def summary(self) -> dict[str, float]:
+        """Means over the samples and the most requests seen running at once (none without
+        samples), and the run's preemptions (absent unless both ends were read)."""
+        n = len(self._samples)
+        out = {"samples": float(n)}
+        if n:
+            out.update({f"{k}_mean": sum(s[k] for s in self._samples) / n for k in self.GAUGES})
+            out["running_max"] = max(s["running"] for s in self._samples)
+        if self.preemptions == self.preemptions:  # not NaN: both ends were read
+            out["preemptions"] = self.preemptions
+        return out
+
+
 def run_once(
     stack: Stack, args: argparse.Namespace, shape: Shape, workload: str, mode: str,
     offered: float, seed: int, vocab: int,
@@ -411,10 +495,11 @@ def run_once(
         users = chat_users(shape, seed, vocab)
     before = stack.counters()
     load_before = os.getloadavg()[0]
-    if mode == "closed":
-        results, seconds = asyncio.run(load.drive(url, users, concurrency=int(offered)))
-    else:
-        results, seconds = asyncio.run(load.drive(url, users, rate=offered, seed=seed))
+    with Occupancy(url) as occupancy:
+        if mode == "closed":
+            results, seconds = asyncio.run(load.drive(url, users, concurrency=int(offered)))
+        else:
+            results, seconds = asyncio.run(load.drive(url, users, rate=offered, seed=seed))
     after = stack.counters()
     summary = load.summarize(results, seconds)
     run = Run(
@@ -422,6 +507,7 @@ def run_once(
         tokens=_token_sources(before, after),
         load_avg=(load_before + os.getloadavg()[0]) / 2,
         ttfts=sorted(r.ttft_s for r in results if r.ok and r.ttft_s is not None),
+        engine=occupancy.summary(),
     )  # fmt: skip
     logger.info(
         "%s %s %s %s: %d ok, %d failed, %.2f req/s, TTFT p50 %s ms",
@@ -526,6 +612,8 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
             "workloads": args.workloads,
             "concurrency": args.concurrency,
             "rates": args.rates,
+            "chunk_tokens": args.chunk_tokens,
+            "block_hits": args.block_hits,
             "shape": asdict(args.shape),
             "arm_errors": errors,
             "runs": [
@@ -537,9 +625,15 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
     return report
 
 
+def _mean(engine: dict[str, float], gauge: str, scale: float = 1.0) -> str:
+    value = engine.get(f"{gauge}_mean")
+    return "" if value is None else f"{value * scale:.1f}"
+
+
 def runs_table(runs: list[Run]) -> str:
     head = ("workload", "arm", "load", "ok", "fail", "req/s", "tok/s", "ttft p50", "p90", "p99",
-            "itl p50", "p99", "computed", "prefix", "connector", "cpu", "ssd", "la")  # fmt: skip
+            "itl p50", "p99", "computed", "prefix", "connector", "cpu", "ssd", "running",
+            "waiting", "kv %", "preempt", "la")  # fmt: skip
     rows = [head]
     for r in runs:
         s, t = r.summary, r.tokens
@@ -562,6 +656,10 @@ def runs_table(runs: list[Run]) -> str:
                 f"{t.get('connector', 0):.0f}",
                 f"{t['cpu']:.0f}" if "cpu" in t else "",
                 f"{t['ssd']:.0f}" if "ssd" in t else "",
+                _mean(r.engine, "running"),
+                _mean(r.engine, "waiting"),
+                _mean(r.engine, "kv_usage", 100.0),
+                f"{r.engine['preemptions']:.0f}" if "preemptions" in r.engine else "",
                 f"{r.load_avg:.1f}",
             )  # fmt: skip
         )
@@ -679,6 +777,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="meshkv_ssd: write every committed chunk to SSD at once (--write-through) "
         "rather than on eviction",
     )  # fmt: skip
+    p.add_argument(
+        "--chunk-tokens", type=_positive, default=CHUNK_TOKENS,
+        help="tokens per chunk of both caches (meshkv's chunk_tokens, LMCache's --chunk-size); "
+        "a multiple of the engine's block size",
+    )  # fmt: skip
+    p.add_argument(
+        "--block-hits", action=argparse.BooleanOptionalAction, default=True,
+        help="meshkv arms: hit every full block of a prompt, not only whole chunks "
+        "(the connector's block_hits)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")
     p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
@@ -718,7 +826,9 @@ def run(args: argparse.Namespace) -> int:
     vocab = vocab_size(model)
     modes = [("closed", float(args.concurrency))] + [("open", r) for r in args.rates]
     try:
-        arm_sizes = {w: sizes(shape, w, per_token, len(modes)) for w in args.workloads}
+        arm_sizes = {
+            w: sizes(shape, w, per_token, len(modes), args.chunk_tokens) for w in args.workloads
+        }
     except ValueError as exc:
         print(f"meshkv bench serve: {exc}", file=sys.stderr)
         return 2

@@ -194,8 +194,9 @@ def test_report_sets_each_cache_against_an_engine_that_holds_everything() -> Non
         )
     ]
     args = argparse.Namespace(
-        workloads=["longdoc"], concurrency=4, rates=[], arms=list(serve.ARMS), shape=SHAPE
-    )
+        workloads=["longdoc"], concurrency=4, rates=[], arms=list(serve.ARMS), shape=SHAPE,
+        chunk_tokens=256, block_hits=True,
+    )  # fmt: skip
     rows = {r.name: r for r in serve.build_report(runs, args, {}).results}
     assert rows["ttft_p50_longdoc"].value == pytest.approx(1200.0)
     assert rows["ttft_p50_longdoc"].baseline_value == pytest.approx(1500.0)
@@ -205,3 +206,64 @@ def test_report_sets_each_cache_against_an_engine_that_holds_everything() -> Non
     assert rows["throughput_longdoc_vs_prefix_all"].baseline_value == pytest.approx(2.8)
     assert rows["throughput_longdoc_lmcache_vs_prefix_all"].value == pytest.approx(2.0)
     assert "ttft_p50_longdoc_vs_prefix_cache" not in rows  # that arm did not run: no row
+
+
+class Gauges:
+    """A ``/metrics`` page whose scheduler gauges the test sets while a sampler reads it."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.preemptions = 5
+        self.scrapes = 0
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.scrapes += 1
+        lines = [
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{engine="0",model_name="m"}} {self.running}',
+            f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {self.waiting}',
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} {0.1 * self.running}',
+            f'vllm:num_preemptions_total{{engine="0",model_name="m"}} {self.preemptions}',
+        ]
+        return web.Response(text="\n".join(lines) + "\n")
+
+
+def test_occupancy_reports_what_the_engine_ran_waited_and_preempted_during_the_run() -> None:
+    gauges = Gauges()
+
+    async def main() -> dict[str, float]:
+        app = web.Application()
+        app.add_routes([web.get("/metrics", gauges.metrics)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            occupancy = serve.Occupancy(f"http://127.0.0.1:{port}", period_s=0.02)
+            # The sampler runs on its own thread: this loop keeps answering it.
+            await asyncio.to_thread(occupancy.__enter__)
+            gauges.running, gauges.waiting = 2, 3
+            await asyncio.sleep(0.3)
+            gauges.preemptions += 4
+            await asyncio.to_thread(occupancy.__exit__, None, None, None)
+            return occupancy.summary()
+        finally:
+            await runner.cleanup()
+
+    summary = asyncio.run(main())
+    assert summary["samples"] >= 5
+    # Sampled after the first period, so (nearly) every sample saw 2 running and 3 waiting.
+    assert summary["running_mean"] == pytest.approx(2.0, abs=0.5)
+    assert summary["running_max"] == 2.0
+    assert summary["waiting_mean"] == pytest.approx(3.0, abs=0.75)
+    assert summary["kv_usage_mean"] == pytest.approx(0.2, abs=0.05)
+    assert summary["preemptions"] == 4.0  # the run's own, not the counter's total
+
+
+def test_occupancy_of_a_server_that_never_answers_has_no_samples() -> None:
+    occupancy = serve.Occupancy(f"http://127.0.0.1:{free_port()}", period_s=0.01)
+    with occupancy:
+        time.sleep(0.05)
+    # Nothing measured is reported as nothing, not as zero.
+    assert occupancy.summary() == {"samples": 0.0}

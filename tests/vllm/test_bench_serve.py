@@ -2,7 +2,8 @@
 tier is half the working set, a real SSD directory, a real OpenAI server), both
 workloads, closed loop. What the benchmark reports must be what happened: every request
 answered, chat rounds that grow by the model's real answers, long-document questions
-served from the connector, a large part of them read back from disk."""
+served from the connector, a large part of them read back from disk, with 128-token chunks
+(``--chunk-tokens``), and the engine's occupancy sampled while the run lasted."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
     code = serve.main(
         [
             "--model", tiny_model, "--arms", "meshkv_ssd", "--workloads", "chat,longdoc",
-            "--concurrency", "2", "--rates", "",
+            "--concurrency", "2", "--rates", "", "--chunk-tokens", "128",
             "--docs", "8", "--doc-tokens", "500-600", "--questions", "2",
             "--users", "12", "--rounds", "3", "--system-tokens", "300", "--answer-tokens", "8",
             "--json", str(out), "--plot-dir", str(tmp_path), "--workdir", str(tmp_path / "w"),
@@ -55,5 +56,13 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
     assert tokens["connector"] >= 0.5 * tokens["prompt"], tokens
     assert tokens["ssd"] >= 0.25 * tokens["connector"], tokens
     assert tokens["demoted_chunks"] > 0
+    # One engine block per chunk: the connector of the arm's server was configured so.
+    log = (tmp_path / "w" / "longdoc" / "meshkv_ssd" / "server.log").read_text()
+    assert "chunk 128 tokens" in log
+    # The engine's occupancy was sampled while the questions ran: two in flight at most.
+    engine = doc["engine"]
+    assert engine["samples"] > 0, engine
+    assert 0 < engine["running_mean"] <= 2.0 and engine["running_max"] <= 2.0, engine
+    assert engine["preemptions"] >= 0, engine
     assert (tmp_path / "serve-longdoc.png").stat().st_size > 0
     assert (tmp_path / "serve-chat.png").stat().st_size > 0
