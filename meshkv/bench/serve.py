@@ -456,7 +456,7 @@ class Occupancy:
 
     def __enter__(self) -> Occupancy:
         text = self._scrape()
-        self._preemptions = prometheus_sum(text or "", PREEMPTIONS)
+        self._preemptions = float("nan") if text is None else prometheus_sum(text, PREEMPTIONS)
         self._thread.start()
         return self
 
