@@ -96,6 +96,8 @@ FIRST_TOKEN = 3
 """Ids below this are special tokens of the tiny model (and of most tokenizers' vocabularies
 close enough to matter for random prompts)."""
 CHUNK_TOKENS = 256
+CPU_BLOCK_TOKENS = 128
+"""vLLM's KV block size on CPU (the servers run with the default)."""
 
 
 # --- workloads ---------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def sizes(
     engine_tokens = ws // 4
     # vLLM counts whole blocks (128 tokens on CPU) and keeps one block back: the engine must
     # still fit one request of max_len.
-    block = 128
+    block = CPU_BLOCK_TOKENS
     if (engine_tokens // block - 1) * block < max_len:
         raise ValueError(
             f"{workload}: a quarter of the working set ({engine_tokens} tokens) cannot hold "
@@ -820,6 +822,13 @@ def run(args: argparse.Namespace) -> int:
     args.shape = shape = _shape(args)
     if not 0 < args.ssd_cpu_fraction < 1:
         print("meshkv bench serve: --ssd-cpu-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    if args.chunk_tokens % CPU_BLOCK_TOKENS:
+        print(
+            f"meshkv bench serve: --chunk-tokens must be a multiple of vLLM CPU's block size "
+            f"({CPU_BLOCK_TOKENS}), got {args.chunk_tokens}",
+            file=sys.stderr,
+        )
         return 2
     model = args.model
     per_token = kv_bytes_per_token(model)

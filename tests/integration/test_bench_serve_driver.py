@@ -267,3 +267,12 @@ def test_occupancy_of_a_server_that_never_answers_has_no_samples() -> None:
         time.sleep(0.05)
     # Nothing measured is reported as nothing, not as zero.
     assert occupancy.summary() == {"samples": 0.0}
+
+
+def test_a_chunk_size_that_engine_blocks_do_not_tile_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert serve.main(["--model", "/nowhere", "--chunk-tokens", "200"]) == 2
+    assert "--chunk-tokens must be a multiple of vLLM CPU's block size (128), got 200" in (
+        capsys.readouterr().err
+    )

@@ -33,6 +33,7 @@ def test_defaults_and_typed_values() -> None:
         ({"chunk_tokens": "256"}, "chunk_tokens must be an integer"),
         ({"chunk_tokens": 0}, "chunk_tokens must be positive"),
         ({"save_decode_tokens": "yes"}, "save_decode_tokens must be true or false"),
+        ({"block_hits": 1}, "block_hits must be true or false"),
         ({"load_timeout_s": -1}, "load_timeout_s must be > 0"),
         ({"sockets": "/x"}, "unknown kv_connector_extra_config key(s) ['sockets']"),
         ({"socket": "/a", "socket_path": "/b"}, "give the agent socket once"),
