@@ -39,13 +39,14 @@ next ready user and waits for one when none is). Each run uses fresh content, so
 cold. Per run: completed/failed, requests/s, output tokens/s, TTFT p50/p90/p99, ITL p50/p99,
 and where the prompt tokens came from (computed, vLLM's prefix cache, the connector; for
 meshkv split by tier from the agent's counters), and what the engine held meanwhile
-(:class:`Occupancy`: requests running and waiting, KV cache use, preemptions — an engine
-whose KV cache cannot hold ``--concurrency`` prompts runs fewer side by side, whatever the
-cache serves). ``--chunk-tokens`` sets the chunk size of both caches (default 256, both
-caches' default). LMCache serves whole chunks only, so a question about a document computes
-the tokens of the document's last partial chunk again, where vLLM's own prefix cache hits
-every full block (128 tokens on CPU); meshkv hits every full block too (the connector's
-``block_hits``, on by default; ``--no-block-hits`` for whole chunks only). Results named as
+(:class:`~meshkv.bench.serve_runs.Occupancy`: requests running and waiting, KV cache use,
+preemptions — an engine whose KV cache cannot hold ``--concurrency`` prompts runs fewer
+side by side, whatever the cache serves). ``--chunk-tokens`` sets the chunk size of both
+caches (default 256, both caches' default). LMCache serves whole chunks only, so a
+question about a document computes the tokens of the document's last partial chunk again,
+where vLLM's own prefix cache hits every full block (128 tokens on CPU); meshkv hits every
+full block too (the connector's ``block_hits``, on by default; ``--no-block-hits`` for
+whole chunks only). Results named as
 the issue defines them
 (``ttft_p50_<w>`` vs LMCache, ``ttft_p50_<w>_vs_prefix_cache``, ``throughput_<w>``,
 ``ttft_p50_<w>_ssd_vs_cpu``, ``failed_requests``) come from the closed-loop runs; the
@@ -66,15 +67,15 @@ import os
 import random
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
-from meshkv.bench.report import Report, Result, text_table
+from meshkv.bench.report import Report, Result
+from meshkv.bench.serve_runs import Occupancy, Run, find_run, ms, plot, runs_table
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -373,27 +374,6 @@ def start_arm(
 # --- one run -----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Run:
-    """One load run on one arm."""
-
-    arm: str
-    workload: str
-    mode: str
-    """``closed`` or ``open``."""
-    offered: float | None
-    """Concurrency (closed) or requests/s (open)."""
-    summary: load.Summary
-    warmup: load.Summary | None
-    tokens: dict[str, float] = field(default_factory=dict)
-    """Prompt tokens of the measured requests by source: computed, prefix_cache, connector
-    (meshkv: cpu, ssd, peer)."""
-    load_avg: float = 0.0
-    ttfts: list[float] = field(default_factory=list)
-    engine: dict[str, float] = field(default_factory=dict)
-    """What the engine held while the run lasted (:class:`Occupancy`)."""
-
-
 def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     out = {
@@ -413,73 +393,6 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
                      "ssd_writes_refused", "lookup_miss_chunks"):  # fmt: skip
             out[name] = d[name]
     return out
-
-
-PREEMPTIONS = "vllm:num_preemptions_total"
-
-
-class Occupancy:
-    """Samples the server's scheduler gauges while a run lasts: how many requests the engine
-    ran at once, how many waited, how full its KV cache was, and how often it preempted.
-
-    An arm whose engine cannot hold ``--concurrency`` prompts at once runs fewer of them
-    side by side whatever its cache serves; these numbers tell that apart from what a hit
-    costs. One scrape of ``/metrics`` every ``period_s`` (a few ms of the API server's
-    time, the same in every arm)."""
-
-    GAUGES = {
-        "running": "vllm:num_requests_running",
-        "waiting": "vllm:num_requests_waiting",
-        "kv_usage": "vllm:kv_cache_usage_perc",
-    }
-
-    def __init__(self, url: str, period_s: float = 0.5) -> None:
-        self._url = url + "/metrics"
-        self._period = period_s
-        self._samples: list[dict[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="occupancy", daemon=True)
-        self._preemptions = 0.0
-        self.preemptions = float("nan")
-
-    def _scrape(self) -> str | None:
-        try:
-            return http_get(self._url, timeout=5).decode()
-        except OSError:
-            return None  # a missed sample; the run itself reports what failed
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            text = self._scrape()
-            if text is not None:
-                self._samples.append(
-                    {k: prometheus_sum(text, name) for k, name in self.GAUGES.items()}
-                )
-
-    def __enter__(self) -> Occupancy:
-        text = self._scrape()
-        self._preemptions = float("nan") if text is None else prometheus_sum(text, PREEMPTIONS)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        text = self._scrape()
-        total = float("nan") if text is None else prometheus_sum(text, PREEMPTIONS)
-        self.preemptions = total - self._preemptions
-
-    def summary(self) -> dict[str, float]:
-        """Means over the samples and the most requests seen running at once (none without
-        samples), and the run's preemptions (absent unless both ends were read)."""
-        n = len(self._samples)
-        out = {"samples": float(n)}
-        if n:
-            out.update({f"{k}_mean": sum(s[k] for s in self._samples) / n for k in self.GAUGES})
-            out["running_max"] = max(s["running"] for s in self._samples)
-        if self.preemptions == self.preemptions:  # not NaN: both ends were read
-            out["preemptions"] = self.preemptions
-        return out
 
 
 def run_once(
@@ -514,7 +427,7 @@ def run_once(
     logger.info(
         "%s %s %s %s: %d ok, %d failed, %.2f req/s, TTFT p50 %s ms",
         stack.arm, workload, mode, offered, summary.completed, summary.failed,
-        summary.requests_per_s, _ms(summary.ttft_p50),
+        summary.requests_per_s, ms(summary.ttft_p50),
     )  # fmt: skip
     return run
 
@@ -528,18 +441,7 @@ def _warm_server(url: str, vocab: int) -> None:
         raise LaunchError(f"the server's first request failed: {results[0].error}")
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}"
-
-
 # --- report ------------------------------------------------------------------------------
-
-
-def _find(runs: list[Run], arm: str, workload: str, mode: str, offered: float) -> Run | None:
-    for r in runs:
-        if (r.arm, r.workload, r.mode, r.offered) == (arm, workload, mode, offered):
-            return r
-    return None
 
 
 def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, str]) -> Report:
@@ -564,31 +466,31 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
         )
 
     for w in args.workloads:
-        mk = _find(runs, "meshkv_cpu", w, "closed", c)
-        add(f"ttft_p50_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "ttft_p50")
+        mk = find_run(runs, "meshkv_cpu", w, "closed", c)
+        add(f"ttft_p50_{w}", mk, "lmcache", find_run(runs, "lmcache", w, "closed", c), "ttft_p50")
         add(
             f"ttft_p50_{w}_vs_prefix_cache",
             mk,
             "vllm prefix cache",
-            _find(runs, "prefix", w, "closed", c),
+            find_run(runs, "prefix", w, "closed", c),
             "ttft_p50",
         )
         add(
             f"throughput_{w}",
             mk,
             "lmcache",
-            _find(runs, "lmcache", w, "closed", c),
+            find_run(runs, "lmcache", w, "closed", c),
             "requests_per_s",
         )
         add(
             f"ttft_p50_{w}_ssd_vs_cpu",
-            _find(runs, "meshkv_ssd", w, "closed", c),
+            find_run(runs, "meshkv_ssd", w, "closed", c),
             "meshkv cpu tier",
             mk,
             "ttft_p50",
         )
-        floor = _find(runs, "prefix_all", w, "closed", c)
-        lm = _find(runs, "lmcache", w, "closed", c)
+        floor = find_run(runs, "prefix_all", w, "closed", c)
+        lm = find_run(runs, "lmcache", w, "closed", c)
         add(f"ttft_p50_{w}_vs_prefix_all", mk, "engine holds all", floor, "ttft_p50")
         add(f"ttft_p50_{w}_lmcache_vs_prefix_all", lm, "engine holds all", floor, "ttft_p50")
         add(f"throughput_{w}_vs_prefix_all", mk, "engine holds all", floor, "requests_per_s")
@@ -599,11 +501,11 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
             floor,
             "requests_per_s",
         )
-        add(f"ttft_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "ttft_p99")
-        add(f"itl_p99_{w}", mk, "lmcache", _find(runs, "lmcache", w, "closed", c), "itl_p99")
+        add(f"ttft_p99_{w}", mk, "lmcache", find_run(runs, "lmcache", w, "closed", c), "ttft_p99")
+        add(f"itl_p99_{w}", mk, "lmcache", find_run(runs, "lmcache", w, "closed", c), "itl_p99")
         for rate in args.rates:
-            mk_open = _find(runs, "meshkv_cpu", w, "open", rate)
-            lm_open = _find(runs, "lmcache", w, "open", rate)
+            mk_open = find_run(runs, "meshkv_cpu", w, "open", rate)
+            lm_open = find_run(runs, "lmcache", w, "open", rate)
             add(f"ttft_p50_{w}_open{rate:g}", mk_open, "lmcache", lm_open, "ttft_p50")
             add(f"throughput_{w}_open{rate:g}", mk_open, "lmcache", lm_open, "requests_per_s")
     failed = sum(r.summary.failed + (r.warmup.failed if r.warmup else 0) for r in runs)
@@ -625,94 +527,6 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
         }
     )
     return report
-
-
-def _mean(engine: dict[str, float], gauge: str, scale: float = 1.0) -> str:
-    value = engine.get(f"{gauge}_mean")
-    return "" if value is None else f"{value * scale:.1f}"
-
-
-def runs_table(runs: list[Run]) -> str:
-    head = ("workload", "arm", "load", "ok", "fail", "req/s", "tok/s", "ttft p50", "p90", "p99",
-            "itl p50", "p99", "computed", "prefix", "connector", "cpu", "ssd", "running",
-            "waiting", "kv %", "preempt", "la")  # fmt: skip
-    rows = [head]
-    for r in runs:
-        s, t = r.summary, r.tokens
-        rows.append(
-            (
-                r.workload,
-                r.arm,
-                f"c={r.offered:g}" if r.mode == "closed" else f"{r.offered:g}/s",
-                str(s.completed),
-                str(s.failed),
-                f"{s.requests_per_s:.2f}",
-                f"{s.output_tokens_per_s:.0f}",
-                _ms(s.ttft_p50),
-                _ms(s.ttft_p90),
-                _ms(s.ttft_p99),
-                _ms(s.itl_p50),
-                _ms(s.itl_p99),
-                f"{t.get('computed', 0):.0f}",
-                f"{t.get('prefix_cache', 0):.0f}",
-                f"{t.get('connector', 0):.0f}",
-                f"{t['cpu']:.0f}" if "cpu" in t else "",
-                f"{t['ssd']:.0f}" if "ssd" in t else "",
-                _mean(r.engine, "running"),
-                _mean(r.engine, "waiting"),
-                _mean(r.engine, "kv_usage", 100.0),
-                f"{r.engine['preemptions']:.0f}" if "preemptions" in r.engine else "",
-                f"{r.load_avg:.1f}",
-            )  # fmt: skip
-        )
-    return text_table(rows)
-
-
-def plot(runs: list[Run], workload: str, path: Path, concurrency: int) -> None:
-    """TTFT CDF per arm (closed loop) beside achieved vs offered load (open loop)."""
-    import matplotlib  # noqa: PLC0415 - optional, only for plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (cdf, tput) = plt.subplots(1, 2, figsize=(11, 4))
-    arms = sorted({r.arm for r in runs if r.workload == workload}, key=ARMS.index)
-    for arm in arms:
-        closed = _find(runs, arm, workload, "closed", float(concurrency))
-        if closed is not None and closed.ttfts:
-            xs = [t * 1000 for t in closed.ttfts]
-            ys = [(i + 1) / len(xs) for i in range(len(xs))]
-            cdf.step(xs, ys, where="post", label=arm)
-        opens = sorted(
-            (r for r in runs if (r.arm, r.workload, r.mode) == (arm, workload, "open")),
-            key=lambda r: r.offered or 0.0,
-        )
-        if opens:
-            tput.plot(
-                [r.offered for r in opens],
-                [r.summary.requests_per_s for r in opens],
-                marker="o",
-                label=arm,
-            )
-    cdf.set_xscale("log")
-    cdf.set_xlabel("TTFT (ms, log)")
-    cdf.set_ylabel("fraction of requests")
-    cdf.set_title(f"{workload}: TTFT, closed loop, {concurrency} in flight")
-    cdf.grid(alpha=0.3)
-    cdf.legend()
-    offered = sorted({r.offered or 0.0 for r in runs if r.mode == "open"})
-    if offered:
-        tput.plot(offered, offered, color="grey", linestyle=":", label="offered")
-        tput.legend()
-    else:
-        tput.text(0.5, 0.5, "no open-loop runs (--rates)", ha="center", va="center")
-    tput.set_xlabel("offered load (requests/s, Poisson)")
-    tput.set_ylabel("completed requests/s")
-    tput.set_title(f"{workload}: throughput vs offered load")
-    tput.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- command -----------------------------------------------------------------------------
@@ -817,19 +631,21 @@ def _shape(args: argparse.Namespace) -> Shape:
     )  # fmt: skip
 
 
+def _refused(message: str) -> int:
+    print(f"meshkv bench serve: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.shape = shape = _shape(args)
     if not 0 < args.ssd_cpu_fraction < 1:
-        print("meshkv bench serve: --ssd-cpu-fraction must be in (0, 1)", file=sys.stderr)
-        return 2
+        return _refused("--ssd-cpu-fraction must be in (0, 1)")
     if args.chunk_tokens % CPU_BLOCK_TOKENS:
-        print(
-            f"meshkv bench serve: --chunk-tokens must be a multiple of vLLM CPU's block size "
-            f"({CPU_BLOCK_TOKENS}), got {args.chunk_tokens}",
-            file=sys.stderr,
+        return _refused(
+            f"--chunk-tokens must be a multiple of vLLM CPU's block size ({CPU_BLOCK_TOKENS}), "
+            f"got {args.chunk_tokens}"
         )
-        return 2
     model = args.model
     per_token = kv_bytes_per_token(model)
     vocab = vocab_size(model)
@@ -839,8 +655,7 @@ def run(args: argparse.Namespace) -> int:
             w: sizes(shape, w, per_token, len(modes), args.chunk_tokens) for w in args.workloads
         }
     except ValueError as exc:
-        print(f"meshkv bench serve: {exc}", file=sys.stderr)
-        return 2
+        return _refused(str(exc))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-serve-"))
     runs: list[Run] = []
     errors: dict[str, str] = {}
@@ -865,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_dir:
         Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
         for w in args.workloads:
-            plot(runs, w, Path(args.plot_dir) / f"serve-{w}.png", args.concurrency)
+            plot(runs, w, Path(args.plot_dir) / f"serve-{w}.png", args.concurrency, ARMS)
     if errors:
         for key, text in errors.items():
             print(f"arm {key} failed:\n{text}", file=sys.stderr)

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from meshkv.bench import openai_load as load
-from meshkv.bench import serve
+from meshkv.bench import serve, serve_runs
 from meshkv.bench.ssd_raw import measure_raw
 from meshkv.launch import free_port
 
@@ -59,8 +59,12 @@ class Scripted:
 
 
 async def _serve(script: Scripted) -> tuple[web.AppRunner, str]:
+    return await _site([web.post("/v1/completions", script.completions)])
+
+
+async def _site(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
     app = web.Application()
-    app.add_routes([web.post("/v1/completions", script.completions)])
+    app.add_routes(routes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -186,7 +190,7 @@ def _summary(ttft_p50: float, requests_per_s: float) -> load.Summary:
 
 def test_report_sets_each_cache_against_an_engine_that_holds_everything() -> None:
     runs = [
-        serve.Run(arm, "longdoc", "closed", 4.0, _summary(ttft, rps), None)
+        serve_runs.Run(arm, "longdoc", "closed", 4.0, _summary(ttft, rps), None)
         for arm, ttft, rps in (
             ("prefix_all", 0.9, 2.8),
             ("meshkv_cpu", 1.2, 2.4),
@@ -233,14 +237,9 @@ def test_occupancy_reports_what_the_engine_ran_waited_and_preempted_during_the_r
     gauges = Gauges()
 
     async def main() -> dict[str, float]:
-        app = web.Application()
-        app.add_routes([web.get("/metrics", gauges.metrics)])
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, url = await _site([web.get("/metrics", gauges.metrics)])
         try:
-            occupancy = serve.Occupancy(f"http://127.0.0.1:{port}", period_s=0.02)
+            occupancy = serve_runs.Occupancy(url, period_s=0.02)
             # The sampler runs on its own thread: this loop keeps answering it.
             await asyncio.to_thread(occupancy.__enter__)
             gauges.running, gauges.waiting = 2, 3
@@ -262,7 +261,7 @@ def test_occupancy_reports_what_the_engine_ran_waited_and_preempted_during_the_r
 
 
 def test_occupancy_of_a_server_that_never_answers_has_no_samples() -> None:
-    occupancy = serve.Occupancy(f"http://127.0.0.1:{free_port()}", period_s=0.01)
+    occupancy = serve_runs.Occupancy(f"http://127.0.0.1:{free_port()}", period_s=0.01)
     with occupancy:
         time.sleep(0.05)
     # Nothing measured is reported as nothing, not as zero.

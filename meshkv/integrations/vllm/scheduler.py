@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -243,7 +244,7 @@ class SchedulerSide:
             rest = len(tokens) - len(state.keys) * self._cfg.chunk_tokens
             blocks = rest // self._layout.block_size
             if blocks >= self._min_cut_blocks:
-                state.block_tail = self._partial(state, len(state.keys), blocks)
+                (state.block_tail,) = self._partials(state, len(state.keys), [blocks])
         self._requests[request.request_id] = state
         if self._load_enabled and (state.keys or state.tail is not None):
             self._lookup(state)
@@ -257,22 +258,20 @@ class SchedulerSide:
         keys = self._keys_for(request, tokens, partial=True)[-1]
         return _Chunk(keys, rest, -(-rest // bs))
 
-    def _partial(self, state: _RequestState, position: int, blocks: int) -> _Chunk:
-        """The first ``blocks`` blocks of chunk ``position`` of the prompt, as a chunk of its
-        own (chained like a full one, so it can only meet the same prompt start)."""
+    def _partials(self, state: _RequestState, position: int, counts: Iterable[int]) -> list[_Chunk]:
+        """Chunk ``position`` of the prompt cut to each of ``counts`` blocks, each a chunk of
+        its own (chained like a full one, so it can only meet the same prompt start)."""
         chunk, bs = self._cfg.chunk_tokens, self._layout.block_size
         start = position * chunk
-        tokens = (state.request.prompt_token_ids or [])[start : start + blocks * bs]
+        tokens = state.request.prompt_token_ids or []
         salt = self._request_salt(state.request)
-        keys = tuple(
-            next_key(
-                self._namespace_id(salt, rank),
-                state.keys[position - 1][rank] if position else ROOT_KEY,
-                tokens,
-            )
-            for rank in range(self._layout.tp_size)
-        )
-        return _Chunk(keys, blocks * bs, blocks)
+        parents = state.keys[position - 1] if position else (ROOT_KEY,) * self._layout.tp_size
+        ranks = [(self._namespace_id(salt, r), parents[r]) for r in range(self._layout.tp_size)]
+        out = []
+        for n in counts:
+            cut = tokens[start : start + n * bs]
+            out.append(_Chunk(tuple(next_key(ns, prev, cut) for ns, prev in ranks), n * bs, n))
+        return out
 
     def _probe_partial(self, state: _RequestState, position: int) -> None:
         """``block_hits``: after ``position`` whole-chunk hits, ask for the same chunk cut at
@@ -285,22 +284,34 @@ class SchedulerSide:
         most = min(self._blocks_per_chunk - 1, (prompt_len - 1 - position * chunk) // bs)
         if most < self._min_cut_blocks:
             return
-        low = self._min_cut_blocks - 1
-        candidates = [self._partial(state, position, n) for n in range(most, low, -1)]
-        started = time.perf_counter()
-        try:
-            reply = self._agent.lookup([c.keys[0] for c in candidates], None, probe=True)
-        except (AgentUnavailable, MeshKVError) as exc:
-            self._counters.lookup_errors += 1
-            logger.debug("meshkv partial lookup failed for %s: %s", state.request.request_id, exc)
+        candidates = self._partials(state, position, range(most, self._min_cut_blocks - 1, -1))
+        reply = self._ask(state, [c.keys[0] for c in candidates], None, probe=True)
+        if reply is None:
             return
-        finally:
-            self._counters.call_seconds += time.perf_counter() - started
         for candidate, tier in zip(candidates, reply.tiers, strict=False):
             if tier is not None:
                 state.hit_tail = candidate
                 state.all_local = state.all_local and tier == _LOCAL_TIER
                 return
+
+    def _ask(
+        self,
+        state: _RequestState,
+        keys: list[ChunkKey],
+        ref: TransferRef | None,
+        *,
+        probe: bool = False,
+    ) -> LookupReply | None:
+        """One lookup round trip, timed and counted; None when the agent did not answer."""
+        started = time.perf_counter()
+        try:
+            return self._agent.lookup(keys, ref, probe=probe)
+        except (AgentUnavailable, MeshKVError) as exc:
+            self._counters.lookup_errors += 1
+            logger.debug("meshkv lookup failed for %s: %s", state.request.request_id, exc)
+            return None
+        finally:
+            self._counters.call_seconds += time.perf_counter() - started
 
     def _consumer_usable(self, consumer: ConsumerRequest, prompt_len: int) -> bool:
         if consumer.chunk_tokens != self._cfg.chunk_tokens:
@@ -313,21 +324,15 @@ class SchedulerSide:
         return consumer.tokens == prompt_len
 
     def _lookup(self, state: _RequestState) -> None:
-        started = time.perf_counter()
         self._counters.lookups += 1
         rank0 = [c.keys[0] for c in state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)]
         ref = None
         if state.consumer is not None:
             c = state.consumer
             ref = TransferRef(c.transfer_id, c.producer, self._cfg.transfer_timeout_s)
-        try:
-            reply = self._agent.lookup(rank0, ref)
-        except (AgentUnavailable, MeshKVError) as exc:
-            self._counters.lookup_errors += 1
-            logger.debug("meshkv lookup failed for %s: %s", state.request.request_id, exc)
+        reply = self._ask(state, rank0, ref)
+        if reply is None:
             return
-        finally:
-            self._counters.call_seconds += time.perf_counter() - started
         prefix = min(int(reply.prefix), len(rank0))
         if self.events is not None and prefix < len(rank0):
             found = list(reply.tiers)
