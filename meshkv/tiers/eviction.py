@@ -157,6 +157,7 @@ class S3FIFO:
         "_ghost_ring",
         "_ghost_pos",
         "_ghost_count",
+        "_skips",
     )
 
     def __init__(self, capacity: int, small_ratio: float = 0.1) -> None:
@@ -169,6 +170,10 @@ class S3FIFO:
         self._ghost_ring = [-1] * max(capacity, 1)
         self._ghost_pos = 0
         self._ghost_count: dict[int, int] = {}
+        self._skips = 0
+        """Proposals skipped (pinned) since the last insert or removal: once every main
+        entry was, probation is looked at too (else its entries under their share of the
+        queue would never be proposed while main is all pinned)."""
 
     def _ghost_add(self, fp: int) -> None:
         old = self._ghost_ring[self._ghost_pos]
@@ -183,6 +188,7 @@ class S3FIFO:
         self._ghost_pos = (self._ghost_pos + 1) % len(self._ghost_ring)
 
     def insert(self, i: int, fingerprint: int) -> None:
+        self._skips = 0
         self._freq[i] = 0
         self._fp[i] = fingerprint
         # A ghost hit means the key was evicted from probation recently and is back: it
@@ -197,6 +203,7 @@ class S3FIFO:
         owner = self._l.owner[i]
         if owner < 0:
             return
+        self._skips = 0
         if evicted and owner == _SMALL:
             self._ghost_add(self._fp[i])
         self._l.unlink(i)
@@ -208,7 +215,8 @@ class S3FIFO:
         # worst case and O(1) amortized.
         while lengths[_SMALL] or lengths[_MAIN]:
             small_over = lengths[_SMALL] > self._small_ratio * (lengths[_SMALL] + lengths[_MAIN])
-            if lengths[_SMALL] and (small_over or not lengths[_MAIN]):
+            main_pinned = self._skips >= lengths[_MAIN]
+            if lengths[_SMALL] and (small_over or main_pinned):
                 t = self._l.tail(_SMALL)
                 if self._freq[t] > 0:
                     # Read again while on probation: promote, forget the probation hits.
@@ -225,6 +233,7 @@ class S3FIFO:
         return -1
 
     def skip(self, i: int) -> None:
+        self._skips += 1
         self._l.move_front(_MAIN, i)
 
     def __len__(self) -> int:
