@@ -122,6 +122,14 @@ class Reservation:
     view: memoryview
 
 
+class Reserved(list[Reservation | None]):
+    """The answer of :meth:`AgentClient.reserve`: per key a ``Reservation``, or None when
+    the key is already stored (or being stored) — or, for the last ``unplaced`` keys of a
+    ``partial`` reserve, when the CPU tier had no room for them."""
+
+    unplaced: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A pinned chunk: read ``view`` and ``release`` it before the lease expires."""
@@ -266,18 +274,32 @@ class AgentClient:
         return LookupReply(prefix=reply["prefix"], tiers=reply["tiers"])
 
     def reserve(
-        self, keys: Sequence[bytes], sizes: Sequence[int], *, budget: float | None = None
-    ) -> list[Reservation | None]:
+        self,
+        keys: Sequence[bytes],
+        sizes: Sequence[int],
+        *,
+        budget: float | None = None,
+        partial: bool = False,
+    ) -> Reserved:
         """Reserve one slot per key (None: the agent already stores that key). ``budget``:
-        this call's deadline in seconds (default: the client's timeout)."""
+        this call's deadline in seconds (default: the client's timeout).
+
+        All or nothing by default: ``NoSpace`` when one key finds no room. ``partial``:
+        keep the slots of the keys before the first that finds no room; that key and the
+        rest come back None and are counted in the answer's ``unplaced``."""
         if len(keys) != len(sizes):
             raise ValueError("reserve: one size per key")
+        fields: dict[str, Any] = {"keys": _keys(keys), "sizes": list(sizes)}
+        if partial:
+            fields["partial"] = True
         with self._lock:
-            reply = self._call_locked(
-                Op.RESERVE, {"keys": _keys(keys), "sizes": list(sizes)}, budget
-            )
+            reply = self._call_locked(Op.RESERVE, fields, budget)
             arena = self._arena_buffer()
-            out: list[Reservation | None] = []
+            out = Reserved()
+            unplaced = reply.get("unplaced", 0)  # absent: all or nothing (an older agent)
+            if type(unplaced) is not int or not 0 <= unplaced <= len(keys):
+                raise ProtocolError(f"reserve: agent answered unplaced={unplaced!r}")
+            out.unplaced = unplaced
             for key, slot in zip(keys, reply["slots"], strict=True):
                 if slot is None:
                     out.append(None)

@@ -54,6 +54,8 @@ class LocalCounters:
     protocol_errors: int = 0
     refused_peers: int = 0
     """Connections refused because the process at the other end runs as another user."""
+    reserve_unplaced: int = 0
+    """Chunks a ``reserve`` found no room for (every slot pinned, reserved or too small)."""
 
 
 class AgentMetrics:
@@ -150,6 +152,13 @@ def _local_families(local: LocalCounters) -> Iterator[Metric]:
     )
     refused.add_metric([], local.refused_peers)
     yield refused
+    unplaced = CounterMetricFamily(
+        "meshkv_local_reserve_unplaced_chunks",
+        "Chunks an engine asked to store that found no room in the CPU tier (its slots "
+        "pinned by readers, reserved or holding transfers); they were not stored",
+    )
+    unplaced.add_metric([], local.reserve_unplaced)
+    yield unplaced
 
 
 def as_mapping(snapshot: Any) -> Mapping[str, Any]:

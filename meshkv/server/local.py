@@ -34,6 +34,7 @@ from meshkv.chunk import ChunkKey, Namespace, NamespaceId
 from meshkv.errors import (
     ConfigError,
     MeshKVError,
+    NoSpace,
     NotReserved,
     ProtocolError,
     StoreError,
@@ -495,24 +496,39 @@ class _Connection(asyncio.Protocol):
         assert ns is not None
         keys = parse_keys(message)
         sizes = parse_ints(message, "sizes", len(keys), minimum=1)
+        partial = message.get("partial", False)
+        if type(partial) is not bool:
+            raise ProtocolError(f"reserve: 'partial' must be true or false, got {partial!r}")
         store, owner = self.store, self.conn_id
         slots: list[list[int] | None] = []
         done: list[ChunkKey] = []
         try:
             for key, size in zip(keys, sizes, strict=True):
-                slot = store.reserve(ns, key, size, owner)
+                try:
+                    slot = store.reserve(ns, key, size, owner)
+                except NoSpace:
+                    if not partial:
+                        self._counters.reserve_unplaced += len(keys)
+                        raise
+                    # Keep what fits: the keys come in prompt order, so the slots kept
+                    # are the front of each prompt; the rest would fail the same way.
+                    unplaced = len(keys) - len(slots)
+                    slots.extend([None] * unplaced)
+                    self._counters.reserve_unplaced += unplaced
+                    return {"slots": slots, "unplaced": unplaced}
                 if slot is None:
                     slots.append(None)
                 else:
                     done.append(key)
                     slots.append([slot.offset, slot.length])
         except BaseException:
-            # All or nothing: a batch that cannot be reserved whole keeps no slots.
+            # All or nothing (unless ``partial``): a batch that cannot be reserved whole
+            # keeps no slots.
             for key in done:
                 with contextlib.suppress(MeshKVError):
                     store.abort(ns, key, owner)
             raise
-        return {"slots": slots}
+        return {"slots": slots, "unplaced": 0} if partial else {"slots": slots}
 
     def _commit(self, message: dict[str, Any]) -> Reply:
         ns = self.namespace

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshkv.errors import NoSpace
+from meshkv.errors import NoSpace, ProtocolError
 from meshkv.launch import AgentProcess
+from meshkv.protocol import Op
 
 MiB = 1 << 20
 
@@ -197,6 +198,40 @@ def test_every_slot_pinned_gives_no_space_then_recovers(agent: AgentProcess) -> 
         assert c.put(b"after-release---", b"r" * size)
         assert c.get(b"after-release---") == b"r" * size
         assert len(pinned) == len(leases)
+
+
+def test_a_partial_reserve_keeps_the_slots_that_fit(agent: AgentProcess) -> None:
+    """With all but two slots pinned, a batch of five: all or nothing (the default) keeps
+    none and says ``no_space``; ``partial`` keeps the first two, answers the other three
+    unplaced, and the two commit and are read back byte-exact."""
+    size = 4 * MiB
+    with agent.client() as c:
+        for i in range(64):  # more than the 64 MiB arena holds: the oldest are evicted
+            c.put(b"%016d" % i, bytes([i]) * size)
+        keys = [b"%016d" % i for i in range(64)]
+        present = [k for k, t in zip(keys, c.lookup(keys).tiers, strict=True) if t == "cpu"]
+        leases = [x for x in c.read(present[2:]) if x is not None]
+        assert len(leases) == len(present) - 2 >= 8
+        batch = [b"new-%012d" % i for i in range(5)]
+        with pytest.raises(NoSpace):
+            c.reserve(batch, [size] * 5)
+        assert c.lookup(batch).tiers == [None] * 5  # nothing of the batch was kept
+        got = c.reserve(batch, [size] * 5, partial=True)
+        assert got.unplaced == 3 and got[2:] == [None] * 3
+        placed = [r for r in got[:2] if r is not None]
+        assert [r.key for r in placed] == batch[:2]
+        for r in placed:
+            r.view[:] = r.key * (size // 16)
+        c.commit(batch[:2], [256, 256])
+        assert c.lookup(batch).tiers == ["cpu", "cpu", None, None, None]
+        assert c.get(batch[1]) == batch[1] * (size // 16)
+        for lease in leases:  # the pinned chunks were not touched
+            assert bytes(lease.view[:16]) == bytes([int(lease.key)]) * 16
+        c.release(leases)
+        assert agent.metric("meshkv_local_reserve_unplaced_chunks_total") == 5 + 3
+        with pytest.raises(ProtocolError, match="'partial' must be true or false"):
+            c._call(Op.RESERVE, {"keys": batch[:1], "sizes": [size], "partial": 1})
+        assert c.lookup(batch[:2]).prefix == 2  # the connection still serves
 
 
 def test_two_agents_on_one_host(agent_factory: Callable[..., AgentProcess]) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from meshkv.chunk import ChunkKey, payload_checksum
-from meshkv.client import Lease, LookupReply, Reservation, TransferHold, TransferRef
+from meshkv.client import Lease, LookupReply, Reservation, Reserved, TransferHold, TransferRef
 from meshkv.errors import AgentUnavailable, ConfigError
 from meshkv.integrations.vllm.config import ConnectorConfig
 from meshkv.integrations.vllm.layout import EngineLayout
@@ -335,6 +335,8 @@ class FakeWorkerAgent:
         self.holds: list[tuple[list[bytes], TransferHold]] = []
         self.released: list[int] = []
         self.reserve_delay = 0.0
+        self.room: int | None = None
+        """New slots the next reserves may still place (None: unlimited)."""
         self.budgets: list[float | None] = []
         self.lock = threading.Lock()
         self.pinned: torch.Tensor | None = None
@@ -350,15 +352,22 @@ class FakeWorkerAgent:
 
     def reserve(
         self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
-    ) -> list[Reservation | None]:
+    ) -> Reserved:
+        """As the agent's partial reserve: keys past ``room`` new slots come back unplaced."""
         self.budgets.append(budget)
         time.sleep(self.reserve_delay)
-        out: list[Reservation | None] = []
+        out = Reserved()
         with self.lock:
-            for key, size in zip(keys, sizes, strict=True):
+            for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
                 if key in self.slots:
                     out.append(None)
                     continue
+                if self.room is not None:
+                    if self.room <= 0:
+                        out.unplaced = len(keys) - i
+                        out.extend([None] * out.unplaced)
+                        break
+                    self.room -= 1
                 self.slots[key] = (self.next, size)
                 out.append(Reservation(key, self.next, self.view[self.next : self.next + size]))
                 self.next += size
@@ -518,6 +527,41 @@ def test_a_slow_reserve_skips_the_save_and_gives_the_slots_back(
     assert [r.getMessage() for r in caplog.records] == [
         "meshkv skipped saving 1 chunk(s): the agent did not answer the reserve within 0.05 s"
     ]
+    side.close()
+
+
+def test_a_step_whose_last_chunks_find_no_room_saves_the_ones_before(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent's partial reserve: a full arena that places one of a prompt's two chunks
+    still gets the first (a later lookup hits it), and the second is counted as skipped,
+    not as a duplicate."""
+    agent = FakeWorkerAgent()
+    agent.room = 1
+    side, kv = worker(agent)
+    meta = MeshKVConnectorMetadata(CHUNK, saves=[SaveSpec("r", TWO_CHUNKS)])
+    side.prepare(meta)
+    with caplog.at_level(logging.WARNING, logger="meshkv"):
+        side.wait_for_save(meta)
+    drain(side)
+    assert agent.committed == {key(1): 64} and agent.aborted == []
+    assert side._counters.save_skipped == 1 and side._counters.save_duplicates == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "meshkv skipped saving 1 chunk(s): no space in the agent's arena"
+    ]
+    offset, size = agent.slots[key(1)]
+    per_layer = size // len(LAYOUT.layer_names)
+    name = LAYOUT.layer_names[0]
+    expect = kv[name][0:4].contiguous().view(torch.uint8).flatten()
+    got = torch.frombuffer(agent.arena, dtype=torch.uint8, count=per_layer, offset=offset)
+    assert torch.equal(got, expect)
+    # Stored before: a duplicate, not a skip.
+    agent.room = None
+    side.prepare(meta)
+    side.wait_for_save(meta)
+    drain(side)
+    assert agent.committed == {key(1): 64, key(2): 64}
+    assert side._counters.save_duplicates == 1 and side._counters.save_skipped == 1
     side.close()
 
 

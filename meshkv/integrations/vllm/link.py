@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         ArenaHooks,
         Lease,
         LookupReply,
-        Reservation,
+        Reserved,
         TransferHold,
         TransferRef,
     )
@@ -288,8 +288,11 @@ class WorkerLink:
 
     def reserve(
         self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
-    ) -> list[Reservation | None]:
-        return self._saves.call(lambda client: client.reserve(keys, sizes, budget=budget))
+    ) -> Reserved:
+        """Partial: a step whose last chunks find no room still saves the ones before."""
+        return self._saves.call(
+            lambda client: client.reserve(keys, sizes, budget=budget, partial=True)
+        )
 
     def commit(self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]) -> None:
         self._saves.call(lambda client: client.commit(keys, tokens, checksums=checksums))

@@ -51,7 +51,7 @@ from .metadata import ChunkLoad, ChunkSave, LoadSpec, MeshKVConnectorMetadata, S
 from .stats import ConnectorCounters
 
 if TYPE_CHECKING:
-    from meshkv.client import Lease, Reservation
+    from meshkv.client import Lease, Reserved
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ class WorkerAgent(Protocol):
 
     def reserve(
         self, keys: list[ChunkKey], sizes: list[int], budget: float | None = None
-    ) -> list[Reservation | None]: ...
+    ) -> Reserved:
+        """Partial: the last ``unplaced`` keys may come back None for want of room."""
+        ...
 
     def commit(
         self, keys: list[ChunkKey], tokens: list[int], checksums: list[int | None]
@@ -164,7 +166,7 @@ class WorkerSide:
         self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshkv-save")
         self._skips = SkipLog()
         self._async: dict[str, tuple[Future[list[Lease | None] | None], LoadSpec, int]] = {}
-        self._reserving: Future[list[Reservation | None]] | None = None
+        self._reserving: Future[Reserved] | None = None
         self._reserved_for: list[ChunkSave] = []
         self._reserve_budget = cfg.save_timeout_s
         self.report_saves = False
@@ -521,9 +523,11 @@ class WorkerSide:
             try:
                 if device is not None:
                     device.begin_saves()  # gathers on a side stream, after this forward pass
-                for chunk, slot in zip(chunks, slots or (), strict=False):
+                placed = len(chunks) - (slots.unplaced if slots is not None else 0)
+                for i, (chunk, slot) in enumerate(zip(chunks, slots or (), strict=False)):
                     if slot is None:
-                        self._counters.save_duplicates += 1
+                        if i < placed:
+                            self._counters.save_duplicates += 1
                         continue
                     if id(chunk) not in wanted:
                         skipped.append(slot.key)
@@ -550,14 +554,14 @@ class WorkerSide:
             self._reserved_for = []
             self._counters.call_seconds += time.perf_counter() - started
 
-    def _reserved_slots(self) -> list[Reservation | None] | None:
+    def _reserved_slots(self) -> Reserved | None:
         """The answer of this step's reserve; None (the chunks skipped, counted) when it did
         not come in time or the agent refused."""
         chunks, future = self._reserved_for, self._reserving
         if future is None:
             return None
         try:
-            return future.result(timeout=self._reserve_budget)
+            slots = future.result(timeout=self._reserve_budget)
         except FutureTimeout:
             why = f"the agent did not answer the reserve within {self._reserve_budget} s"
             future.add_done_callback(self._abort_late)  # give it back once it lands
@@ -565,11 +569,16 @@ class WorkerSide:
             why = "no space in the agent's arena"
         except MeshKVError as exc:
             why = str(exc)
+        else:
+            if slots.unplaced:
+                self._skips.skipped(slots.unplaced, "no space in the agent's arena")
+                self._counters.save_skipped += slots.unplaced
+            return slots
         self._skips.skipped(len(chunks), why)
         self._counters.save_skipped += len(chunks)
         return None
 
-    def _abort_late(self, future: Future[list[Reservation | None]]) -> None:
+    def _abort_late(self, future: Future[Reserved]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         keys = [s.key for s in future.result() if s is not None]
