@@ -22,7 +22,11 @@ cost of an engine worker, not a per-request cost, so it is kept out of every clo
 * ``lookup_p50_under_load`` / ``lookup_p99_under_load``: the same lookups while another
   process stores into the same agent without pause (2 MiB chunks in 16 MiB batches:
   reserve, copy, commit, as an engine worker saving a prefill), the way a scheduler looks
-  up while the workers save. The store rate reached meanwhile is in
+  up while the workers save. The clock starts once the load has stored as many bytes as
+  the arena holds (so every store evicts, as on an agent that has run for a while: the
+  first fill of a fresh arena is slower for everyone and happens once; its time is
+  ``meta.store_load_fill_s``), after 0.5 s of untimed lookups (the idle measurement has
+  its warm-up too). The store rate reached meanwhile is in
   ``meta.store_load_gbps``. Baseline: the idle lookup of the same run.
 * ``prefix_query_p50`` / ``prefix_query_p99``: round trip of ``POST /v1/prefix`` (what a
   cache-aware router asks every node per request) for a 4,096-token prompt whose 16 chunks
@@ -78,6 +82,8 @@ from meshkv.launch import AgentProcess
 
 MiB = 1 << 20
 GiB = 1 << 30
+UNDER_LOAD_WARMUP_S = 0.5
+"""Untimed lookups under the load before its clock starts."""
 CHUNK_SIZES_MIB = (2, 16, 32)
 SSD_WRITE_QUEUE = 32
 """The bench agent's ``[store] ssd_write_queue``; the writer keeps fewer chunks in flight."""
@@ -238,11 +244,20 @@ def measure_lookup_under_load(
     child.start()
     try:
         deadline = time.monotonic() + WAIT_LIMIT_S
-        while stored.value < 64 * MiB:  # the load is running before the clock starts
-            _check(deadline, "the store load to start")
+        started = time.perf_counter()
+        full = int(args.cpu_gb * GiB)
+        while stored.value < full:  # steady state before the clock starts: the arena is full
+            _check(deadline, "the store load to fill the arena")
             if not child.is_alive():
                 raise RuntimeError(f"the store load exited with {child.exitcode}")
             time.sleep(0.01)
+        fill_s = time.perf_counter() - started
+        # As the idle measurement, lookups warm up first: the first ~0.2 s of lookups after
+        # the waiting above run at p99 ~1 ms while the scheduler settles three busy
+        # processes on two vCPUs (docs/benchmarks.md, runs of 2026-12-05, item 14).
+        warm_end = time.perf_counter() + UNDER_LOAD_WARMUP_S
+        while time.perf_counter() < warm_end:
+            client.lookup(keys)
         before, t0 = stored.value, time.perf_counter()
         rtts = _time_lookups(client, keys, args.lookups)
         gbps = _gbps(stored.value - before, time.perf_counter() - t0)
@@ -263,6 +278,7 @@ def measure_lookup_under_load(
                "idle lookup_p99", idle.get("lookup_p99"))
     )  # fmt: skip
     report.meta["store_load_gbps"] = round(gbps, 3)
+    report.meta["store_load_fill_s"] = round(fill_s, 3)
 
 
 def measure_prefix_query(agent: AgentProcess, args: argparse.Namespace, report: Report) -> None:
