@@ -511,7 +511,9 @@ class _Connection(asyncio.Protocol):
                         self._counters.reserve_unplaced += len(keys)
                         raise
                     # Keep what fits: the keys come in prompt order, so the slots kept
-                    # are the front of each prompt; the rest would fail the same way.
+                    # are the front of each prompt. The rest are not tried: each would
+                    # walk the whole eviction order again, and a chunk after a missing
+                    # one of its prompt could never be hit.
                     unplaced = len(keys) - len(slots)
                     slots.extend([None] * unplaced)
                     self._counters.reserve_unplaced += unplaced
