@@ -30,7 +30,7 @@ from meshkv.integrations.vllm.metadata import ChunkLoad, LoadSpec, MeshKVConnect
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.worker import WorkerSide
 from meshkv.kernels import ops
-from tests.unit.test_vllm_sides import FakeWorkerAgent
+from tests.unit.test_vllm_worker_side import FakeWorkerAgent
 
 LAYERS, HEADS, HEAD, BS, CHUNK, CHUNKS = 32, 8, 128, 16, 256, 8
 PER_CHUNK = CHUNK // BS

@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS CMD...: run, keep the output, remember a failure
 pytest=(python3 -m pytest -q -p no:cacheprovider -p no:warnings -rs)
 step kernel_tests 150 "${pytest[@]}" tests/unit/test_kernels.py tests/unit/test_kernels_paged.py -k "cuda or launch_shape or pin"
 step worker_cuda_tests 90 env PYTHONPATH="tests/gpu/vllm_stand_in:${PYTHONPATH:-}" \
-    "${pytest[@]}" tests/unit/test_vllm_sides.py -k cuda
+    "${pytest[@]}" tests/unit/test_vllm_worker_side.py -k cuda
 step layered_loads 150 env PYTHONPATH="tests/gpu/vllm_stand_in:${PYTHONPATH:-}" \
     python3 -m tests.gpu.layered_loads --json "$out/layered_loads.json"
 step kernel_tiles 150 python3 -m benchmarks.kernel_tiles --json "$out/kernel_tiles.json"
