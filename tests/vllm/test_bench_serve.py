@@ -60,9 +60,12 @@ def test_bench_serve_ssd_arm_reads_the_working_set_back_from_disk(
     log = (tmp_path / "w" / "longdoc" / "meshkv_ssd" / "server.log").read_text()
     assert "chunk 128 tokens" in log
     # The engine's occupancy was sampled while the questions ran: two in flight at most.
+    # The run lasts ~1 s, so one or two samples: one may catch both requests waiting for
+    # their loads from the connector (a fresh-clone CI run sampled running 0, waiting 1).
     engine = doc["engine"]
     assert engine["samples"] > 0, engine
-    assert 0 < engine["running_mean"] <= 2.0 and engine["running_max"] <= 2.0, engine
+    assert engine["running_mean"] + engine["waiting_mean"] > 0, engine
+    assert engine["running_max"] <= 2.0, engine
     assert engine["preemptions"] >= 0, engine
     assert (tmp_path / "serve-longdoc.png").stat().st_size > 0
     assert (tmp_path / "serve-chat.png").stat().st_size > 0
