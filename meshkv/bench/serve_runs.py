@@ -80,7 +80,10 @@ class Occupancy:
             return None  # a missed sample; the run itself reports what failed
 
     def _run(self) -> None:
-        while not self._stop.wait(self._period):
+        # The first sample after half a period: a run shorter than a period still gets one.
+        wait = self._period / 2
+        while not self._stop.wait(wait):
+            wait = self._period
             text = self._scrape()
             if text is not None:
                 self._samples.append(
