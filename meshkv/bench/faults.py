@@ -75,7 +75,7 @@ from typing import Any
 
 from meshkv.bench import openai_load as load
 from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
-from meshkv.bench.report import text_table
+from meshkv.bench.report import ms, text_table
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
 from meshkv.launch import (
     AgentProcess,
@@ -576,9 +576,6 @@ def run_scenario(node: Node, name: str, seed: int) -> FaultRun:
 
 
 def rows_table(runs: list[FaultRun]) -> str:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v * 1000:.0f}"
-
     rows = [
         [
             r.scenario, str(r.completed), str(r.failed), f"{r.identical}/{r.compared}",

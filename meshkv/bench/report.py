@@ -76,6 +76,11 @@ class Report:
         return text_table(rows)
 
 
+def ms(seconds: float | None) -> str:
+    """Seconds as whole milliseconds for a table cell; "-" when there is no value."""
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
 def text_table(rows: Sequence[Sequence[str]]) -> str:
     """Rows (the first is the header) as aligned text columns, a rule under the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

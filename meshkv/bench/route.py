@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from meshkv.bench import openai_load as load
-from meshkv.bench import serve, serve_runs
-from meshkv.bench.report import Report, Result, text_table
+from meshkv.bench import serve
+from meshkv.bench.report import Report, Result, ms, text_table
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -185,7 +185,7 @@ def run_policy(
     )  # fmt: skip
     logger.info(
         "%s mesh=%s: %d ok, %d failed, TTFT p50 %s ms, hit rate %.2f, per engine %s",
-        policy, stack.mesh, summary.completed, summary.failed, serve_runs.ms(summary.ttft_p50),
+        policy, stack.mesh, summary.completed, summary.failed, ms(summary.ttft_p50),
         run.hit_rate, per_engine,
     )  # fmt: skip
     return run
@@ -246,8 +246,8 @@ def runs_table(runs: list[RouteRun]) -> str:
                 str(s.completed),
                 str(s.failed),
                 f"{s.requests_per_s:.2f}",
-                serve_runs.ms(s.ttft_p50),
-                serve_runs.ms(s.ttft_p99),
+                ms(s.ttft_p50),
+                ms(s.ttft_p99),
                 f"{r.hit_rate:.2f}",
                 "/".join(map(str, r.requests_per_engine)),
                 f"{r.load_spread:.2f}",

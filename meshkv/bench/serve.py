@@ -74,8 +74,8 @@ from typing import Any
 
 from meshkv.bench import openai_load as load
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
-from meshkv.bench.report import Report, Result
-from meshkv.bench.serve_runs import Occupancy, Run, find_run, ms, plot, runs_table
+from meshkv.bench.report import Report, Result, ms
+from meshkv.bench.serve_runs import Occupancy, Run, find_run, plot, runs_table
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshkv.bench import openai_load as load
-from meshkv.bench.report import text_table
+from meshkv.bench.report import ms, text_table
 from meshkv.launch import http_get, prometheus_sum
 
 
@@ -40,10 +40,6 @@ def find_run(runs: list[Run], arm: str, workload: str, mode: str, offered: float
         if (r.arm, r.workload, r.mode, r.offered) == (arm, workload, mode, offered):
             return r
     return None
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
 PREEMPTIONS = "vllm:num_preemptions_total"

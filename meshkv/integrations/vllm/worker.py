@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+NO_SPACE = "no space in the agent's arena"
+"""Why a save was skipped when the reserve found no room: one reason in the skip log,
+whether the whole step or only its last chunks found none."""
+
 SKIP_LOG_INTERVAL_S = 10.0
 """Skipped saves are logged at most once per this many seconds (with the count since)."""
 
@@ -566,12 +570,12 @@ class WorkerSide:
             why = f"the agent did not answer the reserve within {self._reserve_budget} s"
             future.add_done_callback(self._abort_late)  # give it back once it lands
         except NoSpace:
-            why = "no space in the agent's arena"
+            why = NO_SPACE
         except MeshKVError as exc:
             why = str(exc)
         else:
             if slots.unplaced:
-                self._skips.skipped(slots.unplaced, "no space in the agent's arena")
+                self._skips.skipped(slots.unplaced, NO_SPACE)
                 self._counters.save_skipped += slots.unplaced
             return slots
         self._skips.skipped(len(chunks), why)
