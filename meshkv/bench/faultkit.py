@@ -40,13 +40,13 @@ class CorruptingProxy:
         """Blocks damaged so far."""
         self.sock = socket.create_server((host, 0))
         self.port: int = self.sock.getsockname()[1]
-        self._stop = False
+        self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="corrupting-proxy").start()
 
     def _accept(self) -> None:
-        while not self._stop:
+        while not self._stop.is_set():
             try:
                 client, _ = self.sock.accept()
             except OSError:
@@ -58,6 +58,10 @@ class CorruptingProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._stop.is_set():  # closed while this connection was being set up
+                    client.close()
+                    upstream.close()
+                    return
                 self._conns += [client, upstream]
             for src, dst, corrupt in ((client, upstream, False), (upstream, client, True)):
                 threading.Thread(target=self._pump, args=(src, dst, corrupt), daemon=True).start()
@@ -87,9 +91,9 @@ class CorruptingProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self._stop = True
-        self.sock.close()
         with self._lock:
+            self._stop.set()
+            self.sock.close()
             for s in self._conns:
                 s.close()
 
