@@ -63,17 +63,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(doc: dict[str, Any]) -> str:
-    """A human table of a ``/v1/status`` document."""
-    lines = [
+    """A human view of a ``/v1/status`` document: a summary line per section, the tier
+    table, then the store's counters. A node id conflict comes first, in capitals."""
+    lines: list[str] = []
+    mesh = _section(doc, "mesh")
+    for c in mesh.get("id_conflicts") or []:
+        at = c.get("at_s") if isinstance(c, dict) else None
+        message = c.get("message") if isinstance(c, dict) else c
+        when = f" ({at:.0f} s after start)" if isinstance(at, int | float) else ""
+        lines.append(f"NODE ID CONFLICT{when}: {message}")
+    process = _section(doc, "process")
+    pid = f", pid {process['pid']}" if "pid" in process else ""
+    lines.append(
         f"node      {doc.get('node_id')}  (meshkv {doc.get('version')}, "
-        f"up {_duration(doc.get('uptime_s', 0.0))})"
-    ]
-    local = doc.get("local") or {}
+        f"up {_duration(doc.get('uptime_s', 0.0))}{pid})"
+    )
+    local = _section(doc, "local")
     if local:
         lines.append(
             f"socket    {local.get('socket')}  ({local.get('connections')} connections, "
             f"arena {local.get('arena_name')})"
         )
+        lines.append(f"lookups   {_lookups(local)}")
+    if mesh:
+        lines.append(f"mesh      {_mesh(mesh)}")
+    remote = _section(doc, "remote")
+    if remote:
+        state = "up" if remote.get("up") else f"DOWN (backing off {remote.get('backed_off_s')} s)"
+        lines.append(
+            f"remote    {remote.get('url')}  {state}, "
+            f"{_num(remote.get('queued_bytes', 0), 'bytes')} queued"
+        )
+    if process:
+        lines.append(f"process   {_process(process)}")
+    for section, value in doc.items():
+        if section in KNOWN_SECTIONS:
+            continue
+        lines.append(f"{section.ljust(9)} {_flat(value)}")
     store = doc.get("store") or {}
     tiers = store.get("tiers") if isinstance(store.get("tiers"), dict) else None
     if tiers:
@@ -84,12 +110,61 @@ def render(doc: dict[str, Any]) -> str:
         lines.append("")
         width = max(len(k) for k in scalars)
         lines.extend(f"{k.ljust(width)}  {_num(v, k)}" for k, v in sorted(scalars.items()))
-    for section, value in doc.items():
-        if section in ("node_id", "version", "uptime_s", "local", "store"):
-            continue
-        lines.append("")
-        lines.append(f"{section}: {json.dumps(value, sort_keys=True)}")
     return "\n".join(lines)
+
+
+def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+KNOWN_SECTIONS = ("node_id", "version", "uptime_s", "store", "local", "mesh", "remote", "process")
+
+
+def _lookups(local: dict[str, Any]) -> str:
+    hits = local.get("lookup_hit_chunks") or {}
+    rate = local.get("lookup_hit_rate")
+    by_tier = ", ".join(f"{tier} {n}" for tier, n in hits.items())
+    return (
+        f"{local.get('lookups', 0)} lookups, chunk hit rate "
+        f"{'-' if rate is None else f'{rate:.1%}'} (hits: {by_tier or 'none'}; "
+        f"{local.get('lookup_miss_chunks', 0)} missed), "
+        f"{local.get('protocol_errors', 0)} protocol errors"
+    )
+
+
+def _mesh(mesh: dict[str, Any]) -> str:
+    digest = str(mesh.get("ring_digest", ""))
+    return (
+        f"{mesh.get('address')} over {mesh.get('transport')}, "
+        f"{mesh.get('alive_members')} members alive, ring {digest[:12]}, "
+        f"incarnation {mesh.get('incarnation')}, {mesh.get('replicas')} replica(s), "
+        f"{mesh.get('directory_keys')} keys in its directory"
+    )
+
+
+def _process(process: dict[str, Any]) -> str:
+    parts = [f"{process.get('tasks', '?')} tasks", f"{process.get('open_fds', '?')} open fds"]
+    if "vmrss_bytes" in process:
+        parts.append(
+            f"rss {_num(process['vmrss_bytes'], 'bytes')} "
+            f"(heap {_num(process.get('rssanon_bytes', 0), 'bytes')}, "
+            f"arena pages {_num(process.get('rssshmem_bytes', 0), 'bytes')})"
+        )
+    kinds = process.get("task_kinds")
+    if isinstance(kinds, dict) and kinds:
+        parts.append("tasks by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+    return ", ".join(parts)
+
+
+def _flat(value: Any) -> str:
+    """A section this version does not know: ``key value`` pairs on one line."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_flat(v) if isinstance(v, dict | list) else _num(v, k)}"
+                         for k, v in value.items())  # fmt: skip
+    if isinstance(value, list):
+        return "[" + ", ".join(_flat(v) for v in value) + "]"
+    return _num(value)
 
 
 def _table(tiers: dict[str, Any]) -> str:
@@ -110,10 +185,12 @@ def _table(tiers: dict[str, Any]) -> str:
 def _num(value: Any, name: str = "") -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    if "bytes" in name and isinstance(value, int) and value >= 1 << 20:
-        return (
-            f"{value / (1 << 30):.2f} GiB" if value >= 1 << 30 else f"{value / (1 << 20):.1f} MiB"
-        )
+    if "bytes" in name and isinstance(value, int):
+        if value >= 1 << 30:
+            return f"{value / (1 << 30):.2f} GiB"
+        if value >= 1 << 20:
+            return f"{value / (1 << 20):.1f} MiB"
+        return f"{value / (1 << 10):.1f} KiB" if value >= 1 << 10 else f"{value} B"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
