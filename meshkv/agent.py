@@ -84,6 +84,7 @@ class Agent:
         self.http_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
         self._started = False
+        self._closed = False
         self.fatal_error: str | None = None
         """Why the agent stopped on its own (e.g. its node id is taken); None otherwise."""
 
@@ -91,6 +92,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        self._closed = False
         admin_token = cfg.admin_token()  # fail before anything is created
         prepare_socket_path(cfg.socket_path)
         await self.store.start()
@@ -150,7 +152,12 @@ class Agent:
             os.getpid(),
         )
         if cfg.ready_file:
-            write_json_atomic(cfg.ready_file, self.ready_info())
+            try:
+                write_json_atomic(cfg.ready_file, self.ready_info())
+            except OSError as exc:  # whoever waits for the file would wait forever
+                raise ConfigError(
+                    f"cannot write the ready file {cfg.ready_file}: {exc.strerror or exc}"
+                ) from exc
 
     def ready_info(self) -> dict[str, Any]:
         """What the ready file says (tests and scripts read it)."""
@@ -231,7 +238,10 @@ class Agent:
         )
 
     async def close(self) -> None:
-        """Staged shutdown bounded by ``drain_seconds`` (safe to call twice)."""
+        """Staged shutdown bounded by ``drain_seconds`` (safe to call twice: a start that
+        failed has closed already, and the second call finds nothing to do)."""
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_seconds
         started = time.monotonic()
@@ -261,6 +271,7 @@ class Agent:
         if self.config.ready_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.ready_file)
+        self._closed = True
         logger.info("agent stopped in %.3f s", time.monotonic() - started)
 
 
@@ -281,7 +292,13 @@ def prepare_socket_path(path: str) -> None:
     """
     directory = Path(path).parent
     if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the socket directory {directory}: {exc.strerror or exc}; "
+                "pass a --socket path in a directory this agent's user can write"
+            ) from exc
     elif not directory.is_dir():
         raise ConfigError(f"socket directory {directory} is not a directory")
     # Whoever may write the directory may replace the socket and see the engines' traffic.

@@ -272,6 +272,10 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
             raise ConfigError(f"SSD directory {ssd_dir} is not a directory")
         raise ConfigError(f"SSD directory {ssd_dir} does not exist (create it first)")
 
+    ready_dir = os.path.dirname(os.path.abspath(args.ready_file)) if args.ready_file else None
+    if ready_dir is not None and not os.path.isdir(ready_dir):
+        raise ConfigError(f"--ready-file: directory {ready_dir} does not exist")
+
     if args.socket is not None:
         agent["socket_path"] = args.socket
     agent.setdefault("socket_path", default_socket_path(os.environ))

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshkv import __version__
 from meshkv.chunk import KEY_BYTES, ChunkKey
+from meshkv.errors import ConfigError
 from meshkv.metrics import AgentMetrics
 from meshkv.server.local import plain
 from meshkv.server.prefix import NamespaceRegistry, parse_query, query
@@ -191,7 +192,14 @@ class AdminServer:
     async def start(self) -> tuple[str, int]:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, the address is not this host's, ...
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"cannot serve the admin HTTP on {self._host}:{self._port}: "
+                f"{exc.strerror or exc}; pass a free --http HOST:PORT (port 0 picks one)"
+            ) from exc
         host, port = self._runner.addresses[0][:2]
         self.address = (str(host), int(port))
         return self.address

@@ -224,10 +224,20 @@ class SsdTier:
 
     def _scan(self) -> list[tuple[ChunkKey, SsdEntry]]:
         root = self.config.directory
-        os.makedirs(root, exist_ok=True)
-        self._lock_dir(root)
-        for b in range(256):  # all fan-out directories up front: no mkdir on the write path
-            os.makedirs(os.path.join(root, f"{b:02x}"), exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+            self._lock_dir(root)
+            for b in range(256):  # all fan-out directories up front: no mkdir on the write path
+                os.makedirs(os.path.join(root, f"{b:02x}"), exist_ok=True)
+            return self._scan_files(root)
+        except OSError as exc:  # read-only, not ours, a file where a fan-out directory goes
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise ConfigError(
+                f"SSD directory {root} cannot be used: {exc.strerror or exc}{where}; give "
+                "--ssd-dir a directory of its own that this agent's user can write"
+            ) from exc
+
+    def _scan_files(self, root: str) -> list[tuple[ChunkKey, SsdEntry]]:
         found: list[tuple[int, ChunkKey, SsdEntry]] = []
         for sub in sorted(os.listdir(root)):
             subdir = os.path.join(root, sub)

@@ -34,6 +34,7 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--eviction", "random"], "--eviction must be one of lru, s3fifo"),
         (["--ssd-dir", "/nonexistent/meshkv-ssd"], "SSD directory /nonexistent/meshkv-ssd"),
         (["--lease-seconds", "0"], "lease seconds must be > 0"),
+        (["--ready-file", "/nonexistent/r.json"], "--ready-file: directory /nonexistent does not"),
         (["--ssd-dir", "/etc/hostname"], "SSD directory /etc/hostname is not a directory"),
         (["--cpu-gb", "0.01"], "must hold at least one segment"),
         (["--log-level", "loud"], "log level must be one of"),
@@ -78,6 +79,29 @@ def test_real_command_exit_code() -> None:
     out = agent_cli("--eviction", "random")
     assert out.returncode == 2
     assert "--eviction must be one of lru, s3fifo, got 'random'" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--socket", "/proc/meshkv/agent.sock", "cannot create the socket directory /proc/meshkv"),
+        ("--ssd-dir", "/proc", "SSD directory /proc cannot be used: "),
+        ("--ready-file", "/proc/ready.json", "cannot write the ready file /proc/ready.json"),
+    ],
+)
+def test_a_path_the_agent_cannot_write_stops_it_with_the_reason(
+    flag: str, value: str, message: str, tmp_path: Path
+) -> None:
+    """Paths that pass validation but fail when the agent starts (``/proc`` takes no new
+    files, even from root): exit 1, one line naming the path, no traceback, and the
+    arena already made is removed."""
+    shm_before = set(os.listdir("/dev/shm"))
+    args = ["--cpu-bytes", str(64 << 20), "--socket", str(tmp_path / "a.sock")]
+    out = agent_cli(*args, flag, value)
+    assert out.returncode == 1, out.stderr
+    assert f"meshkv agent: error: {message}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
 def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -146,3 +147,20 @@ def test_status_cli_unreachable() -> None:
     out = subprocess.run(run, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "no agent answering at http://127.0.0.1:1" in out.stderr
+
+
+def test_an_admin_port_in_use_is_a_clear_error(agent: AgentProcess, tmp_path: Path) -> None:
+    """A second agent given the first one's --http port: exit 1 and one line that names
+    the address and what to do, no traceback, nothing left in /dev/shm."""
+    shm_before = set(os.listdir("/dev/shm"))
+    run = [
+        sys.executable, "-m", "meshkv", "agent", "--cpu-bytes", str(64 << 20),
+        "--socket", str(tmp_path / "second.sock"), "--http", agent.http,
+    ]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"meshkv agent: error: cannot serve the admin HTTP on {agent.http}:" in out.stderr
+    assert "address already in use" in out.stderr and "pass a free --http" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before  # the second agent's arena is gone
+    assert agent.running and agent.get_json("/v1/status")["node_id"] == "agent"

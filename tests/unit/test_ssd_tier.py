@@ -416,3 +416,21 @@ async def test_two_tiers_cannot_share_a_directory(tmp_path: Path) -> None:
     t.close()
     again = await started(tmp_path)  # released on close
     again.close()
+
+
+@run_async
+async def test_a_directory_the_tier_cannot_use_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A file where a fan-out directory goes, or a directory nobody may create files in
+    (``/proc``, refused even to root): a ConfigError naming the directory, the reason and
+    the path that failed, not an OSError traceback out of the agent's start."""
+    (tmp_path / "00").write_bytes(b"not a directory")
+    t = make(tmp_path)
+    refused = r"SSD directory .* cannot be used: File exists \(.*/00\)"
+    with pytest.raises(ConfigError, match=refused):
+        await t.start()
+    t.close()
+    assert (tmp_path / "00").read_bytes() == b"not a directory"  # nothing of the user's touched
+    proc = make(Path("/proc"))
+    with pytest.raises(ConfigError, match=r"SSD directory /proc cannot be used: .*\.meshkv\.lock"):
+        await proc.start()
+    proc.close()
