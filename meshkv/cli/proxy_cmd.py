@@ -98,5 +98,9 @@ def run(args: argparse.Namespace) -> int:
     )
     from meshkv.proxy.app import run_proxy
 
-    run_proxy(config)
+    try:
+        run_proxy(config)
+    except ConfigError as exc:  # what fails only when serving starts (the port is taken)
+        print(f"meshkv proxy: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -564,7 +564,14 @@ async def _serve(app: web.Application, config: ProxyConfig) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # the port is taken, the address is not this host's, ...
+        await runner.cleanup()  # closes the upstream sessions that startup opened
+        raise ConfigError(
+            f"cannot serve on {config.host}:{config.port}: {exc.strerror or exc}; "
+            "pass a free --listen HOST:PORT"
+        ) from exc
     mode = "disaggregated" if config.disaggregated else f"aggregated, {config.routing}"
     logger.info("meshkv proxy serving on http://%s:%d (%s)", config.host, config.port, mode)
     stop = asyncio.Event()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -298,3 +301,21 @@ def test_bad_client_input_is_rejected_and_the_proxy_keeps_serving() -> None:
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ProxyConfig(**kwargs)
+
+
+def test_a_listen_port_in_use_is_a_clear_error() -> None:
+    """The real command, given a port another process holds: exit 1 and one line naming
+    the address, no traceback and no unclosed upstream sessions reported on the way out."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "meshkv", "proxy", "--listen", f"127.0.0.1:{port}",
+             "--engines", "http://127.0.0.1:9"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert f"meshkv proxy: error: cannot serve on 127.0.0.1:{port}: " in out.stderr
+    assert "address already in use" in out.stderr and "pass a free --listen" in out.stderr
+    assert "Traceback" not in out.stderr and "Unclosed" not in out.stderr
