@@ -62,13 +62,33 @@ def _get(http: str, path: str, body: Any = None) -> Any:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404 and path.startswith(("/v1/ring", "/v1/owners")):
+            if _is_agent(http):
+                raise SystemExit(
+                    f"meshkv ring: the agent at {http} runs without a mesh (start it with --listen)"
+                ) from None
             raise SystemExit(
-                f"meshkv ring: the agent at {http} runs without a mesh (start it with --listen)"
+                f"meshkv ring: {http} is not a meshkv agent's admin address (GET {path} "
+                "answered 404 and /v1/status names no node); pass the agent's --http"
             ) from None
         detail = exc.read().decode(errors="replace").strip()
         raise SystemExit(f"meshkv ring: {url} answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise SystemExit(f"meshkv ring: cannot reach the agent at {http}: {exc}") from None
+    except ValueError:  # 200 but not JSON: some other HTTP server
+        raise SystemExit(
+            f"meshkv ring: {http} is not a meshkv agent's admin address (GET {path} did not "
+            "answer JSON); pass the agent's --http"
+        ) from None
+
+
+def _is_agent(http: str) -> bool:
+    """Whether ``http`` answers ``/v1/status`` as an agent does (a JSON map with a node id)."""
+    try:
+        with urllib.request.urlopen(f"http://{http}/v1/status", timeout=HTTP_TIMEOUT_S) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "node_id" in doc
 
 
 def contract(view: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,9 @@ def fetch_status(address: str, timeout: float) -> dict[str, Any]:
         host = f"[{host}]"
     url = f"http://{host}:{port}/v1/status"
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        doc: dict[str, Any] = json.load(response)
+        doc = json.load(response)
+    if not isinstance(doc, dict) or "node_id" not in doc:
+        raise ValueError("not an agent's status document")
     return doc
 
 
@@ -48,7 +50,21 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"meshkv status: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+    except urllib.error.HTTPError as exc:  # something answers, but not as an agent does
+        print(
+            f"meshkv status: error: http://{args.http} is not a meshkv agent's admin address "
+            f"(GET /v1/status answered {exc.code}); pass the agent's --http",
+            file=sys.stderr,
+        )
+        return 1
+    except ValueError:
+        print(
+            f"meshkv status: error: http://{args.http} is not a meshkv agent's admin address "
+            "(GET /v1/status did not answer an agent's JSON); pass the agent's --http",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, urllib.error.URLError) as exc:
         reason = getattr(exc, "reason", exc)
         print(
             f"meshkv status: error: no agent answering at http://{args.http} ({reason})",

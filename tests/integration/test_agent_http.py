@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,40 @@ def test_an_admin_port_in_use_is_a_clear_error(agent: AgentProcess, tmp_path: Pa
     assert "Traceback" not in out.stderr
     assert set(os.listdir("/dev/shm")) <= shm_before  # the second agent's arena is gone
     assert agent.running and agent.get_json("/v1/status")["node_id"] == "agent"
+
+
+class _NotAnAgent(BaseHTTPRequestHandler):
+    """Some other HTTP server (a vLLM engine, a proxy): HTML on /v1/status, 404 elsewhere."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.path == "/v1/status":
+            body = b"<html>not meshkv</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_status_and_ring_say_when_the_address_is_not_an_agent() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAnAgent)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        for cmd in (["status"], ["ring", "status"]):
+            out = subprocess.run(
+                [sys.executable, "-m", "meshkv", *cmd, "--http", address],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert out.returncode == 1, out.stderr
+            assert f"{address} is not a meshkv agent's admin address" in out.stderr, out.stderr
+            assert "pass the agent's --http" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
