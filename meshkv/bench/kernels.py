@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from meshkv.bench.args import nonnegative_int, positive_int
 from meshkv.bench.report import Report, Result
 
 if TYPE_CHECKING:
@@ -35,12 +36,14 @@ KINDS = ("vllm_cpu", "flash_attn", "mla")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=8, help="attention layers")
-    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads per rank")
-    parser.add_argument("--head-size", type=int, default=64, help="elements per head")
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per engine block")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
-    parser.add_argument("--chunks", type=int, default=16, help="chunks moved per round")
+    parser.add_argument("--layers", type=positive_int, default=8, help="attention layers")
+    parser.add_argument("--kv-heads", type=positive_int, default=4, help="KV heads per rank")
+    parser.add_argument("--head-size", type=positive_int, default=64, help="elements per head")
+    parser.add_argument(
+        "--block-size", type=positive_int, default=128, help="tokens per engine block"
+    )
+    parser.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per chunk")
+    parser.add_argument("--chunks", type=positive_int, default=16, help="chunks moved per round")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="KV element type")
     parser.add_argument(
         "--layouts", default="vllm_cpu", help=f"comma-separated layouts out of {','.join(KINDS)}"
@@ -51,10 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="consecutive",
         help="block ids of a chunk: one run, or spread over the cache",
     )
-    parser.add_argument("--spread", type=int, default=4, help="cache size / working set")
-    parser.add_argument("--repeats", type=int, default=30, help="rounds (medians reported)")
+    parser.add_argument("--spread", type=positive_int, default=4, help="cache size / working set")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)"
+        "--repeats", type=positive_int, default=30, help="rounds (medians reported)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=nonnegative_int,
+        default=0,
+        help="torch CPU threads (0: leave torch's default)",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cpu, +cuda"

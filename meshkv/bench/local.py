@@ -74,6 +74,7 @@ from typing import Any
 
 import numpy as np
 
+from meshkv.bench.args import positive_float, positive_int
 from meshkv.bench.report import Report, Result
 from meshkv.bench.ssd_raw import drop_file_cache, measure_raw
 from meshkv.client import AgentClient
@@ -93,20 +94,26 @@ SSD_WORKERS = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cpu-gb", type=float, default=2.0, help="CPU tier of the bench agent, GiB"
+        "--cpu-gb", type=positive_float, default=2.0, help="CPU tier of the bench agent, GiB"
     )
     parser.add_argument(
-        "--batch-mib", type=int, default=64, help="bytes per reserve/commit or read batch, MiB"
+        "--batch-mib",
+        type=positive_int,
+        default=64,
+        help="bytes per reserve/commit or read batch, MiB",
     )
-    parser.add_argument("--batches", type=int, default=24, help="batches per measurement")
-    parser.add_argument("--lookups", type=int, default=5000, help="64-key lookups to time")
+    parser.add_argument("--batches", type=positive_int, default=24, help="batches per measurement")
+    parser.add_argument("--lookups", type=positive_int, default=5000, help="64-key lookups to time")
     parser.add_argument(
         "--ssd-dir",
         default=None,
         help="directory on the disk to measure (default: a fresh temp dir, removed after)",
     )
     parser.add_argument(
-        "--ssd-mib", type=int, default=256, help="bytes written per chunk size in the SSD test"
+        "--ssd-mib",
+        type=positive_int,
+        default=256,
+        help="bytes written per chunk size in the SSD test",
     )
     parser.add_argument("--skip-ssd", action="store_true", help="measure the CPU tier only")
     parser.add_argument(

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from meshkv.bench.args import positive_int
 from meshkv.bench.local import running
 from meshkv.bench.report import Report, Result
 from meshkv.chunk import ChunkKey
@@ -51,9 +52,13 @@ SECRET = os.urandom(24).hex()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chunks", type=int, default=8, help="16 MiB chunks per pull round")
-    parser.add_argument("--rounds", type=int, default=6, help="pull rounds per transport")
-    parser.add_argument("--lookups", type=int, default=2000, help="64-chunk lookups to time")
+    parser.add_argument(
+        "--chunks", type=positive_int, default=8, help="16 MiB chunks per pull round"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=6, help="pull rounds per transport")
+    parser.add_argument(
+        "--lookups", type=positive_int, default=2000, help="64-chunk lookups to time"
+    )
     parser.add_argument("--skip-ucx", action="store_true", help="no UCX measurement")
     parser.add_argument("--skip-redis", action="store_true", help="no Redis comparison")
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
+from meshkv.bench.args import int_range, positive_int
 from meshkv.bench.report import Report, Result
 from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
@@ -88,27 +89,23 @@ connector's default size) did not load the document: counted as recomputed."""
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (or id) vLLM loads")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
-    p.add_argument("--requests", type=int, default=24, help="requests per arm")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--prompt-tokens", default="2048-4096", help="prompt length range")
-    p.add_argument("--output-tokens", default="32-64", help="answer length range")
-    p.add_argument("--transfers", type=int, default=6, help="toy-flow transfers to time")
-    p.add_argument("--warm-docs", type=int, default=4, help="documents for mesh/local warm")
+    p.add_argument("--requests", type=positive_int, default=24, help="requests per arm")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight")
+    p.add_argument(
+        "--prompt-tokens", type=int_range, default="2048-4096", help="prompt length range"
+    )
+    p.add_argument("--output-tokens", type=int_range, default="32-64", help="answer length range")
+    p.add_argument("--transfers", type=positive_int, default=6, help="toy-flow transfers to time")
+    p.add_argument(
+        "--warm-docs", type=positive_int, default=4, help="documents for mesh/local warm"
+    )
     p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
-    p.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="engine KV cache")
-    p.add_argument("--agent-cpu-bytes", type=int, default=2 << 30, help="agent CPU tier")
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-cache-bytes", type=positive_int, default=512 << 20, help="engine KV cache")
+    p.add_argument("--agent-cpu-bytes", type=positive_int, default=2 << 30, help="agent CPU tier")
+    p.add_argument("--max-model-len", type=positive_int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT CDFs per arm (matplotlib)")
     p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
-
-
-def _range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    a, b = int(low), int(high or low)
-    if not 0 < a <= b:
-        raise ValueError(f"bad range {text!r}")
-    return a, b
 
 
 def _vocab(model: str) -> int:
@@ -340,14 +337,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rng = random.Random(args.seed)
     vocab = _vocab(args.model)
-    prompts = _prompts(rng, args.requests, _range(args.prompt_tokens), vocab)
-    lo, hi = _range(args.output_tokens)
+    prompts = _prompts(rng, args.requests, args.prompt_tokens, vocab)
+    lo, hi = args.output_tokens
     outputs = [rng.randint(lo, hi) for _ in prompts]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-bench-pd-"))
     report = Report("pd")
     report.meta.update(
-        requests=args.requests, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens, transport=args.transport, model=args.model,
+        requests=args.requests, concurrency=args.concurrency,
+        prompt_tokens="{}-{}".format(*args.prompt_tokens),
+        output_tokens="{}-{}".format(*args.output_tokens),
+        transport=args.transport, model=args.model,
         loadavg_start=os.getloadavg()[0], cpus=os.cpu_count(),
     )  # fmt: skip
     summaries: dict[str, load.Summary] = {}

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from meshkv.bench import openai_load as load
 from meshkv.bench import serve
+from meshkv.bench.args import csv_of, positive_int
 from meshkv.bench.report import Report, Result, ms, text_table
 from meshkv.launch import (
     AgentProcess,
@@ -259,17 +260,17 @@ def runs_table(runs: list[RouteRun]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory vLLM loads")
-    p.add_argument("--engines", type=serve._positive, default=2, help="engines (and agents)")
-    p.add_argument("--policies", type=serve._csv(POLICIES), default=list(POLICIES))
+    p.add_argument("--engines", type=positive_int, default=2, help="engines (and agents)")
+    p.add_argument("--policies", type=csv_of(POLICIES), default=list(POLICIES))
     p.add_argument(
-        "--stacks", type=serve._csv(("nomesh", "mesh")), default=["nomesh", "mesh"],
+        "--stacks", type=csv_of(("nomesh", "mesh")), default=["nomesh", "mesh"],
         help="nomesh,mesh",
     )  # fmt: skip
-    p.add_argument("--concurrency", type=serve._positive, default=4)
-    p.add_argument("--users", type=serve._positive, default=16)
-    p.add_argument("--rounds", type=serve._positive, default=4)
-    p.add_argument("--system-tokens", type=serve._positive, default=1000)
-    p.add_argument("--answer-tokens", type=serve._positive, default=16)
+    p.add_argument("--concurrency", type=positive_int, default=4)
+    p.add_argument("--users", type=positive_int, default=16)
+    p.add_argument("--rounds", type=positive_int, default=4)
+    p.add_argument("--system-tokens", type=positive_int, default=1000)
+    p.add_argument("--answer-tokens", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
 

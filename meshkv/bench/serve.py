@@ -67,12 +67,13 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
+from meshkv.bench.args import csv_of, int_range, positive_int
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
 from meshkv.bench.report import Report, Result, ms
 from meshkv.bench.serve_runs import Occupancy, Run, find_run, plot, runs_table
@@ -532,19 +533,6 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
 # --- command -----------------------------------------------------------------------------
 
 
-def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated subset of {','.join(choices)}, got {text!r}"
-            )
-        return items
-
-    return parse
-
-
 def _rates(text: str) -> list[float]:
     if not text.strip():
         return []
@@ -557,33 +545,27 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory vLLM loads")
-    p.add_argument("--arms", type=_csv(ARMS), default=list(ARMS), help="comma-separated arms")
+    p.add_argument("--arms", type=csv_of(ARMS), default=list(ARMS), help="comma-separated arms")
     p.add_argument(
-        "--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS), help="chat,longdoc"
+        "--workloads", type=csv_of(WORKLOADS), default=list(WORKLOADS), help="chat,longdoc"
     )
-    p.add_argument("--concurrency", type=_positive, default=4, help="closed-loop in flight")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="closed-loop in flight")
     p.add_argument(
         "--rates", type=_rates, default=[1.0, 2.0], help="open-loop requests/s ('' for none)"
     )
-    p.add_argument("--docs", type=_positive, default=_DEFAULT.docs)
-    p.add_argument("--questions", type=_positive, default=_DEFAULT.questions, help="per document")
-    p.add_argument("--doc-tokens", default="3000-4000", help="document length range")
-    p.add_argument("--users", type=_positive, default=_DEFAULT.users)
-    p.add_argument("--rounds", type=_positive, default=_DEFAULT.rounds)
-    p.add_argument("--system-tokens", type=_positive, default=_DEFAULT.system_tokens)
-    p.add_argument("--answer-tokens", type=_positive, default=_DEFAULT.answer_tokens)
+    p.add_argument("--docs", type=positive_int, default=_DEFAULT.docs)
+    p.add_argument(
+        "--questions", type=positive_int, default=_DEFAULT.questions, help="per document"
+    )
+    p.add_argument(
+        "--doc-tokens", type=int_range, default="3000-4000", help="document length range"
+    )
+    p.add_argument("--users", type=positive_int, default=_DEFAULT.users)
+    p.add_argument("--rounds", type=positive_int, default=_DEFAULT.rounds)
+    p.add_argument("--system-tokens", type=positive_int, default=_DEFAULT.system_tokens)
+    p.add_argument("--answer-tokens", type=positive_int, default=_DEFAULT.answer_tokens)
     p.add_argument(
         "--ssd-cpu-fraction", type=float, default=0.5,
         help="meshkv_ssd: CPU tier as a fraction of one run's working set",
@@ -594,7 +576,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rather than on eviction",
     )  # fmt: skip
     p.add_argument(
-        "--chunk-tokens", type=_positive, default=CHUNK_TOKENS,
+        "--chunk-tokens", type=positive_int, default=CHUNK_TOKENS,
         help="tokens per chunk of both caches (meshkv's chunk_tokens, LMCache's --chunk-size); "
         "a multiple of the engine's block size",
     )  # fmt: skip
@@ -618,15 +600,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _shape(args: argparse.Namespace) -> Shape:
-    low, _, high = args.doc_tokens.partition("-")
-    try:
-        lengths = (int(low), int(high or low))
-    except ValueError:
-        raise SystemExit(f"--doc-tokens: expected LOW-HIGH, got {args.doc_tokens!r}") from None
-    if not 0 < lengths[0] <= lengths[1]:
-        raise SystemExit(f"--doc-tokens: expected 0 < LOW <= HIGH, got {args.doc_tokens!r}")
     return Shape(
-        docs=args.docs, doc_tokens=lengths, questions=args.questions, users=args.users,
+        docs=args.docs, doc_tokens=args.doc_tokens, questions=args.questions, users=args.users,
         rounds=args.rounds, system_tokens=args.system_tokens, answer_tokens=args.answer_tokens,
     )  # fmt: skip
 

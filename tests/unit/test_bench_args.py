@@ -1,0 +1,43 @@
+"""``meshkv bench``'s flags: a value that would divide by zero, loop forever or mean nothing
+minutes into a run stops the command at parse time, naming the flag (exit 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshkv.cli.main import build_parser
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["local", "--lookups", "0"], "argument --lookups: expected a positive integer, got '0'"),
+        (["local", "--cpu-gb", "nan"], "argument --cpu-gb: expected a positive number"),
+        (["local", "--batch-mib", "-4"], "argument --batch-mib: expected a positive integer"),
+        (["mesh", "--chunks", "0"], "argument --chunks: expected a positive integer"),
+        (["mesh", "--rounds", "x"], "argument --rounds: expected a positive integer, got 'x'"),
+        (["kernels", "--threads", "-1"], "argument --threads: expected an integer >= 0"),
+        (["kernels", "--repeats", "0"], "argument --repeats: expected a positive integer"),
+        (["pd", "--model", "m", "--prompt-tokens", "abc"], "argument --prompt-tokens: expected"),
+        (["pd", "--model", "m", "--output-tokens", "9-3"], "expected 0 < LOW <= HIGH, got '9-3'"),
+        (["pd", "--model", "m", "--requests", "0"], "argument --requests: expected a positive"),
+        (["serve", "--model", "m", "--doc-tokens", "0-5"], "argument --doc-tokens: expected 0 <"),
+        (["serve", "--model", "m", "--arms", "nope"], "argument --arms: expected a comma-sep"),
+        (["route", "--model", "m", "--engines", "0"], "argument --engines: expected a positive"),
+    ],
+)  # fmt: skip
+def test_a_bad_bench_flag_stops_at_parse_time(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"meshkv bench {argv[0]}: error: " in err and message in err, err
+
+
+def test_ranges_and_defaults_parse_to_numbers() -> None:
+    args = build_parser().parse_args(["bench", "pd", "--model", "m", "--prompt-tokens", "300"])
+    assert args.prompt_tokens == (300, 300) and args.output_tokens == (32, 64)
+    args = build_parser().parse_args(["bench", "serve", "--model", "m"])
+    assert args.doc_tokens == (3000, 4000)
