@@ -66,6 +66,7 @@ import contextlib
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -107,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ssd-dir",
         default=None,
-        help="directory on the disk to measure (default: a fresh temp dir, removed after)",
+        help="a directory on the disk to measure; the bench works in a fresh subdirectory "
+        "of it and removes that after (default: under /tmp)",
     )
     parser.add_argument(
         "--ssd-mib",
@@ -506,9 +508,15 @@ def run(args: argparse.Namespace) -> int:
         cpu_tier_bytes=int(args.cpu_gb * (1 << 30)),
         loadavg_start=os.getloadavg()[0],
     )
+    if args.ssd_dir and not os.path.isdir(args.ssd_dir):
+        print(f"meshkv bench local: --ssd-dir {args.ssd_dir} is not a directory", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="mkv-bench-", dir="/tmp"))
-    ssd_dir = Path(args.ssd_dir) if args.ssd_dir else workdir / "ssd"
-    ssd_dir.mkdir(parents=True, exist_ok=True)
+    # On the disk the user named, in a fresh directory of its own: the files of an agent
+    # that uses the same disk (or anything else there) are never read, counted or removed.
+    scratch = Path(tempfile.mkdtemp(prefix="mkv-bench-ssd-", dir=args.ssd_dir or workdir))
+    ssd_dir = scratch / "ssd"
+    ssd_dir.mkdir()
     try:
         if args.only != "ssd":
             cpu_agent = AgentProcess(
@@ -529,10 +537,8 @@ def run(args: argparse.Namespace) -> int:
             report.meta["ssd_dir"] = str(ssd_dir)
             measure_ssd(workdir, ssd_dir, args, report)
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
-        if args.ssd_dir:
-            for path in ssd_dir.rglob("*.mkv"):
-                path.unlink(missing_ok=True)
     report.meta["loadavg_end"] = os.getloadavg()[0]
     print(report.table())
     print(

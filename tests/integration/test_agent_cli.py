@@ -34,7 +34,7 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--eviction", "random"], "--eviction must be one of lru, s3fifo"),
         (["--ssd-dir", "/nonexistent/meshkv-ssd"], "SSD directory /nonexistent/meshkv-ssd"),
         (["--lease-seconds", "0"], "lease seconds must be > 0"),
-        (["--ready-file", "/nonexistent/r.json"], "--ready-file: directory /nonexistent does not"),
+        (["--ready-file", "/proc/mkv-none/r.json"], "--ready-file: directory /proc/mkv-none does"),
         (["--ssd-dir", "/etc/hostname"], "SSD directory /etc/hostname is not a directory"),
         (["--cpu-gb", "0.01"], "must hold at least one segment"),
         (["--log-level", "loud"], "log level must be one of"),
@@ -66,10 +66,18 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_flags_are_rejected(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # In-process: validation happens before anything is created, so this is the same path
     # as the real command (which test_real_command_exit_code runs once as a process).
+    # Flags that pass validation must fail here, not start an agent that serves forever.
+    def no_agent(config: AgentConfig) -> None:
+        raise AssertionError(f"{args} passed validation: an agent would start")
+
+    monkeypatch.setattr("meshkv.agent.run_agent", no_agent)
     assert main(["agent", "--http", "127.0.0.1:0", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meshkv agent: error: ") and message in err, err

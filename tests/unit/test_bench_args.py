@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshkv.cli.main import build_parser
+from meshkv.cli.main import build_parser, main
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,11 @@ def test_ranges_and_defaults_parse_to_numbers() -> None:
     assert args.prompt_tokens == (300, 300) and args.output_tokens == (32, 64)
     args = build_parser().parse_args(["bench", "serve", "--model", "m"])
     assert args.doc_tokens == (3000, 4000)
+
+
+def test_bench_local_refuses_an_ssd_dir_that_is_not_there(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before anything starts (the bench used to create the directory, wherever it was)."""
+    assert main(["bench", "local", "--ssd-dir", "/proc/mkv-none", "--only", "ssd"]) == 2
+    assert "--ssd-dir /proc/mkv-none is not a directory" in capsys.readouterr().err
