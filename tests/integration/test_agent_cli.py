@@ -14,6 +14,19 @@ from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def no_agent_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process ``main(["agent", ...])`` calls here expect validation to refuse:
+    input that passes must fail the test at once, not start an agent that serves on
+    (pytest-timeout's alarm does not end a uvloop that waits for signals). The
+    subprocess runs are not affected."""
+
+    def no_agent(config: AgentConfig) -> None:
+        raise AssertionError("the flags passed validation: an agent would start here")
+
+    monkeypatch.setattr("meshkv.agent.run_agent", no_agent)
+
+
 def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "meshkv", "agent", "--http", "127.0.0.1:0", *args],
@@ -66,18 +79,10 @@ def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_flags_are_rejected(
-    args: list[str],
-    message: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # In-process: validation happens before anything is created, so this is the same path
     # as the real command (which test_real_command_exit_code runs once as a process).
-    # Flags that pass validation must fail here, not start an agent that serves forever.
-    def no_agent(config: AgentConfig) -> None:
-        raise AssertionError(f"{args} passed validation: an agent would start")
-
-    monkeypatch.setattr("meshkv.agent.run_agent", no_agent)
     assert main(["agent", "--http", "127.0.0.1:0", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meshkv agent: error: ") and message in err, err
