@@ -42,6 +42,7 @@ import logging
 import mmap
 import os
 import secrets
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -254,7 +255,11 @@ class SsdTier:
                 checked = _check_file(path, name[: -len(SUFFIX)])
                 if checked is None:
                     log.warning("removing damaged chunk file %s", path)
-                    _unlink(path)
+                    try:
+                        _unlink(path)
+                    except OSError as exc:  # a directory under a chunk's name, EIO, EROFS
+                        log.warning("cannot remove %s (%s); it is left and never served",
+                                    path, exc.strerror or exc)  # fmt: skip
                     self.counters.corrupt_removed += 1
                     continue
                 found.append(checked)
@@ -676,12 +681,18 @@ def _check_file(path: str, stem: str) -> tuple[int, ChunkKey, SsdEntry] | None:
     if len(key) != KEY_BYTES:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO under a chunk's name must not hang the scan (it is no file of
+        # ours); a read error (a bad sector) makes this one file damaged, not the tier.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
         raw = os.pread(fd, RECORD_HEADER_BYTES, 0)
+    except OSError:
+        return None
     finally:
         os.close(fd)
     try:

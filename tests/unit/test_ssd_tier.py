@@ -434,3 +434,43 @@ async def test_a_directory_the_tier_cannot_use_is_refused_with_the_reason(tmp_pa
     with pytest.raises(ConfigError, match=r"SSD directory /proc cannot be used: .*\.meshkv\.lock"):
         await proc.start()
     proc.close()
+
+
+@run_async
+async def test_odd_entries_under_chunk_names_never_stop_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO under a chunk file's name used to hang the agent's start (a blocking open), a
+    directory under one stopped it; a read error on one file (a bad sector: simulated, the
+    only fake here, as no failing disk exists on this machine) did too. Each is now one
+    damaged file: counted, removed where it can be, never indexed; the good chunks stay."""
+    t = await started(tmp_path)
+    for i in range(3):
+        assert await put(t, i)
+    t.close()
+    good = {p.name: p for p in tmp_path.rglob("*.mkv")}
+    assert len(good) == 3
+    fan_out = tmp_path / "00"
+    fifo = fan_out / (key(100).hex() + ".mkv")
+    os.mkfifo(fifo)
+    odd_dir = fan_out / (key(101).hex() + ".mkv")
+    odd_dir.mkdir()
+    bad_sector = sorted(good.values())[0]
+    real_pread = os.pread
+
+    def failing_pread(fd: int, n: int, offset: int) -> bytes:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(bad_sector):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", failing_pread)
+    again = make(tmp_path)
+    await asyncio.wait_for(again.start(), 10)  # before: blocked for good in open(fifo)
+    monkeypatch.undo()
+    assert again.counters.corrupt_removed == 3
+    assert not fifo.exists() and not bad_sector.exists()
+    assert odd_dir.is_dir()  # cannot be unlinked: left, logged, never indexed
+    for i in range(3):
+        data = await get(again, i)
+        assert data is None if key(i).hex() + ".mkv" == bad_sector.name else data == payload(i)
+    again.close()
