@@ -22,6 +22,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 
 import numpy as np
 
@@ -196,8 +197,14 @@ def reclaim_stale(shm_dir: str = SHM_DIR) -> list[str]:
             continue
         path = os.path.join(shm_dir, name)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            # /dev/shm is writable by every user: only a regular file of this agent's own
+            # user is an arena it may reclaim; O_NONBLOCK, so that a FIFO under an arena's
+            # name cannot hang the start.
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,23 @@ def test_locked_arena_is_kept_even_if_its_pid_looks_dead() -> None:
             assert os.path.exists(os.path.join(SHM_DIR, fake))
         finally:
             os.unlink(os.path.join(SHM_DIR, fake))
+
+
+def test_reclaim_skips_what_is_not_its_own_arena_file(tmp_path: Path) -> None:
+    """``/dev/shm`` is writable by every user: a FIFO under a dead agent's arena name used
+    to hang the next agent's start (a blocking open), and another user's file (mode 0600)
+    to stop it (PermissionError for a non-root agent). Only this user's regular files are
+    reclaimed; the rest is left alone."""
+    dead = "meshkv-999999999-1-"
+    stale = tmp_path / (dead + "aa" * 8)
+    stale.write_bytes(b"\0" * 4096)
+    fifo = tmp_path / (dead + "bb" * 8)
+    os.mkfifo(fifo)
+    foreign = tmp_path / (dead + "cc" * 8)
+    foreign.write_bytes(b"\0" * 4096)
+    foreign.chmod(0o600)
+    os.chown(foreign, 12345, 12345)  # the tests run as root (as CI does)
+    link = tmp_path / (dead + "dd" * 8)
+    link.symlink_to(stale)
+    assert reclaim_stale(str(tmp_path)) == [stale.name]
+    assert fifo.exists() and foreign.exists() and link.is_symlink()
