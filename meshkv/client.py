@@ -478,7 +478,8 @@ class AgentClient:
             raise AgentUnavailable(f"agent at {self.socket_path} did not accept in time") from exc
         except OSError as exc:
             sock.close()
-            raise AgentUnavailable(f"no agent at {self.socket_path}: {exc.strerror}") from exc
+            reason = exc.strerror or exc  # "AF_UNIX path too long" has no strerror
+            raise AgentUnavailable(f"no agent at {self.socket_path}: {reason}") from exc
         self._sock = sock
         try:
             reply = self._exchange(Op.HELLO, self._hello_fields(), deadline)

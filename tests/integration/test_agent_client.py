@@ -122,9 +122,12 @@ def test_checksum_of_put_is_served(agent: AgentProcess) -> None:
 def test_no_agent_raises_unavailable_quickly(tmp_path: object) -> None:
     client = AgentClient("/tmp/meshkv-no-such-dir/agent.sock", timeout=1.0)
     started = time.monotonic()
-    with pytest.raises(AgentUnavailable, match="no agent at"):
+    with pytest.raises(AgentUnavailable, match="no agent at .*: No such file or directory"):
         client.lookup([b"x" * 16])
     assert time.monotonic() - started < 1.0
+    too_long = AgentClient("/tmp/" + "x" * 120, timeout=1.0)
+    with pytest.raises(AgentUnavailable, match="AF_UNIX path too long"):  # not ": None"
+        too_long.lookup([b"x" * 16])
 
 
 def test_frozen_agent_hits_the_deadline(agent: AgentProcess) -> None:
