@@ -151,12 +151,16 @@ def _lookups(local: dict[str, Any]) -> str:
 
 def _mesh(mesh: dict[str, Any]) -> str:
     digest = str(mesh.get("ring_digest", ""))
-    return (
+    line = (
         f"{mesh.get('address')} over {mesh.get('transport')}, "
         f"{mesh.get('alive_members')} members alive, ring {digest[:12]}, "
         f"incarnation {mesh.get('incarnation')}, {mesh.get('replicas')} replica(s), "
         f"{mesh.get('directory_keys')} keys in its directory"
     )
+    errors = mesh.get("join_errors")
+    if isinstance(errors, dict) and errors:
+        line += "; ALONE, not joined through " + "; ".join(f"{k} ({v})" for k, v in errors.items())
+    return line
 
 
 def _process(process: dict[str, Any]) -> str:

@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mesh (peer agents)")
     g.add_argument("--listen", metavar="HOST:PORT", help="peer port; enables the mesh")
     g.add_argument(
-        "--join", metavar="HOST:PORT[,HOST:PORT]", help="peer ports of agents to join through"
+        "--join",
+        metavar="HOST:PORT[,HOST:PORT]",
+        action="append",
+        help="peer ports of agents to join through (repeatable)",
     )
     g.add_argument("--advertise", metavar="HOST:PORT", help="address announced to peers")
     g.add_argument(
@@ -85,7 +88,8 @@ def mesh_config(args: argparse.Namespace, table: dict[str, Any] | None) -> MeshN
         join = [s for s in join.split(",")]
     if not isinstance(join, list | tuple) or not all(isinstance(s, str) for s in join):
         raise ConfigError("--join must be HOST:PORT[,HOST:PORT]")
-    join = tuple(s.strip() for s in join if s.strip())
+    # --join repeated, each a comma list, or a TOML list whose items may be comma lists
+    join = tuple(p.strip() for s in join for p in s.split(",") if p.strip())
     tls_given = [k for k in ("tls_cert", "tls_key", "tls_ca") if values.get(k)]
     tls = None
     if tls_given:

@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshkv.errors import AuthenticationFailed, MeshKVError
@@ -45,6 +45,8 @@ class LinkStats:
     """Outgoing handshakes the peer rejected (wrong secret) or that failed."""
     dropped_old_peer: int = 0
     """Messages of a kind the peer's (older) protocol version does not know."""
+    last_failure: dict[str, str] = field(default_factory=dict)
+    """Why the last connection to each address failed (cleared when one succeeds)."""
 
 
 class _ControlLink:
@@ -172,9 +174,11 @@ class PeerLinks:
                             self.stats.auth_failures += 1
                         self.stats.connect_failures += 1
                         self.stats.dropped_unreachable += len(link.queue)
+                        self.stats.last_failure[link.address] = str(exc) or type(exc).__name__
                         link.queue.clear()
                         logger.debug("control link to %s: %s", link.address, exc)
                         continue
+                    self.stats.last_failure.pop(link.address, None)
                 kind, header = link.queue.popleft()
                 if KIND_SINCE.get(kind, 1) > conn.peer.protocol_version:
                     self.stats.dropped_old_peer += 1  # the peer cannot read it

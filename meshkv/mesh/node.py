@@ -88,6 +88,10 @@ JOIN_GRACE_S = 30.0
 """A node id conflict met this soon after start, on a connection this agent dialled, means
 this agent is the newcomer: it refuses to run instead of fighting the established one."""
 ID_CONFLICTS_KEPT = 16
+ALONE_WARN_AFTER_S = 10.0
+"""A node given seeds that is still the only member alive this long after start says so
+(a mistyped --join, a wrong secret, a firewall), and again every ``ALONE_WARN_EVERY_S``."""
+ALONE_WARN_EVERY_S = 60.0
 WARM_CONNECT_S = 10.0
 """Deadline of the data connection opened to a member when it joins."""
 """A pushed payload whose frame never completed gives its reserved slot back after this."""
@@ -172,6 +176,7 @@ class MeshNode:
         self._conflicts_seen = 0
         self._newcomer: bool | None = None  # decided by the first conflict this node meets
         self._started_at = 0.0
+        self._next_alone_warning = 0.0
         self._on_fatal: Callable[[str], None] | None = None
 
     @property
@@ -328,6 +333,7 @@ class MeshNode:
                 "directory_keys": self._directory.num_entries if self._directory else 0,
                 "replicas": self.config.replicas,
                 "id_conflicts": list(self.id_conflicts),
+                "join_errors": self.join_errors(),
             }
         }
 
@@ -537,6 +543,7 @@ class MeshNode:
                     next_sweep = now + PUSH_SWEEP_S
                     self.peer_server.sweep(now - PUSH_SWEEP_S)
                 self._check_id_conflicts(now)
+                self._warn_if_alone(now)
             except Exception:  # a bug in one step must not stop the node's heartbeat
                 self.drive_errors += 1
                 logger.exception("mesh driver step failed; continuing")
@@ -546,6 +553,32 @@ class MeshNode:
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), max(0.0005, wait))
+
+    def join_errors(self) -> dict[str, str]:
+        """While this node has seeds and no other member alive: each seed and why it was
+        not joined (the last failure of a connection to it, or that it never answered)."""
+        if not self.config.join or self._membership is None or self.membership.num_alive > 1:
+            return {}
+        failures = self._links.stats.last_failure if self._links is not None else {}
+        return {
+            seed: failures.get(seed, "no answer to the join (yet)")
+            for seed in self.config.join
+            if seed != self.address
+        }
+
+    def _warn_if_alone(self, now: float) -> None:
+        if now - self._started_at < ALONE_WARN_AFTER_S or now < self._next_alone_warning:
+            return
+        errors = self.join_errors()
+        if not errors:
+            return
+        self._next_alone_warning = now + ALONE_WARN_EVERY_S
+        logger.warning(
+            "still the only member alive %.0f s after start; not joined through %s "
+            "(check --join, the mesh secret, TLS and firewalls)",
+            now - self._started_at,
+            "; ".join(f"{seed}: {why}" for seed, why in errors.items()),
+        )
 
     async def _warm(self, address: str) -> None:
         loop = asyncio.get_running_loop()

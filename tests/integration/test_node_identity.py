@@ -104,3 +104,33 @@ def test_a_taken_id_met_through_gossip_is_refused_too(
     assert peer_address(old) in new.log()
     assert old.proc is not None and old.proc.poll() is None
     wait_for("the established twin to record it", lambda: bool(ring(old)["id_conflicts"]))
+
+
+def test_an_agent_that_cannot_join_says_through_which_seed_and_why(
+    agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """A mistyped --join or a wrong secret used to leave an agent alone in silence. Now
+    ``/v1/status`` names each seed and its last failure at once, and the log warns after
+    ten seconds (then every minute); an agent that joined has no such entries."""
+    secret = write_secret(tmp_path)
+    first = agent_factory(name="a", args=mesh_args(secret)).start()
+    seed = peer_address(first)
+    other = tmp_path / "other"
+    other.mkdir()
+    refused = f"127.0.0.1:{free_port()}"
+    lonely = agent_factory(
+        name="lonely", args=mesh_args(write_secret(other), join=[seed, refused])
+    ).start()
+
+    def errors() -> dict[str, str]:
+        return dict(lonely.get_json("/v1/status")["mesh"]["join_errors"])
+
+    wait_for("both seeds' failures", lambda: set(errors()) == {seed, refused}, 10.0)
+    wait_for("the refused port's reason", lambda: "cannot connect" in errors()[refused], 10.0)
+    assert errors()[seed] != "no answer to the join (yet)"  # the handshake's own failure
+    wait_for("the warning", lambda: "still the only member alive" in lonely.log(), 20.0)
+    line = next(x for x in lonely.log().splitlines() if "still the only member alive" in x)
+    assert seed in line and refused in line and "mesh secret" in line
+    joined = agent_factory(name="b", args=mesh_args(secret, join=[seed])).start()
+    wait_for("b to join", lambda: joined.get_json("/v1/status")["mesh"]["alive_members"] == 2)
+    assert joined.get_json("/v1/status")["mesh"]["join_errors"] == {}

@@ -86,3 +86,14 @@ def test_a_minimal_document_renders() -> None:
     """An agent without the mesh, the local server or process numbers (all optional)."""
     text = render({"node_id": "x", "version": "0.1.0", "uptime_s": 5, "store": {}})
     assert text == "node      x  (meshkv 0.1.0, up 0h00m05s)"
+
+
+def test_a_node_that_could_not_join_says_through_which_seed_and_why() -> None:
+    doc = _doc()
+    doc["mesh"]["alive_members"] = 1
+    doc["mesh"]["join_errors"] = {"10.0.0.9:7470": "handshake failed: not a meshkv peer"}
+    assert (
+        "1 members alive, ring 90a43be14174, incarnation 1, 2 replica(s), 17 keys in its "
+        "directory; ALONE, not joined through 10.0.0.9:7470 (handshake failed: not a meshkv "
+        "peer)" in render(doc)
+    )
