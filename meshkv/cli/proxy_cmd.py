@@ -22,16 +22,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8000",
                    help="address to serve on (default: 127.0.0.1:8000)")  # fmt: skip
-    p.add_argument("--prefill", nargs="+", metavar="URL", default=[],
+    p.add_argument("--prefill", nargs="+", action="extend", metavar="URL", default=[],
                    help="prefill engines' base URLs (disaggregated mode)")  # fmt: skip
-    p.add_argument("--decode", nargs="+", metavar="URL", default=[],
+    p.add_argument("--decode", nargs="+", action="extend", metavar="URL", default=[],
                    help="decode engines' base URLs (disaggregated mode)")  # fmt: skip
-    p.add_argument("--engines", nargs="+", metavar="URL", default=[],
+    p.add_argument("--engines", nargs="+", action="extend", metavar="URL", default=[],
                    help="engines' base URLs (aggregated mode)")  # fmt: skip
     p.add_argument("--routing", default="least_loaded", metavar="POLICY",
                    help="aggregated mode: least_loaded, round_robin, random, sticky or "
                    "cache_aware (default: least_loaded)")  # fmt: skip
-    p.add_argument("--agents", nargs="+", metavar="URL", default=[],
+    p.add_argument("--agents", nargs="+", action="extend", metavar="URL", default=[],
                    help="cache_aware: each engine's meshkv agent admin URL (http://HOST:PORT), "
                    "in the order of --engines")  # fmt: skip
     p.add_argument("--load-weight", type=float, default=1.0, metavar="W",

@@ -125,6 +125,12 @@ class ProxyConfig:
         for url in (*self.prefill, *self.decode, *self.engines, *self.agents):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"upstream URL must start with http:// or https://: {url!r}")
+        for flag, urls in (("--prefill", self.prefill), ("--decode", self.decode),
+                           ("--engines", self.engines), ("--agents", self.agents)):  # fmt: skip
+            seen = [u.rstrip("/") for u in urls]
+            twice = sorted({u for u in seen if seen.count(u) > 1})
+            if twice:  # one engine would take two shares of the traffic
+                raise ConfigError(f"{flag} names {', '.join(twice)} more than once")
         if self.agents and len(self.agents) != len(self.engines):
             raise ConfigError(
                 f"--agents must name one agent per engine ({len(self.engines)}), "

@@ -296,6 +296,9 @@ def test_bad_client_input_is_rejected_and_the_proxy_keeps_serving() -> None:
         ({"engines": ("ftp://a",)}, "must start with http"),
         ({"engines": ("http://a",), "routing": "fastest"}, "--routing must be one of"),
         ({"engines": ("http://a",), "agents": ("http://x", "http://y")}, "one agent per engine"),
+        ({"engines": ("http://a:1", "http://b:1", "http://a:1/")},
+         "--engines names http://a:1 more than once"),
+        ({"prefill": ("http://p",), "decode": ("http://d", "http://d")}, "--decode names"),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -319,3 +322,14 @@ def test_a_listen_port_in_use_is_a_clear_error() -> None:
     assert f"meshkv proxy: error: cannot serve on 127.0.0.1:{port}: " in out.stderr
     assert "address already in use" in out.stderr and "pass a free --listen" in out.stderr
     assert "Traceback" not in out.stderr and "Unclosed" not in out.stderr
+
+
+def test_repeated_url_flags_add_up() -> None:
+    """``--engines A --engines B`` is two engines (the second flag used to replace the
+    first in silence)."""
+    from meshkv.cli.main import build_parser
+    from meshkv.cli.proxy_cmd import build_config
+
+    argv = ["proxy", "--engines", "http://a:1", "--engines", "http://b:1", "http://c:1"]
+    config = build_config(build_parser().parse_args(argv))
+    assert config.engines == ("http://a:1", "http://b:1", "http://c:1")
