@@ -5,6 +5,7 @@ expected a positive integer, got '0'``), not a ZeroDivisionError minutes into a 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 
@@ -63,3 +64,14 @@ def csv_of(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
         return items
 
     return parse
+
+
+def model_arg(text: str) -> str:
+    """A model directory (with its ``config.json``), or a hub id (``org/name``) that the
+    engine resolves; a path that is no model directory is refused here."""
+    if os.path.isabs(text) or text.startswith(".") or os.path.exists(text):
+        if not os.path.isfile(os.path.join(text, "config.json")):
+            raise argparse.ArgumentTypeError(f"{text} is not a model directory (no config.json)")
+    elif not text:
+        raise argparse.ArgumentTypeError("expected a model directory or hub id, got ''")
+    return text

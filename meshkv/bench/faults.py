@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
+from meshkv.bench.args import model_arg
 from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
 from meshkv.bench.report import ms, text_table
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
@@ -604,7 +605,7 @@ def rows_table(runs: list[FaultRun]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory vLLM loads")
+    p.add_argument("--model", required=True, type=model_arg, help="model directory vLLM loads")
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
-from meshkv.bench.args import int_range, positive_int
+from meshkv.bench.args import int_range, model_arg, positive_int
 from meshkv.bench.report import Report, Result
 from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
@@ -87,7 +87,9 @@ connector's default size) did not load the document: counted as recomputed."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (or id) vLLM loads")
+    p.add_argument(
+        "--model", required=True, type=model_arg, help="model directory (or id) vLLM loads"
+    )
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     p.add_argument("--requests", type=positive_int, default=24, help="requests per arm")
     p.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from meshkv.bench import openai_load as load
 from meshkv.bench import serve
-from meshkv.bench.args import csv_of, positive_int
+from meshkv.bench.args import csv_of, model_arg, positive_int
 from meshkv.bench.report import Report, Result, ms, text_table
 from meshkv.launch import (
     AgentProcess,
@@ -259,7 +259,7 @@ def runs_table(runs: list[RouteRun]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory vLLM loads")
+    p.add_argument("--model", required=True, type=model_arg, help="model directory vLLM loads")
     p.add_argument("--engines", type=positive_int, default=2, help="engines (and agents)")
     p.add_argument("--policies", type=csv_of(POLICIES), default=list(POLICIES))
     p.add_argument(

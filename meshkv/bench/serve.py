@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.bench import openai_load as load
-from meshkv.bench.args import csv_of, int_range, positive_int
+from meshkv.bench.args import csv_of, int_range, model_arg, positive_int
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
 from meshkv.bench.report import Report, Result, ms
 from meshkv.bench.serve_runs import Occupancy, Run, find_run, plot, runs_table
@@ -546,7 +546,7 @@ def _rates(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory vLLM loads")
+    p.add_argument("--model", required=True, type=model_arg, help="model directory vLLM loads")
     p.add_argument("--arms", type=csv_of(ARMS), default=list(ARMS), help="comma-separated arms")
     p.add_argument(
         "--workloads", type=csv_of(WORKLOADS), default=list(WORKLOADS), help="chat,longdoc"

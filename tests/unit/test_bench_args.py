@@ -24,6 +24,8 @@ from meshkv.cli.main import build_parser, main
         (["serve", "--model", "m", "--doc-tokens", "0-5"], "argument --doc-tokens: expected 0 <"),
         (["serve", "--model", "m", "--arms", "nope"], "argument --arms: expected a comma-sep"),
         (["route", "--model", "m", "--engines", "0"], "argument --engines: expected a positive"),
+        (["serve", "--model", "/proc/mkv-none"], "argument --model: /proc/mkv-none is not a model"),
+        (["pd", "--model", "/etc"], "argument --model: /etc is not a model directory (no config"),
     ],
 )  # fmt: skip
 def test_a_bad_bench_flag_stops_at_parse_time(
