@@ -269,9 +269,10 @@ def test_occupancy_of_a_server_that_never_answers_has_no_samples() -> None:
 
 
 def test_a_chunk_size_that_engine_blocks_do_not_tile_is_refused(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    assert serve.main(["--model", "/nowhere", "--chunk-tokens", "200"]) == 2
+    (tmp_path / "config.json").write_text("{}")  # refused before the model is read
+    assert serve.main(["--model", str(tmp_path), "--chunk-tokens", "200"]) == 2
     assert "--chunk-tokens must be a multiple of vLLM CPU's block size (128), got 200" in (
         capsys.readouterr().err
     )
