@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
+from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
 RING_FIELDS = ("digest", "max_over_mean")
@@ -83,12 +84,13 @@ def _get(http: str, path: str, body: Any = None) -> Any:
 
 def _is_agent(http: str) -> bool:
     """Whether ``http`` answers ``/v1/status`` as an agent does (a JSON map with a node id)."""
+    from meshkv.cli.status_cmd import fetch_status  # noqa: PLC0415 - only on this error path
+
     try:
-        with urllib.request.urlopen(f"http://{http}/v1/status", timeout=HTTP_TIMEOUT_S) as resp:
-            doc = json.loads(resp.read())
-    except (OSError, ValueError):
+        fetch_status(http, HTTP_TIMEOUT_S)
+    except (OSError, ValueError, MeshKVError):
         return False
-    return isinstance(doc, dict) and "node_id" in doc
+    return True
 
 
 def contract(view: dict[str, Any]) -> dict[str, Any]:
