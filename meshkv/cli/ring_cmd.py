@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
+from meshkv.cli.status_cmd import fmt_bytes
 from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
@@ -112,17 +113,6 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def render_status(view: dict[str, Any]) -> str:
     head = (
         "",
@@ -151,7 +141,7 @@ def render_status(view: dict[str, Any]) -> str:
                 str(m["incarnation"]),
                 f"{100 * m['ring_share']:.1f}%",
                 f"{cpu.get('chunks', '-')}/{ssd.get('chunks', '-')}" if tiers else "-",
-                f"{_fmt_bytes(cpu.get('bytes'))}/{_fmt_bytes(ssd.get('bytes'))}" if tiers else "-",
+                f"{fmt_bytes(cpu.get('bytes'))}/{fmt_bytes(ssd.get('bytes'))}" if tiers else "-",
                 "-" if hit is None else f"{100 * hit:.1f}%",
                 "-" if heard is None else f"{heard:.1f}s ago",
             )

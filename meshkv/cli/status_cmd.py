@@ -202,15 +202,24 @@ def _table(tiers: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def fmt_bytes(n: int | None) -> str:
+    """A byte count as ``meshkv status`` and ``meshkv ring status`` print it."""
+    if n is None:
+        return "-"
+    if n >= 1 << 40:
+        return f"{n / (1 << 40):.2f} TiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 10):.1f} KiB" if n >= 1 << 10 else f"{n} B"
+
+
 def _num(value: Any, name: str = "") -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     if "bytes" in name and isinstance(value, int):
-        if value >= 1 << 30:
-            return f"{value / (1 << 30):.2f} GiB"
-        if value >= 1 << 20:
-            return f"{value / (1 << 20):.1f} MiB"
-        return f"{value / (1 << 10):.1f} KiB" if value >= 1 << 10 else f"{value} B"
+        return fmt_bytes(value)
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)

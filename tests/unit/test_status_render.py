@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshkv.cli.status_cmd import render
+from meshkv.cli.ring_cmd import render_status
+from meshkv.cli.status_cmd import fmt_bytes, render
 
 
 def _doc(**sections: Any) -> dict[str, Any]:
@@ -97,3 +98,22 @@ def test_a_node_that_could_not_join_says_through_which_seed_and_why() -> None:
         "directory; ALONE, not joined through 10.0.0.9:7470 (handshake failed: not a meshkv "
         "peer)" in render(doc)
     )
+
+
+def test_status_and_ring_status_print_sizes_alike() -> None:
+    """One formatter for both commands: the same arena reads the same in each."""
+    assert [fmt_bytes(n) for n in (None, 0, 1023, 1024, 3 << 20, 1 << 30, 5 << 40)] == [
+        "-", "0 B", "1023 B", "1.0 KiB", "3.0 MiB", "1.00 GiB", "5.00 TiB",
+    ]  # fmt: skip
+    member = {
+        "id": "a",
+        "address": "127.0.0.1:7400",
+        "state": "alive",
+        "incarnation": 1,
+        "ring_share": 1.0,
+        "tiers": {"cpu": {"chunks": 3, "bytes": 1 << 30}, "ssd": {"chunks": 0, "bytes": 0}},
+    }
+    ring = render_status(
+        {"self": "a", "members": [member], "ring": {"max_over_mean": 1.0, "digest": "x"}}
+    )
+    assert "1.00 GiB/0 B" in ring  # as in the tier table of the first test
