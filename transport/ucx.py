@@ -390,8 +390,10 @@ class _UcxListener(SessionListener):
 
 
 class UcxTransport(Transport):
-    """Peer transport over UCX (tcp / shared memory / cma on this machine; RDMA when the
-    system UCX has verbs)."""
+    """Peer transport over UCX (tcp and shared memory on this machine; RDMA when the
+    system UCX has verbs). Endpoints keep UCX's peer-failure handling, which rules out
+    ``cma`` for large messages (its memory domain cannot revoke a dead peer's access;
+    docs/benchmarks.md, "Runs of 2026-12-05", item 16)."""
 
     name = "ucx"
 
