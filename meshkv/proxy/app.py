@@ -170,6 +170,19 @@ class ProxyConfig:
         return bool(self.prefill)
 
 
+CLIENT_CLOSED = 499
+"""The status counted for a request whose client hung up before its answer was complete
+(nginx's "client closed request"); the client never sees it."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being streamed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client closed the connection")
+        self.response = response
+
+
 class UpstreamFailed(Exception):
     """An upstream request failed; carries the answer to give the client."""
 
@@ -312,6 +325,14 @@ class Proxy:
         except UpstreamFailed as exc:
             status = exc.response.status
             return exc.response
+        except ClientGone as exc:
+            status = CLIENT_CLOSED
+            return exc.response
+        except asyncio.CancelledError:
+            # The client hung up (the runner cancels the handler then): leaving the
+            # upstream call closes its connection, and vLLM aborts the request.
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.monotonic() - started)
@@ -497,10 +518,10 @@ class Proxy:
                     if first and b"data:" in piece:
                         first = False
                         self.metrics.ttft.labels(route).observe(time.monotonic() - started)
-                    await response.write(piece)
-                await response.write_eof()
+                    await _to_client(response, piece)
+                await _to_client(response, None)
                 return response
-        except UpstreamFailed:
+        except (UpstreamFailed, ClientGone):
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None and response.prepared:
@@ -513,6 +534,19 @@ class Proxy:
             raise self._failed(upstream, exc) from exc
         finally:
             upstream.inflight -= 1
+
+
+async def _to_client(response: web.StreamResponse, piece: bytes | None) -> None:
+    """Relay a piece of a streamed answer (None: the end) to the client. A client that hung
+    up is not the upstream's failure: ``ClientGone``, and leaving the upstream call closes
+    its connection, which aborts the request there."""
+    try:
+        if piece is None:
+            await response.write_eof()
+        else:
+            await response.write(piece)
+    except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
+        raise ClientGone(response) from exc
 
 
 def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
@@ -551,6 +585,12 @@ def build_app(config: ProxyConfig) -> web.Application:
     return app
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The proxy's runner: a handler whose client hangs up is cancelled, so the upstream
+    request it was waiting on is closed and the engine stops generating for nobody."""
+    return web.AppRunner(app, access_log=None, handler_cancellation=True)
+
+
 def run_proxy(config: ProxyConfig) -> None:
     """Serve until SIGTERM/SIGINT (uvloop when installed)."""
     try:
@@ -567,7 +607,7 @@ def run_proxy(config: ProxyConfig) -> None:
 async def _serve(app: web.Application, config: ProxyConfig) -> None:
     import signal
 
-    runner = web.AppRunner(app, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     try:

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from meshkv.errors import ConfigError
 from meshkv.launch import free_port
-from meshkv.proxy.app import ProxyConfig, build_app
+from meshkv.proxy.app import ProxyConfig, build_app, make_runner
 
 
 def run(main: Callable[[], Awaitable[None]], limit: float = 30.0) -> None:
@@ -47,13 +47,20 @@ class FakeEngine:
     fail_status: int | None = None
     seen: list[dict[str, Any]] = field(default_factory=list)
     healthy: bool = True
+    stream_chunks: int = 3
+    abandoned: list[str] = field(default_factory=list)
+    """Where a request was when the proxy closed its connection (vLLM aborts it then)."""
     runner: web.AppRunner | None = None
     url: str = ""
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(body)
-        await asyncio.sleep(self.delay)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.abandoned.append("waiting")
+            raise
         if self.fail_status is not None:
             return web.json_response({"error": {"message": f"{self.name} broke"}},
                                      status=self.fail_status)  # fmt: skip
@@ -67,10 +74,14 @@ class FakeEngine:
             return web.json_response(out)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(3):
-            chunk = {"choices": [{"text": f"t{i}"}]}
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await asyncio.sleep(0.01)
+        try:
+            for i in range(self.stream_chunks):
+                chunk = {"choices": [{"text": f"t{i}"}]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await asyncio.sleep(0.01)
+        except (asyncio.CancelledError, ConnectionError):
+            self.abandoned.append("streaming")
+            raise
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -91,7 +102,8 @@ class FakeEngine:
                 web.get("/v1/models", self.models),
             ]
         )
-        self.runner = web.AppRunner(app, access_log=None)
+        # Like vLLM's server, stop working on a request whose connection closed.
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
@@ -107,7 +119,7 @@ class FakeEngine:
 @asynccontextmanager
 async def proxy(**config: Any) -> AsyncIterator[str]:
     cfg = ProxyConfig(port=free_port(), health_interval_s=0.1, **config)
-    runner = web.AppRunner(build_app(cfg), access_log=None)
+    runner = make_runner(build_app(cfg))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", cfg.port).start()
     try:
@@ -204,6 +216,57 @@ def test_failed_upstreams_give_clear_errors_and_leave_rotation() -> None:
         finally:
             for e in (p, d, slow):
                 await e.stop()
+
+    run(main)
+
+
+def test_a_client_that_hangs_up_stops_the_engine_and_is_no_upstream_error() -> None:
+    """A client that hangs up, while waiting for a plain answer or in the middle of a
+    stream, makes the proxy close its upstream request (so the engine, which aborts a
+    request whose connection closes, stops generating for nobody); it is counted as the
+    client's doing (status 499), not as the engine's error, and the proxy serves on."""
+
+    async def main() -> None:
+        e = await FakeEngine("e", delay=5.0).start()
+        try:
+            async with proxy(engines=(e.url,)) as url:
+                with pytest.raises(TimeoutError):
+                    await post(url + "/v1/completions", {"prompt": "x"},
+                               timeout=aiohttp.ClientTimeout(total=0.3))  # fmt: skip
+                await until(lambda: e.abandoned == ["waiting"], timeout=2.0)
+                e.delay, e.stream_chunks = 0.0, 500  # a stream of ~5 s
+                async with aiohttp.ClientSession() as http:
+                    body = {"prompt": "x", "stream": True}
+                    async with http.post(url + "/v1/completions", json=body) as resp:
+                        assert resp.status == 200
+                        assert (await resp.content.readline()).startswith(b"data: ")
+                    # leaving the block unread closes the connection mid-stream
+                await until(lambda: e.abandoned == ["waiting", "streaming"], timeout=2.0)
+                status, answer = await post(url + "/v1/completions", {"prompt": "ok"})
+                assert status == 200 and answer["choices"][0]["text"] == "e-answer"
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                closed = 'meshkv_proxy_requests_total{route="/v1/completions",status="499"} 2.0'
+                assert closed in page
+                errors = [line for line in page.splitlines()
+                          if line.startswith("meshkv_proxy_upstream_errors_total")]  # fmt: skip
+                assert errors == [], errors
+            # P/D: a client gone during the prefill leg ends that leg; no decode follows
+            p, d = await FakeEngine("p", delay=5.0).start(), await FakeEngine("d").start()
+            try:
+                async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                    with pytest.raises(TimeoutError):
+                        await post(url + "/v1/completions", {"prompt": "x"},
+                                   timeout=aiohttp.ClientTimeout(total=0.3))  # fmt: skip
+                    await until(lambda: p.abandoned == ["waiting"], timeout=2.0)
+                    await asyncio.sleep(0.2)
+                    params = [b.get("kv_transfer_params") or {} for b in d.seen]
+                    assert all(x.get("meshkv_probe") for x in params)  # probes for d's node
+            finally:
+                await p.stop()
+                await d.stop()
+        finally:
+            await e.stop()
 
     run(main)
 
