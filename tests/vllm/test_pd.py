@@ -8,14 +8,17 @@ Every output is compared with one plain engine's (no connector, same thread bind
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from meshkv.launch import HttpProcess, http_get, prometheus_sum
 from tests.helpers.mesh import wait_converged
 from tests.vllm.pd import (
     BLOCK,
@@ -78,6 +81,41 @@ def test_client_driven_flow_like_vllms_toy_proxy(stack: Stack) -> None:
 
 def test_producer_pins_are_released_by_the_consumer(stack: Stack) -> None:
     check_pins_released(stack)
+
+
+def test_a_client_that_hangs_up_ends_the_request_on_the_engine(stack: Stack) -> None:
+    """Through the proxy, a client that hangs up mid-stream ends the decode engine's
+    request (vLLM stops generating), the proxy counts it as 499 and not as the engine's
+    error, and the transfer's pins are still released."""
+    route, body = stack.requests["p333"]
+    long = {**body, "prompt": [13, *PROMPTS["p333"][1:]], "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    errors = prometheus_sum(http_get(stack.proxy.base_url + "/metrics").decode(),
+                            "meshkv_proxy_upstream_errors_total")  # fmt: skip
+    generated = vllm_metric(stack.decode, "vllm:generation_tokens_total")
+    request = urllib.request.Request(
+        stack.proxy.base_url + route, data=json.dumps(long).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        for _ in range(5):  # a few tokens: the decode engine is generating
+            assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
+        assert vllm_metric(stack.decode, "vllm:num_requests_running") == 1
+    deadline = time.monotonic() + 10
+    while vllm_metric(stack.decode, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vllm_metric(stack.decode, "vllm:num_requests_running") == 0, logs(stack)
+    time.sleep(0.3)  # vLLM logs its counters after the step
+    made = vllm_metric(stack.decode, "vllm:generation_tokens_total") - generated
+    assert 5 <= made < 1000, f"{made} of 3000 tokens generated: the request was not ended"
+    page = http_get(stack.proxy.base_url + "/metrics").decode()
+    assert prometheus_sum(page, "meshkv_proxy_requests_total", 'status="499"') == 1
+    assert prometheus_sum(page, "meshkv_proxy_upstream_errors_total") == errors
+    check_pins_released(stack)
+
+
+def vllm_metric(server: HttpProcess, name: str) -> float:
+    return prometheus_sum(http_get(server.base_url + "/metrics").decode(), name)
 
 
 def test_next_turn_prefill_reuses_what_the_decode_node_made(stack: Stack) -> None:
