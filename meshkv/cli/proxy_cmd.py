@@ -53,6 +53,9 @@ def register(sub: Any) -> None:
                    help="longest an upstream may stay silent (default: 600)")  # fmt: skip
     p.add_argument("--health-interval", type=float, default=2.0, metavar="S",
                    help="period of the upstreams' /health checks (default: 2)")  # fmt: skip
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long requests in flight may take to finish "
+                   "(default: 30)")  # fmt: skip
     p.add_argument("--no-prefill-fallback", action="store_true",
                    help="a failed prefill is an error for the client (default: the decode "
                    "engine computes the prompt)")  # fmt: skip
@@ -82,6 +85,7 @@ def build_config(args: argparse.Namespace) -> Any:
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         health_interval_s=args.health_interval,
+        drain_s=args.drain_seconds,
         prefill_fallback=not args.no_prefill_fallback,
     )
 

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ class ProxyConfig:
     requests in flight than the least loaded."""
     max_body_bytes: int = 64 << 20
     """Largest request body accepted."""
+    drain_s: float = 30.0
+    """On SIGTERM: stop accepting, and give requests in flight this long to finish (then
+    they are cut off). Kubernetes' default grace period is 30 s; keep this below yours."""
 
     def __post_init__(self) -> None:
         pd = bool(self.prefill or self.decode)
@@ -145,9 +149,13 @@ class ProxyConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         for name in ("connect_timeout_s", "request_timeout_s", "prefill_timeout_s",
-                     "health_interval_s"):  # fmt: skip
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"proxy: {name} must be > 0")
+                     "health_interval_s", "prefix_timeout_s"):  # fmt: skip
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ConfigError(f"{FLAGS.get(name, name)} must be a positive number of "
+                                  f"seconds, got {value}")  # fmt: skip
+        if not 0 <= self.drain_s < math.inf:
+            raise ConfigError(f"--drain-seconds must be a finite number >= 0, got {self.drain_s}")
         if self.affinity_slack < 0:
             raise ConfigError("proxy: affinity_slack must be >= 0")
         if self.balance_window < 0:
@@ -160,15 +168,25 @@ class ProxyConfig:
         if self.agents and not self.engines:
             raise ConfigError("--agents goes with --engines (aggregated mode)")
         for name in ("load_weight", "balance_slack", "ssd_weight"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"proxy: {name} must be >= 0")
-        if not self.prefix_timeout_s > 0:
-            raise ConfigError("proxy: prefix_timeout_s must be > 0")
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{FLAGS.get(name, name)} must be a finite number >= 0, "
+                                  f"got {value}")  # fmt: skip
 
     @property
     def disaggregated(self) -> bool:
         return bool(self.prefill)
 
+
+FLAGS = {
+    "request_timeout_s": "--request-timeout",
+    "prefill_timeout_s": "--prefill-timeout",
+    "health_interval_s": "--health-interval",
+    "prefix_timeout_s": "--prefix-timeout",
+    "load_weight": "--load-weight",
+    "balance_slack": "--balance-slack",
+}
+"""The command-line flag of a setting, for error messages."""
 
 CLIENT_CLOSED = 499
 """The status counted for a request whose client hung up before its answer was complete
@@ -585,10 +603,11 @@ def build_app(config: ProxyConfig) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application, drain_s: float = 30.0) -> web.AppRunner:
     """The proxy's runner: a handler whose client hangs up is cancelled, so the upstream
-    request it was waiting on is closed and the engine stops generating for nobody."""
-    return web.AppRunner(app, access_log=None, handler_cancellation=True)
+    request it was waiting on is closed and the engine stops generating for nobody; on
+    shutdown, requests in flight get ``drain_s`` to finish."""
+    return web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=drain_s)
 
 
 def run_proxy(config: ProxyConfig) -> None:
@@ -607,7 +626,7 @@ def run_proxy(config: ProxyConfig) -> None:
 async def _serve(app: web.Application, config: ProxyConfig) -> None:
     import signal
 
-    runner = make_runner(app)
+    runner = make_runner(app, config.drain_s)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     try:

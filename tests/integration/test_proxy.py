@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -362,6 +363,12 @@ def test_bad_client_input_is_rejected_and_the_proxy_keeps_serving() -> None:
         ({"engines": ("http://a:1", "http://b:1", "http://a:1/")},
          "--engines names http://a:1 more than once"),
         ({"prefill": ("http://p",), "decode": ("http://d", "http://d")}, "--decode names"),
+        ({"engines": ("http://a",), "request_timeout_s": 0},
+         "--request-timeout must be a positive number of seconds, got 0"),
+        ({"engines": ("http://a",), "prefill_timeout_s": float("nan")}, "--prefill-timeout"),
+        ({"engines": ("http://a",), "load_weight": float("inf")},
+         "--load-weight must be a finite number >= 0, got inf"),
+        ({"engines": ("http://a",), "drain_s": -1.0}, "--drain-seconds must be a finite"),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -385,6 +392,54 @@ def test_a_listen_port_in_use_is_a_clear_error() -> None:
     assert f"meshkv proxy: error: cannot serve on 127.0.0.1:{port}: " in out.stderr
     assert "address already in use" in out.stderr and "pass a free --listen" in out.stderr
     assert "Traceback" not in out.stderr and "Unclosed" not in out.stderr
+
+
+def test_sigterm_drains_requests_in_flight() -> None:
+    """The real command, stopped with SIGTERM while a request is in flight (a rolling
+    restart): the request is answered and the proxy exits 0; with a ``--drain-seconds``
+    shorter than the request, the proxy exits at that budget, not at the request's end."""
+
+    async def one(drain_s: float, delay: float) -> tuple[Any, float, int | None]:
+        e = await FakeEngine("e", delay=delay).start()
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshkv", "proxy", "--engines", e.url,
+            "--listen", f"127.0.0.1:{port}", "--drain-seconds", str(drain_s),
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if (await _get(url + "/v1/upstreams"))[0] == 200:
+                        break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            asked = asyncio.create_task(post(url + "/v1/completions", {"prompt": "x"}))
+            await until(lambda: len(e.seen) == 1)
+            proc.send_signal(signal.SIGTERM)
+            stopping = asyncio.get_running_loop().time()
+            try:
+                answer: Any = await asked
+            except aiohttp.ClientError as exc:
+                answer = exc
+            await asyncio.wait_for(proc.wait(), 20)
+            return answer, asyncio.get_running_loop().time() - stopping, proc.returncode
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await e.stop()
+
+    async def main() -> None:
+        answer, took, rc = await one(drain_s=30.0, delay=1.0)
+        assert answer == (200, {"choices": [{"text": "e-answer"}], "usage": {}}), answer
+        assert rc == 0
+        answer, took, rc = await one(drain_s=0.5, delay=10.0)
+        assert isinstance(answer, aiohttp.ClientError), answer  # cut off at the budget
+        assert rc == 0 and took < 5.0, took  # not the 10 s the engine would take
+
+    run(main, limit=60.0)
 
 
 def test_repeated_url_flags_add_up() -> None:
