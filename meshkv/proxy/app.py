@@ -18,8 +18,11 @@ Every field of a request the proxy does not own passes through unchanged (the pr
 (SSE) are relayed chunk by chunk as they arrive. An upstream that fails or times out gives
 the client an OpenAI-style error (502 / 504 with the upstream's message), never a hang; an
 upstream that cannot be reached is taken out of rotation and put back once its
-``/health`` answers. ``/health``, ``/v1/models``, ``/v1/upstreams`` (each engine's health,
-load and agent node) and ``/metrics`` (``meshkv_proxy_*``) are served too.
+``/health`` answers. A client that hangs up ends its request on the engine (the
+connection to it is closed, and vLLM aborts); on SIGTERM the proxy stops accepting and
+lets requests in flight finish within ``--drain-seconds``. ``/health``, ``/v1/models``,
+``/v1/upstreams`` (each engine's health, load and agent node) and ``/metrics``
+(``meshkv_proxy_*``) are served too.
 """
 
 from __future__ import annotations
