@@ -249,7 +249,7 @@ def test_cache_aware_routing_survives_an_agent_that_does_not_answer() -> None:
         ({"engines": ("http://a",), "agents": ("x",)}, "must start with http://"),
         (
             {"engines": ("http://a",), "agents": ("http://x",), "load_weight": -1.0},
-            "load_weight must be >= 0",
+            "--load-weight must be a finite number >= 0, got -1.0",
         ),
         (
             {"engines": ("http://a",), "agents": ("http://x",), "balance_window": -1},
