@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
-from meshkv.cli.status_cmd import fmt_bytes
+from meshkv.cli.status_cmd import fetch_status, fmt_bytes
 from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
@@ -85,8 +85,6 @@ def _get(http: str, path: str, body: Any = None) -> Any:
 
 def _is_agent(http: str) -> bool:
     """Whether ``http`` answers ``/v1/status`` as an agent does (a JSON map with a node id)."""
-    from meshkv.cli.status_cmd import fetch_status  # noqa: PLC0415 - only on this error path
-
     try:
         fetch_status(http, HTTP_TIMEOUT_S)
     except (OSError, ValueError, MeshKVError):

@@ -606,7 +606,7 @@ def build_app(config: ProxyConfig) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application, drain_s: float = 30.0) -> web.AppRunner:
+def make_runner(app: web.Application, drain_s: float) -> web.AppRunner:
     """The proxy's runner: a handler whose client hangs up is cancelled, so the upstream
     request it was waiting on is closed and the engine stops generating for nobody; on
     shutdown, requests in flight get ``drain_s`` to finish."""

@@ -120,7 +120,7 @@ class FakeEngine:
 @asynccontextmanager
 async def proxy(**config: Any) -> AsyncIterator[str]:
     cfg = ProxyConfig(port=free_port(), health_interval_s=0.1, **config)
-    runner = make_runner(build_app(cfg))
+    runner = make_runner(build_app(cfg), cfg.drain_s)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", cfg.port).start()
     try:
