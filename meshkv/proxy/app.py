@@ -44,7 +44,7 @@ from prometheus_client import generate_latest
 
 from meshkv.errors import ConfigError
 from meshkv.proxy.metrics import ProxyMetrics
-from meshkv.proxy.routing import Router, conversation_key
+from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, learn_node
 
 logger = logging.getLogger(__name__)
@@ -363,6 +363,16 @@ class Proxy:
     async def _disaggregated(
         self, route: str, body: dict[str, Any], request: web.Request, started: float
     ) -> web.StreamResponse:
+        if reads_no_cache(route, body):
+            # vLLM computes such a prompt whole wherever it runs, so a prefill leg would be
+            # computed twice and its transfer thrown away. The request runs whole on a
+            # prefill engine (there to compute prompts), which keeps it out of the decode
+            # engines' steps; with none healthy it falls through to the decode engine.
+            whole = self.prefill.least_loaded()
+            if whole is not None:
+                self.metrics.whole_on_prefill.inc()
+                leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                return await self._forward(whole, route, leg, request, started)
         conv = conversation_key(request, body)
         decode = self.decode.least_loaded(self._remembered(conv), self.config.affinity_slack)
         if decode is None:

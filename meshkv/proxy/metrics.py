@@ -52,6 +52,12 @@ class ProxyMetrics:
             "Disaggregated requests whose prefill failed and were computed by the decode engine",
             registry=self.registry,
         )
+        self.whole_on_prefill = Counter(
+            "meshkv_proxy_whole_on_prefill",
+            "Disaggregated requests that read no cache (prompt logprobs) and so ran whole "
+            "on a prefill engine, with no prefill leg or transfer",
+            registry=self.registry,
+        )
         self.route_choices = Counter(
             "meshkv_proxy_route_choices",
             "Engine choices of the aggregated router, by reason (cache, load, affinity, ...)",

@@ -66,6 +66,20 @@ def conversation_key(request: web.Request, body: dict[str, Any]) -> str | None:
     return user[:256] if isinstance(user, str) and user else None
 
 
+def reads_no_cache(route: str, body: dict[str, Any]) -> bool:
+    """Whether vLLM computes this request's whole prompt whatever any cache holds: it
+    asks for prompt logprobs (every prompt token's logits), given as ``prompt_logprobs``
+    or, as vLLM maps them, ``echo`` with ``logprobs`` (completions) or ``top_logprobs``
+    (chat, where an absent or null one is 0: any chat ``echo``). vLLM then skips reading
+    its prefix cache and any connector's hits. (``tests/vllm/test_pd.py`` checks this
+    rule against the engine.)"""
+    if body.get("prompt_logprobs") is not None:
+        return True
+    if not body.get("echo"):
+        return False
+    return route == "/v1/chat/completions" or body.get("logprobs") is not None
+
+
 class Router:
     """Chooses the engine of each request (aggregated mode)."""
 
@@ -131,6 +145,11 @@ class Router:
     async def _cache_aware(
         self, route: str, body: dict[str, Any], request: web.Request, healthy: list[Upstream]
     ) -> Upstream:
+        if reads_no_cache(route, body):
+            # vLLM computes it whole wherever it goes: what an engine holds is no reason,
+            # and the prefix queries would only delay it.
+            self._metrics.route_choices.labels("no_cache").inc()
+            return self._pool.least_loaded() or healthy[0]
         cfg = self._config
         conv = conversation_key(request, body)
         previous = self._pool.by_url(self._sticky[conv]) if conv in self._sticky else None

@@ -144,6 +144,19 @@ def test_cache_aware_routing_sends_a_prompt_where_its_prefix_is() -> None:
                     assert 'meshkv_proxy_route_choices_total{reason="cache"} 3.0' in metrics
                     held = 8 * CHUNK + 6 * CHUNK + 8 * CHUNK
                     assert f"meshkv_proxy_routed_prefix_tokens_total {held:.1f}" in metrics
+                    # vLLM computes a prompt-logprobs request whole wherever it runs: what
+                    # b holds is no reason to send it there (round robin among the least
+                    # loaded), and no prefix is asked for.
+                    answers = set()
+                    for _ in range(2):
+                        body = {"prompt": doc_b + [1, 2, 3], "prompt_logprobs": 1}
+                        status, out = await post(url + "/v1/completions", body)
+                        assert status == 200, out
+                        answers.add(out["choices"][0]["text"])
+                    assert answers == {"a-answer", "b-answer"}
+                    status, metrics = await _get(url + "/metrics")
+                    assert 'meshkv_proxy_route_choices_total{reason="no_cache"} 2.0' in metrics
+                    assert f"meshkv_proxy_routed_prefix_tokens_total {held:.1f}" in metrics
             finally:
                 await a.stop()
                 await b.stop()

@@ -290,6 +290,79 @@ def test_prefill_failure_falls_back_to_the_decode_engine() -> None:
     run(main)
 
 
+@pytest.mark.parametrize(
+    ("route", "extra", "whole"),
+    [
+        ("/v1/completions", {"prompt_logprobs": 1}, True),
+        ("/v1/completions", {"prompt_logprobs": 0}, True),
+        ("/v1/completions", {"echo": True, "logprobs": 2}, True),
+        ("/v1/completions", {"echo": True}, False),  # no logprobs: nothing of the prompt's
+        ("/v1/completions", {"logprobs": 2}, False),  # the output's logprobs only
+        ("/v1/completions", {"prompt_logprobs": None}, False),
+        ("/v1/chat/completions", {"echo": True}, True),  # vLLM: top_logprobs defaults to 0
+        ("/v1/chat/completions", {"echo": True, "top_logprobs": None}, True),  # null is 0
+        ("/v1/chat/completions", {"echo": False, "top_logprobs": 2}, False),
+        ("/v1/chat/completions", {"prompt_logprobs": 3}, True),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, False),
+    ],
+)
+def test_a_request_that_reads_no_cache_runs_whole_on_a_prefill_engine(
+    route: str, extra: dict[str, Any], whole: bool
+) -> None:
+    """vLLM computes a prompt-logprobs request's whole prompt wherever it runs: a prefill
+    leg would be computed twice. It goes once, unchanged, to a prefill engine."""
+
+    async def main() -> None:
+        p, d = await FakeEngine("p").start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                body = {"model": "tiny", "prompt": "x", "max_tokens": 3, **extra,
+                        "kv_transfer_params": {"do_remote_prefill": True}}  # fmt: skip
+                status, answer = await post(url + route, body)
+                assert status == 200
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                if whole:
+                    assert answer["choices"][0]["text"] == "p-answer"
+                    probes = [b for b in d.seen if "meshkv_probe" in str(b)]  # for its node
+                    assert d.seen == probes and len(p.seen) == 1
+                    sent = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                    assert p.seen[0] == sent  # unchanged, and no transfer asked for
+                    assert "meshkv_proxy_whole_on_prefill_total 1.0" in page
+                else:
+                    assert answer["choices"][0]["text"] == "d-answer"
+                    assert p.seen[-1]["max_tokens"] == 1  # the prefill leg
+                    assert "meshkv_proxy_whole_on_prefill_total 0.0" in page
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def test_with_no_prefill_engine_a_no_cache_request_goes_to_the_decode_engine() -> None:
+    async def main() -> None:
+        p, d = await FakeEngine("p", healthy=False).start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                for _ in range(100):  # until the health check took p out of rotation
+                    _, ups = await _get(url + "/v1/upstreams")
+                    if not ups["upstreams"][0]["healthy"]:
+                        break
+                    await asyncio.sleep(0.05)
+                (first, _) = ups["upstreams"]
+                assert first["role"] == "prefill" and not first["healthy"]
+                status, answer = await post(url + "/v1/completions",
+                                            {"prompt": "x", "prompt_logprobs": 1})  # fmt: skip
+                assert status == 200 and answer["choices"][0]["text"] == "d-answer"
+                assert p.seen == []
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
 def test_an_engine_comes_back_into_rotation_when_healthy() -> None:
     async def main() -> None:
         a, b = await FakeEngine("a").start(), await FakeEngine("b").start()

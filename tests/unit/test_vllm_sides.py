@@ -29,6 +29,7 @@ class Request:
     kv_transfer_params: dict[str, Any] | None = None
     cache_salt: str | None = None
     lora_request: Any = None
+    skip_reading_prefix_cache: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -132,6 +133,41 @@ def test_never_the_whole_prompt_and_agent_down_is_zero_hits() -> None:
     assert side.get_num_new_matched_tokens(req, 0) == (64, False)  # type: ignore[arg-type]
     agent.down = True
     assert side.get_num_new_matched_tokens(Request("r2", tokens(300)), 0) == (0, False)  # type: ignore[arg-type]
+
+
+def test_a_request_that_reads_no_cache_asks_nothing_and_still_saves() -> None:
+    """vLLM sets ``skip_reading_prefix_cache`` for prompt logprobs (every prompt token's
+    logits are needed) and then ignores any hit: no lookup (it would only cost a round
+    trip and start pulls), but what the request computes is saved for others."""
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    req = Request("r1", tokens(200), skip_reading_prefix_cache=True)
+    agent.tiers = dict.fromkeys(keys_of(side, req), "cpu")
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
+    assert agent.lookups == [] and agent.probes == []
+    side.update_state_after_alloc(req, Blocks([]), 0)  # type: ignore[arg-type]
+    manager.blocks["r1"] = list(range(13))
+    meta = side.build_connector_meta(step_output([("r1", 0, 200)]))  # type: ignore[arg-type]
+    assert meta.loads == [] and [c.num_tokens for c in meta.saves[0].chunks] == [64, 64, 64]
+    # The same request reading the cache hits its chunks (the control).
+    assert side.get_num_new_matched_tokens(Request("r2", tokens(200)), 0) == (192, False)  # type: ignore[arg-type]
+
+
+def test_a_transfer_consumer_that_reads_no_cache_still_asks_to_end_the_hold() -> None:
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
+    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10))
+    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    req_d = Request("d1", tokens(150), params, skip_reading_prefix_cache=True)
+    side.get_num_new_matched_tokens(req_d, 0)  # type: ignore[arg-type]
+    keys, ref = agent.lookups[-1]  # the lookup with the transfer is what releases the hold
+    assert ref is not None and ref.producer == "node-a"
+    # vLLM's answer for such a request: nothing to load
+    side.update_state_after_alloc(req_d, Blocks([]), 0)  # type: ignore[arg-type]
+    assert side.build_connector_meta(step_output([])).loads == []  # type: ignore[arg-type]
 
 
 def test_prefill_saves_the_partial_tail_holds_and_returns_params() -> None:

@@ -19,9 +19,11 @@ from collections.abc import Iterator
 import pytest
 
 from meshkv.launch import HttpProcess, http_get, prometheus_sum
+from meshkv.proxy.routing import reads_no_cache
 from tests.helpers.mesh import wait_converged
 from tests.vllm.pd import (
     BLOCK,
+    CHAT,
     PROMPTS,
     TRANSFER_TIMEOUT_S,
     Stack,
@@ -139,6 +141,69 @@ def test_next_turn_prefill_reuses_what_the_decode_node_made(stack: Stack) -> Non
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]  # the prefill side's
     assert cached == 768, cached  # its own 2 chunks + the one the decode node made
     assert stack.prefill_agent.metric("meshkv_peer_pulls_total") >= pulls + 1
+
+
+def test_prompt_logprobs_run_whole_on_the_prefill_engine(stack: Stack) -> None:
+    """vLLM computes every token of a prompt whose logprobs are asked for, whatever any
+    cache holds. Through the proxy such a request runs once, whole, on the prefill
+    engine: no prefill leg, no transfer, nothing computed by the decode engine, and the
+    connector asks its agent nothing for it."""
+    route, body = stack.requests["p700"]
+    body = {**body, "prompt": [29] + PROMPTS["p700"][1:], "prompt_logprobs": 1}
+    proxy_page = stack.proxy.base_url + "/metrics"
+    whole = prometheus_sum(http_get(proxy_page).decode(), "meshkv_proxy_whole_on_prefill_total")
+    ended = stack.prefill_agent.metric("meshkv_transfers_ended_total")
+    lookups = stack.prefill_agent.metric("meshkv_lookups_total")
+    on_p, on_d = computed(stack.prefill), computed(stack.decode)
+    answer = post(stack.proxy.base_url + route, body)
+    assert len(answer["choices"][0]["prompt_logprobs"]) == 700
+    assert settle_metrics(stack.prefill, on_p) == 700
+    assert computed(stack.decode) == on_d
+    after = http_get(proxy_page).decode()
+    assert prometheus_sum(after, "meshkv_proxy_whole_on_prefill_total") == whole + 1
+    assert stack.prefill_agent.metric("meshkv_lookups_total") == lookups
+    time.sleep(0.5)  # a transfer would be held by now
+    assert stack.prefill_agent.metric("meshkv_transfers_open") == 0
+    assert stack.prefill_agent.metric("meshkv_transfers_ended_total") == ended
+    plain = {k: v for k, v in body.items() if k != "prompt_logprobs"}
+    assert text_of(answer) == text_of(post(stack.decode.base_url + route, plain))
+
+
+NO_CACHE_CASES = [
+    ("/v1/completions", {"prompt_logprobs": 0}),
+    ("/v1/completions", {"echo": True, "logprobs": 1}),
+    ("/v1/completions", {"echo": True}),
+    ("/v1/completions", {"logprobs": 1}),
+    ("/v1/chat/completions", {"echo": True}),
+    ("/v1/chat/completions", {"echo": True, "top_logprobs": None}),
+    ("/v1/chat/completions", {"echo": False, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NO_CACHE_CASES)))
+def test_the_proxys_no_cache_rule_is_vllms(stack: Stack, case: int) -> None:
+    """The proxy decides which requests vLLM computes whole from their fields
+    (``reads_no_cache``); the engine itself says whether that is right: the same request
+    sent twice, and the second computes its whole prompt exactly when the rule says so."""
+    route, extra = NO_CACHE_CASES[case]
+    tag = 900 + case  # a prompt of this case's own (the tiny model has 1,024 tokens)
+    if route == "/v1/completions":
+        body = {"model": "tiny", "prompt": [tag] + PROMPTS["p700"][1:], "max_tokens": 2}
+    else:
+        messages = [CHAT[0], {"role": "user", "content": f"case {tag}: {CHAT[1]['content']}"}]
+        body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+    body.update(extra)
+    first = post(stack.decode.base_url + route, body)
+    time.sleep(0.5)  # its chunks committed
+    before = computed(stack.decode)
+    post(stack.decode.base_url + route, body)
+    made = settle_metrics(stack.decode, before)
+    prompt = first["usage"]["prompt_tokens"]
+    if reads_no_cache(route, body):
+        assert made == prompt, f"the rule says vLLM computes all {prompt} tokens; it made {made}"
+    else:
+        assert made < prompt, f"the rule says vLLM reads its caches; it computed all {made}"
 
 
 def test_prefill_agent_stalled_across_the_prefill_still_transfers(stack: Stack) -> None:

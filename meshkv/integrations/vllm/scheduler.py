@@ -246,7 +246,12 @@ class SchedulerSide:
             if blocks >= self._min_cut_blocks:
                 (state.block_tail,) = self._partials(state, len(state.keys), [blocks])
         self._requests[request.request_id] = state
-        if self._load_enabled and (state.keys or state.tail is not None):
+        # A request that reads no cache (vLLM sets this for prompt logprobs, which need
+        # the logits of every prompt token) is computed whole; vLLM ignores any hit we
+        # report, so asking the agent would only cost a round trip and start pulls for
+        # nothing. A transfer's consumer still asks: the lookup ends the producer's hold.
+        reads = consumer is not None or not getattr(request, "skip_reading_prefix_cache", False)
+        if self._load_enabled and reads and (state.keys or state.tail is not None):
             self._lookup(state)
         return state
 
