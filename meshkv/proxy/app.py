@@ -373,6 +373,9 @@ class Proxy:
                 self.metrics.whole_on_prefill.inc()
                 leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                 return await self._forward(whole, route, leg, request, started)
+        prompts = batch_prompts(route, body)
+        if prompts is not None and body.get("stream") is not True:
+            return await self._batch(route, body, prompts, request, started)
         conv = conversation_key(request, body)
         decode = self.decode.least_loaded(self._remembered(conv), self.config.affinity_slack)
         if decode is None:
@@ -406,6 +409,43 @@ class Proxy:
         else:
             leg.pop("kv_transfer_params", None)
         return await self._forward(decode, route, leg, request, started)
+
+    async def _batch(
+        self,
+        route: str,
+        body: dict[str, Any],
+        prompts: list[Any],
+        request: web.Request,
+        started: float,
+    ) -> web.StreamResponse:
+        """A batch of prompts, each through a P/D flow of its own, answered as one.
+
+        vLLM answers a batch with one prompt's ``kv_transfer_params``: one prefill leg for
+        the whole batch would leave every other prompt's transfer held on the producer
+        until it expires, and those prompts' last partial chunks computed again. The
+        answers are joined as vLLM joins a batch's: choices in prompt order, numbered
+        anew, usage summed."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(
+                        self._disaggregated(route, {**body, "prompt": p}, request, started)
+                    )
+                    for p in prompts
+                ]
+        except ExceptionGroup as failed:  # the other prompts' requests are cancelled
+            first = failed.exceptions[0]
+            if isinstance(first, UpstreamFailed):
+                raise first from None
+            raise
+        answers = []
+        for task in tasks:
+            part = task.result()
+            if part.status >= 400 or not isinstance(part, web.Response):
+                return part
+            assert part.body is not None
+            answers.append(json.loads(part.body))  # type: ignore[arg-type]
+        return web.json_response(join_completions(answers))
 
     async def _aggregated(
         self, route: str, body: dict[str, Any], request: web.Request, started: float
@@ -578,6 +618,40 @@ async def _to_client(response: web.StreamResponse, piece: bytes | None) -> None:
             await response.write(piece)
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
         raise ClientGone(response) from exc
+
+
+def batch_prompts(route: str, body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completions request that names more than one (texts or token
+    lists), else None (a single text, or one list of token ids)."""
+    prompt = body.get("prompt")
+    if route != "/v1/completions" or not isinstance(prompt, list) or len(prompt) < 2:
+        return None
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        return prompt
+    return None
+
+
+def join_completions(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One completions answer from the answers of a batch's prompts, as vLLM builds a
+    batch's: the first's id and fields, every choice in prompt order with its index
+    renumbered, usage summed (cached-token details: the last prompt's, as vLLM's)."""
+    out = dict(answers[0])
+    choices: list[Any] = []
+    for answer in answers:
+        for choice in answer.get("choices") or []:
+            if isinstance(choice, dict):
+                choice = {**choice, "index": len(choices)}
+            choices.append(choice)
+    out["choices"] = choices
+    usages = [a["usage"] for a in answers if isinstance(a.get("usage"), dict)]
+    if len(usages) == len(answers):
+        usage: dict[str, Any] = dict(usages[-1])
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            values = [u.get(name) for u in usages]
+            if all(type(v) is int for v in values):
+                usage[name] = sum(v for v in values if isinstance(v, int))
+        out["usage"] = usage
+    return out
 
 
 def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:

@@ -66,9 +66,13 @@ class FakeEngine:
             return web.json_response({"error": {"message": f"{self.name} broke"}},
                                      status=self.fail_status)  # fmt: skip
         params = body.get("kv_transfer_params") or {}
-        out: dict[str, Any] = {"choices": [{"text": f"{self.name}-answer"}], "usage": {}}
+        out: dict[str, Any] = {
+            "choices": [{"index": 0, "text": f"{self.name}-answer", "prompt": body.get("prompt")}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }
         if params.get("do_remote_decode"):
-            out["kv_transfer_params"] = {"do_remote_prefill": True, "meshkv": {"from": self.name}}
+            meshkv = {"from": self.name, "prompt": body.get("prompt")}
+            out["kv_transfer_params"] = {"do_remote_prefill": True, "meshkv": meshkv}
         elif self.node is not None and (params.get("meshkv_probe") or params.get("meshkv")):
             out["kv_transfer_params"] = {"meshkv_node": self.node}
         if not body.get("stream"):
@@ -177,8 +181,8 @@ def test_pd_legs_are_rewritten_and_the_decode_node_is_pushed_to() -> None:
                 leg_d = d.seen[-1]
                 assert leg_d["max_tokens"] == 40 and leg_d["min_tokens"] == 40
                 assert leg_d["stream"] is True
-                assert leg_d["kv_transfer_params"] == {"do_remote_prefill": True,
-                                                       "meshkv": {"from": "p"}}  # fmt: skip
+                meshkv = {"from": "p", "prompt": "hi"}
+                assert leg_d["kv_transfer_params"] == {"do_remote_prefill": True, "meshkv": meshkv}
                 status, upstreams = await _get(url + "/v1/upstreams")
                 nodes = {u["role"]: u["node"] for u in upstreams["upstreams"]}
                 assert status == 200 and nodes == {"prefill": None, "decode": "node-d"}
@@ -192,6 +196,49 @@ def test_pd_legs_are_rewritten_and_the_decode_node_is_pushed_to() -> None:
 async def _get(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return resp.status, await resp.json(content_type=None)
+
+
+def test_a_batch_of_prompts_gets_a_transfer_per_prompt_and_one_answer() -> None:
+    """vLLM answers a batch with the first prompt's transfer parameters only; the proxy
+    sends each prompt through a P/D flow of its own and joins the answers as vLLM joins
+    a batch's."""
+
+    async def main() -> None:
+        p, d = await FakeEngine("p").start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                for prompts in (["one", "two", "three"], [[1, 2], [3, 4]]):
+                    p.seen.clear()
+                    d.seen.clear()
+                    body = {"model": "tiny", "prompt": prompts, "max_tokens": 4, "n": 2}
+                    status, answer = await post(url + "/v1/completions", body)
+                    assert status == 200, answer
+                    assert sorted(str(b["prompt"]) for b in p.seen) == sorted(map(str, prompts))
+                    assert all(b["max_tokens"] == 1 and b["n"] == 1 for b in p.seen)
+                    legs = [b for b in d.seen if "meshkv_probe" not in str(b)]
+                    assert len(legs) == len(prompts)
+                    for leg in legs:  # each decode leg carries its own prompt's parameters
+                        assert leg["kv_transfer_params"]["meshkv"]["prompt"] == leg["prompt"]
+                        assert leg["n"] == 2 and leg["max_tokens"] == 4
+                    assert [c["prompt"] for c in answer["choices"]] == prompts
+                    assert [c["index"] for c in answer["choices"]] == list(range(len(prompts)))
+                    k = len(prompts)
+                    assert answer["usage"] == {"prompt_tokens": 5 * k, "completion_tokens": 2 * k,
+                                               "total_tokens": 7 * k}  # fmt: skip
+                # Not a batch: one prompt of token ids, or a list of one prompt.
+                for prompt in ([1, 2, 3], ["solo"]):
+                    p.seen.clear()
+                    status, answer = await post(url + "/v1/completions", {"prompt": prompt})
+                    assert status == 200 and [b["prompt"] for b in p.seen] == [prompt]
+                # One prompt's engine fails: the client gets that error, not a partial answer.
+                p.fail_status = d.fail_status = 400
+                status, answer = await post(url + "/v1/completions", {"prompt": ["a", "b"]})
+                assert status == 400 and "d broke" in answer["error"]["message"]
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
 
 
 def test_failed_upstreams_give_clear_errors_and_leave_rotation() -> None:
@@ -506,7 +553,7 @@ def test_sigterm_drains_requests_in_flight() -> None:
 
     async def main() -> None:
         answer, took, rc = await one(drain_s=30.0, delay=1.0)
-        assert answer == (200, {"choices": [{"text": "e-answer"}], "usage": {}}), answer
+        assert answer[0] == 200 and answer[1]["choices"][0]["text"] == "e-answer", answer
         assert rc == 0
         answer, took, rc = await one(drain_s=0.5, delay=10.0)
         assert isinstance(answer, aiohttp.ClientError), answer  # cut off at the budget

@@ -143,6 +143,24 @@ def test_next_turn_prefill_reuses_what_the_decode_node_made(stack: Stack) -> Non
     assert stack.prefill_agent.metric("meshkv_peer_pulls_total") >= pulls + 1
 
 
+def test_a_batch_of_prompts_through_the_proxy(stack: Stack) -> None:
+    """A completions request with several prompts: each gets its own transfer (vLLM
+    answers a batch with one prompt's parameters), the decode engine computes at most one
+    block of each, the answer equals the prompts' answers one by one, and no transfer is
+    left to expire on the producer."""
+    route, body = stack.requests["p333"]
+    prompts = [[47] + PROMPTS["p700"][1:], [48] + PROMPTS["p333"][1:], [49] + PROMPTS["p1000"][1:]]
+    before = computed(stack.decode)
+    answer = post(stack.proxy.base_url + route, {**body, "prompt": prompts})
+    assert settle_metrics(stack.decode, before) <= len(prompts) * BLOCK, logs(stack)
+    url = stack.prefill.base_url + route
+    singles = [text_of(post(url, {**body, "prompt": p})) for p in prompts]
+    assert [c["text"] for c in answer["choices"]] == singles
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert answer["usage"]["prompt_tokens"] == 700 + 333 + 1000
+    check_pins_released(stack)
+
+
 def test_prompt_logprobs_run_whole_on_the_prefill_engine(stack: Stack) -> None:
     """vLLM computes every token of a prompt whose logprobs are asked for, whatever any
     cache holds. Through the proxy such a request runs once, whole, on the prefill
