@@ -9,7 +9,10 @@ Two modes, one server (aiohttp):
   original request goes to the decode engine (the least loaded, or the one that served the
   conversation before) with the parameters the prefill returned. If the prefill fails, the
   decode engine computes the prompt itself (counted; ``--no-prefill-fallback`` turns that
-  into an error).
+  into an error). A non-streamed batch of prompts runs one such flow per prompt (vLLM
+  answers a batch with one prompt's parameters) and is answered as one; a request that
+  reads no cache (prompt logprobs: vLLM computes it whole anyway) runs whole on a prefill
+  engine.
 * **Aggregated** (``--engines URL...``): each request goes to one engine, chosen by the
   router (``routing.py``): least loaded, round robin, random, or session-sticky.
 
