@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from meshkv.config import LOG_LEVELS, parse_host_port
 from meshkv.errors import ConfigError
+from meshkv.paths import check_private_file
 
 
 def register(sub: Any) -> None:
@@ -56,6 +58,10 @@ def register(sub: Any) -> None:
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish "
                    "(default: 30)")  # fmt: skip
+    p.add_argument("--upstream-api-key-file", metavar="PATH",
+                   help="file holding the engines' API key (vLLM's --api-key), for the "
+                   "proxy's own requests to them; client requests carry the client's "
+                   "Authorization header (the file must be private: chmod 600)")  # fmt: skip
     p.add_argument("--no-prefill-fallback", action="store_true",
                    help="a failed prefill is an error for the client (default: the decode "
                    "engine computes the prompt)")  # fmt: skip
@@ -87,7 +93,27 @@ def build_config(args: argparse.Namespace) -> Any:
         health_interval_s=args.health_interval,
         drain_s=args.drain_seconds,
         prefill_fallback=not args.no_prefill_fallback,
+        upstream_api_key=read_api_key(args.upstream_api_key_file),
     )
+
+
+def read_api_key(path: str | None) -> str | None:
+    """The key in ``--upstream-api-key-file`` (None without the flag)."""
+    if path is None:
+        return None
+    try:
+        check_private_file(Path(path), "--upstream-api-key-file")
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --upstream-api-key-file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--upstream-api-key-file {path} is not text: {exc}") from exc
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(
+            f"--upstream-api-key-file {path} must hold one key with no spaces, got "
+            f"{'an empty file' if not key else 'whitespace inside the key'}"
+        )
+    return key
 
 
 def run(args: argparse.Namespace) -> int:

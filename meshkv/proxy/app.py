@@ -25,7 +25,10 @@ upstream that cannot be reached is taken out of rotation and put back once its
 connection to it is closed, and vLLM aborts); on SIGTERM the proxy stops accepting and
 lets requests in flight finish within ``--drain-seconds``. ``/health``, ``/v1/models``,
 ``/v1/upstreams`` (each engine's health, load and agent node) and ``/metrics``
-(``meshkv_proxy_*``) are served too.
+(``meshkv_proxy_*``) are served too, and vLLM's routes that compute no completion
+(``HELPERS``: ``/tokenize``, ``/v1/embeddings``, ...) are relayed to one engine. Every
+request made for a client carries the client's ``Authorization`` header (engines with
+vLLM's ``--api-key`` decide); the proxy's own requests carry ``upstream_api_key``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -48,11 +51,19 @@ from prometheus_client import generate_latest
 from meshkv.errors import ConfigError
 from meshkv.proxy.metrics import ProxyMetrics
 from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
-from meshkv.proxy.upstreams import Upstream, UpstreamPool, learn_node
+from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
 
 logger = logging.getLogger(__name__)
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
+HELPERS = (
+    "/tokenize", "/detokenize", "/version", "/v1/embeddings", "/pooling", "/classify",
+    "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+)  # fmt: skip
+"""vLLM server routes that compute no completion, passed unchanged to one engine (the
+decode pool's in disaggregated mode) so that a client needs only the proxy's address."""
+OTHER_ROUTE = "other"
+"""The ``route`` label of everything else asked of the proxy (bounded label values)."""
 INVALID = "invalid_request_error"
 KEEPALIVE_S = 4.0
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
@@ -123,6 +134,10 @@ class ProxyConfig:
     drain_s: float = 30.0
     """On SIGTERM: stop accepting, and give requests in flight this long to finish (then
     they are cut off). Kubernetes' default grace period is 30 s; keep this below yours."""
+    upstream_api_key: str | None = field(default=None, repr=False)
+    """The engines' API key (vLLM's ``--api-key``) for the proxy's own requests to them
+    (which agent an engine uses, its model name). Client requests carry the client's own
+    ``Authorization`` header, never this key."""
 
     def __post_init__(self) -> None:
         pd = bool(self.prefill or self.decode)
@@ -231,16 +246,19 @@ class Proxy:
         self.pools: list[UpstreamPool] = []
         if config.disaggregated:
             self.prefill = UpstreamPool(
-                "prefill", config.prefill, health_interval_s=interval, probe_nodes=False
-            )
+                "prefill", config.prefill, health_interval_s=interval, probe_nodes=False,
+                api_key=config.upstream_api_key,
+            )  # fmt: skip
             self.decode = UpstreamPool(
-                "decode", config.decode, health_interval_s=interval, probe_nodes=probe
-            )
+                "decode", config.decode, health_interval_s=interval, probe_nodes=probe,
+                api_key=config.upstream_api_key,
+            )  # fmt: skip
             self.pools = [self.prefill, self.decode]
         else:
             self.engines = UpstreamPool(
-                "engine", config.engines, health_interval_s=interval, probe_nodes=False
-            )
+                "engine", config.engines, health_interval_s=interval, probe_nodes=False,
+                api_key=config.upstream_api_key,
+            )  # fmt: skip
             self.pools = [self.engines]
         self.metrics = ProxyMetrics(self.pools)
         self.router: Router | None = None
@@ -291,7 +309,9 @@ class Proxy:
             return error_response(503, f"no healthy {pool.role} upstream", "unavailable")
         try:
             timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 10)
-            async with self.session.get(upstream.url + "/v1/models", timeout=timeout) as resp:
+            async with self.session.get(
+                upstream.url + "/v1/models", timeout=timeout, headers=client_auth(request)
+            ) as resp:
                 body = await resp.read()
                 return web.Response(body=body, status=resp.status, content_type="application/json")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -322,6 +342,43 @@ class Proxy:
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+    async def helper(self, request: web.Request) -> web.StreamResponse:
+        """One of ``HELPERS``, relayed as it is to the least loaded engine (the decode
+        pool's in disaggregated mode); the answer comes back as the engine gave it."""
+        started = time.monotonic()
+        status = 500
+        try:
+            pool = self.decode if self.config.disaggregated else self.engines
+            upstream = pool.least_loaded()
+            if upstream is None:
+                status = 503
+                return error_response(503, f"no healthy {pool.role} upstream", "unavailable")
+            response = await self._relay(upstream, request)
+            status = response.status
+            return response
+        except UpstreamFailed as exc:
+            status = exc.response.status
+            return exc.response
+        except ClientGone as exc:
+            status = CLIENT_CLOSED
+            return exc.response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            self.metrics.requests.labels(request.path, str(status)).inc()
+            self.metrics.latency.labels(request.path).observe(time.monotonic() - started)
+
+    async def not_served(self, request: web.Request) -> web.Response:
+        """Any other path: an OpenAI-style 404 that says what the proxy serves."""
+        self.metrics.requests.labels(OTHER_ROUTE, "404").inc()
+        served = ", ".join(["/health", "/metrics", "/v1/models", "/v1/upstreams",
+                            *ROUTES, *HELPERS])  # fmt: skip
+        return error_response(
+            404, f"meshkv proxy serves no {request.method} {request.path}; it serves {served}",
+            INVALID,
+        )  # fmt: skip
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         route = request.path
@@ -393,7 +450,9 @@ class Proxy:
             leg = prefill_body(body, decode.node)
             t0 = time.monotonic()
             try:
-                answer = await self._call_json(prefill, route, leg, self.config.prefill_timeout_s)
+                answer = await self._call_json(
+                    prefill, route, leg, self.config.prefill_timeout_s, client_auth(request)
+                )
             except UpstreamFailed as exc:
                 if not self.config.prefill_fallback:
                     raise
@@ -510,7 +569,12 @@ class Proxy:
         )
 
     async def _call_json(
-        self, upstream: Upstream, route: str, body: dict[str, Any], total: float
+        self,
+        upstream: Upstream,
+        route: str,
+        body: dict[str, Any],
+        total: float,
+        headers: dict[str, str],
     ) -> dict[str, Any]:
         upstream.inflight += 1
         upstream.requests += 1
@@ -519,7 +583,10 @@ class Proxy:
                 assert session is not None
                 try:
                     async with session.post(
-                        upstream.url + route, json=body, timeout=self._timeout(total)
+                        upstream.url + route,
+                        json=body,
+                        timeout=self._timeout(total),
+                        headers=headers,
                     ) as resp:
                         if resp.status >= 400:
                             raise await self._upstream_error(upstream, resp)
@@ -546,16 +613,16 @@ class Proxy:
         return data
 
     async def _post(
-        self, upstream: Upstream, route: str, body: dict[str, Any]
+        self, upstream: Upstream, route: str, body: dict[str, Any], headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """POST and return the response once its head arrived (retried once on a fresh
         connection when a pooled one turns out closed: the engine never saw the request)."""
         url = upstream.url + route
         try:
-            return await self.session.post(url, json=body, timeout=self._timeout())
+            return await self.session.post(url, json=body, timeout=self._timeout(), headers=headers)
         except STALE:
             assert self._fresh is not None
-            return await self._fresh.post(url, json=body, timeout=self._timeout())
+            return await self._fresh.post(url, json=body, timeout=self._timeout(), headers=headers)
 
     async def _forward(
         self,
@@ -571,7 +638,7 @@ class Proxy:
         upstream.requests += 1
         response: web.StreamResponse | None = None
         try:
-            async with await self._post(upstream, route, body) as resp:
+            async with await self._post(upstream, route, body, client_auth(request)) as resp:
                 if resp.status >= 400:
                     raise await self._upstream_error(upstream, resp)
                 if not stream:
@@ -605,6 +672,42 @@ class Proxy:
                     await response.write(b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
                     await response.write_eof()
                 return response
+            raise self._failed(upstream, exc) from exc
+        finally:
+            upstream.inflight -= 1
+
+    async def _relay(self, upstream: Upstream, request: web.Request) -> web.StreamResponse:
+        """``request`` as it came (method, path, query, body, content type) to ``upstream``,
+        and its answer back as it comes, whatever its status."""
+        data = await request.read()
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            **client_auth(request),
+        }
+        url = upstream.url + request.path_qs
+        upstream.inflight += 1
+        upstream.requests += 1
+        response: web.StreamResponse | None = None
+        try:
+            async with self.session.request(
+                request.method, url, data=data, headers=headers, timeout=self._timeout()
+            ) as resp:
+                if resp.status >= 500:
+                    upstream.count_error("http_5xx", f"{request.path}: HTTP {resp.status}")
+                response = web.StreamResponse(
+                    status=resp.status,
+                    headers={"Content-Type": resp.headers.get("Content-Type", "application/json")},
+                )
+                await response.prepare(request)
+                async for piece in resp.content.iter_any():
+                    await _to_client(response, piece)
+                await _to_client(response, None)
+                return response
+        except ClientGone:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if response is not None and response.prepared:
+                return response  # the answer was cut off: so is the client's copy
             raise self._failed(upstream, exc) from exc
         finally:
             upstream.inflight -= 1
@@ -688,6 +791,8 @@ def build_app(config: ProxyConfig) -> web.Application:
             web.get("/metrics", proxy.prometheus),
             web.get("/v1/upstreams", proxy.upstreams),
             *(web.post(route, proxy.generate) for route in ROUTES),
+            *(web.route("*", route, proxy.helper) for route in HELPERS),
+            web.route("*", "/{path:.*}", proxy.not_served),
         ]
     )
     return app

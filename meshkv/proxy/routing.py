@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from meshkv.proxy.upstreams import Upstream, UpstreamPool
+from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth
 
 if TYPE_CHECKING:
     from meshkv.proxy.app import ProxyConfig
@@ -153,7 +153,7 @@ class Router:
         cfg = self._config
         conv = conversation_key(request, body)
         previous = self._pool.by_url(self._sticky[conv]) if conv in self._sticky else None
-        tokens = await self._prompt_tokens(route, body, healthy)
+        tokens = await self._prompt_tokens(route, body, healthy, client_auth(request))
         if tokens:
             held = await asyncio.gather(*(self._held(u, tokens) for u in healthy))
         else:
@@ -223,7 +223,7 @@ class Router:
             return 0.0
 
     async def _prompt_tokens(
-        self, route: str, body: dict[str, Any], healthy: list[Upstream]
+        self, route: str, body: dict[str, Any], healthy: list[Upstream], auth: dict[str, str]
     ) -> list[int]:
         """The prompt's token ids: given in the body, else from an engine's ``/tokenize``
         (the same tokenizer and chat template the engine applies); [] when unknown."""
@@ -243,7 +243,7 @@ class Router:
         upstream = healthy[self._next % len(healthy)]
         try:
             async with self._session.post(
-                upstream.url + "/tokenize", json=query, timeout=timeout
+                upstream.url + "/tokenize", json=query, timeout=timeout, headers=auth
             ) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")

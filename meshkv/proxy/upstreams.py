@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ class UpstreamPool:
         *,
         health_interval_s: float,
         probe_nodes: bool,
+        api_key: str | None = None,
     ) -> None:
         self.role = role
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        """For the pool's own requests (model name, node probe)."""
         self.upstreams = [Upstream(u.rstrip("/"), role) for u in urls]
         if not self.upstreams:
             raise ValueError(f"no {role} upstreams")
@@ -150,7 +154,9 @@ class UpstreamPool:
         if upstream.model is None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 timeout = aiohttp.ClientTimeout(total=10)
-                async with session.get(upstream.url + "/v1/models", timeout=timeout) as resp:
+                async with session.get(
+                    upstream.url + "/v1/models", timeout=timeout, headers=self._headers
+                ) as resp:
                     data: Any = await resp.json()
                 upstream.model = str(data["data"][0]["id"])
         return upstream.model
@@ -170,13 +176,20 @@ class UpstreamPool:
         try:
             timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
             async with session.post(
-                upstream.url + "/v1/completions", json=body, timeout=timeout
+                upstream.url + "/v1/completions", json=body, timeout=timeout, headers=self._headers
             ) as resp:
                 data: Any = await resp.json()
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             logger.info("probe of %s failed: %s", upstream.url, exc)
             return
         learn_node(upstream, data)
+
+
+def client_auth(request: web.Request) -> dict[str, str]:
+    """The client's credentials for the engines: its ``Authorization`` header, passed on
+    to every upstream request made for it (vLLM's ``--api-key`` checks it)."""
+    value = request.headers.get("Authorization")
+    return {"Authorization": value} if value else {}
 
 
 def learn_node(upstream: Upstream, response: Any) -> None:

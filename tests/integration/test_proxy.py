@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -51,7 +52,26 @@ class FakeEngine:
     stream_chunks: int = 3
     abandoned: list[str] = field(default_factory=list)
     """Where a request was when the proxy closed its connection (vLLM aborts it then)."""
+    api_key: str | None = None
+    """Like vLLM's ``--api-key``: every /v1 path needs ``Authorization: Bearer <key>``."""
+    auths: list[tuple[str, str | None]] = field(default_factory=list)
+    """(path, Authorization header) of every request."""
     runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        auth = request.headers.get("Authorization")
+        self.auths.append((request.path, auth))
+        if self.api_key and request.path.startswith("/v1") and auth != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"tokens": [1, 2, 3], "echo": body,
+                                  "query": dict(request.query)})  # fmt: skip
+
     url: str = ""
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -98,9 +118,11 @@ class FakeEngine:
         return web.json_response({"data": [{"id": "tiny"}]})
 
     async def start(self) -> FakeEngine:
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard])
         app.add_routes(
             [
+                web.post("/tokenize", self.tokenize),
+                web.post("/v1/embeddings", self.tokenize),
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.completions),
                 web.get("/health", self.health),
@@ -468,6 +490,107 @@ def test_bad_client_input_is_rejected_and_the_proxy_keeps_serving() -> None:
             await e.stop()
 
     run(main)
+
+
+def test_engines_with_an_api_key_see_the_clients_credentials() -> None:
+    """vLLM's ``--api-key`` guards every /v1 path. Every request made for a client
+    carries the client's ``Authorization`` header (prefill and decode legs, routed
+    requests, /v1/models, helpers), so the engines decide; the proxy's own requests (which
+    agent a decode engine uses) carry ``upstream_api_key`` and nothing else does."""
+
+    async def main() -> None:
+        key = "k-123"
+        p = await FakeEngine("p", api_key=key).start()
+        d = await FakeEngine("d", node="node-d", api_key=key).start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,), upstream_api_key=key) as url:
+                await until(lambda: any((b.get("kv_transfer_params") or {}).get("meshkv_probe")
+                                        for b in d.seen))  # the probe got through  # fmt: skip
+                mine = {"Authorization": "Bearer k-123"}
+                status, answer = await post(url + "/v1/completions", {"prompt": "x"},
+                                            headers=mine)  # fmt: skip
+                assert status == 200 and answer["choices"][0]["text"] == "d-answer"
+                assert p.seen[-1]["kv_transfer_params"]["meshkv_push_to"] == "node-d"
+                status, _ = await post(url + "/tokenize", {"prompt": "x"}, headers=mine)
+                assert status == 200 and d.auths[-1] == ("/tokenize", "Bearer k-123")
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(url + "/v1/models", headers=mine) as resp:
+                        assert resp.status == 200
+                    async with http.get(url + "/v1/models") as resp:
+                        assert resp.status == 401  # the engine's answer
+                p.auths.clear()
+                d.auths.clear()
+                status, answer = await post(url + "/v1/completions", {"prompt": "x"})
+                assert status == 401, answer  # no credentials of the client's: the engine's no
+                wrong = {"Authorization": "Bearer nope"}
+                status, _ = await post(url + "/v1/completions", {"prompt": "x"}, headers=wrong)
+                assert status == 401
+                sent = [a for path, a in p.auths + d.auths if path != "/health"]
+                assert sent and "Bearer k-123" not in sent  # the proxy's key never lent out
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def test_engine_helper_routes_pass_through_and_other_paths_are_a_clear_404() -> None:
+    async def main() -> None:
+        e = await FakeEngine("e").start()
+        try:
+            async with proxy(engines=(e.url,)) as url:
+                status, answer = await post(url + "/tokenize?add_special=1", {"prompt": "hi"})
+                assert status == 200
+                assert answer == {"tokens": [1, 2, 3], "echo": {"prompt": "hi"},
+                                  "query": {"add_special": "1"}}  # fmt: skip
+                status, answer = await post(url + "/v1/embeddings", {"input": "hi"})
+                assert status == 200 and answer["echo"] == {"input": "hi"}
+                status, answer = await post(url + "/detokenize", {"tokens": [1]})
+                assert status == 404  # the engine's own answer: this one serves no such path
+                status, answer = await post(url + "/v1/nothing", {})
+                assert status == 404 and answer["error"]["type"] == "invalid_request_error"
+                assert "serves no POST /v1/nothing" in answer["error"]["message"]
+                assert "/v1/chat/completions" in answer["error"]["message"]
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                assert 'meshkv_proxy_requests_total{route="/tokenize",status="200"} 1.0' in page
+                assert 'meshkv_proxy_requests_total{route="other",status="404"} 1.0' in page
+            await e.stop()
+            async with proxy(engines=(e.url,)) as url:  # its engine gone
+                status, answer = await post(url + "/tokenize", {"prompt": "hi"})
+                assert status in (502, 503) and "error" in answer, answer
+        finally:
+            await e.stop()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (None, 0o600, "cannot read --upstream-api-key-file .*: No such file"),
+        ("key\n", 0o644, "accessible by group or others .* chmod 600"),
+        ("  \n", 0o600, "must hold one key with no spaces, got an empty file"),
+        ("two words", 0o600, "whitespace inside the key"),
+    ],
+)
+def test_a_bad_upstream_api_key_file_is_refused(
+    tmp_path: Path, content: str | None, mode: int, message: str
+) -> None:
+    from meshkv.cli.main import build_parser
+    from meshkv.cli.proxy_cmd import build_config
+
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content)
+        path.chmod(mode)
+    argv = ["proxy", "--engines", "http://a:1", "--upstream-api-key-file", str(path)]
+    with pytest.raises(ConfigError, match=message):
+        build_config(build_parser().parse_args(argv))
+    if content is None:  # and a good one is read, whitespace around it stripped
+        path.write_text(" k-1\n")
+        path.chmod(0o600)
+        assert build_config(build_parser().parse_args(argv)).upstream_api_key == "k-1"
 
 
 @pytest.mark.parametrize(
