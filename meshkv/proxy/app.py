@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,9 +148,10 @@ class ProxyConfig:
             raise ConfigError("disaggregated mode needs both --prefill and --decode URLs")
         if not pd and not self.engines:
             raise ConfigError("give --prefill URL... --decode URL... or --engines URL...")
-        for url in (*self.prefill, *self.decode, *self.engines, *self.agents):
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"upstream URL must start with http:// or https://: {url!r}")
+        for flag, urls in (("--prefill", self.prefill), ("--decode", self.decode),
+                           ("--engines", self.engines), ("--agents", self.agents)):  # fmt: skip
+            for url in urls:
+                check_base_url(flag, url)
         for flag, urls in (("--prefill", self.prefill), ("--decode", self.decode),
                            ("--engines", self.engines), ("--agents", self.agents)):  # fmt: skip
             seen = [u.rstrip("/") for u in urls]
@@ -197,6 +199,31 @@ class ProxyConfig:
     @property
     def disaggregated(self) -> bool:
         return bool(self.prefill)
+
+
+def check_base_url(flag: str, url: str) -> None:
+    """Refuse what cannot be a server's base URL, naming the flag: no http(s) scheme, no
+    host, a port that is not a number in 1..65535, a query or fragment, or a path that
+    ends in ``/v1`` (OpenAI clients take ``.../v1``; the proxy adds it to every route)."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{flag}: upstream URL must start with http:// or https://: {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise ConfigError(f"{flag}: {url!r} names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (parts.netloc.endswith(":") and port is None):
+        raise ConfigError(f"{flag}: {url!r} has a bad port (a number in 1..65535)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ConfigError(f"{flag}: {url!r} must be a base URL, without a ?query or #fragment")
+    if parts.path.rstrip("/").endswith("/v1"):
+        base = url[: url.rstrip("/").rfind("/v1")]
+        raise ConfigError(
+            f"{flag}: {url!r} ends in /v1; give the server's base URL ({base!r}): the proxy "
+            "adds /v1/... to each route"
+        )
 
 
 FLAGS = {
@@ -833,7 +860,8 @@ async def _serve(app: web.Application, config: ProxyConfig) -> None:
             "pass a free --listen HOST:PORT"
         ) from exc
     mode = "disaggregated" if config.disaggregated else f"aggregated, {config.routing}"
-    logger.info("meshkv proxy serving on http://%s:%d (%s)", config.host, config.port, mode)
+    where = f"[{config.host}]" if ":" in config.host else config.host
+    logger.info("meshkv proxy serving on http://%s:%d (%s)", where, config.port, mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

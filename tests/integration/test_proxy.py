@@ -600,7 +600,14 @@ def test_a_bad_upstream_api_key_file_is_refused(
         ({"prefill": ("http://a",)}, "needs both --prefill and --decode"),
         ({"prefill": ("http://a",), "decode": ("http://b",), "engines": ("http://c",)},
          "either --prefill/--decode"),
-        ({"engines": ("ftp://a",)}, "must start with http"),
+        ({"engines": ("ftp://a",)}, "--engines: upstream URL must start with http"),
+        ({"engines": ("http://127.0.0.1:abc",)}, "--engines: 'http://127.0.0.1:abc' has a bad"),
+        ({"prefill": ("http://p:70000",), "decode": ("http://d",)}, "--prefill: .* bad port"),
+        ({"engines": ("http://h:",)}, "bad port"),
+        ({"engines": ("http://",)}, "--engines: 'http://' names no host"),
+        ({"prefill": ("http://p",), "decode": ("http://d:8000/v1/",)},
+         r"--decode: 'http://d:8000/v1/' ends in /v1; give the server's base URL \('http://d:8000'\)"),
+        ({"engines": ("http://e?x=1",)}, "without a \\?query"),
         ({"engines": ("http://a",), "routing": "fastest"}, "--routing must be one of"),
         ({"engines": ("http://a",), "agents": ("http://x", "http://y")}, "one agent per engine"),
         ({"engines": ("http://a:1", "http://b:1", "http://a:1/")},
@@ -617,6 +624,11 @@ def test_a_bad_upstream_api_key_file_is_refused(
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ProxyConfig(**kwargs)
+
+
+def test_good_base_urls_are_taken() -> None:
+    for url in ("http://[::1]:9", "https://gateway/engine-0", "http://h:8000/", "http://h"):
+        assert ProxyConfig(engines=(url,)).engines == (url,)
 
 
 def test_a_listen_port_in_use_is_a_clear_error() -> None:
