@@ -139,6 +139,13 @@ def check_host(host: str) -> str:
 
 def parse_host_port(text: str, *, what: str = "--http") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port); port 0 means any free port."""
+    scheme, found, rest = text.partition("://")
+    if found:  # a URL where an address belongs: say which address
+        address = rest.split("/", 1)[0]
+        raise ConfigError(
+            f"{what} takes HOST:PORT, not a URL: got {text!r}"
+            + (f" (did you mean {what} {address}?)" if address else "")
+        )
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:7471), got {text!r}")

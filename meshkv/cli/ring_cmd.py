@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
-from meshkv.cli.status_cmd import fetch_status, fmt_bytes
+from meshkv.cli.status_cmd import admin_url, fetch_status, fmt_bytes
 from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
@@ -54,7 +54,12 @@ def register(sub: Any) -> None:
 
 
 def _get(http: str, path: str, body: Any = None) -> Any:
-    url = f"http://{http}{path}"
+    try:
+        base = admin_url(http)
+    except MeshKVError as exc:  # a bad flag: exit 2, as argparse's own refusals
+        print(f"meshkv ring: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    url = base + path
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
     if data is not None:
@@ -75,7 +80,8 @@ def _get(http: str, path: str, body: Any = None) -> Any:
         detail = exc.read().decode(errors="replace").strip()
         raise SystemExit(f"meshkv ring: {url} answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise SystemExit(f"meshkv ring: cannot reach the agent at {http}: {exc}") from None
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"meshkv ring: error: no agent answering at {base} ({reason})") from None
     except ValueError:  # 200 but not JSON: some other HTTP server
         raise SystemExit(
             f"meshkv ring: {http} is not a meshkv agent's admin address (GET {path} did not "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import urllib.error
 import urllib.request
@@ -27,16 +28,37 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the raw /v1/status JSON")
     p.add_argument(
-        "--timeout", type=float, default=3.0, metavar="S", help="HTTP timeout (default: 3)"
+        "--timeout",
+        type=positive_seconds,
+        default=3.0,
+        metavar="S",
+        help="HTTP timeout (default: 3)",
     )
     p.set_defaults(func=run)
 
 
-def fetch_status(address: str, timeout: float) -> dict[str, Any]:
+def admin_url(address: str) -> str:
+    """``http://HOST:PORT`` of an agent's admin address given as ``--http HOST:PORT``
+    (``ConfigError`` when it is not one)."""
     host, port = parse_host_port(address)
     if ":" in host:
         host = f"[{host}]"
-    url = f"http://{host}:{port}/v1/status"
+    return f"http://{host}:{port}"
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of ``--timeout``: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def fetch_status(address: str, timeout: float) -> dict[str, Any]:
+    url = admin_url(address) + "/v1/status"
     with urllib.request.urlopen(url, timeout=timeout) as response:
         doc = json.load(response)
     if not isinstance(doc, dict) or "node_id" not in doc:

@@ -145,10 +145,32 @@ def test_status_cli(agent: AgentProcess) -> None:
 
 
 def test_status_cli_unreachable() -> None:
-    run = [sys.executable, "-m", "meshkv", "status", "--http", "127.0.0.1:1", "--timeout", "1"]
-    out = subprocess.run(run, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1
-    assert "no agent answering at http://127.0.0.1:1" in out.stderr
+    for cmd in (["status", "--timeout", "1"], ["ring", "status"]):
+        run = [sys.executable, "-m", "meshkv", *cmd, "--http", "127.0.0.1:1"]
+        out = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1
+        assert f"meshkv {cmd[0]}: error: no agent answering at http://127.0.0.1:1" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--http", "http://10.0.0.5:7471/"],
+         "--http takes HOST:PORT, not a URL: got 'http://10.0.0.5:7471/' "
+         "(did you mean --http 10.0.0.5:7471?)"),
+        (["--http", "127.0.0.1:abc"], "--http: port 'abc' is not a number"),
+        (["--http", "127.0.0.1:7471", "--timeout", "0"],
+         "argument --timeout: must be a positive number of seconds, got 0"),
+    ],
+)  # fmt: skip
+def test_status_and_ring_refuse_a_bad_address_by_flag(args: list[str], message: str) -> None:
+    commands = [["status"]] + ([["ring", "status"]] if "--timeout" not in args else [])
+    for cmd in commands:
+        run = [sys.executable, "-m", "meshkv", *cmd, *args]
+        out = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, out.stderr
+        assert f"meshkv {cmd[0]}" in out.stderr and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_an_admin_port_in_use_is_a_clear_error(agent: AgentProcess, tmp_path: Path) -> None:
