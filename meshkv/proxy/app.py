@@ -72,6 +72,8 @@ STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)
 """Errors of a pooled connection the server closed before it read our request: the
 request never reached the engine, so it is sent again once on a fresh connection."""
 UPSTREAM = "upstream_error"
+NO_PARAMS_WARNING_S = 60.0
+"""Least time between two warnings about one prefill engine that returns no parameters."""
 MAX_CONVERSATIONS = 65536
 """Conversations whose decode engine is remembered (least recently seen dropped first)."""
 
@@ -356,6 +358,7 @@ class Proxy:
                 "requests": u.requests,
                 "node": u.node,
                 "errors": dict(u.errors),
+                "prefills_without_params": u.no_params,
                 "last_error": u.last_error or None,
             }
             for pool in self.pools
@@ -490,6 +493,8 @@ class Proxy:
                 self.metrics.prefill.observe(time.monotonic() - t0)
                 found = answer.get("kv_transfer_params")
                 params = found if isinstance(found, dict) else None
+                if params is None:
+                    self._prefill_gave_no_params(prefill)
         else:
             self.metrics.fallbacks.inc()
         leg = dict(body)
@@ -498,6 +503,24 @@ class Proxy:
         else:
             leg.pop("kv_transfer_params", None)
         return await self._forward(decode, route, leg, request, started)
+
+    def _prefill_gave_no_params(self, prefill: Upstream) -> None:
+        """A prefill engine answered without ``kv_transfer_params``: its prompt's KV goes
+        nowhere and the decode engine computes the prompt again. A prefill engine started
+        without a KV connector does this every time; meshkv's connector when its agent
+        could not hold the KV (down, or no room). Counted, and said once a minute."""
+        prefill.no_params += 1
+        self.metrics.prefill_without_params.inc()
+        now = time.monotonic()
+        if now - prefill.warned_at >= NO_PARAMS_WARNING_S:
+            prefill.warned_at = now
+            logger.warning(
+                "prefill engine %s answered without kv_transfer_params (%d times so far): the "
+                "decode engine computes those prompts again. Is it started with "
+                "--kv-transfer-config naming the meshkv connector (kv_role kv_producer or "
+                "kv_both), and is its meshkv agent up with room (its log says why a save "
+                "was skipped)?", prefill.url, prefill.no_params,
+            )  # fmt: skip
 
     async def _batch(
         self,

@@ -52,6 +52,12 @@ class ProxyMetrics:
             "Disaggregated requests whose prefill failed and were computed by the decode engine",
             registry=self.registry,
         )
+        self.prefill_without_params = Counter(
+            "meshkv_proxy_prefill_without_params",
+            "Prefill answers with no kv_transfer_params (a prefill engine without a KV "
+            "connector?): the decode engine computed the prompt again",
+            registry=self.registry,
+        )
         self.whole_on_prefill = Counter(
             "meshkv_proxy_whole_on_prefill",
             "Disaggregated requests that read no cache (prompt logprobs) and so ran whole "

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class Upstream:
     """Failed requests by kind: ``connect``, ``timeout``, ``http_5xx``, ``http_4xx``."""
     last_error: str = ""
     down_since: float | None = None
+    no_params: int = 0
+    """Prefill answers that carried no ``kv_transfer_params`` (no KV connector there?)."""
+    warned_at: float = -math.inf
+    """When the last rate-limited warning about this upstream was logged."""
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -52,6 +53,8 @@ class FakeEngine:
     stream_chunks: int = 3
     abandoned: list[str] = field(default_factory=list)
     """Where a request was when the proxy closed its connection (vLLM aborts it then)."""
+    transfers: bool = True
+    """False: like an engine with no KV connector, answer no ``kv_transfer_params``."""
     api_key: str | None = None
     """Like vLLM's ``--api-key``: every /v1 path needs ``Authorization: Bearer <key>``."""
     auths: list[tuple[str, str | None]] = field(default_factory=list)
@@ -90,7 +93,7 @@ class FakeEngine:
             "choices": [{"index": 0, "text": f"{self.name}-answer", "prompt": body.get("prompt")}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
         }
-        if params.get("do_remote_decode"):
+        if params.get("do_remote_decode") and self.transfers:
             meshkv = {"from": self.name, "prompt": body.get("prompt")}
             out["kv_transfer_params"] = {"do_remote_prefill": True, "meshkv": meshkv}
         elif self.node is not None and (params.get("meshkv_probe") or params.get("meshkv")):
@@ -430,6 +433,40 @@ def test_with_no_prefill_engine_a_no_cache_request_goes_to_the_decode_engine() -
             await d.stop()
 
     run(main)
+
+
+def test_a_prefill_engine_that_returns_no_transfer_is_counted_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A prefill engine without a KV connector answers no ``kv_transfer_params``: the
+    decode engine computes every prompt again. The client is served; the proxy counts it
+    and warns once a minute, naming the engine and what to check."""
+
+    async def main() -> None:
+        p = await FakeEngine("p", transfers=False).start()
+        d = await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                for _ in range(3):
+                    status, answer = await post(url + "/v1/completions", {"prompt": "x"})
+                    assert status == 200 and answer["choices"][0]["text"] == "d-answer"
+                    assert "kv_transfer_params" not in d.seen[-1]
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                assert "meshkv_proxy_prefill_without_params_total 3.0" in page
+                _, ups = await _get(url + "/v1/upstreams")
+                assert ups["upstreams"][0]["prefills_without_params"] == 3
+        finally:
+            await p.stop()
+            await d.stop()
+
+    with caplog.at_level(logging.WARNING, logger="meshkv.proxy.app"):
+        run(main)
+    said = [r.getMessage() for r in caplog.records]
+    warnings = [m for m in said if "without kv_transfer_params" in m]
+    assert len(warnings) == 1, warnings  # once a minute, not once a request
+    assert "prefill engine http://127.0.0.1:" in warnings[0]
+    assert "--kv-transfer-config" in warnings[0]
 
 
 def test_an_engine_comes_back_into_rotation_when_healthy() -> None:
