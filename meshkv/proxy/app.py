@@ -26,7 +26,8 @@ connection to it is closed, and vLLM aborts); on SIGTERM the proxy stops accepti
 lets requests in flight finish within ``--drain-seconds``. ``/health``, ``/v1/models``,
 ``/v1/upstreams`` (each engine's health, load and agent node) and ``/metrics``
 (``meshkv_proxy_*``) are served too, and vLLM's routes that compute no completion
-(``HELPERS``: ``/tokenize``, ``/v1/embeddings``, ...) are relayed to one engine. Every
+(``HELPERS``: ``/tokenize``, ``/v1/embeddings``, ...) are relayed to one engine (a
+prefill engine in disaggregated mode). Every
 request made for a client carries the client's ``Authorization`` header (engines with
 vLLM's ``--api-key`` decide); the proxy's own requests carry ``upstream_api_key``.
 """
@@ -62,7 +63,7 @@ HELPERS = (
     "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
 )  # fmt: skip
 """vLLM server routes that compute no completion, passed unchanged to one engine (the
-decode pool's in disaggregated mode) so that a client needs only the proxy's address."""
+prefill pool's in disaggregated mode) so that a client needs only the proxy's address."""
 OTHER_ROUTE = "other"
 """The ``route`` label of everything else asked of the proxy (bounded label values)."""
 INVALID = "invalid_request_error"
@@ -374,16 +375,19 @@ class Proxy:
         )
 
     async def helper(self, request: web.Request) -> web.StreamResponse:
-        """One of ``HELPERS``, relayed as it is to the least loaded engine (the decode
-        pool's in disaggregated mode); the answer comes back as the engine gave it."""
+        """One of ``HELPERS``, relayed as it is to the least loaded engine; the answer
+        comes back as the engine gave it. In disaggregated mode a prefill engine's (these
+        compute prompts only, what prefill engines are for, and keep out of the decode
+        engines' steps), a decode engine's when no prefill engine is healthy."""
         started = time.monotonic()
         status = 500
         try:
-            pool = self.decode if self.config.disaggregated else self.engines
-            upstream = pool.least_loaded()
+            pools = [self.prefill, self.decode] if self.config.disaggregated else [self.engines]
+            upstream = next((u for u in (p.least_loaded() for p in pools) if u), None)
             if upstream is None:
                 status = 503
-                return error_response(503, f"no healthy {pool.role} upstream", "unavailable")
+                roles = " or ".join(p.role for p in pools)
+                return error_response(503, f"no healthy {roles} upstream", "unavailable")
             response = await self._relay(upstream, request)
             status = response.status
             return response

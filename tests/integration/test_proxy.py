@@ -428,6 +428,9 @@ def test_with_no_prefill_engine_a_no_cache_request_goes_to_the_decode_engine() -
                                             {"prompt": "x", "prompt_logprobs": 1})  # fmt: skip
                 assert status == 200 and answer["choices"][0]["text"] == "d-answer"
                 assert p.seen == []
+                # so do the engine's helper routes (a prefill engine's when one is up)
+                status, _ = await post(url + "/tokenize", {"prompt": "x"})
+                assert status == 200 and d.auths[-1][0] == "/tokenize"
         finally:
             await p.stop()
             await d.stop()
@@ -549,7 +552,7 @@ def test_engines_with_an_api_key_see_the_clients_credentials() -> None:
                 assert status == 200 and answer["choices"][0]["text"] == "d-answer"
                 assert p.seen[-1]["kv_transfer_params"]["meshkv_push_to"] == "node-d"
                 status, _ = await post(url + "/tokenize", {"prompt": "x"}, headers=mine)
-                assert status == 200 and d.auths[-1] == ("/tokenize", "Bearer k-123")
+                assert status == 200 and p.auths[-1] == ("/tokenize", "Bearer k-123")
                 async with aiohttp.ClientSession() as http:
                     async with http.get(url + "/v1/models", headers=mine) as resp:
                         assert resp.status == 200
