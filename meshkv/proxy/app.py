@@ -9,8 +9,8 @@ Two modes, one server (aiohttp):
   original request goes to the decode engine (the least loaded, or the one that served the
   conversation before) with the parameters the prefill returned. If the prefill fails, the
   decode engine computes the prompt itself (counted; ``--no-prefill-fallback`` turns that
-  into an error). A non-streamed batch of prompts runs one such flow per prompt (vLLM
-  answers a batch with one prompt's parameters) and is answered as one; a request that
+  into an error). A batch of prompts runs one such flow per prompt (vLLM answers a
+  batch with one prompt's parameters) and is answered as one, streamed or not; a request that
   reads no cache (prompt logprobs: vLLM computes it whole anyway) runs whole on a prefill
   engine.
 * **Aggregated** (``--engines URL...``): each request goes to one engine, chosen by the
@@ -468,18 +468,26 @@ class Proxy:
                 leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                 return await self._forward(whole, route, leg, request, started)
         prompts = batch_prompts(route, body)
-        if prompts is not None and body.get("stream") is not True:
+        if prompts is not None:
             return await self._batch(route, body, prompts, request, started)
+        decode, leg = await self._prefilled(route, body, request)
+        return await self._forward(decode, route, leg, request, started)
+
+    async def _prefilled(
+        self, route: str, body: dict[str, Any], request: web.Request
+    ) -> tuple[Upstream, dict[str, Any]]:
+        """Choose the decode engine, run the prefill leg, and return the decode engine
+        and its leg (with the prefill's parameters, or none: it computes the prompt)."""
         conv = conversation_key(request, body)
         decode = self.decode.least_loaded(self._remembered(conv), self.config.affinity_slack)
         if decode is None:
-            return error_response(503, "no healthy decode upstream", "unavailable")
+            raise UpstreamFailed(error_response(503, "no healthy decode upstream", "unavailable"))
         if conv is not None:
             self._remember(conv, decode.url)
         params: dict[str, Any] | None = None
         prefill = self.prefill.least_loaded()
         if prefill is None and not self.config.prefill_fallback:
-            return error_response(503, "no healthy prefill upstream", "unavailable")
+            raise UpstreamFailed(error_response(503, "no healthy prefill upstream", "unavailable"))
         if prefill is not None:
             leg = prefill_body(body, decode.node)
             t0 = time.monotonic()
@@ -506,7 +514,7 @@ class Proxy:
             leg["kv_transfer_params"] = params
         else:
             leg.pop("kv_transfer_params", None)
-        return await self._forward(decode, route, leg, request, started)
+        return decode, leg
 
     def _prefill_gave_no_params(self, prefill: Upstream) -> None:
         """A prefill engine answered without ``kv_transfer_params``: its prompt's KV goes
@@ -540,28 +548,103 @@ class Proxy:
         the whole batch would leave every other prompt's transfer held on the producer
         until it expires, and those prompts' last partial chunks computed again. The
         answers are joined as vLLM joins a batch's: choices in prompt order, numbered
-        anew, usage summed."""
+        as vLLM numbers them (prompt ``i``'s ``j``-th choice is ``i * n + j``), usage summed;
+        streamed, their events are relayed as they come with the indices rewritten."""
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(
-                        self._disaggregated(route, {**body, "prompt": p}, request, started)
-                    )
+                    group.create_task(self._prefilled(route, {**body, "prompt": p}, request))
                     for p in prompts
                 ]
-        except ExceptionGroup as failed:  # the other prompts' requests are cancelled
+        except ExceptionGroup as failed:  # the other prompts' legs are cancelled
             first = failed.exceptions[0]
             if isinstance(first, UpstreamFailed):
                 raise first from None
             raise
-        answers = []
-        for task in tasks:
-            part = task.result()
-            if part.status >= 400 or not isinstance(part, web.Response):
-                return part
-            assert part.body is not None
-            answers.append(json.loads(part.body))  # type: ignore[arg-type]
-        return web.json_response(join_completions(answers))
+        legs = [task.result() for task in tasks]
+        if body.get("stream") is True:
+            n = body.get("n")
+            per_prompt = n if type(n) is int and n > 0 else 1
+            return await self._stream_many(route, legs, per_prompt, request, started)
+        try:
+            async with asyncio.TaskGroup() as group:
+                answers = [
+                    group.create_task(
+                        self._call_json(upstream, route, leg, None, client_auth(request))
+                    )
+                    for upstream, leg in legs
+                ]
+        except ExceptionGroup as failed:
+            first = failed.exceptions[0]
+            if isinstance(first, UpstreamFailed):
+                raise first from None
+            raise
+        for (upstream, _), answer in zip(legs, answers, strict=True):
+            learn_node(upstream, answer.result())
+        return web.json_response(join_completions([a.result() for a in answers]))
+
+    async def _stream_many(
+        self,
+        route: str,
+        legs: list[tuple[Upstream, dict[str, Any]]],
+        per_prompt: int,
+        request: web.Request,
+        started: float,
+    ) -> web.StreamResponse:
+        """Open every leg's stream, then relay their events to the client as they come:
+        choice indices moved to the prompt's place, one ``id``, the final usage events
+        summed into one, one ``[DONE]`` at the end."""
+        auth = client_auth(request)
+        opened: list[tuple[Upstream, aiohttp.ClientResponse]] = []
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            for upstream, leg in legs:
+                upstream.inflight += 1
+                upstream.requests += 1
+                try:
+                    resp = await self._post(upstream, route, leg, auth)
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    upstream.inflight -= 1
+                    raise self._failed(upstream, exc) from exc
+                opened.append((upstream, resp))
+                if resp.status >= 400:
+                    raise await self._upstream_error(upstream, resp)
+            response = web.StreamResponse(
+                status=200,
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+            )
+            await response.prepare(request)
+            events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue()
+            for i, (_, resp) in enumerate(opened):
+                pumps.append(asyncio.create_task(_pump_events(i, resp, events)))
+            joiner = _StreamJoin(per_prompt)
+            live = len(opened)
+            while live:
+                i, item = await events.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    failure = self._failed(opened[i][0], item)
+                    await _to_client(response, b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
+                    break
+                out = joiner.event(i, item)
+                if out is not None:
+                    if joiner.first_content:
+                        joiner.first_content = False
+                        self.metrics.ttft.labels(route).observe(time.monotonic() - started)
+                    await _to_client(response, out)
+            else:
+                for out in joiner.close():
+                    await _to_client(response, out)
+            await _to_client(response, None)
+            return response
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for upstream, resp in opened:
+                resp.close()
+                upstream.inflight -= 1
 
     async def _aggregated(
         self, route: str, body: dict[str, Any], request: web.Request, started: float
@@ -627,9 +710,11 @@ class Proxy:
         upstream: Upstream,
         route: str,
         body: dict[str, Any],
-        total: float,
+        total: float | None,
         headers: dict[str, str],
     ) -> dict[str, Any]:
+        """POST ``body`` and return the answer's JSON object; ``total``: the whole call's
+        limit (None: only the upstream's silence is limited, by ``request_timeout_s``)."""
         upstream.inflight += 1
         upstream.requests += 1
         try:
@@ -778,6 +863,77 @@ async def _to_client(response: web.StreamResponse, piece: bytes | None) -> None:
             await response.write(piece)
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
         raise ClientGone(response) from exc
+
+
+async def _pump_events(
+    i: int,
+    resp: aiohttp.ClientResponse,
+    events: asyncio.Queue[tuple[int, bytes | BaseException | None]],
+) -> None:
+    """Split upstream ``i``'s SSE stream into events (``data: ...``, without the blank
+    line) onto ``events``; then None, or the exception that ended it."""
+    buffer = b""
+    try:
+        async for piece in resp.content.iter_any():
+            buffer += piece
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                await events.put((i, event))
+        if buffer.strip():
+            await events.put((i, buffer))
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        await events.put((i, exc))
+        return
+    await events.put((i, None))
+
+
+class _StreamJoin:
+    """The events of a batch's streams joined into one stream, as vLLM streams a batch."""
+
+    def __init__(self, per_prompt: int) -> None:
+        self.per_prompt = per_prompt
+        self.id: Any = None
+        self.usages: list[dict[str, Any]] = []
+        self.first_content = True
+
+    def event(self, i: int, event: bytes) -> bytes | None:
+        """The event of stream ``i`` to send on (None: held back or dropped)."""
+        if not event.startswith(b"data:"):
+            return event + b"\n\n"
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return None  # one at the end, for all
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return event + b"\n\n"
+        if not isinstance(data, dict):
+            return event + b"\n\n"
+        choices = data.get("choices")
+        if not choices and isinstance(data.get("usage"), dict):
+            self.usages.append(data)  # the final usage event: one, summed, at the end
+            return None
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and type(choice.get("index")) is int:
+                    choice["index"] += i * self.per_prompt
+        if "id" in data:
+            if self.id is None:
+                self.id = data["id"]
+            data["id"] = self.id
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    def close(self) -> list[bytes]:
+        """The last events: the summed usage (when the streams sent theirs), ``[DONE]``."""
+        out = []
+        if self.usages:
+            last = dict(self.usages[-1])
+            last["usage"] = join_completions(self.usages)["usage"]
+            if self.id is not None:
+                last["id"] = self.id
+            out.append(b"data: " + json.dumps(last).encode() + b"\n\n")
+        out.append(b"data: [DONE]\n\n")
+        return out
 
 
 def batch_prompts(route: str, body: dict[str, Any]) -> list[Any] | None:

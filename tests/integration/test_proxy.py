@@ -103,10 +103,18 @@ class FakeEngine:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
+            name = f"{self.name}-{len(self.seen)}"  # like vLLM: one id per request
+            n = body.get("n") or 1
             for i in range(self.stream_chunks):
-                chunk = {"choices": [{"text": f"t{i}"}]}
-                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                for j in range(n):
+                    choice = {"index": j, "text": f"{body.get('prompt')}-t{i}"}
+                    chunk = {"id": name, "choices": [choice]}
+                    await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await asyncio.sleep(0.01)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": 3 * n, "total_tokens": 5 + 3 * n}
+                chunk = {"id": name, "choices": [], "usage": usage}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         except (asyncio.CancelledError, ConnectionError):
             self.abandoned.append("streaming")
             raise
@@ -193,7 +201,7 @@ def test_pd_legs_are_rewritten_and_the_decode_node_is_pushed_to() -> None:
                 ):
                     assert resp.status == 200
                     raw = await resp.read()
-                assert raw.count(b"data: ") == 4  # three tokens and [DONE], as they came
+                assert raw.count(b"data: ") == 5  # three tokens, usage, [DONE], as they came
                 leg_p = p.seen[-1]
                 assert leg_p["max_tokens"] == 1 and leg_p["min_tokens"] == 1
                 assert leg_p["stream"] is False
@@ -259,6 +267,75 @@ def test_a_batch_of_prompts_gets_a_transfer_per_prompt_and_one_answer() -> None:
                 p.fail_status = d.fail_status = 400
                 status, answer = await post(url + "/v1/completions", {"prompt": ["a", "b"]})
                 assert status == 400 and "d broke" in answer["error"]["message"]
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """The JSON events of an SSE answer, and "[DONE]" where it came."""
+    out: list[Any] = []
+    for event in raw.split(b"\n\n"):
+        if event.startswith(b"data: "):
+            payload = event[6:]
+            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+def test_a_streamed_batch_gets_a_transfer_per_prompt_and_one_stream() -> None:
+    """Streamed, a batch's prompts are relayed as vLLM streams a batch: prompt i's j-th
+    choice is index i*n+j, one id, one usage event summed over the prompts, one [DONE]."""
+
+    async def main() -> None:
+        p, d = await FakeEngine("p").start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                body = {"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 3, "n": 2,
+                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", json=body) as resp,
+                ):
+                    assert resp.status == 200
+                    assert resp.headers["Content-Type"].startswith("text/event-stream")
+                    events = sse_events(await resp.read())
+                assert sorted(b["prompt"] for b in p.seen) == ["a", "b", "c"]
+                legs = [b for b in d.seen if "meshkv_probe" not in str(b)]
+                assert all(leg["kv_transfer_params"]["meshkv"]["prompt"] == leg["prompt"]
+                           for leg in legs) and len(legs) == 3  # fmt: skip
+                assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+                usage = events[-2]
+                assert usage["choices"] == [] and usage["usage"] == {
+                    "prompt_tokens": 15, "completion_tokens": 18, "total_tokens": 33}  # fmt: skip
+                content = events[:-2]
+                assert len({e["id"] for e in content + [usage]}) == 1
+                texts: dict[int, list[str]] = {}
+                for e in content:
+                    (choice,) = e["choices"]
+                    texts.setdefault(choice["index"], []).append(choice["text"])
+                assert texts == {i * 2 + j: [f"{prompt}-t{k}" for k in range(3)]
+                                 for i, prompt in enumerate("abc") for j in range(2)}  # fmt: skip
+                # an engine that refuses one prompt: the client gets its error, no stream
+                d.fail_status = 400
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", json=body) as resp,
+                ):
+                    assert resp.status == 400 and "d broke" in await resp.text()
+                # a client that hangs up mid-stream ends every prompt's request
+                d.fail_status, d.stream_chunks = None, 500
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", json=body) as resp,
+                ):
+                    await resp.content.readline()
+                await until(lambda: len(d.abandoned) == 3)
+                assert d.abandoned == ["streaming"] * 3 and p.abandoned == []
+                await asyncio.sleep(0.2)
+                _, ups = await _get(url + "/v1/upstreams")
+                assert [u["inflight"] for u in ups["upstreams"]] == [0, 0]
         finally:
             await p.stop()
             await d.stop()

@@ -159,6 +159,31 @@ def test_a_batch_of_prompts_through_the_proxy(stack: Stack) -> None:
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
     assert answer["usage"]["prompt_tokens"] == 700 + 333 + 1000
     check_pins_released(stack)
+    # Streamed: the same, as one stream with vLLM's batch indices and summed usage.
+    prompts = [[50] + p[1:] for p in prompts]
+    before = computed(stack.decode)
+    streamed = {**body, "prompt": prompts, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+    request = urllib.request.Request(
+        stack.proxy.base_url + route, data=json.dumps(streamed).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    texts: dict[int, str] = {}
+    usage = None
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            usage = event.get("usage") or usage
+    assert settle_metrics(stack.decode, before) <= len(prompts) * BLOCK, logs(stack)
+    singles = [text_of(post(url, {**body, "prompt": p})) for p in prompts]
+    assert [texts[i] for i in range(3)] == singles and len(texts) == 3
+    assert usage is not None and usage["prompt_tokens"] == 700 + 333 + 1000
+    check_pins_released(stack)
 
 
 def test_prompt_logprobs_run_whole_on_the_prefill_engine(stack: Stack) -> None:
