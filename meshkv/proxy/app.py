@@ -73,6 +73,8 @@ STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)
 """Errors of a pooled connection the server closed before it read our request: the
 request never reached the engine, so it is sent again once on a fresh connection."""
 UPSTREAM = "upstream_error"
+STREAM_QUEUE_EVENTS = 256
+"""Events of a streamed batch read from the engines ahead of the client, at most."""
 NO_PARAMS_WARNING_S = 60.0
 """Least time between two warnings about one prefill engine that returns no parameters."""
 MAX_CONVERSATIONS = 65536
@@ -614,7 +616,11 @@ class Proxy:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
             )
             await response.prepare(request)
-            events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue()
+            # Bounded: a client that reads slowly slows the engines' streams down (TCP's
+            # own back-pressure), instead of the proxy buffering their answers.
+            events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue(
+                maxsize=STREAM_QUEUE_EVENTS
+            )
             for i, (_, resp) in enumerate(opened):
                 pumps.append(asyncio.create_task(_pump_events(i, resp, events)))
             joiner = _StreamJoin(per_prompt)
