@@ -43,8 +43,9 @@ import math
 import time
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -56,6 +57,7 @@ from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 HELPERS = (
@@ -552,38 +554,20 @@ class Proxy:
         answers are joined as vLLM joins a batch's: choices in prompt order, numbered
         as vLLM numbers them (prompt ``i``'s ``j``-th choice is ``i * n + j``), usage summed;
         streamed, their events are relayed as they come with the indices rewritten."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._prefilled(route, {**body, "prompt": p}, request))
-                    for p in prompts
-                ]
-        except ExceptionGroup as failed:  # the other prompts' legs are cancelled
-            first = failed.exceptions[0]
-            if isinstance(first, UpstreamFailed):
-                raise first from None
-            raise
-        legs = [task.result() for task in tasks]
+        legs = await all_or_first_failure(
+            self._prefilled(route, {**body, "prompt": p}, request) for p in prompts
+        )
         if body.get("stream") is True:
             n = body.get("n")
             per_prompt = n if type(n) is int and n > 0 else 1
             return await self._stream_many(route, legs, per_prompt, request, started)
-        try:
-            async with asyncio.TaskGroup() as group:
-                answers = [
-                    group.create_task(
-                        self._call_json(upstream, route, leg, None, client_auth(request))
-                    )
-                    for upstream, leg in legs
-                ]
-        except ExceptionGroup as failed:
-            first = failed.exceptions[0]
-            if isinstance(first, UpstreamFailed):
-                raise first from None
-            raise
+        auth = client_auth(request)
+        answers = await all_or_first_failure(
+            self._call_json(upstream, route, leg, None, auth) for upstream, leg in legs
+        )
         for (upstream, _), answer in zip(legs, answers, strict=True):
-            learn_node(upstream, answer.result())
-        return web.json_response(join_completions([a.result() for a in answers]))
+            learn_node(upstream, answer)
+        return web.json_response(join_completions(answers))
 
     async def _stream_many(
         self,
@@ -869,6 +853,24 @@ async def _to_client(response: web.StreamResponse, piece: bytes | None) -> None:
             await response.write(piece)
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
         raise ClientGone(response) from exc
+
+
+async def all_or_first_failure(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Run ``calls`` concurrently and return their results in order; the first that fails
+    cancels the others, and an ``UpstreamFailed`` among them is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_awaited(call)) for call in calls]
+    except ExceptionGroup as failed:
+        first = failed.exceptions[0]
+        if isinstance(first, UpstreamFailed):
+            raise first from None
+        raise
+    return [task.result() for task in tasks]
+
+
+async def _awaited(call: Awaitable[T]) -> T:
+    return await call
 
 
 async def _pump_events(
