@@ -87,7 +87,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         spec = item if isinstance(item, dict) else {"tokens": item}
         prompt = spec["tokens"]
         if sync_dir is not None and i in pauses:
-            (sync_dir / f"ready-{i}").write_text(json.dumps(_namespaces(job)))
+            # Written whole, then renamed: the waiting test reads the file as soon as the
+            # name exists (a plain write let it read an empty file once, fresh-clone run AJ).
+            partial = sync_dir / f".ready-{i}.partial"
+            partial.write_text(json.dumps(_namespaces(job)))
+            partial.replace(sync_dir / f"ready-{i}")
             _wait_for(sync_dir / f"go-{i}")
         if i in job.get("reset_prefix_cache_before", []):
             assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
