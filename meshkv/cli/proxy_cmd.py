@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from meshkv.proxy.app import ProxyConfig
+    from meshkv.proxy.config import ProxyConfig
 
     host, port = parse_host_port(args.listen, what="--listen")
     if args.log_level not in LOG_LEVELS:

@@ -39,12 +39,9 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import time
-import urllib.parse
 from collections import OrderedDict
-from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -52,6 +49,8 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from meshkv.errors import ConfigError
+from meshkv.proxy.batch import StreamJoin, batch_prompts, join_completions, pump_events
+from meshkv.proxy.config import ProxyConfig
 from meshkv.proxy.metrics import ProxyMetrics
 from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
@@ -92,156 +91,6 @@ PREFILL_PARAMS = {
 }
 """vLLM's standard prefill-leg parameters (as its toy proxy and llm-d's sidecar send them)."""
 
-
-@dataclass(slots=True)
-class ProxyConfig:
-    """Settings of one ``meshkv proxy``."""
-
-    host: str = "127.0.0.1"
-    """Address to serve on."""
-    port: int = 8000
-    prefill: tuple[str, ...] = ()
-    """Prefill engines' base URLs (disaggregated mode)."""
-    decode: tuple[str, ...] = ()
-    """Decode engines' base URLs (disaggregated mode)."""
-    engines: tuple[str, ...] = ()
-    """Engines' base URLs (aggregated mode)."""
-    agents: tuple[str, ...] = ()
-    """Aggregated mode: the admin URL of each engine's meshkv agent, in the order of
-    ``engines`` (cache-aware routing asks them what they hold)."""
-    routing: str = "least_loaded"
-    """Aggregated mode: ``least_loaded``, ``round_robin``, ``random``, ``sticky``,
-    ``cache_aware`` (needs ``agents``)."""
-    load_weight: float = 1.0
-    """cache_aware: cost of one request in flight, in prompts (see ``routing.py``)."""
-    balance_slack: float = 0.25
-    """cache_aware: an engine takes no request while it has more than ``(1 + slack)`` times
-    its fair share of the requests in flight (plus this one)."""
-    balance_window: int = 64
-    """cache_aware: also bound each engine's share of the last this many routed requests
-    to ``(1 + balance_slack)`` times the fair share (0: bound only requests in flight)."""
-    ssd_weight: float = 0.75
-    """cache_aware: an SSD-held token counts as this fraction of a CPU-held one."""
-    prefix_timeout_s: float = 0.05
-    """cache_aware: longest wait for an agent's prefix answer (then it counts as a miss)."""
-    connect_timeout_s: float = 5.0
-    """Opening a connection to an upstream."""
-    request_timeout_s: float = 600.0
-    """Longest an upstream may go without sending a byte of its answer."""
-    prefill_timeout_s: float = 120.0
-    """The whole prefill leg of a disaggregated request."""
-    health_interval_s: float = 2.0
-    """Period of the upstreams' ``/health`` checks."""
-    prefill_fallback: bool = True
-    """A failed prefill leg: let the decode engine compute the prompt (else: an error)."""
-    affinity_slack: int = 2
-    """A conversation stays on its engine while that one has at most this many more
-    requests in flight than the least loaded."""
-    max_body_bytes: int = 64 << 20
-    """Largest request body accepted."""
-    drain_s: float = 30.0
-    """On SIGTERM: stop accepting, and give requests in flight this long to finish (then
-    they are cut off). Kubernetes' default grace period is 30 s; keep this below yours."""
-    upstream_api_key: str | None = field(default=None, repr=False)
-    """The engines' API key (vLLM's ``--api-key``) for the proxy's own requests to them
-    (which agent an engine uses, its model name). Client requests carry the client's own
-    ``Authorization`` header, never this key."""
-
-    def __post_init__(self) -> None:
-        pd = bool(self.prefill or self.decode)
-        if pd and self.engines:
-            raise ConfigError("give either --prefill/--decode (disaggregated) or --engines")
-        if pd and not (self.prefill and self.decode):
-            raise ConfigError("disaggregated mode needs both --prefill and --decode URLs")
-        if not pd and not self.engines:
-            raise ConfigError("give --prefill URL... --decode URL... or --engines URL...")
-        for flag, urls in (("--prefill", self.prefill), ("--decode", self.decode),
-                           ("--engines", self.engines), ("--agents", self.agents)):  # fmt: skip
-            for url in urls:
-                check_base_url(flag, url)
-        for flag, urls in (("--prefill", self.prefill), ("--decode", self.decode),
-                           ("--engines", self.engines), ("--agents", self.agents)):  # fmt: skip
-            seen = [u.rstrip("/") for u in urls]
-            twice = sorted({u for u in seen if seen.count(u) > 1})
-            if twice:  # one engine would take two shares of the traffic
-                raise ConfigError(f"{flag} names {', '.join(twice)} more than once")
-        if self.agents and len(self.agents) != len(self.engines):
-            raise ConfigError(
-                f"--agents must name one agent per engine ({len(self.engines)}), "
-                f"got {len(self.agents)}"
-            )
-        from meshkv.proxy.routing import POLICIES
-
-        if self.routing not in POLICIES:
-            raise ConfigError(
-                f"--routing must be one of {', '.join(POLICIES)}, got {self.routing!r}"
-            )
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("connect_timeout_s", "request_timeout_s", "prefill_timeout_s",
-                     "health_interval_s", "prefix_timeout_s"):  # fmt: skip
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise ConfigError(f"{FLAGS.get(name, name)} must be a positive number of "
-                                  f"seconds, got {value}")  # fmt: skip
-        if not 0 <= self.drain_s < math.inf:
-            raise ConfigError(f"--drain-seconds must be a finite number >= 0, got {self.drain_s}")
-        if self.affinity_slack < 0:
-            raise ConfigError("proxy: affinity_slack must be >= 0")
-        if self.balance_window < 0:
-            raise ConfigError(f"--balance-window must be >= 0, got {self.balance_window}")
-        if self.routing == "cache_aware" and not self.agents:
-            raise ConfigError(
-                "--routing cache_aware needs --agents URL... (each engine's meshkv agent "
-                "admin URL, in the order of --engines)"
-            )
-        if self.agents and not self.engines:
-            raise ConfigError("--agents goes with --engines (aggregated mode)")
-        for name in ("load_weight", "balance_slack", "ssd_weight"):
-            value = getattr(self, name)
-            if not 0 <= value < math.inf:
-                raise ConfigError(f"{FLAGS.get(name, name)} must be a finite number >= 0, "
-                                  f"got {value}")  # fmt: skip
-
-    @property
-    def disaggregated(self) -> bool:
-        return bool(self.prefill)
-
-
-def check_base_url(flag: str, url: str) -> None:
-    """Refuse what cannot be a server's base URL, naming the flag: no http(s) scheme, no
-    host, a port that is not a number in 1..65535, a query or fragment, or a path that
-    ends in ``/v1`` (OpenAI clients take ``.../v1``; the proxy adds it to every route)."""
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{flag}: upstream URL must start with http:// or https://: {url!r}")
-    parts = urllib.parse.urlsplit(url)
-    if not parts.hostname:
-        raise ConfigError(f"{flag}: {url!r} names no host")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0 or (parts.netloc.endswith(":") and port is None):
-        raise ConfigError(f"{flag}: {url!r} has a bad port (a number in 1..65535)")
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        raise ConfigError(f"{flag}: {url!r} must be a base URL, without a ?query or #fragment")
-    if parts.path.rstrip("/").endswith("/v1"):
-        base = url[: url.rstrip("/").rfind("/v1")]
-        raise ConfigError(
-            f"{flag}: {url!r} ends in /v1; give the server's base URL ({base!r}): the proxy "
-            "adds /v1/... to each route"
-        )
-
-
-FLAGS = {
-    "request_timeout_s": "--request-timeout",
-    "prefill_timeout_s": "--prefill-timeout",
-    "health_interval_s": "--health-interval",
-    "prefix_timeout_s": "--prefix-timeout",
-    "load_weight": "--load-weight",
-    "balance_slack": "--balance-slack",
-}
-"""The command-line flag of a setting, for error messages."""
 
 CLIENT_CLOSED = 499
 """The status counted for a request whose client hung up before its answer was complete
@@ -383,30 +232,16 @@ class Proxy:
         comes back as the engine gave it. In disaggregated mode a prefill engine's (these
         compute prompts only, what prefill engines are for, and keep out of the decode
         engines' steps), a decode engine's when no prefill engine is healthy."""
-        started = time.monotonic()
-        status = 500
-        try:
+
+        async def relay(started: float) -> web.StreamResponse:
             pools = [self.prefill, self.decode] if self.config.disaggregated else [self.engines]
             upstream = next((u for u in (p.least_loaded() for p in pools) if u), None)
             if upstream is None:
-                status = 503
                 roles = " or ".join(p.role for p in pools)
                 return error_response(503, f"no healthy {roles} upstream", "unavailable")
-            response = await self._relay(upstream, request)
-            status = response.status
-            return response
-        except UpstreamFailed as exc:
-            status = exc.response.status
-            return exc.response
-        except ClientGone as exc:
-            status = CLIENT_CLOSED
-            return exc.response
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            self.metrics.requests.labels(request.path, str(status)).inc()
-            self.metrics.latency.labels(request.path).observe(time.monotonic() - started)
+            return await self._relay(upstream, request)
+
+        return await self._counted(request.path, relay)
 
     async def not_served(self, request: web.Request) -> web.Response:
         """Any other path: an OpenAI-style 404 that says what the proxy serves."""
@@ -420,25 +255,33 @@ class Proxy:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         route = request.path
-        started = time.monotonic()
-        status = 500
-        try:
+
+        async def answer(started: float) -> web.StreamResponse:
             try:
                 body = await request.json(loads=json.loads)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                status = 400
                 return error_response(
                     400, f"request body is not JSON: {exc}", "invalid_request_error"
                 )
             if not isinstance(body, dict):
-                status = 400
                 return error_response(
                     400, "request body must be a JSON object", "invalid_request_error"
                 )
             if self.config.disaggregated:
-                response = await self._disaggregated(route, body, request, started)
-            else:
-                response = await self._aggregated(route, body, request, started)
+                return await self._disaggregated(route, body, request, started)
+            return await self._aggregated(route, body, request, started)
+
+        return await self._counted(route, answer)
+
+    async def _counted(
+        self, route: str, handle: Callable[[float], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Run one client request's ``handle(started)``: a failed upstream gives its error
+        answer, a client gone is 499; counted by route and status, and timed."""
+        started = time.monotonic()
+        status = 500
+        try:
+            response = await handle(started)
             status = response.status
             return response
         except UpstreamFailed as exc:
@@ -606,8 +449,8 @@ class Proxy:
                 maxsize=STREAM_QUEUE_EVENTS
             )
             for i, (_, resp) in enumerate(opened):
-                pumps.append(asyncio.create_task(_pump_events(i, resp, events)))
-            joiner = _StreamJoin(per_prompt)
+                pumps.append(asyncio.create_task(pump_events(i, resp, events)))
+            joiner = StreamJoin(per_prompt)
             live = len(opened)
             while live:
                 i, item = await events.get()
@@ -871,111 +714,6 @@ async def all_or_first_failure(calls: Iterable[Awaitable[T]]) -> list[T]:
 
 async def _awaited(call: Awaitable[T]) -> T:
     return await call
-
-
-async def _pump_events(
-    i: int,
-    resp: aiohttp.ClientResponse,
-    events: asyncio.Queue[tuple[int, bytes | BaseException | None]],
-) -> None:
-    """Split upstream ``i``'s SSE stream into events (``data: ...``, without the blank
-    line) onto ``events``; then None, or the exception that ended it."""
-    buffer = b""
-    try:
-        async for piece in resp.content.iter_any():
-            buffer += piece
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                await events.put((i, event))
-        if buffer.strip():
-            await events.put((i, buffer))
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        await events.put((i, exc))
-        return
-    await events.put((i, None))
-
-
-class _StreamJoin:
-    """The events of a batch's streams joined into one stream, as vLLM streams a batch."""
-
-    def __init__(self, per_prompt: int) -> None:
-        self.per_prompt = per_prompt
-        self.id: Any = None
-        self.usages: list[dict[str, Any]] = []
-        self.first_content = True
-
-    def event(self, i: int, event: bytes) -> bytes | None:
-        """The event of stream ``i`` to send on (None: held back or dropped)."""
-        if not event.startswith(b"data:"):
-            return event + b"\n\n"
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
-            return None  # one at the end, for all
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            return event + b"\n\n"
-        if not isinstance(data, dict):
-            return event + b"\n\n"
-        choices = data.get("choices")
-        if not choices and isinstance(data.get("usage"), dict):
-            self.usages.append(data)  # the final usage event: one, summed, at the end
-            return None
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict) and type(choice.get("index")) is int:
-                    choice["index"] += i * self.per_prompt
-        if "id" in data:
-            if self.id is None:
-                self.id = data["id"]
-            data["id"] = self.id
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
-
-    def close(self) -> list[bytes]:
-        """The last events: the summed usage (when the streams sent theirs), ``[DONE]``."""
-        out = []
-        if self.usages:
-            last = dict(self.usages[-1])
-            last["usage"] = join_completions(self.usages)["usage"]
-            if self.id is not None:
-                last["id"] = self.id
-            out.append(b"data: " + json.dumps(last).encode() + b"\n\n")
-        out.append(b"data: [DONE]\n\n")
-        return out
-
-
-def batch_prompts(route: str, body: dict[str, Any]) -> list[Any] | None:
-    """The prompts of a completions request that names more than one (texts or token
-    lists), else None (a single text, or one list of token ids)."""
-    prompt = body.get("prompt")
-    if route != "/v1/completions" or not isinstance(prompt, list) or len(prompt) < 2:
-        return None
-    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
-        return prompt
-    return None
-
-
-def join_completions(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """One completions answer from the answers of a batch's prompts, as vLLM builds a
-    batch's: the first's id and fields, every choice in prompt order with its index
-    renumbered, usage summed (cached-token details: the last prompt's, as vLLM's)."""
-    out = dict(answers[0])
-    choices: list[Any] = []
-    for answer in answers:
-        for choice in answer.get("choices") or []:
-            if isinstance(choice, dict):
-                choice = {**choice, "index": len(choices)}
-            choices.append(choice)
-    out["choices"] = choices
-    usages = [a["usage"] for a in answers if isinstance(a.get("usage"), dict)]
-    if len(usages) == len(answers):
-        usage: dict[str, Any] = dict(usages[-1])
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            values = [u.get(name) for u in usages]
-            if all(type(v) is int for v in values):
-                usage[name] = sum(v for v in values if isinstance(v, int))
-        out["usage"] = usage
-    return out
 
 
 def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from aiohttp import web
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth
 
 if TYPE_CHECKING:
-    from meshkv.proxy.app import ProxyConfig
+    from meshkv.proxy.config import ProxyConfig
     from meshkv.proxy.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)

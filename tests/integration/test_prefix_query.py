@@ -24,8 +24,8 @@ from meshkv.chunk import Namespace, chunk_keys
 from meshkv.client import AgentClient
 from meshkv.errors import ConfigError
 from meshkv.launch import AgentProcess
-from meshkv.proxy.app import ProxyConfig
-from tests.integration.test_proxy import FakeEngine, post, proxy, run
+from meshkv.proxy.config import ProxyConfig
+from tests.helpers.proxy import FakeEngine, post, proxy, run
 
 CHUNK = 16
 NS = Namespace(model="tiny", num_layers=2, kv_heads=2, head_size=8, block_size=16)

@@ -101,6 +101,16 @@ def scheduler(agent: FakeSchedulerAgent, **kw: Any) -> tuple[SchedulerSide, Mana
     return side, manager
 
 
+def prefilled_params(side: SchedulerSide, manager: Manager) -> dict[str, Any] | None:
+    """A 150-token prefill with ``do_remote_decode`` on ``side``: the parameters it returns."""
+    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
+    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10))
+    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    return params
+
+
 def keys_of(side: SchedulerSide, request: Request, partial: bool = False) -> list[ChunkKey]:
     return [k[0] for k in side._keys_for(request, request.prompt_token_ids, partial=partial)]  # type: ignore[arg-type]
 
@@ -156,11 +166,7 @@ def test_a_request_that_reads_no_cache_asks_nothing_and_still_saves() -> None:
 def test_a_transfer_consumer_that_reads_no_cache_still_asks_to_end_the_hold() -> None:
     agent = FakeSchedulerAgent()
     side, manager = scheduler(agent)
-    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
-    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
-    manager.blocks["p1"] = list(range(10))
-    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
-    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    params = prefilled_params(side, manager)
     req_d = Request("d1", tokens(150), params, skip_reading_prefix_cache=True)
     side.get_num_new_matched_tokens(req_d, 0)  # type: ignore[arg-type]
     keys, ref = agent.lookups[-1]  # the lookup with the transfer is what releases the hold
@@ -198,11 +204,7 @@ def test_prefill_saves_the_partial_tail_holds_and_returns_params() -> None:
 def test_decode_loads_the_whole_prompt_from_the_transfer() -> None:
     agent = FakeSchedulerAgent()
     side, manager = scheduler(agent, transfer_timeout_s=4.0)
-    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
-    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
-    manager.blocks["p1"] = list(range(10))
-    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
-    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    params = prefilled_params(side, manager)
     decode, _ = scheduler(agent, transfer_timeout_s=4.0)
     req_d = Request("d1", tokens(150), params)
     assert decode.get_num_new_matched_tokens(req_d, 0) == (150, True)  # type: ignore[arg-type]
@@ -220,11 +222,7 @@ def test_decode_loads_the_whole_prompt_from_the_transfer() -> None:
 def test_decode_of_another_prompt_ignores_the_transfer() -> None:
     agent = FakeSchedulerAgent()
     side, manager = scheduler(agent)
-    req_p = Request("p1", tokens(150), {"do_remote_decode": True})
-    side.get_num_new_matched_tokens(req_p, 0)  # type: ignore[arg-type]
-    manager.blocks["p1"] = list(range(10))
-    side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
-    _, params = side.request_finished(req_p, [])  # type: ignore[arg-type]
+    params = prefilled_params(side, manager)
     other = Request("d1", tokens(149) + [5], params)  # same length, last token differs
     assert side.get_num_new_matched_tokens(other, 0) == (0, False)  # type: ignore[arg-type]
     assert agent.lookups[-1][1] is None  # a plain lookup of its own full chunks
