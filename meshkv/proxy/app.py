@@ -23,7 +23,8 @@ the client an OpenAI-style error (502 / 504 with the upstream's message), never 
 upstream that cannot be reached is taken out of rotation and put back once its
 ``/health`` answers. A client that hangs up ends its request on the engine (the
 connection to it is closed, and vLLM aborts); on SIGTERM the proxy stops accepting and
-lets requests in flight finish within ``--drain-seconds``. ``/health``, ``/v1/models``,
+lets requests in flight finish within ``--drain-seconds``, then answers those still running
+with a 503 (or ends their stream with an error event). ``/health``, ``/v1/models``,
 ``/v1/upstreams`` (each engine's health, load and agent node) and ``/metrics``
 (``meshkv_proxy_*``) are served too, and vLLM's routes that compute no completion
 (``HELPERS``: ``/tokenize``, ``/v1/embeddings``, ...) are relayed to one engine (a
@@ -93,6 +94,9 @@ PREFILL_PARAMS = {
 
 
 CLIENT_CLOSED = 499
+DRAIN_GRACE_S = 2.0
+"""How long past ``--drain-seconds`` the server waits for the answers of the requests
+cut off at it (a 503, or an error event ending a stream) to go out before closing."""
 """The status counted for a request whose client hung up before its answer was complete
 (nginx's "client closed request"); the client never sees it."""
 
@@ -150,6 +154,12 @@ class Proxy:
         self._fresh: aiohttp.ClientSession | None = None
         """Never pools: the retry after a pooled connection turned out closed."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._handling: set[asyncio.Task[Any]] = set()
+        """The tasks of the client requests being answered (``_counted``)."""
+        self._streams: dict[asyncio.Task[Any], web.StreamResponse] = {}
+        """Those whose answer is a stream already begun."""
+        self._cut: set[asyncio.Task[Any]] = set()
+        """Those cancelled at the drain deadline (any other cancellation: the client left)."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -166,6 +176,46 @@ class Proxy:
             self.router = Router(self.config, self.engines, self.session, self.metrics)
         for pool in self.pools:
             self._tasks.append(asyncio.create_task(pool.run_health(self.session)))
+
+    async def draining(self, app: web.Application) -> None:
+        """SIGTERM (the runner's shutdown, after the listening socket closed): the
+        requests in flight get ``drain_s`` to finish; then each is cut off with an
+        answer that says so (``_cut_off``), not a dropped connection."""
+        self._tasks.append(asyncio.create_task(self._cut_at_deadline()))
+
+    async def _cut_at_deadline(self) -> None:
+        await asyncio.sleep(self.config.drain_s)
+        if self._handling:
+            logger.warning("%d request(s) still in flight after --drain-seconds %g: cut off",
+                           len(self._handling), self.config.drain_s)  # fmt: skip
+        for task in list(self._handling):
+            self._cut.add(task)
+            task.cancel()
+
+    def _streaming(self, response: web.StreamResponse) -> None:
+        """The current request's answer is the stream ``response``, begun."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams[task] = response
+
+    async def _cut_off(self, task: asyncio.Task[Any]) -> web.StreamResponse:
+        """The answer of a request cut off at the drain deadline: a 503 the client can
+        retry elsewhere, or, where a stream has begun, an error event and ``[DONE]`` (as
+        vLLM ends a stream that fails)."""
+        failure = error_response(
+            503,
+            f"meshkv proxy is shutting down: the request did not finish within "
+            f"--drain-seconds ({self.config.drain_s:g} s); retry it",
+            "unavailable",
+        )
+        stream = self._streams.get(task)
+        if stream is None:
+            return failure
+        assert isinstance(failure.body, bytes)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await stream.write(b"data: " + failure.body + b"\n\ndata: [DONE]\n\n")
+            await stream.write_eof()
+        return stream
 
     async def stop(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -280,6 +330,9 @@ class Proxy:
         answer, a client gone is 499; counted by route and status, and timed."""
         started = time.monotonic()
         status = 500
+        task = asyncio.current_task()
+        assert task is not None
+        self._handling.add(task)
         try:
             response = await handle(started)
             status = response.status
@@ -291,11 +344,21 @@ class Proxy:
             status = CLIENT_CLOSED
             return exc.response
         except asyncio.CancelledError:
-            # The client hung up (the runner cancels the handler then): leaving the
-            # upstream call closes its connection, and vLLM aborts the request.
-            status = CLIENT_CLOSED
-            raise
+            if task not in self._cut:
+                # The client hung up (the runner cancels the handler then): leaving the
+                # upstream call closes its connection, and vLLM aborts the request.
+                status = CLIENT_CLOSED
+                raise
+            # Cut off at the drain deadline: the upstream call is left (vLLM aborts it),
+            # and the client is told.
+            task.uncancel()
+            response = await self._cut_off(task)
+            status = 503
+            return response
         finally:
+            self._handling.discard(task)
+            self._streams.pop(task, None)
+            self._cut.discard(task)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.monotonic() - started)
 
@@ -443,6 +506,7 @@ class Proxy:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
             )
             await response.prepare(request)
+            self._streaming(response)
             # Bounded: a client that reads slowly slows the engines' streams down (TCP's
             # own back-pressure), instead of the proxy buffering their answers.
             events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue(
@@ -626,6 +690,7 @@ class Proxy:
                              "Cache-Control": "no-cache"},
                 )  # fmt: skip
                 await response.prepare(request)
+                self._streaming(response)
                 first = True
                 async for piece in resp.content.iter_any():
                     if first and b"data:" in piece:
@@ -739,6 +804,7 @@ def build_app(config: ProxyConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     app[PROXY_KEY] = proxy
     app.on_startup.append(proxy.start)
+    app.on_shutdown.append(proxy.draining)
     app.on_cleanup.append(proxy.stop)
     app.add_routes(
         [
@@ -757,8 +823,11 @@ def build_app(config: ProxyConfig) -> web.Application:
 def make_runner(app: web.Application, drain_s: float) -> web.AppRunner:
     """The proxy's runner: a handler whose client hangs up is cancelled, so the upstream
     request it was waiting on is closed and the engine stops generating for nobody; on
-    shutdown, requests in flight get ``drain_s`` to finish."""
-    return web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=drain_s)
+    shutdown, requests in flight get ``drain_s`` to finish, and those cut off then get
+    ``DRAIN_GRACE_S`` more for their answer to go out."""
+    return web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=drain_s + DRAIN_GRACE_S
+    )
 
 
 def run_proxy(config: ProxyConfig) -> None:

@@ -37,6 +37,8 @@ class FakeEngine:
     seen: list[dict[str, Any]] = field(default_factory=list)
     healthy: bool = True
     stream_chunks: int = 3
+    chunk_delay: float = 0.01
+    """Seconds between the events of a streamed answer."""
     abandoned: list[str] = field(default_factory=list)
     """Where a request was when the proxy closed its connection (vLLM aborts it then)."""
     transfers: bool = True
@@ -96,7 +98,7 @@ class FakeEngine:
                     choice = {"index": j, "text": f"{body.get('prompt')}-t{i}"}
                     chunk = {"id": name, "choices": [choice]}
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(self.chunk_delay)
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 5, "completion_tokens": 3 * n, "total_tokens": 5 + 3 * n}
                 chunk = {"id": name, "choices": [], "usage": usage}

@@ -22,9 +22,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from meshkv.errors import ConfigError
 from meshkv.launch import free_port
+from meshkv.proxy.app import build_app, make_runner
 from meshkv.proxy.config import ProxyConfig
 from tests.helpers.proxy import FakeEngine, post, proxy, run, until
 
@@ -182,6 +184,42 @@ def test_a_streamed_batch_gets_a_transfer_per_prompt_and_one_stream() -> None:
                 await asyncio.sleep(0.2)
                 _, ups = await _get(url + "/v1/upstreams")
                 assert [u["inflight"] for u in ups["upstreams"]] == [0, 0]
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def test_the_drain_deadline_ends_a_streamed_batch_with_an_error_event() -> None:
+    """A P/D batch still streaming when the proxy's drain deadline passes: the client gets
+    what was streamed, an error event saying why and ``[DONE]``; every prompt's request
+    on the decode engine is ended, and the proxy's shutdown waits for none of them."""
+
+    async def main() -> None:
+        p = await FakeEngine("p").start()
+        d = await FakeEngine("d", stream_chunks=500, chunk_delay=0.05).start()
+        try:
+            cfg = ProxyConfig(port=free_port(), prefill=(p.url,), decode=(d.url,), drain_s=0.3)
+            runner = make_runner(build_app(cfg), cfg.drain_s)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", cfg.port).start()
+            body = {"prompt": ["a", "b"], "max_tokens": 3, "stream": True}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"http://127.0.0.1:{cfg.port}/v1/completions",
+                                     json=body) as resp:  # fmt: skip
+                    assert resp.status == 200
+                    await resp.content.readline()  # streaming
+                    stopping = asyncio.get_running_loop().time()
+                    stopped = asyncio.create_task(runner.cleanup())
+                    events = sse_events(await resp.read())
+                await stopped
+            took = asyncio.get_running_loop().time() - stopping
+            assert took < 2.0, took  # not the 25 s the streams would take
+            assert events[-1] == "[DONE]", events[-3:]
+            assert "shutting down" in events[-2]["error"]["message"], events[-2]
+            assert all("choices" in e for e in events[:-2]) and len(events) > 2
+            await until(lambda: len(d.abandoned) == 2)
         finally:
             await p.stop()
             await d.stop()
@@ -615,10 +653,12 @@ def test_a_listen_port_in_use_is_a_clear_error() -> None:
 def test_sigterm_drains_requests_in_flight() -> None:
     """The real command, stopped with SIGTERM while a request is in flight (a rolling
     restart): the request is answered and the proxy exits 0; with a ``--drain-seconds``
-    shorter than the request, the proxy exits at that budget, not at the request's end."""
+    shorter than the request, the proxy exits at that budget, not at the request's end,
+    and the request cut off is told so: a 503 saying why, or, when its stream has begun,
+    an error event and ``[DONE]`` after what was streamed (it was a dropped connection)."""
 
-    async def one(drain_s: float, delay: float) -> tuple[Any, float, int | None]:
-        e = await FakeEngine("e", delay=delay).start()
+    async def one(drain_s: float, stream: bool, **engine: Any) -> tuple[Any, float, int | None]:
+        e = await FakeEngine("e", **engine).start()
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshkv", "proxy", "--engines", e.url,
@@ -633,8 +673,10 @@ def test_sigterm_drains_requests_in_flight() -> None:
                         break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
-            asked = asyncio.create_task(post(url + "/v1/completions", {"prompt": "x"}))
+            body = {"prompt": "x", "stream": stream}
+            asked = asyncio.create_task(post(url + "/v1/completions", body))
             await until(lambda: len(e.seen) == 1)
+            await asyncio.sleep(0.3)  # a stream has begun
             proc.send_signal(signal.SIGTERM)
             stopping = asyncio.get_running_loop().time()
             try:
@@ -650,12 +692,23 @@ def test_sigterm_drains_requests_in_flight() -> None:
             await e.stop()
 
     async def main() -> None:
-        answer, took, rc = await one(drain_s=30.0, delay=1.0)
+        answer, took, rc = await one(drain_s=30.0, stream=False, delay=1.0)
         assert answer[0] == 200 and answer[1]["choices"][0]["text"] == "e-answer", answer
         assert rc == 0
-        answer, took, rc = await one(drain_s=0.5, delay=10.0)
-        assert isinstance(answer, aiohttp.ClientError), answer  # cut off at the budget
+        answer, took, rc = await one(drain_s=0.5, stream=False, delay=10.0)
         assert rc == 0 and took < 5.0, took  # not the 10 s the engine would take
+        assert answer[0] == 503, answer
+        error = answer[1]["error"]
+        assert error["type"] == "unavailable" and error["code"] == 503, error
+        assert "shutting down" in error["message"] and "--drain-seconds (0.5 s)" in error["message"]
+        answer, took, rc = await one(drain_s=0.5, stream=True, stream_chunks=100, chunk_delay=0.1)
+        assert rc == 0 and took < 5.0, took  # not the 10 s the stream would take
+        status, text = answer
+        assert status == 200, answer
+        events = [e.removeprefix("data: ") for e in text.strip().split("\n\n")]
+        assert events[-1] == "[DONE]", events[-3:]
+        assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2]
+        assert len(events) > 3 and all('"choices"' in e for e in events[:-2]), events
 
     run(main, limit=60.0)
 
