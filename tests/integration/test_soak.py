@@ -1,4 +1,4 @@
-"""The 3-minute soak (``meshkv bench soak --minutes 3``): three real agents in a mesh,
+"""The short soak (``meshkv bench soak --minutes 1.75 --churn-s 10``): three real agents in a mesh,
 clients storing, reading (peer pulls, SSD promotions), abandoning reservations and leases
 and dropping connections, while the two other agents are killed and restarted. At the end
 the steady agent shows no growth in descriptors or tasks (its heap: no runaway), no agent
@@ -17,14 +17,17 @@ from meshkv.bench import soak
 pytestmark = pytest.mark.slow
 
 
-def test_three_minute_soak_leaks_nothing(tmp_path: Path) -> None:
+def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
+    # 105 s with a restart every 10 s: about seven restarts after the baseline (26 s), so a leak
+    # of one descriptor or task per restart exceeds the slack of 4 (the 3-minute version
+    # this replaced restarted every 25 s: five). ``make soak`` runs 30 minutes.
     out = tmp_path / "soak.json"
     code = soak.main(
-        ["--minutes", "3", "--churn-s", "25", "--json", str(out), "--workdir", str(tmp_path)]
+        ["--minutes", "1.75", "--churn-s", "10", "--json", str(out), "--workdir", str(tmp_path)]
     )
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["meta"]["checks"]}
-    # The heap is held to "no runaway" only: in 3 minutes it is still warming up (SSD
+    # The heap is held to "no runaway" only: in 2 minutes it is still warming up (SSD
     # index, directory, allocator high-water marks: the 30-minute run rises ~3 MiB over its
     # first 4 minutes, then stays flat), so the 5 % limit belongs to ``make soak``. The
     # leak this check found (dead connections in reference cycles, ~2.6 MiB a minute) has
@@ -36,5 +39,5 @@ def test_three_minute_soak_leaks_nothing(tmp_path: Path) -> None:
     tally = report["meta"]["tally"]
     # The load really ran: stores, verified reads (many from peers), abandoned work, churn.
     assert tally["stores"] > 500 and tally["read_hits"] > 500, tally
-    assert tally["abandoned"] > 0 and report["meta"]["churned"] >= 4, report["meta"]
+    assert tally["abandoned"] > 0 and report["meta"]["churned"] >= 6, report["meta"]
     assert code == (0 if rss["ok"] else 1)
