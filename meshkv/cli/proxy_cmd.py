@@ -55,6 +55,10 @@ def register(sub: Any) -> None:
                    help="longest an upstream may stay silent (default: 600)")  # fmt: skip
     p.add_argument("--health-interval", type=float, default=2.0, metavar="S",
                    help="period of the upstreams' /health checks (default: 2)")  # fmt: skip
+    p.add_argument("--batch-prefills", type=int, default=16, metavar="N",
+                   help="disaggregated: prefill legs of one batch request's prompts run at "
+                   "once; each prompt's decode starts when its prefill answers "
+                   "(default: 16)")  # fmt: skip
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish "
                    "(default: 30)")  # fmt: skip
@@ -92,6 +96,7 @@ def build_config(args: argparse.Namespace) -> Any:
         request_timeout_s=args.request_timeout,
         health_interval_s=args.health_interval,
         drain_s=args.drain_seconds,
+        batch_prefills=args.batch_prefills,
         prefill_fallback=not args.no_prefill_fallback,
         upstream_api_key=read_api_key(args.upstream_api_key_file),
     )

@@ -456,51 +456,71 @@ class Proxy:
 
         vLLM answers a batch with one prompt's ``kv_transfer_params``: one prefill leg for
         the whole batch would leave every other prompt's transfer held on the producer
-        until it expires, and those prompts' last partial chunks computed again. The
-        answers are joined as vLLM joins a batch's: choices in prompt order, numbered
-        as vLLM numbers them (prompt ``i``'s ``j``-th choice is ``i * n + j``), usage summed;
-        streamed, their events are relayed as they come with the indices rewritten."""
-        legs = await all_or_first_failure(
-            self._prefilled(route, {**body, "prompt": p}, request) for p in prompts
-        )
+        until it expires, and those prompts' last partial chunks computed again. Each
+        prompt's decode leg starts as soon as its own prefill has answered, so its KV is
+        held on the producer only that long (not until the whole batch is prefilled) and
+        the first prompts decode while the last prefill; at most ``batch_prefills``
+        prefill legs run at once. The answers are joined as vLLM joins a batch's:
+        choices in prompt order, numbered as vLLM numbers them (prompt ``i``'s ``j``-th
+        choice is ``i * n + j``), usage summed; streamed, their events are relayed as they
+        come with the indices rewritten."""
+        gate = asyncio.Semaphore(self.config.batch_prefills)
+        auth = client_auth(request)
+
+        async def prefilled(prompt: Any) -> tuple[Upstream, dict[str, Any]]:
+            async with gate:
+                return await self._prefilled(route, {**body, "prompt": prompt}, request)
+
         if body.get("stream") is True:
             n = body.get("n")
             per_prompt = n if type(n) is int and n > 0 else 1
-            return await self._stream_many(route, legs, per_prompt, request, started)
-        auth = client_auth(request)
-        answers = await all_or_first_failure(
-            self._call_json(upstream, route, leg, None, auth) for upstream, leg in legs
-        )
-        for (upstream, _), answer in zip(legs, answers, strict=True):
+            return await self._stream_many(
+                route, [prefilled(p) for p in prompts], per_prompt, request, started
+            )
+
+        async def answered(prompt: Any) -> dict[str, Any]:
+            upstream, leg = await prefilled(prompt)
+            answer = await self._call_json(upstream, route, leg, None, auth)
             learn_node(upstream, answer)
+            return answer
+
+        answers = await all_or_first_failure(answered(p) for p in prompts)
         return web.json_response(join_completions(answers))
 
     async def _stream_many(
         self,
         route: str,
-        legs: list[tuple[Upstream, dict[str, Any]]],
+        legs: list[Awaitable[tuple[Upstream, dict[str, Any]]]],
         per_prompt: int,
         request: web.Request,
         started: float,
     ) -> web.StreamResponse:
-        """Open every leg's stream, then relay their events to the client as they come:
-        choice indices moved to the prompt's place, one ``id``, the final usage events
-        summed into one, one ``[DONE]`` at the end."""
+        """Open every leg's stream (each as soon as its prefill answered), then relay
+        their events to the client as they come: choice indices moved to the prompt's
+        place, one ``id``, the final usage events summed into one, one ``[DONE]`` at the
+        end. A leg that fails before the stream began is the request's error answer."""
         auth = client_auth(request)
-        opened: list[tuple[Upstream, aiohttp.ClientResponse]] = []
+        opened: list[tuple[Upstream, aiohttp.ClientResponse] | None] = [None] * len(legs)
         pumps: list[asyncio.Task[None]] = []
-        try:
-            for upstream, leg in legs:
-                upstream.inflight += 1
-                upstream.requests += 1
-                try:
-                    resp = await self._post(upstream, route, leg, auth)
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    upstream.inflight -= 1
+
+        async def open_stream(i: int, leg: Awaitable[tuple[Upstream, dict[str, Any]]]) -> None:
+            upstream, body = await leg
+            upstream.inflight += 1
+            upstream.requests += 1
+            try:
+                resp = await self._post(upstream, route, body, auth)
+            except BaseException as exc:
+                upstream.inflight -= 1
+                if isinstance(exc, (aiohttp.ClientError, TimeoutError, OSError)):
                     raise self._failed(upstream, exc) from exc
-                opened.append((upstream, resp))
-                if resp.status >= 400:
-                    raise await self._upstream_error(upstream, resp)
+                raise
+            opened[i] = (upstream, resp)
+            if resp.status >= 400:
+                raise await self._upstream_error(upstream, resp)
+
+        try:
+            await all_or_first_failure(open_stream(i, leg) for i, leg in enumerate(legs))
+            streams = [entry for entry in opened if entry is not None]
             response = web.StreamResponse(
                 status=200,
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
@@ -512,17 +532,17 @@ class Proxy:
             events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue(
                 maxsize=STREAM_QUEUE_EVENTS
             )
-            for i, (_, resp) in enumerate(opened):
+            for i, (_, resp) in enumerate(streams):
                 pumps.append(asyncio.create_task(pump_events(i, resp, events)))
             joiner = StreamJoin(per_prompt)
-            live = len(opened)
+            live = len(streams)
             while live:
                 i, item = await events.get()
                 if item is None:
                     live -= 1
                     continue
                 if isinstance(item, BaseException):
-                    failure = self._failed(opened[i][0], item)
+                    failure = self._failed(streams[i][0], item)
                     await _to_client(response, b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
                     break
                 out = joiner.event(i, item)
@@ -539,9 +559,10 @@ class Proxy:
         finally:
             for pump in pumps:
                 pump.cancel()
-            for upstream, resp in opened:
-                resp.close()
-                upstream.inflight -= 1
+            for entry in opened:
+                if entry is not None:
+                    entry[1].close()
+                    entry[0].inflight -= 1
 
     async def _aggregated(
         self, route: str, body: dict[str, Any], request: web.Request, started: float

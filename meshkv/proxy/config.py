@@ -54,6 +54,9 @@ class ProxyConfig:
     affinity_slack: int = 2
     """A conversation stays on its engine while that one has at most this many more
     requests in flight than the least loaded."""
+    batch_prefills: int = 16
+    """A batch of prompts in disaggregated mode: how many of its prompts' prefill legs run
+    at once (each prompt's decode leg starts as soon as its own prefill answered)."""
     max_body_bytes: int = 64 << 20
     """Largest request body accepted."""
     drain_s: float = 30.0
@@ -105,6 +108,8 @@ class ProxyConfig:
             raise ConfigError(f"--drain-seconds must be a finite number >= 0, got {self.drain_s}")
         if self.affinity_slack < 0:
             raise ConfigError("proxy: affinity_slack must be >= 0")
+        if self.batch_prefills < 1:
+            raise ConfigError(f"--batch-prefills must be >= 1, got {self.batch_prefills}")
         if self.balance_window < 0:
             raise ConfigError(f"--balance-window must be >= 0, got {self.balance_window}")
         if self.routing == "cache_aware" and not self.agents:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ class FakeEngine:
     """Like vLLM's ``--api-key``: every /v1 path needs ``Authorization: Bearer <key>``."""
     auths: list[tuple[str, str | None]] = field(default_factory=list)
     """(path, Authorization header) of every request."""
+    seen_at: list[float] = field(default_factory=list)
+    """``time.monotonic()`` at each request of ``seen``."""
+    busy: int = 0
+    """Completions requests being answered now; ``peak_busy`` the most at once."""
+    peak_busy: int = 0
     runner: web.AppRunner | None = None
 
     @web.middleware
@@ -68,6 +74,15 @@ class FakeEngine:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(body)
+        self.seen_at.append(time.monotonic())
+        self.busy += 1
+        self.peak_busy = max(self.peak_busy, self.busy)
+        try:
+            return await self._answer(request, body)
+        finally:
+            self.busy -= 1
+
+    async def _answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         try:
             await asyncio.sleep(self.delay)
         except asyncio.CancelledError:

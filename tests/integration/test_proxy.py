@@ -191,6 +191,46 @@ def test_a_streamed_batch_gets_a_transfer_per_prompt_and_one_stream() -> None:
     run(main)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batchs_prompts_decode_as_soon_as_each_is_prefilled(stream: bool) -> None:
+    """Each prompt of a batch goes to its decode engine as soon as its own prefill
+    answered (so its KV is held on the producer only that long, and the first prompts
+    decode while the last prefill), with at most ``batch_prefills`` prefill legs at once;
+    the answer is the same batch answer."""
+
+    async def main() -> None:
+        p, d = await FakeEngine("p", delay=0.2).start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,), batch_prefills=2) as url:
+                prompts = [f"q{i}" for i in range(6)]
+                body = {"prompt": prompts, "max_tokens": 3, "stream": stream}
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/completions", json=body) as resp,
+                ):
+                    assert resp.status == 200
+                    raw = await resp.read()
+                assert p.peak_busy == 2 and len(p.seen) == 6
+                legs = [(t, b) for t, b in zip(d.seen_at, d.seen, strict=True)
+                        if "meshkv_probe" not in str(b)]  # fmt: skip
+                assert sorted(b["prompt"] for _, b in legs) == prompts
+                first_decode = min(t for t, _ in legs)
+                assert first_decode < max(p.seen_at), "decode waited for the whole batch"
+                if stream:
+                    texts = {e["choices"][0]["index"]: e["choices"][0]["text"]
+                             for e in sse_events(raw)[:-1] if e["choices"]}  # fmt: skip
+                    assert texts == {i: f"q{i}-t2" for i in range(6)}
+                else:
+                    answer = json.loads(raw)
+                    assert [c["prompt"] for c in answer["choices"]] == prompts
+                    assert [c["index"] for c in answer["choices"]] == list(range(6))
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
 def test_the_drain_deadline_ends_a_streamed_batch_with_an_error_event() -> None:
     """A P/D batch still streaming when the proxy's drain deadline passes: the client gets
     what was streamed, an error event saying why and ``[DONE]``; every prompt's request
@@ -620,6 +660,8 @@ def test_a_bad_upstream_api_key_file_is_refused(
         ({"engines": ("http://a",), "load_weight": float("inf")},
          "--load-weight must be a finite number >= 0, got inf"),
         ({"engines": ("http://a",), "drain_s": -1.0}, "--drain-seconds must be a finite"),
+        ({"prefill": ("http://a:1",), "decode": ("http://b:1",), "batch_prefills": 0},
+         "--batch-prefills must be >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
