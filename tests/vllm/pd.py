@@ -168,6 +168,10 @@ def _server(
     ).start(SERVER_TIMEOUT_S)
 
 
+_BASELINES: dict[str, dict[str, str]] = {}
+"""A plain engine's greedy answers to ``requests_of("tiny")``, by model path."""
+
+
 @contextlib.contextmanager
 def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
     """Build the stack (about a minute on two cores); everything is stopped after."""
@@ -176,10 +180,13 @@ def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
     reqs = requests_of("tiny")
     procs: list[Any] = []
     try:
-        plain = _server("plain", tiny_model, workdir, None, template)
-        procs.append(plain)
-        baseline = {n: text_of(post(plain.base_url + r, b)) for n, (r, b) in reqs.items()}
-        plain.stop()
+        baseline = _BASELINES.get(tiny_model)
+        if baseline is None:  # one plain engine per session: TCP's and UCX's stacks share it
+            plain = _server("plain", tiny_model, workdir, None, template)
+            procs.append(plain)
+            baseline = {n: text_of(post(plain.base_url + r, b)) for n, (r, b) in reqs.items()}
+            plain.stop()
+            _BASELINES[tiny_model] = baseline
         secret = write_secret(workdir)
         # Datacenter failure-detector timings: the loopback preset's 100 ms probe timeout
         # flaps under two vLLM servers on two cores.
