@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "proxy",
         help="OpenAI-compatible proxy: prefill/decode disaggregation or routing over engines",
-        description="Serve an OpenAI-compatible API in front of vLLM engines that use meshkv. "
+        description="Serve an OpenAI-compatible API in front of vLLM engines that use meshkv "
+        "(completions, chat, and vLLM's Anthropic Messages and Responses APIs). "
         "Disaggregated: --prefill URL... --decode URL... (each request is prefilled on one "
         "engine, its KV goes to a decode engine through the mesh). Aggregated: --engines "
         "URL... with a routing policy.",

@@ -1,4 +1,5 @@
-"""``meshkv proxy``: an OpenAI-compatible front for vLLM engines that use meshkv.
+"""``meshkv proxy``: an OpenAI-compatible front for vLLM engines that use meshkv (``ROUTES``:
+completions, chat, and vLLM's Anthropic Messages and OpenAI Responses APIs).
 
 Two modes, one server (aiohttp):
 
@@ -59,10 +60,12 @@ from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_no
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/responses")
+"""vLLM's routes that generate: OpenAI completions and chat, Anthropic's Messages API and
+OpenAI's Responses API (vLLM passes ``kv_transfer_params`` through all four)."""
 HELPERS = (
     "/tokenize", "/detokenize", "/version", "/v1/embeddings", "/pooling", "/classify",
-    "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+    "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/v1/messages/count_tokens",
 )  # fmt: skip
 """vLLM server routes that compute no completion, passed unchanged to one engine (the
 prefill pool's in disaggregated mode) so that a client needs only the proxy's address."""
@@ -317,6 +320,14 @@ class Proxy:
                 return error_response(
                     400, "request body must be a JSON object", "invalid_request_error"
                 )
+            if route == "/v1/responses" and body.get("background"):
+                # The engine answers at once and keeps the response for GET
+                # /v1/responses/{id}, which would have to find that one engine again.
+                return error_response(
+                    400, "meshkv proxy does not run background responses (they are polled "
+                    "from the engine that holds them); send it without background",
+                    INVALID,
+                )  # fmt: skip
             if self.config.disaggregated:
                 return await self._disaggregated(route, body, request, started)
             return await self._aggregated(route, body, request, started)
@@ -399,7 +410,7 @@ class Proxy:
         if prefill is None and not self.config.prefill_fallback:
             raise UpstreamFailed(error_response(503, "no healthy prefill upstream", "unavailable"))
         if prefill is not None:
-            leg = prefill_body(body, decode.node)
+            leg = prefill_body(route, body, decode.node)
             t0 = time.monotonic()
             try:
                 answer = await self._call_json(
@@ -802,17 +813,23 @@ async def _awaited(call: Awaitable[T]) -> T:
     return await call
 
 
-def prefill_body(body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
-    """The prefill leg of a request: one token, not streamed, vLLM's P/D parameters."""
+def prefill_body(route: str, body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
+    """The prefill leg of a request: one token, not streamed, vLLM's P/D parameters (each
+    API's own field for the token limit; a Responses request is not stored)."""
     leg = copy.deepcopy(body)
-    leg["max_tokens"] = 1
+    if route == "/v1/responses":
+        leg["max_output_tokens"] = 1
+        leg["store"] = False
+    else:
+        leg["max_tokens"] = 1
     if "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
     if "min_tokens" in leg:
         leg["min_tokens"] = min(1, leg["min_tokens"] or 0)
     leg["stream"] = False
     leg.pop("stream_options", None)
-    leg["n"] = 1
+    if route in ("/v1/completions", "/v1/chat/completions"):
+        leg["n"] = 1
     params: dict[str, Any] = dict(PREFILL_PARAMS)
     if push_to is not None:
         params["meshkv_push_to"] = push_to

@@ -63,7 +63,47 @@ def conversation_key(request: web.Request, body: dict[str, Any]) -> str | None:
         if value:
             return value[:256]
     user = body.get("user")
+    if not isinstance(user, str):
+        metadata = body.get("metadata")  # Anthropic's Messages API names its user there
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
     return user[:256] if isinstance(user, str) and user else None
+
+
+def chat_messages(route: str, body: dict[str, Any]) -> list[Any] | None:
+    """A request's conversation as chat messages, for ``/tokenize`` (which applies the
+    engine's chat template): chat's ``messages``; Anthropic's with its ``system`` first;
+    a Responses ``input`` (a text, or message items whose content is text) after its
+    ``instructions``. None when it cannot be said that way (the request is then routed
+    by load alone)."""
+    if route == "/v1/chat/completions":
+        messages = body.get("messages")
+        return messages if isinstance(messages, list) else None
+    if route == "/v1/messages":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        system = body.get("system")
+        if isinstance(system, list):  # text blocks
+            system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+        head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        return head + messages
+    if route == "/v1/responses":
+        items = body.get("input")
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict)
+            and isinstance(i.get("role"), str)
+            and isinstance(i.get("content"), str)
+            for i in items
+        ):
+            return None
+        instructions = body.get("instructions")
+        head = (
+            [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+        )
+        return head + [{"role": i["role"], "content": i["content"]} for i in items]
+    return None
 
 
 def reads_no_cache(route: str, body: dict[str, Any]) -> bool:
@@ -233,10 +273,11 @@ class Router:
         if isinstance(prompt, list) and all(type(t) is int for t in prompt):
             return prompt
         query: dict[str, Any] = {"model": body.get("model")}
+        messages = chat_messages(route, body)
         if isinstance(prompt, str):
             query["prompt"] = prompt
-        elif isinstance(body.get("messages"), list):
-            query["messages"] = body["messages"]
+        elif messages is not None:
+            query["messages"] = messages
         else:
             return []
         timeout = aiohttp.ClientTimeout(total=self._config.prefix_timeout_s * 4)

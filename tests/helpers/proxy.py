@@ -139,6 +139,9 @@ class FakeEngine:
                 web.post("/v1/embeddings", self.tokenize),
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.completions),
+                web.post("/v1/messages", self.completions),
+                web.post("/v1/responses", self.completions),
+                web.post("/v1/messages/count_tokens", self.tokenize),
                 web.get("/health", self.health),
                 web.get("/v1/models", self.models),
             ]

@@ -74,6 +74,85 @@ def test_pd_legs_are_rewritten_and_the_decode_node_is_pushed_to() -> None:
     run(main)
 
 
+def test_anthropic_messages_and_openai_responses_run_pd_with_their_own_fields() -> None:
+    """vLLM passes ``kv_transfer_params`` through its Anthropic Messages and OpenAI
+    Responses APIs too: their prefill legs take each API's token limit (``max_tokens``,
+    ``max_output_tokens``), add no OpenAI-only field (``n``), store no Responses answer;
+    the decode leg is the client's request with the prefill's parameters. A background
+    Responses request (polled later from the one engine that holds it) is refused."""
+
+    async def main() -> None:
+        p, d = await FakeEngine("p").start(), await FakeEngine("d").start()
+        try:
+            async with proxy(prefill=(p.url,), decode=(d.url,)) as url:
+                body = {"model": "tiny", "max_tokens": 20, "system": "be brief",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "metadata": {"user_id": "u1"}}  # fmt: skip
+                status, answer = await post(url + "/v1/messages", body)
+                assert status == 200 and answer["choices"][0]["text"] == "d-answer", answer
+                leg_p = p.seen[-1]
+                assert leg_p["max_tokens"] == 1 and leg_p["stream"] is False
+                assert "n" not in leg_p and leg_p["system"] == "be brief"
+                assert leg_p["kv_transfer_params"]["do_remote_decode"] is True
+                leg_d = d.seen[-1]
+                assert {k: v for k, v in leg_d.items() if k != "kv_transfer_params"} == body
+                assert leg_d["kv_transfer_params"]["meshkv"]["from"] == "p"
+
+                body = {"model": "tiny", "input": "hi", "instructions": "be brief",
+                        "max_output_tokens": 20, "stream": True}  # fmt: skip
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + "/v1/responses", json=body) as resp,
+                ):
+                    assert resp.status == 200
+                    assert (await resp.read()).count(b"data: ") == 4  # as the engine sent them
+                leg_p = p.seen[-1]
+                assert leg_p["max_output_tokens"] == 1 and leg_p["store"] is False
+                assert leg_p["stream"] is False and "max_tokens" not in leg_p and "n" not in leg_p
+                leg_d = d.seen[-1]
+                assert {k: v for k, v in leg_d.items() if k != "kv_transfer_params"} == body
+                assert leg_d["kv_transfer_params"]["meshkv"]["from"] == "p"
+
+                seen = len(p.seen) + len(d.seen)
+                status, answer = await post(url + "/v1/responses", {**body, "background": True})
+                assert status == 400 and "background" in answer["error"]["message"], answer
+                assert len(p.seen) + len(d.seen) == seen  # no engine was asked
+                status, answer = await post(url + "/v1/messages/count_tokens", {"x": 1})
+                assert status == 200 and answer["echo"] == {"x": 1}
+        finally:
+            await p.stop()
+            await d.stop()
+
+    run(main)
+
+
+def test_chat_messages_say_each_apis_conversation_for_tokenize() -> None:
+    """What cache-aware routing asks ``/tokenize`` for each API (vLLM renders Anthropic's
+    ``system`` and a Responses request's ``instructions`` as a first system message)."""
+    from meshkv.proxy.routing import chat_messages, conversation_key
+
+    user = [{"role": "user", "content": "hi"}]
+    system = [{"role": "system", "content": "be brief"}]
+    assert chat_messages("/v1/chat/completions", {"messages": user}) == user
+    assert chat_messages("/v1/messages", {"messages": user}) == user
+    assert chat_messages("/v1/messages", {"system": "be brief", "messages": user}) == system + user
+    blocks = [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]
+    assert chat_messages("/v1/messages", {"system": blocks, "messages": user}) == system + user
+    assert chat_messages("/v1/responses", {"input": "hi"}) == user
+    assert chat_messages("/v1/responses", {"input": user, "instructions": "be brief"}) == (
+        system + user
+    )
+    parts = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
+    assert chat_messages("/v1/responses", {"input": parts}) is None  # routed by load alone
+    assert chat_messages("/v1/completions", {"prompt": "hi"}) is None
+
+    class Headers:
+        headers: dict[str, str] = {}
+
+    assert conversation_key(Headers(), {"metadata": {"user_id": "u1"}}) == "u1"  # type: ignore[arg-type]
+    assert conversation_key(Headers(), {"user": "u2", "metadata": {"user_id": "u1"}}) == "u2"  # type: ignore[arg-type]
+
+
 async def _get(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return resp.status, await resp.json(content_type=None)

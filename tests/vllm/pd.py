@@ -101,12 +101,25 @@ def stream(url: str, body: dict[str, Any], timeout: float = 120.0) -> str:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[5:])["choices"][0]
-            text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+            event = json.loads(line[5:])
+            if "choices" in event:  # OpenAI completions and chat
+                choice = event["choices"][0]
+                text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+            elif event.get("type") == "content_block_delta":  # Anthropic Messages
+                text.append(event["delta"].get("text") or "")
+            elif event.get("type") == "response.output_text.delta":  # OpenAI Responses
+                text.append(event["delta"])
     return "".join(text)
 
 
 def text_of(answer: dict[str, Any]) -> str:
+    """The generated text of an answer of any of the four generating APIs."""
+    if answer.get("type") == "message":  # Anthropic Messages
+        return "".join(b.get("text", "") for b in answer["content"])
+    if answer.get("object") == "response":  # OpenAI Responses
+        return "".join(
+            c.get("text", "") for item in answer["output"] for c in item.get("content") or []
+        )
     choice = answer["choices"][0]
     return str(choice.get("text") if "text" in choice else choice["message"]["content"])
 
@@ -129,6 +142,13 @@ def requests_of(model: str) -> dict[str, tuple[str, dict[str, Any]]]:
                                          "temperature": 0})  # fmt: skip
     out["chat"] = ("/v1/chat/completions", {"model": model, "messages": CHAT,
                                             "max_tokens": 12, "temperature": 0})  # fmt: skip
+    # vLLM's Anthropic Messages and OpenAI Responses APIs: the same conversation
+    out["messages"] = ("/v1/messages", {"model": model, "system": CHAT[0]["content"],
+                                        "messages": CHAT[1:], "max_tokens": 12,
+                                        "temperature": 0})  # fmt: skip
+    out["responses"] = ("/v1/responses", {"model": model, "instructions": CHAT[0]["content"],
+                                          "input": CHAT[1]["content"], "max_output_tokens": 12,
+                                          "temperature": 0})  # fmt: skip
     return out
 
 

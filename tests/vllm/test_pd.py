@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshkv.launch import HttpProcess, http_get, prometheus_sum
-from meshkv.proxy.routing import reads_no_cache
+from meshkv.proxy.routing import chat_messages, reads_no_cache
 from tests.helpers.mesh import wait_converged
 from tests.vllm.pd import (
     BLOCK,
@@ -56,6 +56,21 @@ def test_through_the_proxy_outputs_equal_one_engine_and_decode_computes_one_toke
     before = computed(stack.decode)
     post(stack.decode.base_url + route, {**body, "prompt": PROMPTS["p333"][:300] + [7] * 33})
     assert settle_metrics(stack.decode, before) >= 300 - 256
+
+
+def test_cache_aware_routing_tokenizes_each_api_as_the_engine_does(stack: Stack) -> None:
+    """Cache-aware routing asks an engine's ``/tokenize`` for a chat, Anthropic Messages or
+    Responses request's prompt as chat messages (``chat_messages``): as many tokens as
+    the engine's own answer says its prompt had, or the prefix queries would find
+    nothing."""
+    for name, used_field in (("chat", "prompt_tokens"), ("messages", "input_tokens"),
+                             ("responses", "input_tokens")):  # fmt: skip
+        route, body = stack.requests[name]
+        usage = post(stack.proxy.base_url + route, body)["usage"]
+        # Anthropic's input_tokens leave out those read from a cache
+        used = usage[used_field] + usage.get("cache_read_input_tokens", 0)
+        query = {"model": body["model"], "messages": chat_messages(route, body)}
+        assert post(stack.prefill.base_url + "/tokenize", query)["count"] == used, name
 
 
 def test_client_driven_flow_like_vllms_toy_proxy(stack: Stack) -> None:
