@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -51,8 +50,17 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from meshkv.errors import ConfigError
+from meshkv.proxy.answers import (
+    ClientGone,
+    UpstreamFailed,
+    all_or_first_failure,
+    error_response,
+    prefill_body,
+    to_client,
+)
 from meshkv.proxy.batch import StreamJoin, batch_prompts, join_completions, pump_events
 from meshkv.proxy.config import ProxyConfig
+from meshkv.proxy.drain import DRAIN_GRACE_S, Drain
 from meshkv.proxy.metrics import ProxyMetrics
 from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
@@ -85,45 +93,9 @@ NO_PARAMS_WARNING_S = 60.0
 MAX_CONVERSATIONS = 65536
 """Conversations whose decode engine is remembered (least recently seen dropped first)."""
 
-PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-"""vLLM's standard prefill-leg parameters (as its toy proxy and llm-d's sidecar send them)."""
-
-
 CLIENT_CLOSED = 499
-DRAIN_GRACE_S = 2.0
-"""How long past ``--drain-seconds`` the server waits for the answers of the requests
-cut off at it (a 503, or an error event ending a stream) to go out before closing."""
 """The status counted for a request whose client hung up before its answer was complete
 (nginx's "client closed request"); the client never sees it."""
-
-
-class ClientGone(Exception):
-    """The client closed its connection while its answer was being streamed."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("client closed the connection")
-        self.response = response
-
-
-class UpstreamFailed(Exception):
-    """An upstream request failed; carries the answer to give the client."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.text)
-        self.response = response
-
-
-def error_response(status: int, message: str, kind: str) -> web.Response:
-    """An OpenAI-style error body."""
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return web.json_response(body, status=status)
 
 
 class Proxy:
@@ -157,12 +129,7 @@ class Proxy:
         self._fresh: aiohttp.ClientSession | None = None
         """Never pools: the retry after a pooled connection turned out closed."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._handling: set[asyncio.Task[Any]] = set()
-        """The tasks of the client requests being answered (``_counted``)."""
-        self._streams: dict[asyncio.Task[Any], web.StreamResponse] = {}
-        """Those whose answer is a stream already begun."""
-        self._cut: set[asyncio.Task[Any]] = set()
-        """Those cancelled at the drain deadline (any other cancellation: the client left)."""
+        self.drain = Drain(config.drain_s)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -181,44 +148,8 @@ class Proxy:
             self._tasks.append(asyncio.create_task(pool.run_health(self.session)))
 
     async def draining(self, app: web.Application) -> None:
-        """SIGTERM (the runner's shutdown, after the listening socket closed): the
-        requests in flight get ``drain_s`` to finish; then each is cut off with an
-        answer that says so (``_cut_off``), not a dropped connection."""
-        self._tasks.append(asyncio.create_task(self._cut_at_deadline()))
-
-    async def _cut_at_deadline(self) -> None:
-        await asyncio.sleep(self.config.drain_s)
-        if self._handling:
-            logger.warning("%d request(s) still in flight after --drain-seconds %g: cut off",
-                           len(self._handling), self.config.drain_s)  # fmt: skip
-        for task in list(self._handling):
-            self._cut.add(task)
-            task.cancel()
-
-    def _streaming(self, response: web.StreamResponse) -> None:
-        """The current request's answer is the stream ``response``, begun."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams[task] = response
-
-    async def _cut_off(self, task: asyncio.Task[Any]) -> web.StreamResponse:
-        """The answer of a request cut off at the drain deadline: a 503 the client can
-        retry elsewhere, or, where a stream has begun, an error event and ``[DONE]`` (as
-        vLLM ends a stream that fails)."""
-        failure = error_response(
-            503,
-            f"meshkv proxy is shutting down: the request did not finish within "
-            f"--drain-seconds ({self.config.drain_s:g} s); retry it",
-            "unavailable",
-        )
-        stream = self._streams.get(task)
-        if stream is None:
-            return failure
-        assert isinstance(failure.body, bytes)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await stream.write(b"data: " + failure.body + b"\n\ndata: [DONE]\n\n")
-            await stream.write_eof()
-        return stream
+        """SIGTERM (the runner's shutdown, after the listening socket closed)."""
+        self._tasks.append(asyncio.create_task(self.drain.cut_at_deadline()))
 
     async def stop(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -343,7 +274,7 @@ class Proxy:
         status = 500
         task = asyncio.current_task()
         assert task is not None
-        self._handling.add(task)
+        self.drain.enter(task)
         try:
             response = await handle(started)
             status = response.status
@@ -355,7 +286,7 @@ class Proxy:
             status = CLIENT_CLOSED
             return exc.response
         except asyncio.CancelledError:
-            if task not in self._cut:
+            if not self.drain.was_cut(task):
                 # The client hung up (the runner cancels the handler then): leaving the
                 # upstream call closes its connection, and vLLM aborts the request.
                 status = CLIENT_CLOSED
@@ -363,13 +294,11 @@ class Proxy:
             # Cut off at the drain deadline: the upstream call is left (vLLM aborts it),
             # and the client is told.
             task.uncancel()
-            response = await self._cut_off(task)
+            response = await self.drain.answer(task)
             status = 503
             return response
         finally:
-            self._handling.discard(task)
-            self._streams.pop(task, None)
-            self._cut.discard(task)
+            self.drain.leave(task)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.monotonic() - started)
 
@@ -537,7 +466,7 @@ class Proxy:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
             )
             await response.prepare(request)
-            self._streaming(response)
+            self.drain.streaming(response)
             # Bounded: a client that reads slowly slows the engines' streams down (TCP's
             # own back-pressure), instead of the proxy buffering their answers.
             events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue(
@@ -554,18 +483,18 @@ class Proxy:
                     continue
                 if isinstance(item, BaseException):
                     failure = self._failed(streams[i][0], item)
-                    await _to_client(response, b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
+                    await to_client(response, b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
                     break
                 out = joiner.event(i, item)
                 if out is not None:
                     if joiner.first_content:
                         joiner.first_content = False
                         self.metrics.ttft.labels(route).observe(time.monotonic() - started)
-                    await _to_client(response, out)
+                    await to_client(response, out)
             else:
                 for out in joiner.close():
-                    await _to_client(response, out)
-            await _to_client(response, None)
+                    await to_client(response, out)
+            await to_client(response, None)
             return response
         finally:
             for pump in pumps:
@@ -722,14 +651,14 @@ class Proxy:
                              "Cache-Control": "no-cache"},
                 )  # fmt: skip
                 await response.prepare(request)
-                self._streaming(response)
+                self.drain.streaming(response)
                 first = True
                 async for piece in resp.content.iter_any():
                     if first and b"data:" in piece:
                         first = False
                         self.metrics.ttft.labels(route).observe(time.monotonic() - started)
-                    await _to_client(response, piece)
-                await _to_client(response, None)
+                    await to_client(response, piece)
+                await to_client(response, None)
                 return response
         except (UpstreamFailed, ClientGone):
             raise
@@ -769,8 +698,8 @@ class Proxy:
                 )
                 await response.prepare(request)
                 async for piece in resp.content.iter_any():
-                    await _to_client(response, piece)
-                await _to_client(response, None)
+                    await to_client(response, piece)
+                await to_client(response, None)
                 return response
         except ClientGone:
             raise
@@ -780,61 +709,6 @@ class Proxy:
             raise self._failed(upstream, exc) from exc
         finally:
             upstream.inflight -= 1
-
-
-async def _to_client(response: web.StreamResponse, piece: bytes | None) -> None:
-    """Relay a piece of a streamed answer (None: the end) to the client. A client that hung
-    up is not the upstream's failure: ``ClientGone``, and leaving the upstream call closes
-    its connection, which aborts the request there."""
-    try:
-        if piece is None:
-            await response.write_eof()
-        else:
-            await response.write(piece)
-    except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
-        raise ClientGone(response) from exc
-
-
-async def all_or_first_failure(calls: Iterable[Awaitable[T]]) -> list[T]:
-    """Run ``calls`` concurrently and return their results in order; the first that fails
-    cancels the others, and an ``UpstreamFailed`` among them is raised as itself."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_awaited(call)) for call in calls]
-    except ExceptionGroup as failed:
-        first = failed.exceptions[0]
-        if isinstance(first, UpstreamFailed):
-            raise first from None
-        raise
-    return [task.result() for task in tasks]
-
-
-async def _awaited(call: Awaitable[T]) -> T:
-    return await call
-
-
-def prefill_body(route: str, body: dict[str, Any], push_to: str | None) -> dict[str, Any]:
-    """The prefill leg of a request: one token, not streamed, vLLM's P/D parameters (each
-    API's own field for the token limit; a Responses request is not stored)."""
-    leg = copy.deepcopy(body)
-    if route == "/v1/responses":
-        leg["max_output_tokens"] = 1
-        leg["store"] = False
-    else:
-        leg["max_tokens"] = 1
-    if "max_completion_tokens" in leg:
-        leg["max_completion_tokens"] = 1
-    if "min_tokens" in leg:
-        leg["min_tokens"] = min(1, leg["min_tokens"] or 0)
-    leg["stream"] = False
-    leg.pop("stream_options", None)
-    if route in ("/v1/completions", "/v1/chat/completions"):
-        leg["n"] = 1
-    params: dict[str, Any] = dict(PREFILL_PARAMS)
-    if push_to is not None:
-        params["meshkv_push_to"] = push_to
-    leg["kv_transfer_params"] = params
-    return leg
 
 
 def build_app(config: ProxyConfig) -> web.Application:

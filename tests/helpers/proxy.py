@@ -187,3 +187,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert loop.time() < end, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """The JSON events of an SSE answer, and "[DONE]" where it came."""
+    out: list[Any] = []
+    for event in raw.split(b"\n\n"):
+        if event.startswith(b"data: "):
+            payload = event[6:]
+            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
