@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
@@ -22,6 +23,24 @@ PREFILL_PARAMS = {
     "remote_port": None,
 }
 """vLLM's standard prefill-leg parameters (as its toy proxy and llm-d's sidecar send them)."""
+
+
+def stream_error(route: str, failure: web.Response, done: bool = False) -> bytes:
+    """The event that ends a stream already begun on ``route`` with ``failure`` (an
+    ``error_response``), in that API's own form: Anthropic's ``event: error`` for
+    ``/v1/messages`` (as vLLM sends it), else OpenAI's ``data: {"error": ...}``, then
+    ``data: [DONE]`` when ``done`` on the routes whose streams end with one (completions
+    and chat; Messages and Responses streams have none)."""
+    assert isinstance(failure.body, bytes)
+    if route == "/v1/messages":
+        message = json.loads(failure.body)["error"]["message"]
+        kind = "overloaded_error" if failure.status == 503 else "api_error"
+        event = {"type": "error", "error": {"type": kind, "message": message}}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    out = b"data: " + failure.body + b"\n\n"
+    if done and route in ("/v1/completions", "/v1/chat/completions"):
+        out += b"data: [DONE]\n\n"
+    return out
 
 
 class ClientGone(Exception):

@@ -56,6 +56,7 @@ from meshkv.proxy.answers import (
     all_or_first_failure,
     error_response,
     prefill_body,
+    stream_error,
     to_client,
 )
 from meshkv.proxy.batch import StreamJoin, batch_prompts, join_completions, pump_events
@@ -466,7 +467,7 @@ class Proxy:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
             )
             await response.prepare(request)
-            self.drain.streaming(response)
+            self.drain.streaming(route, response)
             # Bounded: a client that reads slowly slows the engines' streams down (TCP's
             # own back-pressure), instead of the proxy buffering their answers.
             events: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue(
@@ -483,7 +484,7 @@ class Proxy:
                     continue
                 if isinstance(item, BaseException):
                     failure = self._failed(streams[i][0], item)
-                    await to_client(response, b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
+                    await to_client(response, stream_error(route, failure.response))
                     break
                 out = joiner.event(i, item)
                 if out is not None:
@@ -651,7 +652,7 @@ class Proxy:
                              "Cache-Control": "no-cache"},
                 )  # fmt: skip
                 await response.prepare(request)
-                self.drain.streaming(response)
+                self.drain.streaming(route, response)
                 first = True
                 async for piece in resp.content.iter_any():
                     if first and b"data:" in piece:
@@ -667,7 +668,7 @@ class Proxy:
                 # Headers are out: tell the client in the stream itself, then end it.
                 failure = self._failed(upstream, exc)
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await response.write(b"data: " + failure.response.body + b"\n\n")  # type: ignore[operator]
+                    await response.write(stream_error(route, failure.response))
                     await response.write_eof()
                 return response
             raise self._failed(upstream, exc) from exc

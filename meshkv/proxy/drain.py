@@ -1,7 +1,7 @@
 """``meshkv proxy`` on SIGTERM: the requests in flight get ``--drain-seconds`` to finish;
 then each still running is answered, not dropped: a 503 the client can retry elsewhere,
-or, where its stream has begun, an error event and ``[DONE]`` (as vLLM ends a stream that
-fails)."""
+or, where its stream has begun, an error event in that API's form (and ``[DONE]`` where the
+API ends its streams with one), as vLLM ends a stream that fails."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshkv.proxy.answers import error_response
+from meshkv.proxy.answers import error_response, stream_error
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Drain:
     def __init__(self, drain_s: float) -> None:
         self.drain_s = drain_s
         self._handling: set[asyncio.Task[Any]] = set()
-        self._streams: dict[asyncio.Task[Any], web.StreamResponse] = {}
+        self._streams: dict[asyncio.Task[Any], tuple[str, web.StreamResponse]] = {}
         self._cut: set[asyncio.Task[Any]] = set()
 
     def enter(self, task: asyncio.Task[Any]) -> None:
@@ -39,11 +39,11 @@ class Drain:
         self._streams.pop(task, None)
         self._cut.discard(task)
 
-    def streaming(self, response: web.StreamResponse) -> None:
-        """The current request's answer is the stream ``response``, begun."""
+    def streaming(self, route: str, response: web.StreamResponse) -> None:
+        """The current request's answer is the stream ``response`` of ``route``, begun."""
         task = asyncio.current_task()
         if task is not None:
-            self._streams[task] = response
+            self._streams[task] = (route, response)
 
     def was_cut(self, task: asyncio.Task[Any]) -> bool:
         return task in self._cut
@@ -67,11 +67,10 @@ class Drain:
             f"--drain-seconds ({self.drain_s:g} s); retry it",
             "unavailable",
         )
-        stream = self._streams.get(task)
-        if stream is None:
+        if task not in self._streams:
             return failure
-        assert isinstance(failure.body, bytes)
+        route, stream = self._streams[task]
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await stream.write(b"data: " + failure.body + b"\n\ndata: [DONE]\n\n")
+            await stream.write(stream_error(route, failure, done=True))
             await stream.write_eof()
         return stream

@@ -22,9 +22,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from meshkv.errors import ConfigError
 from meshkv.launch import free_port
+from meshkv.proxy.app import build_app, make_runner
 from meshkv.proxy.config import ProxyConfig
 from tests.helpers.proxy import FakeEngine, get, post, proxy, run, until
 
@@ -637,6 +639,46 @@ def test_sigterm_drains_requests_in_flight() -> None:
         assert len(events) > 3 and all('"choices"' in e for e in events[:-2]), events
 
     run(main, limit=60.0)
+
+
+def test_a_stream_cut_off_ends_in_its_apis_own_error_event() -> None:
+    """An Anthropic Messages stream cut off at the drain deadline ends with Anthropic's
+    ``event: error`` (as vLLM sends it), with no ``[DONE]`` (those streams have none);
+    completions and chat get OpenAI's error event and ``[DONE]``; Responses no ``[DONE]``."""
+    from meshkv.proxy.answers import error_response, stream_error
+
+    async def main() -> None:
+        e = await FakeEngine("e", stream_chunks=500, chunk_delay=0.05).start()
+        try:
+            cfg = ProxyConfig(port=free_port(), engines=(e.url,), drain_s=0.3)
+            runner = make_runner(build_app(cfg), cfg.drain_s)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", cfg.port).start()
+            body = {"model": "tiny", "messages": [], "max_tokens": 9, "stream": True}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"http://127.0.0.1:{cfg.port}/v1/messages",
+                                     json=body) as resp:  # fmt: skip
+                    assert resp.status == 200
+                    await resp.content.readline()  # streaming
+                    stopped = asyncio.create_task(runner.cleanup())
+                    raw = await resp.read()
+                await stopped
+            last = raw.strip().split(b"\n\n")[-1].decode()
+            head, data = last.split("\n")
+            assert head == "event: error", last
+            error = json.loads(data.removeprefix("data: "))
+            assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+            assert "shutting down" in error["error"]["message"] and b"[DONE]" not in raw
+        finally:
+            await e.stop()
+
+    run(main)
+    failure = error_response(502, "upstream x failed", "upstream_error")
+    chat = stream_error("/v1/chat/completions", failure, done=True).decode()
+    assert chat.endswith("data: [DONE]\n\n") and '"upstream x failed"' in chat
+    assert stream_error("/v1/completions", failure).decode().count("data: ") == 1
+    responses = stream_error("/v1/responses", failure, done=True).decode()
+    assert responses.startswith("data: {") and "[DONE]" not in responses
 
 
 def test_repeated_url_flags_add_up() -> None:
