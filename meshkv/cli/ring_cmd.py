@@ -29,11 +29,14 @@ from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
 from meshkv.cli.status_cmd import admin_url, fetch_status, fmt_bytes
+from meshkv.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
 from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
 RING_FIELDS = ("digest", "max_over_mean")
 HTTP_TIMEOUT_S = 5.0
+LOCAL_AGENT = f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+HTTP_HELP = f"any agent's admin address; the mesh looks the same from each (default: {LOCAL_AGENT})"
 
 
 def register(sub: Any) -> None:
@@ -41,12 +44,12 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="ring_command", metavar="VERB", required=True)
 
     st = verbs.add_parser("status", help="members, their state and the ring's balance")
-    st.add_argument("--http", required=True, metavar="HOST:PORT", help="an agent's admin port")
+    st.add_argument("--http", default=LOCAL_AGENT, metavar="HOST:PORT", help=HTTP_HELP)
     st.add_argument("--json", action="store_true", help="print the JSON contract")
     st.set_defaults(func=_status)
 
     ow = verbs.add_parser("owners", help="home and holders of chunk keys")
-    ow.add_argument("--http", required=True, metavar="HOST:PORT", help="an agent's admin port")
+    ow.add_argument("--http", default=LOCAL_AGENT, metavar="HOST:PORT", help=HTTP_HELP)
     ow.add_argument("key", nargs="?", help="chunk key, 32 hex digits")
     ow.add_argument("--tokens", metavar="FILE", help='JSON {"namespace", "chunk_tokens", "tokens"}')
     ow.add_argument("--json", action="store_true", help="print JSON")

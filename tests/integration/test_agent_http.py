@@ -225,3 +225,14 @@ def test_status_and_ring_say_when_the_address_is_not_an_agent() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_status_and_ring_ask_the_local_agent_by_default() -> None:
+    """Without ``--http``, ``meshkv status`` and ``meshkv ring status|owners`` ask the agent
+    at its own default admin address (ring used to demand the flag)."""
+    for cmd in (["status"], ["ring", "status"], ["ring", "owners", "00" * 16]):
+        out = subprocess.run(
+            [sys.executable, "-m", "meshkv", *cmd], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 1, out.stderr  # nothing answers there in the suite
+        assert "127.0.0.1:7471" in out.stderr and "Traceback" not in out.stderr, out.stderr
