@@ -131,3 +131,19 @@ def test_the_proxy_names_engines_that_the_statefulset_creates() -> None:
         for i in range(sts["spec"]["replicas"])
     }
     assert set(args.engines) == names
+
+
+def test_the_proxy_drains_within_the_pods_grace_period() -> None:
+    """On a rolling update the kubelet runs preStop, then sends SIGTERM, and kills the pod
+    at ``terminationGracePeriodSeconds``: the preStop sleep (the Service dropping the pod
+    meanwhile), ``--drain-seconds`` and the time to answer the requests cut off at that
+    deadline must fit in it."""
+    from meshkv.cli.main import build_parser
+    from meshkv.proxy.drain import DRAIN_GRACE_S
+
+    deployment = find("Deployment", "meshkv-proxy")
+    proxy = container(deployment, "proxy")
+    drain = build_parser().parse_args(proxy["args"]).drain_seconds
+    sleep = proxy["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert sleep >= 3 and sleep + drain + DRAIN_GRACE_S <= grace, (sleep, drain, grace)
