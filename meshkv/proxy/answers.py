@@ -33,7 +33,10 @@ def stream_error(route: str, failure: web.Response, done: bool = False) -> bytes
     and chat; Messages and Responses streams have none)."""
     assert isinstance(failure.body, bytes)
     if route == "/v1/messages":
-        message = json.loads(failure.body)["error"]["message"]
+        try:
+            message = str(json.loads(failure.body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = failure.body.decode(errors="replace")
         kind = "overloaded_error" if failure.status == 503 else "api_error"
         event = {"type": "error", "error": {"type": kind, "message": message}}
         return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"

@@ -83,9 +83,16 @@ def chat_messages(route: str, body: dict[str, Any]) -> list[Any] | None:
         if not isinstance(messages, list):
             return None
         system = body.get("system")
-        if isinstance(system, list):  # text blocks
-            system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
-        head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        if isinstance(system, list):  # text blocks, joined as vLLM joins them: without
+            # Claude Code's per-request billing header, which vLLM drops
+            texts = [
+                b.get("text") for b in system if isinstance(b, dict) and b.get("type") == "text"
+            ]
+            system = "".join(
+                t for t in texts
+                if isinstance(t, str) and not t.startswith("x-anthropic-billing-header")
+            )  # fmt: skip
+        head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
         return head + messages
     if route == "/v1/responses":
         items = body.get("input")

@@ -136,8 +136,10 @@ def test_chat_messages_say_each_apis_conversation_for_tokenize() -> None:
     assert chat_messages("/v1/chat/completions", {"messages": user}) == user
     assert chat_messages("/v1/messages", {"messages": user}) == user
     assert chat_messages("/v1/messages", {"system": "be brief", "messages": user}) == system + user
-    blocks = [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]
+    billing = {"type": "text", "text": "x-anthropic-billing-header: cc=1"}  # dropped by vLLM
+    blocks = [{"type": "text", "text": "be "}, billing, {"type": "text", "text": "brief"}]
     assert chat_messages("/v1/messages", {"system": blocks, "messages": user}) == system + user
+    assert chat_messages("/v1/messages", {"system": "", "messages": user}) == user
     assert chat_messages("/v1/responses", {"input": "hi"}) == user
     assert chat_messages("/v1/responses", {"input": user, "instructions": "be brief"}) == (
         system + user
