@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from meshkv.proxy.app import run_proxy
+    from meshkv.proxy.serve import run_proxy
 
     try:
         run_proxy(config)

@@ -49,7 +49,6 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from meshkv.errors import ConfigError
 from meshkv.proxy.answers import (
     ClientGone,
     UpstreamFailed,
@@ -61,8 +60,9 @@ from meshkv.proxy.answers import (
 )
 from meshkv.proxy.batch import StreamJoin, batch_prompts, join_completions, pump_events
 from meshkv.proxy.config import ProxyConfig
-from meshkv.proxy.drain import DRAIN_GRACE_S, Drain
+from meshkv.proxy.drain import Drain
 from meshkv.proxy.metrics import ProxyMetrics
+from meshkv.proxy.responses import ResponseHolders, StreamScan
 from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
 
@@ -78,6 +78,8 @@ HELPERS = (
 )  # fmt: skip
 """vLLM server routes that compute no completion, passed unchanged to one engine (the
 prefill pool's in disaggregated mode) so that a client needs only the proxy's address."""
+STORED_ROUTE = "/v1/responses/{id}"
+"""The ``route`` label of ``GET /v1/responses/{id}`` and its ``/cancel``."""
 OTHER_ROUTE = "other"
 """The ``route`` label of everything else asked of the proxy (bounded label values)."""
 INVALID = "invalid_request_error"
@@ -131,6 +133,7 @@ class Proxy:
         """Never pools: the retry after a pooled connection turned out closed."""
         self._tasks: list[asyncio.Task[None]] = []
         self.drain = Drain(config.drain_s)
+        self.responses = ResponseHolders()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -232,7 +235,7 @@ class Proxy:
         """Any other path: an OpenAI-style 404 that says what the proxy serves."""
         self.metrics.requests.labels(OTHER_ROUTE, "404").inc()
         served = ", ".join(["/health", "/metrics", "/v1/models", "/v1/upstreams",
-                            *ROUTES, *HELPERS])  # fmt: skip
+                            *ROUTES, *HELPERS, "/v1/responses/{id}[/cancel]"])  # fmt: skip
         return error_response(
             404, f"meshkv proxy serves no {request.method} {request.path}; it serves {served}",
             INVALID,
@@ -252,14 +255,6 @@ class Proxy:
                 return error_response(
                     400, "request body must be a JSON object", "invalid_request_error"
                 )
-            if route == "/v1/responses" and body.get("background"):
-                # The engine answers at once and keeps the response for GET
-                # /v1/responses/{id}, which would have to find that one engine again.
-                return error_response(
-                    400, "meshkv proxy does not run background responses (they are polled "
-                    "from the engine that holds them); send it without background",
-                    INVALID,
-                )  # fmt: skip
             if self.config.disaggregated:
                 return await self._disaggregated(route, body, request, started)
             return await self._aggregated(route, body, request, started)
@@ -321,6 +316,14 @@ class Proxy:
         prompts = batch_prompts(route, body)
         if prompts is not None:
             return await self._batch(route, body, prompts, request, started)
+        holder = self._holder(route, body, self.decode)
+        if holder is None and route == "/v1/responses" and body.get("background"):
+            holder = self.decode.least_loaded()  # answered at once: nothing to prefill for
+        if holder is not None:
+            # A follow-up of a response stored on a decode engine: only that engine has
+            # the conversation, so it runs whole there (a prefill engine would not find it).
+            leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+            return await self._forward(holder, route, leg, request, started)
         decode, leg = await self._prefilled(route, body, request)
         return await self._forward(decode, route, leg, request, started)
 
@@ -509,10 +512,38 @@ class Proxy:
         self, route: str, body: dict[str, Any], request: web.Request, started: float
     ) -> web.StreamResponse:
         assert self.router is not None
-        upstream = await self.router.choose(route, body, request)
+        upstream = self._holder(route, body, self.engines)
+        if upstream is None:
+            upstream = await self.router.choose(route, body, request)
         if upstream is None:
             return error_response(503, "no healthy engine upstream", "unavailable")
         return await self._forward(upstream, route, body, request, started)
+
+    def _holder(self, route: str, body: dict[str, Any], pool: UpstreamPool) -> Upstream | None:
+        """The healthy engine of ``pool`` that stored the response a Responses request
+        follows (``previous_response_id``), if the proxy relayed that response."""
+        if route != "/v1/responses":
+            return None
+        url = self.responses.holder(body.get("previous_response_id"))
+        upstream = pool.by_url(url) if url is not None else None
+        return upstream if upstream is not None and upstream.healthy else None
+
+    async def stored_response(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/responses/{id}`` and ``POST .../cancel``: to the engine that answered
+        that response (vLLM keeps it there), as they are."""
+
+        async def relay(started: float) -> web.StreamResponse:
+            response_id = request.match_info["response_id"]
+            url = self.responses.holder(response_id)
+            upstream = next((u for p in self.pools if url and (u := p.by_url(url))), None)
+            if upstream is None:
+                return error_response(
+                    404, f"no engine behind this proxy answered a response {response_id!r} "
+                    "(or this proxy restarted since)", INVALID,
+                )  # fmt: skip
+            return await self._relay(upstream, request)
+
+        return await self._counted(STORED_ROUTE, relay)
 
     def _remembered(self, conv: str | None) -> Upstream | None:
         if conv is None:
@@ -643,6 +674,8 @@ class Proxy:
                     data = await resp.read()
                     with contextlib.suppress(ValueError):
                         learn_node(upstream, json.loads(data))
+                    if route == "/v1/responses":
+                        self.responses.learn(upstream.url, data)
                     return web.Response(
                         body=data, status=resp.status, content_type="application/json"
                     )
@@ -654,7 +687,11 @@ class Proxy:
                 await response.prepare(request)
                 self.drain.streaming(route, response)
                 first = True
+                scan = StreamScan(self.responses, upstream.url)
+                scan.done = route != "/v1/responses"
                 async for piece in resp.content.iter_any():
+                    if not scan.done:
+                        scan.feed(piece)
                     if first and b"data:" in piece:
                         first = False
                         self.metrics.ttft.labels(route).observe(time.monotonic() - started)
@@ -727,60 +764,9 @@ def build_app(config: ProxyConfig) -> web.Application:
             web.get("/v1/upstreams", proxy.upstreams),
             *(web.post(route, proxy.generate) for route in ROUTES),
             *(web.route("*", route, proxy.helper) for route in HELPERS),
+            web.get("/v1/responses/{response_id}", proxy.stored_response),
+            web.post("/v1/responses/{response_id}/cancel", proxy.stored_response),
             web.route("*", "/{path:.*}", proxy.not_served),
         ]
     )
     return app
-
-
-def make_runner(app: web.Application, drain_s: float) -> web.AppRunner:
-    """The proxy's runner: a handler whose client hangs up is cancelled, so the upstream
-    request it was waiting on is closed and the engine stops generating for nobody; on
-    shutdown, requests in flight get ``drain_s`` to finish, and those cut off then get
-    ``DRAIN_GRACE_S`` more for their answer to go out."""
-    return web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=drain_s + DRAIN_GRACE_S
-    )
-
-
-def run_proxy(config: ProxyConfig) -> None:
-    """Serve until SIGTERM/SIGINT (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
-    app = build_app(config)
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(app, config))
-
-
-async def _serve(app: web.Application, config: ProxyConfig) -> None:
-    import signal
-
-    runner = make_runner(app, config.drain_s)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    try:
-        await site.start()
-    except OSError as exc:  # the port is taken, the address is not this host's, ...
-        await runner.cleanup()  # closes the upstream sessions that startup opened
-        raise ConfigError(
-            f"cannot serve on {config.host}:{config.port}: {exc.strerror or exc}; "
-            "pass a free --listen HOST:PORT"
-        ) from exc
-    mode = "disaggregated" if config.disaggregated else f"aggregated, {config.routing}"
-    where = f"[{config.host}]" if ":" in config.host else config.host
-    logger.info("meshkv proxy serving on http://%s:%d (%s)", where, config.port, mode)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)

@@ -15,8 +15,9 @@ import aiohttp
 from aiohttp import web
 
 from meshkv.launch import free_port
-from meshkv.proxy.app import build_app, make_runner
+from meshkv.proxy.app import build_app
 from meshkv.proxy.config import ProxyConfig
+from meshkv.proxy.serve import make_runner
 
 
 def run(main: Callable[[], Awaitable[None]], limit: float = 30.0) -> None:
@@ -53,6 +54,8 @@ class FakeEngine:
     busy: int = 0
     """Completions requests being answered now; ``peak_busy`` the most at once."""
     peak_busy: int = 0
+    stored: dict[str, Any] = field(default_factory=dict)
+    """Responses-API answers by id, as vLLM's response store keeps them."""
     runner: web.AppRunner | None = None
 
     @web.middleware
@@ -96,6 +99,14 @@ class FakeEngine:
             "choices": [{"index": 0, "text": f"{self.name}-answer", "prompt": body.get("prompt")}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
         }
+        name = f"{self.name}-{len(self.seen)}"  # like vLLM: one id per request
+        if request.path == "/v1/responses":  # like vLLM with its response store on
+            previous = body.get("previous_response_id")
+            if previous is not None and previous not in self.stored:
+                return web.json_response({"error": {"message": f"{previous} not found"}},
+                                         status=404)  # fmt: skip
+            name = out["id"] = f"resp_{self.name}{len(self.seen)}"
+            self.stored[name] = out
         if params.get("do_remote_decode") and self.transfers:
             meshkv = {"from": self.name, "prompt": body.get("prompt")}
             out["kv_transfer_params"] = {"do_remote_prefill": True, "meshkv": meshkv}
@@ -106,7 +117,6 @@ class FakeEngine:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
-            name = f"{self.name}-{len(self.seen)}"  # like vLLM: one id per request
             n = body.get("n") or 1
             for i in range(self.stream_chunks):
                 for j in range(n):
@@ -125,6 +135,12 @@ class FakeEngine:
         await resp.write_eof()
         return resp
 
+    async def stored_response(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        if rid not in self.stored:
+            return web.json_response({"error": {"message": f"{rid} not found"}}, status=404)
+        return web.json_response({**self.stored[rid], "served_by": self.name})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok", status=200 if self.healthy else 503)
 
@@ -142,6 +158,8 @@ class FakeEngine:
                 web.post("/v1/messages", self.completions),
                 web.post("/v1/responses", self.completions),
                 web.post("/v1/messages/count_tokens", self.tokenize),
+                web.get("/v1/responses/{rid}", self.stored_response),
+                web.post("/v1/responses/{rid}/cancel", self.stored_response),
                 web.get("/health", self.health),
                 web.get("/v1/models", self.models),
             ]

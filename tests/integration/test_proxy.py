@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -26,8 +27,9 @@ from aiohttp import web
 
 from meshkv.errors import ConfigError
 from meshkv.launch import free_port
-from meshkv.proxy.app import build_app, make_runner
+from meshkv.proxy.app import build_app
 from meshkv.proxy.config import ProxyConfig
+from meshkv.proxy.serve import make_runner
 from tests.helpers.proxy import FakeEngine, get, post, proxy, run, until
 
 
@@ -78,8 +80,10 @@ def test_anthropic_messages_and_openai_responses_run_pd_with_their_own_fields() 
     """vLLM passes ``kv_transfer_params`` through its Anthropic Messages and OpenAI
     Responses APIs too: their prefill legs take each API's token limit (``max_tokens``,
     ``max_output_tokens``), add no OpenAI-only field (``n``), store no Responses answer;
-    the decode leg is the client's request with the prefill's parameters. A background
-    Responses request (polled later from the one engine that holds it) is refused."""
+    the decode leg is the client's request with the prefill's parameters. A stored
+    response's follow-up (``previous_response_id``) and a background request run whole on
+    the decode engine (the one that holds the conversation; nothing to prefill for), and
+    ``GET /v1/responses/{id}`` reaches it."""
 
     async def main() -> None:
         p, d = await FakeEngine("p").start(), await FakeEngine("d").start()
@@ -113,15 +117,66 @@ def test_anthropic_messages_and_openai_responses_run_pd_with_their_own_fields() 
                 assert {k: v for k, v in leg_d.items() if k != "kv_transfer_params"} == body
                 assert leg_d["kv_transfer_params"]["meshkv"]["from"] == "p"
 
-                seen = len(p.seen) + len(d.seen)
-                status, answer = await post(url + "/v1/responses", {**body, "background": True})
-                assert status == 400 and "background" in answer["error"]["message"], answer
-                assert len(p.seen) + len(d.seen) == seen  # no engine was asked
+                prefills = len(p.seen)
+                first = {**body, "stream": False}
+                status, answer = await post(url + "/v1/responses", first)
+                assert status == 200 and answer["id"] in d.stored and len(p.seen) == prefills + 1
+                follow = {**first, "previous_response_id": answer["id"]}
+                status, again = await post(url + "/v1/responses", follow)
+                assert status == 200 and len(p.seen) == prefills + 1, again  # whole on d
+                assert "kv_transfer_params" not in d.seen[-1]
+                status, later = await post(url + "/v1/responses", {**first, "background": True})
+                assert status == 200 and len(p.seen) == prefills + 1, later
+                status, got = await get(url + f"/v1/responses/{later['id']}")
+                assert status == 200 and got["served_by"] == "d", got
                 status, answer = await post(url + "/v1/messages/count_tokens", {"x": 1})
                 assert status == 200 and answer["echo"] == {"x": 1}
         finally:
             await p.stop()
             await d.stop()
+
+    run(main)
+
+
+def test_a_stored_responses_follow_ups_reach_the_engine_that_holds_it() -> None:
+    """vLLM keeps a stored response in the memory of the engine that answered it: a
+    follow-up naming it, ``GET /v1/responses/{id}`` and its ``/cancel`` go to that engine
+    whatever the routing policy would choose (streamed answers too); an id the proxy never
+    relayed is a clear 404."""
+
+    async def main() -> None:
+        a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
+        try:
+            async with proxy(engines=(a.url, b.url), routing="round_robin") as url:
+                for stream in (False, True, False, True):
+                    body = {"model": "tiny", "input": "hi", "stream": stream}
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(url + "/v1/responses", json=body) as resp,
+                    ):
+                        assert resp.status == 200
+                        raw = await resp.read()
+                    rid = re.search(rb"resp_[a-z0-9]+", raw)
+                    assert rid is not None, raw
+                    first = rid.group().decode()
+                    holder = a if first in a.stored else b
+                    for _ in range(2):  # round robin would send one of these elsewhere
+                        follow = {**body, "stream": False, "previous_response_id": first}
+                        status, answer = await post(url + "/v1/responses", follow)
+                        assert status == 200 and answer["id"] in holder.stored, answer
+                    status, got = await get(url + f"/v1/responses/{first}")
+                    assert status == 200 and got["served_by"] == holder.name
+                    status, got = await post(url + f"/v1/responses/{first}/cancel", {})
+                    assert status == 200 and got["served_by"] == holder.name
+                status, missing = await get(url + "/v1/responses/resp_nobody")
+                assert status == 404, missing
+                assert "no engine behind this proxy" in missing["error"]["message"]
+                async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+                    page = await resp.text()
+                assert 'route="/v1/responses/{id}",status="200"} 8.0' in page
+        finally:
+            await a.stop()
+            await b.stop()
 
     run(main)
 

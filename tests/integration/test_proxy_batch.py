@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from meshkv.launch import free_port
-from meshkv.proxy.app import build_app, make_runner
+from meshkv.proxy.app import build_app
 from meshkv.proxy.config import ProxyConfig
+from meshkv.proxy.serve import make_runner
 from tests.helpers.proxy import FakeEngine, get, post, proxy, run, sse_events, until
 
 

@@ -183,8 +183,11 @@ def _server(
         sys.executable, model, port, served_name="tiny", kv_transfer_config=transfer,
         extra=["--enforce-eager", "--chat-template", str(template)],
     )  # fmt: skip
+    # vLLM's response store on, as a deployment whose clients chain Responses requests
+    # (previous_response_id) has it
+    env = {**child_env(), "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     return HttpProcess(
-        name, cmd, f"http://127.0.0.1:{port}", env=child_env(), log_path=workdir / f"{name}.log"
+        name, cmd, f"http://127.0.0.1:{port}", env=env, log_path=workdir / f"{name}.log"
     ).start(SERVER_TIMEOUT_S)
 
 

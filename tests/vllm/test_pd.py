@@ -73,6 +73,22 @@ def test_cache_aware_routing_tokenizes_each_api_as_the_engine_does(stack: Stack)
         assert post(stack.prefill.base_url + "/tokenize", query)["count"] == used, name
 
 
+def test_a_chained_responses_conversation_through_the_proxy(stack: Stack) -> None:
+    """With vLLM's response store on, a Responses request stored on the decode engine is
+    followed up through the proxy (``previous_response_id``: it runs whole on that
+    engine, the one that has the conversation; a prefill engine would answer 404) and
+    read back with ``GET /v1/responses/{id}``."""
+    route, body = stack.requests["responses"]
+    first = post(stack.proxy.base_url + route, {**body, "store": True})
+    follow = {**body, "input": "and then?", "previous_response_id": first["id"]}
+    second = post(stack.proxy.base_url + route, follow)
+    assert second["previous_response_id"] == first["id"] and second["status"] != "failed"
+    # the second turn's prompt holds the first turn's: longer than the first's
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"], (first, second)
+    got = json.loads(http_get(stack.proxy.base_url + f"/v1/responses/{first['id']}"))
+    assert got["id"] == first["id"] and text_of(got) == text_of(first)
+
+
 def test_client_driven_flow_like_vllms_toy_proxy(stack: Stack) -> None:
     """POST to P with the toy proxy's parameters, then POST the original request with the
     parameters P returned to D: no push target named, so the decode agent pulls."""
