@@ -62,7 +62,7 @@ from meshkv.proxy.batch import StreamJoin, batch_prompts, join_completions, pump
 from meshkv.proxy.config import ProxyConfig
 from meshkv.proxy.drain import Drain
 from meshkv.proxy.metrics import ProxyMetrics
-from meshkv.proxy.responses import ResponseHolders, StreamScan
+from meshkv.proxy.responses import VALID_ID, ResponseHolders, StreamScan, find_holder
 from meshkv.proxy.routing import Router, conversation_key, reads_no_cache
 from meshkv.proxy.upstreams import Upstream, UpstreamPool, client_auth, learn_node
 
@@ -316,7 +316,7 @@ class Proxy:
         prompts = batch_prompts(route, body)
         if prompts is not None:
             return await self._batch(route, body, prompts, request, started)
-        holder = self._holder(route, body, self.decode)
+        holder = await self._holder(route, body, [self.decode], request)
         if holder is None and route == "/v1/responses" and body.get("background"):
             holder = self.decode.least_loaded()  # answered at once: nothing to prefill for
         if holder is not None:
@@ -512,34 +512,55 @@ class Proxy:
         self, route: str, body: dict[str, Any], request: web.Request, started: float
     ) -> web.StreamResponse:
         assert self.router is not None
-        upstream = self._holder(route, body, self.engines)
+        upstream = await self._holder(route, body, [self.engines], request)
         if upstream is None:
             upstream = await self.router.choose(route, body, request)
         if upstream is None:
             return error_response(503, "no healthy engine upstream", "unavailable")
         return await self._forward(upstream, route, body, request, started)
 
-    def _holder(self, route: str, body: dict[str, Any], pool: UpstreamPool) -> Upstream | None:
-        """The healthy engine of ``pool`` that stored the response a Responses request
-        follows (``previous_response_id``), if the proxy relayed that response."""
+    async def _holder(
+        self, route: str, body: dict[str, Any], pools: list[UpstreamPool], request: web.Request
+    ) -> Upstream | None:
+        """The healthy engine of ``pools`` that stored the response a Responses request
+        follows (``previous_response_id``)."""
         if route != "/v1/responses":
             return None
-        url = self.responses.holder(body.get("previous_response_id"))
-        upstream = pool.by_url(url) if url is not None else None
+        return await self._stored_on(body.get("previous_response_id"), pools, request)
+
+    async def _stored_on(
+        self, response_id: Any, pools: list[UpstreamPool], request: web.Request
+    ) -> Upstream | None:
+        """The healthy engine that holds response ``response_id``: the one that answered
+        it through this proxy, else the one that says so when asked (``GET
+        /v1/responses/{id}`` on every healthy engine at once: another replica of the proxy
+        relayed it, or this one restarted since); None if none does."""
+        if not isinstance(response_id, str) or not VALID_ID.fullmatch(response_id):
+            return None
+        url = self.responses.holder(response_id)
+        if url is None:
+            urls = [u.url for pool in pools for u in pool.healthy()]
+            url = await find_holder(
+                self.session, urls, response_id, self.config.connect_timeout_s,
+                client_auth(request),
+            )  # fmt: skip
+            if url is None:
+                return None
+            self.responses.remember(response_id, url)
+        upstream = next((u for pool in pools if (u := pool.by_url(url))), None)
         return upstream if upstream is not None and upstream.healthy else None
 
     async def stored_response(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/responses/{id}`` and ``POST .../cancel``: to the engine that answered
+        """``GET /v1/responses/{id}`` and ``POST .../cancel``: to the engine that holds
         that response (vLLM keeps it there), as they are."""
 
         async def relay(started: float) -> web.StreamResponse:
             response_id = request.match_info["response_id"]
-            url = self.responses.holder(response_id)
-            upstream = next((u for p in self.pools if url and (u := p.by_url(url))), None)
+            upstream = await self._stored_on(response_id, self.pools, request)
             if upstream is None:
                 return error_response(
-                    404, f"no engine behind this proxy answered a response {response_id!r} "
-                    "(or this proxy restarted since)", INVALID,
+                    404, f"no healthy engine behind this proxy holds a response "
+                    f"{response_id!r}", INVALID,
                 )  # fmt: skip
             return await self._relay(upstream, request)
 

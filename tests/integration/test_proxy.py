@@ -141,8 +141,8 @@ def test_anthropic_messages_and_openai_responses_run_pd_with_their_own_fields() 
 def test_a_stored_responses_follow_ups_reach_the_engine_that_holds_it() -> None:
     """vLLM keeps a stored response in the memory of the engine that answered it: a
     follow-up naming it, ``GET /v1/responses/{id}`` and its ``/cancel`` go to that engine
-    whatever the routing policy would choose (streamed answers too); an id the proxy never
-    relayed is a clear 404."""
+    whatever the routing policy would choose (streamed answers too); a replica that did
+    not relay it finds it by asking the engines; an id no engine holds is a clear 404."""
 
     async def main() -> None:
         a, b = await FakeEngine("a").start(), await FakeEngine("b").start()
@@ -170,10 +170,21 @@ def test_a_stored_responses_follow_ups_reach_the_engine_that_holds_it() -> None:
                     assert status == 200 and got["served_by"] == holder.name
                 status, missing = await get(url + "/v1/responses/resp_nobody")
                 assert status == 404, missing
-                assert "no engine behind this proxy" in missing["error"]["message"]
+                assert "no healthy engine behind this proxy holds" in missing["error"]["message"]
+                status, bad = await get(url + "/v1/responses/..%2Fhealth")
+                assert status == 404 and "holds a response '../health'" in bad["error"]["message"]
                 async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
                     page = await resp.text()
                 assert 'route="/v1/responses/{id}",status="200"} 8.0' in page
+                # Another replica of the proxy, which relayed none of them (or this one,
+                # restarted): it finds the engine by asking, then remembers it.
+                async with proxy(engines=(a.url, b.url), routing="round_robin") as other:
+                    for _ in range(3):
+                        follow = {"input": "hi", "previous_response_id": first}
+                        status, answer = await post(other + "/v1/responses", follow)
+                        assert status == 200 and answer["id"] in holder.stored, answer
+                    status, got = await get(other + f"/v1/responses/{first}")
+                    assert status == 200 and got["served_by"] == holder.name
         finally:
             await a.stop()
             await b.stop()
