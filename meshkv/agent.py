@@ -38,6 +38,7 @@ from aiohttp import web
 from meshkv import __version__
 from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError, NodeIdConflict
+from meshkv.loop import run_main
 from meshkv.metrics import AgentMetrics, PullerCollector, RemoteCollector
 from meshkv.puller import Puller
 from meshkv.server.http import AdminContext, AdminServer, build_app
@@ -355,14 +356,7 @@ def _default_mesh_factory(
 
 def run_agent(config: AgentConfig) -> None:
     """Run an agent to completion on a fresh event loop (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
     agent = Agent(config)
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(agent.run())
+    run_main(agent.run())
     if agent.fatal_error is not None:
         raise NodeIdConflict(agent.fatal_error)

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from meshkv.chunk import ChunkKey, Namespace, chunk_keys
-from meshkv.cli.status_cmd import admin_url, fetch_status, fmt_bytes
-from meshkv.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+from meshkv.cli.status_cmd import LOCAL_AGENT, admin_url, fetch_status, fmt_bytes
 from meshkv.errors import MeshKVError
 
 MEMBER_FIELDS = ("id", "address", "state", "incarnation", "ring_share", "chunks", "bytes")
 RING_FIELDS = ("digest", "max_over_mean")
 HTTP_TIMEOUT_S = 5.0
-LOCAL_AGENT = f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
 HTTP_HELP = f"any agent's admin address; the mesh looks the same from each (default: {LOCAL_AGENT})"
 
 

@@ -13,6 +13,9 @@ from typing import Any
 from meshkv.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, parse_host_port
 from meshkv.errors import ConfigError
 
+LOCAL_AGENT = f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+"""This host's agent's admin address, where it listens unless told otherwise."""
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -23,8 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--http",
         metavar="HOST:PORT",
-        default=f"{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}",
-        help=f"agent admin address (default: {DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT})",
+        default=LOCAL_AGENT,
+        help=f"agent admin address (default: {LOCAL_AGENT})",
     )
     p.add_argument("--json", action="store_true", help="print the raw /v1/status JSON")
     p.add_argument(

@@ -708,10 +708,11 @@ class Proxy:
                 await response.prepare(request)
                 self.drain.streaming(route, response)
                 first = True
-                scan = StreamScan(self.responses, upstream.url)
-                scan.done = route != "/v1/responses"
+                scan = None  # a Responses stream: learn which engine holds its response
+                if route == "/v1/responses":
+                    scan = StreamScan(self.responses, upstream.url)
                 async for piece in resp.content.iter_any():
-                    if not scan.done:
+                    if scan is not None and not scan.done:
                         scan.feed(piece)
                     if first and b"data:" in piece:
                         first = False

@@ -9,6 +9,7 @@ import logging
 from aiohttp import web
 
 from meshkv.errors import ConfigError
+from meshkv.loop import run_main
 from meshkv.proxy.app import build_app
 from meshkv.proxy.config import ProxyConfig
 from meshkv.proxy.drain import DRAIN_GRACE_S
@@ -28,15 +29,7 @@ def make_runner(app: web.Application, drain_s: float) -> web.AppRunner:
 
 def run_proxy(config: ProxyConfig) -> None:
     """Serve until SIGTERM/SIGINT (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
-    app = build_app(config)
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(app, config))
+    run_main(_serve(build_app(config), config))
 
 
 async def _serve(app: web.Application, config: ProxyConfig) -> None:
