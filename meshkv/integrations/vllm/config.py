@@ -14,6 +14,11 @@ logger = logging.getLogger(__name__)
 
 TESTED_VLLM_VERSIONS = ("0.32.",)
 """vLLM release lines the connector was tested against (prefix match)."""
+ALLOW_UNTESTED_ENV = "MESHKV_ALLOW_UNTESTED_VLLM"
+"""Environment variable that sets ``allow_untested_vllm`` for every engine of a process
+tree (``make test-vllm-newest``, or trying a vLLM upgrade without editing each
+``--kv-transfer-config``); the extra-config key, where given, wins."""
+_ENV_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,14 @@ class ConnectorConfig:
         values: dict[str, Any] = {}
         if not extra.get("socket_path"):
             extra["socket_path"] = default_socket_path(environ)
+        if "allow_untested_vllm" not in extra and environ.get(ALLOW_UNTESTED_ENV, "") != "":
+            flag = environ[ALLOW_UNTESTED_ENV]
+            if flag.strip().lower() not in _ENV_BOOLS:
+                raise ConfigError(
+                    f"meshkv connector: {ALLOW_UNTESTED_ENV} must be 1, 0, true or false, "
+                    f"got {flag!r}"
+                )
+            extra["allow_untested_vllm"] = _ENV_BOOLS[flag.strip().lower()]
         for name, value in extra.items():
             values[name] = _coerce(name, value, type(known[name].default))
         return cls(**values)
@@ -169,6 +182,7 @@ def check_vllm_version(version: str, allow_untested: bool) -> None:
     )
     if not allow_untested:
         raise ConfigError(
-            message + '; set kv_connector_extra_config {"allow_untested_vllm": true} to try it'
+            message + '; set kv_connector_extra_config {"allow_untested_vllm": true} '
+            f"(or {ALLOW_UNTESTED_ENV}=1 in the engine's environment) to try it"
         )
     logger.warning("%s; continuing because allow_untested_vllm is set", message)
