@@ -161,11 +161,12 @@ class Store:
         loop = asyncio.get_running_loop()
         self._loop = loop
         reclaim_stale(self.config.cpu.shm_dir)
+        has_ssd = self.config.ssd is not None  # without one, an eviction drops at once
         cpu = CpuTier(
             self.config.cpu,
             clock=loop.time,
-            demote=self._demote,
-            demote_copy=self._demote_copy,
+            demote=self._demote if has_ssd else None,
+            demote_copy=self._demote_copy if has_ssd else None,
             on_detach=self._on_cpu_detach,
             on_abort=self._on_abort,
         )

@@ -4,7 +4,9 @@ Down: an eviction from the arena becomes an SSD write (write-back, the default; 
 tier calls :meth:`SsdPath.demote` with the entry held, or :meth:`SsdPath.demote_copy` when
 the slot must be reused at once, which stages a copy of the bytes that is served until
 the write lands); with ``write_through`` every commit is written once its checksum is
-known (:meth:`SsdPath.write_through`); on shutdown :meth:`SsdPath.persist` writes what is
+known (:meth:`SsdPath.write_through`; when the write queue is full the chunk waits in a
+backlog and is written when a slot frees, rather than being left only in memory, where an
+eviction burst would drop it); on shutdown :meth:`SsdPath.persist` writes what is
 only in memory. Up: :meth:`SsdPath.promote` reserves a slot, reads the file straight into
 it, verifies it and commits it. The store owns the tiers and the counters; this class
 only moves bytes between them, so every step re-checks the entry's generation (the world
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +87,10 @@ class SsdPath:
         self._committed = committed
         self._dropped = dropped
         self._staged: dict[ChunkKey, _Staged] = {}  # evicted, SSD write in flight
+        # Write-through commits that found the write queue full, oldest first: (entry, its
+        # generation then). Bounded by the arena's slot ids; a stale one (evicted, already
+        # on SSD) is skipped when its turn comes.
+        self._backlog: deque[tuple[Entry, int]] = deque(maxlen=max(1, cpu.alloc.num_ids))
 
     # ------------------------------------------------------------------ lookups
 
@@ -134,6 +141,8 @@ class SsdPath:
             return False
         if e.key in ssd or ssd.is_writing(e.key):
             return True  # already on SSD, or on its way there (a staged copy)
+        if self._queue_full():
+            return False  # not counted as a refused write: the CPU tier may pick another
         if not ssd.admit(e.key, e.size):
             return False
         staged = _Staged(e.ns, e.num_tokens, e.checksum, _page_copy(self.cpu.view(e)))
@@ -141,16 +150,32 @@ class SsdPath:
         self._spawn(self._write_copy(e.key, staged))
         return True
 
+    @property
+    def backlog(self) -> int:
+        """Write-through chunks waiting for a write-queue slot (stale ones included)."""
+        return len(self._backlog)
+
+    def _queue_full(self) -> bool:
+        ssd = self.ssd
+        return ssd.writes_in_flight >= ssd.config.write_queue_depth
+
     async def write_through(self, e: Entry, gen: int) -> None:
-        """Write a freshly committed chunk (its checksum known) unless it moved on."""
-        if (
-            e.gen == gen
-            and e.state is State.COMMITTED
-            and not e.on_ssd
-            and not e.doomed
-            and self.ssd.admit(e.key, e.size)
-        ):
+        """Write a freshly committed chunk (its checksum known) unless it moved on; with
+        the write queue full, leave it in the backlog for the next free slot."""
+        if not _dirty(e, gen) or self.closing:
+            return
+        if self._queue_full() and not self.ssd.degraded:
+            self._backlog.append((e, gen))
+            return
+        if self.ssd.admit(e.key, e.size):
             await self._write(e, self.cpu.hold(e), demotion=False)
+
+    def _next_from_backlog(self) -> None:
+        """A write ended: start backlog writes while the queue has room."""
+        while self._backlog and not self.closing and not self._queue_full():
+            e, gen = self._backlog.popleft()
+            if _dirty(e, gen) and self.ssd.admit(e.key, e.size):
+                self._spawn(self._write(e, self.cpu.hold(e), demotion=False))
 
     async def persist(self, e: Entry, deadline: float) -> bool:
         """Start an SSD write of ``e`` if it is only in memory (waits for a queue slot)."""
@@ -189,6 +214,7 @@ class SsdPath:
                 e.on_ssd = True  # promoted from the copy meanwhile: now clean
             elif not ok and not self.cpu.contains(key) and key not in ssd:
                 self._dropped([key])
+            self._next_from_backlog()
 
     async def _write(self, e: Entry, gen: int, *, demotion: bool) -> None:
         """Write an admitted chunk to SSD; the caller holds ``e`` for us (gen ``gen``)."""
@@ -213,6 +239,7 @@ class SsdPath:
                 if ok and e.gen == gen:
                     e.on_ssd = True
                 cpu.unhold(e, gen)
+            self._next_from_backlog()
 
     # ------------------------------------------------------------------ up: promotion
 
@@ -286,6 +313,11 @@ class SsdPath:
         self._counters.promotions += 1
         self._counters.hits_ssd += 1
         self._committed(key, False)
+
+
+def _dirty(e: Entry, gen: int) -> bool:
+    """Whether ``e`` is still the committed chunk of generation ``gen`` and in memory only."""
+    return e.gen == gen and e.state is State.COMMITTED and not e.on_ssd and not e.doomed
 
 
 def _page_copy(view: memoryview) -> bytearray | mmap.mmap:

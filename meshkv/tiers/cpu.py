@@ -326,10 +326,13 @@ class CpuTier:
         return e
 
     def _make_room(self, c: int, size: int) -> int:
-        # Each round either frees a slot or moves a pinned victim aside, so len(policy) + 1
-        # rounds visit every candidate.
+        # Each round either frees a slot or moves a victim aside, so len(policy) + 1 rounds
+        # visit every candidate. A chunk only in memory whose SSD write cannot start now
+        # (the write queue is full) is moved aside too, while a chunk that can leave without
+        # loss is looked for; only if none is found is such a chunk dropped.
         rounds = len(self.policy) + 1
         evicted = 0
+        unsaved: list[Entry] = []
         while rounds > 0:
             rounds -= 1
             v = self.policy.victim()
@@ -340,11 +343,20 @@ class CpuTier:
             if e.pins or e.holds:
                 self.policy.skip(v)
                 continue
-            self._evict(e)
+            if not self._evict(e, drop=False):
+                self.policy.skip(v)
+                unsaved.append(e)
+                continue
             evicted += 1
-            slot = self.alloc.alloc(c)
-            if slot < 0:  # e.g. the victim's slot, if its class is larger
-                slot = self.alloc.alloc_larger(c, size)
+            slot = self._alloc_after_evict(c, size)
+            if slot >= 0:
+                return slot
+        for e in unsaved:
+            if e.pins or e.holds or e.state is not State.COMMITTED:
+                continue
+            self._evict(e, drop=True)
+            evicted += 1
+            slot = self._alloc_after_evict(c, size)
             if slot >= 0:
                 return slot
         inflight = sum(1 for e in self._index.values() if e.doomed)
@@ -355,16 +367,28 @@ class CpuTier:
             "retry later"
         )
 
-    def _evict(self, e: Entry) -> None:
-        """Evict ``e`` now (its slot is needed at once)."""
-        self.policy.remove(e.slot, True)
+    def _alloc_after_evict(self, c: int, size: int) -> int:
+        slot = self.alloc.alloc(c)
+        if slot < 0:  # e.g. the victim's slot, if its class is larger
+            slot = self.alloc.alloc_larger(c, size)
+        return slot
+
+    def _evict(self, e: Entry, *, drop: bool) -> bool:
+        """Evict ``e`` now (its slot is needed at once): to SSD if it is only in memory and
+        there is an SSD; else dropped if ``drop``. False (and ``e`` untouched) if it would
+        have been dropped and ``drop`` is False."""
         if not e.on_ssd and self.demote_copy is not None:
             if self.demote_copy(e):
+                self.policy.remove(e.slot, True)
                 self.counters.demotions_started += 1
                 self._detach(e, "demoted")
-                return
+                return True
+            if not drop:
+                return False
             self.counters.demotions_dropped += 1
+        self.policy.remove(e.slot, True)
         self._detach(e, "demoted" if e.on_ssd else "capacity")
+        return True
 
     def write_back(self, headroom_bytes: int, max_writes: int) -> None:
         """Evict ahead of demand until ``headroom_bytes`` are free or being freed.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -313,3 +314,42 @@ def test_scan_resistance_in_the_tier(clock: Clock) -> None:
 
     assert survivors("s3fifo") == 10
     assert survivors("lru") == 0
+
+
+def test_an_eviction_passes_over_chunks_whose_ssd_write_cannot_start(clock: Clock) -> None:
+    """With the SSD's write queue full, a chunk only in memory would be dropped if evicted:
+    a chunk already on SSD goes instead, even if it is younger. Only when every candidate
+    is such a chunk is one dropped (counted)."""
+    queue_full = True
+    copies: list[ChunkKey] = []
+
+    def demote_copy(e: Any) -> bool:
+        if queue_full:
+            return False
+        copies.append(e.key)
+        return True
+
+    cfg = CpuTierConfig(
+        capacity_bytes=4 * SLOT, segment_bytes=SLOT, min_slot_bytes=SLOT,
+        eviction="lru", reserve_timeout_s=10.0,
+    )  # fmt: skip
+    t = CpuTier(cfg, clock=clock, demote=lambda e: False, demote_copy=demote_copy)
+    for i in range(4):
+        store(t, i)
+    for i in (2, 3):  # the two youngest were written through to SSD
+        e = t.get(key(i))
+        assert e is not None
+        e.on_ssd = True
+    store(t, 4)  # the LRU victim (0) is only in memory: 2 leaves instead
+    assert t.contains(key(0)) and t.contains(key(1)) and not t.contains(key(2))
+    store(t, 5)
+    assert not t.contains(key(3))
+    assert t.counters.demotions_dropped == 0
+    store(t, 6)  # nothing on SSD is left: the oldest chunk only in memory is dropped
+    assert (
+        t.counters.demotions_dropped == 1 and len([k for k in range(7) if t.contains(key(k))]) == 4
+    )
+    queue_full = False
+    store(t, 7)  # with room in the queue, the victim is copied out and written
+    assert t.counters.demotions_dropped == 1 and len(copies) == 1
+    t.close()

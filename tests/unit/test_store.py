@@ -601,6 +601,38 @@ async def test_write_through_puts_every_commit_on_ssd(tmp_path: Path) -> None:
 
 
 @run_async
+async def test_write_through_with_a_full_write_queue_writes_every_commit_later(
+    tmp_path: Path,
+) -> None:
+    """A burst of commits larger than the SSD's write queue: each commit that finds the
+    queue full waits in the backlog and is written when a slot frees (before: it stayed
+    in memory only, and an eviction burst later dropped it)."""
+
+    def slow(op: str, path: str) -> None:
+        if op == "write":
+            time.sleep(0.01)
+
+    cfg = config(tmp_path, slots=8, write_through=True, ssd_write_queue=1,
+                 persist_on_shutdown=False)  # fmt: skip
+    s = Store(cfg, ssd_fault_hook=slow)
+    await s.start()
+    for i in range(6):
+        put(s, i)
+    await settle(s)
+    st = s.snapshot()
+    assert st.tiers["ssd"].chunks == 6 and st.ssd_writes_refused == 0
+    assert s._ssd_path is not None and s._ssd_path.backlog == 0
+    for i in range(6, 14):  # every eviction now finds its victim on SSD: nothing dropped
+        put(s, i)
+    await settle(s)
+    st = s.snapshot()
+    assert st.demotions_dropped == 0
+    assert all(s.lookup(NS, [key(i)]) != [None] for i in range(14))
+    assert await read_bytes(s, 0) == data(0)
+    await s.close(asyncio.get_running_loop().time() + 5)
+
+
+@run_async
 async def test_failed_start_leaves_no_arena(tmp_path: Path) -> None:
     first = Store(config(tmp_path))
     await first.start()
