@@ -295,6 +295,9 @@ class Stack:
             out["lookup_miss_chunks"] = prometheus_sum(
                 agent_text, "meshkv_lookup_miss_chunks_total"
             )
+            # flights: chunks the agent made resident for a load (SSD promotions here)
+            out["flight_s"] = prometheus_sum(agent_text, "meshkv_flight_seconds_sum")
+            out["flights"] = prometheus_sum(agent_text, "meshkv_flight_seconds_count")
         return out
 
     def close(self) -> None:
@@ -393,6 +396,9 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
         for name in ("demotions_dropped", "promotions", "promotion_failures",
                      "ssd_writes_refused", "lookup_miss_chunks"):  # fmt: skip
             out[name] = d[name]
+    if d.get("flights"):
+        out["flights"] = d["flights"]
+        out["flight_ms_mean"] = 1000 * d["flight_s"] / d["flights"]
     return out
 
 
