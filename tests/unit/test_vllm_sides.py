@@ -30,6 +30,7 @@ class Request:
     cache_salt: str | None = None
     lora_request: Any = None
     skip_reading_prefix_cache: bool = False
+    num_preemptions: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -130,9 +131,73 @@ def test_local_hits_are_whole_chunks_and_loads_map_blocks() -> None:
     meta = side.build_connector_meta(step_output([]))  # type: ignore[arg-type]
     (spec,) = meta.loads
     assert not spec.is_async and [c.keys[0] for c in spec.chunks] == full[:2]
+    assert spec.wait_s == 0.0  # in memory: nothing to wait for inside the step
     assert spec.chunks[1].blocks == ((0, 104), (1, 105), (2, 106), (3, 107))
     assert len(agent.lookups) == 1 and agent.lookups[0][1] is None
     assert side.request_finished(req, []) == (False, None)  # type: ignore[arg-type]
+
+
+def test_a_preempted_request_loads_again_and_a_failed_load_is_computed() -> None:
+    """vLLM asks again about a request it preempted (its blocks are gone, its KV is still
+    in the agent): a fresh lookup and load, not a recompute — at most ``MAX_RELOADS``
+    times. A request whose load failed (a block in ``invalid_block_ids``, or the request in
+    ``failed_recving``) is computed when asked again, preempted or not."""
+    from meshkv.integrations.vllm.scheduler import MAX_RELOADS
+
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent)
+    req = Request("r1", tokens(200))
+    full = keys_of(side, req)
+    agent.tiers = {full[0]: "cpu", full[1]: "cpu"}
+
+    def ask_and_load(blocks: list[int]) -> tuple[int | None, bool]:
+        answer = side.get_num_new_matched_tokens(req, 0)  # type: ignore[arg-type]
+        if answer[0]:
+            side.update_state_after_alloc(req, Blocks(blocks), answer[0])  # type: ignore[arg-type]
+            side.build_connector_meta(step_output([]))  # type: ignore[arg-type]
+        return answer
+
+    assert ask_and_load(list(range(100, 113))) == (128, False)
+    assert ask_and_load([]) == (0, False)  # asked again, not preempted: a failed load
+    for n in range(1, MAX_RELOADS + 1):
+        req.num_preemptions = n
+        assert ask_and_load(list(range(200 + 20 * n, 213 + 20 * n))) == (128, False)
+        assert len(agent.lookups) == 1 + n  # looked up afresh
+    assert side._counters.reloads == MAX_RELOADS
+    req.num_preemptions += 1
+    assert ask_and_load([]) == (0, False)  # the bound
+
+    # a failed block of the load: computed when asked again, even after a preemption
+    req2 = Request("r2", tokens(200))
+    assert side.get_num_new_matched_tokens(req2, 0) == (128, False)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req2, Blocks(list(range(300, 313))), 128)  # type: ignore[arg-type]
+    side.load_failures((), {999})  # another request's block: not this one's
+    side.load_failures((), {305})
+    req2.num_preemptions = 1
+    assert side.get_num_new_matched_tokens(req2, 0) == (0, False)  # type: ignore[arg-type]
+    # an asynchronous load reported failed by request id
+    agent.tiers[full[1]] = "peer"
+    req3 = Request("r3", tokens(200))
+    assert side.get_num_new_matched_tokens(req3, 0) == (128, True)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req3, Blocks(list(range(400, 413))), 128)  # type: ignore[arg-type]
+    side.load_failures({"r3"}, set())
+    req3.num_preemptions = 1
+    assert side.get_num_new_matched_tokens(req3, 0) == (0, False)  # type: ignore[arg-type]
+
+
+def test_ssd_hits_load_inside_the_step_unless_ssd_sync_wait_is_zero() -> None:
+    for wait, is_async, wait_s in ((0.25, False, 0.25), (0.0, True, 2.0)):
+        agent = FakeSchedulerAgent()
+        side, _ = scheduler(agent, ssd_sync_wait_s=wait, load_timeout_s=2.0)
+        req = Request("r1", tokens(200))
+        full = keys_of(side, req)
+        agent.tiers = {full[0]: "cpu", full[1]: "ssd"}
+        assert side.get_num_new_matched_tokens(req, 0) == (128, is_async)  # type: ignore[arg-type]
+        side.update_state_after_alloc(req, Blocks(list(range(13))), 128)  # type: ignore[arg-type]
+        (spec,) = side.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
+        assert spec.is_async is is_async and spec.wait_s == wait_s
+    with pytest.raises(ConfigError, match="ssd_sync_wait_s must be >= 0"):
+        config(ssd_sync_wait_s=-1.0)
 
 
 def test_never_the_whole_prompt_and_agent_down_is_zero_hits() -> None:
@@ -283,9 +348,16 @@ def test_block_hits_leave_a_token_to_compute_and_can_be_turned_off() -> None:
     side.get_num_new_matched_tokens(Request("short", tokens(150, seed=5)), 0)  # type: ignore[arg-type]
     (short,) = side.build_connector_meta(step_output([("short", 0, 150)])).saves  # type: ignore[arg-type]
     assert [c.num_tokens for c in short.chunks] == [64, 64]
-    # A tail on SSD makes the load asynchronous.
-    agent.tiers[spec.chunks[2].keys[0]] = "ssd"
+    # A tail on a peer makes the load asynchronous; on this node's SSD it is loaded inside
+    # the step, which waits for its promotion (``ssd_sync_wait_s``).
+    agent.tiers[spec.chunks[2].keys[0]] = "peer"
     assert side.get_num_new_matched_tokens(Request("s", tokens(190)), 0) == (160, True)  # type: ignore[arg-type]
+    agent.tiers[spec.chunks[2].keys[0]] = "ssd"
+    req_ssd = Request("s2", tokens(190))
+    assert side.get_num_new_matched_tokens(req_ssd, 0) == (160, False)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req_ssd, Blocks(list(range(500, 512))), 160)  # type: ignore[arg-type]
+    (load,) = side.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
+    assert not load.is_async and load.wait_s == 0.25
 
     off = FakeSchedulerAgent(tiers=dict(agent.tiers))
     plain, manager = scheduler(off, block_hits=False)

@@ -55,6 +55,8 @@ class FakeWorkerAgent:
         self.pinned: torch.Tensor | None = None
         self.checksums: dict[bytes, int | None] = {}
         self.reported: list[bytes] = []
+        self.waits: list[tuple[int, float]] = []
+        """(lane, wait) of every read."""
 
     def pin_arenas(self) -> None:
         """As the real link does for a GPU engine: page-lock the arena (kernels copy to and
@@ -105,6 +107,7 @@ class FakeWorkerAgent:
         return len(keys)
 
     def read(self, keys: list[ChunkKey], wait: float, *, lane: int) -> list[Lease | None]:
+        self.waits.append((lane, wait))
         out: list[Lease | None] = []
         for i, key in enumerate(keys):
             if key not in self.committed:
@@ -364,6 +367,10 @@ def test_async_load_of_a_tail_chunk_and_a_missing_one(device: str) -> None:
     missing = LoadSpec("m", (ChunkLoad((key(9),), ((0, 20),), 4),), is_async=False)
     dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[missing]))
     assert dst.get_block_ids_with_load_errors() == {20}
+    # inside the step (lane 0), the load asks the agent to wait for SSD promotions
+    promoted = LoadSpec("p", (ChunkLoad((key(9),), ((0, 21),), 4),), False, wait_s=0.25)
+    dst.start_load_kv(MeshKVConnectorMetadata(CHUNK, loads=[promoted]))
+    assert agent.waits[-1] == (0, 0.25) and agent.waits[-2] == (0, 0.0)
     src.close()
     dst.close()
     agent.close()

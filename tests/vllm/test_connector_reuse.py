@@ -109,7 +109,10 @@ def test_agent_killed_while_serving_then_restarted(
     # at most once per 0.2 s retry interval), not the 30 s of a lease or a TCP timeout.
     assert counters["call_seconds"] < 4.0
     assert counters["agent_unavailable"] >= 1
-    assert counters["async_loads"] >= 1
+    # The restarted agent found the chunks on its SSD (loaded inside the step, which
+    # waited for their promotion: ``ssd_sync_wait_s``).
+    assert agent.metric("meshkv_hit_chunks_total", 'tier="ssd"') >= 1
+    assert counters["async_loads"] == 0
     assert counters["load_errors"] == 0
 
 

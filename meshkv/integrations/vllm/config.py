@@ -33,7 +33,14 @@ class ConnectorConfig:
     lookup_timeout_s: float = 0.2
     """Deadline of the scheduler's one lookup round-trip per request."""
     load_timeout_s: float = 2.0
-    """How long a load waits for chunks that come from SSD or peers."""
+    """How long a load off the step waits for chunks that come from peers (or SSD, with
+    ``ssd_sync_wait_s`` 0)."""
+    ssd_sync_wait_s: float = 0.25
+    """Hits in this node's SSD tier are loaded inside the step that computes the request,
+    as memory hits are, the step waiting up to this long for the promotions the lookup
+    started (a 2 MiB chunk takes ~10 ms here); a chunk not in memory by then is computed.
+    0: load SSD hits off the step like peer hits (the request waits while others run, and
+    its blocks stay allocated meanwhile)."""
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
     transfer_save_timeout_s: float = 2.0
@@ -97,6 +104,8 @@ class ConnectorConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"meshkv connector: {name} must be > 0 seconds")
+        if self.ssd_sync_wait_s < 0:
+            raise ConfigError("meshkv connector: ssd_sync_wait_s must be >= 0 seconds")
         if self.retry_interval_s < 0:
             raise ConfigError("meshkv connector: retry_interval_s must be >= 0")
         if self.breaker_failures < 1:

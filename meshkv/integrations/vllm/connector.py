@@ -229,7 +229,12 @@ class MeshKVConnector(KVConnectorBase_V1):
         return self._sched().build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        events = self._sched().events
+        sched = self._sched()
+        failed = getattr(connector_output, "failed_recving", None) or ()
+        invalid = connector_output.invalid_block_ids or set()
+        if failed or invalid:
+            sched.load_failures(failed, invalid)
+        events = sched.events
         saved = connector_output.kv_cache_events
         if events is not None and isinstance(saved, SavedChunks):
             events.confirm(saved)

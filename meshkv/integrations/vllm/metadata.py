@@ -34,10 +34,11 @@ class LoadSpec:
     req_id: str
     chunks: tuple[ChunkLoad, ...]
     is_async: bool
-    """True: chunks may still be on SSD or a peer; the worker waits up to ``wait_s`` off
+    """True: chunks may still be on a peer (or SSD); the worker waits up to ``wait_s`` off
     the step and reports the request through ``get_finished``."""
     wait_s: float = 0.0
-    """How long an asynchronous load waits for its chunks to arrive in the agent."""
+    """How long the load waits for its chunks to be in the agent's memory: off the step
+    (asynchronous), or inside it for chunks promoted from this node's SSD."""
 
     def block_ids(self) -> list[int]:
         return [block for chunk in self.chunks for _, block in chunk.blocks]

@@ -60,7 +60,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_LOCAL_TIER = "cpu"
+_MEMORY_TIER = "cpu"
+_SSD_TIER = "ssd"
+MAX_RELOADS = 2
+"""Fresh lookups a request may make after vLLM preempted it (each one after a load that
+did not fail): its KV is still in the agent, so it is loaded again instead of computed."""
 _MAX_NAMESPACE_CACHE = 1024
 
 
@@ -103,7 +107,10 @@ class _RequestState:
     hit_chunks: int = 0
     """Leading chunks (of ``chunks()``) the agent reported at lookup time."""
     all_local: bool = True
-    """Whether every hit chunk was in the agent's CPU tier."""
+    """Whether every hit chunk can be loaded inside the step: in the agent's CPU tier, or
+    on its SSD (``ssd_sync_wait_s``)."""
+    ssd_hit: bool = False
+    """Whether a hit chunk was on the agent's SSD (the step waits for its promotion)."""
     local_computed: int = 0
     """``num_computed_tokens`` vLLM passed in the last ``get_num_new_matched_tokens``."""
     saved_chunks: int = 0
@@ -118,7 +125,15 @@ class _RequestState:
     """``block_hits``: a partial chunk found right after the last whole-chunk hit."""
     pending_load: LoadSpec | None = None
     load_issued: bool = False
-    """A load was planned once; vLLM asks again only after it failed (then: recompute)."""
+    """A load was planned; vLLM asks again after it failed (then: recompute) or after it
+    preempted the request (then: look up again, see ``MAX_RELOADS``)."""
+    load_blocks: frozenset[int] = frozenset()
+    """Engine blocks the last load wrote (to match vLLM's ``invalid_block_ids``)."""
+    load_failed: bool = False
+    """vLLM reported a block of the last load, or the request, as failed to load."""
+    preemptions_at_load: int = 0
+    """vLLM's ``num_preemptions`` of the request when the last load was planned."""
+    reloads: int = 0
     extra_keys: list[tuple[ChunkKey, ...]] = field(default_factory=list)
     """Keys of chunks filled during decoding (``save_decode_tokens``)."""
     producer: ProducerRequest | None = None
@@ -246,14 +261,42 @@ class SchedulerSide:
             if blocks >= self._min_cut_blocks:
                 (state.block_tail,) = self._partials(state, len(state.keys), [blocks])
         self._requests[request.request_id] = state
+        self._lookup_if_reads(state)
+        return state
+
+    def _lookup_if_reads(self, state: _RequestState) -> None:
         # A request that reads no cache (vLLM sets this for prompt logprobs, which need
         # the logits of every prompt token) is computed whole; vLLM ignores any hit we
         # report, so asking the agent would only cost a round trip and start pulls for
         # nothing. A transfer's consumer still asks: the lookup ends the producer's hold.
-        reads = consumer is not None or not getattr(request, "skip_reading_prefix_cache", False)
+        request = state.request
+        reads = state.consumer is not None or not getattr(
+            request, "skip_reading_prefix_cache", False
+        )
         if self._load_enabled and reads and (state.keys or state.tail is not None):
             self._lookup(state)
-        return state
+
+    def _reload(self, state: _RequestState) -> bool:
+        """vLLM asks again about a request whose load was planned: True (and a fresh
+        lookup done) if it was preempted since and the load did not fail, so its KV, still
+        in the agent, can be loaded again. A transfer's consumer is computed (its
+        producer's hold may be over)."""
+        preemptions = int(getattr(state.request, "num_preemptions", 0) or 0)
+        if (
+            state.load_failed
+            or preemptions <= state.preemptions_at_load
+            or state.reloads >= MAX_RELOADS
+            or state.consumer is not None
+        ):
+            return False
+        state.reloads += 1
+        self._counters.reloads += 1
+        logger.debug("meshkv: %s was preempted; looking it up again", state.request.request_id)
+        state.load_issued = False
+        state.hit_chunks, state.hit_tail, state.all_local, state.ssd_hit = 0, None, True, False
+        state.load_blocks = frozenset()
+        self._lookup_if_reads(state)
+        return True
 
     def _tail(self, request: Request, tokens: list[int]) -> _Chunk | None:
         chunk, bs = self._cfg.chunk_tokens, self._layout.block_size
@@ -296,7 +339,7 @@ class SchedulerSide:
         for candidate, tier in zip(candidates, reply.tiers, strict=False):
             if tier is not None:
                 state.hit_tail = candidate
-                state.all_local = state.all_local and tier == _LOCAL_TIER
+                self._note_tiers(state, [tier])
                 return
 
     def _ask(
@@ -317,6 +360,14 @@ class SchedulerSide:
             return None
         finally:
             self._counters.call_seconds += time.perf_counter() - started
+
+    def _note_tiers(self, state: _RequestState, tiers: Iterable[str | None]) -> None:
+        """Fold the tiers of hit chunks into whether the load can run inside the step."""
+        for tier in tiers:
+            if tier == _SSD_TIER and self._cfg.ssd_sync_wait_s > 0:
+                state.ssd_hit = True
+            elif tier != _MEMORY_TIER:
+                state.all_local = False
 
     def _consumer_usable(self, consumer: ConsumerRequest, prompt_len: int) -> bool:
         if consumer.chunk_tokens != self._cfg.chunk_tokens:
@@ -351,7 +402,8 @@ class SchedulerSide:
             for key, tier in zip(rank0, tiers, strict=False):
                 self.events.seen(key, tier)
         state.hit_chunks = prefix
-        state.all_local = all(tier == _LOCAL_TIER for tier in tiers)
+        state.all_local, state.ssd_hit = True, False
+        self._note_tiers(state, tiers)
         if (
             prefix > 0
             and self._cfg.block_hits
@@ -370,10 +422,10 @@ class SchedulerSide:
         state.local_computed = num_computed_tokens
         if not self._load_enabled:
             return 0, False
-        if state.load_issued:
-            # vLLM re-queries a request whose load failed (or that was preempted); a
-            # second promise of the same chunks could fail the same way, forever. What
-            # it computes again is saved again.
+        if state.load_issued and not self._reload(state):
+            # vLLM re-queries a request whose load failed; a second promise of the same
+            # chunks could fail the same way, forever. What it computes again is saved
+            # again.
             state.saved_chunks = 0
             state.block_tail_saved = False
             return 0, False
@@ -423,7 +475,12 @@ class SchedulerSide:
             loads.append(ChunkLoad(keys=chunks[c].keys, blocks=writes, num_blocks=n))
         consumer = state.consumer is not None
         is_async = consumer or not state.all_local
-        wait = self._cfg.transfer_timeout_s if consumer else self._cfg.load_timeout_s
+        if consumer:
+            wait = self._cfg.transfer_timeout_s
+        elif is_async:
+            wait = self._cfg.load_timeout_s
+        else:  # inside the step: memory hits need no wait, SSD hits their promotion
+            wait = self._cfg.ssd_sync_wait_s if state.ssd_hit else 0.0
         state.load_issued = True
         # The promised chunks are in the agent already: saving them again would cost a
         # reserve round-trip (answered "exists") on the engine's critical path every step.
@@ -435,6 +492,9 @@ class SchedulerSide:
         if state.hit_tail is not None and state.hit_tail == state.block_tail:
             state.block_tail_saved = True  # loaded, hence stored already
         state.pending_load = LoadSpec(request.request_id, tuple(loads), is_async, wait)
+        state.load_blocks = frozenset(block for load in loads for _, block in load.blocks)
+        state.load_failed = False
+        state.preemptions_at_load = int(getattr(request, "num_preemptions", 0) or 0)
         self._counters.hit_tokens += num_external_tokens
         if is_async:
             self._counters.async_loads += 1
@@ -549,6 +609,19 @@ class SchedulerSide:
             all_keys = self._keys_for(state.request, tokens)
             state.extra_keys = all_keys[len(state.keys) :]
         return state.keys + state.extra_keys
+
+    def load_failures(self, failed_requests: Iterable[str], invalid_blocks: set[int]) -> None:
+        """vLLM's report of loads that failed (``failed_recving``: asynchronous loads by
+        request; ``invalid_block_ids``: blocks of any load): those requests are computed
+        if vLLM asks about them again, never loaded again."""
+        for req_id in failed_requests:
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.load_failed = True
+        if invalid_blocks:
+            for state in self._requests.values():
+                if state.load_blocks and not state.load_blocks.isdisjoint(invalid_blocks):
+                    state.load_failed = True
 
     def request_finished(
         self, request: Request, block_ids: list[int]

@@ -29,6 +29,8 @@ class ConnectorCounters:
     """Tokens promised to vLLM as loadable (after vLLM's own prefix-cache hits)."""
     async_loads: int = 0
     """Requests whose chunks were loaded off the step (SSD or peer)."""
+    reloads: int = 0
+    """Requests looked up and loaded again after vLLM preempted them (instead of computed)."""
     loaded_chunks: int = 0
     loaded_bytes: int = 0
     load_errors: int = 0

@@ -230,13 +230,14 @@ class WorkerSide:
     def _fetch(
         self, spec: LoadSpec, lane: int, submitted: float | None
     ) -> list[Lease | None] | None:
-        """Pin one request's chunks (waiting up to ``wait_s`` for asynchronous ones); None
-        when the agent could not be asked."""
+        """Pin one request's chunks (waiting up to ``wait_s`` for the agent to bring them
+        into memory: from peers or SSD off the step, from SSD inside it); None when the
+        agent could not be asked."""
         started = time.perf_counter()
         if submitted is not None:
             self._counters.async_queue_seconds += started - submitted
         keys = [chunk.keys[self._rank] for chunk in spec.chunks]
-        wait = spec.wait_s if spec.is_async else 0.0
+        wait = spec.wait_s
         try:
             if self._caches is None:
                 raise MeshKVError("KV caches were never registered")

@@ -1,0 +1,77 @@
+"""A request vLLM preempts keeps its hits: its blocks are freed, but its prompt's chunks
+are still in the agent, so when it is scheduled again the connector looks it up and loads
+it again instead of computing it (at most ``MAX_RELOADS`` times; a load that failed is
+computed). A real OpenAI server with a KV cache too small for four concurrent requests.
+
+(Outputs: on this setup the reloaded and the recomputed request gave the same 300 greedy
+tokens, checked by hand against the code before the change; the preempted request's output
+may differ from the same prompt run alone, with or without a connector, because vLLM
+recomputes it inside another batch.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meshkv.launch import AgentProcess, HttpProcess, http_get, prometheus_sum
+from tests.vllm.engines import _tokens
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = [_tokens(700) for _ in range(4)]
+"""Each: two whole 256-token chunks and a 128-token cut of the third (``block_hits``)."""
+READS_PER_LOAD = 3
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=240) as response:
+        data: dict[str, Any] = json.load(response)
+        return data
+
+
+def test_a_preempted_request_is_loaded_again_not_computed(
+    openai_server: Callable[..., HttpProcess], agents: Callable[..., AgentProcess]
+) -> None:
+    agent = agents().start()
+    # ~3,900 tokens of KV: four requests of 700 + 380 tokens cannot all stay.
+    server = openai_server(
+        agent, args=["--kv-cache-memory-bytes", str(2 << 20), "--max-model-len", "1100"]
+    )
+    url = server.base_url + "/v1/completions"
+    for prompt in PROMPTS:  # computed and saved, one at a time
+        _post(url, {"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    reads = agent.metric("meshkv_hit_chunks_total", 'tier="cpu"')
+    before = http_get(server.base_url + "/metrics").decode()
+    answers: list[dict[str, Any] | None] = [None] * len(PROMPTS)
+
+    def ask(i: int) -> None:
+        body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 380, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        answers[i] = _post(url, body)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    time.sleep(0.5)  # vLLM updates its counters after the step
+    after = http_get(server.base_url + "/metrics").decode()
+    preempted = prometheus_sum(after, "vllm:num_preemptions_total") - prometheus_sum(
+        before, "vllm:num_preemptions_total"
+    )
+    assert all(a is not None and a["usage"]["completion_tokens"] == 380 for a in answers)
+    assert preempted >= 1, "the setup no longer makes vLLM preempt; shrink the KV cache"
+    loads = agent.metric("meshkv_hit_chunks_total", 'tier="cpu"') - reads
+    # Every request loaded its three chunks once; each preempted one loaded them again
+    # (before: it computed its whole prompt again).
+    assert loads >= READS_PER_LOAD * (len(PROMPTS) + 1), (loads, preempted)
