@@ -281,6 +281,12 @@ def test_decode_loads_the_whole_prompt_from_the_transfer() -> None:
     assert spec.is_async and spec.wait_s == 4.0
     assert [c.num_blocks for c in spec.chunks] == [4, 4, 2]
     assert spec.chunks[2].blocks == ((0, 58), (1, 59))
+    # Preempted on the decode engine: the transfer brought the chunks into this node's
+    # agent, so they are looked up there (no transfer named) and loaded again.
+    agent.tiers.update(dict.fromkeys(keys, "cpu"))
+    req_d.num_preemptions = 1
+    assert decode.get_num_new_matched_tokens(req_d, 0) == (150, True)  # type: ignore[arg-type]
+    assert agent.lookups[-1] == (keys, None)
     assert decode.request_finished(req_d, []) == (False, {"meshkv_node": "node-a"})  # type: ignore[arg-type]
 
 

@@ -172,6 +172,7 @@ def _server(
     agent: AgentProcess | None,
     template: Path,
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
+    kv_bytes: int | None = None,
 ) -> HttpProcess:
     port = free_port()
     transfer = None
@@ -179,9 +180,12 @@ def _server(
         transfer = meshkv_kv_transfer_config(
             agent.socket_path, transfer_timeout_s=transfer_timeout_s, save_decode_tokens=True
         )
+    sizes: dict[str, Any] = {}
+    if kv_bytes is not None:  # a small KV cache: vLLM preempts under concurrent requests
+        sizes = {"kv_cache_memory_bytes": kv_bytes, "max_model_len": 1100}
     cmd = vllm_server_command(
         sys.executable, model, port, served_name="tiny", kv_transfer_config=transfer,
-        extra=["--enforce-eager", "--chat-template", str(template)],
+        extra=["--enforce-eager", "--chat-template", str(template)], **sizes,
     )  # fmt: skip
     # vLLM's response store on, as a deployment whose clients chain Responses requests
     # (previous_response_id) has it
@@ -196,8 +200,11 @@ _BASELINES: dict[str, dict[str, str]] = {}
 
 
 @contextlib.contextmanager
-def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
-    """Build the stack (about a minute on two cores); everything is stopped after."""
+def pd_stack(
+    transport: str, tiny_model: str, workdir: Path, decode_kv_bytes: int | None = None
+) -> Iterator[Stack]:
+    """Build the stack (about a minute on two cores); everything is stopped after.
+    ``decode_kv_bytes``: the decode engine's KV cache (default: the launcher's 64 MiB)."""
     template = workdir / "chat.jinja"
     template.write_text(TEMPLATE)
     reqs = requests_of("tiny")
@@ -230,7 +237,7 @@ def pd_stack(transport: str, tiny_model: str, workdir: Path) -> Iterator[Stack]:
         wait = TRANSFER_TIMEOUT_S if transport == "tcp" else UCX_TRANSFER_TIMEOUT_S
         prefill = _server("prefill", tiny_model, workdir, pa, template, wait)
         procs.append(prefill)
-        decode = _server("decode", tiny_model, workdir, da, template, wait)
+        decode = _server("decode", tiny_model, workdir, da, template, wait, decode_kv_bytes)
         procs.append(decode)
         port = free_port()
         proxy = HttpProcess(

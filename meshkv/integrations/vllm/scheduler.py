@@ -264,7 +264,7 @@ class SchedulerSide:
         self._lookup_if_reads(state)
         return state
 
-    def _lookup_if_reads(self, state: _RequestState) -> None:
+    def _lookup_if_reads(self, state: _RequestState, *, transfer: bool = True) -> None:
         # A request that reads no cache (vLLM sets this for prompt logprobs, which need
         # the logits of every prompt token) is computed whole; vLLM ignores any hit we
         # report, so asking the agent would only cost a round trip and start pulls for
@@ -274,19 +274,19 @@ class SchedulerSide:
             request, "skip_reading_prefix_cache", False
         )
         if self._load_enabled and reads and (state.keys or state.tail is not None):
-            self._lookup(state)
+            self._lookup(state, transfer=transfer)
 
     def _reload(self, state: _RequestState) -> bool:
         """vLLM asks again about a request whose load was planned: True (and a fresh
         lookup done) if it was preempted since and the load did not fail, so its KV, still
-        in the agent, can be loaded again. A transfer's consumer is computed (its
-        producer's hold may be over)."""
+        in the agent, can be loaded again. A transfer's consumer (a decode engine's request)
+        looks its chunks up in the agent like any request: the transfer brought them there,
+        and its producer's hold may be over."""
         preemptions = int(getattr(state.request, "num_preemptions", 0) or 0)
         if (
             state.load_failed
             or preemptions <= state.preemptions_at_load
             or state.reloads >= MAX_RELOADS
-            or state.consumer is not None
         ):
             return False
         state.reloads += 1
@@ -295,7 +295,7 @@ class SchedulerSide:
         state.load_issued = False
         state.hit_chunks, state.hit_tail, state.all_local, state.ssd_hit = 0, None, True, False
         state.load_blocks = frozenset()
-        self._lookup_if_reads(state)
+        self._lookup_if_reads(state, transfer=False)
         return True
 
     def _tail(self, request: Request, tokens: list[int]) -> _Chunk | None:
@@ -379,11 +379,13 @@ class SchedulerSide:
             return False
         return consumer.tokens == prompt_len
 
-    def _lookup(self, state: _RequestState) -> None:
+    def _lookup(self, state: _RequestState, *, transfer: bool = True) -> None:
+        """Ask the agent which of the prompt's chunks it can serve (for a transfer's
+        consumer, with the transfer named unless ``transfer`` is False)."""
         self._counters.lookups += 1
         rank0 = [c.keys[0] for c in state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)]
         ref = None
-        if state.consumer is not None:
+        if state.consumer is not None and transfer:
             c = state.consumer
             ref = TransferRef(c.transfer_id, c.producer, self._cfg.transfer_timeout_s)
         reply = self._ask(state, rank0, ref)
