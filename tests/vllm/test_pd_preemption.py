@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshkv.launch import http_get, prometheus_sum
-from tests.vllm.pd import Stack, pd_stack, post, wait_for_push_target
+from tests.vllm.pd import Stack, pd_stack, post
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -38,15 +38,24 @@ def stack(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def test_a_request_preempted_on_the_decode_engine_is_loaded_again(stack: Stack) -> None:
-    wait_for_push_target(stack)
+    # vLLM's toy-proxy flow, so that the four decode requests reach D at the same moment
+    # (through meshkv proxy each waits for its own prefill, and they may not overlap).
+    toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
+    bodies = [{"model": "tiny", "prompt": p, "max_tokens": 380, "temperature": 0,
+               "ignore_eos": True} for p in PROMPTS]  # fmt: skip
+    params = [
+        post(stack.prefill.base_url + "/v1/completions",
+             {**b, "max_tokens": 1, "kv_transfer_params": toy})["kv_transfer_params"]
+        for b in bodies
+    ]  # fmt: skip
     before = http_get(stack.decode.base_url + "/metrics").decode()
-    reads = stack.decode_agent.metric("meshkv_hit_chunks_total")  # pushed or pulled
+    reads = stack.decode_agent.metric("meshkv_hit_chunks_total")  # pulled, then read
     answers: list[dict[str, Any] | None] = [None] * len(PROMPTS)
 
     def ask(i: int) -> None:
-        body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 380, "temperature": 0,
-                "ignore_eos": True}  # fmt: skip
-        answers[i] = post(stack.proxy.base_url + "/v1/completions", body, timeout=240)
+        body = {**bodies[i], "kv_transfer_params": params[i]}
+        answers[i] = post(stack.decode.base_url + "/v1/completions", body, timeout=240)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
