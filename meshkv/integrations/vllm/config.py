@@ -38,7 +38,7 @@ class ConnectorConfig:
     ssd_sync_wait_s: float = 0.25
     """Hits in this node's SSD tier are loaded inside the step that computes the request,
     as memory hits are, the step waiting up to this long for the promotions the lookup
-    started (a 2 MiB chunk takes ~10 ms here); a chunk not in memory by then is computed.
+    started (a 2 MiB chunk took 10-18 ms here); a chunk not in memory by then is computed.
     0: load SSD hits off the step like peer hits (the request waits while others run, and
     its blocks stay allocated meanwhile)."""
     save_timeout_s: float = 0.5
