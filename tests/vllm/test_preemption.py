@@ -11,10 +11,8 @@ recomputes it inside another batch.)
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 
 from meshkv.launch import AgentProcess, HttpProcess, http_get, prometheus_sum
 from tests.vllm.engines import _tokens
+from tests.vllm.pd import post
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -31,12 +30,7 @@ READS_PER_LOAD = 3
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=240) as response:
-        data: dict[str, Any] = json.load(response)
-        return data
+    return post(url, body, timeout=240)
 
 
 def test_a_preempted_request_is_loaded_again_not_computed(
