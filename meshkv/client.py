@@ -343,12 +343,15 @@ class AgentClient:
     def read(
         self, keys: Sequence[bytes], *, wait: float = 0.0, verify: bool | None = None
     ) -> list[Lease | None]:
-        """Pin chunks for reading; waits up to ``wait`` s for pulls a lookup started.
+        """Pin chunks for reading; waits up to ``wait`` s for pulls a lookup started, and
+        for promotions from the agent's SSD up to ``wait`` plus half of this client's
+        timeout (a chunk still on its way then comes back None: the agent answers before
+        this call's deadline however slow its disk is).
         ``verify=True`` makes the agent re-hash each chunk first and drop (not return) any
         whose bytes no longer match its checksum; None: the agent's ``verify_reads``."""
         with self._lock:
             budget = self.timeout + wait
-            body: dict[str, Any] = {"keys": _keys(keys), "wait": wait}
+            body: dict[str, Any] = {"keys": _keys(keys), "wait": wait, "budget": self.timeout}
             if verify is not None:
                 body["verify"] = verify
             reply = self._call_locked(Op.READ, body, budget)

@@ -454,6 +454,12 @@ class PullerCollector(Collector):
             "meshkv_flights_joined", "Requests that joined a flight already running",
             value=st.joined,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "meshkv_read_late_ssd_chunks",
+            "Chunks an engine's read went without: their promotion from SSD was still "
+            "running at the read's deadline (computed by the engine; the promotion goes on)",
+            value=st.reads_late_ssd,
+        )
         hist = HistogramMetricFamily(
             "meshkv_flight_seconds", "Seconds from a flight's start until its chunk was resident"
         )

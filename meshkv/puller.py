@@ -154,6 +154,9 @@ class PullerStats:
     """Bytes of transfers' chunks that came over the network after their lookup."""
     transfer_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Seconds from the lookup naming a transfer until its last chunk was here."""
+    reads_late_ssd: int = 0
+    """Chunks a read with a deadline answered without because their promotion from SSD
+    was still running (the engine computes them; the promotion goes on)."""
 
 
 @dataclass(slots=True)
@@ -342,15 +345,26 @@ class Puller:
     # --- reads --------------------------------------------------------------------------
 
     async def resident(
-        self, ns: NamespaceId, keys: Sequence[ChunkKey], wait: float, *, peers: bool = True
+        self,
+        ns: NamespaceId,
+        keys: Sequence[ChunkKey],
+        wait: float,
+        *,
+        peers: bool = True,
+        ssd_wait: float | None = None,
     ) -> None:
-        """Before a read of ``keys``: promote those on SSD (waited for in full: a local
-        disk read with its own deadline) and wait up to ``wait`` seconds for the flights
-        already bringing the others. ``peers=False`` (a peer asking for a chunk) waits only
-        for local sources: SSD and a writer's pending commit."""
+        """Before a read of ``keys``: promote those on SSD and wait up to ``wait`` seconds
+        for the flights already bringing the others. The promotions are waited for in full
+        (a local disk read with its own deadline), or for at most ``ssd_wait`` seconds when
+        the reader has a deadline of its own (an engine's load: a slow disk then leaves
+        the late chunks to be computed, and the promotions go on for the next reader,
+        instead of answering after the engine stopped listening). ``peers=False`` (a peer
+        asking for a chunk) waits only for local sources: SSD and a writer's pending
+        commit."""
         store = self._store
         loop = asyncio.get_running_loop()
-        local_deadline = loop.time() + self.config.pull_timeout_s
+        started = loop.time()
+        local_deadline = started + self.config.pull_timeout_s
         must: list[asyncio.Task[bool]] = []
         may: list[asyncio.Task[bool]] = []
         for key in keys:
@@ -367,9 +381,14 @@ class Puller:
             elif peers or flight.local_only:
                 may.append(flight.task)
         if must:
-            await asyncio.wait(must)
+            await asyncio.wait(must, timeout=ssd_wait)
+            late = sum(1 for task in must if not task.done())
+            if late:
+                self.stats.reads_late_ssd += late
         if may and wait > 0:
-            await asyncio.wait(may, timeout=wait)
+            left = wait if ssd_wait is None else started + wait - loop.time()
+            if left > 0:
+                await asyncio.wait(may, timeout=left)
 
     # --- flights ------------------------------------------------------------------------
 

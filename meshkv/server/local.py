@@ -78,7 +78,9 @@ MAX_TRANSFER_S = 600.0
 LOOKUP_BUDGET_SHARE = 0.5
 """Share of a client's lookup budget the agent may spend asking the mesh: the rest is the
 round trip and the client's own margin, so a slow mesh answer never looks like a dead
-agent to the engine."""
+agent to the engine. A read's budget (the client's deadline beyond its ``wait``) is shared
+the same way: promotions from a slow SSD are waited for at most ``wait`` plus this share
+of it, so the answer comes while the engine still listens."""
 
 Reply = dict[str, Any]
 Handler = Callable[[dict[str, Any]], "Reply | Awaitable[Reply]"]
@@ -581,12 +583,20 @@ class _Connection(asyncio.Protocol):
         verify = message.get("verify")
         if verify is not None and not isinstance(verify, bool):
             raise ProtocolError("read: 'verify' must be true or false")
-        return self._read_async(keys, wait, verify)
+        budget = message.get("budget")
+        ssd_wait = None
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+                raise ProtocolError(f"read: 'budget' must be a positive number, got {budget!r}")
+            ssd_wait = wait + min(float(budget), MAX_READ_WAIT_S) * LOOKUP_BUDGET_SHARE
+        return self._read_async(keys, wait, verify, ssd_wait)
 
-    async def _read_async(self, keys: list[ChunkKey], wait: float, verify: bool | None) -> Reply:
+    async def _read_async(
+        self, keys: list[ChunkKey], wait: float, verify: bool | None, ssd_wait: float | None
+    ) -> Reply:
         ns = self.namespace
         assert ns is not None
-        await self.server.puller.resident(ns, keys, wait)
+        await self.server.puller.resident(ns, keys, wait, ssd_wait=ssd_wait)
         pins = await self.store.read(
             ns, keys, self.conn_id, self.server.config.lease_seconds, verify=verify
         )

@@ -110,6 +110,16 @@ def test_read_verify_flag_must_be_a_bool(agent: AgentProcess, raw: Raw) -> None:
     still_serving(agent)
 
 
+def test_read_budget_must_be_a_positive_number(agent: AgentProcess, raw: Raw) -> None:
+    for bad in (0, -1, "1", True, [1]):
+        reply = raw.call({"op": "read", "id": 15, "keys": [b"k" * 16], "budget": bad})
+        code, message = error_of(reply)
+        assert code == "protocol" and "'budget' must be a positive number" in message
+    reply = raw.call({"op": "read", "id": 16, "keys": [b"k" * 16], "wait": 0.1, "budget": 0.5})
+    assert reply == {"id": 16, "leases": [None]}
+    still_serving(agent)
+
+
 def test_lookup_probe_flag_must_be_a_bool(agent: AgentProcess, raw: Raw) -> None:
     reply = raw.call({"op": "lookup", "id": 13, "keys": [b"k" * 16], "probe": 1})
     code, message = error_of(reply)

@@ -7,7 +7,8 @@ their flights start at once, a ``read(wait=...)`` waits for them, a chunk is pul
 however many ask (single flight), a slow or failing mesh never holds a lookup past its
 share of the client's budget, a transfer's chunks come from its producer without any
 directory round trip and the producer hears ``transfer_done`` once, and a chunk that is
-still landing (a push) is waited for rather than pulled again.
+still landing (a push) is waited for rather than pulled again, and a read with a deadline
+answers by it however slow the SSD is.
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ class ScriptedSource:
 Scenario = Callable[[str, ScriptedSource, Store, asyncio.AbstractEventLoop], None]
 
 
-async def serve(source_kwargs: dict[str, object], scenario: Scenario) -> None:
+async def serve(
+    source_kwargs: dict[str, object], scenario: Scenario, store: Store | None = None
+) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mkv-seam-", dir="/tmp"))
-    store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
+    if store is None:
+        store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
     await store.start()
     puller = Puller(store)
     source = ScriptedSource(store, **source_kwargs)  # type: ignore[arg-type]
@@ -226,6 +230,45 @@ def test_a_chunk_still_landing_is_waited_for_not_pulled() -> None:
         assert source.pulled == []
 
     asyncio.run(serve({}, scenario))
+
+
+def test_a_slow_ssd_never_makes_a_read_miss_its_deadline(tmp_path: Path) -> None:
+    """An engine's read of a chunk on a disk that takes 1.5 s to read it answers within
+    the client's deadline (``wait`` plus half its timeout) with that chunk missing, so the
+    engine computes it instead of counting the agent as down; the promotion goes on, and
+    the next read finds the chunk in memory. Measured on a throttled disk (``bench serve``,
+    20 MB/s): before, such reads ran past the connector's deadline and opened its breaker."""
+    key = ChunkKey(b"S1" * 8)
+    payload = bytes(range(256)) * 64
+    ssd = str(tmp_path / "ssd")
+
+    def write(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path) as c:
+            assert c.put(key, payload)
+
+    def ssd_store(**kw: object) -> Store:
+        cfg = store_config(cpu_bytes=64 << 20, prefault=False, ssd_dir=ssd, ssd_bytes=1 << 30)
+        return Store(cfg, **kw)  # type: ignore[arg-type]
+
+    asyncio.run(serve({}, write, ssd_store()))  # closing persists the chunk to SSD
+
+    def slow_disk(op: str, path: str) -> None:
+        if op == "read":
+            time.sleep(1.5)
+
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path, timeout=0.5) as c:
+            assert c.lookup([key]).tiers == ["ssd"]  # starts the promotion
+            started = time.monotonic()
+            assert c.read([key], wait=0.1) == [None]  # no DeadlineExceeded
+            assert time.monotonic() - started < 0.6
+            time.sleep(1.6)
+            (lease,) = c.read([key], wait=0.1)
+            assert lease is not None and bytes(lease.view) == payload
+            c.release([lease])
+            assert store.snapshot().promotions == 1
+
+    asyncio.run(serve({}, scenario, ssd_store(ssd_fault_hook=slow_disk)))
 
 
 async def _call(fn: Callable[[], None]) -> None:
