@@ -363,7 +363,7 @@ def test_block_hits_leave_a_token_to_compute_and_can_be_turned_off() -> None:
     assert side.get_num_new_matched_tokens(req_ssd, 0) == (160, False)  # type: ignore[arg-type]
     side.update_state_after_alloc(req_ssd, Blocks(list(range(500, 512))), 160)  # type: ignore[arg-type]
     (load,) = side.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
-    assert not load.is_async and load.wait_s == 0.25
+    assert not load.is_async and load.wait_s == config().ssd_sync_wait_s
 
     off = FakeSchedulerAgent(tiers=dict(agent.tiers))
     plain, manager = scheduler(off, block_hits=False)

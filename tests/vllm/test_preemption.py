@@ -69,3 +69,12 @@ def test_a_preempted_request_is_loaded_again_not_computed(
     # Every request loaded its three chunks once; each preempted one loaded them again
     # (before: it computed its whole prompt again).
     assert loads >= READS_PER_LOAD * (len(PROMPTS) + 1), (loads, preempted)
+
+    # The connector's own counters are on the server's /metrics (``vllm:meshkv_*``), the
+    # scheduler side's (reloads) beside the worker's (loaded chunks).
+    def grew(name: str) -> float:
+        return prometheus_sum(after, name) - prometheus_sum(before, name)
+
+    assert grew("vllm:meshkv_reloads_total") >= 1
+    assert grew("vllm:meshkv_loaded_chunks_total") >= READS_PER_LOAD * (len(PROMPTS) + 1)
+    assert grew("vllm:meshkv_load_errors_total") == 0

@@ -35,12 +35,16 @@ class ConnectorConfig:
     load_timeout_s: float = 2.0
     """How long a load off the step waits for chunks that come from peers (or SSD, with
     ``ssd_sync_wait_s`` 0)."""
-    ssd_sync_wait_s: float = 0.25
+    ssd_sync_wait_s: float = 0.5
     """Hits in this node's SSD tier are loaded inside the step that computes the request,
-    as memory hits are, the step waiting up to this long for the promotions the lookup
-    started (a 2 MiB chunk took 10-18 ms here); a chunk not in memory by then is computed.
-    0: load SSD hits off the step like peer hits (the request waits while others run, and
-    its blocks stay allocated meanwhile)."""
+    as memory hits are, the step waiting up to this long, plus half of ``save_timeout_s``
+    (the agent answers within that, however slow its disk), for the promotions the lookup
+    started (a 2 MiB chunk took 10-18 ms here); a chunk not in memory by then is computed,
+    and its promotion goes on for the next request. (0.75 s in all by default: on a disk
+    throttled to 84 MB/s no load here needed longer, where 0.5 s in all cut some and the
+    engine computed them, which on CPU costs far more than the wait.) 0: load SSD hits off the step like
+    peer hits (the request waits while others run, and its blocks stay allocated
+    meanwhile)."""
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
     transfer_save_timeout_s: float = 2.0

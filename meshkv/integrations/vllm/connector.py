@@ -33,7 +33,14 @@ from .link import SchedulerLink, WorkerLink
 from .logs import share_vllm_logging
 from .metadata import MeshKVConnectorMetadata
 from .scheduler import SchedulerSide
-from .stats import MeshKVConnectorStats, delta, new_counters, note_namespace, retire
+from .stats import (
+    MeshKVConnectorStats,
+    MeshKVPromMetrics,
+    delta,
+    new_counters,
+    note_namespace,
+    retire,
+)
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -197,6 +204,17 @@ class MeshKVConnector(KVConnectorBase_V1):
         cls, data: dict[str, Any] | None = None
     ) -> KVConnectorStats | None:
         return MeshKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> MeshKVPromMetrics:
+        """The connector's counters on the API server's ``/metrics`` (``vllm:meshkv_*``)."""
+        return MeshKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -2,7 +2,9 @@
 
 Each connector instance (scheduler or worker side) owns a ``ConnectorCounters``. The
 worker side ships the increments of every step to vLLM's stats logger through
-``get_kv_connector_stats`` (logged as "KV Transfer metrics: ..."); all instances of a
+``get_kv_connector_stats`` (logged as "KV Transfer metrics: ..." and counted on the API
+server's ``/metrics`` as ``vllm:meshkv_<counter>_total`` by ``MeshKVPromMetrics``); the
+scheduler side's go the same way (vLLM adds them to the workers'). All instances of a
 process are also visible through ``registry_snapshot()``, which tests and the benchmark
 read in single-process engines.
 """
@@ -14,7 +16,11 @@ import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.utils import create_metric_per_engine
 
 
 @dataclass(slots=True)
@@ -144,6 +150,63 @@ class MeshKVConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+PROM_HELP: dict[str, str] = {
+    "lookups": "Lookup round trips to the meshkv agent (one per new request)",
+    "lookup_errors": "Lookups that failed or missed their deadline (zero hits)",
+    "hit_tokens": "Prompt tokens promised to vLLM as loadable from meshkv",
+    "async_loads": "Requests whose chunks were loaded off the engine step (SSD or peer)",
+    "reloads": "Preempted requests looked up and loaded again instead of computed",
+    "loaded_chunks": "Chunks copied from the agent into the engine's KV cache",
+    "loaded_bytes": "Bytes copied from the agent into the engine's KV cache",
+    "load_errors": "Chunks promised but not loaded (missing, late or damaged): recomputed",
+    "corrupt_chunks": "Loaded chunks whose bytes failed their checksum: recomputed",
+    "verify_seconds": "Seconds spent hashing loaded chunks",
+    "saved_chunks": "Chunks saved to the agent",
+    "saved_bytes": "Bytes saved to the agent",
+    "save_skipped": "Chunks not saved: the agent had no room or could not be reached",
+    "save_duplicates": "Chunks the agent already held when saved (nothing copied)",
+    "agent_unavailable": "Calls skipped or failed because the agent could not be reached",
+    "agent_slow": "Agent calls that missed their deadline",
+    "transfers_out": "Prefill requests that returned kv_transfer_params for a decode engine",
+    "transfers_in": "Decode requests whose prompt KV came from a prefill engine's transfer",
+    "transfer_tokens": "Prompt tokens promised to vLLM from prefill/decode transfers",
+    "call_seconds": "Seconds spent in connector calls that talk to the agent or copy KV",
+    "async_wait_seconds": "Seconds loads off the step waited for the agent's chunks",
+    "async_copy_seconds": "Seconds loads off the step spent copying into the KV cache",
+    "async_queue_seconds": "Seconds loads off the step waited for a load thread",
+}
+"""Help text of each ``ConnectorCounters`` field on the API server's ``/metrics``."""
+
+
+class MeshKVPromMetrics(KVConnectorPromMetrics):
+    """The connector's counters as Prometheus counters on the vLLM API server's
+    ``/metrics`` (``vllm:meshkv_load_errors_total`` ...), one child per engine, fed by the
+    increments vLLM collects each step through ``get_kv_connector_stats``."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._by_name: dict[str, dict[int, Any]] = {}
+        for f in fields(ConnectorCounters):
+            metric = self._counter_cls(
+                name=f"vllm:meshkv_{f.name}",
+                documentation=f"meshkv connector: {PROM_HELP.get(f.name, f.name)}",
+                labelnames=labelnames,
+            )
+            self._by_name[f.name] = create_metric_per_engine(metric, per_engine_labelvalues)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            children = self._by_name.get(name)
+            if children is not None and isinstance(value, int | float) and value > 0:
+                children[engine_idx].inc(value)
 
 
 def delta(now: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
