@@ -38,7 +38,9 @@ open loop (Poisson arrivals at each ``--rates`` value, requests/s; a chat arriva
 next ready user and waits for one when none is). Each run uses fresh content, so it starts
 cold. Per run: completed/failed, requests/s, output tokens/s, TTFT p50/p90/p99, ITL p50/p99,
 and where the prompt tokens came from (computed, vLLM's prefix cache, the connector; for
-meshkv split by tier from the agent's counters), and what the engine held meanwhile
+meshkv split by tier from the agent's counters, and the chunks the connector promised but
+could not load, ``ld err``: vLLM counts those as connector hits although it computed them),
+and what the engine held meanwhile
 (:class:`~meshkv.bench.serve_runs.Occupancy`: requests running and waiting, KV cache use,
 preemptions — an engine whose KV cache cannot hold ``--concurrency`` prompts runs fewer
 side by side, whatever the cache serves). ``--chunk-tokens`` sets the chunk size of both
@@ -284,6 +286,8 @@ class Stack:
             "connector": prometheus_sum(text, "vllm:external_prefix_cache_hits_total"),
         }
         if self.agent is not None:
+            # promised but not loaded (computed after all): only the connector counts these
+            out["load_errors"] = prometheus_sum(text, "vllm:meshkv_load_errors_total")
             agent_text = http_get(self.agent.url + "/metrics", timeout=10).decode()
             for tier in ("cpu", "ssd", "peer"):
                 out[f"chunks_{tier}"] = prometheus_sum(
@@ -396,6 +400,8 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
         for name in ("demotions_dropped", "promotions", "promotion_failures",
                      "ssd_writes_refused", "lookup_miss_chunks"):  # fmt: skip
             out[name] = d[name]
+    if "load_errors" in d:
+        out["load_error_chunks"] = d["load_errors"]
     if d.get("flights"):
         out["flights"] = d["flights"]
         out["flight_ms_mean"] = 1000 * d["flight_s"] / d["flights"]

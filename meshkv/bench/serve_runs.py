@@ -28,7 +28,9 @@ class Run:
     warmup: load.Summary | None
     tokens: dict[str, float] = field(default_factory=dict)
     """Prompt tokens of the measured requests by source: computed, prefix_cache, connector
-    (meshkv: cpu, ssd, peer)."""
+    (meshkv: cpu, ssd, peer), as vLLM counts them at scheduling; meshkv arms also
+    ``load_error_chunks``, chunks the connector promised but could not load (computed
+    after all, which vLLM's counters do not show)."""
     load_avg: float = 0.0
     ttfts: list[float] = field(default_factory=list)
     engine: dict[str, float] = field(default_factory=dict)
@@ -119,7 +121,7 @@ def _mean(engine: dict[str, float], gauge: str, scale: float = 1.0) -> str:
 
 def runs_table(runs: list[Run]) -> str:
     head = ("workload", "arm", "load", "ok", "fail", "req/s", "tok/s", "ttft p50", "p90", "p99",
-            "itl p50", "p99", "computed", "prefix", "connector", "cpu", "ssd", "running",
+            "itl p50", "p99", "computed", "ld err", "prefix", "connector", "cpu", "ssd", "running",
             "waiting", "kv %", "preempt", "la")  # fmt: skip
     rows = [head]
     for r in runs:
@@ -139,6 +141,7 @@ def runs_table(runs: list[Run]) -> str:
                 ms(s.itl_p50),
                 ms(s.itl_p99),
                 f"{t.get('computed', 0):.0f}",
+                f"{t['load_error_chunks']:.0f}" if "load_error_chunks" in t else "",
                 f"{t.get('prefix_cache', 0):.0f}",
                 f"{t.get('connector', 0):.0f}",
                 f"{t['cpu']:.0f}" if "cpu" in t else "",
