@@ -42,9 +42,9 @@ class ConnectorConfig:
     started (a 2 MiB chunk took 10-18 ms here); a chunk not in memory by then is computed,
     and its promotion goes on for the next request. (0.75 s in all by default: on a disk
     throttled to 84 MB/s no load here needed longer, where 0.5 s in all cut some and the
-    engine computed them, which on CPU costs far more than the wait.) 0: load SSD hits off the step like
-    peer hits (the request waits while others run, and its blocks stay allocated
-    meanwhile)."""
+    engine computed them, which on CPU costs far more than the wait.) 0: load SSD hits off
+    the step like peer hits (the request waits while others run, and its blocks stay
+    allocated meanwhile)."""
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
     transfer_save_timeout_s: float = 2.0
