@@ -20,7 +20,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
 )
-from vllm.v1.metrics.utils import create_metric_per_engine
 
 
 @dataclass(slots=True)
@@ -200,7 +199,9 @@ class MeshKVPromMetrics(KVConnectorPromMetrics):
                 documentation=f"meshkv connector: {PROM_HELP.get(f.name, f.name)}",
                 labelnames=labelnames,
             )
-            self._by_name[f.name] = create_metric_per_engine(metric, per_engine_labelvalues)
+            self._by_name[f.name] = {  # one child per engine, as vLLM's own metrics have
+                idx: metric.labels(*values) for idx, values in per_engine_labelvalues.items()
+            }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
