@@ -185,6 +185,34 @@ def test_a_preempted_request_loads_again_and_a_failed_load_is_computed() -> None
     assert side.get_num_new_matched_tokens(req3, 0) == (0, False)  # type: ignore[arg-type]
 
 
+def test_a_failed_load_plans_its_saves_and_transfer_hold_again() -> None:
+    """A prefill request whose load fails: the worker skips that step's saves and hold (the
+    blocks are not valid), so the scheduler plans them again for the recomputed blocks.
+    Before, the loaded chunks counted as stored and the hold as sent: the chunks computed
+    after the failure were never saved and the decode engine computed them again."""
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent, block_hits=False)
+    req = Request("p1", tokens(150), {"do_remote_decode": True})
+    full = keys_of(side, req)
+    agent.tiers = {full[0]: "cpu"}
+    assert side.get_num_new_matched_tokens(req, 0) == (CHUNK, False)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req, Blocks(list(range(10))), CHUNK)  # type: ignore[arg-type]
+    manager.blocks["p1"] = list(range(10))
+    meta = side.build_connector_meta(step_output([("p1", CHUNK, 150 - CHUNK)]))  # type: ignore[arg-type]
+    (load,) = meta.loads
+    (save,) = meta.saves
+    assert [c.index for c in save.chunks] == [1, 2] and save.hold is not None  # 1 + the tail
+    transfer_id = save.hold.transfer_id
+    side.load_failures((), {load.chunks[0].blocks[0][1]})  # its first block was not loaded
+    # vLLM computes the request again from that block
+    meta = side.build_connector_meta(step_output([("p1", 0, 150)]))  # type: ignore[arg-type]
+    (save,) = meta.saves
+    assert [c.index for c in save.chunks] == [0, 1, 2]
+    assert save.hold is not None and save.hold.transfer_id == transfer_id
+    # a load that did not fail changes nothing: the next step saves nothing more
+    assert side.build_connector_meta(step_output([("p1", 150, 1)])).saves == []  # type: ignore[arg-type]
+
+
 def test_ssd_hits_load_inside_the_step_unless_ssd_sync_wait_is_zero() -> None:
     for wait, is_async, wait_s in ((0.25, False, 0.25), (0.0, True, 2.0)):
         agent = FakeSchedulerAgent()

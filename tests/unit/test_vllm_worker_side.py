@@ -439,8 +439,9 @@ def _damaged_arena(device: str) -> FakeWorkerAgent:
     return agent
 
 
-def _load_and_save(request: str) -> MeshKVConnectorMetadata:
-    """One step of ``request``: load key(1) into blocks 10-13, save key(5) from 14-17."""
+def _load_and_save(request: str, hold: HoldSpec | None = None) -> MeshKVConnectorMetadata:
+    """One step of ``request``: load key(1) into blocks 10-13, save key(5) from 14-17
+    (and hold both for a transfer, with ``hold``)."""
     return MeshKVConnectorMetadata(
         CHUNK,
         loads=[
@@ -450,22 +451,25 @@ def _load_and_save(request: str) -> MeshKVConnectorMetadata:
                 is_async=False,
             )
         ],
-        saves=[SaveSpec(request, (ChunkSave((key(5),), (14, 15, 16, 17), 1, 64),))],
+        saves=[SaveSpec(request, (ChunkSave((key(5),), (14, 15, 16, 17), 1, 64),), hold)],
     )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_request_that_read_a_damaged_chunk_saves_nothing_in_that_step(device: str) -> None:
-    """What the step computed from damaged KV is never committed (it would be served)."""
+    """What the step computed from damaged KV is never committed (it would be served), nor
+    held for a decode engine: the scheduler plans the save and the hold again once the
+    request is computed again."""
     agent = _damaged_arena(device)
     dst, _ = worker(FakeWorkerAgent(), device)
     share(dst, agent)
-    meta = _load_and_save("d")
+    meta = _load_and_save("d", HoldSpec("t-9", ((key(1),), (key(5),)), 20.0, None))
     dst.prepare(meta)
     dst.start_load_kv(meta)
     dst.wait_for_save(meta)
     drain(dst)
     assert key(5) not in agent.committed and key(5) in agent.aborted
+    assert agent.holds == []
     assert dst.get_block_ids_with_load_errors() == {10, 11, 12, 13}
     dst.close()
     agent.close()

@@ -133,6 +133,9 @@ class _RequestState:
     """vLLM reported a block of the last load, or the request, as failed to load."""
     preemptions_at_load: int = 0
     """vLLM's ``num_preemptions`` of the request when the last load was planned."""
+    saves_at_load: tuple[int, bool, bool, bool] | None = None
+    """``saved_chunks``, ``tail_saved``, ``block_tail_saved`` and ``held`` before the last
+    load was planned: a failed load puts them back (``load_failures``)."""
     reloads: int = 0
     extra_keys: list[tuple[ChunkKey, ...]] = field(default_factory=list)
     """Keys of chunks filled during decoding (``save_decode_tokens``)."""
@@ -484,6 +487,9 @@ class SchedulerSide:
         else:  # inside the step: memory hits need no wait, SSD hits their promotion
             wait = self._cfg.ssd_sync_wait_s if state.ssd_hit else 0.0
         state.load_issued = True
+        state.saves_at_load = (
+            state.saved_chunks, state.tail_saved, state.block_tail_saved, state.held
+        )  # fmt: skip
         # The promised chunks are in the agent already: saving them again would cost a
         # reserve round-trip (answered "exists") on the engine's critical path every step.
         loaded_chunks = (state.local_computed + num_external_tokens) // self._cfg.chunk_tokens
@@ -619,11 +625,23 @@ class SchedulerSide:
         for req_id in failed_requests:
             state = self._requests.get(req_id)
             if state is not None:
-                state.load_failed = True
+                self._load_failed(state)
         if invalid_blocks:
             for state in self._requests.values():
                 if state.load_blocks and not state.load_blocks.isdisjoint(invalid_blocks):
-                    state.load_failed = True
+                    self._load_failed(state)
+
+    @staticmethod
+    def _load_failed(state: _RequestState) -> None:
+        """The worker skipped the saves (and the transfer hold) it was given for the request
+        in the step whose load failed, and the chunks planning the load counted as stored
+        may not be: plan them again from where they stood before the load, so the
+        recomputed blocks are saved and, on a prefill engine, held for the decode engine."""
+        state.load_failed = True
+        if state.saves_at_load is not None:
+            (state.saved_chunks, state.tail_saved, state.block_tail_saved,
+             state.held) = state.saves_at_load  # fmt: skip
+            state.saves_at_load = None
 
     def request_finished(
         self, request: Request, block_ids: list[int]

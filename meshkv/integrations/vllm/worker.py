@@ -551,9 +551,10 @@ class WorkerSide:
                 self._counters.save_skipped += len(chunks)
                 raise
             copied = device.end_saves() if device is not None else None
-            self._save_pool.submit(
-                self._finish_save, done, views, tokens, skipped, meta.saves, copied
-            )
+            with self._lock:  # a request whose load failed: no saves, and no hold either
+                failed = set(self._failed_reqs)
+            specs = [spec for spec in meta.saves if spec.req_id not in failed]
+            self._save_pool.submit(self._finish_save, done, views, tokens, skipped, specs, copied)
         finally:
             self._reserving = None
             self._reserved_for = []
