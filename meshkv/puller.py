@@ -382,9 +382,7 @@ class Puller:
                 may.append(flight.task)
         if must:
             await asyncio.wait(must, timeout=ssd_wait)
-            late = sum(1 for task in must if not task.done())
-            if late:
-                self.stats.reads_late_ssd += late
+            self.stats.reads_late_ssd += sum(1 for task in must if not task.done())
         if may and wait > 0:
             left = wait if ssd_wait is None else started + wait - loop.time()
             if left > 0:

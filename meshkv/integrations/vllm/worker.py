@@ -484,11 +484,13 @@ class WorkerSide:
 
     # --- saves -------------------------------------------------------------------------
 
-    def _save_chunks(self, meta: MeshKVConnectorMetadata) -> list[ChunkSave]:
+    def _savable(self, meta: MeshKVConnectorMetadata) -> list[SaveSpec]:
+        """The step's saves, less those of requests whose load failed in this step: their
+        blocks are not valid yet, so neither their chunks nor their transfer hold go out
+        (the scheduler plans both again)."""
         with self._lock:
-            skip = set(self._failed_reqs)
-        # A request whose load failed in this step holds blocks that are not valid yet.
-        return [c for spec in meta.saves if spec.req_id not in skip for c in spec.chunks]
+            failed = set(self._failed_reqs)
+        return [spec for spec in meta.saves if spec.req_id not in failed]
 
     def _start_reserve(self, meta: MeshKVConnectorMetadata) -> None:
         """Send this step's reserve now, so the answer comes while the forward pass runs."""
@@ -511,7 +513,7 @@ class WorkerSide:
 
     def wait_for_save(self, meta: MeshKVConnectorMetadata) -> None:
         self._settle_layers()
-        self._settle_checks()  # before choosing what to save (``_save_chunks``)
+        self._settle_checks()  # before choosing what to save (``_savable``)
         caches = self._caches
         if not meta.saves or caches is None:
             return
@@ -520,7 +522,8 @@ class WorkerSide:
         device = self._device
         try:
             slots = self._reserved_slots()
-            wanted = {id(c) for c in self._save_chunks(meta)}
+            specs = self._savable(meta)
+            wanted = {id(c) for spec in specs for c in spec.chunks}
             done: list[ChunkKey] = []
             views: list[memoryview] = []
             tokens: list[int] = []
@@ -551,9 +554,6 @@ class WorkerSide:
                 self._counters.save_skipped += len(chunks)
                 raise
             copied = device.end_saves() if device is not None else None
-            with self._lock:  # a request whose load failed: no saves, and no hold either
-                failed = set(self._failed_reqs)
-            specs = [spec for spec in meta.saves if spec.req_id not in failed]
             self._save_pool.submit(self._finish_save, done, views, tokens, skipped, specs, copied)
         finally:
             self._reserving = None
