@@ -59,6 +59,7 @@ DEFAULT_NAMESPACE = Namespace(model="default")
 # Ops that may be retried once on a fresh connection when the old one turned out dead:
 # they change nothing, or what they changed died with the old agent anyway.
 _RETRYABLE = frozenset({Op.HELLO, Op.PING, Op.LOOKUP, Op.READ, Op.STATS})
+_RETRYABLE_ON_NEW_AGENT = frozenset({Op.RESERVE})
 
 
 ArenaHooks = tuple[Callable[[memoryview], None], Callable[[memoryview], None]]
@@ -395,15 +396,19 @@ class AgentClient:
         self, op: Op, fields: dict[str, Any], budget: float | None = None
     ) -> dict[str, Any]:
         deadline = time.monotonic() + (budget if budget is not None else self.timeout)
+        before = self._info.arena_name if self._info is not None else None
         fresh = self._ensure_connected(deadline)
         try:
             return self._exchange(op, fields, deadline)
         except AgentUnavailable:
-            # The agent went away since our last call. Retrying is safe only for ops
-            # whose effect (if any) died with the old agent, and only once.
-            if fresh or op not in _RETRYABLE:
+            # The agent went away since our last call. Retry once: ops without effect,
+            # and a reserve when another agent answers (restarted: nothing the old one
+            # did survives; the arena is new), which a step's saves start with.
+            if fresh or op not in _RETRYABLE | _RETRYABLE_ON_NEW_AGENT:
                 raise
             self._ensure_connected(deadline)
+            if op not in _RETRYABLE and (self._info is None or self._info.arena_name == before):
+                raise
             return self._exchange(op, fields, deadline)
 
     def _exchange(self, op: Op, fields: dict[str, Any], deadline: float) -> dict[str, Any]:

@@ -161,6 +161,30 @@ def test_client_reconnects_after_agent_restart(agent: AgentProcess) -> None:
         assert c.get(b"r" * 16) == b"after restart"
 
 
+def test_a_reserve_after_an_agent_restart_goes_to_the_new_agent(agent: AgentProcess) -> None:
+    """A step's saves start with a reserve on a connection the restart broke: it is sent
+    again to the new agent (nothing the old one did survives), so an engine does not lose
+    the step's saves and open its breaker over an agent upgrade. An op that refers to the
+    old agent's state (a commit of its reservations) is not sent again."""
+    with agent.client(timeout=1.0) as c:
+        assert c.put(b"s" * 16, b"before restart")
+        first_arena = c.hello().arena_name
+        agent.stop()
+        agent.start()
+        (slot,) = c.reserve([b"n" * 16], [5])
+        assert slot is not None
+        assert c.hello().arena_name != first_arena
+        slot.view[:5] = b"fresh"
+        c.commit([b"n" * 16], [0])
+        assert c.get(b"n" * 16) == b"fresh"
+        (pending,) = c.reserve([b"p" * 16], [5])
+        assert pending is not None
+        agent.stop()
+        agent.start()
+        with pytest.raises(AgentUnavailable):
+            c.commit([b"p" * 16], [0])
+
+
 def test_arena_is_mapped_only_for_data_ops(agent: AgentProcess) -> None:
     def mapped() -> bool:
         with open("/proc/self/maps") as f:
