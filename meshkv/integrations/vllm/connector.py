@@ -59,6 +59,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def async_scheduling(vllm_config: VllmConfig) -> bool:
+    """Whether the engine runs vLLM's asynchronous scheduler (every GPU engine by default)."""
+    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+
+
 class MeshKVConnector(KVConnectorBase_V1):
     """KV connector that stores and loads prompt chunks through the local meshkv agent."""
 
@@ -106,6 +111,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 events=EventLog(vllm_config.parallel_config.tensor_parallel_size)
                 if publishes_kv_events(vllm_config)
                 else None,
+                in_step_loads=not async_scheduling(vllm_config),
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -120,13 +126,14 @@ class MeshKVConnector(KVConnectorBase_V1):
             )
             self._worker.report_saves = publishes_kv_events(vllm_config)
         logger.info(
-            "meshkv connector (%s, %s) for %s: %s, chunk %d tokens, agent %s",
+            "meshkv connector (%s, %s) for %s: %s, chunk %d tokens, agent %s, loads %s",
             role.name.lower(),
             transfer.kv_role,
             self._layout.model,
             self._layout.packing,
             self._cfg.chunk_tokens,
             self._cfg.socket_path,
+            "off the step (async scheduling)" if async_scheduling(vllm_config) else "in the step",
         )
 
     @property

@@ -176,8 +176,16 @@ class SchedulerSide:
         load_enabled: bool,
         save_enabled: bool,
         events: EventLog | None = None,
+        in_step_loads: bool = True,
     ) -> None:
         self._cfg = cfg
+        self._in_step_loads = in_step_loads
+        """Whether loads may run inside the step. Not under vLLM's async scheduling: the
+        scheduler has planned the request's next step (with an output placeholder) before
+        a failed in-step load comes back, and vLLM's rollback of a running request leaves
+        that placeholder (vllm#49250): the recomputed step then feeds an invalid token id
+        and the engine dies. A request loading off the step waits in WAITING_FOR_REMOTE_KVS,
+        unscheduled, and its failure rolls back cleanly."""
         self.events = events
         """vLLM KV events of confirmed saves (None: the engine publishes no KV events)."""
         self._layout = layout
@@ -452,7 +460,7 @@ class SchedulerSide:
         if hit_tokens <= num_computed_tokens:
             return 0, False
         new_tokens = hit_tokens - num_computed_tokens
-        return new_tokens, not state.all_local
+        return new_tokens, not (state.all_local and self._in_step_loads)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -479,7 +487,7 @@ class SchedulerSide:
                 break
             loads.append(ChunkLoad(keys=chunks[c].keys, blocks=writes, num_blocks=n))
         consumer = state.consumer is not None
-        is_async = consumer or not state.all_local
+        is_async = consumer or not (state.all_local and self._in_step_loads)
         if consumer:
             wait = self._cfg.transfer_timeout_s
         elif is_async:
