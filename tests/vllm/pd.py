@@ -173,6 +173,7 @@ def _server(
     template: Path,
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
     kv_bytes: int | None = None,
+    async_scheduling: bool = False,
 ) -> HttpProcess:
     port = free_port()
     transfer = None
@@ -185,7 +186,8 @@ def _server(
         sizes = {"kv_cache_memory_bytes": kv_bytes, "max_model_len": 1100}
     cmd = vllm_server_command(
         sys.executable, model, port, served_name="tiny", kv_transfer_config=transfer,
-        extra=["--enforce-eager", "--chat-template", str(template)], **sizes,
+        extra=["--enforce-eager", "--chat-template", str(template)],
+        async_scheduling=async_scheduling, **sizes,
     )  # fmt: skip
     # vLLM's response store on, as a deployment whose clients chain Responses requests
     # (previous_response_id) has it
@@ -201,10 +203,16 @@ _BASELINES: dict[str, dict[str, str]] = {}
 
 @contextlib.contextmanager
 def pd_stack(
-    transport: str, tiny_model: str, workdir: Path, decode_kv_bytes: int | None = None
+    transport: str,
+    tiny_model: str,
+    workdir: Path,
+    decode_kv_bytes: int | None = None,
+    async_scheduling: bool = False,
 ) -> Iterator[Stack]:
     """Build the stack (about a minute on two cores); everything is stopped after.
-    ``decode_kv_bytes``: the decode engine's KV cache (default: the launcher's 64 MiB)."""
+    ``decode_kv_bytes``: the decode engine's KV cache (default: the launcher's 64 MiB).
+    ``async_scheduling``: both engines run vLLM's asynchronous scheduler (the plain
+    engine of the reference outputs does not)."""
     template = workdir / "chat.jinja"
     template.write_text(TEMPLATE)
     reqs = requests_of("tiny")
@@ -235,9 +243,13 @@ def pd_stack(
         procs.append(da)
         wait_converged([pa, da])
         wait = TRANSFER_TIMEOUT_S if transport == "tcp" else UCX_TRANSFER_TIMEOUT_S
-        prefill = _server("prefill", tiny_model, workdir, pa, template, wait)
+        prefill = _server(
+            "prefill", tiny_model, workdir, pa, template, wait, async_scheduling=async_scheduling
+        )
         procs.append(prefill)
-        decode = _server("decode", tiny_model, workdir, da, template, wait, decode_kv_bytes)
+        decode = _server(
+            "decode", tiny_model, workdir, da, template, wait, decode_kv_bytes, async_scheduling
+        )
         procs.append(decode)
         port = free_port()
         proxy = HttpProcess(
