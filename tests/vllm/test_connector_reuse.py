@@ -116,6 +116,35 @@ def test_agent_killed_while_serving_then_restarted(
     assert counters["load_errors"] == 0
 
 
+def test_an_agent_restart_costs_the_engine_no_saves(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+) -> None:
+    """An agent restarted between two requests (an upgrade): the engine's connections to
+    the old agent are broken, and the next step's first call is its saves' reserve. It is
+    sent again to the new agent, so the step saves its chunks and the agent is never
+    marked down (before: the 3 saves were skipped and the breaker opened)."""
+    agent = agents().start()
+    run = engine(
+        [prompts.a, prompts.c, prompts.c], connector={"socket_path": agent.socket_path},
+        pause_before=[1],
+    )  # fmt: skip
+    run.wait_ready(1)
+    agent.stop()
+    agent.start()  # a new arena, nothing stored
+    run.go(1)
+    result = run.result()
+    assert [o["tokens"] for o in result["outputs"]] == [baseline["a"], baseline["c"], baseline["c"]]
+    assert [o["cached_tokens"] for o in result["outputs"]] == [0, 0, 640]
+    counters = result["counters"]
+    assert counters["save_skipped"] == 0
+    assert counters["agent_unavailable"] == 0
+    with agent.client() as client:
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 3  # C's two chunks and its cut
+
+
 def test_vllm_prefix_cache_hits_come_first_and_meshkv_loads_the_rest(
     engine: Callable[..., EngineRun],
     agents: Callable[..., AgentProcess],
