@@ -170,7 +170,8 @@ def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture
 def openai_server(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., HttpProcess]]:
     """Start real vLLM OpenAI servers on the tiny model:
-    ``openai_server(agent=None | AgentProcess, role="kv_both", extra_config={}, args=[])``;
+    ``openai_server(agent=None | AgentProcess, role="kv_both", extra_config={}, args=[],
+    async_scheduling=False)``;
     every one is stopped after the test."""
     servers: list[HttpProcess] = []
 
@@ -182,6 +183,7 @@ def openai_server(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., Htt
         args: list[str] | None = None,
         prefix_caching: bool = False,
         env: dict[str, str] | None = None,
+        async_scheduling: bool = False,
     ) -> HttpProcess:
         port = free_port()
         transfer = None
@@ -190,7 +192,7 @@ def openai_server(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., Htt
         cmd = vllm_server_command(
             sys.executable, tiny_model, port, served_name="tiny",
             kv_transfer_config=transfer, prefix_caching=prefix_caching,
-            extra=["--enforce-eager", *(args or [])],
+            extra=["--enforce-eager", *(args or [])], async_scheduling=async_scheduling,
         )  # fmt: skip
         server = HttpProcess(
             f"vllm-{len(servers)}",

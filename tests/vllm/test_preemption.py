@@ -33,13 +33,19 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return post(url, body, timeout=240)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 def test_a_preempted_request_is_loaded_again_not_computed(
-    openai_server: Callable[..., HttpProcess], agents: Callable[..., AgentProcess]
+    openai_server: Callable[..., HttpProcess],
+    agents: Callable[..., AgentProcess],
+    async_scheduling: bool,
 ) -> None:
+    """Also under vLLM's async scheduling, where the reload runs off the step."""
     agent = agents().start()
     # ~3,900 tokens of KV: four requests of 700 + 380 tokens cannot all stay.
     server = openai_server(
-        agent, args=["--kv-cache-memory-bytes", str(2 << 20), "--max-model-len", "1100"]
+        agent,
+        args=["--kv-cache-memory-bytes", str(2 << 20), "--max-model-len", "1100"],
+        async_scheduling=async_scheduling,
     )
     url = server.base_url + "/v1/completions"
     for prompt in PROMPTS:  # computed and saved, one at a time
@@ -78,3 +84,5 @@ def test_a_preempted_request_is_loaded_again_not_computed(
     assert grew("vllm:meshkv_reloads_total") >= 1
     assert grew("vllm:meshkv_loaded_chunks_total") >= READS_PER_LOAD * (len(PROMPTS) + 1)
     assert grew("vllm:meshkv_load_errors_total") == 0
+    if async_scheduling:  # every load (the reloads too) ran off the step
+        assert grew("vllm:meshkv_async_loads_total") >= len(PROMPTS) + 1
