@@ -16,6 +16,7 @@ import pytest
 from meshkv.chunk import ChunkKey
 from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, ConfigError
+from meshkv.integrations.vllm.connector import off_step_reason
 from meshkv.integrations.vllm.scheduler import SchedulerSide
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
@@ -93,10 +94,13 @@ def step_output(new: list[tuple[str, int, int]]) -> Any:
     )
 
 
-def scheduler(agent: FakeSchedulerAgent, **kw: Any) -> tuple[SchedulerSide, Manager]:
+def scheduler(
+    agent: FakeSchedulerAgent, in_step_loads: bool = True, **kw: Any
+) -> tuple[SchedulerSide, Manager]:
     side = SchedulerSide(
-        config(**kw), LAYOUT, ConnectorCounters(), agent, load_enabled=True, save_enabled=True
-    )
+        config(**kw), LAYOUT, ConnectorCounters(), agent, load_enabled=True, save_enabled=True,
+        in_step_loads=in_step_loads,
+    )  # fmt: skip
     manager = Manager()
     side.bind_kv_cache_manager(manager)  # type: ignore[arg-type]
     return side, manager
@@ -135,6 +139,35 @@ def test_local_hits_are_whole_chunks_and_loads_map_blocks() -> None:
     assert spec.chunks[1].blocks == ((0, 104), (1, 105), (2, 106), (3, 107))
     assert len(agent.lookups) == 1 and agent.lookups[0][1] is None
     assert side.request_finished(req, []) == (False, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("scheduler_config", "v2", "reason"),
+    [
+        ({"async_scheduling": False}, False, None),
+        ({"async_scheduling": True}, False, "async scheduling"),
+        ({"async_scheduling": False}, True, "model runner V2"),
+        ({}, False, None),  # a vLLM without the setting
+    ],
+)
+def test_engines_that_cannot_roll_back_a_running_request_load_off_the_step(
+    scheduler_config: dict[str, Any], v2: bool, reason: str | None
+) -> None:
+    vllm_config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(**scheduler_config), use_v2_model_runner=v2
+    )
+    assert off_step_reason(vllm_config) == reason  # type: ignore[arg-type]
+
+
+def test_memory_hits_load_off_the_step_where_the_engine_requires_it() -> None:
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent, in_step_loads=False)
+    req = Request("r1", tokens(200))
+    agent.tiers = {k: "cpu" for k in keys_of(side, req)[:2]}
+    assert side.get_num_new_matched_tokens(req, 0) == (128, True)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req, Blocks(list(range(100, 113))), 128)  # type: ignore[arg-type]
+    (spec,) = side.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
+    assert spec.is_async and spec.wait_s == config().load_timeout_s
 
 
 def test_a_preempted_request_loads_again_and_a_failed_load_is_computed() -> None:

@@ -59,9 +59,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def async_scheduling(vllm_config: VllmConfig) -> bool:
-    """Whether the engine runs vLLM's asynchronous scheduler (every GPU engine by default)."""
-    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+def off_step_reason(vllm_config: VllmConfig) -> str | None:
+    """Why this engine must load every hit off the step (None: it may load in the step).
+
+    A failed in-step load makes vLLM roll back a *running* request, and two parts of vLLM
+    0.32 get that wrong (vllm#49250): the async scheduler leaves the request's output
+    placeholder (the recomputation feeds an invalid token id: the engine dies, as
+    ``tests/vllm/test_async_scheduling.py`` showed with in-step loads), and model runner
+    V2 — GPU engines' default — moves only its CPU copy of ``num_computed_tokens`` back,
+    so the recomputation reads tokens and positions from the wrong offset (wrong output;
+    read in vLLM's code, not run: V2 needs Triton on a GPU). A request that loads off the
+    step is not running yet, and a failure rolls it back cleanly in both."""
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return "async scheduling"
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        return "model runner V2"
+    return None
 
 
 class MeshKVConnector(KVConnectorBase_V1):
@@ -111,7 +124,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 events=EventLog(vllm_config.parallel_config.tensor_parallel_size)
                 if publishes_kv_events(vllm_config)
                 else None,
-                in_step_loads=not async_scheduling(vllm_config),
+                in_step_loads=off_step_reason(vllm_config) is None,
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -133,7 +146,7 @@ class MeshKVConnector(KVConnectorBase_V1):
             self._layout.packing,
             self._cfg.chunk_tokens,
             self._cfg.socket_path,
-            "off the step (async scheduling)" if async_scheduling(vllm_config) else "in the step",
+            f"off the step ({why})" if (why := off_step_reason(vllm_config)) else "in the step",
         )
 
     @property

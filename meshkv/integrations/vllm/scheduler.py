@@ -180,12 +180,10 @@ class SchedulerSide:
     ) -> None:
         self._cfg = cfg
         self._in_step_loads = in_step_loads
-        """Whether loads may run inside the step. Not under vLLM's async scheduling: the
-        scheduler has planned the request's next step (with an output placeholder) before
-        a failed in-step load comes back, and vLLM's rollback of a running request leaves
-        that placeholder (vllm#49250): the recomputed step then feeds an invalid token id
-        and the engine dies. A request loading off the step waits in WAITING_FOR_REMOTE_KVS,
-        unscheduled, and its failure rolls back cleanly."""
+        """Whether loads may run inside the step: not where vLLM cannot roll back a
+        running request whose load failed (async scheduling, model runner V2; see
+        ``connector.off_step_reason``). A request loading off the step waits in
+        WAITING_FOR_REMOTE_KVS, unscheduled, and its failure rolls back cleanly."""
         self.events = events
         """vLLM KV events of confirmed saves (None: the engine publishes no KV events)."""
         self._layout = layout
