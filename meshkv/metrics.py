@@ -460,6 +460,12 @@ class PullerCollector(Collector):
             "running at the read's deadline (computed by the engine; the promotion goes on)",
             value=st.reads_late_ssd,
         )
+        yield CounterMetricFamily(
+            "meshkv_read_promotions",
+            "SSD promotions a read started itself: the chunk left memory between its lookup "
+            "and its read (a CPU tier too small for the requests in flight)",
+            value=st.read_promotions,
+        )
         hist = HistogramMetricFamily(
             "meshkv_flight_seconds", "Seconds from a flight's start until its chunk was resident"
         )

@@ -30,10 +30,11 @@ tier at once, so the remote tier adds no round trip to it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -157,6 +158,10 @@ class PullerStats:
     reads_late_ssd: int = 0
     """Chunks a read with a deadline answered without because their promotion from SSD
     was still running (the engine computes them; the promotion goes on)."""
+    read_promotions: int = 0
+    """SSD promotions a read started itself: the chunk left memory between the request's
+    lookup (which promotes or found it there) and its read — the CPU tier too small for
+    the requests in flight, each such chunk read from disk twice."""
 
 
 @dataclass(slots=True)
@@ -352,6 +357,7 @@ class Puller:
         *,
         peers: bool = True,
         ssd_wait: float | None = None,
+        on_resident: Callable[[ChunkKey], None] | None = None,
     ) -> None:
         """Before a read of ``keys``: promote those on SSD and wait up to ``wait`` seconds
         for the flights already bringing the others. The promotions are waited for in full
@@ -360,22 +366,29 @@ class Puller:
         the late chunks to be computed, and the promotions go on for the next reader,
         instead of answering after the engine stopped listening). ``peers=False`` (a peer
         asking for a chunk) waits only for local sources: SSD and a writer's pending
-        commit."""
+        commit. ``on_resident(key)`` is called as each awaited chunk arrives, so the reader
+        can pin it at once (chunks that arrive early would otherwise be evicted by later
+        arrivals before the read pins them all); it may be called after this returns."""
         store = self._store
         loop = asyncio.get_running_loop()
         started = loop.time()
         local_deadline = started + self.config.pull_timeout_s
         must: list[asyncio.Task[bool]] = []
         may: list[asyncio.Task[bool]] = []
-        for key in keys:
+        for key, tier in zip(keys, store.peek(ns, keys), strict=True):
+            if tier is Tier.CPU:
+                continue  # in memory already (write-through: on SSD as well)
             flight = self._flights.get(key)
             if flight is None:
                 if store.on_ssd(ns, key):
                     flight = self._start(ns, key, Tier.SSD, local_deadline)
+                    self.stats.read_promotions += flight is not None
                 elif wait > 0 and store.being_written(key):
                     flight = self._start(ns, key, Tier.PEER, loop.time() + wait, local_only=True)
             if flight is None or flight.task is None:
                 continue
+            if on_resident is not None:
+                flight.task.add_done_callback(functools.partial(_arrived, on_resident, key))
             if flight.tier is Tier.SSD:
                 must.append(flight.task)
             elif peers or flight.local_only:
@@ -558,3 +571,11 @@ class Puller:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+
+
+def _arrived(
+    on_resident: Callable[[ChunkKey], None], key: ChunkKey, task: asyncio.Task[bool]
+) -> None:
+    """A flight ended: tell the reader when its chunk is resident."""
+    if not task.cancelled() and task.exception() is None and task.result():
+        on_resident(key)

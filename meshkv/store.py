@@ -367,8 +367,12 @@ class Store:
         owner: int,
         num_tokens: int,
         checksum: int | None = None,
+        *,
+        wanted: bool = False,
     ) -> None:
-        """Make a reserved chunk visible.
+        """Make a reserved chunk visible. ``wanted``: brought in for a reader that has not
+        pinned it yet (a peer pull, a remote-tier fetch, a prefill/decode push): it enters
+        the CPU tier's eviction policy as used once (``CpuTier.commit``).
 
         Without a ``checksum`` the chunk's xxh3-64 is computed in the background right away
         only when something needs it soon: ``verify_reads`` (reads compare against it) or
@@ -377,7 +381,7 @@ class Store:
         path does no hashing at all (docs/tiers.md, "Checksums").
         """
         cpu = self.cpu
-        e = cpu.commit(ns, key, owner, num_tokens, checksum)
+        e = cpu.commit(ns, key, owner, num_tokens, checksum, wanted=wanted)
         write_through = self.config.write_through and self._ssd is not None
         if checksum is None:
             if write_through or self.config.verify_reads:

@@ -282,7 +282,7 @@ class SsdPath:
             if got is None:
                 self._counters.promotion_failures += 1
                 return False
-            cpu.commit(se.ns, key, INTERNAL_OWNER, got.num_tokens, got.checksum)
+            cpu.commit(se.ns, key, INTERNAL_OWNER, got.num_tokens, got.checksum, wanted=True)
             committed = True
             e.on_ssd = True
             self._counted_promotion(key)
@@ -303,7 +303,7 @@ class SsdPath:
         view = cpu.view(e)
         view[:] = staged.buf
         view.release()
-        cpu.commit(staged.ns, key, INTERNAL_OWNER, staged.num_tokens, staged.checksum)
+        cpu.commit(staged.ns, key, INTERNAL_OWNER, staged.num_tokens, staged.checksum, wanted=True)
         if staged.checksum is None:
             self._schedule_checksum(e)
         self._counted_promotion(key)

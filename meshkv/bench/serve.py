@@ -294,7 +294,8 @@ class Stack:
                     agent_text, "meshkv_hit_chunks_total", f'tier="{tier}"'
                 )
             for name in ("demotions", "demotions_dropped", "promotions", "promotion_failures",
-                         "ssd_writes_refused"):  # fmt: skip
+                         "ssd_writes_refused", "read_promotions",
+                         "read_late_ssd_chunks"):  # fmt: skip
                 out[name] = prometheus_sum(agent_text, f"meshkv_{name}_total")
             out["lookup_miss_chunks"] = prometheus_sum(
                 agent_text, "meshkv_lookup_miss_chunks_total"
@@ -399,8 +400,9 @@ def _token_sources(before: dict[str, float], after: dict[str, float]) -> dict[st
     if "demotions" in d:
         out["demoted_chunks"] = d["demotions"]
         for name in ("demotions_dropped", "promotions", "promotion_failures",
-                     "ssd_writes_refused", "lookup_miss_chunks"):  # fmt: skip
-            out[name] = d[name]
+                     "ssd_writes_refused", "lookup_miss_chunks", "read_promotions",
+                     "read_late_ssd_chunks"):  # fmt: skip
+            out[name] = d.get(name, 0.0)
     if "load_errors" in d:
         out["load_error_chunks"] = d["load_errors"]
     if d.get("flights"):

@@ -227,7 +227,7 @@ class Fetcher:
         if not reserved:
             return None  # another path stored it while the bytes were in flight
         try:
-            store.commit(ns, key, MESH_OWNER, record.num_tokens, record.checksum)
+            store.commit(ns, key, MESH_OWNER, record.num_tokens, record.checksum, wanted=True)
         except NotReserved as exc:  # voided: the pull outlived the reservation's deadline
             logger.warning("pull of %s from %s: %s", key.hex(), holder, exc)
             return "expired"

@@ -248,8 +248,9 @@ class PeerServer:
             )
             return Message(MsgKind.ACK, {"stored": False})
         store.commit(
-            reserved.namespace, reserved.key, PUSH_OWNER, reserved.num_tokens, reserved.checksum
-        )
+            reserved.namespace, reserved.key, PUSH_OWNER, reserved.num_tokens, reserved.checksum,
+            wanted=True,
+        )  # fmt: skip
         self.stats.pushes_stored += 1
         return Message(MsgKind.ACK, {"stored": True})
 

@@ -447,9 +447,18 @@ class CpuTier:
         self.unhold(e, gen)
 
     def commit(
-        self, ns: NamespaceId, key: ChunkKey, owner: int, num_tokens: int, checksum: int | None
+        self,
+        ns: NamespaceId,
+        key: ChunkKey,
+        owner: int,
+        num_tokens: int,
+        checksum: int | None,
+        *,
+        wanted: bool = False,
     ) -> Entry:
-        """Make a reserved chunk visible."""
+        """Make a reserved chunk visible. ``wanted``: brought in for a reader (an SSD
+        promotion), so it enters the eviction policy as used once — under S3-FIFO it is not
+        a probation entry that the next few inserts push out before its reader pins it."""
         _check_key(key)
         e = self._index.get(key)
         if e is None or e.state is not State.RESERVED or e.owner != owner or e.ns != ns:
@@ -475,6 +484,8 @@ class CpuTier:
         e.num_tokens = num_tokens
         e.checksum = checksum
         self.policy.insert(e.slot, _fingerprint(key))
+        if wanted:
+            self.policy.touch(e.slot)
         self.counters.stored_bytes += e.size
         return e
 

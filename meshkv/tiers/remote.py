@@ -651,7 +651,7 @@ class RemoteTier:
             return None if store.lookup(ns, [key])[0] is not None else "no_space"
         try:
             store.payload(slot)[:] = payload
-            store.commit(ns, key, REMOTE_OWNER, record.num_tokens, record.checksum)
+            store.commit(ns, key, REMOTE_OWNER, record.num_tokens, record.checksum, wanted=True)
         except NotReserved as exc:
             logger.warning("fetch of %s from the remote tier: %s", key.hex(), exc)
             return "expired"

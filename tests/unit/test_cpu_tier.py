@@ -353,3 +353,29 @@ def test_an_eviction_passes_over_chunks_whose_ssd_write_cannot_start(clock: Cloc
     store(t, 7)  # with room in the queue, the victim is copied out and written
     assert t.counters.demotions_dropped == 1 and len(copies) == 1
     t.close()
+
+
+def test_a_chunk_brought_in_for_a_reader_outlives_probation(clock: Clock) -> None:
+    """S3-FIFO puts new chunks on probation, the first to go; a chunk promoted or pulled
+    for a reader (``wanted``) has been asked for again, so it is not evicted by the next
+    few stores before its reader pins it."""
+
+    def kept(wanted: bool) -> bool:
+        t = make_tier(clock, slots=20, eviction="s3fifo")
+        try:
+            for i in range(10):  # earlier chunks, read once (main queue)
+                store(t, i)
+                e = t.find(NS, key(i))
+                assert e is not None
+                t.release([t.pin(e, 1, 5.0).lease_id], 1)
+            e = t.reserve(NS, key(500), SLOT, 1)
+            assert e is not None
+            t.commit(NS, key(500), 1, 16, None, wanted=wanted)
+            for i in range(1000, 1012):  # other requests' new chunks
+                store(t, i)
+            return t.get(key(500)) is not None
+        finally:
+            t.close()
+
+    assert kept(wanted=True)
+    assert not kept(wanted=False)
