@@ -35,6 +35,7 @@ from meshkv.errors import (
     ConfigError,
     MeshKVError,
     NoSpace,
+    NotPinned,
     NotReserved,
     ProtocolError,
     StoreError,
@@ -597,10 +598,6 @@ class _Connection(asyncio.Protocol):
         ns = self.namespace
         assert ns is not None
         store, owner, lease_s = self.store, self.conn_id, self.server.config.lease_seconds
-        # Pin what is in memory before waiting for the rest: while a slow disk promotes
-        # the others, promotions and saves of other requests would evict these, and a
-        # request's first missing chunk makes the engine compute everything after it
-        # (seen on a disk throttled to 84 MB/s: whole requests recomputed).
         # Pin what is in memory before waiting for the rest, and each of the rest as it
         # arrives: while a slow disk promotes them, promotions and saves of other requests
         # evict whatever is not pinned, and a request's first missing chunk makes the
@@ -628,7 +625,8 @@ class _Connection(asyncio.Protocol):
             pins = await store.read(ns, keys, owner, lease_s, verify=verify)
         finally:
             waiting = False
-            store.release([g.lease_id for g in guards], owner)
+            with contextlib.suppress(NotPinned):  # released already if the caller left
+                store.release([g.lease_id for g in guards], owner)
         if self.transport is None:  # the caller left while we waited; give the pins back
             store.release([p.lease_id for p in pins if p is not None], owner)
             return {}
