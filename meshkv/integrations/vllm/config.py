@@ -44,7 +44,8 @@ class ConnectorConfig:
     throttled to 84 MB/s no load here needed longer, where 0.5 s in all cut some and the
     engine computed them, which on CPU costs far more than the wait.) 0: load SSD hits off
     the step like peer hits (the request waits while others run, and its blocks stay
-    allocated meanwhile)."""
+    allocated meanwhile). Under vLLM's async scheduling or model runner V2 every load runs
+    off the step whatever this says (docs/vllm.md, "What it does")."""
     save_timeout_s: float = 0.5
     """Deadline of each reserve/commit round-trip when saving."""
     transfer_save_timeout_s: float = 2.0
