@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshkv.launch import AgentProcess
+from meshkv.tiers.ssd import SUFFIX, payload_span
+
 ENGINE_TIMEOUT_S = 240.0
 
 _rng = random.Random(20261122)
@@ -97,3 +100,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+def stored_ssd_files(agent: AgentProcess, count: int) -> list[Path]:
+    """The chunk files of a stopped agent's SSD tier (``count`` of them, checked)."""
+    assert agent.ssd_dir is not None
+    files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
+    assert len(files) == count
+    return files
+
+
+def damage_payloads(files: list[Path]) -> None:
+    """Flip one payload byte of each chunk file, leaving its header intact: only the
+    checksum can tell."""
+    for path in files:
+        at = payload_span(str(path))[0] + 1000
+        with path.open("r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0xFF]))

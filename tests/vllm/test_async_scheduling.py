@@ -11,19 +11,25 @@ ordinary scheduler (the ``baseline`` fixture).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meshkv.launch import AgentProcess
-from meshkv.tiers.ssd import SUFFIX, payload_span
-from tests.vllm.engines import EngineRun, Prompts, wait_until
+from tests.vllm.engines import (
+    EngineRun,
+    Prompts,
+    damage_payloads,
+    stored_ssd_files,
+    wait_until,
+)
 
 pytestmark = pytest.mark.vllm
 
 HIT = 640
 """Prompts A, C and E (700+ tokens) each hit two 256-token chunks and a 128-token cut."""
+SSD_RUN = ("a", "c", "e", "c", "a")
+"""The prompts of ``_stored_on_ssd_only``'s engine, in output order."""
 
 
 def _async_engine(engine: Callable[..., EngineRun], prompts: list[Any], **fields: Any) -> EngineRun:
@@ -83,17 +89,9 @@ def _stored_on_ssd_only(
     with agent.client() as client:
         wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 6, what="write-through")
     agent.stop()
-    assert agent.ssd_dir is not None
-    files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
-    assert len(files) == 6
+    files = stored_ssd_files(agent, 6)
     if damage:
-        for path in files:  # flip a payload byte, leave the header intact
-            at = payload_span(str(path))[0] + 1000
-            with path.open("r+b") as f:
-                f.seek(at)
-                byte = f.read(1)
-                f.seek(at)
-                f.write(bytes([byte[0] ^ 0xFF]))
+        damage_payloads(files)
     agent.start()  # a fresh CPU tier: the chunks are on SSD only
     run.go(1)
     result = run.result()
@@ -112,9 +110,7 @@ def test_ssd_hits_load_off_the_step_under_async_scheduling(
     agent = agents(args=["--write-through"]).start()
     result = _stored_on_ssd_only(engine, agent, prompts, {}, damage=False)
     outputs = result["outputs"]
-    assert [o["tokens"] for o in outputs] == [
-        baseline["a"], baseline["c"], baseline["e"], baseline["c"], baseline["a"]
-    ]  # fmt: skip
+    assert [o["tokens"] for o in outputs] == [baseline[n] for n in SSD_RUN]
     assert [o["cached_tokens"] for o in outputs[2:]] == [HIT, HIT, HIT]
     counters = result["counters"]
     assert counters["load_errors"] == 0
@@ -135,9 +131,7 @@ def test_failed_loads_are_recomputed_under_async_scheduling(
     agent = agents(args=["--write-through"]).start()
     result = _stored_on_ssd_only(engine, agent, prompts, {}, damage=True)
     outputs = result["outputs"]
-    assert [o["tokens"] for o in outputs] == [
-        baseline["a"], baseline["c"], baseline["e"], baseline["c"], baseline["a"]
-    ]  # fmt: skip
+    assert [o["tokens"] for o in outputs] == [baseline[n] for n in SSD_RUN]
     counters = result["counters"]
     assert counters["load_errors"] >= 1
     # A request vLLM schedules after another computed and saved the same chunks again

@@ -6,15 +6,13 @@ import json
 import mmap
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meshkv.chunk import Namespace, chunk_keys
 from meshkv.launch import AgentProcess
-from meshkv.tiers.ssd import SUFFIX, payload_span
-from tests.vllm.engines import EngineRun, Prompts, wait_until
+from tests.vllm.engines import EngineRun, Prompts, damage_payloads, stored_ssd_files, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -36,16 +34,7 @@ def test_corrupted_ssd_chunks_are_detected_and_recomputed(
         # Two chunks and the cut of the third (block_hits).
         wait_until(lambda: client.stats()["tiers"]["ssd"]["chunks"] == 3, what="write-through")
     agent.stop()
-    assert agent.ssd_dir is not None
-    files = sorted(Path(agent.ssd_dir).rglob(f"*{SUFFIX}"))
-    assert len(files) == 3
-    for path in files:  # flip payload bytes, leave the header intact
-        at = payload_span(str(path))[0] + 1000
-        with path.open("r+b") as f:
-            f.seek(at)
-            byte = f.read(1)
-            f.seek(at)
-            f.write(bytes([byte[0] ^ 0xFF]))
+    damage_payloads(stored_ssd_files(agent, 3))
     agent.start()  # fresh CPU tier: the chunks now exist only as damaged SSD files
     run.go(1)
     result = run.result()

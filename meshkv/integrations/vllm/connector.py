@@ -107,6 +107,7 @@ class MeshKVConnector(KVConnectorBase_V1):
         self._counters = self._holder.counters
         self._reported: dict[str, float] = self._counters.as_dict()
         note_namespace(role.name.lower(), asdict(self._layout.namespace(0)))
+        off_step = off_step_reason(vllm_config)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -124,7 +125,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 events=EventLog(vllm_config.parallel_config.tensor_parallel_size)
                 if publishes_kv_events(vllm_config)
                 else None,
-                in_step_loads=off_step_reason(vllm_config) is None,
+                in_step_loads=off_step is None,
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -146,7 +147,7 @@ class MeshKVConnector(KVConnectorBase_V1):
             self._layout.packing,
             self._cfg.chunk_tokens,
             self._cfg.socket_path,
-            f"off the step ({why})" if (why := off_step_reason(vllm_config)) else "in the step",
+            "in the step" if off_step is None else f"off the step ({off_step})",
         )
 
     @property
