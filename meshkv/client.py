@@ -251,7 +251,12 @@ class AgentClient:
         self._call(Op.PING, {})
 
     def lookup(
-        self, keys: Sequence[bytes], *, transfer: TransferRef | None = None, probe: bool = False
+        self,
+        keys: Sequence[bytes],
+        *,
+        transfer: TransferRef | None = None,
+        probe: bool = False,
+        ranks: Sequence[tuple[bytes, Sequence[bytes]]] = (),
     ) -> LookupReply:
         """Longest stored prefix and the tier of each key; also starts SSD/peer pulls.
 
@@ -261,10 +266,15 @@ class AgentClient:
         pushed here by it), so they count as ``peer`` without asking the directory.
         ``probe``: the keys are alternatives for one position (a partial chunk cut at each
         block), not a request's chunks; the agent does not count them in its lookup
-        metrics."""
+        metrics. ``ranks``: a tensor-parallel engine's other ranks, ``(namespace id, keys)``
+        with one key per position of ``keys``: a position then counts only where every
+        rank's chunk is, and the agent brings every rank's chunks (an older agent ignores
+        the field and answers for ``keys`` alone)."""
         fields: dict[str, Any] = {"keys": _keys(keys), "budget": self.timeout}
         if probe:
             fields["probe"] = True
+        if ranks:
+            fields["ranks"] = [[bytes(ns), _keys(rank_keys)] for ns, rank_keys in ranks]
         if transfer is not None:
             fields["transfer"] = {
                 "id": transfer.transfer_id,

@@ -41,6 +41,7 @@ from typing import Protocol
 from meshkv.chunk import ChunkKey, NamespaceId
 from meshkv.errors import MeshKVError
 from meshkv.latency import LatencyHistogram
+from meshkv.protocol import prefix_length
 from meshkv.store import Store, Tier
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,23 @@ class _TransferWait:
     failed: int = 0
 
 
+_DISTANCE = {Tier.CPU: 0, Tier.SSD: 1, Tier.PEER: 2, Tier.REMOTE: 3}
+
+
+def combine_tiers(ranks: Sequence[Sequence[Tier | None]]) -> list[Tier | None]:
+    """Per position, where the chunks of every tensor-parallel rank are: the farthest of
+    their tiers (the load waits for the slowest), None where any rank's chunk is missing."""
+    if len(ranks) == 1:
+        return list(ranks[0])
+    out: list[Tier | None] = []
+    for found in zip(*ranks, strict=True):
+        if None in found:
+            out.append(None)
+        else:
+            out.append(max(found, key=_DISTANCE.__getitem__))
+    return out
+
+
 @dataclass(slots=True, eq=False)
 class Flight:
     """One chunk being made resident."""
@@ -291,38 +309,44 @@ class Puller:
         miss is expected from the named producer (no directory round trip: it may not even
         know the chunks yet). Otherwise the source asks the keys' homes, by ``deadline``
         (the lookup's, which is short); the flights themselves get ``pull_timeout_s``."""
-        self.fill_in_flight(keys, tiers)
-        missing = [i for i, t in enumerate(tiers) if t is None]
+        return await self.locate_ranks([(ns, keys, tiers)], deadline, transfer)
+
+    async def locate_ranks(
+        self,
+        ranks: Sequence[tuple[NamespaceId, Sequence[ChunkKey], list[Tier | None]]],
+        deadline: float,
+        transfer: TransferHint | None = None,
+    ) -> list[Tier | None]:
+        """:meth:`locate` for the same prompt positions of several tensor-parallel ranks
+        (each its own namespace and keys; the first is the asker's). A position is found
+        only where every rank's chunk is (a rank without its chunk fails the whole load),
+        as the farthest of their tiers; the flights of every rank's found prefix start.
+        Each rank's ``tiers`` is filled in place; the combined tiers are returned."""
+        for _, keys, tiers in ranks:
+            self.fill_in_flight(keys, tiers)
         holders: dict[ChunkKey, tuple[str, ...]] = {}
         if transfer is not None:
-            for i, tier in enumerate(tiers):
-                if tier is not Tier.CPU:
-                    holders[keys[i]] = (transfer.producer,)
-                    tiers[i] = tier or Tier.PEER
-        elif missing:
-            wanted = [keys[i] for i in missing]
-            in_remote: list[bool] = []
-            if self._remote is None:
-                holders = await self._ask_homes(ns, wanted, deadline)
-            else:
-                holders, in_remote = await asyncio.gather(
-                    self._ask_homes(ns, wanted, deadline),
-                    self._remote.contains(ns, wanted, deadline),
-                )
-            for n, i in enumerate(missing):
-                if keys[i] in holders:
-                    tiers[i] = Tier.PEER
-                elif in_remote and in_remote[n]:
-                    tiers[i] = Tier.REMOTE
+            for _, keys, tiers in ranks:
+                for i, tier in enumerate(tiers):
+                    if tier is not Tier.CPU:
+                        holders[keys[i]] = (transfer.producer,)
+                        tiers[i] = tier or Tier.PEER
+        else:
+            missing = [(ns, keys, tiers, [i for i, t in enumerate(tiers) if t is None])
+                       for ns, keys, tiers in ranks]  # fmt: skip
+            missing = [m for m in missing if m[3]]
+            if missing:
+                holders = await self._find_missing(missing, deadline)
+        combined = combine_tiers([tiers for _, _, tiers in ranks])
+        prefix = prefix_length(combined)  # only the prefix is ever loaded
         loop = asyncio.get_running_loop()
         flight_deadline = (
             transfer.deadline if transfer is not None else loop.time() + self.config.pull_timeout_s
         )
-        for key, tier in zip(keys, tiers, strict=True):
-            if tier is None:
-                break  # only the prefix is ever loaded
-            if tier is not Tier.CPU:
-                self._start(ns, key, tier, flight_deadline, holders.get(key, ()), transfer)
+        for ns, keys, tiers in ranks:
+            for key, tier in zip(keys[:prefix], tiers[:prefix], strict=True):
+                if tier is not None and tier is not Tier.CPU:
+                    self._start(ns, key, tier, flight_deadline, holders.get(key, ()), transfer)
         if (
             transfer is not None
             and transfer.transfer_id not in self._transfers
@@ -333,7 +357,38 @@ class Puller:
             self.stats.transfers += 1
             self.stats.transfer_wait.observe(0.0)
             self._source.transfer_done(transfer.producer, transfer.transfer_id)
-        return tiers
+        return combined
+
+    async def _find_missing(
+        self,
+        missing: list[tuple[NamespaceId, Sequence[ChunkKey], list[Tier | None], list[int]]],
+        deadline: float,
+    ) -> dict[ChunkKey, tuple[str, ...]]:
+        """Ask the homes (one round for every rank's misses: the directory knows keys, not
+        namespaces) and the remote tier (per namespace) where the misses are; mark them in
+        each rank's tiers and return the peer holders."""
+        wanted = [[keys[i] for i in idx] for _, keys, _, idx in missing]
+        everything = [key for group in wanted for key in group]
+        in_remote: list[list[bool]] = []
+        if self._remote is None:
+            holders = await self._ask_homes(missing[0][0], everything, deadline)
+        else:
+            remote = self._remote
+            homes = asyncio.ensure_future(self._ask_homes(missing[0][0], everything, deadline))
+            in_remote = list(
+                await asyncio.gather(
+                    *(remote.contains(m[0], group, deadline)
+                      for m, group in zip(missing, wanted, strict=True))
+                )
+            )  # fmt: skip
+            holders = await homes
+        for r, (_, keys, tiers, idx) in enumerate(missing):
+            for n, i in enumerate(idx):
+                if keys[i] in holders:
+                    tiers[i] = Tier.PEER
+                elif in_remote and in_remote[r][n]:
+                    tiers[i] = Tier.REMOTE
+        return holders
 
     async def _ask_homes(
         self, ns: NamespaceId, keys: list[ChunkKey], deadline: float

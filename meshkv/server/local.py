@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from meshkv import __version__
-from meshkv.chunk import ChunkKey, Namespace, NamespaceId
+from meshkv.chunk import KEY_BYTES, ChunkKey, Namespace, NamespaceId
 from meshkv.errors import (
     ConfigError,
     MeshKVError,
@@ -57,7 +57,7 @@ from meshkv.protocol import (
     prefix_length,
     unpack_body,
 )
-from meshkv.puller import Puller, TransferHint
+from meshkv.puller import Puller, TransferHint, combine_tiers
 from meshkv.server.prefix import NamespaceRegistry
 from meshkv.store import Pin, Store, Tier
 
@@ -430,7 +430,10 @@ class _Connection(asyncio.Protocol):
         probe = message.get("probe", False)
         if type(probe) is not bool:
             raise ProtocolError(f"lookup: 'probe' must be true or false, got {probe!r}")
+        others = parse_rank_keys(message.get("ranks"), len(keys))
         tiers = self.store.lookup(ns, keys)
+        if others:
+            return self._lookup_ranks(ns, keys, tiers, others, transfer, message, probe)
         if transfer is not None:  # the puller answers the producer even when all is local
             return self._lookup_remote(ns, keys, tiers, transfer, message.get("budget"), probe)
         if None in tiers:
@@ -439,6 +442,12 @@ class _Connection(asyncio.Protocol):
             if None in tiers and puller.has_source:
                 return self._lookup_remote(ns, keys, tiers, None, message.get("budget"), probe)
         return self._lookup_reply(ns, keys, tiers, probe=probe)
+
+    def _lookup_limit(self, budget: object) -> float:
+        limit = self.server.config.remote_lookup_timeout_s
+        if isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0:
+            limit = min(limit, budget * LOOKUP_BUDGET_SHARE)
+        return limit
 
     async def _lookup_remote(
         self,
@@ -450,11 +459,44 @@ class _Connection(asyncio.Protocol):
         probe: bool,
     ) -> Reply:
         loop = asyncio.get_running_loop()
-        limit = self.server.config.remote_lookup_timeout_s
-        if isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0:
-            limit = min(limit, budget * LOOKUP_BUDGET_SHARE)
+        limit = self._lookup_limit(budget)
         tiers = await self.server.puller.locate(ns, keys, tiers, loop.time() + limit, transfer)
         return self._lookup_reply(ns, keys, tiers, started=False, probe=probe)
+
+    def _lookup_ranks(
+        self,
+        ns: NamespaceId,
+        keys: list[ChunkKey],
+        tiers: list[Tier | None],
+        others: list[tuple[NamespaceId, list[ChunkKey]]],
+        transfer: TransferHint | None,
+        message: dict[str, Any],
+        probe: bool,
+    ) -> Reply | Awaitable[Reply]:
+        """A tensor-parallel engine's lookup: ``keys`` are rank 0's, ``others`` the other
+        ranks' keys for the same positions. A position counts only where every rank's chunk
+        is (the engine loads all ranks or none), and every rank's chunks are promoted,
+        pulled or awaited, not rank 0's alone."""
+        store, puller = self.store, self.server.puller
+        ranks = [(ns, keys, tiers)]
+        ranks += [(r_ns, r_keys, store.peek(r_ns, r_keys)) for r_ns, r_keys in others]
+        for _, r_keys, r_tiers in ranks:
+            puller.fill_in_flight(r_keys, r_tiers)
+        if transfer is None and not (
+            puller.has_source and any(None in r_tiers for _, _, r_tiers in ranks)
+        ):
+            combined = combine_tiers([r_tiers for _, _, r_tiers in ranks])
+            prefix = prefix_length(combined)
+            for r_ns, r_keys, r_tiers in ranks[1:]:
+                puller.start_local(r_ns, r_keys[:prefix], r_tiers[:prefix])
+            return self._lookup_reply(ns, keys, combined, probe=probe, own=tiers)
+
+        async def remote() -> Reply:
+            deadline = asyncio.get_running_loop().time() + self._lookup_limit(message.get("budget"))
+            combined = await puller.locate_ranks(ranks, deadline, transfer)
+            return self._lookup_reply(ns, keys, combined, started=False, probe=probe)
+
+        return remote()
 
     def _lookup_reply(
         self,
@@ -464,14 +506,19 @@ class _Connection(asyncio.Protocol):
         *,
         started: bool = True,
         probe: bool = False,
+        own: list[Tier | None] | None = None,
     ) -> Reply:
+        """``tiers``: the answer (for a tensor-parallel lookup, every rank's combined);
+        ``own``: where ``keys`` themselves are, when that differs (the flights this starts
+        are for ``keys``)."""
         # Hot path (measured, 64 keys): list.count and handing the StrEnum members to
         # msgpack as they are cost ~7 µs, where per-key loops and `.value` cost ~37 µs.
         prefix = prefix_length(tiers)
+        mine = tiers if own is None else own
         if probe:
             # Alternative keys for one position (a partial chunk cut at each block): not a
             # request's chunks, so not counted as lookups, hits or misses.
-            head = tiers[:prefix]
+            head = mine[:prefix]
             if started and head.count(Tier.CPU) != prefix:
                 self.server.puller.start_local(ns, keys[:prefix], head)
             return {"prefix": prefix, "tiers": tiers}
@@ -491,7 +538,7 @@ class _Connection(asyncio.Protocol):
                 counters.hit_chunks[tier] += n
                 counters.hit_tokens[tier] += n * per_chunk
             if started:  # (locate started the flights itself)
-                self.server.puller.start_local(ns, keys[:prefix], list(head))
+                self.server.puller.start_local(ns, keys[:prefix], list(mine[:prefix]))
         return {"prefix": prefix, "tiers": tiers}
 
     def _reserve(self, message: dict[str, Any]) -> Reply:
@@ -666,6 +713,39 @@ def plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
+
+
+MAX_TP_RANKS = 64
+"""Ranks one lookup may name (tensor-parallel sizes in use are 1-16)."""
+
+
+def parse_rank_keys(value: object, count: int) -> list[tuple[NamespaceId, list[ChunkKey]]]:
+    """A lookup's ``ranks`` field: the other tensor-parallel ranks' ``[namespace id, keys]``,
+    each with one key per position of the lookup's own ``keys``."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TP_RANKS:
+        raise ProtocolError(
+            f"lookup: 'ranks' must be a list of at most {MAX_TP_RANKS} [namespace, keys] pairs"
+        )
+    out = []
+    for r, item in enumerate(value, start=1):
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise ProtocolError(f"lookup: ranks[{r - 1}] must be a [namespace, keys] pair")
+        ns, keys = item
+        if type(ns) is not bytes or len(ns) != KEY_BYTES:
+            raise ProtocolError(
+                f"lookup: ranks[{r - 1}]'s namespace must be a {KEY_BYTES}-byte namespace id"
+            )
+        field = f"ranks[{r - 1}] keys"
+        parsed = parse_keys({field: keys}, field)
+        if len(parsed) != count:
+            raise ProtocolError(
+                f"lookup: ranks[{r - 1}] has {len(parsed)} keys; one per key of 'keys' "
+                f"({count}) expected"
+            )
+        out.append((NamespaceId(ns), parsed))
+    return out
 
 
 def parse_transfer_hint(value: object) -> TransferHint | None:

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from meshkv.chunk import ChunkKey, NamespaceId
+from meshkv.chunk import ChunkKey, Namespace, NamespaceId
 from meshkv.client import AgentClient, TransferRef
-from meshkv.errors import NoSpace, TransportError
+from meshkv.errors import NoSpace, ProtocolError, TransportError
+from meshkv.protocol import Op
 from meshkv.puller import Puller
 from meshkv.server.local import LocalServer, LocalServerConfig
 from meshkv.store import Store
@@ -333,3 +336,83 @@ def test_a_read_keeps_its_chunks_while_it_waits_for_the_disk(tmp_path: Path, evi
             assert source.puller is not None and source.puller.stats.read_promotions == 2
 
     asyncio.run(serve({}, scenario, ssd_store(ssd_fault_hook=slow_disk)))
+
+
+# --- tensor-parallel lookups ------------------------------------------------------------------
+
+RANK0 = Namespace(model="tp-model", tp_size=2, tp_rank=0)
+RANK1 = replace(RANK0, tp_rank=1)
+
+
+def test_a_tensor_parallel_lookup_needs_every_rank_and_brings_every_rank() -> None:
+    """A TP engine's lookup names rank 0's keys and the other ranks' keys for the same
+    positions: a position counts only where every rank's chunk is (one rank without its
+    chunk fails the whole load), and every rank's peer chunks are pulled by the lookup,
+    not only rank 0's (rank 1's were never pulled before: a TP engine got no mesh hits)."""
+
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        r1 = RANK1.digest()
+        with AgentClient(path, namespace=RANK0) as c0, AgentClient(path, namespace=RANK1) as c1:
+            assert c0.put(b"A0" * 8, b"x") and c0.put(b"B0" * 8, b"x") and c0.put(b"C0" * 8, b"x")
+            assert c1.put(b"A1" * 8, b"x") and c1.put(b"C1" * 8, b"x")  # rank 1 lacks B
+            own = [b"A0" * 8, b"B0" * 8, b"C0" * 8]
+            assert c0.lookup(own).prefix == 3  # rank 0 alone: all three
+            reply = c0.lookup(own, ranks=[(r1, [b"A1" * 8, b"B1" * 8, b"C1" * 8])])
+            assert reply.tiers == ["cpu", None, "cpu"] and reply.prefix == 1
+            # Peer chunks: rank 0's second is local, rank 1's is on a peer; rank 0's third
+            # on a peer, rank 1's nowhere.
+            keys0 = [b"A0" * 8, b"B0" * 8, b"P3" * 8]
+            keys1 = [b"A1" * 8, b"P2" * 8, b"M3" * 8]
+            reply = c0.lookup(keys0, ranks=[(r1, keys1)])
+            assert reply.tiers == ["cpu", "peer", None] and reply.prefix == 2
+            leases = c1.read(keys1[:2], wait=5.0)  # rank 1's worker reads what it needs
+            assert [x is not None for x in leases] == [True, True]
+            assert leases[1] is not None and bytes(leases[1].view) == PEER_BYTES
+            c1.release([x for x in leases if x is not None])
+            del leases
+        # Rank 1's peer chunk was pulled once, by the lookup (the read found it in flight or
+        # landed); nothing past the common prefix was pulled.
+        assert [k for k, _ in source.pulled] == [b"P2" * 8]
+        assert store.lookup(RANK1.digest(), [b"P2" * 8]) == ["cpu"]
+
+    asyncio.run(serve({"pull_delay": 0.05}, scenario))
+
+
+def test_a_tensor_parallel_transfer_brings_every_rank_and_tells_the_producer_once() -> None:
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        keys0 = [b"T%d" % i * 8 for i in range(1, 4)]
+        keys1 = [b"U%d" % i * 8 for i in range(1, 4)]
+        with AgentClient(path, namespace=RANK0) as c0, AgentClient(path, namespace=RANK1) as c1:
+            ref = TransferRef("xfer-tp", "prefill-node", 5.0)
+            reply = c0.lookup(keys0, transfer=ref, ranks=[(RANK1.digest(), keys1)])
+            assert reply.prefix == 3 and reply.tiers == ["peer"] * 3
+            for client, keys in ((c0, keys0), (c1, keys1)):
+                leases = client.read(keys, wait=5.0)
+                assert all(x is not None for x in leases)
+                client.release([x for x in leases if x is not None])
+        assert source.located == []  # no directory round trip, for any rank
+        assert sorted(source.pulled) == sorted((k, "prefill-node") for k in keys0 + keys1)
+        assert source.done == [("prefill-node", "xfer-tp")]  # once, after both ranks' chunks
+
+    asyncio.run(serve({"pull_delay": 0.05}, scenario))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ("rank1", "'ranks' must be a list"),
+        ([[b"n" * 16]], "ranks[0] must be a [namespace, keys] pair"),
+        ([[b"short", [b"k" * 16]]], "ranks[0]'s namespace must be a 16-byte namespace id"),
+        ([[b"n" * 16, [b"k" * 16, b"k" * 16]]], "ranks[0] has 2 keys; one per key"),
+        ([[b"n" * 16, [b"k" * 15]]], "key 0 is 15 bytes"),
+        ([[b"n" * 16, [b"k" * 16]]] * 65, "at most 64"),
+    ],
+)
+def test_a_malformed_ranks_field_gets_a_clear_error(ranks: object, message: str) -> None:
+    def scenario(path: str, source: ScriptedSource, store: Store, loop: object) -> None:
+        with AgentClient(path) as c:
+            with pytest.raises(ProtocolError, match=re.escape(message)):
+                c._call(Op.LOOKUP, {"keys": [b"L" * 16], "ranks": ranks})
+            assert c.lookup([b"L" * 16]).tiers == [None]  # the connection still serves
+
+    asyncio.run(serve({}, scenario))
