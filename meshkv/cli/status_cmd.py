@@ -137,6 +137,9 @@ def render(doc: dict[str, Any]) -> str:
         )
     if process:
         lines.append(f"process   {_process(process)}")
+    namespaces = doc.get("namespaces")
+    if isinstance(namespaces, list):
+        lines.extend(_engines(namespaces))
     for section, value in doc.items():
         if section in KNOWN_SECTIONS:
             continue
@@ -159,7 +162,33 @@ def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-KNOWN_SECTIONS = ("node_id", "version", "uptime_s", "store", "local", "mesh", "remote", "process")
+KNOWN_SECTIONS = (
+    "node_id", "version", "uptime_s", "store", "local", "mesh", "remote", "process", "namespaces",
+)  # fmt: skip
+
+
+def _engines(namespaces: list[Any]) -> list[str]:
+    """One ``engine`` line per engine that declared namespaces here (its tensor-parallel
+    ranks folded into one line, with the ranks that said hello)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for ns in namespaces:
+        if not isinstance(ns, dict):
+            continue
+        engine = (
+            ns.get("model"), ns.get("dtype"), ns.get("layout"), ns.get("block_size"),
+            ns.get("chunk_tokens"), ns.get("tp_size"), ns.get("cache_salt"),
+        )  # fmt: skip
+        groups.setdefault(engine, []).append(ns.get("tp_rank", 0))
+    lines = []
+    for (model, dtype, layout, block, chunk, tp_size, salt), ranks in groups.items():
+        tp = ""
+        if isinstance(tp_size, int) and tp_size > 1:
+            have = ",".join(str(r) for r in sorted(ranks))
+            tp = f", TP {tp_size} (ranks {have} seen)"
+        salted = ", salted" if salt else ""
+        shape = f"{dtype}, {layout}, block {block}, {chunk}-token chunks"
+        lines.append(f"engine    {model} ({shape}{tp}{salted})")
+    return lines
 
 
 def _lookups(local: dict[str, Any]) -> str:

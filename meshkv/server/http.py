@@ -91,6 +91,7 @@ def status_document(ctx: AdminContext) -> dict[str, Any]:
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "store": plain(ctx.store.snapshot()),
         "process": process_stats(),
+        "namespaces": ctx.registry.describe(),
     }
     for section in ctx.status_sections:
         doc.update(section())

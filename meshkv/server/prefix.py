@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from meshkv.chunk import Namespace, NamespaceId, chunk_keys
@@ -76,6 +76,16 @@ class NamespaceRegistry:
                     if len(by_rank) == bases[e].tp_size  # every rank has said hello
                 ]
             return list(self._groups)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every namespace declared here, most recent last: its id (hex), chunk size and
+        fields (``/v1/status`` → ``namespaces``: which engines and ranks use this agent)."""
+        with self._lock:
+            seen = list(self._seen.items())
+        return [
+            {"id": digest.hex(), "chunk_tokens": chunk, **asdict(ns)}
+            for (digest, chunk), ns in seen
+        ]
 
     def __len__(self) -> int:
         with self._lock:

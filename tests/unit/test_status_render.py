@@ -117,3 +117,24 @@ def test_status_and_ring_status_print_sizes_alike() -> None:
         {"self": "a", "members": [member], "ring": {"max_over_mean": 1.0, "digest": "x"}}
     )
     assert "1.00 GiB/0 B" in ring  # as in the tier table of the first test
+
+
+def test_the_engines_using_the_agent_read_as_one_line_each() -> None:
+    """``/v1/status`` → ``namespaces``: one line per engine, its TP ranks folded in."""
+    base = {
+        "model": "/models/llama", "dtype": "bfloat16", "layout": "vllm-cuda-flash_attn-auto-NHC",
+        "block_size": 16, "chunk_tokens": 256, "tp_size": 2, "cache_salt": "",
+    }  # fmt: skip
+    namespaces = [
+        {**base, "id": "aa" * 16, "tp_rank": 0},
+        {**base, "id": "bb" * 16, "tp_rank": 1},
+        {**base, "id": "cc" * 16, "model": "/models/small", "tp_size": 1, "tp_rank": 0},
+    ]
+    lines = [line for line in render(_doc(namespaces=namespaces)).splitlines() if "engine" in line]
+    assert lines == [
+        "engine    /models/llama (bfloat16, vllm-cuda-flash_attn-auto-NHC, block 16, "
+        "256-token chunks, TP 2 (ranks 0,1 seen))",
+        "engine    /models/small (bfloat16, vllm-cuda-flash_attn-auto-NHC, block 16, "
+        "256-token chunks)",
+    ]
+    assert "namespaces" not in render(_doc(namespaces=[]))
