@@ -74,7 +74,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": 4096,
         "seed": 0,
     }
-    if not job.get("multiprocess", False):
+    parallel: dict[str, int] = {
+        k: job[k] for k in ("tensor_parallel_size", "pipeline_parallel_size") if k in job
+    }
+    kwargs.update(parallel)
+    if any(size > 1 for size in parallel.values()):
+        pass  # vLLM's multi-process executor: one worker per rank
+    elif not job.get("multiprocess", False):
         kwargs["distributed_executor_backend"] = "uni"
     if job.get("metrics"):
         kwargs["disable_log_stats"] = False

@@ -7,16 +7,18 @@ of ``SchedulerAgent``. The worker side: ``test_vllm_worker_side.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from meshkv.chunk import ChunkKey
+from meshkv.chunk import ChunkKey, NamespaceId
 from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, ConfigError
 from meshkv.integrations.vllm.connector import off_step_reason
+from meshkv.integrations.vllm.layout import EngineLayout
 from meshkv.integrations.vllm.scheduler import SchedulerSide
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
@@ -46,9 +48,16 @@ class FakeSchedulerAgent:
     down: bool = False
     lookups: list[tuple[list[ChunkKey], TransferRef | None]] = field(default_factory=list)
     probes: list[list[ChunkKey]] = field(default_factory=list)
+    ranks: list[list[tuple[NamespaceId, list[ChunkKey]]]] = field(default_factory=list)
+    """The other tensor-parallel ranks named by each lookup and probe, in order."""
 
     def lookup(
-        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
+        self,
+        keys: list[ChunkKey],
+        transfer: TransferRef | None,
+        *,
+        probe: bool = False,
+        ranks: Sequence[tuple[NamespaceId, list[ChunkKey]]] = (),
     ) -> LookupReply:
         if self.down:
             raise AgentUnavailable("agent gone")
@@ -56,7 +65,10 @@ class FakeSchedulerAgent:
             self.probes.append(keys)
         else:
             self.lookups.append((keys, transfer))
+        self.ranks.append(list(ranks))
         found = [self.tiers.get(k) for k in keys]
+        for _, other in ranks:  # a position only where every rank has its chunk
+            found = [t if self.tiers.get(k) else None for t, k in zip(found, other, strict=True)]
         if transfer is not None:
             found = [t or "peer" for t in found]
         prefix = found.index(None) if None in found else len(found)
@@ -95,10 +107,13 @@ def step_output(new: list[tuple[str, int, int]]) -> Any:
 
 
 def scheduler(
-    agent: FakeSchedulerAgent, in_step_loads: bool = True, **kw: Any
+    agent: FakeSchedulerAgent,
+    in_step_loads: bool = True,
+    layout: EngineLayout = LAYOUT,
+    **kw: Any,
 ) -> tuple[SchedulerSide, Manager]:
     side = SchedulerSide(
-        config(**kw), LAYOUT, ConnectorCounters(), agent, load_enabled=True, save_enabled=True,
+        config(**kw), layout, ConnectorCounters(), agent, load_enabled=True, save_enabled=True,
         in_step_loads=in_step_loads,
     )  # fmt: skip
     manager = Manager()
@@ -139,6 +154,26 @@ def test_local_hits_are_whole_chunks_and_loads_map_blocks() -> None:
     assert spec.chunks[1].blocks == ((0, 104), (1, 105), (2, 106), (3, 107))
     assert len(agent.lookups) == 1 and agent.lookups[0][1] is None
     assert side.request_finished(req, []) == (False, None)  # type: ignore[arg-type]
+
+
+def test_a_tensor_parallel_lookup_names_every_rank_s_keys() -> None:
+    """TP=2: the lookup carries rank 1's keys with the namespace its worker stores under,
+    and a chunk only rank 0 holds is not promised (rank 1's load would fail); the block
+    probe names rank 1's cuts too."""
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent, layout=replace(LAYOUT, tp_size=2))
+    req = Request("r1", tokens(200))
+    per_rank = side._keys_for(req, req.prompt_token_ids)  # type: ignore[arg-type]
+    rank0, rank1 = [k[0] for k in per_rank], [k[1] for k in per_rank]
+    assert set(rank0).isdisjoint(rank1)
+    agent.tiers = {rank0[0]: "cpu", rank0[1]: "cpu", rank1[0]: "cpu"}  # rank 1 lacks chunk 1
+    assert side.get_num_new_matched_tokens(req, 0) == (64, False)  # type: ignore[arg-type]
+    ((ns, keys),) = agent.ranks[0]
+    assert keys == rank1 and ns == replace(LAYOUT, tp_size=2).namespace(1).digest()
+    # The probe after the hit asks both ranks' cuts of chunk 1.
+    (probe,) = agent.probes
+    ((probe_ns, probe_keys),) = agent.ranks[1]
+    assert probe_ns == ns and len(probe_keys) == len(probe) and set(probe_keys).isdisjoint(probe)
 
 
 @pytest.mark.parametrize(

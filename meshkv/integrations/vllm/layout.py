@@ -66,12 +66,39 @@ class EngineLayout:
         )
 
 
+_SPLIT_KV = {
+    "pipeline_parallel_size": "pipeline parallelism: each stage holds the KV of its own layers",
+    "decode_context_parallel_size": (
+        "decode context parallelism: each rank holds every n-th token of a block"
+    ),
+    "prefill_context_parallel_size": (
+        "prefill context parallelism: each rank holds a part of the prompt's tokens"
+    ),
+}
+
+
+def check_parallelism(parallel_config: Any) -> None:
+    """Refuse the parallel layouts whose KV the chunk keys cannot tell apart. Keys name the
+    tensor-parallel rank only, so two pipeline stages (or context-parallel ranks) of one
+    engine would store different bytes under the same key and load each other's: wrong
+    output, not an error. Data parallelism is fine (each replica is an engine of its own)."""
+    for attr, why in _SPLIT_KV.items():
+        size = getattr(parallel_config, attr, 1)
+        if isinstance(size, int) and size > 1:
+            raise ConfigError(
+                f"meshkv connector: {attr}={size} is not supported ({why}, and meshkv's "
+                "chunk keys name only the tensor-parallel rank); run with "
+                f"{attr}=1 (tensor parallelism is supported) or without the connector"
+            )
+
+
 def engine_layout(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig
 ) -> EngineLayout:
     """Derive the layout from vLLM's configs; raise ``ConfigError`` for unsupported ones."""
     if kv_cache_config is None:
         raise ConfigError("meshkv connector: vLLM passed no kv_cache_config (needs vLLM >= 0.32)")
+    check_parallelism(vllm_config.parallel_config)
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ConfigError(

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from meshkv.chunk import ChunkKey, Namespace
+from meshkv.chunk import ChunkKey, Namespace, NamespaceId
 from meshkv.errors import (
     AgentUnavailable,
     DeadlineExceeded,
@@ -231,9 +231,16 @@ class SchedulerLink:
         return self._link.warm_up()
 
     def lookup(
-        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
+        self,
+        keys: list[ChunkKey],
+        transfer: TransferRef | None,
+        *,
+        probe: bool = False,
+        ranks: Sequence[tuple[NamespaceId, list[ChunkKey]]] = (),
     ) -> LookupReply:
-        return self._link.call(lambda client: client.lookup(keys, transfer=transfer, probe=probe))
+        return self._link.call(
+            lambda client: client.lookup(keys, transfer=transfer, probe=probe, ranks=ranks)
+        )
 
     def node_id(self) -> str | None:
         try:
@@ -263,6 +270,9 @@ class WorkerLink:
                 counters,
                 cfg.breaker_failures,
                 arena_hooks=hooks,
+                # Declared at hello so the agent knows every rank's namespace: a prefix
+                # query (cache-aware routing) counts only what all ranks hold.
+                chunk_tokens=cfg.chunk_tokens,
             )
 
         from .worker import LOAD_LANES

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,8 +73,16 @@ class SchedulerAgent(Protocol):
     fake in unit tests)."""
 
     def lookup(
-        self, keys: list[ChunkKey], transfer: TransferRef | None, *, probe: bool = False
-    ) -> LookupReply: ...
+        self,
+        keys: list[ChunkKey],
+        transfer: TransferRef | None,
+        *,
+        probe: bool = False,
+        ranks: Sequence[tuple[NamespaceId, list[ChunkKey]]] = (),
+    ) -> LookupReply:
+        """``keys`` are rank 0's; ``ranks`` the other tensor-parallel ranks' namespace ids
+        and keys for the same positions."""
+        ...
 
     def node_id(self) -> str | None:
         """The agent's node id (None while it cannot be reached)."""
@@ -216,6 +224,20 @@ class SchedulerSide:
             cached = self._namespaces[(salt, rank)] = ns.digest()
         return cached
 
+    def _other_ranks(self, chunks: Sequence[_Chunk]) -> list[tuple[NamespaceId, list[ChunkKey]]]:
+        """The keys of tensor-parallel ranks 1.. for a lookup of ``chunks``, each with the
+        namespace its worker stores under (the agent checks every rank's chunks, since one
+        rank without its chunk fails the whole load)."""
+        return [
+            (self._rank_namespace(rank), [c.keys[rank] for c in chunks])
+            for rank in range(1, self._layout.tp_size)
+        ]
+
+    def _rank_namespace(self, rank: int) -> NamespaceId:
+        """The namespace rank ``rank``'s worker says hello with: its chunks are stored
+        under it (a request's salt is in its keys, not here)."""
+        return self._namespace_id("", rank)
+
     @staticmethod
     def _request_salt(request: Request) -> str:
         parts = []
@@ -342,7 +364,10 @@ class SchedulerSide:
         if most < self._min_cut_blocks:
             return
         candidates = self._partials(state, position, range(most, self._min_cut_blocks - 1, -1))
-        reply = self._ask(state, [c.keys[0] for c in candidates], None, probe=True)
+        reply = self._ask(
+            state, [c.keys[0] for c in candidates], None, probe=True,
+            ranks=self._other_ranks(candidates),
+        )  # fmt: skip
         if reply is None:
             return
         for candidate, tier in zip(candidates, reply.tiers, strict=False):
@@ -358,11 +383,12 @@ class SchedulerSide:
         ref: TransferRef | None,
         *,
         probe: bool = False,
+        ranks: Sequence[tuple[NamespaceId, list[ChunkKey]]] = (),
     ) -> LookupReply | None:
         """One lookup round trip, timed and counted; None when the agent did not answer."""
         started = time.perf_counter()
         try:
-            return self._agent.lookup(keys, ref, probe=probe)
+            return self._agent.lookup(keys, ref, probe=probe, ranks=ranks)
         except (AgentUnavailable, MeshKVError) as exc:
             self._counters.lookup_errors += 1
             logger.debug("meshkv lookup failed for %s: %s", state.request.request_id, exc)
@@ -392,12 +418,13 @@ class SchedulerSide:
         """Ask the agent which of the prompt's chunks it can serve (for a transfer's
         consumer, with the transfer named unless ``transfer`` is False)."""
         self._counters.lookups += 1
-        rank0 = [c.keys[0] for c in state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)]
+        chunks = state.chunks(self._cfg.chunk_tokens, self._blocks_per_chunk)
+        rank0 = [c.keys[0] for c in chunks]
         ref = None
         if state.consumer is not None and transfer:
             c = state.consumer
             ref = TransferRef(c.transfer_id, c.producer, self._cfg.transfer_timeout_s)
-        reply = self._ask(state, rank0, ref)
+        reply = self._ask(state, rank0, ref, ranks=self._other_ranks(chunks))
         if reply is None:
             return
         prefix = min(int(reply.prefix), len(rank0))
