@@ -14,7 +14,7 @@ a flipped payload byte.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import NewType
 
@@ -99,11 +99,17 @@ def _tokens_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
     return arr.astype("<u4", copy=False).tobytes()
 
 
-def next_key(namespace: NamespaceId, previous: ChunkKey, tokens: Sequence[int]) -> ChunkKey:
-    """``key_i = xxh3_128(namespace || key_{i-1} || uint32-LE tokens_i)``."""
+def next_key(
+    namespace: NamespaceId, previous: ChunkKey, tokens: Sequence[int], extra: bytes = b""
+) -> ChunkKey:
+    """``key_i = xxh3_128(namespace || key_{i-1} || uint32-LE tokens_i || extra_i)``.
+
+    ``extra``: what the chunk's token ids do not say about its KV (the multimodal inputs
+    whose placeholder tokens it holds, its prompt embeddings); empty for plain text, so
+    the keys of text chunks do not depend on it."""
     if len(namespace) != KEY_BYTES or len(previous) != KEY_BYTES:
         raise ValueError("namespace and previous key must be 16 bytes")
-    return ChunkKey(xxhash.xxh3_128_digest(namespace + previous + _tokens_bytes(tokens)))
+    return ChunkKey(xxhash.xxh3_128_digest(namespace + previous + _tokens_bytes(tokens) + extra))
 
 
 def chunk_keys(
@@ -112,8 +118,10 @@ def chunk_keys(
     chunk_tokens: int,
     *,
     include_partial: bool = False,
+    extras: Mapping[int, bytes] | None = None,
 ) -> list[ChunkKey]:
-    """Keys of the full chunks of ``tokens`` (plus the trailing partial one if asked)."""
+    """Keys of the full chunks of ``tokens`` (plus the trailing partial one if asked).
+    ``extras``: chunk index → the bytes :func:`next_key` appends for that chunk."""
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
     raw = _tokens_bytes(tokens)
@@ -125,8 +133,9 @@ def chunk_keys(
     keys: list[ChunkKey] = []
     previous: bytes = ROOT_KEY
     start = 0
-    for end in ends:
-        previous = xxhash.xxh3_128_digest(namespace + previous + raw[start:end])
+    for i, end in enumerate(ends):
+        extra = extras.get(i, b"") if extras else b""
+        previous = xxhash.xxh3_128_digest(namespace + previous + raw[start:end] + extra)
         keys.append(ChunkKey(previous))
         start = end
     return keys

@@ -53,6 +53,24 @@ def test_key_formula_matches_architecture() -> None:
     assert next_key(ns, ROOT_KEY, tokens[:5]) == k0
 
 
+def test_a_chunk_s_extra_changes_its_key_and_every_later_one() -> None:
+    """``key_i = xxh3_128(ns || key_{i-1} || tokens_i || extra_i)``: a chunk holding an
+    image's placeholder tokens gets the image's hash as its extra, so prompts with equal
+    tokens and different images part there, and stay equal before it."""
+    ns = Namespace(model="m").digest()
+    tokens = list(range(40))
+    plain = chunk_keys(ns, tokens, 8)
+    image_a = chunk_keys(ns, tokens, 8, extras={2: b"|mm:a@3"})
+    image_b = chunk_keys(ns, tokens, 8, extras={2: b"|mm:b@3"})
+    assert plain[:2] == image_a[:2] == image_b[:2]
+    assert len({*plain[2:], *image_a[2:], *image_b[2:]}) == 9  # all differ from chunk 2 on
+    assert chunk_keys(ns, tokens, 8, extras={}) == plain
+    k2 = xxhash.xxh3_128_digest(
+        ns + plain[1] + np.arange(16, 24, dtype="<u4").tobytes() + b"|mm:a@3"
+    )
+    assert image_a[2] == k2 == next_key(ns, plain[1], tokens[16:24], b"|mm:a@3")
+
+
 def test_keys_are_prefix_chained() -> None:
     ns = Namespace(model="m").digest()
     a = chunk_keys(ns, list(range(40)), 8)

@@ -34,6 +34,8 @@ class Request:
     lora_request: Any = None
     skip_reading_prefix_cache: bool = False
     num_preemptions: int = 0
+    mm_features: list[Any] = field(default_factory=list)
+    prompt_embeds: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -504,3 +506,54 @@ def test_revision_and_quantization_isolate_the_namespace() -> None:
 def test_transfer_save_timeout_must_be_positive_seconds(bad: Any) -> None:
     with pytest.raises(ConfigError, match="transfer_save_timeout_s"):
         config(transfer_save_timeout_s=bad)
+
+
+def _image(identifier: str, offset: int, length: int) -> SimpleNamespace:
+    """A request's multimodal input as vLLM's ``MultiModalFeatureSpec`` carries it."""
+    position = SimpleNamespace(offset=offset, length=length)
+    return SimpleNamespace(identifier=identifier, mm_position=position, modality="image")
+
+
+def test_prompts_with_equal_tokens_and_different_images_never_share_keys() -> None:
+    """An image's placeholder tokens are the same for every image: without the image's
+    hash in the key, a second picture would load the first one's KV (wrong output, no
+    error). The chunks before the image are still shared; those it touches and all after
+    it depend on the image, as vLLM's own block hashes do."""
+    side, _ = scheduler(FakeSchedulerAgent())
+    prompt = tokens(200)  # chunks of 64: the image's tokens 70..109 lie in chunk 1
+    cat = keys_of(side, Request("cat", prompt, mm_features=[_image("cat", 70, 40)]))
+    dog = keys_of(side, Request("dog", prompt, mm_features=[_image("dog", 70, 40)]))
+    cat_again = keys_of(side, Request("c2", prompt, mm_features=[_image("cat", 70, 40)]))
+    moved = keys_of(side, Request("c3", prompt, mm_features=[_image("cat", 80, 30)]))
+    text = keys_of(side, Request("text", prompt))
+    assert cat == cat_again  # the same picture in the same place: shared
+    assert cat[0] == dog[0] == moved[0] == text[0]  # before the image: shared
+    for other in (dog, moved, text):
+        assert set(cat[1:]).isdisjoint(other[1:])
+    # The tail and a block-cut probe of the image's chunk carry the image too.
+    tail = side._keys_for(
+        Request("t", prompt, mm_features=[_image("cat", 70, 40)]), prompt, partial=True
+    )  # type: ignore[arg-type]
+    tail_dog = side._keys_for(
+        Request("u", prompt, mm_features=[_image("dog", 70, 40)]), prompt, partial=True
+    )  # type: ignore[arg-type]
+    assert tail[-1] != tail_dog[-1]
+    state_cat = side._state(Request("p1", prompt, mm_features=[_image("cat", 70, 40)]))  # type: ignore[arg-type]
+    state_dog = side._state(Request("p2", prompt, mm_features=[_image("dog", 70, 40)]))  # type: ignore[arg-type]
+    assert side._partials(state_cat, 1, [2])[0].keys != side._partials(state_dog, 1, [2])[0].keys
+
+
+def test_prompt_embeddings_are_in_the_keys() -> None:
+    """Requests given as embeddings carry placeholder token ids; the embeddings' hash per
+    chunk keeps two of them apart."""
+    torch = pytest.importorskip("torch")
+    side, _ = scheduler(FakeSchedulerAgent())
+    prompt = [0] * 130
+    first = torch.arange(130 * 8, dtype=torch.bfloat16).reshape(130, 8)
+    second = first.clone()
+    second[100, 0] = -1.0  # differs in chunk 1 only
+    a = keys_of(side, Request("a", prompt, prompt_embeds=first))
+    b = keys_of(side, Request("b", prompt, prompt_embeds=second))
+    again = keys_of(side, Request("c", prompt, prompt_embeds=first.clone()))
+    assert a == again and a[0] == b[0] and a[1] != b[1]
+    assert set(a).isdisjoint(keys_of(side, Request("d", prompt)))

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+import xxhash
+
 from meshkv.chunk import ROOT_KEY, ChunkKey, NamespaceId, chunk_keys, next_key
 from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, MeshKVError
@@ -89,6 +91,36 @@ class SchedulerAgent(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def content_extras(request: Any, bounds: list[tuple[int, int]]) -> dict[int, bytes]:
+    """What the token ids of each chunk (``bounds[i]``: its token range) do not say about
+    its KV, as vLLM's own block hashes add it: the multimodal inputs whose placeholder
+    tokens overlap the chunk (their content hash and where they start relative to it), and
+    the hash of the chunk's prompt embeddings. Two prompts whose images differ but whose
+    placeholder tokens are the same must never share KV; keys chain, so every chunk after
+    an image depends on it too. Text chunks get nothing (their keys stay as they were)."""
+    features = getattr(request, "mm_features", None) or ()
+    embeds = getattr(request, "prompt_embeds", None)
+    if not features and embeds is None:
+        return {}
+    out: dict[int, bytes] = {}
+    for i, (start, end) in enumerate(bounds):
+        parts = []
+        for feature in features:
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            if offset < end and start < offset + length:
+                parts.append(f"mm:{feature.identifier}@{offset - start}".encode())
+        if embeds is not None:
+            block = embeds[start:end]
+            if len(block):
+                import torch
+
+                raw = block.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                parts.append(b"embeds:" + xxhash.xxh3_128_digest(memoryview(raw)))
+        if parts:
+            out[i] = b"|" + b"|".join(parts)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,10 +284,13 @@ class SchedulerSide:
         self, request: Request, tokens: list[int], *, partial: bool = False
     ) -> list[tuple[ChunkKey, ...]]:
         salt = self._request_salt(request)
+        chunk = self._cfg.chunk_tokens
+        n = len(tokens)
+        extras = content_extras(request, [(at, min(at + chunk, n)) for at in range(0, n, chunk)])
         per_rank = [
             chunk_keys(
-                self._namespace_id(salt, rank), tokens, self._cfg.chunk_tokens,
-                include_partial=partial,
+                self._namespace_id(salt, rank), tokens, chunk, include_partial=partial,
+                extras=extras,
             )
             for rank in range(self._layout.tp_size)
         ]  # fmt: skip
@@ -349,7 +384,9 @@ class SchedulerSide:
         out = []
         for n in counts:
             cut = tokens[start : start + n * bs]
-            out.append(_Chunk(tuple(next_key(ns, prev, cut) for ns, prev in ranks), n * bs, n))
+            extra = content_extras(state.request, [(start, start + len(cut))]).get(0, b"")
+            keys = tuple(next_key(ns, prev, cut, extra) for ns, prev in ranks)
+            out.append(_Chunk(keys, n * bs, n))
         return out
 
     def _probe_partial(self, state: _RequestState, position: int) -> None:
