@@ -84,6 +84,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         kwargs["distributed_executor_backend"] = "uni"
     if job.get("metrics"):
         kwargs["disable_log_stats"] = False
+    if job.get("max_lora_rank"):  # items may then name an adapter: {"lora": {name, id, path}}
+        kwargs.update(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=2)
     if job.get("connector") is not None:
         kwargs["kv_transfer_config"] = {
             "kv_connector": "MeshKVConnector",
@@ -120,9 +122,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         batch = spec["batch"] if "batch" in spec else [spec["tokens"]]
         before = local_compute(llm) if job.get("metrics") else 0.0
         t0 = time.monotonic()
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in batch], request_params, use_tqdm=False
-        )
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in batch]
+        lora = None
+        if spec.get("lora"):
+            from vllm.lora.request import LoRARequest
+
+            named = spec["lora"]
+            lora = LoRARequest(named["name"], int(named["id"]), named["path"])
+        outs = llm.generate(inputs, request_params, use_tqdm=False, lora_request=lora)
         for out in outs:
             record: dict[str, Any] = {
                 "tokens": list(out.outputs[0].token_ids),

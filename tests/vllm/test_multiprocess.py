@@ -62,3 +62,19 @@ def test_openai_api_server_reports_cached_tokens(
     assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
     assert details.get("cached_tokens") == 640
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    # cache_salt (vLLM's per-tenant isolation): a salted request never meets another
+    # salt's chunks nor the unsalted ones, and hits its own.
+    url = server.base_url + "/v1/completions"
+    salted = [
+        _post(url, {**body, "cache_salt": salt}) for salt in ("tenant-a", "tenant-b", "tenant-a")
+    ]
+    assert [_cached(r) for r in salted] == [0, 0, 640]
+    assert {r["choices"][0]["text"] for r in salted} == {first["choices"][0]["text"]}
+    assert _cached(_post(url, body)) == 640  # the unsalted chunks are still there
+    with agent.client() as client:  # three chunks per namespace: none, tenant-a, tenant-b
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 9
+
+
+def _cached(response: dict[str, Any]) -> int:
+    details = response["usage"].get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)

@@ -134,3 +134,38 @@ def test_pipeline_parallelism_is_refused_at_start_up(
     assert "meshkv connector: pipeline_parallel_size=2 is not supported" in log
     with agent.client() as client:
         assert client.stats()["tiers"]["cpu"]["chunks"] == 0
+
+
+def test_prefill_decode_between_tp2_engines(
+    engine: Callable[..., EngineRun],
+    mesh_factory: Callable[..., AgentProcess],  # noqa: F811
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+    tmp_path: Path,
+) -> None:
+    """vLLM's toy-proxy flow between a TP=2 prefill engine on node A and a TP=2 decode
+    engine on node B: the decode engine loads both ranks' KV of the whole prompt (the
+    partial last chunk too) from A and computes at most one block of it."""
+    a, b = start_mesh(mesh_factory, 2, write_secret(tmp_path), cpu_bytes=128 << 20)
+    wait_converged([a, b])
+    toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
+    prefill = engine(
+        [{"tokens": prompts.a, "max_tokens": 1, "kv_transfer_params": toy}],
+        connector={"socket": a.socket_path}, kv_role="kv_producer", **TP2,
+    ).result()  # fmt: skip
+    params = prefill["outputs"][0]["kv_transfer_params"]
+    assert params and params.get("do_remote_prefill") is True, params
+    decode = engine(
+        [{"tokens": prompts.a, "kv_transfer_params": params}],
+        connector={"socket": b.socket_path}, kv_role="kv_consumer", metrics=True, **TP2,
+    ).result()  # fmt: skip
+    (out,) = decode["outputs"]
+    assert out["tokens"] == baseline["a"]
+    assert out["computed_tokens"] <= 128  # one vLLM block at most (the last token's)
+    assert metric(b, "meshkv_peer_pulls_total") == 6  # two whole chunks and the tail, per rank
+    assert metric(b, "meshkv_read_miss_chunks_total") == 0
+    # The producer's hold ended once the consumer had both ranks' chunks, not by expiry.
+    wait_for("the producer's hold to end", lambda: metric(a, "meshkv_transfer_pins") == 0)
+    assert metric(a, "meshkv_transfers_ended_total", 'how="released"') == 1
+    assert metric(a, "meshkv_transfers_ended_total", 'how="expired"') == 0
