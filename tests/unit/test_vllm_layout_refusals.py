@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from meshkv.errors import ConfigError
-from meshkv.integrations.vllm.layout import check_parallelism, engine_layout
+from meshkv.integrations.vllm.layout import check_parallelism, check_spec, engine_layout
 from tests.helpers.vllm_sides import config
 
 
@@ -51,3 +51,43 @@ def test_several_kv_cache_groups_are_refused_with_the_reason() -> None:
     groups = SimpleNamespace(kv_cache_groups=[object(), object()])
     with pytest.raises(ConfigError, match="2 KV cache groups"):
         engine_layout(vllm_config, groups, config())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("SlidingWindowSpec", "vLLM frees the blocks that leave the window"),
+        ("ChunkedLocalAttentionSpec", "frees the blocks of earlier attention chunks"),
+        ("CircularBufferSpec", "a ring reused in place"),
+        ("MambaSpec", "a state, not per-token KV"),
+        ("SomethingNewSpec", "meshkv moves full-attention and MLA KV only"),
+    ],
+)
+def test_kv_cache_specs_that_are_not_plain_per_token_kv_are_refused(
+    kind: str, message: str
+) -> None:
+    spec = type(kind, (), {"num_kv_heads": 2, "head_size": 64, "block_size": 16, "dtype": "x"})()
+    with pytest.raises(ConfigError, match=f"KV cache spec {kind} is not supported.*{message}"):
+        check_spec(spec)
+
+
+def test_full_attention_and_mla_pass_unless_non_causal() -> None:
+    fields = {"num_kv_heads": 2, "head_size": 64, "block_size": 16, "dtype": "x"}
+    check_spec(type("FullAttentionSpec", (), {**fields, "sliding_window": 4096})())
+    check_spec(type("MLAAttentionSpec", (), fields)())
+    with pytest.raises(ConfigError, match="non-causal attention layers"):
+        check_spec(type("FullAttentionSpec", (), {**fields, "non_causal": True})())
+
+
+def test_vllm_s_own_specs_are_told_apart() -> None:
+    """The class names checked are vLLM's (a rename would refuse every model, loudly)."""
+    interface = pytest.importorskip("vllm.v1.kv_cache_interface")
+    for name in ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "MambaSpec"):
+        assert hasattr(interface, name), name
+    spec = interface.FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype="float16")
+    check_spec(spec)
+    window = interface.SlidingWindowSpec(
+        block_size=16, num_kv_heads=2, head_size=64, dtype="float16", sliding_window=128
+    )
+    with pytest.raises(ConfigError, match="SlidingWindowSpec is not supported"):
+        check_spec(window)

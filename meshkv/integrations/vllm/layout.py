@@ -92,6 +92,45 @@ def check_parallelism(parallel_config: Any) -> None:
             )
 
 
+_SUPPORTED_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+"""KV cache specs whose blocks hold every token's KV, in place, for as long as the request
+runs (a ``FullAttentionSpec`` that records a sliding window too: vLLM then allocates
+blocks for all tokens). Checked by exact class name: a subclass may change that."""
+_WHY_NOT = {
+    "SlidingWindowSpec": "vLLM frees the blocks that leave the window, so a chunk would be "
+    "saved from, or loaded into, blocks that no longer hold its tokens",
+    "SlidingWindowMLASpec": "vLLM frees the blocks that leave the window",
+    "ChunkedLocalAttentionSpec": "vLLM frees the blocks of earlier attention chunks",
+    "CircularBufferSpec": "its blocks are a ring reused in place",
+    "RSWASpec": "vLLM evicts blocks between the prompt and the decode window",
+    "SinkFullAttentionSpec": "its attention-sink slots are not a token's KV",
+    "MambaSpec": "a state, not per-token KV",
+}
+
+
+def check_spec(spec: Any) -> None:
+    """Refuse the KV cache specs whose bytes are not a prompt's per-token KV that stays put
+    (and the non-causal layers whose KV of a token depends on later tokens)."""
+    kind = type(spec).__name__
+    if kind not in _SUPPORTED_SPECS:
+        why = _WHY_NOT.get(kind, "meshkv moves full-attention and MLA KV only")
+        raise ConfigError(
+            f"meshkv connector: KV cache spec {kind} is not supported ({why}); "
+            "run this model without the connector"
+        )
+    for attr in ("num_kv_heads", "head_size", "block_size", "dtype"):
+        if not hasattr(spec, attr):
+            raise ConfigError(
+                f"meshkv connector: KV cache spec {kind} has no {attr} (a vLLM this "
+                "connector does not know)"
+            )
+    if getattr(spec, "non_causal", False):
+        raise ConfigError(
+            "meshkv connector: non-causal attention layers (a prefix LM) are not supported: "
+            "a token's KV depends on the tokens after it, which a chunk's key does not name"
+        )
+
+
 def engine_layout(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig
 ) -> EngineLayout:
@@ -106,12 +145,7 @@ def engine_layout(
             "sliding-window attention) are not supported yet; only one full-attention group"
         )
     spec: Any = groups[0].kv_cache_spec
-    for attr in ("num_kv_heads", "head_size", "block_size", "dtype"):
-        if not hasattr(spec, attr):
-            raise ConfigError(
-                f"meshkv connector: unsupported KV cache spec {type(spec).__name__} "
-                "(only standard attention KV is supported)"
-            )
+    check_spec(spec)
     model_config = vllm_config.model_config
     dtype = str(spec.dtype).removeprefix("torch.")
     cfg.check_block_size(int(spec.block_size))
