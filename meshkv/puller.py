@@ -185,8 +185,9 @@ _DISTANCE = {Tier.CPU: 0, Tier.SSD: 1, Tier.PEER: 2, Tier.REMOTE: 3}
 def combine_tiers(ranks: Sequence[Sequence[Tier | None]]) -> list[Tier | None]:
     """Per position, where the chunks of every tensor-parallel rank are: the farthest of
     their tiers (the load waits for the slowest), None where any rank's chunk is missing."""
-    if len(ranks) == 1:
-        return list(ranks[0])
+    first = ranks[0]
+    if all(other == first for other in ranks[1:]):  # the usual case: the ranks agree
+        return list(first)
     out: list[Tier | None] = []
     for found in zip(*ranks, strict=True):
         if None in found:

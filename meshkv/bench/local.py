@@ -19,6 +19,9 @@ cost of an engine worker, not a per-request cost, so it is kept out of every clo
   memory, one ``release``. Same baseline.
 * ``lookup_p50`` / ``lookup_p99``: round trip of a 64-key ``lookup`` (all keys stored), in
   µs, over ``--lookups`` calls after a warm-up.
+* ``lookup_tp8_p50`` / ``lookup_tp8_p99``: a tensor-parallel (TP=8) engine's lookup: the
+  same 64 positions, naming the 7 other ranks' keys (each stored under its rank's
+  namespace) in the same call, so the agent checks 512 keys. Baseline: the 64-key lookup.
 * ``lookup_p50_under_load`` / ``lookup_p99_under_load``: the same lookups while another
   process stores into the same agent without pause (2 MiB chunks in 16 MiB batches:
   reserve, copy, commit, as an engine worker saving a prefill), the way a scheduler looks
@@ -210,6 +213,46 @@ def measure_lookup(client: AgentClient, args: argparse.Namespace, report: Report
     rtts = _time_lookups(client, keys, args.lookups)
     report.add(Result("lookup_p50", rtts[len(rtts) // 2] * 1e6, "us", None))
     report.add(Result("lookup_p99", rtts[int(len(rtts) * 0.99)] * 1e6, "us", None))
+    measure_lookup_tp8(client, keys, args, report, rtts)
+
+
+def measure_lookup_tp8(
+    client: AgentClient,
+    keys: list[bytes],
+    args: argparse.Namespace,
+    report: Report,
+    idle: list[float],
+) -> None:
+    """A TP=8 engine's lookup: the same 64 positions for rank 0 and, named in the same
+    call, the 7 other ranks' keys under their namespaces (all stored), against the plain
+    64-key lookup of the same run."""
+    from meshkv.chunk import Namespace  # noqa: PLC0415
+
+    ranks = []
+    for rank in range(1, 8):
+        ns = Namespace(model="bench-tp", tp_size=8, tp_rank=rank)
+        rank_keys = _keys(f"r{rank}-", 0, 64)
+        with AgentClient(client.socket_path, namespace=ns, timeout=30.0) as writer:
+            for key in rank_keys:
+                writer.put(key, b"\0" * 4096)
+        ranks.append((ns.digest(), rank_keys))
+    _wait_idle(client)
+    for _ in range(200):
+        client.lookup(keys, ranks=ranks)
+    rtts = []
+    for _ in range(args.lookups):
+        t0 = time.perf_counter()
+        reply = client.lookup(keys, ranks=ranks)
+        rtts.append(time.perf_counter() - t0)
+        if reply.prefix != len(keys):
+            raise RuntimeError("TP lookup did not find every rank's stored prefix")
+    rtts.sort()
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        at = int(len(rtts) * q) if q < 1 else -1
+        report.add(
+            Result(f"lookup_tp8_{name}", rtts[at] * 1e6, "us", None,
+                   f"64-key lookup_{name}", idle[int(len(idle) * q)] * 1e6)
+        )  # fmt: skip
 
 
 def _store_forever(socket_path: str, stop: Any, stored: Any) -> None:

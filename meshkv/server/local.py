@@ -488,7 +488,9 @@ class _Connection(asyncio.Protocol):
             combined = combine_tiers([r_tiers for _, _, r_tiers in ranks])
             prefix = prefix_length(combined)
             for r_ns, r_keys, r_tiers in ranks[1:]:
-                puller.start_local(r_ns, r_keys[:prefix], r_tiers[:prefix])
+                head = r_tiers[:prefix]
+                if head.count(Tier.CPU) != prefix:  # something to promote or await
+                    puller.start_local(r_ns, r_keys[:prefix], head)
             return self._lookup_reply(ns, keys, combined, probe=probe, own=tiers)
 
         async def remote() -> Reply:
