@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from meshkv.chunk import Namespace, chunk_keys, payload_checksum
-from meshkv.client import AgentClient
+from meshkv.client import SHARED_ARENAS, AgentClient
 from meshkv.errors import AgentUnavailable, DeadlineExceeded, NotReserved
 from meshkv.launch import AgentProcess
 
@@ -197,6 +197,29 @@ def test_arena_is_mapped_only_for_data_ops(agent: AgentProcess) -> None:
         assert mapped()
         c.put(b"q" * 16, b"data")
     assert not mapped()  # closing the client unmaps it
+
+
+def test_clients_of_one_process_share_one_mapping_of_the_arena(agent: AgentProcess) -> None:
+    """An engine worker has a client per load lane and one for saves: they map the arena
+    once between them (each mapped it whole before, populating its page tables, inside
+    its first call's deadline), and the last one to go unmaps it."""
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(agent.arena_name in line for line in f)
+
+    with agent.client() as a, agent.client() as b:
+        a.map_arena()
+        regions = mappings()
+        b.map_arena()
+        assert mappings() == regions > 0  # no second mapping
+        assert SHARED_ARENAS.users(agent.arena_name) == 2
+        assert a.put(b"m" * 16, b"from a")
+        assert b.get(b"m" * 16) == b"from a"
+        a.close()
+        assert SHARED_ARENAS.users(agent.arena_name) == 1
+        assert b.put(b"n" * 16, b"b still maps it") and b.get(b"n" * 16) == b"b still maps it"
+    assert SHARED_ARENAS.users(agent.arena_name) == 0 and mappings() == 0
 
 
 def test_one_client_shared_by_threads(agent: AgentProcess) -> None:

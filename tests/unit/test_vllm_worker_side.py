@@ -57,6 +57,10 @@ class FakeWorkerAgent:
         self.reported: list[bytes] = []
         self.waits: list[tuple[int, float]] = []
         """(lane, wait) of every read."""
+        self.warmed = False
+
+    def warm_up(self) -> None:
+        self.warmed = True
 
     def pin_arenas(self) -> None:
         """As the real link does for a GPU engine: page-lock the arena (kernels copy to and
@@ -151,6 +155,14 @@ def worker(
     kv = caches(device=device)
     side.register_kv_caches(kv)
     return side, kv
+
+
+def test_registration_connects_to_the_agent_before_any_load() -> None:
+    """The connections and the arena mapping are made when vLLM registers the caches, not
+    inside the first load's deadline (a TP=2 engine's first loads missed it: 0 hits)."""
+    agent = FakeWorkerAgent()
+    worker(agent)
+    assert agent.warmed
 
 
 def share(side: WorkerSide, agent: FakeWorkerAgent) -> None:

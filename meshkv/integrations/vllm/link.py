@@ -186,11 +186,12 @@ class AgentLink:
             self._down_until = 0.0  # calls go through again
             return
 
-    def warm_up(self) -> bool:
+    def warm_up(self, *, map_arena: bool = False) -> bool:
         """Connect now (at engine start) so the first lookup does not pay for the connect
-        inside its deadline; a missing agent is only logged, like any later outage."""
+        inside its deadline (``map_arena``: and map the agent's arena, for the paths that
+        copy); a missing agent is only logged, like any later outage."""
         try:
-            self.call(lambda client: client.hello())
+            self.call(lambda client: client.map_arena() if map_arena else client.hello())
         except MeshKVError:
             return False
         return True
@@ -283,6 +284,16 @@ class WorkerLink:
     def pin_arenas(self) -> None:
         self._pinner.enabled = True
 
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        links = [*self._lanes, self._saves]
+        if not all(link.warm_up(map_arena=True) for link in links):
+            return  # the agent is not there (logged); the paths connect when it is
+        logger.debug(
+            "meshkv: %d agent connections and the arena mapping ready in %.2f s",
+            len(links), time.perf_counter() - started,
+        )  # fmt: skip
+
     def report_corrupt(self, keys: list[ChunkKey]) -> None:
         def check(client: AgentClient) -> None:
             leases = client.read(keys, verify=True)  # the agent drops what fails
@@ -319,30 +330,43 @@ class WorkerLink:
 
 
 class ArenaPinner:
-    """Page-locks each mapping of the agent's arena (one per client: every lane maps it)
-    once the engine's caches turned out to be on a GPU, so the kernels copy straight
-    between device blocks and the arena; unpins before a mapping goes (agent restart)."""
+    """Page-locks the process's mapping of the agent's arena (shared by every lane's client,
+    so counted: pinned at the first client's map, unpinned at the last one's unmap) once the
+    engine's caches turned out to be on a GPU, so the kernels copy straight between device
+    blocks and the arena; unpins before a mapping goes (agent restart)."""
 
     def __init__(self) -> None:
         self.enabled = False
-        self._pinned: dict[int, torch.Tensor] = {}
+        self._pinned: dict[int, tuple[torch.Tensor | None, int]] = {}
         self._lock = threading.Lock()
 
     def on_map(self, view: memoryview) -> None:
         if not self.enabled:
             return
-        from meshkv.kernels import as_byte_tensor, pin_host_memory
+        with self._lock:
+            held = self._pinned.get(id(view))
+            if held is not None:
+                self._pinned[id(view)] = (held[0], held[1] + 1)
+                return
+            from meshkv.kernels import as_byte_tensor, pin_host_memory
 
-        tensor = as_byte_tensor(view)
-        if pin_host_memory(tensor):
-            with self._lock:
-                self._pinned[id(view)] = tensor
-        else:
-            logger.warning("meshkv: could not page-lock the agent's arena; copies are staged")
+            tensor = as_byte_tensor(view)
+            if pin_host_memory(tensor):
+                self._pinned[id(view)] = (tensor, 1)
+            else:
+                self._pinned[id(view)] = (None, 1)  # counted, so later clients do not retry
+                logger.warning("meshkv: could not page-lock the agent's arena; copies are staged")
 
     def on_unmap(self, view: memoryview) -> None:
         with self._lock:
-            tensor = self._pinned.pop(id(view), None)
+            held = self._pinned.get(id(view))
+            if held is None:
+                return
+            tensor, users = held
+            if users > 1:
+                self._pinned[id(view)] = (tensor, users - 1)
+                return
+            del self._pinned[id(view)]
         if tensor is not None:
             from meshkv.kernels import unpin_host_memory
 

@@ -117,6 +117,11 @@ class WorkerAgent(Protocol):
     def pin_arenas(self) -> None:
         """Page-lock the agent's arena wherever it is (or will be) mapped (GPU engines)."""
 
+    def warm_up(self) -> None:
+        """Connect every path to the agent and map its arena now (at registration), so no
+        load pays for the connect and the mapping inside its deadline. A missing agent is
+        only logged, like any later outage."""
+
     def report_corrupt(self, keys: list[ChunkKey]) -> None:
         """These chunks failed their checksum after a load: have the agent re-check and
         drop them (a verified read)."""
@@ -196,6 +201,8 @@ class WorkerSide:
                 )  # fmt: skip
             self._agent.pin_arenas()  # mapped from now on page-locked: direct kernel copies
         self._block_bytes = self._caches.chunk_nbytes(1)
+        # After pin_arenas: the mapping made here is the one the kernels copy through.
+        self._agent.warm_up()
         logger.info(
             "meshkv connector: %d layers, %d blocks, %d bytes per %d-token chunk, rank %d",
             len(tensors),
