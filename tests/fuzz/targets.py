@@ -45,7 +45,7 @@ from meshkv.protocol import (
     parse_optional_ints,
     unpack_body,
 )
-from meshkv.server.local import parse_transfer_hold
+from meshkv.server.local import parse_rank_keys, parse_transfer_hold
 from meshkv.server.prefix import parse_query
 from meshkv.transport.base import TransportConfig
 from meshkv.transport.framing import MsgKind
@@ -109,6 +109,12 @@ def local_frames(data: bytes) -> None:
                 _local_message(body)
 
 
+def _count(keys: Any) -> int:
+    """How many keys a request names, as the server counts them once ``keys`` parsed (the
+    harness must not fail on a ``keys`` that is not a list: the server rejects it first)."""
+    return len(keys) if isinstance(keys, list) else 0
+
+
 def _local_message(body: bytes) -> None:
     with own_errors():
         message = unpack_body(body)
@@ -117,11 +123,12 @@ def _local_message(body: bytes) -> None:
         for check in (
             lambda: negotiate(message.get("min_version"), message.get("max_version")),
             lambda: parse_keys(message),
-            lambda: parse_ints(message, "sizes", len(message.get("keys") or ()), minimum=1),
+            lambda: parse_ints(message, "sizes", _count(message.get("keys")), minimum=1),
             lambda: parse_ints(message, "tokens", 2),
             lambda: parse_optional_ints(message, "checksums", 2),
             lambda: parse_float(message, "wait", 0.0, 30.0),
             lambda: parse_transfer_hold(message.get("transfer")),
+            lambda: parse_rank_keys(message.get("ranks"), _count(message.get("keys"))),
         ):
             with own_errors():
                 check()
