@@ -28,6 +28,11 @@ pytestmark = pytest.mark.vllm
 
 CHUNK_TOKENS = 256
 HIT = 2 * CHUNK_TOKENS + 128  # A's two whole chunks and its tail cut to one block
+SLOW_HOST = {"load_timeout_s": 15.0, "transfer_timeout_s": 15.0}
+"""For the loads that wait for peer pulls: a TP=2 engine keeps both of this host's cores
+busy and starves the agents (docs/benchmarks.md, "A TP=2 engine's hits from another
+node"; a P/D test here recomputed under a second CI run's load). These tests check that
+the KV arrives through the mesh, not how fast."""
 TP2: dict[str, Any] = {
     "multiprocess": True,
     "tensor_parallel_size": 2,
@@ -108,7 +113,8 @@ def test_a_fresh_tp2_engine_loads_both_ranks_chunks_from_a_peer(
                 "the homes to know A holds the chunks",
                 lambda key=key: b.get_json(f"/v1/owners/{key.hex()}")["holders"] == ["a"],
             )
-    consumer = engine([prompts.a], connector={"socket": b.socket_path}, **TP2).result()
+    consumer = engine([prompts.a], connector={"socket": b.socket_path, **SLOW_HOST}, **TP2)
+    consumer = consumer.result()
     (warm,) = consumer["outputs"]
     assert warm["tokens"] == baseline["a"]
     assert warm["cached_tokens"] == HIT  # was 0: rank 1's chunks were never pulled
@@ -158,7 +164,8 @@ def test_prefill_decode_between_tp2_engines(
     assert params and params.get("do_remote_prefill") is True, params
     decode = engine(
         [{"tokens": prompts.a, "kv_transfer_params": params}],
-        connector={"socket": b.socket_path}, kv_role="kv_consumer", metrics=True, **TP2,
+        connector={"socket": b.socket_path, **SLOW_HOST}, kv_role="kv_consumer", metrics=True,
+        **TP2,
     ).result()  # fmt: skip
     (out,) = decode["outputs"]
     assert out["tokens"] == baseline["a"]
