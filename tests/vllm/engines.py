@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meshkv.launch import AgentProcess
 from meshkv.tiers.ssd import SUFFIX, payload_span
 
@@ -120,3 +122,12 @@ def damage_payloads(files: list[Path]) -> None:
             byte = f.read(1)
             f.seek(at)
             f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def assert_refused_at_start(run: EngineRun, agent: AgentProcess, message: str) -> None:
+    """The engine did not start, its whole log names the reason, and nothing was stored."""
+    with pytest.raises(RuntimeError, match="engine job failed"):
+        run.result()
+    assert message in run.log_path.read_text(errors="replace")
+    with agent.client() as client:
+        assert client.stats()["tiers"]["cpu"]["chunks"] == 0
