@@ -86,6 +86,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         kwargs["disable_log_stats"] = False
     if job.get("max_lora_rank"):  # items may then name an adapter: {"lora": {name, id, path}}
         kwargs.update(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=2)
+    if job.get("speculative_config"):
+        kwargs["speculative_config"] = job["speculative_config"]
     if job.get("connector") is not None:
         kwargs["kv_transfer_config"] = {
             "kv_connector": "MeshKVConnector",
@@ -143,6 +145,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if job.get("gap_s"):
             time.sleep(job["gap_s"])
     result: dict[str, Any] = {"startup_s": startup_s, "outputs": outputs}
+    if job.get("metrics"):  # vLLM's own counters, summed over their labels
+        counters: dict[str, float] = {}
+        for metric in llm.get_metrics():
+            if type(metric).__name__ == "Counter":
+                value = float(getattr(metric, "value", 0.0))
+                counters[metric.name] = counters.get(metric.name, 0.0) + value
+        result["vllm_counters"] = counters
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process engines
     if core is not None:
         result["scheduler"] = type(core.scheduler).__name__

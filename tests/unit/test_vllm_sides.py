@@ -18,7 +18,7 @@ from meshkv.chunk import ChunkKey, NamespaceId
 from meshkv.client import LookupReply, TransferRef
 from meshkv.errors import AgentUnavailable, ConfigError
 from meshkv.integrations.vllm.connector import off_step_reason
-from meshkv.integrations.vllm.layout import EngineLayout
+from meshkv.integrations.vllm.layout import EngineLayout, drafter_identity, eagle_block_drop
 from meshkv.integrations.vllm.scheduler import SchedulerSide
 from meshkv.integrations.vllm.stats import ConnectorCounters
 from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
@@ -112,11 +112,12 @@ def scheduler(
     agent: FakeSchedulerAgent,
     in_step_loads: bool = True,
     layout: EngineLayout = LAYOUT,
+    drop_last_block: bool = False,
     **kw: Any,
 ) -> tuple[SchedulerSide, Manager]:
     side = SchedulerSide(
         config(**kw), layout, ConnectorCounters(), agent, load_enabled=True, save_enabled=True,
-        in_step_loads=in_step_loads,
+        in_step_loads=in_step_loads, drop_last_block=drop_last_block,
     )  # fmt: skip
     manager = Manager()
     side.bind_kv_cache_manager(manager)  # type: ignore[arg-type]
@@ -156,6 +157,27 @@ def test_local_hits_are_whole_chunks_and_loads_map_blocks() -> None:
     assert spec.chunks[1].blocks == ((0, 104), (1, 105), (2, 106), (3, 107))
     assert len(agent.lookups) == 1 and agent.lookups[0][1] is None
     assert side.request_finished(req, []) == (False, None)  # type: ignore[arg-type]
+
+
+def test_an_eagle_engine_s_hits_leave_their_last_block_to_compute() -> None:
+    """As vLLM's prefix cache does for EAGLE: the drafter's KV at a hit's last position was
+    computed from the token that followed it then. The load covers the blocks before."""
+    agent = FakeSchedulerAgent()
+    side, _ = scheduler(agent, drop_last_block=True)
+    req = Request("r1", tokens(200))
+    agent.tiers = {k: "cpu" for k in keys_of(side, req)[:2]}
+    block = LAYOUT.block_size
+    assert side.get_num_new_matched_tokens(req, 0) == (2 * CHUNK - block, False)  # type: ignore[arg-type]
+    side.update_state_after_alloc(req, Blocks(list(range(100, 113))), 2 * CHUNK - block)  # type: ignore[arg-type]
+    (spec,) = side.build_connector_meta(step_output([])).loads  # type: ignore[arg-type]
+    per_chunk = CHUNK // block
+    assert [len(c.blocks) for c in spec.chunks] == [per_chunk, per_chunk - 1]
+    # A local prefix hit that already reaches the shortened hit leaves nothing to load.
+    other = Request("r2", tokens(200))
+    assert side.get_num_new_matched_tokens(other, 2 * CHUNK - block) == (0, False)  # type: ignore[arg-type]
+    assert eagle_block_drop(SimpleNamespace(speculative_config=None)) is False
+    eagle = SimpleNamespace(use_eagle_block_drop=lambda: True)
+    assert eagle_block_drop(SimpleNamespace(speculative_config=eagle)) is True
 
 
 def test_a_tensor_parallel_lookup_names_every_rank_s_keys() -> None:
@@ -500,6 +522,27 @@ def test_revision_and_quantization_isolate_the_namespace() -> None:
     other_rev = replace(LAYOUT, revision="abc123").namespace(0).digest()
     quantized = replace(LAYOUT, quantization="awq").namespace(0).digest()
     assert len({base, other_rev, quantized}) == 3
+
+
+def _speculative(method: str, uses_kv: bool, model: str = "", revision: str = "") -> Any:
+    draft = SimpleNamespace(model=model, revision=revision or None) if model else None
+    spec = SimpleNamespace(method=method, draft_model_config=draft)
+    spec.uses_draft_kv_cache = lambda: uses_kv
+    return SimpleNamespace(speculative_config=spec)
+
+
+def test_a_drafter_that_keeps_kv_is_part_of_the_namespace() -> None:
+    assert drafter_identity(SimpleNamespace(speculative_config=None), config()) == ""
+    ngram = _speculative("ngram", uses_kv=False, model="target")
+    assert drafter_identity(ngram, config()) == ""  # no KV of its own: shares with plain engines
+    eagle = _speculative("eagle3", uses_kv=True, model="org/drafter", revision="r1")
+    assert drafter_identity(eagle, config()) == "eagle3:org/drafter@r1"
+    assert drafter_identity(eagle, config(draft_model_id="drafter")) == "eagle3:drafter@r1"
+    plain = LAYOUT.namespace(0)
+    drafted = replace(LAYOUT, drafter="eagle3:org/drafter@r1").namespace(0)
+    assert drafted.extra == {"drafter": "eagle3:org/drafter@r1"}
+    assert drafted.digest() != plain.digest()
+    assert replace(LAYOUT, drafter="").namespace(0).digest() == plain.digest()
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, "2s", True])

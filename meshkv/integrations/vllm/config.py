@@ -89,6 +89,10 @@ class ConnectorConfig:
     """Extra isolation: engines with different salts never share chunks."""
     model_id: str = ""
     """Name of the model in the namespace (default: vLLM's model path or id)."""
+    draft_model_id: str = ""
+    """Name of the speculative-decoding drafter in the namespace, for drafters whose layers
+    keep KV in the engine's blocks (``draft_model``, EAGLE, MTP; default: vLLM's path or id
+    of the draft model)."""
     allow_untested_vllm: bool = False
     """Start even on a vLLM version this connector was not tested with."""
 

@@ -28,7 +28,7 @@ from meshkv.errors import ConfigError
 
 from .config import ConnectorConfig, check_vllm_version
 from .events import EventLog, SavedChunks, publishes_kv_events
-from .layout import engine_layout
+from .layout import eagle_block_drop, engine_layout
 from .link import SchedulerLink, WorkerLink
 from .logs import share_vllm_logging
 from .metadata import MeshKVConnectorMetadata
@@ -126,6 +126,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 if publishes_kv_events(vllm_config)
                 else None,
                 in_step_loads=off_step is None,
+                drop_last_block=eagle_block_drop(vllm_config),
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank

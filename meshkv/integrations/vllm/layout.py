@@ -48,12 +48,22 @@ class EngineLayout:
     quantization: str = ""
     """The weights' quantization method (``awq``, ``fp8``, ...; empty: none): quantized
     weights compute different KV than the full-precision model of the same name."""
+    drafter: str = ""
+    """The speculative-decoding drafter whose attention layers share the engine's blocks
+    (``<method>:<draft model>[@revision]``; empty: none, or one that keeps no KV such as
+    n-gram): its layers are part of every chunk, and two drafters compute different KV."""
+
+    def _extra(self) -> dict[str, str]:
+        extra = {"quantization": self.quantization} if self.quantization else {}
+        if self.drafter:
+            extra["drafter"] = self.drafter
+        return extra
 
     def namespace(self, tp_rank: int) -> Namespace:
         return Namespace(
             model=self.model,
             revision=self.revision,
-            extra={"quantization": self.quantization} if self.quantization else {},
+            extra=self._extra(),
             dtype=self.dtype,
             num_layers=len(self.layer_names),
             kv_heads=self.num_kv_heads,
@@ -164,7 +174,32 @@ def engine_layout(
         mla=type(spec).__name__.startswith("MLA"),
         revision=str(getattr(model_config, "revision", None) or ""),
         quantization=str(getattr(model_config, "quantization", None) or ""),
+        drafter=drafter_identity(vllm_config, cfg),
     )
+
+
+def eagle_block_drop(vllm_config: Any) -> bool:
+    """Whether vLLM drops a prefix-cache hit's last block for the engine's EAGLE-style
+    drafter (``SpeculativeConfig.use_eagle_block_drop``); the connector's hits do the same."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    drop = getattr(spec, "use_eagle_block_drop", None)
+    return bool(callable(drop) and drop())
+
+
+def drafter_identity(vllm_config: Any, cfg: ConnectorConfig) -> str:
+    """``<method>:<draft model>[@revision]`` when a speculative-decoding drafter keeps KV in
+    the engine's blocks (vLLM puts its attention layers in the same KV cache group as the
+    target's, so they are in every chunk); "" for none, or for one without KV (n-gram,
+    suffix, Medusa). Engines with different drafters then never share chunks: the target
+    layers' bytes would agree, the drafter's would not (fewer draft tokens accepted)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    uses_kv = getattr(spec, "uses_draft_kv_cache", None)
+    if spec is None or not callable(uses_kv) or not uses_kv():
+        return ""
+    draft = getattr(spec, "draft_model_config", None)
+    name = cfg.draft_model_id or str(getattr(draft, "model", "") or "")
+    revision = str(getattr(draft, "revision", None) or "")
+    return f"{spec.method}:{name}" + (f"@{revision}" if revision else "")
 
 
 #: Page order of each of vLLM's ``KVCacheLayout`` orders (``L`` and ``B`` only place

@@ -217,8 +217,14 @@ class SchedulerSide:
         save_enabled: bool,
         events: EventLog | None = None,
         in_step_loads: bool = True,
+        drop_last_block: bool = False,
     ) -> None:
         self._cfg = cfg
+        self._drop_last_block = drop_last_block
+        """An EAGLE drafter reads the token after each position, so its KV at a hit's last
+        position belongs to whatever followed it when it was computed: as vLLM's prefix
+        cache does for EAGLE (``use_eagle_block_drop``), a hit leaves its last block to
+        compute."""
         self._in_step_loads = in_step_loads
         """Whether loads may run inside the step: not where vLLM cannot roll back a
         running request whose load failed (async scheduling, model runner V2; see
@@ -519,6 +525,8 @@ class SchedulerSide:
         hit_tokens = usable_chunks * chunk
         if state.hit_tail is not None and usable_chunks == state.hit_chunks:
             hit_tokens += state.hit_tail.num_tokens  # probed to leave one token to compute
+        if self._drop_last_block and hit_tokens > 0:
+            hit_tokens -= self._layout.block_size
         if hit_tokens <= num_computed_tokens:
             return 0, False
         new_tokens = hit_tokens - num_computed_tokens
