@@ -174,20 +174,24 @@ def _engines(namespaces: list[Any]) -> list[str]:
     for ns in namespaces:
         if not isinstance(ns, dict):
             continue
+        extra = ns.get("extra")
+        pairs = extra.items() if isinstance(extra, dict) else ()
+        extras = tuple(sorted((str(k), str(v)) for k, v in pairs))
         engine = (
             ns.get("model"), ns.get("dtype"), ns.get("layout"), ns.get("block_size"),
-            ns.get("chunk_tokens"), ns.get("tp_size"), ns.get("cache_salt"),
+            ns.get("chunk_tokens"), ns.get("tp_size"), ns.get("cache_salt"), extras,
         )  # fmt: skip
         groups.setdefault(engine, []).append(ns.get("tp_rank", 0))
     lines = []
-    for (model, dtype, layout, block, chunk, tp_size, salt), ranks in groups.items():
+    for (model, dtype, layout, block, chunk, tp_size, salt, extras), ranks in groups.items():
         tp = ""
         if isinstance(tp_size, int) and tp_size > 1:
             have = ",".join(str(r) for r in sorted(ranks))
             tp = f", TP {tp_size} (ranks {have} seen)"
         salted = ", salted" if salt else ""
+        named = "".join(f", {k} {v}" for k, v in extras)  # quantization, drafter
         shape = f"{dtype}, {layout}, block {block}, {chunk}-token chunks"
-        lines.append(f"engine    {model} ({shape}{tp}{salted})")
+        lines.append(f"engine    {model} ({shape}{tp}{salted}{named})")
     return lines
 
 

@@ -129,12 +129,16 @@ def test_the_engines_using_the_agent_read_as_one_line_each() -> None:
         {**base, "id": "aa" * 16, "tp_rank": 0},
         {**base, "id": "bb" * 16, "tp_rank": 1},
         {**base, "id": "cc" * 16, "model": "/models/small", "tp_size": 1, "tp_rank": 0},
-    ]
+        {**base, "id": "dd" * 16, "tp_size": 1, "tp_rank": 0,
+         "extra": {"drafter": "eagle:/models/eagle", "quantization": "fp8"}},
+    ]  # fmt: skip
     lines = [line for line in render(_doc(namespaces=namespaces)).splitlines() if "engine" in line]
     assert lines == [
         "engine    /models/llama (bfloat16, vllm-cuda-flash_attn-auto-NHC, block 16, "
         "256-token chunks, TP 2 (ranks 0,1 seen))",
         "engine    /models/small (bfloat16, vllm-cuda-flash_attn-auto-NHC, block 16, "
         "256-token chunks)",
+        "engine    /models/llama (bfloat16, vllm-cuda-flash_attn-auto-NHC, block 16, "
+        "256-token chunks, drafter eagle:/models/eagle, quantization fp8)",
     ]
     assert "namespaces" not in render(_doc(namespaces=[]))
