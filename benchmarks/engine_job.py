@@ -88,6 +88,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         kwargs.update(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=2)
     if job.get("speculative_config"):
         kwargs["speculative_config"] = job["speculative_config"]
+    kwargs.update(job.get("engine_args", {}))  # anything else of LLM(...)'s, as given
     if job.get("connector") is not None:
         kwargs["kv_transfer_config"] = {
             "kv_connector": "MeshKVConnector",
