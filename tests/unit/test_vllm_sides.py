@@ -419,6 +419,49 @@ def test_decode_of_another_prompt_ignores_the_transfer() -> None:
     assert agent.lookups[-1][1] is None  # a plain lookup of its own full chunks
 
 
+def test_a_decode_engine_unlike_its_prefill_engine_says_what_differs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A misconfigured pair (here: another drafter, another KV dtype on the decode side)
+    loses every transfer; the decode side names the fields, once, and counts each request."""
+    agent = FakeSchedulerAgent()
+    side, manager = scheduler(agent)
+    params = prefilled_params(side, manager)
+    assert params is not None and params["meshkv"]["engine"]["dtype"] == LAYOUT.dtype
+    unlike = replace(LAYOUT, dtype="uint8", drafter="eagle:/models/eagle")
+    decode, _ = scheduler(agent, layout=unlike)
+    with caplog.at_level("INFO", logger="meshkv.integrations.vllm.scheduler"):
+        for i in range(3):
+            req = Request(f"d{i}", tokens(150), params)
+            assert decode.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "prefill node node-a" in warnings[0]
+    assert f"dtype: {LAYOUT.dtype!r} (prefill) != 'uint8' (here)" in warnings[0]
+    assert "extra.drafter: None (prefill) != 'eagle:/models/eagle' (here)" in warnings[0]
+    assert decode._counters.transfer_mismatches == 3
+    # The same engine with another prompt is a request's matter: no warning, no count.
+    caplog.clear()
+    same, _ = scheduler(agent)
+    with caplog.at_level("INFO", logger="meshkv.integrations.vllm.scheduler"):
+        other = Request("d9", tokens(149) + [5], params)
+        assert same.get_num_new_matched_tokens(other, 0) == (0, False)  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert same._counters.transfer_mismatches == 0
+
+
+@pytest.mark.parametrize(
+    "engine",
+    ["x", {"model": ["a"]}, {"model": "m" * 600}, {str(i): i for i in range(40)},
+     {"extra": {"drafter": {"nested": 1}}}, {7: "seven"}],
+)  # fmt: skip
+def test_a_malformed_engine_field_is_dropped_not_the_transfer(engine: Any) -> None:
+    ours = {"v": 1, "producer": "p", "transfer": "t", "tokens": 10, "chunk_tokens": 64,
+            "last_key": "00" * 16, "expires": 1.0, "engine": engine}  # fmt: skip
+    consumer = parse_consumer({"do_remote_prefill": True, "meshkv": ours})
+    assert consumer is not None and consumer.engine is None
+
+
 def test_block_hits_save_a_tail_cut_to_blocks_that_a_longer_prompt_loads() -> None:
     agent = FakeSchedulerAgent()
     side, manager = scheduler(agent)

@@ -104,3 +104,39 @@ def test_an_eagle_engine_leaves_a_hit_s_last_block_to_compute(
     assert fresh["outputs"][0]["tokens"] == baseline["a"]
     assert fresh["outputs"][0]["cached_tokens"] == HIT_A - BLOCK
     assert fresh["counters"]["load_errors"] == 0
+
+
+def test_a_decode_engine_with_another_drafter_says_so_and_computes(
+    engine: Callable[..., EngineRun],
+    agents: Callable[..., AgentProcess],
+    prompts: Prompts,
+    baseline: dict[str, list[int]],
+    tiny_model: str,
+) -> None:
+    """vLLM's toy-proxy flow from a prefill engine without a drafter to a decode engine
+    with one: the prefill's KV has no drafter layers, so it cannot be the decode engine's.
+    The decode engine computes the prompt (the right output), warns with the fields that
+    differ and counts the request."""
+    agent = agents().start()
+    connector = {"socket": agent.socket_path}
+    toy = {"do_remote_decode": True, "do_remote_prefill": False}
+    prefill = engine(
+        [{"tokens": prompts.a, "max_tokens": 1, "kv_transfer_params": toy}],
+        connector=connector, kv_role="kv_producer",
+    ).result()  # fmt: skip
+    params = prefill["outputs"][0]["kv_transfer_params"]
+    assert params["meshkv"]["engine"]["extra"] == {}
+    decode_run = engine(
+        [{"tokens": prompts.a, "kv_transfer_params": params}],
+        connector=connector, kv_role="kv_consumer",
+        speculative_config={"method": "draft_model", "model": tiny_model,
+                            "num_speculative_tokens": 2},
+    )  # fmt: skip
+    decode = decode_run.result()
+    (out,) = decode["outputs"]
+    assert out["tokens"] == baseline["a"] and out["cached_tokens"] == 0
+    assert decode["counters"]["transfer_mismatches"] == 1
+    assert decode["counters"]["transfers_in"] == 0
+    log = decode_run.log()
+    assert "that engine's KV is not this engine's" in log, log[-3000:]
+    assert "extra.drafter: None (prefill) != 'draft_model:" in log

@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
@@ -48,6 +48,8 @@ from .stats import ConnectorCounters
 from .transfer import (
     ConsumerRequest,
     ProducerRequest,
+    engine_differences,
+    engine_fields,
     identity_params,
     parse_consumer,
     parse_producer,
@@ -61,6 +63,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+
+MISMATCH_WARN_S = 60.0
+"""A decode engine warns about a mismatched prefill engine at most this often (per
+producer and difference); the counter counts every request."""
 
 _MEMORY_TIER = "cpu"
 _SSD_TIER = "ssd"
@@ -244,6 +250,9 @@ class SchedulerSide:
         self._min_cut_blocks = max(1, -(-self._blocks_per_chunk // 2))
         self._requests: dict[str, _RequestState] = {}
         self._namespaces: dict[tuple[str, int], NamespaceId] = {}
+        self._engine = engine_fields(asdict(layout.namespace(0)))
+        """This engine's namespace fields, as a producer sends them in its params."""
+        self._mismatch_warned: dict[tuple[str, ...], float] = {}
         self._kv_cache_manager: KVCacheManager | None = None
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
@@ -317,10 +326,10 @@ class SchedulerSide:
             state.tail = self._tail(request, tokens)
         last = state.tail.keys if state.tail is not None else (state.keys or [()])[-1]
         if consumer is not None and (not last or last[0] != consumer.last_key):
-            # Another prompt than the producer saw (a different template, truncation...):
-            # its chunks cannot be this request's KV. Look it up like any other request.
-            logger.info("meshkv transfer %s: prompt differs from the prefill's; ignoring it",
-                        consumer.transfer_id)  # fmt: skip
+            # Another prompt than the producer saw (a different template, truncation...),
+            # or another engine's KV (a misconfigured pair): its chunks cannot be this
+            # request's KV. Look it up like any other request.
+            self._ignore_transfer(consumer)
             consumer = None
             if producer is None:
                 state.tail = None
@@ -446,6 +455,30 @@ class SchedulerSide:
                 state.ssd_hit = True
             elif tier != _MEMORY_TIER:
                 state.all_local = False
+
+    def _ignore_transfer(self, consumer: ConsumerRequest) -> None:
+        differences = engine_differences(consumer.engine, self._engine) if consumer.engine else []
+        if not differences:
+            logger.info("meshkv transfer %s: prompt differs from the prefill's; ignoring it",
+                        consumer.transfer_id)  # fmt: skip
+            return
+        # A configuration error, not a request's: every transfer from that engine is lost.
+        self._counters.transfer_mismatches += 1
+        now = time.monotonic()
+        signature = (consumer.producer, *differences)
+        if now - self._mismatch_warned.get(signature, -MISMATCH_WARN_S) < MISMATCH_WARN_S:
+            return
+        if len(self._mismatch_warned) >= 64:
+            self._mismatch_warned.clear()
+        self._mismatch_warned[signature] = now
+        logger.warning(
+            "meshkv transfer from prefill node %s: that engine's KV is not this engine's "
+            "(%s), so every prompt it prefills for this engine is computed here again. Run "
+            "both with the same model (or the same kv_connector_extra_config model_id), "
+            "dtype, KV cache dtype, block size, tensor-parallel size and drafter "
+            "(draft_model_id); counted in meshkv_transfer_mismatches",
+            consumer.producer, "; ".join(differences),
+        )  # fmt: skip
 
     def _consumer_usable(self, consumer: ConsumerRequest, prompt_len: int) -> bool:
         if consumer.chunk_tokens != self._cfg.chunk_tokens:
@@ -741,6 +774,7 @@ class SchedulerSide:
                     chunk_tokens=self._cfg.chunk_tokens,
                     last_key=last[0],
                     expires=time.time() + self._cfg.transfer_hold_s,
+                    engine=self._engine,
                 )
         if (state is not None and state.consumer is not None) or wants_identity(params):
             node = self._agent.node_id()

@@ -61,6 +61,9 @@ class ConnectorCounters:
     """Decode requests whose prompt KV was loaded from a prefill engine's transfer."""
     transfer_tokens: int = 0
     """Prompt tokens promised to vLLM from transfers (decode side)."""
+    transfer_mismatches: int = 0
+    """Decode requests whose prefill engine's KV is not this engine's (another model name,
+    dtype, block size, TP size, drafter...): computed here, with a warning."""
     call_seconds: float = 0.0
     """Wall time spent inside connector calls that talk to the agent or copy KV."""
     async_wait_seconds: float = 0.0
@@ -171,6 +174,8 @@ PROM_HELP: dict[str, str] = {
     "transfers_out": "Prefill requests that returned kv_transfer_params for a decode engine",
     "transfers_in": "Decode requests whose prompt KV came from a prefill engine's transfer",
     "transfer_tokens": "Prompt tokens promised to vLLM from prefill/decode transfers",
+    "transfer_mismatches": "Decode requests whose prefill engine's KV is not this engine's "
+    "(model, dtype, block size, TP size or drafter differ): computed here",
     "call_seconds": "Seconds spent in connector calls that talk to the agent or copy KV",
     "async_wait_seconds": "Seconds loads off the step waited for the agent's chunks",
     "async_copy_seconds": "Seconds loads off the step spent copying into the KV cache",

@@ -23,7 +23,10 @@ What the prefill side returns (``kv_transfer_params`` of its response)::
                 "chunk_tokens": <int>,       # chunk size the keys were made with
                 "last_key": <32 hex digits>, # the last chunk's key (rank 0): the consumer
                                              # checks it against its own prompt's keys
-                "expires": <unix seconds>}}  # the producer's hold ends then (at the latest)
+                "expires": <unix seconds>,   # the producer's hold ends then (at the latest)
+                "engine": {...}}}            # the producer's namespace fields (model, dtype,
+                                             # layout, drafter...; optional): a consumer whose
+                                             # own differ says which, loudly
 
 The NIXL-shaped fields are there so proxies written for vLLM's own connectors pass the
 parameters on without special cases. Everything is validated: a malformed ``meshkv`` map
@@ -61,6 +64,40 @@ class ConsumerRequest:
     chunk_tokens: int
     last_key: bytes
     expires: float
+    engine: dict[str, Any] | None = None
+    """The producer engine's namespace fields (None: an older producer, or malformed)."""
+
+
+MAX_ENGINE_FIELDS = 32
+MAX_ENGINE_VALUE_CHARS = 512
+
+
+def _engine_fields(value: object) -> dict[str, Any] | None:
+    """The ``engine`` map if it is a small map of names to scalars (or one level of such
+    maps, as ``extra``); None otherwise: it only feeds a diagnostic."""
+
+    def scalar(v: object) -> bool:
+        return (isinstance(v, str) and len(v) <= MAX_ENGINE_VALUE_CHARS) or (
+            _is_int(v) or v is None
+        )
+
+    if not isinstance(value, Mapping) or len(value) > MAX_ENGINE_FIELDS:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > 64:
+            return None
+        if isinstance(v, Mapping):
+            if len(v) > MAX_ENGINE_FIELDS or not all(
+                isinstance(ik, str) and len(ik) <= 64 and scalar(iv) for ik, iv in v.items()
+            ):
+                return None
+            out[k] = dict(v)
+        elif scalar(v):
+            out[k] = v
+        else:
+            return None
+    return out
 
 
 def _is_int(value: object) -> bool:
@@ -106,7 +143,7 @@ def parse_consumer(params: Mapping[str, Any] | None) -> ConsumerRequest | None:
         return None
     return ConsumerRequest(
         producer, transfer_id, int(tokens), int(chunk_tokens), bytes.fromhex(last_key),
-        float(expires),
+        float(expires), _engine_fields(ours.get("engine")),
     )  # fmt: skip
 
 
@@ -118,6 +155,7 @@ def producer_params(
     chunk_tokens: int,
     last_key: bytes,
     expires: float,
+    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``kv_transfer_params`` a prefill request finishes with."""
     return {
@@ -135,8 +173,36 @@ def producer_params(
             "chunk_tokens": chunk_tokens,
             "last_key": last_key.hex(),
             "expires": round(expires, 3),
+            **({"engine": dict(engine)} if engine is not None else {}),
         },
     }
+
+
+def engine_fields(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """What a producer says about its engine: its namespace's fields but the rank (each
+    rank of a tensor-parallel engine has its own)."""
+    return {k: v for k, v in namespace.items() if k != "tp_rank"}
+
+
+def engine_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """``field: theirs != ours`` for every field (``extra`` ones by their name) the two
+    engines disagree on; empty when they agree on all the fields both name."""
+    flat_theirs, flat_ours = _flat(theirs), _flat(ours)
+    return [
+        f"{name}: {flat_theirs.get(name)!r} (prefill) != {flat_ours.get(name)!r} (here)"
+        for name in sorted(set(flat_theirs) | set(flat_ours))
+        if flat_theirs.get(name) != flat_ours.get(name)
+    ]
+
+
+def _flat(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{ik}": iv for ik, iv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def wants_identity(params: Mapping[str, Any] | None) -> bool:
