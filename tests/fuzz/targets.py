@@ -30,7 +30,7 @@ import xxhash
 
 from meshkv.chunk import RECORD_HEADER_BYTES, RecordHeader
 from meshkv.errors import MeshKVError
-from meshkv.integrations.vllm.transfer import parse_consumer, parse_producer
+from meshkv.integrations.vllm.transfer import engine_differences, parse_consumer, parse_producer
 from meshkv.mesh import messages as mm
 from meshkv.mesh.config import DirectoryConfig, MembershipConfig
 from meshkv.mesh.directory import Directory
@@ -336,6 +336,11 @@ def kv_transfer_params(data: bytes) -> None:
         raise Finding(f"{type(exc).__name__}: {exc}") from exc
     if consumer is not None and (consumer.tokens <= 0 or len(consumer.last_key) != 16):
         raise Finding(f"accepted a malformed consumer request {consumer}")
+    if consumer is not None and consumer.engine is not None:
+        try:  # the decode side compares it with its own fields, in a log line
+            engine_differences(consumer.engine, {"model": "m", "extra": {}})
+        except Exception as exc:
+            raise Finding(f"engine fields break the comparison: {exc!r}") from exc
 
 
 def http_prefix(data: bytes) -> None:

@@ -234,14 +234,18 @@ def test_ssd_file(data: bytes) -> None:
     targets.ssd_file(data)
 
 
+ENGINE = {"model": "/models/m", "dtype": "float16", "num_layers": 2, "tp_size": 1,
+          "extra": {"drafter": "eagle:/models/d"}}  # fmt: skip
 VALID_PARAMS = producer_params(
-    producer="n1", transfer_id="t-1", tokens=300, chunk_tokens=256, last_key=KEY, expires=5.0
-)
+    producer="n1", transfer_id="t-1", tokens=300, chunk_tokens=256, last_key=KEY, expires=5.0,
+    engine=ENGINE,
+)  # fmt: skip
 
 
 def test_valid_transfer_params_round_trip() -> None:
     got = parse_consumer(json.loads(json.dumps(VALID_PARAMS)))
     assert got is not None and got.producer == "n1" and got.last_key == KEY
+    assert got.engine == ENGINE
 
 
 def _jsonable(value: Any) -> Any:
