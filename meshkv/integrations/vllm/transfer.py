@@ -186,7 +186,7 @@ def engine_fields(namespace: Mapping[str, Any]) -> dict[str, Any]:
 
 def engine_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
     """``field: theirs != ours`` for every field (``extra`` ones by their name) the two
-    engines disagree on; empty when they agree on all the fields both name."""
+    engines disagree on, a field only one of them names included; empty when they agree."""
     flat_theirs, flat_ours = _flat(theirs), _flat(ours)
     return [
         f"{name}: {flat_theirs.get(name)!r} (prefill) != {flat_ours.get(name)!r} (here)"
