@@ -3,6 +3,7 @@ back: how long the engine's calls are blocked, and that hits return after the ag
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -84,4 +85,31 @@ def test_a_link_left_hung_without_a_probe_heals_itself(
         wait_until_back(link)
         assert not odd  # the probe's first attempt raised, and it went on
     finally:
+        link.close()
+
+
+def test_a_slow_agent_at_engine_start_is_waited_for_not_skipped(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    """An agent that answers its first hello late (starved while an engine's workers
+    start beside it) is waited for at warm-up, so the first request's lookup reaches it;
+    after one 0.2 s deadline it used to count as hung and the first requests found
+    nothing until the probe heard it."""
+    agent = agent_factory().start()
+    counters = ConnectorCounters()
+    link = AgentLink(agent.socket_path, Namespace("m"), 0.2, 0.2, counters, 3)
+    agent.sigstop()
+    resume = threading.Timer(1.0, agent.sigcont)
+    resume.start()
+    try:
+        t0 = time.monotonic()
+        assert link.warm_up()
+        assert 0.9 < time.monotonic() - t0 < 5.0
+        assert link.call(lambda c: c.lookup([KEY])).prefix == 0  # no breaker open
+        assert counters.agent_unavailable == 0 and counters.agent_slow == 0
+        # The deadline of later calls is the configured one again, not the warm-up's.
+        assert link._get_client().timeout == 0.2
+    finally:
+        resume.cancel()
+        agent.sigcont()
         link.close()

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+WARM_UP_S = 5.0
+"""How long the connect at engine start waits for a slow agent's hello."""
 _LINK_ERRORS = (AgentUnavailable, TimeoutError, ConnectionError, TransportError, ProtocolError)
 """Errors that mean the agent is gone (or the stream to it is broken): open the breaker."""
 
@@ -189,11 +191,28 @@ class AgentLink:
     def warm_up(self, *, map_arena: bool = False) -> bool:
         """Connect now (at engine start) so the first lookup does not pay for the connect
         inside its deadline (``map_arena``: and map the agent's arena, for the paths that
-        copy); a missing agent is only logged, like any later outage."""
+        copy); a missing agent is only logged, like any later outage.
+
+        This is engine start, not a request: a slow agent (starved while the engine's
+        workers start beside it on a small host) gets ``WARM_UP_S`` to answer. Counted as
+        hung after one call's deadline, it would be skipped until the background probe
+        heard from it, and the first requests would find nothing (seen with TP=2 engines
+        on vLLM 0.31 here: a decode engine computed a whole transferred prompt)."""
+        client = self._new_client()
+        client.timeout = max(self._timeout, WARM_UP_S)
         try:
-            self.call(lambda client: client.map_arena() if map_arena else client.hello())
-        except MeshKVError:
-            return False
+            client.map_arena() if map_arena else client.hello()
+        except (MeshKVError, OSError):
+            _close_quietly(client)  # gone or hung: the usual path logs it and retries
+            try:
+                self.call(lambda c: c.map_arena() if map_arena else c.hello())
+            except MeshKVError:
+                return False
+            return True
+        client.timeout = self._timeout
+        with self._lock:
+            old, self._client = self._client, client
+        _close_quietly(old)
         return True
 
     def close(self) -> None:
