@@ -213,6 +213,10 @@ class Flight:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a reservation of the key held by another writer ends."""
     task: asyncio.Task[bool] | None = None
+    on_resident: list[Callable[[ChunkKey], None]] = field(default_factory=list)
+    """Readers to tell the moment the chunk is resident, before anything else runs on the
+    loop (a done callback runs a loop turn later: another request's save could evict the
+    chunk in between, where only clean chunks can go)."""
 
 
 class Puller:
@@ -444,7 +448,10 @@ class Puller:
             if flight is None or flight.task is None:
                 continue
             if on_resident is not None:
-                flight.task.add_done_callback(functools.partial(_arrived, on_resident, key))
+                if flight.task.done():  # ended, its listeners told: one loop turn later
+                    flight.task.add_done_callback(functools.partial(_arrived, on_resident, key))
+                else:
+                    flight.on_resident.append(on_resident)
             if flight.tier is Tier.SSD:
                 must.append(flight.task)
             elif peers or flight.local_only:
@@ -545,6 +552,11 @@ class Puller:
         if way is None:
             self.stats.failed += 1
             return False
+        for listener in flight.on_resident:  # no await since the commit: still resident
+            try:
+                listener(flight.key)
+            except Exception:  # a reader's callback must not fail the flight
+                logger.exception("a reader's on_resident for %s failed", flight.key.hex())
         self.stats.resident += 1
         self.stats.by_way[way] += 1
         self.stats.latency.observe(time.perf_counter() - started)
