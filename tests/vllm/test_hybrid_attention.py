@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from meshkv.launch import AgentProcess
-from tests.vllm.engines import EngineRun, Prompts
+from tests.vllm.engines import HIT_A, EngineRun, Prompts
 
 pytestmark = pytest.mark.vllm
 
 WINDOW = 128
-HIT_A = 2 * 256 + 128  # prompt a: two whole chunks and the tail's whole block
 
 
 def _interleaved_window_model(tiny_model: str, where: Path) -> str:

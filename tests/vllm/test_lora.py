@@ -11,11 +11,9 @@ import pytest
 
 from benchmarks.tiny_lora import RANK, build_tiny_lora
 from meshkv.launch import AgentProcess
-from tests.vllm.engines import EngineRun, Prompts
+from tests.vllm.engines import HIT_A, EngineRun, Prompts
 
 pytestmark = pytest.mark.vllm
-
-HIT = 2 * 256 + 128  # two whole chunks and the tail's whole block
 
 
 def test_an_adapter_s_requests_keep_kv_of_their_own(
@@ -37,7 +35,7 @@ def test_an_adapter_s_requests_keep_kv_of_their_own(
     assert adapted != base, "the adapter does not change the output; the test proves nothing"
     assert adapted_again == adapted
     # The adapter's first request finds nothing of the base model's; each then hits its own.
-    assert [o["cached_tokens"] for o in run["outputs"]] == [0, 0, HIT, HIT]
+    assert [o["cached_tokens"] for o in run["outputs"]] == [0, 0, HIT_A, HIT_A]
     assert run["counters"]["load_errors"] == 0
     with agent.client() as client:  # three chunks each: base model, adapter
         assert client.stats()["tiers"]["cpu"]["chunks"] == 6

