@@ -69,7 +69,7 @@ unit: venv system-deps
 	$(PY) -m pytest -q tests -m "not vllm"
 
 test: lint typecheck system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # P/D over UCX alone (it is also in `make test`; it failed in 4 of 10 runs while idle UCX
 # agents spun a core each, see docs/disaggregation.md).
