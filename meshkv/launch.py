@@ -260,10 +260,17 @@ class AgentProcess:
         assert code is not None
         return code
 
-    def cleanup(self) -> None:
-        """Kill if still running, remove the private directory and a leftover arena."""
+    def cleanup(self, keep_log_in: Path | None = None) -> None:
+        """Kill if still running, remove the private directory and a leftover arena.
+
+        ``keep_log_in``: a directory to copy the agent's log into first (as
+        ``<name>.log``), so that a failed test leaves it behind."""
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
+        if keep_log_in is not None and self.log_path.exists():
+            keep_log_in.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.log_path, keep_log_in / f"{self.name}.log")
         if self.proc is not None:
             # Arena names start with meshkv-<pid>-: catch one made before the ready file too.
             for path in glob.glob(f"/dev/shm/meshkv-{self.proc.pid}-*"):

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from meshkv.launch import (
     meshkv_kv_transfer_config,
     vllm_server_command,
 )
+from tests.helpers.logs import FAILED, kept_logs
 from tests.vllm.engines import ENGINE_TIMEOUT_S, PROMPTS, EngineRun, Prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,20 @@ def child_env(**extra: str) -> dict[str, str]:
 # --- agents -------------------------------------------------------------------------------
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
 @pytest.fixture
-def agent_factory() -> Iterator[Callable[..., AgentProcess]]:
+def agent_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., AgentProcess]]:
     """Build (not start) agents; every one is killed and cleaned up after the test."""
     made: list[AgentProcess] = []
 
@@ -55,7 +68,7 @@ def agent_factory() -> Iterator[Callable[..., AgentProcess]]:
 
     yield make
     for agent in made:
-        agent.cleanup()
+        agent.cleanup(kept_logs(request, tmp_path))
 
 
 @pytest.fixture
@@ -72,7 +85,7 @@ def ssd_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def agents(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Agents for engine tests: an SSD directory and a 128 MiB CPU tier unless told."""
     made: list[AgentProcess] = []
 
@@ -87,7 +100,7 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
     yield make
     for agent in made:
-        agent.cleanup()
+        agent.cleanup(kept_logs(request, tmp_path))
 
 
 # --- the model and engines ----------------------------------------------------------------

@@ -104,6 +104,20 @@ class State(enum.IntEnum):
     DETACHED = 3
 
 
+@dataclass(frozen=True, slots=True)
+class SlotUse:
+    """The CPU tier's occupied slots by what keeps each (``CpuTier.slot_use``)."""
+
+    pinned: int
+    """Pinned by read leases."""
+    reserved: int
+    """Reserved by a writer, not yet committed."""
+    held: int
+    """Held by background work: an SSD write, a checksum, a voided reservation's fence."""
+    evictable: int
+    """Committed and free to evict."""
+
+
 @dataclass(slots=True, eq=False)
 class Entry:
     """Per-slot record, created once per slot id and reused (no allocation per chunk)."""
@@ -359,13 +373,31 @@ class CpuTier:
             slot = self._alloc_after_evict(c, size)
             if slot >= 0:
                 return slot
-        inflight = sum(1 for e in self._index.values() if e.doomed)
+        use = self.slot_use()
         raise NoSpace(
             f"CPU tier full: no free slot for a {size}-byte chunk after evicting {evicted} "
-            f"chunks; the rest cannot go now ({self.pinned_entries} chunks pinned by readers, "
-            f"{self.reserved} reserved, {inflight} being written to SSD); release leases or "
-            "retry later"
+            f"chunks; the rest cannot go now ({use.pinned} chunks pinned by readers, "
+            f"{use.reserved} reserved by writers, {use.held} held by SSD writes, checksums "
+            f"or expired reservations, {use.evictable} evictable); release leases or retry "
+            "later"
         )
+
+    def slot_use(self) -> SlotUse:
+        """What the occupied slots are doing, each counted once (pins first). A walk over
+        every slot: for error messages and tests, not for a hot path."""
+        pinned = reserved = held = evictable = 0
+        for e in self._entries:
+            if e is None or e.state is State.FREE:
+                continue
+            if e.pins:
+                pinned += 1
+            elif e.state is State.RESERVED:
+                reserved += 1
+            elif e.holds:
+                held += 1
+            else:
+                evictable += 1
+        return SlotUse(pinned, reserved, held, evictable)
 
     def _alloc_after_evict(self, c: int, size: int) -> int:
         slot = self.alloc.alloc(c)

@@ -131,6 +131,26 @@ def test_every_slot_reserved_gives_no_space(tier: CpuTier) -> None:
         tier.reserve(NS, key(9), SLOT, 1)
 
 
+def test_no_space_says_what_keeps_every_slot(tier: CpuTier) -> None:
+    """One slot each pinned, reserved, held by background work; the fourth is evicted
+    for the next chunk, and then nothing can go: the message counts each kind."""
+    for i in range(3):
+        store(tier, i)
+    e0, e1 = tier.find(NS, key(0)), tier.find(NS, key(1))
+    assert e0 is not None and e1 is not None
+    tier.pin(e0, 1, 60.0)
+    tier.hold(e1)  # as an SSD write or a checksum does
+    assert tier.reserve(NS, key(3), SLOT, 1) is not None
+    use = tier.slot_use()
+    assert (use.pinned, use.reserved, use.held, use.evictable) == (1, 1, 1, 1)
+    assert tier.reserve(NS, key(4), SLOT, 1) is not None  # chunk 2 evicted
+    assert tier.get(key(2)) is None
+    with pytest.raises(NoSpace) as err:
+        tier.reserve(NS, key(5), SLOT, 1)
+    assert ("1 chunks pinned by readers, 2 reserved by writers, 1 held by SSD writes, "
+            "checksums or expired reservations, 0 evictable") in str(err.value)  # fmt: skip
+
+
 def test_expired_lease_is_overdue_and_keeps_its_slot(tier: CpuTier, clock: Clock) -> None:
     store(tier, 1)
     e = tier.find(NS, key(1))

@@ -415,6 +415,13 @@ async def test_random_workload_serves_only_exact_bytes(
     )
     s = Store(cfg, ssd_fault_hook=slow)
     await s.start()
+    try:
+        await _random_workload(s, rng, tmp_path, cap)
+    finally:  # a failure leaves no arena behind for the next test to find
+        await s.close(asyncio.get_running_loop().time() + 5)
+
+
+async def _random_workload(s: Store, rng: random.Random, tmp_path: Path, cap: int) -> None:
     puller = Puller(s)
     truth: dict[ChunkKey, bytes] = {}
     held: list[tuple[int, ChunkKey, bytes, Slot]] = []
@@ -425,7 +432,13 @@ async def test_random_workload_serves_only_exact_bytes(
             try:
                 slot = s.reserve(NS, k, SLOT, 1)
             except NoSpace:
-                assert len(held) >= 6
+                # Only when no slot can go: pinned (at most 6 by this loop), reserved, or
+                # held by SSD writes the slow disk keeps in flight (CI run BM: 5 pinned, 3
+                # held; the old check, 6 pinned, assumed the writes were done).
+                use = s.cpu.slot_use()
+                assert use.evictable == 0, use
+                assert use.pinned + use.reserved + use.held == 8, use
+                assert use.pinned == len(held), use
                 slot = None
             if slot is not None:
                 blob = rng.randbytes(SLOT)
@@ -471,7 +484,6 @@ async def test_random_workload_serves_only_exact_bytes(
     assert st.promotions > 0 and st.demotions > 0  # both tiers were exercised
     on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
     assert on_disk <= cap
-    await s.close(asyncio.get_running_loop().time() + 5)
 
 
 @run_async
@@ -642,7 +654,8 @@ async def test_failed_start_leaves_no_arena(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="in use by another meshkv agent"):
         await second.start()
     after = {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
-    assert after == before == {first.arena_name}  # the second arena was unlinked again
+    assert after == before  # the second arena was unlinked again
+    assert first.arena_name in before  # (an arena another test leaked is not this one's)
     await first.close(asyncio.get_running_loop().time() + 2)
 
 

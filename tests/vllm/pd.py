@@ -263,8 +263,8 @@ def pd_stack(
         yield Stack(transport, pa, da, prefill, decode, proxy, baseline, reqs, procs)
     finally:
         for proc in reversed(procs):
-            if isinstance(proc, AgentProcess):
-                proc.cleanup()
+            if isinstance(proc, AgentProcess):  # a module's stack: its logs always kept
+                proc.cleanup(keep_log_in=workdir / "agent-logs")
             else:
                 proc.stop()
 

@@ -16,6 +16,7 @@ import pytest
 
 from meshkv.chunk import Namespace, chunk_keys
 from meshkv.launch import AgentProcess
+from tests.helpers.logs import kept_logs
 from tests.helpers.mesh import metric, start_mesh, wait_converged, wait_for, write_secret
 from tests.vllm.engines import EngineRun, Prompts
 
@@ -25,7 +26,9 @@ CHUNK_TOKENS = 256
 
 
 @pytest.fixture
-def mesh_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def mesh_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., AgentProcess]]:
     """Build (not start) mesh agents with an SSD directory each; all cleaned up after."""
     made: list[AgentProcess] = []
 
@@ -38,7 +41,7 @@ def mesh_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
     yield make
     for agent in made:
-        agent.cleanup()
+        agent.cleanup(kept_logs(request, tmp_path))
 
 
 def test_engine_on_b_loads_what_an_engine_on_a_stored_through_the_mesh(
