@@ -44,6 +44,11 @@ TP2: dict[str, Any] = {
     "tensor_parallel_size": 2,
     "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank
 }
+HOLD_PAST_START = {"transfer_hold_s": 300.0}
+"""The decode engine here starts only after the prefill has finished, and a TP=2 engine took
+43 s to start in CI run BN: the default 60 s hold expired before the decode engine asked
+(the chunks were still there, but the hold had ended by expiry, not release). A serving
+decode engine is already running; this one is not."""
 TP2_CORE_0: dict[str, Any] = {**TP2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|0"}}
 """For the engines whose loads wait on the mesh: both ranks on core 0, core 1 left to the
 agents. With a rank spinning on each of the two cores, the agents went unscheduled for
@@ -178,7 +183,7 @@ def test_prefill_decode_between_tp2_engines(
            "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
     prefill = engine(
         [{"tokens": prompts.a, "max_tokens": 1, "kv_transfer_params": toy}],
-        connector={"socket": a.socket_path}, kv_role="kv_producer", **TP2,
+        connector={"socket": a.socket_path, **HOLD_PAST_START}, kv_role="kv_producer", **TP2,
     ).result()  # fmt: skip
     params = prefill["outputs"][0]["kv_transfer_params"]
     assert params and params.get("do_remote_prefill") is True, params
