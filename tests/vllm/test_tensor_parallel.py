@@ -145,8 +145,10 @@ def test_a_fresh_tp2_engine_loads_both_ranks_chunks_from_a_peer(
     (warm,) = consumer["outputs"]
     assert warm["tokens"] == baseline["a"]
     assert warm["cached_tokens"] == HIT  # was 0: rank 1's chunks were never pulled
-    # Three chunks for each rank; on this starved host a pull may stall past the holder
-    # timeout and be pulled again (the engine still loaded every chunk: no read missed).
+    # Three chunks for each rank, at least: on this host a pull can stall past the holder
+    # timeout and be tried again (seen with TP=2, docs/benchmarks.md, "A TP=2 engine's hits
+    # from another node"; not seen in this test since the ranks moved to core 0). What
+    # matters is that the engine loaded every chunk: no read missed.
     pulls = metric(b, "meshkv_peer_pulls_total")
     assert pulls >= 6, pulls
     assert metric(b, "meshkv_read_miss_chunks_total") == 0
@@ -195,7 +197,7 @@ def test_prefill_decode_between_tp2_engines(
     (out,) = decode["outputs"]
     assert out["tokens"] == baseline["a"]
     assert out["computed_tokens"] <= 128, out  # one vLLM block at most (the last token's)
-    # Two whole chunks and the tail, per rank (a stalled pull may be pulled again, as above)
+    # Two whole chunks and the tail, per rank, at least (a stalled pull is tried again, above)
     pulls = metric(b, "meshkv_peer_pulls_total")
     assert pulls >= 6, pulls
     assert metric(b, "meshkv_read_miss_chunks_total") == 0
