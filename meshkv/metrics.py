@@ -472,6 +472,12 @@ class PullerCollector(Collector):
         hist.add_metric([], st.latency.cumulative(), sum_value=st.latency.total)
         yield hist
         yield CounterMetricFamily(
+            "meshkv_transfers_abandoned",
+            "Transfers an engine here dropped before loading them (a decode request aborted "
+            "while queued); their producers were told to release them",
+            value=st.transfers_abandoned,
+        )
+        yield CounterMetricFamily(
             "meshkv_transfers_received",
             "Prefill/decode transfers this node finished waiting for (all chunks here or given up)",
             value=st.transfers,
@@ -512,6 +518,15 @@ class PullerCollector(Collector):
             ended.add_metric(["expired"], ts.expired)
             ended.add_metric(["evicted"], ts.evicted)
             yield ended
+            renewals = CounterMetricFamily(
+                "meshkv_transfer_renewals",
+                "Renewals of held transfers asked by their consumers (queued decode requests), "
+                "by result: renewed, or unknown (released or expired here before)",
+                labels=["result"],
+            )
+            renewals.add_metric(["renewed"], ts.renewed)
+            renewals.add_metric(["unknown"], ts.renew_unknown)
+            yield renewals
 
 
 class RemoteCollector(Collector):

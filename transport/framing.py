@@ -33,9 +33,10 @@ from meshkv.errors import ProtocolError
 MAGIC = b"MKVP"
 WIRE_VERSION = 1
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Newest peer protocol version this build speaks (negotiated in HELLO). Version 2 adds
-``TRANSFER_DONE`` and the ``wait`` field of ``CHUNK_GET`` (ignored by version 1)."""
+``TRANSFER_DONE`` and the ``wait`` field of ``CHUNK_GET`` (ignored by version 1); version 3
+adds ``TRANSFER_RENEW``."""
 MIN_PROTOCOL_VERSION = 1
 """Oldest peer protocol version this build still accepts."""
 
@@ -68,12 +69,14 @@ class MsgKind(enum.IntEnum):
     CHUNK_PUSH = 32
     TRANSFER_DONE = 33
     """One-way: the consumer of a prefill/decode transfer is done with its chunks."""
+    TRANSFER_RENEW = 34
+    """One-way: the consumer still wants these transfers (its request is queued): hold on."""
     NODE_STATS = 40
 
 
 HANDSHAKE_KINDS = frozenset({MsgKind.HELLO, MsgKind.AUTH, MsgKind.ERROR})
 
-KIND_SINCE: dict[MsgKind, int] = {MsgKind.TRANSFER_DONE: 2}
+KIND_SINCE: dict[MsgKind, int] = {MsgKind.TRANSFER_DONE: 2, MsgKind.TRANSFER_RENEW: 3}
 """The protocol version that introduced a kind (absent: 1). Never sent to older peers."""
 _KINDS = frozenset(int(k) for k in MsgKind)
 

@@ -42,7 +42,7 @@ from meshkv.errors import (
 from meshkv.latency import LatencyHistogram
 from meshkv.mesh.seams import NodeView
 from meshkv.store import Store
-from meshkv.transport.framing import MsgKind
+from meshkv.transport.framing import KIND_SINCE, MsgKind
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ MESH_OWNER = (1 << 62) + 1
 """Store owner id of reservations made by pulls (never a local connection id)."""
 DONE_TIMEOUT_S = 2.0
 """Deadline of one ``TRANSFER_DONE`` attempt (it is tried twice)."""
+MAX_RENEW_IDS = 1024
+"""Transfers named in one ``TRANSFER_RENEW`` (the peer server's limit)."""
 MAX_DONE_TASKS = 1024
 """``TRANSFER_DONE`` messages in flight at once; beyond it they are dropped (the producer's
 hold then ends at its deadline instead)."""
@@ -73,6 +75,8 @@ class FetchStats:
     no_space, remote."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Seconds of successful pull attempts, request sent to commit."""
+    renewals: int = 0
+    """Transfer holds this node asked their producers to renew."""
 
 
 class Fetcher:
@@ -264,6 +268,38 @@ class Fetcher:
             except (MeshKVError, TimeoutError, OSError) as exc:
                 logger.debug("TRANSFER_DONE to %s (try %d): %s", producer, attempt + 1, exc)
         self.stats.failures["done_lost"] += 1
+
+    def transfer_renew(self, producer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        """Ask the producer to hold ``transfer_ids`` ``seconds`` more: one attempt (the
+        next renewal comes long before the hold ends), skipped for peers older than
+        protocol 3 (their holds end at their deadline, as before)."""
+        if producer == self._node.node_id or not transfer_ids:
+            return
+        if len(self._done_tasks) >= MAX_DONE_TASKS:
+            self.stats.failures["renew_dropped"] += 1
+            return
+        task = asyncio.create_task(self._send_renew(producer, list(transfer_ids), seconds))
+        self._done_tasks.add(task)
+        task.add_done_callback(self._done_tasks.discard)
+
+    async def _send_renew(self, producer: str, transfer_ids: list[str], seconds: float) -> None:
+        address = self._node.address_of(producer)
+        if address is None:
+            self.stats.failures["renew_lost"] += 1
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DONE_TIMEOUT_S
+        try:
+            conn = await self._node.connection(address, deadline)
+            if conn.peer.protocol_version < KIND_SINCE[MsgKind.TRANSFER_RENEW]:
+                return
+            for i in range(0, len(transfer_ids), MAX_RENEW_IDS):
+                header = {"ids": transfer_ids[i : i + MAX_RENEW_IDS], "s": seconds}
+                await conn.request(MsgKind.TRANSFER_RENEW, header, deadline=deadline)
+            self.stats.renewals += len(transfer_ids)
+        except (MeshKVError, TimeoutError, OSError) as exc:
+            logger.debug("TRANSFER_RENEW to %s: %s", producer, exc)
+            self.stats.failures["renew_lost"] += 1
 
     async def close(self) -> None:
         for task in self._done_tasks:

@@ -477,6 +477,12 @@ class MeshNode:
         if self.transfers is not None and self.transfers.done(transfer_id):
             logger.debug("transfer %s released by %s", transfer_id, consumer)
 
+    def transfer_renew(self, consumer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        if self.transfers is not None:
+            renewed = self.transfers.renew(transfer_ids, seconds)
+            logger.debug("%d of %d transfers renewed by %s for %.1f s", renewed,
+                         len(transfer_ids), consumer, seconds)  # fmt: skip
+
     def count_checksum_failure(self) -> None:
         self.checksum_failures += 1
 

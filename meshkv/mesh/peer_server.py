@@ -25,6 +25,7 @@ NODE_STATS            ``{}``                                      NODE_STATS ``{
                                                                  "bytes", "tiers",
                                                                  "hit_rate"}``
 TRANSFER_DONE (v2)    ``{"id": transfer id}``                     none (one-way)
+TRANSFER_RENEW (v3)   ``{"ids": [transfer id], "s": seconds}``    none (one-way)
 ====================  =======================================  ============================
 
 A ``CHUNK_GET`` with ``wait`` > 0 may wait (at most that long, at most ``MAX_GET_WAIT_S``)
@@ -143,6 +144,10 @@ class PeerServer:
             if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
                 raise ProtocolError("TRANSFER_DONE needs 'id', a string of 1..128 characters")
             self._node.transfer_done(peer.node_id, transfer_id)
+            return None
+        if kind == MsgKind.TRANSFER_RENEW:
+            ids, seconds = _renewal(msg.header)
+            self._node.transfer_renew(peer.node_id, ids, seconds)
             return None
         raise ProtocolError(f"peer message kind {kind.name} is not served here")
 
@@ -306,3 +311,23 @@ def _push_id(header: Mapping[str, Any]) -> int:
     if isinstance(value, bool) or not 0 <= value < 1 << 63:
         raise ProtocolError("header field 'push' must be a non-negative 63-bit integer")
     return value
+
+
+MAX_RENEW_IDS = 1024
+"""Most transfers one ``TRANSFER_RENEW`` may name."""
+MAX_RENEW_S = 600.0
+"""Longest extension one ``TRANSFER_RENEW`` may ask for (the holder caps it further)."""
+
+
+def _renewal(header: Mapping[str, Any]) -> tuple[list[str], float]:
+    ids, seconds = header.get("ids"), header.get("s")
+    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_RENEW_IDS:
+        raise ProtocolError(f"TRANSFER_RENEW needs 'ids', a list of 1..{MAX_RENEW_IDS} ids")
+    for value in ids:
+        if not isinstance(value, str) or not 0 < len(value) <= 128:
+            raise ProtocolError("TRANSFER_RENEW: each id must be a string of 1..128 characters")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ProtocolError(f"TRANSFER_RENEW needs 's', a number of seconds, got {seconds!r}")
+    if not 0 < seconds <= MAX_RENEW_S:
+        raise ProtocolError(f"TRANSFER_RENEW 's' must be in (0, {MAX_RENEW_S:g}], got {seconds!r}")
+    return ids, float(seconds)

@@ -98,6 +98,10 @@ class PeerDelegate(Protocol):
         """The consumer of a prefill/decode transfer is done with its chunks."""
         ...
 
+    def transfer_renew(self, consumer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        """The consumer still wants these transfers: hold them ``seconds`` more."""
+        ...
+
     def count_checksum_failure(self) -> None:
         """A pushed chunk failed verification."""
         ...

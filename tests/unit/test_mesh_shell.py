@@ -47,6 +47,7 @@ class FakeDelegate:
     holders: dict[bytes, tuple[str, ...]] = field(default_factory=dict)
     not_held_keys: list[ChunkKey] = field(default_factory=list)
     done: list[tuple[str, str]] = field(default_factory=list)
+    renewed: list[tuple[str, list[str], float]] = field(default_factory=list)
     membership: list[mm.Message] = field(default_factory=list)
     checksum_failures: int = 0
 
@@ -70,6 +71,9 @@ class FakeDelegate:
 
     def transfer_done(self, consumer: str, transfer_id: str) -> None:
         self.done.append((consumer, transfer_id))
+
+    def transfer_renew(self, consumer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        self.renewed.append((consumer, list(transfer_ids), seconds))
 
     def count_checksum_failure(self) -> None:
         self.checksum_failures += 1
@@ -411,6 +415,37 @@ def test_peer_server_transfer_done_and_bad_frames() -> None:
                     deadline=soon(),
                 )
             assert w.b.server.stats.bad_messages == 4
+
+    run(main)
+
+
+def test_peer_server_transfer_renew_and_bad_frames() -> None:
+    async def main() -> None:
+        async with world() as w:
+            conn = await w.view.connection("b:7000", soon())
+            await conn.request(
+                MsgKind.TRANSFER_RENEW, {"ids": ["x1", "x2"], "s": 30}, deadline=soon()
+            )
+            assert w.b.delegate.renewed == [("a", ["x1", "x2"], 30.0)]
+            bad = [
+                ({"s": 30}, "needs 'ids'"),
+                ({"ids": [], "s": 30}, "needs 'ids'"),
+                ({"ids": ["x"] * 1025, "s": 30}, "needs 'ids'"),
+                ({"ids": ["x", 7], "s": 30}, "each id must be a string"),
+                ({"ids": ["x" * 129], "s": 30}, "each id must be a string"),
+                ({"ids": ["x"]}, "needs 's'"),
+                ({"ids": ["x"], "s": True}, "needs 's'"),
+                ({"ids": ["x"], "s": 0}, "must be in"),
+                ({"ids": ["x"], "s": 601}, "must be in"),
+                ({"ids": ["x"], "s": float("nan")}, "must be in"),
+            ]
+            for header, message in bad:
+                with pytest.raises(ProtocolError, match=message):
+                    await conn.request(MsgKind.TRANSFER_RENEW, header, deadline=soon())
+            assert w.b.server.stats.bad_messages == len(bad)
+            assert len(w.b.delegate.renewed) == 1  # and the connection still serves
+            await conn.request(MsgKind.TRANSFER_RENEW, {"ids": ["x3"], "s": 1.5}, deadline=soon())
+            assert w.b.delegate.renewed[-1] == ("a", ["x3"], 1.5)
 
     run(main)
 

@@ -105,6 +105,7 @@ def test_msgkind_values_are_stable() -> None:
         "CHUNK_DATA": 31,
         "CHUNK_PUSH": 32,
         "TRANSFER_DONE": 33,
+        "TRANSFER_RENEW": 34,
         "NODE_STATS": 40,
     }
     assert {k.name: int(k) for k in MsgKind} == expected
@@ -138,7 +139,7 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="max_payload_bytes"):
         TransportConfig(secret=b"s" * 16, node_id="a", max_payload_bytes=0)
     with pytest.raises(ConfigError, match="protocol versions"):
-        TransportConfig(secret=b"s" * 16, node_id="a", min_protocol_version=3)
+        TransportConfig(secret=b"s" * 16, node_id="a", min_protocol_version=4)
 
 
 def test_message_checks_types() -> None:
