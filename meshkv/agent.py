@@ -127,6 +127,7 @@ class Agent:
             routes: list[web.RouteDef] = []
             if self.mesh is not None:
                 ctx.status_sections.append(self.mesh.status_section)
+                ctx.status_sections.append(self._transfers_section)
                 routes = self.mesh.http_routes()
             self.http = AdminServer(build_app(ctx, routes), cfg.http_host, cfg.http_port)
             self.http_address = await self.http.start()
@@ -190,6 +191,24 @@ class Agent:
                 "lookup_miss_chunks": counters.miss_chunks,
                 "lookup_hit_rate": round(hits / asked, 4) if asked else None,
                 "protocol_errors": counters.protocol_errors,
+            }
+        }
+
+    def _transfers_section(self) -> dict[str, Any]:
+        """Prefill/decode transfers: held here for decode nodes (producer) and received
+        from prefill nodes (consumer)."""
+        held, got = self.transfers.stats, self.puller.stats
+        return {
+            "transfers": {
+                "held": self.transfers.open,
+                "pins": self.transfers.pinned,
+                "released": held.released,
+                "expired": held.expired,
+                "evicted": held.evicted,
+                "renewals": held.renewed,
+                "received": got.transfers,
+                "incomplete": got.transfers_incomplete,
+                "abandoned": got.transfers_abandoned,
             }
         }
 

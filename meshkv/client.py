@@ -347,6 +347,30 @@ class AgentClient:
         held: int = reply["held"]
         return held
 
+    def transfers(
+        self,
+        *,
+        renew: Sequence[tuple[str, str]] = (),
+        abandon: Sequence[tuple[str, str]] = (),
+        renew_s: float = 0.0,
+    ) -> bool:
+        """The decode side of prefill/decode transfers, as ``(producer, transfer id)``
+        pairs: ``renew`` those this engine still waits to load (their producers hold them
+        ``renew_s`` more), ``abandon`` those it dropped before loading. False when the agent
+        is older than local protocol 2 and cannot do it (its producers' holds end at their
+        deadlines)."""
+        if self.hello().version < 2:
+            return False
+        self._call(
+            Op.TRANSFERS,
+            {
+                "renew": [list(ref) for ref in renew],
+                "abandon": [list(ref) for ref in abandon],
+                "renew_s": renew_s,
+            },
+        )
+        return True
+
     def abort(self, keys: Sequence[bytes]) -> None:
         """Give reserved slots back without committing."""
         self._call(Op.ABORT, {"keys": _keys(keys)})

@@ -27,8 +27,9 @@ from meshkv.chunk import KEY_BYTES, ChunkKey
 from meshkv.errors import MeshKVError, ProtocolError, VersionMismatch
 
 PROTOCOL_MIN_VERSION = 1
-PROTOCOL_MAX_VERSION = 1
-"""Versions of the local protocol this build speaks (inclusive)."""
+PROTOCOL_MAX_VERSION = 2
+"""Versions of the local protocol this build speaks (inclusive). Version 2 adds the
+``transfers`` op; a client sends it only to an agent that negotiated 2."""
 
 MAX_FRAME_BYTES = 1 << 20
 """Largest frame body either side accepts; a larger length prefix closes the connection."""
@@ -53,6 +54,8 @@ class Op(enum.StrEnum):
     RELEASE = "release"
     STATS = "stats"
     HOLD = "hold"
+    TRANSFERS = "transfers"
+    """Version 2: renew or abandon prefill/decode transfers this node's engine waits for."""
 
 
 OPS: frozenset[str] = frozenset(op.value for op in Op)

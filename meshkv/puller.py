@@ -93,6 +93,11 @@ class ChunkSource(Protocol):
         (every chunk arrived or was given up), so it can release its hold."""
         ...
 
+    def transfer_renew(self, producer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        """Ask the producer to hold these transfers ``seconds`` more (their requests wait in
+        this node's engine's queue)."""
+        ...
+
 
 class RemoteSource(Protocol):
     """The shared remote tier (``meshkv.tiers.remote.RemoteTier``)."""
@@ -156,6 +161,8 @@ class PullerStats:
     """Bytes of transfers' chunks that came over the network after their lookup."""
     transfer_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
     """Seconds from the lookup naming a transfer until its last chunk was here."""
+    transfers_abandoned: int = 0
+    """Transfers an engine here dropped before loading them (its producer told at once)."""
     reads_late_ssd: int = 0
     """Chunks a read with a deadline answered without because their promotion from SSD
     was still running (the engine computes them; the promotion goes on)."""
@@ -243,6 +250,20 @@ class Puller:
     def add_remote(self, remote: RemoteSource) -> None:
         """Read misses from the shared remote tier too."""
         self._remote = remote
+
+    def renew_transfers(self, producer: str, transfer_ids: Sequence[str], seconds: float) -> None:
+        """An engine here still waits to load these transfers: ask their producer to hold
+        them ``seconds`` more (no-op without the mesh)."""
+        if self._source is not None:
+            self._source.transfer_renew(producer, transfer_ids, seconds)
+
+    def abandon_transfer(self, producer: str, transfer_id: str) -> None:
+        """An engine here dropped a request before loading its transfer (aborted while
+        queued): the producer can release its hold now. A transfer this node is still
+        pulling ends as usual, when its pulls do."""
+        if self._source is not None and transfer_id not in self._transfers:
+            self.stats.transfers_abandoned += 1
+            self._source.transfer_done(producer, transfer_id)
 
     @property
     def has_source(self) -> bool:

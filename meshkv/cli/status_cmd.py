@@ -128,6 +128,9 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"lookups   {_lookups(local)}")
     if mesh:
         lines.append(f"mesh      {_mesh(mesh)}")
+    transfers = _section(doc, "transfers")
+    if transfers:
+        lines.append(f"transfers {_transfers(transfers)}")
     remote = _section(doc, "remote")
     if remote:
         state = "up" if remote.get("up") else f"DOWN (backing off {remote.get('backed_off_s')} s)"
@@ -164,6 +167,7 @@ def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
 
 KNOWN_SECTIONS = (
     "node_id", "version", "uptime_s", "store", "local", "mesh", "remote", "process", "namespaces",
+    "transfers",
 )  # fmt: skip
 
 
@@ -219,6 +223,16 @@ def _mesh(mesh: dict[str, Any]) -> str:
     if isinstance(errors, dict) and errors:
         line += "; ALONE, not joined through " + "; ".join(f"{k} ({v})" for k, v in errors.items())
     return line
+
+
+def _transfers(t: dict[str, Any]) -> str:
+    """Prefill/decode: what this node holds for decode nodes, what it received."""
+    return (
+        f"{t.get('held')} held for decode nodes ({t.get('pins')} chunks pinned; ended: "
+        f"{t.get('released')} released, {t.get('expired')} expired, {t.get('evicted')} "
+        f"evicted; {t.get('renewals')} renewals); {t.get('received')} received "
+        f"({t.get('incomplete')} incomplete), {t.get('abandoned')} abandoned"
+    )
 
 
 def _process(process: dict[str, Any]) -> str:

@@ -223,6 +223,7 @@ class _Connection(asyncio.Protocol):
             Op.RELEASE: self._release,
             Op.STATS: self._stats,
             Op.HOLD: self._hold,
+            Op.TRANSFERS: self._transfers,
         }
 
     # --- transport events ---------------------------------------------------------
@@ -620,6 +621,29 @@ class _Connection(asyncio.Protocol):
         held = transfers.hold(ns, keys, transfer_id, hold_s, push_to)
         return {"held": held}
 
+    def _transfers(self, message: dict[str, Any]) -> Reply:
+        """The decode side's engine still waits for some transfers (``renew``: ask their
+        producers to hold them ``renew_s`` more) and dropped others before loading them
+        (``abandon``: their producers may let go now)."""
+        renew = parse_transfer_refs(message.get("renew", []), "renew")
+        abandon = parse_transfer_refs(message.get("abandon", []), "abandon")
+        seconds = message.get("renew_s", 0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise ProtocolError(f"transfers 'renew_s' must be a number of seconds, got {seconds!r}")
+        if renew and not 0 < seconds <= MAX_TRANSFER_S:
+            raise ProtocolError(
+                f"transfers 'renew_s' must be in (0, {MAX_TRANSFER_S:g}] seconds, got {seconds!r}"
+            )
+        puller = self.server.puller
+        by_producer: dict[str, list[str]] = {}
+        for producer, transfer_id in renew:
+            by_producer.setdefault(producer, []).append(transfer_id)
+        for producer, ids in by_producer.items():
+            puller.renew_transfers(producer, ids, float(seconds))
+        for producer, transfer_id in abandon:
+            puller.abandon_transfer(producer, transfer_id)
+        return {"renewed": len(renew), "abandoned": len(abandon)}
+
     def _abort(self, message: dict[str, Any]) -> Reply:
         ns = self.namespace
         assert ns is not None
@@ -765,6 +789,32 @@ def parse_transfer_hint(value: object) -> TransferHint | None:
         raise ProtocolError(f"transfer 'wait' must be a positive number of seconds, got {wait!r}")
     deadline = asyncio.get_running_loop().time() + min(float(wait), MAX_TRANSFER_S)
     return TransferHint(transfer_id, producer, deadline)
+
+
+MAX_TRANSFER_REFS = 4096
+"""Most transfers one ``transfers`` request may name in each of its lists."""
+
+
+def parse_transfer_refs(value: object, field: str) -> list[tuple[str, str]]:
+    """A ``transfers`` request's list of ``[producer node id, transfer id]`` pairs."""
+    if not isinstance(value, list) or len(value) > MAX_TRANSFER_REFS:
+        raise ProtocolError(
+            f"transfers {field!r} must be a list of at most {MAX_TRANSFER_REFS} "
+            "[producer, transfer id] pairs"
+        )
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise ProtocolError(f"transfers {field!r}[{i}] must be a [producer, transfer id] pair")
+        producer, transfer_id = item
+        if not isinstance(producer, str) or not 0 < len(producer) <= 256:
+            raise ProtocolError(f"transfers {field!r}[{i}]: the producer must be a node id")
+        if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
+            raise ProtocolError(
+                f"transfers {field!r}[{i}]: the transfer id must be a string of 1..128 characters"
+            )
+        out.append((producer, transfer_id))
+    return out
 
 
 def parse_transfer_hold(value: object) -> tuple[str, float, str | None] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -284,3 +285,33 @@ def test_a_client_of_another_user_is_refused(agent: AgentProcess) -> None:
     assert "refused a local connection: pid" in agent.log()
     assert "runs as uid 65534" in agent.log()
     still_serving(agent)  # the agent's own user is served as before
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"renew": "node-p/x1", "renew_s": 30}, "'renew' must be a list"),
+        ({"renew": [["node-p"]], "renew_s": 30}, r"'renew'\[0\] must be a \[producer"),
+        ({"renew": [["node-p", 5]], "renew_s": 30}, "the transfer id must be a string"),
+        ({"abandon": [["", "x1"]]}, "the producer must be a node id"),
+        ({"renew": [["node-p", "x1"]]}, "'renew_s' must be in"),
+        ({"renew": [["node-p", "x1"]], "renew_s": 601}, "'renew_s' must be in"),
+        ({"renew": [["node-p", "x1"]], "renew_s": "30"}, "'renew_s' must be a number"),
+    ],
+)
+def test_transfers_op_rejects_bad_fields(
+    agent: AgentProcess, raw: Raw, fields: dict[str, Any], message: str
+) -> None:
+    """The ``transfers`` op (local protocol 2): a malformed renewal or abandon is a clear
+    error, and the connection goes on serving (no mesh here: a valid one is a no-op)."""
+    reply = raw.call({"op": "transfers", "id": 7, **fields})
+    assert reply["error"]["code"] == "protocol", reply
+    assert re.search(message, reply["error"]["message"]), reply
+    ok = raw.call({"op": "transfers", "id": 8, "renew": [["node-p", "x1"]], "renew_s": 30})
+    assert ok == {"id": 8, "renewed": 1, "abandoned": 0}
+
+
+def test_the_client_renews_only_with_an_agent_that_speaks_protocol_2(agent: AgentProcess) -> None:
+    with agent.client() as client:
+        assert client.hello().version == 2
+        assert client.transfers(renew=[("node-p", "x1")], abandon=[("node-p", "x2")], renew_s=5)

@@ -60,6 +60,16 @@ def test_a_healthy_agent_reads_as_one_line_per_section() -> None:
     assert "{" not in text  # no raw JSON left in the human view
 
 
+def test_prefill_decode_transfers_read_as_one_line() -> None:
+    transfers = {"held": 2, "pins": 9, "released": 40, "expired": 1, "evicted": 0,
+                 "renewals": 6, "received": 3, "incomplete": 0, "abandoned": 1}  # fmt: skip
+    text = render(_doc(transfers=transfers))
+    assert (
+        "transfers 2 held for decode nodes (9 chunks pinned; ended: 40 released, 1 expired, "
+        "0 evicted; 6 renewals); 3 received (0 incomplete), 1 abandoned"
+    ) in text.splitlines()
+
+
 def test_a_node_id_conflict_is_the_first_thing_said() -> None:
     conflict = {"message": "node-b at 10.0.0.2:7470 also calls itself node-a", "at_s": 12.4}
     doc = _doc()
