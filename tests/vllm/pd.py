@@ -174,19 +174,23 @@ def _server(
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
     kv_bytes: int | None = None,
     async_scheduling: bool = False,
+    connector: dict[str, Any] | None = None,
+    max_num_seqs: int | None = None,
 ) -> HttpProcess:
     port = free_port()
     transfer = None
     if agent is not None:
         transfer = meshkv_kv_transfer_config(
-            agent.socket_path, transfer_timeout_s=transfer_timeout_s, save_decode_tokens=True
-        )
+            agent.socket_path, transfer_timeout_s=transfer_timeout_s, save_decode_tokens=True,
+            **(connector or {}),
+        )  # fmt: skip
     sizes: dict[str, Any] = {}
     if kv_bytes is not None:  # a small KV cache: vLLM preempts under concurrent requests
         sizes = {"kv_cache_memory_bytes": kv_bytes, "max_model_len": 1100}
+    seqs = [] if max_num_seqs is None else ["--max-num-seqs", str(max_num_seqs)]
     cmd = vllm_server_command(
         sys.executable, model, port, served_name="tiny", kv_transfer_config=transfer,
-        extra=["--enforce-eager", "--chat-template", str(template)],
+        extra=["--enforce-eager", "--chat-template", str(template), *seqs],
         async_scheduling=async_scheduling, **sizes,
     )  # fmt: skip
     # vLLM's response store on, as a deployment whose clients chain Responses requests
@@ -208,11 +212,15 @@ def pd_stack(
     workdir: Path,
     decode_kv_bytes: int | None = None,
     async_scheduling: bool = False,
+    prefill_connector: dict[str, Any] | None = None,
+    decode_connector: dict[str, Any] | None = None,
+    decode_max_seqs: int | None = None,
 ) -> Iterator[Stack]:
     """Build the stack (about a minute on two cores); everything is stopped after.
     ``decode_kv_bytes``: the decode engine's KV cache (default: the launcher's 64 MiB).
     ``async_scheduling``: both engines run vLLM's asynchronous scheduler (the plain
-    engine of the reference outputs does not)."""
+    engine of the reference outputs does not). ``*_connector``: more connector settings
+    of that engine; ``decode_max_seqs``: the decode engine's ``--max-num-seqs``."""
     template = workdir / "chat.jinja"
     template.write_text(TEMPLATE)
     reqs = requests_of("tiny")
@@ -244,12 +252,14 @@ def pd_stack(
         wait_converged([pa, da])
         wait = TRANSFER_TIMEOUT_S if transport == "tcp" else UCX_TRANSFER_TIMEOUT_S
         prefill = _server(
-            "prefill", tiny_model, workdir, pa, template, wait, async_scheduling=async_scheduling
-        )
+            "prefill", tiny_model, workdir, pa, template, wait, async_scheduling=async_scheduling,
+            connector=prefill_connector,
+        )  # fmt: skip
         procs.append(prefill)
         decode = _server(
-            "decode", tiny_model, workdir, da, template, wait, decode_kv_bytes, async_scheduling
-        )
+            "decode", tiny_model, workdir, da, template, wait, decode_kv_bytes, async_scheduling,
+            connector=decode_connector, max_num_seqs=decode_max_seqs,
+        )  # fmt: skip
         procs.append(decode)
         port = free_port()
         proxy = HttpProcess(

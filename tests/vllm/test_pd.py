@@ -112,6 +112,33 @@ def test_client_driven_flow_like_vllms_toy_proxy(stack: Stack) -> None:
     assert text_of(answer) == text_of(plain_ref)
 
 
+def test_a_transfer_the_decode_engine_cannot_use_is_released_at_once(stack: Stack) -> None:
+    """A decode request whose prompt is not the prefill's (here: its last token differs)
+    cannot use the transfer; its engine says so when vLLM first looks at the request
+    (vLLM's ``on_new_request`` started tracking it), through its agent, and the producer
+    lets go at once instead of pinning the chunks for ``transfer_hold_s`` (60 s)."""
+    route, body = stack.requests["p333"]
+    toy = {"do_remote_decode": True, "do_remote_prefill": False}
+    prompt = [23, *PROMPTS["p333"][1:]]
+    first = post(
+        stack.prefill.base_url + route,
+        {**body, "prompt": prompt, "max_tokens": 1, "stream": False, "kv_transfer_params": toy},
+    )
+    params = first["kv_transfer_params"]
+    assert stack.prefill_agent.metric("meshkv_transfer_pins") > 0
+    released = stack.prefill_agent.metric("meshkv_transfers_ended_total", 'how="released"')
+    other = [*prompt[:-1], prompt[-1] + 1]
+    post(stack.decode.base_url + route, {**body, "prompt": other, "kv_transfer_params": params})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and stack.prefill_agent.metric("meshkv_transfer_pins"):
+        time.sleep(0.1)
+    assert stack.prefill_agent.metric("meshkv_transfer_pins") == 0, logs(stack)
+    assert (
+        stack.prefill_agent.metric("meshkv_transfers_ended_total", 'how="released"') == released + 1
+    )
+    assert stack.decode_agent.metric("meshkv_transfers_abandoned_total") == 1
+
+
 def test_producer_pins_are_released_by_the_consumer(stack: Stack) -> None:
     check_pins_released(stack)
 

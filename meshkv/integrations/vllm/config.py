@@ -76,6 +76,14 @@ class ConnectorConfig:
     transfer_hold_s: float = 60.0
     """Prefill side: how long the agent keeps a transfer's chunks pinned if the decode side
     never says it is done."""
+    transfer_renew_s: float = 10.0
+    """Decode side: while a request waits in the engine's queue before its transfer is
+    looked up (all running slots taken, KV cache full), ask the producer every this often
+    to hold the transfer ``3 × transfer_renew_s`` more (the first time within half the
+    time the producer's hold has left), as NIXL's decode side renews its lease by
+    heartbeat. The producer holds a transfer 10 minutes at most, renewals included.
+    0: no renewals; a request queued longer than the producer's ``transfer_hold_s`` may
+    find its chunks gone and compute the prompt."""
     block_hits: bool = True
     """Hit every full engine block of a prompt, not only whole chunks: each prompt's last
     partial chunk is also saved cut to whole blocks (when that is at least half a chunk),
@@ -113,6 +121,8 @@ class ConnectorConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"meshkv connector: {name} must be > 0 seconds")
+        if self.transfer_renew_s < 0:
+            raise ConfigError("meshkv connector: transfer_renew_s must be >= 0 seconds (0: off)")
         if self.ssd_sync_wait_s < 0:
             raise ConfigError("meshkv connector: ssd_sync_wait_s must be >= 0 seconds")
         if self.retry_interval_s < 0:

@@ -268,6 +268,17 @@ class SchedulerLink:
         except MeshKVError:
             return None
 
+    def transfers(
+        self,
+        *,
+        renew: Sequence[tuple[str, str]] = (),
+        abandon: Sequence[tuple[str, str]] = (),
+        renew_s: float = 0.0,
+    ) -> bool:
+        return self._link.call(
+            lambda client: client.transfers(renew=renew, abandon=abandon, renew_s=renew_s)
+        )
+
     def close(self) -> None:
         self._link.close()
 

@@ -18,7 +18,9 @@ Prefill/decode (``transfer.py`` has the parameters):
 * **Decode** (``do_remote_prefill`` with meshkv parameters): the whole prompt is promised
   as an asynchronous load from the named producer (vLLM recomputes the last token so that
   it can sample); the request waits while the engine schedules others; whatever does not
-  arrive by ``transfer_timeout_s`` is recomputed.
+  arrive by ``transfer_timeout_s`` is recomputed. Until vLLM first looks at the request
+  (it does not while every running slot is taken), the producer's hold is renewed every
+  ``transfer_renew_s``; a request that ends before that releases the hold at once.
 
 Tensor parallelism: keys are computed here for every rank's namespace and shipped to the
 workers, which never hash tokens. The lookup asks with rank 0's keys only, assuming that
@@ -94,6 +96,17 @@ class SchedulerAgent(Protocol):
 
     def node_id(self) -> str | None:
         """The agent's node id (None while it cannot be reached)."""
+        ...
+
+    def transfers(
+        self,
+        *,
+        renew: Sequence[tuple[str, str]] = (),
+        abandon: Sequence[tuple[str, str]] = (),
+        renew_s: float = 0.0,
+    ) -> bool:
+        """Renew or abandon producers' holds, as ``(producer, transfer id)`` pairs; False
+        when the agent cannot (older than local protocol 2)."""
         ...
 
     def close(self) -> None: ...
@@ -209,6 +222,16 @@ class _RequestState:
         return [_Chunk(k, chunk_tokens, blocks_per_chunk) for k in head] + [self.hit_tail]
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A decode request vLLM has not looked at yet, whose producer holds its transfer."""
+
+    ref: tuple[str, str]
+    """(producer node id, transfer id)"""
+    due: float
+    """``time.monotonic()`` of its next renewal."""
+
+
 class SchedulerSide:
     """Implements the scheduler-role methods of ``MeshKVConnector``."""
 
@@ -254,6 +277,9 @@ class SchedulerSide:
         """This engine's namespace fields, as a producer sends them in its params."""
         self._mismatch_warned: dict[tuple[str, ...], float] = {}
         self._kv_cache_manager: KVCacheManager | None = None
+        self._queued: dict[str, _Queued] = {}
+        """Decode requests not looked up yet, by request id: their holds are renewed."""
+        self._next_renewal = float("inf")
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -315,6 +341,9 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is not None:
             return state
+        # vLLM looks at the request: its lookup (below) starts the transfer's pulls, and
+        # the agent tells the producer when they end.
+        queued = self._queued.pop(request.request_id, None)
         tokens = list(request.prompt_token_ids or [])
         params = getattr(request, "kv_transfer_params", None)
         producer = parse_producer(params) if self._save_enabled else None
@@ -334,6 +363,8 @@ class SchedulerSide:
             if producer is None:
                 state.tail = None
         state.producer, state.consumer = producer, consumer
+        if queued is not None and consumer is None:
+            self._abandon(queued)  # the transfer is not used: no lookup will end its hold
         if producer is not None:
             state.transfer_id = uuid.uuid4().hex
         elif consumer is None and self._cfg.block_hits and self._save_enabled:
@@ -529,6 +560,54 @@ class SchedulerSide:
 
     # --- vLLM hooks ----------------------------------------------------------------------
 
+    def on_new_request(self, request: Request) -> None:
+        """A request entered the engine's queue: a decode request's transfer is renewed
+        at its producer until vLLM looks at the request."""
+        if not self._load_enabled:
+            return
+        consumer = parse_consumer(getattr(request, "kv_transfer_params", None))
+        if consumer is None:
+            return
+        renew_s = self._cfg.transfer_renew_s
+        left = consumer.expires - time.time()  # the producer's clock: may be off a little
+        first = min(renew_s, max(0.5, left / 2)) if renew_s > 0 else float("inf")
+        queued = _Queued((consumer.producer, consumer.transfer_id), time.monotonic() + first)
+        self._queued[request.request_id] = queued
+        self._next_renewal = min(self._next_renewal, queued.due)
+
+    def _abandon(self, queued: _Queued) -> None:
+        """Tell the producer this engine will not read the transfer."""
+        started = time.perf_counter()
+        try:
+            if self._agent.transfers(abandon=[queued.ref]):
+                self._counters.transfers_abandoned += 1
+        except (AgentUnavailable, MeshKVError) as exc:
+            logger.debug("meshkv: abandoning transfer %s failed: %s", queued.ref[1], exc)
+        finally:
+            self._counters.call_seconds += time.perf_counter() - started
+
+    def _renew_holds(self) -> None:
+        """Renew the holds of queued decode requests whose renewal is due (at most one
+        agent round trip per step, only when one is due)."""
+        now = time.monotonic()
+        if now < self._next_renewal:
+            return
+        renew_s = self._cfg.transfer_renew_s
+        due = [q for q in self._queued.values() if q.due <= now]
+        for q in due:
+            q.due = now + renew_s
+        self._next_renewal = min((q.due for q in self._queued.values()), default=float("inf"))
+        if not due:
+            return
+        started = time.perf_counter()
+        try:
+            if self._agent.transfers(renew=[q.ref for q in due], renew_s=3 * renew_s):
+                self._counters.transfer_renewals += len(due)
+        except (AgentUnavailable, MeshKVError) as exc:
+            logger.debug("meshkv transfer renewal failed: %s", exc)
+        finally:
+            self._counters.call_seconds += time.perf_counter() - started
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
@@ -622,6 +701,8 @@ class SchedulerSide:
             self._counters.transfer_tokens += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MeshKVConnectorMetadata:
+        if self._queued:
+            self._renew_holds()
         meta = MeshKVConnectorMetadata(chunk_tokens=self._cfg.chunk_tokens)
         for state in self._requests.values():
             if state.pending_load is not None:
@@ -762,6 +843,9 @@ class SchedulerSide:
         # free them now, for a prefill/decode transfer too.
         state = self._requests.pop(request.request_id, None)
         params = getattr(request, "kv_transfer_params", None)
+        queued = self._queued.pop(request.request_id, None)
+        if queued is not None:  # ended in the queue (aborted): the producer may let go
+            self._abandon(queued)
         if state is not None and state.producer is not None and state.held:
             node = self._agent.node_id()
             last = state.tail.keys if state.tail is not None else (state.keys or [()])[-1]
@@ -784,4 +868,5 @@ class SchedulerSide:
 
     def close(self) -> None:
         self._requests.clear()
+        self._queued.clear()
         self._agent.close()

@@ -61,6 +61,11 @@ class ConnectorCounters:
     """Decode requests whose prompt KV was loaded from a prefill engine's transfer."""
     transfer_tokens: int = 0
     """Prompt tokens promised to vLLM from transfers (decode side)."""
+    transfer_renewals: int = 0
+    """Renewals of producers' holds sent for decode requests still queued (decode side)."""
+    transfers_abandoned: int = 0
+    """Decode requests that ended before loading their transfer (aborted while queued):
+    their producers were told to let go (decode side)."""
     transfer_mismatches: int = 0
     """Decode requests whose prefill engine's KV is not this engine's (another model name,
     dtype, block size, TP size, drafter...): computed here, with a warning."""
@@ -174,6 +179,9 @@ PROM_HELP: dict[str, str] = {
     "transfers_out": "Prefill requests that returned kv_transfer_params for a decode engine",
     "transfers_in": "Decode requests whose prompt KV came from a prefill engine's transfer",
     "transfer_tokens": "Prompt tokens promised to vLLM from prefill/decode transfers",
+    "transfer_renewals": "Renewals of prefill engines' holds sent for queued decode requests",
+    "transfers_abandoned": "Decode requests that ended before loading their transfer "
+    "(the prefill engine's hold released at once)",
     "transfer_mismatches": "Decode requests whose prefill engine's KV is not this engine's "
     "(model, dtype, block size, TP size or drafter differ): computed here",
     "call_seconds": "Seconds spent in connector calls that talk to the agent or copy KV",
