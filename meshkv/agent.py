@@ -76,6 +76,7 @@ class Agent:
         self.metrics = AgentMetrics(self.store.snapshot, config.node_id)
         self.puller = Puller(self.store)
         self.transfers = Transfers(self.store)
+        self.puller.set_local_holds(config.node_id, self.transfers)
         self.metrics.register(PullerCollector(self.puller, self.transfers))
         self.mesh: MeshService | None = None
         self.remote: RemoteTier | None = None

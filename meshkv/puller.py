@@ -99,6 +99,14 @@ class ChunkSource(Protocol):
         ...
 
 
+class LocalHolds(Protocol):
+    """This node's producer side (``meshkv.transfers.Transfers``)."""
+
+    def done(self, transfer_id: str) -> bool: ...
+
+    def renew(self, transfer_ids: Sequence[str], seconds: float) -> int: ...
+
+
 class RemoteSource(Protocol):
     """The shared remote tier (``meshkv.tiers.remote.RemoteTier``)."""
 
@@ -233,6 +241,8 @@ class Puller:
         self._store = store
         self.config = config or PullerConfig()
         self._source: ChunkSource | None = None
+        self._node_id: str | None = None
+        self._local_holds: LocalHolds | None = None
         self._remote: RemoteSource | None = None
         self._flights: dict[ChunkKey, Flight] = {}
         self._transfers: dict[str, _TransferWait] = {}
@@ -251,18 +261,37 @@ class Puller:
         """Read misses from the shared remote tier too."""
         self._remote = remote
 
+    def set_local_holds(self, node_id: str, holds: LocalHolds) -> None:
+        """This node's own producer side (``meshkv.transfers.Transfers``): a transfer whose
+        producer is this node (prefill and decode engines beside one agent) is released and
+        renewed here, with or without the mesh."""
+        self._node_id, self._local_holds = node_id, holds
+
     def renew_transfers(self, producer: str, transfer_ids: Sequence[str], seconds: float) -> None:
         """An engine here still waits to load these transfers: ask their producer to hold
-        them ``seconds`` more (no-op without the mesh)."""
-        if self._source is not None:
+        them ``seconds`` more (no-op for a remote producer without the mesh)."""
+        if producer == self._node_id and self._local_holds is not None:
+            self._local_holds.renew(transfer_ids, seconds)
+        elif self._source is not None:
             self._source.transfer_renew(producer, transfer_ids, seconds)
 
     def abandon_transfer(self, producer: str, transfer_id: str) -> None:
         """An engine here dropped a request before loading its transfer (aborted while
         queued): the producer can release its hold now. A transfer this node is still
         pulling ends as usual, when its pulls do."""
-        if self._source is not None and transfer_id not in self._transfers:
+        if transfer_id not in self._transfers and self._can_tell(producer):
             self.stats.transfers_abandoned += 1
+            self._tell_done(producer, transfer_id)
+
+    def _can_tell(self, producer: str) -> bool:
+        """Whether this node can reach ``producer``'s holds (its own, or through the mesh)."""
+        local = producer == self._node_id and self._local_holds is not None
+        return local or self._source is not None
+
+    def _tell_done(self, producer: str, transfer_id: str) -> None:
+        if producer == self._node_id and self._local_holds is not None:
+            self._local_holds.done(transfer_id)
+        elif self._source is not None:
             self._source.transfer_done(producer, transfer_id)
 
     @property
@@ -376,13 +405,13 @@ class Puller:
         if (
             transfer is not None
             and transfer.transfer_id not in self._transfers
-            and self._source is not None
+            and self._can_tell(transfer.producer)
         ):
-            # Nothing to wait for (every chunk already here, pushed ahead of the request):
-            # the producer can let go of its hold now.
+            # Nothing to wait for (every chunk already here: pushed ahead of the request,
+            # or made by a prefill engine beside this one): the producer can let go now.
             self.stats.transfers += 1
             self.stats.transfer_wait.observe(0.0)
-            self._source.transfer_done(transfer.producer, transfer.transfer_id)
+            self._tell_done(transfer.producer, transfer.transfer_id)
         return combined
 
     async def _find_missing(
@@ -554,8 +583,7 @@ class Puller:
         st.transfers_incomplete += 1 if wait.failed else 0
         st.transfer_bytes += wait.pulled_bytes
         st.transfer_wait.observe(time.perf_counter() - wait.started)
-        if self._source is not None:
-            self._source.transfer_done(wait.producer, transfer_id)
+        self._tell_done(wait.producer, transfer_id)
 
     async def _fly(self, flight: Flight) -> bool:
         started = time.perf_counter()

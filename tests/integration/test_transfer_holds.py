@@ -99,3 +99,25 @@ def test_unrenewed_hold_expires_and_an_abandoned_one_ends_at_once(
         held = status["transfers"]
         assert (held["held"], held["pins"], held["released"], held["expired"]) == (0, 0, 1, 1)
         assert consumer.get_json("/v1/status")["transfers"]["abandoned"] == 1
+
+
+def test_a_transfer_between_engines_beside_one_agent_is_released_and_renewed_there(
+    agent: AgentProcess,
+) -> None:
+    """Prefill and decode engines on one node share its agent (no mesh): the decode side's
+    lookup ends the hold at once, renewals and abandons reach the agent's own holds."""
+    node = agent.get_json("/v1/status")["node_id"]
+    with agent.client() as prefill, agent.client() as decode:
+        keys = _held(prefill, "beside", 60.0)
+        reply = decode.lookup(keys, transfer=TransferRef("beside", node, 5.0))
+        assert reply.tiers == ["cpu"] * CHUNKS
+        wait_for("the hold to be released", lambda: _ended(agent, "released") == 1, 10)
+        assert metric(agent, "meshkv_transfer_pins") == 0
+        _held(prefill, "queued", 1.0)
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            assert decode.transfers(renew=[(node, "queued")], renew_s=1.0)
+            time.sleep(0.3)
+        assert metric(agent, "meshkv_transfer_pins") == CHUNKS and _ended(agent, "expired") == 0
+        assert decode.transfers(abandon=[(node, "queued")])
+        assert _ended(agent, "released") == 2 and metric(agent, "meshkv_transfer_pins") == 0
