@@ -50,8 +50,9 @@ MESH_OWNER = (1 << 62) + 1
 """Store owner id of reservations made by pulls (never a local connection id)."""
 DONE_TIMEOUT_S = 2.0
 """Deadline of one ``TRANSFER_DONE`` attempt (it is tried twice)."""
-MAX_RENEW_IDS = 1024
-"""Transfers named in one ``TRANSFER_RENEW`` (the peer server's limit)."""
+RENEW_BATCH = 256
+"""Transfers named in one ``TRANSFER_RENEW`` (the peer server takes 1024; 256 ids of up to
+128 characters stay well inside a frame's 64 KiB header)."""
 MAX_DONE_TASKS = 1024
 """``TRANSFER_DONE`` messages in flight at once; beyond it they are dropped (the producer's
 hold then ends at its deadline instead)."""
@@ -293,8 +294,8 @@ class Fetcher:
             conn = await self._node.connection(address, deadline)
             if conn.peer.protocol_version < KIND_SINCE[MsgKind.TRANSFER_RENEW]:
                 return
-            for i in range(0, len(transfer_ids), MAX_RENEW_IDS):
-                header = {"ids": transfer_ids[i : i + MAX_RENEW_IDS], "s": seconds}
+            for i in range(0, len(transfer_ids), RENEW_BATCH):
+                header = {"ids": transfer_ids[i : i + RENEW_BATCH], "s": seconds}
                 await conn.request(MsgKind.TRANSFER_RENEW, header, deadline=deadline)
             self.stats.renewals += len(transfer_ids)
         except (MeshKVError, TimeoutError, OSError) as exc:

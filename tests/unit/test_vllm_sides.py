@@ -792,3 +792,15 @@ def test_prompt_embeddings_are_in_the_keys() -> None:
     again = keys_of(side, Request("c", prompt, prompt_embeds=first.clone()))
     assert a == again and a[0] == b[0] and a[1] != b[1]
     assert set(a).isdisjoint(keys_of(side, Request("d", prompt)))
+
+
+def test_many_queued_requests_renew_in_batches(clock: Clock) -> None:
+    side, agent, first, _ = _queued_decode(clock)
+    for i in range(scheduler_module.RENEW_BATCH + 8):  # other requests, the same transfer
+        request = Request(f"q{i}", tokens(150), first.kv_transfer_params)
+        side.on_new_request(request)  # type: ignore[arg-type]
+    clock.now += 100
+    _step(side)
+    sizes = [len(renew) for renew, _, _ in agent.transfer_calls]
+    assert sizes == [scheduler_module.RENEW_BATCH, 9]
+    assert side._counters.transfer_renewals == scheduler_module.RENEW_BATCH + 9

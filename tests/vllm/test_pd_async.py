@@ -89,16 +89,18 @@ def test_a_decode_request_queued_past_the_hold_keeps_its_transfer(stack: Stack) 
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     out: dict[str, Any] = {}
+    toy = {"do_remote_decode": True, "do_remote_prefill": False}
+    first = post(
+        stack.prefill.base_url + route,
+        {**body, "prompt": prompt, "max_tokens": 1, "stream": False, "kv_transfer_params": toy},
+    )
+    held_at = time.monotonic()  # the producer's hold runs from here
+    params = first["kv_transfer_params"]
+    # The long request starts only now, so that only the wait below runs during it (4,000
+    # tokens take 20-30 s here; the prefill before took up to 10 s in CI run BP).
     with urllib.request.urlopen(request, timeout=120) as response:
         for _ in range(3):  # a few tokens: the decode engine's one slot is taken
             assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
-        toy = {"do_remote_decode": True, "do_remote_prefill": False}
-        first = post(
-            stack.prefill.base_url + route,
-            {**body, "prompt": prompt, "max_tokens": 1, "stream": False,
-             "kv_transfer_params": toy},
-        )  # fmt: skip
-        params = first["kv_transfer_params"]
         before = computed(decode)
         queued = threading.Thread(
             target=lambda: out.update(
@@ -107,9 +109,10 @@ def test_a_decode_request_queued_past_the_hold_keeps_its_transfer(stack: Stack) 
             )
         )  # fmt: skip
         queued.start()
-        time.sleep(2.5 * HOLD_S)
+        time.sleep(max(0.0, held_at + 2.5 * HOLD_S - time.monotonic()))
         # Queued (vLLM counts it as waiting or as skipped-waiting, depending on the step).
-        assert queued.is_alive() and _metric(decode, "vllm:num_requests_running") == 1
+        running = _metric(decode, "vllm:num_requests_running")
+        assert queued.is_alive() and running == 1, (running, out, time.monotonic() - held_at)
         assert pa.metric("meshkv_transfer_pins") > 0, logs(stack)
         assert pa.metric("meshkv_transfers_ended_total", 'how="expired"') == expired
         got = pa.metric("meshkv_transfer_renewals_total", 'result="renewed"') - renewed

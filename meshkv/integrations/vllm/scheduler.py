@@ -76,6 +76,8 @@ MAX_RELOADS = 2
 """Fresh lookups a request may make after vLLM preempted it (each one after a load that
 did not fail): its KV is still in the agent, so it is loaded again instead of computed."""
 _MAX_NAMESPACE_CACHE = 1024
+RENEW_BATCH = 512
+"""Transfers renewed per agent call (a frame stays far below the local protocol's 1 MiB)."""
 
 
 class SchedulerAgent(Protocol):
@@ -597,12 +599,13 @@ class SchedulerSide:
         for q in due:
             q.due = now + renew_s
         self._next_renewal = min((q.due for q in self._queued.values()), default=float("inf"))
-        if not due:
-            return
         started = time.perf_counter()
         try:
-            if self._agent.transfers(renew=[q.ref for q in due], renew_s=3 * renew_s):
-                self._counters.transfer_renewals += len(due)
+            for i in range(0, len(due), RENEW_BATCH):
+                batch = [q.ref for q in due[i : i + RENEW_BATCH]]
+                if not self._agent.transfers(renew=batch, renew_s=3 * renew_s):
+                    break  # an agent older than local protocol 2
+                self._counters.transfer_renewals += len(batch)
         except (AgentUnavailable, MeshKVError) as exc:
             logger.debug("meshkv transfer renewal failed: %s", exc)
         finally:
