@@ -352,6 +352,11 @@ class MeshCollector(Collector):
         yield CounterMetricFamily(
             "meshkv_peer_pull_bytes", "Payload bytes pulled from peers", value=s["pull_bytes"]
         )
+        yield CounterMetricFamily(
+            "meshkv_peer_transfer_renewals_sent",
+            "Transfers this node asked their producers to keep holding (queued decode requests)",
+            value=s.get("transfer_renewals_sent", 0),
+        )
         failures = CounterMetricFamily(
             "meshkv_peer_pull_failures",
             "Failed pull attempts by cause (timeout, transport, checksum, stale, ...)",

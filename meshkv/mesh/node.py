@@ -366,6 +366,7 @@ class MeshNode:
             "replica_pushes": ps.pushed - ps.transfer_pushed,
             "repairs_scheduled": ps.repairs_scheduled,
             "transfer_pushes": ps.transfer_pushed,
+            "transfer_renewals_sent": fs.renewals,
             "push_failures": dict(ps.failures),
         }
 

@@ -59,6 +59,7 @@ def test_renewed_hold_outlives_its_deadline_and_ends_when_pulled(
         assert _ended(producer, "expired") == 0
         renewed = metric(producer, "meshkv_transfer_renewals_total", 'result="renewed"')
         assert renewed >= 5, renewed  # one-way messages: all 8 sent, most arrive in time
+        assert metric(consumer, "meshkv_peer_transfer_renewals_sent_total") >= renewed
         # vLLM looks at the request at last: its lookup names the transfer, the decode
         # agent pulls the chunks, and the producer hears that it may let go.
         reply = cc.lookup(keys, transfer=TransferRef("queued", "prefill", 5.0))
