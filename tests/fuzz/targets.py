@@ -45,8 +45,9 @@ from meshkv.protocol import (
     parse_optional_ints,
     unpack_body,
 )
-from meshkv.server.local import parse_rank_keys, parse_transfer_hold
+from meshkv.server.local import parse_rank_keys
 from meshkv.server.prefix import parse_query
+from meshkv.server.transfer_fields import parse_transfer_hold
 from meshkv.transport.base import TransportConfig
 from meshkv.transport.framing import MsgKind
 from meshkv.transport.handshake import server_handshake

@@ -46,6 +46,7 @@ from .config import ConnectorConfig
 from .events import EventLog, chunk_event
 from .layout import EngineLayout
 from .metadata import ChunkLoad, ChunkSave, HoldSpec, LoadSpec, MeshKVConnectorMetadata, SaveSpec
+from .renewals import QueuedTransfers, TransferAgent
 from .stats import ConnectorCounters
 from .transfer import (
     ConsumerRequest,
@@ -76,13 +77,11 @@ MAX_RELOADS = 2
 """Fresh lookups a request may make after vLLM preempted it (each one after a load that
 did not fail): its KV is still in the agent, so it is loaded again instead of computed."""
 _MAX_NAMESPACE_CACHE = 1024
-RENEW_BATCH = 512
-"""Transfers renewed per agent call (a frame stays far below the local protocol's 1 MiB)."""
 
 
-class SchedulerAgent(Protocol):
+class SchedulerAgent(TransferAgent, Protocol):
     """What the scheduler side needs of its agent link (``link.AgentLink`` in an engine, a
-    fake in unit tests)."""
+    fake in unit tests); ``transfers`` renews and abandons queued requests' holds."""
 
     def lookup(
         self,
@@ -98,17 +97,6 @@ class SchedulerAgent(Protocol):
 
     def node_id(self) -> str | None:
         """The agent's node id (None while it cannot be reached)."""
-        ...
-
-    def transfers(
-        self,
-        *,
-        renew: Sequence[tuple[str, str]] = (),
-        abandon: Sequence[tuple[str, str]] = (),
-        renew_s: float = 0.0,
-    ) -> bool:
-        """Renew or abandon producers' holds, as ``(producer, transfer id)`` pairs; False
-        when the agent cannot (older than local protocol 2)."""
         ...
 
     def close(self) -> None: ...
@@ -224,16 +212,6 @@ class _RequestState:
         return [_Chunk(k, chunk_tokens, blocks_per_chunk) for k in head] + [self.hit_tail]
 
 
-@dataclass(slots=True)
-class _Queued:
-    """A decode request vLLM has not looked at yet, whose producer holds its transfer."""
-
-    ref: tuple[str, str]
-    """(producer node id, transfer id)"""
-    due: float
-    """``time.monotonic()`` of its next renewal."""
-
-
 class SchedulerSide:
     """Implements the scheduler-role methods of ``MeshKVConnector``."""
 
@@ -279,9 +257,8 @@ class SchedulerSide:
         """This engine's namespace fields, as a producer sends them in its params."""
         self._mismatch_warned: dict[tuple[str, ...], float] = {}
         self._kv_cache_manager: KVCacheManager | None = None
-        self._queued: dict[str, _Queued] = {}
-        """Decode requests not looked up yet, by request id: their holds are renewed."""
-        self._next_renewal = float("inf")
+        self._queued = QueuedTransfers(agent, counters, cfg.transfer_renew_s)
+        """Decode requests not looked up yet: their holds are renewed."""
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -343,9 +320,6 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is not None:
             return state
-        # vLLM looks at the request: its lookup (below) starts the transfer's pulls, and
-        # the agent tells the producer when they end.
-        queued = self._queued.pop(request.request_id, None)
         tokens = list(request.prompt_token_ids or [])
         params = getattr(request, "kv_transfer_params", None)
         producer = parse_producer(params) if self._save_enabled else None
@@ -365,8 +339,9 @@ class SchedulerSide:
             if producer is None:
                 state.tail = None
         state.producer, state.consumer = producer, consumer
-        if queued is not None and consumer is None:
-            self._abandon(queued)  # the transfer is not used: no lookup will end its hold
+        # vLLM looks at the request: its lookup (below) starts the transfer's pulls and the
+        # agent tells the producer when they end; an unused transfer is abandoned now.
+        self._queued.looked_at(request.request_id, used=consumer is not None)
         if producer is not None:
             state.transfer_id = uuid.uuid4().hex
         elif consumer is None and self._cfg.block_hits and self._save_enabled:
@@ -570,46 +545,7 @@ class SchedulerSide:
         consumer = parse_consumer(getattr(request, "kv_transfer_params", None))
         if consumer is None:
             return
-        renew_s = self._cfg.transfer_renew_s
-        left = consumer.expires - time.time()  # the producer's clock: may be off a little
-        first = min(renew_s, max(0.5, left / 2)) if renew_s > 0 else float("inf")
-        queued = _Queued((consumer.producer, consumer.transfer_id), time.monotonic() + first)
-        self._queued[request.request_id] = queued
-        self._next_renewal = min(self._next_renewal, queued.due)
-
-    def _abandon(self, queued: _Queued) -> None:
-        """Tell the producer this engine will not read the transfer."""
-        started = time.perf_counter()
-        try:
-            if self._agent.transfers(abandon=[queued.ref]):
-                self._counters.transfers_abandoned += 1
-        except (AgentUnavailable, MeshKVError) as exc:
-            logger.debug("meshkv: abandoning transfer %s failed: %s", queued.ref[1], exc)
-        finally:
-            self._counters.call_seconds += time.perf_counter() - started
-
-    def _renew_holds(self) -> None:
-        """Renew the holds of queued decode requests whose renewal is due (at most one
-        agent round trip per step, only when one is due)."""
-        now = time.monotonic()
-        if now < self._next_renewal:
-            return
-        renew_s = self._cfg.transfer_renew_s
-        due = [q for q in self._queued.values() if q.due <= now]
-        for q in due:
-            q.due = now + renew_s
-        self._next_renewal = min((q.due for q in self._queued.values()), default=float("inf"))
-        started = time.perf_counter()
-        try:
-            for i in range(0, len(due), RENEW_BATCH):
-                batch = [q.ref for q in due[i : i + RENEW_BATCH]]
-                if not self._agent.transfers(renew=batch, renew_s=3 * renew_s):
-                    break  # an agent older than local protocol 2
-                self._counters.transfer_renewals += len(batch)
-        except (AgentUnavailable, MeshKVError) as exc:
-            logger.debug("meshkv transfer renewal failed: %s", exc)
-        finally:
-            self._counters.call_seconds += time.perf_counter() - started
+        self._queued.add(request.request_id, consumer)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -705,7 +641,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MeshKVConnectorMetadata:
         if self._queued:
-            self._renew_holds()
+            self._queued.renew_due()
         meta = MeshKVConnectorMetadata(chunk_tokens=self._cfg.chunk_tokens)
         for state in self._requests.values():
             if state.pending_load is not None:
@@ -846,9 +782,7 @@ class SchedulerSide:
         # free them now, for a prefill/decode transfer too.
         state = self._requests.pop(request.request_id, None)
         params = getattr(request, "kv_transfer_params", None)
-        queued = self._queued.pop(request.request_id, None)
-        if queued is not None:  # ended in the queue (aborted): the producer may let go
-            self._abandon(queued)
+        self._queued.finished(request.request_id)  # ended in the queue: the producer lets go
         if state is not None and state.producer is not None and state.held:
             node = self._agent.node_id()
             last = state.tail.keys if state.tail is not None else (state.keys or [()])[-1]
