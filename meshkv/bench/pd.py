@@ -19,7 +19,11 @@ and output tokens/s, failed requests. Then, on the ``pd`` stack:
   alternating with the transfers while the servers are up (``transfer_over_raw_socket``;
   target <= 1.25; both are means over the transfers), and the transfer's share of the
   decode-side TTFT (mean wait over mean TTFT; the median and the slowest TTFT are in the
-  JSON's ``meta.extra.transfer``);
+  JSON's ``meta.extra.transfer``). With ``--own-core`` (the default where the CPUs can be
+  split) every transfer is also timed with the engines on all CPUs but the last and the
+  agents (and the raw baseline) on the last, alternating with the shared placement:
+  ``transfer_over_raw_socket_own_core`` says what the path costs when the agents are not
+  competing with two engines' busy loops for two cores;
 * **mesh-warm vs local-warm** — a document prefilled on the prefill engine, then asked about
   again on the same engine (its agent has the chunks: local-warm) and on the decode engine
   (its agent pulls them through the mesh: mesh-warm), each after a 1.3 s pause that lets
@@ -50,6 +54,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from meshkv.bench import affinity
 from meshkv.bench import openai_load as load
 from meshkv.bench.args import int_range, model_arg, positive_int
 from meshkv.bench.report import Report, Result
@@ -100,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfers", type=positive_int, default=6, help="toy-flow transfers to time")
     p.add_argument(
         "--warm-docs", type=positive_int, default=4, help="documents for mesh/local warm"
+    )
+    p.add_argument(
+        "--own-core",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time each transfer with the agents on a CPU of their own, alternating "
+        "with the shared placement (Linux, 2+ CPUs)",
     )
     p.add_argument("--transport", default="tcp", choices=("tcp", "ucx"))
     p.add_argument("--kv-cache-bytes", type=positive_int, default=512 << 20, help="engine KV cache")
@@ -247,7 +259,20 @@ def _metric(agent: AgentProcess, name: str) -> float:
     return agent.metric(name)
 
 
-def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) -> dict[str, float]:
+def _own_core(stack: Stack, placement: affinity.Placement) -> None:
+    """Give the agents (and this process with the raw-socket baseline's server) the last
+    CPU and the engines the others, as on a node where the agent has cores of its own."""
+    cpus = sorted(os.sched_getaffinity(0))
+    engines = affinity.process_tree(s.proc.pid for s in stack.servers if s.proc is not None)
+    agents = affinity.process_tree(a.proc.pid for a in stack.agents if a.proc is not None)
+    rest = [p for p in affinity.process_tree([os.getpid()]) if p not in engines + agents]
+    placement.move(engines, set(cpus[:-1]))
+    placement.move(agents + rest, {cpus[-1]})
+
+
+def measure_transfers(
+    stack: Stack, prompts: list[list[int]], raw_bytes: int, *, own_core: bool = False
+) -> dict[str, float]:
     """The toy proxy's flow, one request at a time; the decode agent's transfer counters.
     Before each transfer, the raw-socket baseline moves ``raw_bytes`` over loopback TCP
     with the same servers up (ABAB: the engines' idle loops and the agents cost the
@@ -255,7 +280,12 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     came out anywhere from 1.37 to 3.46 GB/s between runs). Its server and connection last
     the whole measurement (``RawTcpRounds``), as the agents' do: a fresh server per
     transfer gave the baseline a warm-up right before its timed part that the transfer,
-    seconds after the last one, never gets."""
+    seconds after the last one, never gets.
+
+    ``own_core``: every other transfer instead runs its decode leg with the agents on a
+    CPU of their own (``_own_core``), the raw baseline right before it in the same
+    placement (the ``own_core_*`` results): on two cores the decode worker's busy loop
+    and the prefill engine's idle spin otherwise take the CPU the agents move bytes with."""
     from meshkv.bench.transport_baselines import RawTcpRounds
 
     raw_seconds = 0.0
@@ -263,36 +293,60 @@ def measure_transfers(stack: Stack, prompts: list[list[int]], raw_bytes: int) ->
     d_agent = stack.agents[1]
     names = ("meshkv_transfer_wait_seconds_sum", "meshkv_transfer_wait_seconds_count",
              "meshkv_transfer_received_bytes_total")  # fmt: skip
-    before = {n: _metric(d_agent, n) for n in names}
     toy = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
            "remote_block_ids": None, "remote_host": None, "remote_port": None}  # fmt: skip
-    ttfts, waits = [], []
-    waited = before[names[0]]
+    ttfts, waits, own_waits, own_raw = [], [], [], []
+    total_wait = total_count = total_bytes = 0.0
+    placement = affinity.Placement()
     with contextlib.closing(RawTcpRounds()) as raw:
-        for prompt in prompts:
-            raw_seconds += raw_bytes * RAW_ROUNDS / (raw(raw_bytes, RAW_ROUNDS) * 1e9)
+        for i, prompt in enumerate(prompts):
+            own = own_core and i % 2 == 1
+            if not own:
+                raw_seconds += raw_bytes * RAW_ROUNDS / (raw(raw_bytes, RAW_ROUNDS) * 1e9)
             body = {"model": "model", "prompt": prompt, "max_tokens": 1, "temperature": 0}
             first, _ = _post(p.base_url + "/v1/completions", {**body, "kv_transfer_params": toy})
             params = first.get("kv_transfer_params")
-            _, ttft = _post(d.base_url + "/v1/completions", {**body, "kv_transfer_params": params})
+            if own:
+                _own_core(stack, placement)
+                own_raw.append(raw_bytes / (raw(raw_bytes, RAW_ROUNDS) * 1e9))
+            before = {n: _metric(d_agent, n) for n in names}
+            try:
+                _, ttft = _post(
+                    d.base_url + "/v1/completions", {**body, "kv_transfer_params": params}
+                )
+                # this transfer's wait (it ended before the decode engine answered)
+                after = {n: _metric(d_agent, n) for n in names}
+            finally:
+                placement.restore()
+            wait = after[names[0]] - before[names[0]]
+            if own:
+                own_waits.append(wait)
+                continue
             ttfts.append(ttft)
-            # this transfer's wait (it ended before the decode engine answered); off the clock
-            waits.append(_metric(d_agent, names[0]) - waited)
-            waited += waits[-1]
-    time.sleep(0.2)
-    after = {n: _metric(d_agent, n) for n in names}
-    count = after[names[1]] - before[names[1]]
-    return {
-        "transfers": count,
-        "wait_s": (after[names[0]] - before[names[0]]) / max(1.0, count),
-        "bytes": (after[names[2]] - before[names[2]]) / max(1.0, count),
+            waits.append(wait)
+            total_wait += wait
+            total_count += after[names[1]] - before[names[1]]
+            total_bytes += after[names[2]] - before[names[2]]
+    out = {
+        "transfers": total_count,
+        "wait_s": total_wait / max(1.0, total_count),
+        "bytes": total_bytes / max(1.0, total_count),
         "decode_ttft_s": statistics.median(ttfts),
         "decode_ttft_mean_s": statistics.fmean(ttfts),
         "decode_ttft_max_s": max(ttfts),
         "wait_p50_s": statistics.median(waits),
         "wait_max_s": max(waits),
-        "raw_gbps": raw_bytes * RAW_ROUNDS * len(prompts) / raw_seconds / 1e9,
+        "raw_gbps": raw_bytes * RAW_ROUNDS * len(waits) / raw_seconds / 1e9,
     }
+    if own_waits:
+        out.update(
+            own_core_transfers=float(len(own_waits)),
+            own_core_wait_s=statistics.fmean(own_waits),
+            own_core_wait_p50_s=statistics.median(own_waits),
+            own_core_wait_max_s=max(own_waits),
+            own_core_raw_s=statistics.fmean(own_raw),
+        )
+    return out
 
 
 def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dict[str, float]:
@@ -365,10 +419,13 @@ def run(args: argparse.Namespace) -> int:
             summaries[arm] = load.summarize(results, seconds)
             ttfts[arm] = [r.ttft_s for r in results if r.ok and r.ttft_s is not None]
             if arm == "pd":
+                own_core = args.own_core and affinity.supported()
+                count = args.transfers * (2 if own_core else 1)
                 extra["transfer"] = measure_transfers(
                     stack,
-                    _prompts(rng, args.transfers, (TRANSFER_TOKENS, TRANSFER_TOKENS), vocab),
+                    _prompts(rng, count, (TRANSFER_TOKENS, TRANSFER_TOKENS), vocab),
                     TRANSFER_TOKENS * kv_bytes_per_token(args.model),
+                    own_core=own_core,
                 )
                 extra["warm"] = measure_warm(stack, rng, args.warm_docs, vocab)
     _report(report, summaries, extra)
@@ -416,6 +473,13 @@ def _report(
         share = transfer["wait_s"] / transfer["decode_ttft_mean_s"]
         report.add(Result("transfer_share_of_decode_ttft", share, "fraction"))
         report.meta["raw_tcp_gbps"] = raw
+        if transfer.get("own_core_transfers"):
+            own_ideal = transfer["own_core_raw_s"]
+            report.add(Result("transfer_own_core_s", transfer["own_core_wait_s"], "s",
+                              int(transfer["bytes"]), "bytes_at_raw_tcp", own_ideal))  # fmt: skip
+            report.add(Result("transfer_over_raw_socket_own_core",
+                              transfer["own_core_wait_s"] / own_ideal, "x",
+                              int(transfer["bytes"]), "target", 1.25))  # fmt: skip
     warm = extra.get("warm")
     if warm:
         report.add(Result("ttft_local_warm", warm["local_warm_s"], "s"))
