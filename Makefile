@@ -19,6 +19,11 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export UCX_WARN_UNUSED_ENV_VARS := n
 export MESHKV_CACHE := $(CACHE)
+# Python's byte-code cache. Some machines (this project's VMs among them) set
+# PYTHONDONTWRITEBYTECODE, and meshkv is installed editable, so every agent, CLI call and
+# engine the suite starts compiled meshkv from source again: 0.15-0.3 s a process, 20-25 %
+# of an agent-heavy test module's time (docs/reliability.md). The caches are git-ignored.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv system-deps demo test test-pd-ucx test-vllm-newest test-gpu lint typecheck unit bench bench-serve sim fuzz faults soak clean-cache
 
