@@ -340,11 +340,13 @@ class CpuTier:
         return e
 
     def _make_room(self, c: int, size: int) -> int:
-        # Each round either frees a slot or moves a victim aside, so len(policy) + 1 rounds
-        # visit every candidate. A chunk only in memory whose SSD write cannot start now
-        # (the write queue is full) is moved aside too, while a chunk that can leave without
-        # loss is looked for; only if none is found is such a chunk dropped.
-        rounds = len(self.policy) + 1
+        # Each round either frees a slot or moves a victim aside; the policy says how many
+        # rounds visit every candidate (S3-FIFO passes over a chunk once per read before it
+        # proposes it, so len(policy) + 1 were too few among pinned chunks). A chunk only in
+        # memory whose SSD write cannot start now (the write queue is full) is moved aside
+        # too, while a chunk that can leave without loss is looked for; only if none is
+        # found is such a chunk dropped.
+        rounds = self.policy.walk_length()
         evicted = 0
         unsaved: list[Entry] = []
         while rounds > 0:
@@ -431,7 +433,7 @@ class CpuTier:
         """
         if self.demote is None:
             return
-        rounds = len(self.policy)
+        rounds = self.policy.walk_length()
         while (
             self.alloc.free_bytes + self.demoting_bytes < headroom_bytes
             and rounds > 0

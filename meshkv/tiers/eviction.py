@@ -100,6 +100,10 @@ class EvictionPolicy(Protocol):
     def skip(self, i: int) -> None:
         """``victim()`` proposed ``i`` but it cannot go now (pinned); move it aside."""
 
+    def walk_length(self) -> int:
+        """How many ``victim()``/``skip()`` rounds propose every tracked id at least once,
+        whatever was read (the bound of a walk that looks for one that can go)."""
+
     def __len__(self) -> int: ...
 
     def __contains__(self, i: int) -> bool: ...
@@ -129,6 +133,9 @@ class LRU:
 
     def skip(self, i: int) -> None:
         self._l.move_front(0, i)
+
+    def walk_length(self) -> int:
+        return self._l.lengths[0] + 1
 
     def __len__(self) -> int:
         return self._l.lengths[0]
@@ -235,6 +242,13 @@ class S3FIFO:
     def skip(self, i: int) -> None:
         self._skips += 1
         self._l.move_front(_MAIN, i)
+
+    def walk_length(self) -> int:
+        # A main entry read f times is passed over f times (one lower each time) before it
+        # is proposed, and those passes cost no proposal; between two of its passes every
+        # other main entry comes up once, and probation gives each of its entries up once.
+        n = self._l.lengths[_SMALL] + self._l.lengths[_MAIN]
+        return (_MAX_FREQ + 2) * n + 1
 
     def __len__(self) -> int:
         return self._l.lengths[_SMALL] + self._l.lengths[_MAIN]

@@ -375,6 +375,37 @@ def test_an_eviction_passes_over_chunks_whose_ssd_write_cannot_start(clock: Cloc
     t.close()
 
 
+def test_a_full_tier_evicts_a_much_read_chunk_beside_pinned_ones(clock: Clock) -> None:
+    """Seven chunks pinned, the eighth unpinned but read often: a new chunk still finds it.
+    S3-FIFO passes over a chunk once per read before proposing it, and the walk of
+    ``len + 1`` proposals ended first, so the tier said "full" with a chunk it could evict
+    (CI run BU: 5 pinned, 3 evictable, nothing evicted)."""
+    t = make_tier(clock, slots=8, eviction="s3fifo")
+    for i in range(8):
+        store(t, i)
+    for i in range(1, 8):
+        e = t.get(key(i))
+        assert e is not None
+        t.release([t.pin(e, 2, 5.0).lease_id], 2)
+    store(t, 8)  # evicts 0; the read chunks move from probation to main
+    leases = [t.pin(e, 2, 5.0, count=False).lease_id for i in range(1, 8) if (e := t.get(key(i)))]
+    for _ in range(4):  # walks with every chunk pinned wear the reads down
+        extra = t.pin(e8, 2, 5.0, count=False) if (e8 := t.get(key(8))) else None
+        assert extra is not None
+        with pytest.raises(NoSpace):
+            store(t, 99)
+        t.release([extra.lease_id], 2)
+    e8 = t.get(key(8))
+    assert e8 is not None
+    for _ in range(3):
+        t.release([t.pin(e8, 2, 5.0).lease_id], 2)
+    store(t, 100)
+    assert t.contains(key(100)) and not t.contains(key(8))
+    assert all(t.contains(key(i)) for i in range(1, 8))
+    t.release(leases, 2)
+    t.close()
+
+
 def test_a_chunk_brought_in_for_a_reader_outlives_probation(clock: Clock) -> None:
     """S3-FIFO puts new chunks on probation, the first to go; a chunk promoted or pulled
     for a reader (``wanted``) has been asked for again, so it is not evicted by the next

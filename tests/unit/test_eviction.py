@@ -76,9 +76,9 @@ def test_s3fifo_resists_a_scan_that_flushes_lru() -> None:
 
 
 def _propose(policy: LRU | S3FIFO, pinned: set[int]) -> int:
-    """The CPU tier's walk (``CpuTier._make_room``): at most ``len + 1`` proposals, a
+    """The CPU tier's walk (``CpuTier._make_room``): at most ``walk_length()`` proposals, a
     pinned proposal is skipped; the id to evict, or -1."""
-    for _ in range(len(policy) + 1):
+    for _ in range(policy.walk_length()):
         v = policy.victim()
         if v < 0 or v not in pinned:
             return v
@@ -105,6 +105,34 @@ def test_the_walk_finds_the_one_evictable_entry_whatever_queue_it_is_on(make: ty
     assert _propose(p, pinned) == 0
     p.remove(0, True)
     assert _propose(p, pinned) == -1  # every entry pinned: the walk ends, nothing evicted
+
+
+@pytest.mark.parametrize("make", [LRU, S3FIFO])
+@pytest.mark.parametrize("seed", range(40))
+def test_the_walk_finds_an_evictable_entry_however_often_it_was_read(make: type, seed: int) -> None:
+    """S3-FIFO gives a main entry read ``f`` times ``f`` more trips round the queue before
+    proposing it, and those trips cost no proposal; a walk of ``len + 1`` proposals among
+    pinned entries therefore ended before a hot evictable entry came up, and the tier
+    answered "full" beside it (CI run BU: 5 pinned, 3 evictable, nothing evicted)."""
+    rng = random.Random(seed)
+    n = rng.randrange(2, 24)
+    p = make(n)
+    for i in range(n):
+        p.insert(i, rng.randrange(1 << 30))
+        for _ in range(rng.randrange(6)):
+            p.touch(i)
+    # Some walks first, so entries sit on both queues with mixed frequencies.
+    for _ in range(rng.randrange(3)):
+        v = p.victim()
+        p.skip(v)
+        for _ in range(rng.randrange(4)):
+            p.touch(rng.randrange(n))
+    free = rng.sample(range(n), rng.randrange(1, 4) if n > 3 else 1)
+    pinned = set(range(n)) - set(free)
+    assert _propose(p, pinned) in free
+    for i in free:
+        p.remove(i, True)
+    assert _propose(p, pinned) == -1
 
 
 def test_make_policy_rejects_unknown() -> None:
