@@ -11,9 +11,14 @@ Frames are split in two on a UCX endpoint:
 Closing follows FACTS.md: the closing side sends a BYE message and waits (briefly) for the
 peer's BYE-ACK before closing the endpoint, so a receive still in flight is not reset.
 UCX is configured once per process on the first ``UcxTransport`` (see ``UcxOptions``):
-listener endpoints need endpoint error handling, which turns off shared memory unless
-``POSIX_ERROR_HANDLING``/``SYSV_ERROR_HANDLING`` are set; 1 MiB TCP segments and a
-non-threaded progress mode make loopback several times faster on small machines.
+1 MiB TCP segments and a non-threaded progress mode make loopback several times faster on
+small machines. Listener endpoints need endpoint error handling, which turns UCX's
+shared-memory transports off unless ``POSIX_ERROR_HANDLING``/``SYSV_ERROR_HANDLING`` are
+set; the defaults leave them off. Two nodes never share memory, so agents on one host then
+move bytes as two nodes would (UCX's TCP); and shared memory moves large messages by
+fragments that each need both agents' progress, so where the agents share a core a P/D
+transfer took 2.4x as long with it (docs/benchmarks.md, 2026-12-07). Co-located agents
+may set ``UCX_POSIX_ERROR_HANDLING=y UCX_SYSV_ERROR_HANDLING=y`` to have it back.
 """
 
 from __future__ import annotations
@@ -59,8 +64,6 @@ CONTROL_QUEUE = 256
 DEFAULT_UCX_OPTIONS = {
     "TCP_TX_SEG_SIZE": "1M",
     "TCP_RX_SEG_SIZE": "1M",
-    "POSIX_ERROR_HANDLING": "y",
-    "SYSV_ERROR_HANDLING": "y",
 }
 
 

@@ -1,5 +1,5 @@
 """Prefill/decode disaggregation over UCX: the same stack as ``test_pd.py`` with the
-agents on ``--transport ucx`` (shared memory and TCP inside UCX on this machine)."""
+agents on ``--transport ucx`` (UCX's TCP on this machine: shared memory is off by default)."""
 
 from __future__ import annotations
 
