@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
 from meshkv.chunk import ChunkKey
@@ -94,3 +95,32 @@ def test_a_published_chunk_that_moves_tier_is_republished_in_its_new_medium() ->
     ]
     log.gone([_key(0)])  # and its removal names the medium it was last published in
     assert [e.medium for e in log.take()] == ["CPU"]
+
+
+def test_the_engine_is_kept_stepping_until_the_commits_come_or_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CI run BV: the last request's chunks were committed after its last step, and an idle
+    engine takes no more steps, so their events waited for the next request. ``awaiting``
+    (vLLM's ``has_pending_push_work``) keeps it stepping until every rank confirmed, or
+    ``AWAIT_S`` passed (a skipped save never confirms)."""
+    now = [100.0]
+    monkeypatch.setattr("meshkv.integrations.vllm.events.time.monotonic", lambda: now[0])
+    log = EventLog(ranks=2)
+    assert not log.awaiting()
+    log.plan("r", 0, _event(0), _key(0))
+    log.plan("r", 1, _event(1), _key(1))
+    log.confirm(SavedChunks([("r", 0), ("r", 1)]))  # one rank of two
+    assert log.awaiting()
+    log.confirm(SavedChunks([("r", 0), ("r", 1)]))
+    assert not log.awaiting() and len(list(log.take())) == 2
+    log.plan("s", 0, _event(2), _key(2))  # its save is skipped: no confirmation comes
+    now[0] += EventLog.AWAIT_S - 0.1
+    log.plan("s", 1, _event(3), _key(3))
+    assert log.awaiting()
+    now[0] += 0.2
+    assert log.awaiting()  # ("s", 1) is still young
+    now[0] += EventLog.AWAIT_S
+    assert not log.awaiting()
+    log.confirm(SavedChunks([("s", 1)] * 2))  # a late commit still publishes
+    assert [e.block_hashes for e in log.take()] == [[3]]

@@ -290,6 +290,13 @@ class MeshKVConnector(KVConnectorBase_V1):
         if events is not None and isinstance(saved, SavedChunks):
             events.confirm(saved)
 
+    def has_pending_push_work(self) -> bool:
+        """True while a saved chunk's commit is still to be reported (with KV events on):
+        vLLM then keeps stepping an idle engine, so the chunk's event is published now,
+        not when the next request comes (``EventLog.awaiting``)."""
+        events = self._sched().events
+        return events is not None and events.awaiting()
+
     def take_events(self) -> Iterable[KVCacheEvent]:
         """``BlockStored`` events (medium ``CPU``, ownership ``meshkv``) of the chunks the
         agent confirmed since the last call; vLLM publishes them with its own."""

@@ -33,6 +33,7 @@ published).
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -108,6 +109,10 @@ class EventLog:
     save was skipped) must not be kept for ever."""
     MAX_PUBLISHED = 65536
     """Published chunks remembered (key → block hashes) to report their removal."""
+    AWAIT_S = 2.0
+    """How long an idle engine is kept stepping for a planned chunk's commit
+    (``awaiting``). A commit lands within milliseconds of its step; a save that was
+    skipped never confirms, and costs at most this much stepping."""
 
     def __init__(self, ranks: int = 1) -> None:
         self.ranks = ranks
@@ -117,12 +122,17 @@ class EventLog:
         )  # chunk -> [event, confirmations so far, rank-0 key]
         self._published: collections.OrderedDict[ChunkKey, BlockStored] = collections.OrderedDict()
         self._ready: list[KVCacheEvent] = []
+        self._awaiting: collections.OrderedDict[SavedChunk, float] = collections.OrderedDict()
+        """Planned chunks not yet confirmed → when planned (oldest first)."""
 
     def plan(self, req_id: str, index: int, event: BlockStored, key: ChunkKey) -> None:
         """``event`` describes chunk ``index`` of ``req_id``, whose rank-0 key is ``key``."""
         self._planned[(req_id, index)] = [event, 0, key]
+        self._awaiting[(req_id, index)] = time.monotonic()
+        self._awaiting.move_to_end((req_id, index))
         while len(self._planned) > self.MAX_PLANNED:
-            self._planned.popitem(last=False)
+            dropped, _ = self._planned.popitem(last=False)
+            self._awaiting.pop(dropped, None)
 
     def confirm(self, output: SavedChunks) -> None:
         for req_id, index in output.get_all_events():
@@ -132,12 +142,28 @@ class EventLog:
             entry[1] += 1
             if entry[1] >= self.ranks:
                 del self._planned[(req_id, index)]
+                self._awaiting.pop((req_id, index), None)
                 event, _, key = entry
                 self._ready.append(event)
                 self._published[key] = event
                 self._published.move_to_end(key)
                 while len(self._published) > self.MAX_PUBLISHED:
                     self._published.popitem(last=False)
+
+    def awaiting(self) -> bool:
+        """Whether a chunk planned less than ``AWAIT_S`` ago waits for its commit. The
+        workers report commits only in a step's output, and an engine whose requests have
+        all finished takes no more steps: without this the last request's chunks were
+        published only when the next request came (vLLM keeps stepping while the
+        connector's ``has_pending_push_work`` says so)."""
+        pending = self._awaiting
+        cutoff = time.monotonic() - self.AWAIT_S
+        while pending:
+            chunk, planned_at = next(iter(pending.items()))
+            if planned_at >= cutoff:
+                return True
+            del pending[chunk]
+        return False
 
     def gone(self, keys: Iterable[ChunkKey]) -> None:
         """A lookup found ``keys`` (rank-0) nowhere: report the published ones removed."""
