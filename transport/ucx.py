@@ -217,6 +217,29 @@ def _drive_progress(ucxx: Any) -> BlockingProgress | None:
     return driver
 
 
+@dataclass(frozen=True, slots=True)
+class _Posting:
+    """What posting requests on ucxx's endpoint handle needs (ucxx 0.52's layout): the
+    wrapper's own calls wait for completion by polling, which spins the core a peer on the
+    same core needs (docs/benchmarks.md, 2026-12-07)."""
+
+    array: Any
+    tag: Any
+    mask: Any
+    hash64: Any
+
+
+def _posting() -> _Posting | None:
+    try:
+        from ucxx._lib.arr import Array
+        from ucxx._lib_async.utils import hash64bits
+        from ucxx.types import Tag, TagMaskFull
+    except ImportError as exc:  # another ucxx layout: keep its waiting
+        logger.warning("UCX requests waited for by ucxx (it polls): %r", exc)
+        return None
+    return _Posting(Array, Tag, TagMaskFull, hash64bits)
+
+
 class UcxWire(Wire):
     """One ucxx endpoint."""
 
@@ -235,6 +258,7 @@ class UcxWire(Wire):
         self._progress = progress
         self._max_header = max_header_bytes
         self._max_payload = max_payload_bytes
+        self._posting = _posting() if progress is not None else None
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(CONTROL_QUEUE)
         self._ended: BaseException | None = None
         self._acked = asyncio.Event()
@@ -298,11 +322,45 @@ class UcxWire(Wire):
             )
         return frame, data[HEAD_BYTES:]
 
+    async def _wait(self, request: Any, buffer: Any) -> None:
+        """Wait for a request posted on the endpoint handle by progress events. ``buffer``
+        (the request's) is kept referenced until it ends: the request does not keep it,
+        and a send of a freed temporary sent whatever reused its memory (found at once:
+        a peer read a control message with a payload's bytes)."""
+        progress = self._progress
+        assert progress is not None
+        handle = self._ep._ep
+        try:
+            while not request.completed:
+                handle.raise_on_error()
+                await progress.next_event()
+            request.check_error()
+        finally:
+            del buffer
+
+    def _user_tag(self, frame: FrameHead, direction: str) -> Any:
+        """The tag ucxx's wrapper would use for ``self._tag(frame)``: hashed with the tag
+        the two ends agreed at connection (UCX matches tags per worker, not endpoint)."""
+        posting = self._posting
+        assert posting is not None
+        return posting.tag(posting.hash64(self._ep._tags[direction], hash(self._tag(frame))))
+
     async def recv_payload(self, frame: FrameHead, dest: memoryview) -> None:
         if self._aborted:
             raise ConnectionClosed(f"connection to {self.remote} is closed")
+        posting = self._posting
         try:
-            await self._ep.recv(dest, tag=self._tag(frame))
+            if posting is None or self._ep.closed:
+                # (the wrapper's receive also finds a payload that arrived before an error)
+                await self._ep.recv(dest, tag=self._tag(frame))
+                return
+            handle = self._ep._ep
+            handle.raise_on_error()
+            buffer = posting.array(dest)
+            request = handle.tag_recv(buffer, self._user_tag(frame, "msg_recv"), posting.mask)
+            await self._wait(request, buffer)
+        except (asyncio.CancelledError, TransportError):
+            raise
         except Exception as exc:
             raise ConnectionClosed(f"UCX receive from {self.remote} failed: {exc}") from exc
 
@@ -312,12 +370,22 @@ class UcxWire(Wire):
     async def send_frame(self, head: bytes, header: bytes, payload: Payload | None) -> None:
         if self._aborted or self._closed:
             raise ConnectionClosed(f"connection to {self.remote} is closed")
+        posting = self._posting
         try:
-            await self._ep.am_send(head + header)
+            if posting is None:
+                await self._ep.am_send(head + header)
+            else:
+                control = posting.array(head + header)
+                await self._wait(self._ep._ep.am_send(control), control)
             if payload is not None:
                 frame = decode_head(head)
                 try:
-                    await self._ep.send(payload, tag=self._tag(frame))
+                    if posting is None:
+                        await self._ep.send(payload, tag=self._tag(frame))
+                    else:
+                        tag = self._user_tag(frame, "msg_send")
+                        buffer = posting.array(payload)
+                        await self._wait(self._ep._ep.tag_send(buffer, tag), buffer)
                 except BaseException:
                     self.abort()  # the posted send may still read the caller's buffer
                     raise
@@ -393,10 +461,10 @@ class _UcxListener(SessionListener):
 
 
 class UcxTransport(Transport):
-    """Peer transport over UCX (tcp and shared memory on this machine; RDMA when the
-    system UCX has verbs). Endpoints keep UCX's peer-failure handling, which rules out
-    ``cma`` for large messages (its memory domain cannot revoke a dead peer's access;
-    docs/benchmarks.md, "Runs of 2026-12-05", item 16)."""
+    """Peer transport over UCX (UCX's tcp on this machine, its shared memory being off by
+    default; RDMA when the system UCX has verbs). Endpoints keep UCX's peer-failure
+    handling, which rules out ``cma`` for large messages (its memory domain cannot revoke a
+    dead peer's access; docs/benchmarks.md, "Runs of 2026-12-05", item 16)."""
 
     name = "ucx"
 
