@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -229,6 +230,7 @@ class _Posting:
     hash64: Any
 
 
+@functools.cache
 def _posting() -> _Posting | None:
     try:
         from ucxx._lib.arr import Array
@@ -324,19 +326,16 @@ class UcxWire(Wire):
 
     async def _wait(self, request: Any, buffer: Any) -> None:
         """Wait for a request posted on the endpoint handle by progress events. ``buffer``
-        (the request's) is kept referenced until it ends: the request does not keep it,
-        and a send of a freed temporary sent whatever reused its memory (found at once:
-        a peer read a control message with a payload's bytes)."""
+        (the request's) stays referenced by this frame until it ends: the request does not
+        keep it, and a send of a freed temporary sent whatever reused its memory (found at
+        once: a peer read a control message with a payload's bytes)."""
         progress = self._progress
         assert progress is not None
         handle = self._ep._ep
-        try:
-            while not request.completed:
-                handle.raise_on_error()
-                await progress.next_event()
-            request.check_error()
-        finally:
-            del buffer
+        while not request.completed:
+            handle.raise_on_error()
+            await progress.next_event()
+        request.check_error()
 
     def _user_tag(self, frame: FrameHead, direction: str) -> Any:
         """The tag ucxx's wrapper would use for ``self._tag(frame)``: hashed with the tag

@@ -119,20 +119,16 @@ class EventLog:
         """Tensor-parallel ranks that must each confirm a chunk."""
         self._planned: collections.OrderedDict[SavedChunk, list[Any]] = (
             collections.OrderedDict()
-        )  # chunk -> [event, confirmations so far, rank-0 key]
+        )  # chunk -> [event, confirmations so far, rank-0 key, when planned]; oldest first
         self._published: collections.OrderedDict[ChunkKey, BlockStored] = collections.OrderedDict()
         self._ready: list[KVCacheEvent] = []
-        self._awaiting: collections.OrderedDict[SavedChunk, float] = collections.OrderedDict()
-        """Planned chunks not yet confirmed → when planned (oldest first)."""
 
     def plan(self, req_id: str, index: int, event: BlockStored, key: ChunkKey) -> None:
         """``event`` describes chunk ``index`` of ``req_id``, whose rank-0 key is ``key``."""
-        self._planned[(req_id, index)] = [event, 0, key]
-        self._awaiting[(req_id, index)] = time.monotonic()
-        self._awaiting.move_to_end((req_id, index))
+        self._planned[(req_id, index)] = [event, 0, key, time.monotonic()]
+        self._planned.move_to_end((req_id, index))
         while len(self._planned) > self.MAX_PLANNED:
-            dropped, _ = self._planned.popitem(last=False)
-            self._awaiting.pop(dropped, None)
+            self._planned.popitem(last=False)
 
     def confirm(self, output: SavedChunks) -> None:
         for req_id, index in output.get_all_events():
@@ -142,8 +138,7 @@ class EventLog:
             entry[1] += 1
             if entry[1] >= self.ranks:
                 del self._planned[(req_id, index)]
-                self._awaiting.pop((req_id, index), None)
-                event, _, key = entry
+                event, _, key, _ = entry
                 self._ready.append(event)
                 self._published[key] = event
                 self._published.move_to_end(key)
@@ -156,14 +151,10 @@ class EventLog:
         all finished takes no more steps: without this the last request's chunks were
         published only when the next request came (vLLM keeps stepping while the
         connector's ``has_pending_push_work`` says so)."""
-        pending = self._awaiting
-        cutoff = time.monotonic() - self.AWAIT_S
-        while pending:
-            chunk, planned_at = next(iter(pending.items()))
-            if planned_at >= cutoff:
-                return True
-            del pending[chunk]
-        return False
+        if not self._planned:
+            return False
+        newest = next(reversed(self._planned.values()))  # plans are kept in plan order
+        return bool(newest[3] >= time.monotonic() - self.AWAIT_S)
 
     def gone(self, keys: Iterable[ChunkKey]) -> None:
         """A lookup found ``keys`` (rank-0) nowhere: report the published ones removed."""
