@@ -319,7 +319,7 @@ def test_stale_directory_entry_is_corrected_at_the_home(
     secret = write_secret(tmp_path)
     (b,) = start_mesh(agent_factory, 1, secret, names=["a"])
 
-    async def scenario() -> tuple[list[str], list[str], float, int]:
+    async def scenario() -> tuple[list[str], list[str], float, float, int]:
         store = Store(store_config(cpu_bytes=64 << 20, prefault=False))
         await store.start()
         config = MeshNodeConfig.from_preset(
@@ -331,6 +331,12 @@ def test_stale_directory_entry_is_corrected_at_the_home(
         node = MeshNode("ghost", config, store, Puller(store))
         await node.start()
         loop = asyncio.get_running_loop()
+
+        async def stale_pulls() -> float:
+            return await asyncio.to_thread(
+                metric, b, "meshkv_peer_pull_failures_total", 'cause="stale"'
+            )
+
         try:
             while len(node.ring) < 2:
                 await asyncio.sleep(0.05)
@@ -345,26 +351,34 @@ def test_stale_directory_entry_is_corrected_at_the_home(
                 await asyncio.sleep(0.05)
             before = list((await asyncio.to_thread(b.get_json, owners))["holders"])
 
-            def pull() -> int:
+            def pull(tiers: list[str | None]) -> int:
                 with b.client(namespace=DEFAULT_NAMESPACE) as client:
-                    assert client.lookup([key]).tiers == ["peer"]
+                    assert client.lookup([key]).tiers == tiers
                     (lease,) = client.read([key], wait=3.0)
                     assert lease is None
                     return client.lookup([key]).prefix
 
-            prefix_after = await asyncio.to_thread(pull)
-            await asyncio.sleep(0.3)
+            # The lookup's flight and the read's may both be told 'not found' before the
+            # holder's correction reaches the home (it travels on its own link): that race
+            # is allowed; what must hold is that the correction comes and ends the pulls.
+            await asyncio.to_thread(pull, ["peer"])
+            give_up = loop.time() + 10.0
+            while (await asyncio.to_thread(b.get_json, owners))["holders"] and (
+                loop.time() < give_up
+            ):
+                await asyncio.sleep(0.05)
             after = list((await asyncio.to_thread(b.get_json, owners))["holders"])
-            stale = await asyncio.to_thread(
-                metric, b, "meshkv_peer_pull_failures_total", 'cause="stale"'
-            )
-            return before, after, stale, prefix_after
+            stale_before = await stale_pulls()
+            prefix_after = await asyncio.to_thread(pull, [None])
+            stale_after = await stale_pulls()
+            return before, after, stale_before, stale_after, prefix_after
         finally:
             await node.close(loop.time() + 2)
             await store.close(loop.time() + 2)
 
-    before, after, stale, prefix_after = asyncio.run(scenario())
+    before, after, stale_before, stale_after, prefix_after = asyncio.run(scenario())
     assert before == ["ghost"]
     assert after == []  # corrected at the home by the holder itself
-    assert stale == 1
+    assert 1 <= stale_before <= 2  # the lookup's flight, perhaps the read's too
+    assert stale_after == stale_before  # after the correction, no more pulls from it
     assert prefix_after == 0  # a clean miss, not retried forever
