@@ -12,7 +12,10 @@ puller); it does the two network steps:
   the arena (no intermediate copy), verifies the record header and the payload checksum,
   and commits with the verified checksum (the store's listeners then announce this node as
   a new holder). A holder that says it no longer has the chunk has already corrected the
-  home (``not_held``), so the entry is not handed out again.
+  home (``not_held``), so the entry is not handed out again. Until that correction has
+  had time to land, this node does not ask the same holder for the same key again
+  (``NOT_FOUND_MEMORY_S``): without it, a lookup's flight and a read right behind it
+  could both pull from the stale holder.
 
 It also keeps the load per holder (pulls running to each), so the least loaded is tried
 first, and sends ``TRANSFER_DONE`` to the producer of a prefill/decode transfer.
@@ -56,6 +59,12 @@ RENEW_BATCH = 256
 MAX_DONE_TASKS = 1024
 """``TRANSFER_DONE`` messages in flight at once; beyond it they are dropped (the producer's
 hold then ends at its deadline instead)."""
+NOT_FOUND_MEMORY_S = 1.0
+"""Seconds a holder's 'not found' for a key is remembered, so the key's next lookup skips
+that holder while its correction travels to the home (one message: milliseconds). A holder
+that was only late with its commit is skipped for that long: a miss, never wrong bytes."""
+NOT_FOUND_MEMORY_MAX = 4096
+"""(key, holder) answers remembered at most; the oldest are forgotten first."""
 
 
 @dataclass(slots=True)
@@ -94,6 +103,8 @@ class Fetcher:
         self._done_tasks: set[asyncio.Task[None]] = set()
         self.load: Counter[str] = Counter()
         """Pull attempts running per holder (the least loaded holder is tried first)."""
+        self._not_found: dict[tuple[ChunkKey, str], float] = {}
+        """(key, holder) -> when its 'not found' stops being remembered, oldest first."""
 
     # --- ChunkSource --------------------------------------------------------------------
 
@@ -112,6 +123,11 @@ class Fetcher:
         )
         found: dict[ChunkKey, tuple[str, ...]] = {}
         me = node.node_id
+        not_found = self._not_found
+        if not_found:
+            now = time.monotonic()
+            while not_found and next(iter(not_found.values())) <= now:
+                del not_found[next(iter(not_found))]
         for (home, group), result in zip(by_home.items(), results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, MeshKVError | TimeoutError | OSError):
@@ -120,7 +136,9 @@ class Fetcher:
                 self.stats.failures["lookup"] += 1
                 continue
             for key, holders in zip(group, result, strict=True):
-                live = tuple(h for h in holders if h != me and node.is_alive(h))
+                live = tuple(
+                    h for h in holders if h != me and node.is_alive(h) and (key, h) not in not_found
+                )
                 if live:
                     found[key] = live
         self.stats.peer_hits += len(found)
@@ -147,6 +165,8 @@ class Fetcher:
         holder (a transfer's producer) is tried even while it is suspected: a paused or
         busy node is still the only one that has the chunks, and a dead one refuses fast."""
         cause = await self._attempt(ns, key, holder, deadline, last=last, named=named)
+        if cause == "stale":
+            self._remember_not_found(key, holder)
         if cause is not None:
             self.stats.failures[cause] += 1
         return cause
@@ -240,6 +260,13 @@ class Fetcher:
         self.stats.pulls_ok += 1
         self.stats.pull_bytes += record.payload_len
         return None
+
+    def _remember_not_found(self, key: ChunkKey, holder: str) -> None:
+        not_found = self._not_found
+        not_found.pop((key, holder), None)  # re-inserted last: the dict stays oldest first
+        not_found[(key, holder)] = time.monotonic() + NOT_FOUND_MEMORY_S
+        while len(not_found) > NOT_FOUND_MEMORY_MAX:
+            del not_found[next(iter(not_found))]
 
     def transfer_done(self, producer: str, transfer_id: str) -> None:
         """Tell the producer, with an acknowledged request on a data connection (a one-way

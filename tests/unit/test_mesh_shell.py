@@ -292,6 +292,34 @@ def test_fetcher_locate_asks_the_home_and_drops_self_and_the_dead() -> None:
     run(main)
 
 
+def test_fetcher_skips_a_holder_that_just_said_not_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The home keeps handing out a stale holder until the holder's correction lands; a
+    second lookup right behind the failed pull must not send this node there again."""
+    from meshkv.mesh import fetch
+
+    monkeypatch.setattr(fetch, "NOT_FOUND_MEMORY_S", 0.2)
+    monkeypatch.setattr(fetch, "NOT_FOUND_MEMORY_MAX", 2)
+
+    async def main() -> None:
+        async with world() as w:
+            keys = [ChunkKey(os.urandom(16)) for _ in range(3)]
+            w.b.delegate.holders = {k: ("b",) for k in keys}  # b holds none of them
+            fetcher = Fetcher(w.view, w.a_store, holder_timeout_s=1.0)
+            assert await fetcher.locate(NS, keys[:1], soon()) == {keys[0]: ("b",)}
+            assert await fetcher.pull(NS, keys[0], "b", soon(), last=True) == "stale"
+            assert await fetcher.locate(NS, keys, soon()) == {k: ("b",) for k in keys[1:]}
+            for key in keys[1:]:  # two more answers: the memory keeps the newest two
+                assert await fetcher.pull(NS, key, "b", soon(), last=True) == "stale"
+            assert await fetcher.locate(NS, keys, soon()) == {keys[0]: ("b",)}
+            await asyncio.sleep(0.25)  # remembered for a while only: the home decides again
+            assert await fetcher.locate(NS, keys, soon()) == {k: ("b",) for k in keys}
+            assert fetcher.stats.failures["stale"] == 3
+
+    run(main)
+
+
 # --- Pusher -----------------------------------------------------------------------------
 
 
