@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from benchmarks.vllm_arms import (
 from benchmarks.vllm_runner import JOB_VERSION
 from benchmarks.workloads import Prompt
 from meshkv.bench.report import Report, Result
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.launch import AgentProcess
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the in-process engine that times the meshkv connector's hooks",
     )
-    parser.add_argument("--work-dir", help="where job files and logs go (default: a new tmp dir)")
+    parser.add_argument(
+        "--work-dir", help="job files and logs (default: a temp dir, gone if the run passes)"
+    )
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sizes = QUICK if args.quick else FULL
     sizes = replace(
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not arms:
         print(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
         return 2
-    workdir = Path(args.work_dir or tempfile.mkdtemp(prefix="meshkv-bench-vllm-"))
+    workdir = Path(args.work_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = args.model or str(_build_model())
     vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
@@ -703,6 +705,13 @@ def short_hits(o: ArmOutcome, plan: Plan, arm: str) -> list[str]:
         if t["cached_tokens"] < expected:
             short.append(f"{t['rid']}:{t['cached_tokens']}/{expected}")
     return short
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--work-dir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(
+        _run, args, prefix="meshkv-bench-vllm-", command="meshkv bench vllm", attr="work_dir"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,10 @@ processes through this module:
   (wait for its ready file), stop (SIGTERM), kill (SIGKILL), freeze (SIGSTOP/SIGCONT),
   restart on the same SSD directory, clean up (including an arena a crash left behind).
 * ``HttpProcess`` — any HTTP server process that is ready when a URL answers 200: a vLLM
-  OpenAI server (``vllm_server_command``) or ``meshkv proxy``.
+  OpenAI server (``vllm_server_command``) or ``meshkv proxy``. Each gets a private
+  directory for vLLM's ZMQ IPC sockets (``VLLM_RPC_BASE_PATH``), removed when it stops:
+  vLLM leaves its seven socket files behind even after a clean SIGTERM, and in ``/tmp``
+  they piled up by the thousand (about 250 per test-suite run).
 * ``engine_env`` — the environment every vLLM engine process gets: offline hubs, no usage
   reports, and one CPU thread binding for all engines (vLLM's default ``auto`` binds an
   engine with a KV connector to more cores than one without, which makes comparisons unfair
@@ -437,20 +440,34 @@ class HttpProcess:
         self.cwd = cwd
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="mkv-srv-")) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.rpc_dir: Path | None = None
+        """This process's ``VLLM_RPC_BASE_PATH`` while it runs (None when the caller's
+        environment names one: that directory is the caller's to clean)."""
 
     def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> HttpProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.env
+        if "VLLM_RPC_BASE_PATH" not in env:
+            # short, under /tmp: an IPC socket path (this + a 36-character uuid) must fit
+            # the 107 bytes of a Unix socket address
+            self.rpc_dir = Path(tempfile.mkdtemp(prefix="mkv-rpc-", dir="/tmp"))
+            env = {**env, "VLLM_RPC_BASE_PATH": str(self.rpc_dir)}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=env,
                 cwd=self.cwd,
                 start_new_session=True,
             )
         self.wait_ready(timeout)
         return self
+
+    def _remove_rpc_dir(self) -> None:
+        if self.rpc_dir is not None and (self.proc is None or self.proc.poll() is not None):
+            shutil.rmtree(self.rpc_dir, ignore_errors=True)
+            self.rpc_dir = None
 
     def wait_ready(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
         assert self.proc is not None
@@ -486,11 +503,13 @@ class HttpProcess:
                 kill_group(proc)
         else:
             kill_group(proc)  # the leader is gone; its children must not linger
+        self._remove_rpc_dir()
         return proc.returncode
 
     def kill(self) -> None:
         if self.proc is not None:
             kill_group(self.proc)
+            self._remove_rpc_dir()
 
     @property
     def running(self) -> bool:

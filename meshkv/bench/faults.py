@@ -65,7 +65,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +76,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench.args import model_arg
 from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
 from meshkv.bench.report import ms, text_table
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
 from meshkv.launch import (
     AgentProcess,
@@ -618,10 +618,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-s", type=float, default=10.0, help="agent_sigstop: frozen for")
     p.add_argument("--down-s", type=float, default=3.0, help="agent_kill9: down for")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     names = [s for s in args.scenarios.split(",") if s]
     unknown = sorted(set(names) - set(SCENARIOS))
@@ -646,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
         docs=args.docs, doc_tokens=(args.doc_tokens, args.doc_tokens + args.doc_tokens // 8),
         questions=args.questions,
     )  # fmt: skip
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-faults-"))
+    workdir = Path(args.workdir)
     node = Node(args, workdir, kv_bytes_per_token(args.model))
     runs: list[FaultRun] = []
     try:
@@ -664,6 +664,11 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
     print(rows_table(runs))
     return 0 if all(r.passed or r.note.startswith("skipped") for r in runs) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--workdir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(_run, args, prefix="mkv-faults-", command="meshkv bench faults")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -58,6 +57,7 @@ from meshkv.bench import affinity
 from meshkv.bench import openai_load as load
 from meshkv.bench.args import int_range, model_arg, positive_int
 from meshkv.bench.report import Report, Result
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
     AgentProcess,
@@ -119,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT CDFs per arm (matplotlib)")
-    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
 
 
 def _vocab(model: str) -> int:
@@ -385,7 +385,7 @@ def measure_warm(stack: Stack, rng: random.Random, docs: int, vocab: int) -> dic
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(rng, args.requests, args.prompt_tokens, vocab)
     lo, hi = args.output_tokens
     outputs = [rng.randint(lo, hi) for _ in prompts]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-bench-pd-"))
+    workdir = Path(args.workdir)
     report = Report("pd")
     report.meta.update(
         requests=args.requests, concurrency=args.concurrency,
@@ -513,6 +513,11 @@ def plot_cdfs(series: dict[str, list[float]], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--workdir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(_run, args, prefix="mkv-bench-pd-", command="meshkv bench pd")
 
 
 def main(argv: list[str] | None = None) -> int:

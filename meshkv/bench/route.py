@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench import serve
 from meshkv.bench.args import csv_of, model_arg, positive_int
 from meshkv.bench.report import Report, Result, ms, text_table
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -272,10 +272,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-tokens", type=positive_int, default=1000)
     p.add_argument("--answer-tokens", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.shape = shape = serve.Shape(
         users=args.users, rounds=args.rounds, system_tokens=args.system_tokens,
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"meshkv bench route: {exc}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-route-"))
+    workdir = Path(args.workdir)
     runs: list[RouteRun] = []
     errors: dict[str, str] = {}
     for name in args.stacks:
@@ -311,6 +311,11 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     report.write(args.json)
     return 1 if errors else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--workdir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(_run, args, prefix="mkv-route-", command="meshkv bench route")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +77,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench.args import csv_of, int_range, model_arg, positive_int
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
 from meshkv.bench.report import Report, Result, ms
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.bench.serve_runs import Occupancy, Run, find_run, plot, runs_table
 from meshkv.launch import (
     AgentProcess,
@@ -608,7 +608,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")
-    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
     p.add_argument(
         "--lmcache-venv",
         default=str(Path(os.environ.get("MESHKV_CACHE") or Path.home() / ".cache/meshkv")
@@ -632,7 +632,7 @@ def _refused(message: str) -> int:
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.shape = shape = _shape(args)
     if args.async_scheduling and "lmcache" in args.arms:
@@ -657,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
         }
     except ValueError as exc:
         return _refused(str(exc))
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-serve-"))
+    workdir = Path(args.workdir)
     runs: list[Run] = []
     errors: dict[str, str] = {}
     for w in args.workloads:
@@ -687,6 +687,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"arm {key} failed:\n{text}", file=sys.stderr)
         return 1
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--workdir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(_run, args, prefix="mkv-serve-", command="meshkv bench serve")
 
 
 def main(argv: list[str] | None = None) -> int:

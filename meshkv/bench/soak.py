@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from typing import Any
 import xxhash
 
 from meshkv.bench.report import Report, Result, text_table
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.client import AgentClient
 from meshkv.errors import AgentUnavailable, MeshKVError, NoSpace
 from meshkv.launch import AgentProcess, free_port, mesh_args, write_secret
@@ -354,17 +354,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expiry-s", type=float, default=2.0,
         help="reservation timeout and lease cap of the agents (abandoned work expires)",
     )  # fmt: skip
-    p.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for flag in ("minutes", "agents", "clients", "cpu_mib", "churn_s", "expiry_s"):
         if not getattr(args, flag) > 0:
             print(f"meshkv bench soak: --{flag.replace('_', '-')} must be positive",
                   file=sys.stderr)  # fmt: skip
             return 2
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-soak-"))
+    workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     soak = Soak(args, workdir)
     try:
@@ -385,6 +385,11 @@ def run(args: argparse.Namespace) -> int:
     )
     report.write(args.json)
     return 0 if all(c["ok"] for c in report.meta["checks"]) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The run in ``--workdir``, or in a temporary directory removed when it passes."""
+    return run_in_scratch(_run, args, prefix="mkv-soak-", command="meshkv bench soak")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,17 @@
 """``meshkv bench``'s flags: a value that would divide by zero, loop forever or mean nothing
-minutes into a run stops the command at parse time, naming the flag (exit 2)."""
+minutes into a run stops the command at parse time, naming the flag (exit 2). And the
+scratch directory of a run that starts processes goes away when the run passes."""
 
 from __future__ import annotations
 
+import argparse
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
+from meshkv.bench.scratch import run_in_scratch
 from meshkv.cli.main import build_parser, main
 
 
@@ -51,3 +58,42 @@ def test_bench_local_refuses_an_ssd_dir_that_is_not_there(
     """Before anything starts (the bench used to create the directory, wherever it was)."""
     assert main(["bench", "local", "--ssd-dir", "/proc/mkv-none", "--only", "ssd"]) == 2
     assert "--ssd-dir /proc/mkv-none is not a directory" in capsys.readouterr().err
+
+
+def test_a_benchmark_s_scratch_directory_is_removed_when_it_passes_and_kept_when_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[Path] = []
+
+    def bench(rc: int) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            seen.append(Path(args.workdir))
+            (Path(args.workdir) / "agent.log").write_text("log")
+            return rc
+
+        return run
+
+    args = argparse.Namespace(workdir=None)
+    assert run_in_scratch(bench(0), args, prefix="mkv-t-", command="meshkv bench t") == 0
+    assert not seen[-1].exists() and args.workdir is None
+    assert run_in_scratch(bench(1), args, prefix="mkv-t-", command="meshkv bench t") == 1
+    kept = seen[-1]
+    assert (kept / "agent.log").is_file()
+    assert f"meshkv bench t: the run did not pass; its logs are kept in {kept}" in (
+        capsys.readouterr().err
+    )
+    shutil.rmtree(kept)
+    given = argparse.Namespace(workdir=str(tmp_path / "mine"))
+    (tmp_path / "mine").mkdir()
+    assert run_in_scratch(bench(0), given, prefix="mkv-t-", command="meshkv bench t") == 0
+    assert (tmp_path / "mine" / "agent.log").is_file()  # the caller's: kept
+
+    def crashes(args: argparse.Namespace) -> int:
+        seen.append(Path(args.workdir))
+        (Path(args.workdir) / "agent.log").write_text("log")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_in_scratch(crashes, argparse.Namespace(workdir=None), prefix="mkv-t-", command="c")
+    assert (seen[-1] / "agent.log").is_file()  # a crash keeps its logs too
+    shutil.rmtree(seen[-1])
