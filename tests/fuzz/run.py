@@ -12,9 +12,11 @@ the artifacts directory, named by libFuzzer). Exits 1 if any target found someth
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,10 @@ def run_one(name: str, seconds: int, corpus: Path, artifacts: Path) -> int:
         from tests.fuzz import targets  # noqa: PLC0415
 
     target = targets.TARGETS[name]
+    # libFuzzer ends the process from C, past Python's atexit: the targets' temporary
+    # files go under the run's work dir instead of /tmp
+    tempfile.tempdir = str(artifacts.parent / "tmp")
+    os.makedirs(tempfile.tempdir, exist_ok=True)
     corpus.mkdir(parents=True, exist_ok=True)
     for i, seed in enumerate(seeds().get(name, [])):
         (corpus / f"seed-{i}").write_bytes(seed)
@@ -147,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=120, help="per target (default 120)")
     p.add_argument("--targets", default="", help="comma-separated (default: all)")
     p.add_argument("--json", help="write the result rows here")
-    p.add_argument("--workdir", help="corpus, artifacts and logs (default: a temp dir)")
+    p.add_argument(
+        "--workdir", help="corpus, artifacts, logs (default: a temp dir, gone if nothing is found)"
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.seconds <= 0:
         p.error(f"--seconds must be positive, got {args.seconds}")
+    if importlib.util.find_spec("atheris") is None:
+        p.error("atheris is not installed: `make fuzz` installs it (atheris==3.0.0)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mkv-fuzz-"))
     if args.one:
         return run_one(args.one, args.seconds, workdir / "corpus" / args.one, workdir / "artifacts")
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"FINDINGS in {', '.join(bad)}: see {workdir}/artifacts and the logs")
         return 1
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)  # nothing found: nothing worth keeping
     return 0
 
 

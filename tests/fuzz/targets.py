@@ -15,11 +15,13 @@ under atheris (libFuzzer, coverage-guided) in ``make fuzz`` (``tests/fuzz/run.py
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -309,6 +311,7 @@ def ssd_file(data: bytes) -> None:
     global _SSD_DIR
     if _SSD_DIR is None:
         _SSD_DIR = Path(tempfile.mkdtemp(prefix="mkv-fuzz-ssd-"))
+        atexit.register(shutil.rmtree, _SSD_DIR, True)  # one per fuzzing process
     stem = "00" * 16
     path = _SSD_DIR / stem
     path.write_bytes(data)
