@@ -25,7 +25,12 @@ def run_in_scratch(
     attr: str = "workdir",
 ) -> int:
     """``run(args)`` with ``args.<attr>`` set to a temporary directory when not given."""
-    if getattr(args, attr, None):
+    given = getattr(args, attr, None)
+    if given:
+        flag = "--" + attr.replace("_", "-")
+        if Path(given).exists() and not Path(given).is_dir():
+            print(f"{command}: {flag} {given} exists and is not a directory", file=sys.stderr)
+            return 2
         return run(args)
     path = Path(tempfile.mkdtemp(prefix=prefix))
     setattr(args, attr, str(path))

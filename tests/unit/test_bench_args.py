@@ -87,6 +87,11 @@ def test_a_benchmark_s_scratch_directory_is_removed_when_it_passes_and_kept_when
     (tmp_path / "mine").mkdir()
     assert run_in_scratch(bench(0), given, prefix="mkv-t-", command="meshkv bench t") == 0
     assert (tmp_path / "mine" / "agent.log").is_file()  # the caller's: kept
+    a_file = argparse.Namespace(workdir=str(tmp_path / "mine" / "agent.log"))
+    assert run_in_scratch(bench(0), a_file, prefix="mkv-t-", command="meshkv bench t") == 2
+    assert "--workdir " + a_file.workdir + " exists and is not a directory" in (
+        capsys.readouterr().err
+    )
 
     def crashes(args: argparse.Namespace) -> int:
         seen.append(Path(args.workdir))
