@@ -22,6 +22,10 @@ as the baseline; at the end (load stopped, every client closed) they must show n
   after the warm-up (connections come and go with the churn; a leak keeps growing);
 * 0 open leases, reservations and fenced slots on every running agent;
 * 0 corrupt reads, 0 unexpected client errors, 0 tracebacks in the steady agent's log.
+
+Beside the checks it reports ``rss_anon_slope``: the least-squares slope of the steady
+agent's anonymous memory over the samples after the warm-up (every 5 s, under load), in
+MiB per hour, so a small growth can be told apart from a steady climb.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ FD_SLACK = 4
 to peers that were restarted are re-dialled lazily)."""
 TASK_SLACK = 4
 RSS_GROWTH_LIMIT = 0.05
+
+
+def slope_per_hour(samples: list[dict[str, Any]], name: str, since: float) -> float:
+    """Least-squares slope of ``name`` over the samples taken at or after ``since`` seconds,
+    per hour (0.0 with fewer than two): whether memory still climbs at the end of a run or
+    has levelled off, which one growth ratio between two points cannot tell."""
+    points = [(float(s["t"]), float(s[name])) for s in samples if s["t"] >= since and name in s]
+    if len(points) < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_v = sum(v for _, v in points) / len(points)
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var * 3600
 
 
 def payload(key: bytes, size: int) -> bytes:
@@ -328,6 +348,10 @@ class Soak:
         r = Report("soak")
         for name, value, _, unit, _ in checks:
             r.add(Result(name, value, unit))
+        # the trend under load (the final sample is taken after the load stopped)
+        loaded = [s for s in self.samples if s is not final]
+        per_hour = slope_per_hour(loaded, "rssanon_bytes", baseline["t"]) / 2**20
+        r.add(Result("rss_anon_slope", round(per_hour, 2), "MiB/h"))
         r.meta.update(
             checks=[{"name": n, "value": v, "limit": lim, "ok": v <= lim, "note": note}
                     for n, v, lim, _, note in checks],
@@ -376,6 +400,9 @@ def _run(args: argparse.Namespace) -> int:
         for c in report.meta["checks"]
     ]
     print(text_table(rows))
+    trend = next(x for x in report.results if x.name == "rss_anon_slope")
+    print(f"steady agent's anonymous memory under load after the warm-up: "
+          f"{trend.value:+.2f} MiB per hour (least squares over the samples)")  # fmt: skip
     tally = report.meta["tally"]
     print(
         f"{tally['stores']} stores, {tally['reads']} reads ({tally['read_hits']} hits, "

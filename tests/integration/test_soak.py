@@ -41,3 +41,18 @@ def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
     assert tally["stores"] > 500 and tally["read_hits"] > 500, tally
     assert tally["abandoned"] > 0 and report["meta"]["churned"] >= 6, report["meta"]
     assert code == (0 if rss["ok"] else 1)
+    slope = next(r for r in report["results"] if r["name"] == "rss_anon_slope")
+    assert slope["unit"] == "MiB/h" and abs(slope["value"]) < 1e4, slope
+
+
+def test_the_memory_trend_is_a_least_squares_slope_per_hour() -> None:
+    rising = [{"t": t, "rss": 1000.0 + 2.0 * t} for t in (0, 5, 10, 15, 20)]
+    assert soak.slope_per_hour(rising, "rss", since=0) == pytest.approx(7200.0)
+    noisy = [{"t": 0, "rss": 10.0}, {"t": 5, "rss": 12.0}, {"t": 10, "rss": 10.0},
+             {"t": 15, "rss": 12.0}]  # fmt: skip
+    assert soak.slope_per_hour(noisy, "rss", since=0) == pytest.approx(0.08 * 3600)
+    # only the samples from ``since`` on count: a warm-up climb is not a trend
+    warm_then_flat = [{"t": 0, "rss": 0.0}, {"t": 5, "rss": 500.0}, {"t": 10, "rss": 500.0},
+                      {"t": 15, "rss": 500.0}]  # fmt: skip
+    assert soak.slope_per_hour(warm_then_flat, "rss", since=10) == 0.0
+    assert soak.slope_per_hour(warm_then_flat[:1], "rss", since=0) == 0.0
