@@ -447,6 +447,7 @@ class HttpProcess:
     def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> HttpProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = self.env
+        self._remove_rpc_dir()  # a previous run's, if it ended without a stop()
         if "VLLM_RPC_BASE_PATH" not in env:
             # short, under /tmp: an IPC socket path (this + a 36-character uuid) must fit
             # the 107 bytes of a Unix socket address
