@@ -46,7 +46,7 @@ from benchmarks.vllm_arms import (
 from benchmarks.vllm_runner import JOB_VERSION
 from benchmarks.workloads import Prompt
 from meshkv.bench.report import Report, Result
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.launch import AgentProcess
 
 logger = logging.getLogger(__name__)
@@ -169,9 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the in-process engine that times the meshkv connector's hooks",
     )
-    parser.add_argument(
-        "--work-dir", help="job files and logs (default: a temp dir, gone if the run passes)"
-    )
+    parser.add_argument("--work-dir", help=WORKDIR_HELP)
 
 
 def _run(args: argparse.Namespace) -> int:

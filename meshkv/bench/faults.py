@@ -76,7 +76,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench.args import model_arg
 from meshkv.bench.faultkit import CorruptingProxy, NetnsAgent, VethNamespace
 from meshkv.bench.report import ms, text_table
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.bench.serve import CHUNK_TOKENS, Shape, kv_bytes_per_token, longdoc_users, vocab_size
 from meshkv.launch import (
     AgentProcess,
@@ -618,7 +618,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-s", type=float, default=10.0, help="agent_sigstop: frozen for")
     p.add_argument("--down-s", type=float, default=3.0, help="agent_kill9: down for")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
+    p.add_argument("--workdir", help=WORKDIR_HELP)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -57,7 +57,7 @@ from meshkv.bench import affinity
 from meshkv.bench import openai_load as load
 from meshkv.bench.args import int_range, model_arg, positive_int
 from meshkv.bench.report import Report, Result
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.bench.serve import kv_bytes_per_token
 from meshkv.launch import (
     AgentProcess,
@@ -119,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT CDFs per arm (matplotlib)")
-    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
+    p.add_argument("--workdir", help=WORKDIR_HELP)
 
 
 def _vocab(model: str) -> int:

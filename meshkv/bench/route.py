@@ -41,7 +41,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench import serve
 from meshkv.bench.args import csv_of, model_arg, positive_int
 from meshkv.bench.report import Report, Result, ms, text_table
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.launch import (
     AgentProcess,
     HttpProcess,
@@ -272,7 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-tokens", type=positive_int, default=1000)
     p.add_argument("--answer-tokens", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
+    p.add_argument("--workdir", help=WORKDIR_HELP)
 
 
 def _run(args: argparse.Namespace) -> int:

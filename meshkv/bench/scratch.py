@@ -15,6 +15,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+WORKDIR_HELP = (
+    "logs, SSD tiers and sockets go here and stay; without it, a temporary directory "
+    "removed if the run passes%(default).0s"
+)
+"""Help of ``--workdir`` (the ``%(default).0s`` keeps argparse from adding "(default: None)")."""
+
 
 def run_in_scratch(
     run: Callable[[argparse.Namespace], int],

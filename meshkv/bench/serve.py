@@ -77,7 +77,7 @@ from meshkv.bench import openai_load as load
 from meshkv.bench.args import csv_of, int_range, model_arg, positive_int
 from meshkv.bench.lmcache import ArmError, LMCacheServer, ensure_lmcache_venv
 from meshkv.bench.report import Report, Result, ms
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.bench.serve_runs import Occupancy, Run, find_run, plot, runs_table
 from meshkv.launch import (
     AgentProcess,
@@ -608,7 +608,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", help="write serve-<workload>.png here (matplotlib)")
-    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
+    p.add_argument("--workdir", help=WORKDIR_HELP)
     p.add_argument(
         "--lmcache-venv",
         default=str(Path(os.environ.get("MESHKV_CACHE") or Path.home() / ".cache/meshkv")

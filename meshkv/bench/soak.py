@@ -45,7 +45,7 @@ from typing import Any
 import xxhash
 
 from meshkv.bench.report import Report, Result, text_table
-from meshkv.bench.scratch import run_in_scratch
+from meshkv.bench.scratch import WORKDIR_HELP, run_in_scratch
 from meshkv.client import AgentClient
 from meshkv.errors import AgentUnavailable, MeshKVError, NoSpace
 from meshkv.launch import AgentProcess, free_port, mesh_args, write_secret
@@ -378,7 +378,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expiry-s", type=float, default=2.0,
         help="reservation timeout and lease cap of the agents (abandoned work expires)",
     )  # fmt: skip
-    p.add_argument("--workdir", help="keep logs here (default: a temp dir, gone if the run passes)")
+    p.add_argument("--workdir", help=WORKDIR_HELP)
 
 
 def _run(args: argparse.Namespace) -> int:
