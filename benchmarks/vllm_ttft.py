@@ -51,6 +51,10 @@ from meshkv.launch import AgentProcess
 
 logger = logging.getLogger(__name__)
 
+RPC_PATH_MAX = 64
+"""Longest ``VLLM_RPC_BASE_PATH`` used: a socket path (this, '/', a 36-character uuid) must
+fit the 107 bytes of a Unix socket address."""
+
 ARMS = ("none", "prefix", "meshkv", "lmcache")
 ARM_TITLES = {
     "none": "vLLM, no connector",
@@ -194,6 +198,10 @@ def _run(args: argparse.Namespace) -> int:
     vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     plan = Plan.build(sizes, args.seed, vocab)
     env = _engine_env(args)
+    rpc = workdir / "rpc"  # vLLM's ZMQ sockets, which it leaves behind: gone with the workdir
+    if "VLLM_RPC_BASE_PATH" not in env and len(str(rpc)) <= RPC_PATH_MAX:
+        rpc.mkdir(exist_ok=True)
+        env["VLLM_RPC_BASE_PATH"] = str(rpc)
     print(f"meshkv bench vllm: arms {','.join(arms)}; logs in {workdir}", flush=True)
 
     outcomes: dict[str, ArmOutcome] = {}

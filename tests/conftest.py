@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,23 @@ JOB_MODULE = ["-m", "benchmarks.engine_job"]
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of an engine process started by a test."""
     return engine_env(os.environ, PYTHONPATH=str(REPO), **extra)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_rpc_dir() -> Iterator[None]:
+    """vLLM binds its ZMQ IPC sockets under ``VLLM_RPC_BASE_PATH`` (``/tmp``) and leaves the
+    files behind; every engine and server the suite starts inherits this private directory
+    (short: a socket path must fit 107 bytes), removed at the end."""
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="mkv-rpc-", dir="/tmp")
+    os.environ["VLLM_RPC_BASE_PATH"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- agents -------------------------------------------------------------------------------
