@@ -277,6 +277,11 @@ class Soak:
         row = {"t": round(time.monotonic() - self.started, 1), **doc["process"]}
         for name in ("leases_open", "reservations_open", "fenced_slots", "leases_overdue"):
             row[name] = store[name]
+        # what the heap holds per key: a trend in these beside one in rssanon says which
+        tiers = store.get("tiers", {})
+        row["cpu_chunks"] = tiers.get("cpu", {}).get("chunks", 0)
+        row["ssd_chunks"] = tiers.get("ssd", {}).get("chunks", 0)
+        row["directory_keys"] = doc.get("mesh", {}).get("directory_keys", 0)
         self.samples.append(row)
         return row
 

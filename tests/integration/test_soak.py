@@ -41,6 +41,8 @@ def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
     assert tally["stores"] > 500 and tally["read_hits"] > 500, tally
     assert tally["abandoned"] > 0 and report["meta"]["churned"] >= 6, report["meta"]
     assert code == (0 if rss["ok"] else 1)
+    last = report["meta"]["samples"][-1]
+    assert last["cpu_chunks"] > 0 and last["directory_keys"] > 0, last
     slope = next(r for r in report["results"] if r["name"] == "rss_anon_slope")
     assert slope["unit"] == "MiB/h" and abs(slope["value"]) < 1e4, slope
 
