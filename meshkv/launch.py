@@ -15,7 +15,7 @@ processes through this module:
   reports, and one CPU thread binding for all engines (vLLM's default ``auto`` binds an
   engine with a KV connector to more cores than one without, which makes comparisons unfair
   and changes float reduction order).
-* ``free_port``, ``kill_group``, ``prometheus_sum``.
+* ``free_port``, ``kill_group``, ``new_rpc_dir``, ``prometheus_sum``.
 
 Every process runs in its own session (a Ctrl-C in a terminal reaches only its parent, which
 then stops the children in order), and every wait has a deadline; a failure raises
@@ -88,6 +88,13 @@ def engine_env(environ: Mapping[str, str], **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def new_rpc_dir() -> Path:
+    """A private directory for vLLM's ZMQ IPC sockets (``VLLM_RPC_BASE_PATH``), which vLLM
+    leaves behind; short and under /tmp, since a socket path (this, '/', a 36-character
+    uuid) must fit the 107 bytes of a Unix socket address. The caller removes it."""
+    return Path(tempfile.mkdtemp(prefix="mkv-rpc-", dir="/tmp"))
 
 
 def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -449,9 +456,7 @@ class HttpProcess:
         env = self.env
         self._remove_rpc_dir()  # a previous run's, if it ended without a stop()
         if "VLLM_RPC_BASE_PATH" not in env:
-            # short, under /tmp: an IPC socket path (this + a 36-character uuid) must fit
-            # the 107 bytes of a Unix socket address
-            self.rpc_dir = Path(tempfile.mkdtemp(prefix="mkv-rpc-", dir="/tmp"))
+            self.rpc_dir = new_rpc_dir()
             env = {**env, "VLLM_RPC_BASE_PATH": str(self.rpc_dir)}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from meshkv.launch import (
     engine_env,
     free_port,
     meshkv_kv_transfer_config,
+    new_rpc_dir,
     vllm_server_command,
 )
 from tests.helpers.logs import FAILED, kept_logs
@@ -47,12 +47,12 @@ def child_env(**extra: str) -> dict[str, str]:
 def _vllm_rpc_dir() -> Iterator[None]:
     """vLLM binds its ZMQ IPC sockets under ``VLLM_RPC_BASE_PATH`` (``/tmp``) and leaves the
     files behind; every engine and server the suite starts inherits this private directory
-    (short: a socket path must fit 107 bytes), removed at the end."""
+    (``meshkv.launch.new_rpc_dir``), removed at the end."""
     if "VLLM_RPC_BASE_PATH" in os.environ:
         yield
         return
-    path = tempfile.mkdtemp(prefix="mkv-rpc-", dir="/tmp")
-    os.environ["VLLM_RPC_BASE_PATH"] = path
+    path = new_rpc_dir()
+    os.environ["VLLM_RPC_BASE_PATH"] = str(path)
     try:
         yield
     finally:

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -64,15 +65,10 @@ def slope_per_hour(samples: list[dict[str, Any]], name: str, since: float) -> fl
     per hour (0.0 with fewer than two): whether memory still climbs at the end of a run or
     has levelled off, which one growth ratio between two points cannot tell."""
     points = [(float(s["t"]), float(s[name])) for s in samples if s["t"] >= since and name in s]
-    if len(points) < 2:
+    try:
+        return statistics.linear_regression(*zip(*points, strict=True)).slope * 3600
+    except (statistics.StatisticsError, TypeError):  # fewer than two points, or one time
         return 0.0
-    mean_t = sum(t for t, _ in points) / len(points)
-    mean_v = sum(v for _, v in points) / len(points)
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return 0.0
-    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
-    return cov / var * 3600
 
 
 def payload(key: bytes, size: int) -> bytes:
