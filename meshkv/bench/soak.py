@@ -25,7 +25,9 @@ as the baseline; at the end (load stopped, every client closed) they must show n
 
 Beside the checks it reports ``rss_anon_slope``: the least-squares slope of the steady
 agent's anonymous memory over the samples after the warm-up (every 5 s, under load), in
-MiB per hour, so a small growth can be told apart from a steady climb.
+MiB per hour, so a small growth can be told apart from a steady climb; and beside it the
+slopes of the heap's parts (glibc's bytes in use and freed-but-kept, Python's live blocks:
+``meshkv.heap``), which say what climbs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ FD_SLACK = 4
 to peers that were restarted are re-dialled lazily)."""
 TASK_SLACK = 4
 RSS_GROWTH_LIMIT = 0.05
+HEAP_PARTS = {
+    "malloc_in_use_slope": "malloc_in_use_bytes",
+    "malloc_free_slope": "malloc_free_bytes",
+}
+"""The trend of glibc's numbers beside the resident one (absent where the C library is
+not glibc)."""
 
 
 def slope_per_hour(samples: list[dict[str, Any]], name: str, since: float) -> float:
@@ -353,6 +361,14 @@ class Soak:
         loaded = [s for s in self.samples if s is not final]
         per_hour = slope_per_hour(loaded, "rssanon_bytes", baseline["t"]) / 2**20
         r.add(Result("rss_anon_slope", round(per_hour, 2), "MiB/h"))
+        # the parts of that heap (meshkv.heap): a native leak climbs in use, fragmentation
+        # or idle per-thread arenas climb free, Python objects climb blocks
+        for name, field_ in HEAP_PARTS.items():
+            if field_ in baseline:
+                part = slope_per_hour(loaded, field_, baseline["t"]) / 2**20
+                r.add(Result(name, round(part, 2), "MiB/h"))
+        blocks = slope_per_hour(loaded, "python_blocks", baseline["t"])
+        r.add(Result("python_blocks_slope", round(blocks), "blocks/h"))
         r.meta.update(
             checks=[{"name": n, "value": v, "limit": lim, "ok": v <= lim, "note": note}
                     for n, v, lim, _, note in checks],
@@ -404,6 +420,11 @@ def _run(args: argparse.Namespace) -> int:
     trend = next(x for x in report.results if x.name == "rss_anon_slope")
     print(f"steady agent's anonymous memory under load after the warm-up: "
           f"{trend.value:+.2f} MiB per hour (least squares over the samples)")  # fmt: skip
+    parts = {x.name: x.value for x in report.results}
+    if "malloc_in_use_slope" in parts:
+        print(f"  of which glibc's heap in use {parts['malloc_in_use_slope']:+.2f} MiB/h, "
+              f"freed but kept {parts['malloc_free_slope']:+.2f} MiB/h; "
+              f"Python's live blocks {parts['python_blocks_slope']:+,.0f} per hour")  # fmt: skip
     tally = report.meta["tally"]
     print(
         f"{tally['stores']} stores, {tally['reads']} reads ({tally['read_hits']} hits, "

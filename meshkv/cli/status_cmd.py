@@ -243,6 +243,11 @@ def _process(process: dict[str, Any]) -> str:
             f"(heap {_num(process.get('rssanon_bytes', 0), 'bytes')}, "
             f"arena pages {_num(process.get('rssshmem_bytes', 0), 'bytes')})"
         )
+    if "malloc_in_use_bytes" in process:
+        parts.append(
+            f"malloc {_num(process['malloc_in_use_bytes'], 'bytes')} in use, "
+            f"{_num(process.get('malloc_free_bytes', 0), 'bytes')} freed but kept"
+        )
     kinds = process.get("task_kinds")
     if isinstance(kinds, dict) and kinds:
         parts.append("tasks by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshkv import __version__
 from meshkv.chunk import KEY_BYTES, ChunkKey
 from meshkv.errors import ConfigError
+from meshkv.heap import malloc_stats
 from meshkv.metrics import AgentMetrics
 from meshkv.server.local import plain
 from meshkv.server.prefix import NamespaceRegistry, parse_query, query
@@ -101,7 +103,8 @@ def status_document(ctx: AdminContext) -> dict[str, Any]:
 def process_stats() -> dict[str, Any]:
     """What a leak would show: event-loop tasks (the most common coroutines among them),
     open file descriptors, and resident memory split into anonymous (heap: grows with
-    leaks) and shared (the arena's touched pages)."""
+    leaks) and shared (the arena's touched pages), and what of the heap is Python's live
+    objects and what glibc holds in use or freed (``meshkv.heap``)."""
     tasks = asyncio.all_tasks()
     kinds = Counter(getattr(t.get_coro(), "__qualname__", t.get_name()) for t in tasks)
     out: dict[str, Any] = {
@@ -118,6 +121,9 @@ def process_stats() -> dict[str, Any]:
                     out[f"{name.lower()}_bytes"] = int(value.split()[0]) * 1024
     except OSError:  # not Linux: the numbers are simply absent
         pass
+    # which part of the heap: Python's live objects (blocks), or glibc's (meshkv.heap)
+    out["python_blocks"] = sys.getallocatedblocks()
+    out.update(malloc_stats())
     return out
 
 

@@ -21,7 +21,14 @@ def _doc(**sections: Any) -> dict[str, Any]:
             "pinned_chunks": 2,
             "checksums_pending": 0,
         },
-        "process": {"pid": 41, "tasks": 9, "open_fds": 30, "vmrss_bytes": 300 << 20},
+        "process": {
+            "pid": 41,
+            "tasks": 9,
+            "open_fds": 30,
+            "vmrss_bytes": 300 << 20,
+            "malloc_in_use_bytes": 20 << 20,
+            "malloc_free_bytes": 3 << 20,
+        },
         "local": {
             "socket": "/run/meshkv/agent.sock",
             "connections": 2,
@@ -54,6 +61,7 @@ def test_a_healthy_agent_reads_as_one_line_per_section() -> None:
     assert "lookups   10 lookups, chunk hit rate 80.0% (hits: cpu 6, peer 2; 2 missed)" in text
     assert "mesh      10.0.0.1:7470 over tcp, 3 members alive, ring 90a43be14174," in text
     assert "process   9 tasks, 30 open fds, rss 300.0 MiB" in text
+    assert "malloc 20.0 MiB in use, 3.0 MiB freed but kept" in text
     assert "cpu   3       6.0 MiB      1.00 GiB" in text  # the tier table, sizes readable
     assert "pinned_chunks      2" in text
     assert "CONFLICT" not in text and "remote" not in text
