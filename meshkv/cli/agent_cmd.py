@@ -25,6 +25,7 @@ from meshkv.config import (
     parse_host_port,
 )
 from meshkv.errors import ConfigError, MeshKVError
+from meshkv.loop import loop_factory
 from meshkv.mesh import cli as mesh_cli
 from meshkv.mesh.options import MeshNodeConfig
 from meshkv.paths import default_socket_path
@@ -299,6 +300,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     remote = remote_config(args, toml["remote"])
     config = AgentConfig(store=store_config, mesh=mesh, remote=remote, **agent)
     config.admin_token()  # an unreadable or weak token file fails here, not at start
+    loop_factory()  # and so does a bad MESHKV_EVENT_LOOP
     return config
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from meshkv.config import LOG_LEVELS, parse_host_port
 from meshkv.errors import ConfigError
+from meshkv.loop import loop_factory
 from meshkv.paths import check_private_file
 
 
@@ -81,6 +82,7 @@ def build_config(args: argparse.Namespace) -> Any:
     host, port = parse_host_port(args.listen, what="--listen")
     if args.log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    loop_factory()  # a bad MESHKV_EVENT_LOOP fails here, with the other settings
     return ProxyConfig(
         host=host,
         port=port,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from meshkv.cli.main import main
 from meshkv.config import AgentConfig
 from meshkv.errors import ConfigError
+from meshkv.launch import AgentProcess
 
 
 @pytest.fixture(autouse=True)
@@ -254,3 +256,40 @@ def test_a_shared_or_foreign_socket_directory_is_refused(tmp_path: Path) -> None
     os.chown(foreign, 12345, 12345)  # the tests run as root (as CI does)
     with pytest.raises(ConfigError, match="belongs to uid 12345"):
         prepare_socket_path(str(foreign / "agent.sock"))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("libev", "MESHKV_EVENT_LOOP='libev': expected one of uvloop, asyncio"),
+        (" ", None),  # blank: the default, accepted (the fixture refuses to start it)
+    ],
+)
+def test_the_event_loop_setting_is_checked_with_the_flags(
+    value: str,
+    message: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MESHKV_EVENT_LOOP", value)
+    if message is None:
+        with pytest.raises(AssertionError, match="passed validation"):
+            main(["agent", "--http", "127.0.0.1:0"])
+        return
+    assert main(["agent", "--http", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshkv agent: error: ") and message in err, err
+    assert main(["proxy", "--engines", "http://127.0.0.1:1"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_agent_serves_on_the_event_loop_it_is_told(
+    loop: str, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    agent = agent_factory(env={**os.environ, "MESHKV_EVENT_LOOP": loop}, log_level="info")
+    agent.start()
+    with agent.client() as c:
+        c.put(b"e" * 16, b"v" * 3000)
+        assert c.get(b"e" * 16) == b"v" * 3000
+    assert f"event loop: {loop}" in agent.log()
