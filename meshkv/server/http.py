@@ -11,6 +11,7 @@ mesh can add a ``"mesh"`` section to ``/v1/status`` without touching this module
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -123,6 +124,11 @@ def process_stats() -> dict[str, Any]:
         pass
     # which part of the heap: Python's live objects (blocks), or glibc's (meshkv.heap)
     out["python_blocks"] = sys.getallocatedblocks()
+    # objects freed only by the cycle collector: a heap that climbs and drops with the
+    # full collections holds cyclic garbage between them
+    stats = gc.get_stats()
+    out["gc_full_collections"] = stats[-1]["collections"]
+    out["gc_collected_objects"] = sum(s["collected"] for s in stats)
     out.update(malloc_stats())
     return out
 
