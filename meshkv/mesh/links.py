@@ -196,3 +196,9 @@ class PeerLinks:
                 conn, link.conn = link.conn, None
                 with contextlib.suppress(MeshKVError, OSError):
                     await asyncio.shield(conn.close())
+            # A task ended by cancellation keeps its exception, whose traceback holds this
+            # frame (``link``, ``conn``); with ``link.task`` pointing back at the task that
+            # is a reference cycle, and the dead peer's link and connection would wait for
+            # a full cycle collection. Once the task ends, nothing refers to it.
+            if link.task is asyncio.current_task():
+                link.task = None
