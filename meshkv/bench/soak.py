@@ -25,9 +25,10 @@ as the baseline; at the end (load stopped, every client closed) they must show n
 
 Beside the checks it reports ``rss_anon_slope``: the least-squares slope of the steady
 agent's anonymous memory over the samples after the warm-up (every 5 s, under load), in
-MiB per hour, so a small growth can be told apart from a steady climb; and beside it the
-slopes of the heap's parts (glibc's bytes in use and freed-but-kept, Python's live blocks:
-``meshkv.heap``), which say what climbs.
+MiB per hour, so a small growth can be told apart from a steady climb; beside it the
+slope over the second half alone (a heap still warming up at the baseline climbs early
+and is level late), and the slopes of the heap's parts (glibc's bytes in use and freed
+but kept, Python's live blocks: ``meshkv.heap``), which say what climbs.
 """
 
 from __future__ import annotations
@@ -361,6 +362,11 @@ class Soak:
         loaded = [s for s in self.samples if s is not final]
         per_hour = slope_per_hour(loaded, "rssanon_bytes", baseline["t"]) / 2**20
         r.add(Result("rss_anon_slope", round(per_hour, 2), "MiB/h"))
+        # and over the run's second half only: a heap that warms up for longer than the
+        # baseline's quarter climbs in the first half and is level in the second
+        half = (baseline["t"] + final["t"]) / 2
+        late = slope_per_hour(loaded, "rssanon_bytes", half) / 2**20
+        r.add(Result("rss_anon_slope_second_half", round(late, 2), "MiB/h"))
         # the parts of that heap (meshkv.heap): a native leak climbs in use, fragmentation
         # or idle per-thread arenas climb free, Python objects climb blocks
         for name, field_ in HEAP_PARTS.items():
@@ -421,6 +427,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"steady agent's anonymous memory under load after the warm-up: "
           f"{trend.value:+.2f} MiB per hour (least squares over the samples)")  # fmt: skip
     parts = {x.name: x.value for x in report.results}
+    print(f"  in the second half of the loaded run: {parts['rss_anon_slope_second_half']:+.2f} "
+          "MiB per hour")  # fmt: skip
     if "malloc_in_use_slope" in parts:
         print(f"  of which glibc's heap in use {parts['malloc_in_use_slope']:+.2f} MiB/h, "
               f"freed but kept {parts['malloc_free_slope']:+.2f} MiB/h; "
