@@ -46,8 +46,6 @@ def _libc() -> Any:
         return None
     fn.restype = _MallInfo2
     fn.argtypes = []
-    libc.malloc_trim.restype = ctypes.c_int
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
 
 
@@ -55,9 +53,10 @@ _LIBC = _libc()
 
 
 def malloc_stats() -> dict[str, int]:
-    """``{}`` where glibc's numbers are not available. ``in_use`` counts live allocations
-    (large ones, which glibc maps on their own, included); ``free`` is what glibc holds
-    freed inside its arenas; ``mapped`` the arenas' size (main heap and per-thread)."""
+    """``{}`` where glibc's numbers are not available. ``malloc_in_use_bytes`` counts live
+    allocations (large ones, which glibc maps on their own, included); ``malloc_free_bytes``
+    what glibc holds freed inside its arenas; ``malloc_arena_bytes`` the arenas' size (main
+    heap and per-thread); ``malloc_mmapped_bytes`` the large allocations alone."""
     if _LIBC is None:
         return {}
     info = _LIBC.mallinfo2()
@@ -67,11 +66,3 @@ def malloc_stats() -> dict[str, int]:
         "malloc_arena_bytes": int(info.arena),
         "malloc_mmapped_bytes": int(info.hblkhd),
     }
-
-
-def trim() -> bool:
-    """Give the pages of freed memory in every glibc arena back to the system
-    (``malloc_trim(0)``). False where that is not possible or nothing was released."""
-    if _LIBC is None:
-        return False
-    return bool(_LIBC.malloc_trim(0))

@@ -25,11 +25,9 @@ def test_malloc_numbers_follow_native_allocations() -> None:
     del held
     after = heap.malloc_stats()
     assert during["malloc_in_use_bytes"] - after["malloc_in_use_bytes"] >= 5000 * 4000
-    # freed, the memory is glibc's until trimmed: free or given back, never in use
+    # freed, it is glibc's (kept free in its arenas, or given back), never in use
     assert after["malloc_free_bytes"] >= 0
-    assert isinstance(heap.trim(), bool)
-    trimmed = heap.malloc_stats()
-    assert trimmed["malloc_arena_bytes"] <= after["malloc_arena_bytes"]
+    assert after["malloc_arena_bytes"] <= during["malloc_arena_bytes"]
 
 
 def test_the_status_document_says_what_the_heap_holds() -> None:
