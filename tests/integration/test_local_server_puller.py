@@ -35,6 +35,7 @@ from meshkv.protocol import Op
 from meshkv.puller import Puller
 from meshkv.server.local import LocalServer, LocalServerConfig
 from meshkv.store import Store
+from tests.helpers.cycles import run_without_cycle_collector
 from tests.helpers.stores import store_config
 
 PEER_BYTES = b"bytes pulled from a peer" * 100
@@ -449,9 +450,4 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
         alive = [r() for r in refs if r() is not None]
         assert not alive, [type(x).__name__ for x in gc.get_referrers(*alive)]
 
-    gc.collect()
-    gc.disable()
-    try:
-        asyncio.run(main())
-    finally:
-        gc.enable()
+    run_without_cycle_collector(main)

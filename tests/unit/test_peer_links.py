@@ -8,6 +8,7 @@ import weakref
 
 from meshkv.mesh.links import PeerLinks
 from meshkv.transport import (
+    Listener,
     MemoryNetwork,
     MemoryTransport,
     Message,
@@ -15,26 +16,34 @@ from meshkv.transport import (
     PeerInfo,
     TransportConfig,
 )
+from tests.helpers.cycles import run_without_cycle_collector
 
 SECRET = b"links-test-secret-0123456789abcd"
 
 
+async def two_nodes(seen: list[Message]) -> tuple[PeerLinks, Listener]:
+    """Node "a"'s links and node "b"'s listener on one memory network; b keeps what it
+    receives in ``seen``."""
+    net = MemoryNetwork()
+
+    async def handler(peer: PeerInfo, msg: Message) -> Message | None:
+        seen.append(msg)
+        return None
+
+    server = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="b"), "b")
+    listener = await server.listen("b", 7000, handler)
+    client = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="a"), "a")
+    links = PeerLinks(
+        client, handler, connect_timeout_s=1.0, send_timeout_s=1.0,
+        queue_limit=16, connections_per_peer=1,
+    )  # fmt: skip
+    return links, listener
+
+
 def test_forget_ends_the_idle_link_task_at_once() -> None:
     async def main() -> None:
-        net = MemoryNetwork()
         seen: list[Message] = []
-
-        async def handler(peer: PeerInfo, msg: Message) -> Message | None:
-            seen.append(msg)
-            return None
-
-        server = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="b"), "b")
-        listener = await server.listen("b", 7000, handler)
-        client = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="a"), "a")
-        links = PeerLinks(
-            client, handler, connect_timeout_s=1.0, send_timeout_s=1.0,
-            queue_limit=16, connections_per_peer=1,
-        )  # fmt: skip
+        links, listener = await two_nodes(seen)
         for round_ in range(20):  # the race is per forget: try it many times
             links.send(listener.address, MsgKind.PING, {"round": round_})
             async with asyncio.timeout(2.0):
@@ -60,18 +69,7 @@ def test_a_forgotten_link_is_freed_without_the_cycle_collector() -> None:
     seldom (the soak's steady agent saw one such link per peer restart)."""
 
     async def main() -> None:
-        net = MemoryNetwork()
-
-        async def handler(peer: PeerInfo, msg: Message) -> Message | None:
-            return None
-
-        server = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="b"), "b")
-        listener = await server.listen("b", 7000, handler)
-        client = MemoryTransport(net, TransportConfig(secret=SECRET, node_id="a"), "a")
-        links = PeerLinks(
-            client, handler, connect_timeout_s=1.0, send_timeout_s=1.0,
-            queue_limit=16, connections_per_peer=1,
-        )  # fmt: skip
+        links, listener = await two_nodes([])
         links.send(listener.address, MsgKind.PING, {})
         async with asyncio.timeout(2.0):
             while links.stats.sent < 1:
@@ -91,9 +89,4 @@ def test_a_forgotten_link_is_freed_without_the_cycle_collector() -> None:
         await links.close()
         await listener.close()
 
-    gc.collect()
-    gc.disable()
-    try:
-        asyncio.run(main())
-    finally:
-        gc.enable()
+    run_without_cycle_collector(main)
