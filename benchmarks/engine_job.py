@@ -17,10 +17,12 @@ scheduled concurrently); each gets its own output record, in order.
 switches off (``meshkv.bench.vllm_async``); the result's ``scheduler`` names the class
 that ran.
 One engine per process: engines are never started twice in one interpreter.
+``--warm`` (the test suite's pool) imports vLLM first and takes its job on stdin later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -164,13 +166,57 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main() -> int:
-    job_path, result_path = sys.argv[1], sys.argv[2]
+def run_job(job_path: str, result_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     os.environ.update(job.get("env", {}))
     result = run(job)
     Path(result_path).write_text(json.dumps(result))
     return 0
+
+
+def _schedule_normally() -> None:
+    """Every thread of this process back to the normal scheduling class (``--warm``)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+
+
+def warm() -> int:
+    """``--warm``: import vLLM ahead of the job, in the idle scheduling class, then wait.
+
+    The test suite keeps one such process ready (``tests/helpers/warm_engines.py``): importing
+    vLLM takes 10-15 s of CPU, done here while the machine is otherwise idle. When a job
+    comes (one JSON line on stdin: ``argv``, ``cwd``, ``log``, ``env``), the process takes the
+    normal class back, moves its output to the job's log and runs the job exactly as a cold
+    ``python -m benchmarks.engine_job JOB RESULT`` would, in the job's environment (the pool
+    hands a job only to a process started with the same one, but for variables nothing reads
+    while importing, such as pytest's ``PYTEST_CURRENT_TEST``).
+    """
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    from vllm import LLM, SamplingParams  # noqa: F401  (the slow part: imported, not used)
+
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the suite ended without a job for this process
+    order = json.loads(line)
+    _schedule_normally()
+    os.environ.clear()
+    os.environ.update(order["env"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.chdir(order["cwd"])
+    sys.argv = [sys.argv[0], *order["argv"]]
+    return run_job(*order["argv"])
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--warm"]:
+        return warm()
+    return run_job(sys.argv[1], sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from meshkv.launch import (
     vllm_server_command,
 )
 from tests.helpers.logs import FAILED, kept_logs
+from tests.helpers.warm_engines import WarmEngines
 from tests.vllm.engines import ENGINE_TIMEOUT_S, PROMPTS, EngineRun, Prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +143,20 @@ def _engine_cmd(workdir: Path) -> list[str]:
     return [sys.executable, *JOB_MODULE, str(workdir / "job.json"), str(workdir / "result.json")]
 
 
+@pytest.fixture(scope="session")
+def warm_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmEngines]:
+    """The spare engine-job process (``tests/helpers/warm_engines.py``);
+    ``MESHKV_TEST_WARM_ENGINES=0`` starts every job cold."""
+    pool = WarmEngines(tmp_path_factory.mktemp("warm-engines"), JOB_MODULE)
+    pool.enabled = pool.enabled and os.environ.get("MESHKV_TEST_WARM_ENGINES", "1") != "0"
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]]:
+def engine(
+    tiny_model: str, tmp_path: Path, warm_engines: WarmEngines
+) -> Iterator[Callable[..., EngineRun]]:
     """Start engine jobs: ``engine(prompts, connector={...} | None, **job_fields)``."""
     runs: list[EngineRun] = []
 
@@ -165,11 +178,8 @@ def engine(tiny_model: str, tmp_path: Path) -> Iterator[Callable[..., EngineRun]
             **fields.get("env", {}),
         )
         log_path = workdir / "engine.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                _engine_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=str(workdir), start_new_session=True,
-            )  # fmt: skip
+        argv = [str(workdir / "job.json"), str(workdir / "result.json")]
+        proc = warm_engines.popen(argv, env, workdir, log_path)
         run = EngineRun(proc, workdir, log_path)
         runs.append(run)
         return run
