@@ -149,8 +149,20 @@ def warm_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmEngin
     ``MESHKV_TEST_WARM_ENGINES=0`` starts every job cold."""
     pool = WarmEngines(tmp_path_factory.mktemp("warm-engines"), JOB_MODULE)
     pool.enabled = pool.enabled and os.environ.get("MESHKV_TEST_WARM_ENGINES", "1") != "0"
+    _POOLS.append(pool)
     yield pool
     pool.close()
+
+
+_POOLS: list[WarmEngines] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for pool in _POOLS:
+        terminalreporter.write_line(
+            f"engine jobs: {pool.handed} run by a spare with vLLM imported, {pool.cold} cold"
+            + ("" if pool.enabled else " (spares off)")
+        )
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ class WarmEngines:
         self._count = 0
         self.enabled = os.geteuid() == 0 and sys.platform == "linux"
         self.handed = 0
-        """Jobs run by a spare (the rest started cold)."""
+        """Jobs run by a spare."""
+        self.cold = 0
+        """Jobs started cold."""
 
     def popen(
         self, argv: list[str], env: dict[str, str], cwd: Path, log: Path
@@ -43,6 +45,7 @@ class WarmEngines:
         if proc is not None and self._hand(proc, argv, cwd, log, env):
             self.handed += 1
         else:
+            self.cold += 1
             with log.open("wb") as out:
                 proc = subprocess.Popen(
                     [sys.executable, *self._module, *argv], stdout=out, stderr=subprocess.STDOUT,
@@ -94,10 +97,14 @@ class WarmEngines:
         self._spare_env = dict(env)
 
 
-NOT_READ_AT_IMPORT = frozenset({"PYTEST_CURRENT_TEST"})
-"""Variables that may differ between a spare's environment and its job's: pytest names the
-running test in ``PYTEST_CURRENT_TEST``, and nothing reads it while importing vLLM. The job
-gets its own value (``engine_job.warm`` takes the job's whole environment)."""
+NOT_READ_AT_IMPORT = frozenset(
+    {"PYTEST_CURRENT_TEST", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"}
+)
+"""Variables that may differ between a spare's environment and its job's, because nothing
+reads them while vLLM is imported: pytest names the running test in ``PYTEST_CURRENT_TEST``;
+vLLM 0.32 reads its two (``vllm.envs``, evaluated on each access until an engine has
+started) when it builds an engine. The job gets its own values (``engine_job.warm`` takes
+the job's whole environment)."""
 
 
 def _key(env: dict[str, str] | None) -> dict[str, str] | None:
