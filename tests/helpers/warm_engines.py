@@ -4,11 +4,11 @@ Importing vLLM takes 10-15 s of CPU on this project's 2-core machines, and the s
 dozens of engine jobs (``benchmarks.engine_job``). The pool keeps one spare job process that
 imports vLLM ahead of time in Linux's idle scheduling class (``SCHED_IDLE``: it runs only on
 CPU time nothing else wants, so it does not slow the test that is running), and hands it
-the next job whose environment is exactly the one it was started with (but for
-``NOT_READ_AT_IMPORT``). Any other job (a
-different environment, no spare, a spare that died) starts cold, as before. The job itself
-runs unchanged in that process (``engine_job.warm``), which is a plain child of the test
-process: ``poll``, ``wait`` and ``kill`` work as on any ``Popen``.
+the next job whose environment is the one it was started with (but for
+``NOT_READ_AT_IMPORT``). Any other job (a different environment, no spare, a spare that
+died) starts cold, as before. The job itself runs unchanged in that process
+(``engine_job.warm``), which is a plain child of the test process: ``poll``, ``wait`` and
+``kill`` work as on any ``Popen``.
 
 Taking a process out of the idle class needs root (``sched_setscheduler`` on another
 process, and on one's own threads); without it the pool is off and every job starts cold.
