@@ -174,9 +174,10 @@ def run_job(job_path: str, result_path: str) -> int:
     return 0
 
 
-def _schedule_normally() -> None:
-    """Every thread of this process back to the normal scheduling class (``--warm``)."""
-    for tid in os.listdir("/proc/self/task"):
+def schedule_normally(pid: int | str = "self") -> None:
+    """Every thread of process ``pid`` (this one by default) back to the normal scheduling
+    class (``--warm``; the test suite's pool calls it on a spare it hands a job)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
@@ -199,7 +200,7 @@ def warm() -> int:
     if not line:
         return 0  # the suite ended without a job for this process
     order = json.loads(line)
-    _schedule_normally()
+    schedule_normally()
     os.environ.clear()
     os.environ.update(order["env"])
     sys.stdout.flush()

@@ -203,7 +203,8 @@ def engine(
 
 @pytest.fixture(scope="session")
 def baseline(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
-    """Greedy outputs of every prompt from an engine with no connector."""
+    """Greedy outputs of every prompt from an engine with no connector, always started cold
+    (not from the spare): the reference the spare-run engines are compared with."""
     workdir = tmp_path_factory.mktemp("baseline")
     names = ("a", "b", "c", "d", "e")
     job = {

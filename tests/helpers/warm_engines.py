@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.engine_job import schedule_normally
+
 
 class WarmEngines:
     def __init__(self, workdir: Path, module: list[str]) -> None:
@@ -76,8 +78,7 @@ class WarmEngines:
         # The normal class first, so that an import still under way finishes at full speed;
         # the job then moves the threads it has to the normal class itself.
         try:
-            for tid in os.listdir(f"/proc/{proc.pid}/task"):
-                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+            schedule_normally(proc.pid)
             assert proc.stdin is not None
             order = {"argv": argv, "cwd": str(cwd), "log": str(log), "env": env}
             proc.stdin.write(json.dumps(order).encode() + b"\n")
